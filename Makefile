@@ -1,0 +1,43 @@
+# The single entry point: set-up, training, tests, benchmarks.
+# Inside an active virtual environment it uses that; otherwise it creates .venv with
+# --system-site-packages so a machine's own torch (CPU or CUDA) is reused.
+SHELL := /bin/bash
+VENV ?= .venv
+ifdef VIRTUAL_ENV
+PY := python
+else
+PY := $(VENV)/bin/python
+endif
+CONFIG ?= configs/default.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install test train bench bench-ops lint clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/bin/python:
+	python3 -m venv --system-site-packages $(VENV)
+
+install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)  ## create .venv, install torch if missing, build attnres._C
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	@$(PY) -m attnres info
+
+test: install  ## install, then run the test suite
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+train: install  ## install, then train configs/default.yaml (CONFIG=... to change)
+	$(PY) -m attnres fit -c $(CONFIG)
+
+bench-ops: install  ## depth-attention op benchmark: table + JSON under benchmarks/results/
+	$(PY) -m attnres bench ops
+
+bench: install  ## end-to-end benchmark (GPU): table + JSON under benchmarks/results/
+	$(PY) -m attnres bench e2e
+
+lint:  ## ruff
+	$(PY) -m ruff check .
+
+clean:  ## remove build outputs
+	rm -rf build attnres/*.so *.egg-info

@@ -1,0 +1,57 @@
+"""The ``attnres`` command.
+
+``attnres fit|validate|test|predict -c configs/...yaml`` run the LightningCLI; the other
+subcommands (``info``, ``bench``, ...) are typed functions exposed through jsonargparse, so every
+one has ``--help``.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def info() -> None:
+    """Print versions, whether attnres._C is loaded, the op backend per device and the CUDA arch."""
+    import torch
+
+    import attnres
+    from attnres import ops
+
+    rows = [
+        ("attnres", attnres.__version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("torch CUDA", torch.version.cuda or "none (CPU build)"),
+        ("attnres._C", "loaded" if ops.extension_error is None else f"not built ({ops.extension_error})"),
+        ("backend cpu", ops.backend("cpu")),
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            rows.append((f"cuda:{i}", f"{torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})"))
+        rows.append(("backend cuda", ops.backend("cuda")))
+        rows.append(("built arch list", " ".join(torch.cuda.get_arch_list())))
+    else:
+        rows.append(("cuda", "not available"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        from lightning_modules.cli import run_lightning_cli
+
+        run_lightning_cli(argv)
+        return
+    from jsonargparse import CLI
+
+    CLI({"info": info}, args=argv, as_positional=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Typed wrappers of the depth-attention ops in ``attnres._C``.
+
+The schemas live in ``csrc/ops.cpp``; this module checks shapes, dtypes and devices with clear
+messages, registers the fake (meta) kernels for ``torch.compile`` and the autograd formulas, and
+routes a call to the compiled kernel of the tensors' device. Where there is none (the extension
+was not built, or a device without kernels) the call runs :mod:`attnres.reference` instead, which
+is the same math in plain PyTorch; a missing extension is reported by one warning at import.
+
+Sources are n tensors ``[..., d]`` (``[B, T, d]`` or ``[N, d]``), read where they are: no copy is
+made of the list (only non-contiguous sources are made contiguous by the kernels).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from attnres import reference
+
+__all__ = ["backend", "depth_attention", "extension_error", "phase1", "phase2"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+DEFAULT_EPS = 1e-6
+
+try:
+    from attnres import _C  # noqa: F401  (registers torch.ops.attnres.*)
+
+    extension_error: str | None = None
+except ImportError as exc:  # pragma: no cover - exercised only without a build
+    extension_error = str(exc)
+    warnings.warn(
+        f"attnres._C is not built ({exc}); depth-attention ops fall back to the PyTorch reference. "
+        "Build it with: pip install --no-build-isolation -e .",
+        stacklevel=2,
+    )
+
+_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def backend(device: torch.device | str) -> str:
+    """``"compiled"`` when ``attnres._C`` has kernels for this device type, else ``"reference"``."""
+    device = torch.device(device)
+    key = _DISPATCH_KEY.get(device.type)
+    if extension_error is not None or key is None:
+        return "reference"
+    has = torch._C._dispatch_has_kernel_for_dispatch_key("attnres::phase1", key)
+    return "compiled" if has else "reference"
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _check_source(t: object, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [..., d], got {type(t).__name__}")
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have shape [N, d] or [B, T, d] (at least 2 dims), got {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of float32, bfloat16, float16, float64")
+    return t
+
+
+def _check_sources(sources: Sequence[Tensor], name: str = "sources") -> list[Tensor]:
+    if isinstance(sources, Tensor) or not isinstance(sources, Sequence):
+        raise TypeError(f"{name} must be a list of tensors [..., d] (one per source), got {type(sources).__name__}")
+    sources = list(sources)
+    if not sources:
+        raise ValueError(f"{name} is empty: depth attention needs at least one source [..., d]")
+    first = _check_source(sources[0], f"{name}[0]")
+    for i, s in enumerate(sources[1:], start=1):
+        _check_source(s, f"{name}[{i}]")
+        if s.shape != first.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(s.shape)} but {name}[0] has {tuple(first.shape)}: all sources must match")
+        if s.dtype != first.dtype:
+            raise TypeError(f"{name}[{i}] has dtype {s.dtype} but {name}[0] has {first.dtype}: all sources must match")
+        if s.device != first.device:
+            raise ValueError(f"{name}[{i}] is on {s.device} but {name}[0] is on {first.device}: all sources must match")
+    return sources
+
+
+def _check_like(t: object, name: str, like: Tensor, shape: tuple[int, ...], what: str, dtype: bool = True) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {what}, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {what} = {list(shape)}, got {list(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the sources are on {like.device}: move it to {like.device}")
+    if dtype and t.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but the sources have {like.dtype}: cast it to {like.dtype}")
+    if not dtype and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    return t
+
+
+def _check_queries(queries: object, like: Tensor, name: str, single: bool) -> Tensor:
+    d = like.shape[-1]
+    if not isinstance(queries, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(queries).__name__}")
+    if single:
+        return _check_like(queries, name, like, (d,), "[d]", dtype=False)
+    if queries.dim() != 2 or queries.shape[0] == 0:
+        raise ValueError(f"{name} must have shape [S, d] with S >= 1 and d = {d}, got {list(queries.shape)}")
+    return _check_like(queries, name, like, (queries.shape[0], d), "[S, d]", dtype=False)
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def phase1(sources: Sequence[Tensor], queries: Tensor, eps: float = DEFAULT_EPS) -> tuple[list[Tensor], Tensor]:
+    """Phase 1: S queries ``[S, d]`` over n sources ``[..., d]`` in one read of the sources.
+
+    Returns S outputs ``[..., d]`` (source dtype; the softmax-weighted sums, one tensor per query so
+    that each is freed as soon as it is used) and ``lse [S, ...]`` (fp32).
+    """
+    sources = _check_sources(sources)
+    queries = _check_queries(queries, sources[0], "queries", single=False)
+    lead = tuple(sources[0].shape[:-1])
+    if backend(sources[0].device) == "reference":
+        out, lse = reference.phase1(sources, queries, eps)
+        return list(out.unbind(0)), lse
+    outs, lse = torch.ops.attnres.phase1([_flat(s) for s in sources], queries, eps)
+    return [o.view(*lead, -1) for o in outs], lse.view(queries.shape[0], *lead)
+
+
+def phase2(
+    partial_out: Tensor, partial_lse: Tensor, partial: Tensor, query: Tensor, eps: float = DEFAULT_EPS
+) -> tuple[Tensor, Tensor]:
+    """Phase 2: merge ``(partial_out [..., d], partial_lse [...])`` from phase 1 with the partial
+    summary ``partial [..., d]`` under ``query [d]`` (online softmax). Returns ``(h, lse)``."""
+    partial = _check_source(partial, "partial")
+    _check_like(partial_out, "partial_out", partial, tuple(partial.shape), "[..., d] like partial")
+    lse_shape = tuple(partial.shape[:-1])
+    _check_like(partial_lse, "partial_lse", partial, lse_shape, "[...] (partial's shape without d)", dtype=False)
+    query = _check_queries(query, partial, "query", single=True)
+    if backend(partial.device) == "reference":
+        return reference.phase2(partial_out, partial_lse, partial, query, eps)
+    out, lse = torch.ops.attnres.phase2(
+        _flat(partial_out), partial_lse.reshape(-1).float(), _flat(partial), query, eps
+    )
+    return out.view(partial.shape), lse.view(lse_shape)
+
+
+def depth_attention(sources: Sequence[Tensor], query: Tensor, eps: float = DEFAULT_EPS) -> tuple[Tensor, Tensor]:
+    """Direct softmax over depth: one query ``[d]`` over n sources ``[..., d]`` -> ``(out, lse)``."""
+    sources = _check_sources(sources)
+    query = _check_queries(query, sources[0], "query", single=True)
+    if backend(sources[0].device) == "reference":
+        return reference.depth_attention(sources, query, eps)
+    lead = tuple(sources[0].shape[:-1])
+    out, lse = torch.ops.attnres.depth_attn([_flat(s) for s in sources], query, eps)
+    return out.view(*lead, -1), lse.view(lead)
+
+
+# ----------------------------------------------------------------------------- fake kernels and autograd
+
+
+def _register() -> None:
+    lib = "attnres::"
+
+    @torch.library.register_fake(lib + "phase1")
+    def _(sources, queries, eps):
+        n_tok, _ = sources[0].shape
+        s = queries.shape[0]
+        return [torch.empty_like(sources[0]) for _ in range(s)], sources[0].new_empty(s, n_tok, dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "phase1_backward")
+    def _(grad_outs, grad_lse, sources, queries, lse, eps):
+        return [torch.empty_like(s) for s in sources], queries.new_empty(queries.shape, dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "phase2")
+    def _(partial_out, partial_lse, partial, query, eps):
+        return torch.empty_like(partial), partial.new_empty(partial.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "phase2_backward")
+    def _(grad_out, grad_lse, out, partial_lse, lse, partial, query, eps):
+        return (
+            torch.empty_like(partial),
+            torch.empty_like(partial_lse, dtype=torch.float32),
+            torch.empty_like(partial),
+            query.new_empty(query.shape, dtype=torch.float32),
+        )
+
+    @torch.library.register_fake(lib + "depth_attn")
+    def _(sources, query, eps):
+        n_tok, _ = sources[0].shape
+        return torch.empty_like(sources[0]), sources[0].new_empty(n_tok, dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "depth_attn_backward")
+    def _(grad_out, grad_lse, sources, query, lse, eps):
+        return [torch.empty_like(s) for s in sources], query.new_empty(query.shape, dtype=torch.float32)
+
+    def _zeros_if_none(g: Tensor | None, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        return torch.zeros_like(like, dtype=dtype) if g is None else g
+
+    # phase 1 ------------------------------------------------------------------
+    def p1_setup(ctx, inputs, output):
+        sources, queries, eps = inputs
+        ctx.n = len(sources)
+        ctx.eps = eps
+        ctx.save_for_backward(*sources, queries, output[1])
+
+    def p1_backward(ctx, grad_outs, grad_lse):
+        *sources, queries, lse = ctx.saved_tensors
+        grad_outs = [_zeros_if_none(g, sources[0]) for g in grad_outs]
+        grad_lse = _zeros_if_none(grad_lse, lse)
+        grads, grad_q = torch.ops.attnres.phase1_backward(grad_outs, grad_lse, sources, queries, lse, ctx.eps)
+        return list(grads), grad_q.to(queries.dtype), None
+
+    torch.library.register_autograd(lib + "phase1", p1_backward, setup_context=p1_setup)
+
+    # phase 2 ------------------------------------------------------------------
+    def p2_setup(ctx, inputs, output):
+        _, partial_lse, partial, query, eps = inputs
+        ctx.eps = eps
+        ctx.save_for_backward(output[0], partial_lse, output[1], partial, query)
+
+    def p2_backward(ctx, grad_out, grad_lse):
+        out, partial_lse, lse, partial, query = ctx.saved_tensors
+        grad_out = _zeros_if_none(grad_out, out)
+        grad_lse = _zeros_if_none(grad_lse, lse)
+        g_o, g_m, g_p, g_q = torch.ops.attnres.phase2_backward(
+            grad_out, grad_lse, out, partial_lse, lse, partial, query, ctx.eps
+        )
+        return g_o, g_m.to(partial_lse.dtype), g_p, g_q.to(query.dtype), None
+
+    torch.library.register_autograd(lib + "phase2", p2_backward, setup_context=p2_setup)
+
+    # direct -------------------------------------------------------------------
+    def da_setup(ctx, inputs, output):
+        sources, query, eps = inputs
+        ctx.eps = eps
+        ctx.save_for_backward(*sources, query, output[1])
+
+    def da_backward(ctx, grad_out, grad_lse):
+        *sources, query, lse = ctx.saved_tensors
+        grad_out = _zeros_if_none(grad_out, sources[0])
+        grad_lse = _zeros_if_none(grad_lse, lse)
+        grads, grad_q = torch.ops.attnres.depth_attn_backward(grad_out, grad_lse, sources, query, lse, ctx.eps)
+        return list(grads), grad_q.to(query.dtype), None
+
+    torch.library.register_autograd(lib + "depth_attn", da_backward, setup_context=da_setup)
+
+
+if extension_error is None:
+    _register()

@@ -1,0 +1,77 @@
+"""Reference math for depth attention: plain PyTorch, the ground truth for every op in ``csrc/``.
+
+Notation (``shared/SPEC.md`` §1-2). A *source* ``v`` is a tensor ``[..., d]`` (``[B, T, d]`` or
+``[N, d]``); all sources of one call share shape and dtype. ``rms(v) = sqrt(mean(v**2) + eps)``
+over the last dim. A *query* is the product ``q = w * g`` of a sublayer's pseudo-query ``w`` and
+its RMSNorm weight ``g``: the logit of source ``v`` is ``z = q . v / rms(v)``, so only the product
+enters (the gradient splits by the chain rule: ``dw = dq * g``, ``dg = dq * w``).
+Keys are normalised, values are the raw sources. Softmax and sums run in fp32; outputs come back
+in the sources' dtype, log-sum-exps in fp32.
+
+Differentiable through autograd: these functions are also the backward reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["depth_attention", "logits", "phase1", "phase2", "rms"]
+
+
+def rms(v: Tensor, eps: float) -> Tensor:
+    """``[..., d] -> [...]``: root mean square over the last dim (fp32)."""
+    return torch.sqrt(v.float().pow(2).mean(-1) + eps)
+
+
+def logits(sources: Sequence[Tensor], queries: Tensor, eps: float) -> Tensor:
+    """Logits ``z[s, i, ...] = q_s . v_i / rms(v_i)``: sources n x ``[..., d]``, queries ``[S, d]``
+    -> ``[S, n, ...]`` fp32."""
+    v = torch.stack([s.float() for s in sources])  # [n, ..., d]
+    keys = v / rms(v, eps).unsqueeze(-1)
+    return torch.einsum("n...d,sd->sn...", keys, queries.float())
+
+
+def phase1(sources: Sequence[Tensor], queries: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Phase 1: S queries attend over the same n sources.
+
+    sources: n x ``[..., d]``; queries: ``[S, d]``.
+    Returns ``out [S, ..., d]`` (source dtype), the softmax-weighted sum of the sources per query,
+    and ``lse [S, ...]`` (fp32), the log-sum-exp of the logits over the sources.
+    """
+    z = logits(sources, queries, eps)  # [S, n, ...]
+    lse = torch.logsumexp(z, dim=1)
+    weights = torch.exp(z - lse.unsqueeze(1))
+    v = torch.stack([s.float() for s in sources])  # [n, ..., d]
+    out = torch.einsum("sn...,n...d->s...d", weights, v)
+    return out.to(sources[0].dtype), lse
+
+
+def phase2(partial_out: Tensor, partial_lse: Tensor, partial: Tensor, query: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Phase 2: merge a phase-1 result with the partial summary ``p`` by one online-softmax step.
+
+    partial_out: ``[..., d]`` (``o``, normalised over the completed sources), partial_lse: ``[...]``
+    (``m``), partial: ``[..., d]`` (``p``), query: ``[d]``.
+    ``z = q . p / rms(p)``, ``lse = log(e^m + e^z)``, ``h = e^(m - lse) o + e^(z - lse) p``.
+    Returns ``(h [..., d], lse [...])``: exactly the direct softmax over the n+1 sources.
+    """
+    z = logits([partial], query.unsqueeze(0), eps)[0, 0]  # [...]
+    lse = torch.logaddexp(partial_lse.float(), z)
+    a_o = torch.exp(partial_lse.float() - lse).unsqueeze(-1)
+    a_p = torch.exp(z - lse).unsqueeze(-1)
+    out = a_o * partial_out.float() + a_p * partial.float()
+    return out.to(partial.dtype), lse
+
+
+def depth_attention(sources: Sequence[Tensor], query: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Direct softmax over depth for one query ``[d]``: sources n x ``[..., d]`` ->
+    ``(out [..., d], lse [...])``."""
+    out, lse = phase1(sources, query.unsqueeze(0), eps)
+    return out[0], lse[0]
+
+
+def depth_weights(sources: Sequence[Tensor], query: Tensor, eps: float) -> Tensor:
+    """Softmax weights over the sources for one query: ``[n, ...]`` fp32 (for plots and analysis)."""
+    return torch.softmax(logits(sources, query.unsqueeze(0), eps)[0], dim=0)

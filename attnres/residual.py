@@ -1,0 +1,208 @@
+"""The residual path of a PreNorm decoder: standard, Full AttnRes or Block AttnRes (SPEC §1-2).
+
+One interface, driven by the decoder::
+
+    state = residual.begin(embedding)           # v_0, [B, T, d]
+    for i, sublayer in enumerate(sublayers):    # i = 0 .. L-1 (two per decoder layer)
+        h = residual.input(state, i)            # the input of sublayer i
+        residual.output(state, i, sublayer(h))  # hand back its output v_i
+    x = residual.readout(state)                 # goes to the final norm and the LM head
+
+The depth mixer's parameters (one pseudo-query and one RMSNorm weight per sublayer, plus the
+read-out's) sit in ``queries``, a ``ModuleDict`` keyed by sublayer index (and ``"out"``), so a
+pipeline stage can drop the entries of the sublayers it does not own and names stay stable.
+
+Block AttnRes runs two phases: at the first sublayer of a block (or the first one a stage owns),
+phase 1 reads the completed block summaries once for the queries of all remaining sublayers of the
+block; each sublayer then merges its phase-1 result with the partial summary in phase 2. Full
+AttnRes is the case of one sublayer per block. The sources are read where they are: nothing is
+stacked per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from attnres import ops, reference
+
+ResidualMode = Literal["standard", "full", "block"]
+RESIDUAL_MODES: tuple[str, ...] = ("standard", "full", "block")
+
+
+class DepthQuery(nn.Module):
+    """One sublayer's depth mixer: a pseudo-query ``w`` (zero init: uniform weights at step 0) and
+    the weight ``g`` of the RMSNorm applied to the keys (init 1). Only ``w * g`` enters the logit."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.norm_weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self) -> Tensor:
+        return self.weight * self.norm_weight
+
+
+@dataclass
+class ResidualState:
+    """What flows along depth for one forward pass (and, under pipeline parallelism, across stages).
+
+    ``sources``: completed sources — standard: unused; Full: ``[v_0, v_1, ...]``; Block: the
+    embedding and the block summaries ``[b_0, b_1, ...]``. ``partial``: the sum of the outputs of
+    the current block so far (None at a block boundary). ``hidden``: the standard residual stream.
+    """
+
+    sources: list[Tensor] = field(default_factory=list)
+    partial: Tensor | None = None
+    hidden: Tensor | None = None
+    # phase-1 results for sublayers first .. first+len(outs)-1 of the current block
+    pending_first: int = -1
+    pending_outs: list[Tensor | None] = field(default_factory=list)
+    pending_lse: Tensor | None = None
+    # when not None, one dict per sublayer input (and the read-out): weights and source norms
+    records: list[dict] | None = None
+
+
+class Residual(nn.Module):
+    """The residual path of ``num_sublayers`` sublayers of width ``dim``.
+
+    mode: ``"standard"`` (h_l = v_0 + ... + v_{l-1}), ``"full"`` (softmax over every earlier output)
+    or ``"block"`` (``num_blocks`` blocks of ``num_sublayers / num_blocks`` sublayers; that block size
+    must be even so a block holds whole decoder layers). ``eps``: the key RMSNorm epsilon.
+    """
+
+    def __init__(
+        self, dim: int, num_sublayers: int, mode: ResidualMode = "block", num_blocks: int = 8, eps: float = 1e-6
+    ) -> None:
+        super().__init__()
+        if mode not in RESIDUAL_MODES:
+            raise ValueError(f"residual mode {mode!r} is unknown; valid modes: {', '.join(RESIDUAL_MODES)}")
+        if num_sublayers < 1:
+            raise ValueError(f"num_sublayers must be >= 1, got {num_sublayers}")
+        if mode == "block":
+            if num_blocks < 1 or num_sublayers % num_blocks != 0:
+                raise ValueError(
+                    f"num_blocks={num_blocks} must divide the {num_sublayers} sublayers "
+                    f"(valid: {', '.join(str(n) for n in _block_counts(num_sublayers))})"
+                )
+            if (num_sublayers // num_blocks) % 2 != 0:
+                raise ValueError(
+                    f"num_blocks={num_blocks} gives {num_sublayers // num_blocks} sublayers per block, which splits a "
+                    f"decoder layer; the block size must be even (valid: "
+                    f"{', '.join(str(n) for n in _block_counts(num_sublayers))})"
+                )
+        self.mode = mode
+        self.dim = dim
+        self.num_sublayers = num_sublayers
+        self.num_blocks = num_blocks if mode == "block" else (num_sublayers if mode == "full" else 0)
+        self.block_size = {"block": num_sublayers // max(num_blocks, 1), "full": 1, "standard": 0}[mode]
+        self.eps = eps
+        if mode != "standard":
+            names = [str(i) for i in range(num_sublayers)] + ["out"]
+            self.queries = nn.ModuleDict({n: DepthQuery(dim) for n in names})
+
+    def extra_repr(self) -> str:
+        extra = f", num_blocks={self.num_blocks}, block_size={self.block_size}" if self.mode == "block" else ""
+        return f"mode={self.mode}, dim={self.dim}, num_sublayers={self.num_sublayers}{extra}"
+
+    # ------------------------------------------------------------------ the interface
+
+    def begin(self, embedding: Tensor, record: bool = False) -> ResidualState:
+        """Start a forward pass from the token embedding ``v_0 [B, T, d]``."""
+        state = ResidualState(records=[] if record else None)
+        if self.mode == "standard":
+            state.hidden = embedding
+        else:
+            state.sources.append(embedding)
+        return state
+
+    def input(self, state: ResidualState, i: int) -> Tensor:
+        """The input ``h_i [B, T, d]`` of sublayer ``i``."""
+        if self.mode == "standard":
+            return state.hidden
+        first = i - i % self.block_size
+        if state.partial is None and i != first:
+            raise RuntimeError(f"sublayer {i} is inside a block but no partial summary was handed back")
+        k = i - state.pending_first
+        if state.pending_lse is None or not (0 <= k < len(state.pending_outs)) or state.pending_outs[k] is None:
+            self._phase1(state, i, first + self.block_size)
+            k = 0
+        out, lse = state.pending_outs[k], state.pending_lse[k]
+        state.pending_outs[k] = None  # let it die once used
+        if state.partial is None:
+            h = out
+        else:
+            h, _ = ops.phase2(out, lse, state.partial, self.queries[str(i)](), self.eps)
+        if state.records is not None:
+            self._record(state, i, state.sources + ([state.partial] if state.partial is not None else []))
+        return h
+
+    def output(self, state: ResidualState, i: int, v: Tensor) -> None:
+        """Hand back the output ``v_i [B, T, d]`` of sublayer ``i``."""
+        if self.mode == "standard":
+            state.hidden = state.hidden + v
+            return
+        state.partial = v if state.partial is None else state.partial + v
+        if (i + 1) % self.block_size == 0:  # the block is complete: its summary becomes a source
+            state.sources.append(state.partial)
+            state.partial = None
+            state.pending_outs, state.pending_lse, state.pending_first = [], None, -1
+
+    def readout(self, state: ResidualState) -> Tensor:
+        """The final hidden state ``[B, T, d]`` (before the final norm)."""
+        if self.mode == "standard":
+            return state.hidden
+        if state.partial is not None:
+            raise RuntimeError("readout called in the middle of a block: hand back every sublayer's output first")
+        if state.records is not None:
+            self._record(state, self.num_sublayers, state.sources)
+        out, _ = ops.depth_attention(state.sources, self.queries["out"](), self.eps)
+        return out
+
+    # ------------------------------------------------------------------ helpers
+
+    def _phase1(self, state: ResidualState, i: int, block_end: int) -> None:
+        # the queries of sublayers i .. block_end-1 that this module owns (a pipeline stage may own fewer)
+        owned = []
+        for j in range(i, block_end):
+            if str(j) not in self.queries:
+                break
+            owned.append(self.queries[str(j)]())
+        outs, lse = ops.phase1(state.sources, torch.stack(owned), self.eps)
+        state.pending_first, state.pending_outs, state.pending_lse = i, list(outs), lse
+
+    def _record(self, state: ResidualState, i: int, sources: list[Tensor]) -> None:
+        name = "out" if i == self.num_sublayers else str(i)
+        with torch.no_grad():
+            q = self.queries[name]().detach()
+            w = reference.depth_weights([s.detach() for s in sources], q, self.eps)  # [n, B, T]
+            norms = torch.stack([reference.rms(s.detach(), 0.0).mean() for s in sources])
+        state.records.append(
+            {"sublayer": i, "weights": w.flatten(1).mean(1).cpu(), "source_norms": norms.cpu()}
+        )
+
+    def depth_weight_matrix(self, records: list[dict]) -> Tensor:
+        """Mean depth-attention weights as a ``[num sources, num sublayers + 1]`` matrix (NaN where a
+        sublayer does not attend to a source): columns are sublayers (the last is the read-out).
+        In Block mode rows are ``b_0 .. b_N`` and a final row for the partial summary."""
+        n_rows = (self.num_blocks + 1) + (1 if self.mode == "block" else 0)
+        n_rows = self.num_sublayers + 1 if self.mode == "full" else n_rows
+        m = torch.full((n_rows, len(records)), float("nan"))
+        for c, r in enumerate(records):
+            w = r["weights"]
+            i = r["sublayer"]
+            has_partial = self.mode == "block" and i < self.num_sublayers and i % self.block_size != 0
+            if has_partial:
+                m[: len(w) - 1, c] = w[:-1]
+                m[-1, c] = w[-1]
+            else:
+                m[: len(w), c] = w
+        return m
+
+
+def _block_counts(num_sublayers: int) -> list[int]:
+    """The valid ``num_blocks`` for a depth: divisors that leave an even block size."""
+    return [n for n in range(1, num_sublayers + 1) if num_sublayers % n == 0 and (num_sublayers // n) % 2 == 0]

@@ -1,0 +1,44 @@
+// The op schemas of attnres, declared once. Each backend registers its kernels in its own file
+// (cpu/*.cpp: TORCH_LIBRARY_IMPL(attnres, CPU, m); cuda/*.cu: TORCH_LIBRARY_IMPL(attnres, CUDA, m)).
+// attnres/ops.py holds the typed Python wrappers, the fake (meta) kernels and the autograd formulas;
+// attnres/reference.py is the ground truth every kernel is tested against.
+//
+// Notation (SPEC §1-2): a source v is a row of d values of one token; rms(v) = sqrt(mean(v^2) + eps);
+// a query q is the product w * g of a sublayer's pseudo-query and its RMSNorm weight, so the logit
+// of source v is z = q . v / rms(v). Sources are [N, d] (N = tokens), queries [S, d] (or [d]).
+// Outputs are in the sources' dtype, log-sum-exps are fp32; all arithmetic accumulates in fp32.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing attnres._C runs the static TORCH_LIBRARY initialisers below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(attnres, m) {
+  // Phase 1: S queries over n sources -> S normalised outputs [N, d] and lse [S, N] (fp32).
+  // The outputs are S separate tensors, not one [S, N, d] buffer: the first becomes a sublayer's
+  // input (kept for its backward) while the others die after phase 2; one buffer would keep all alive.
+  m.def("phase1(Tensor[] sources, Tensor queries, float eps) -> (Tensor[], Tensor)");
+  // grad_outs S x [N, d], grad_lse [S, N] -> (grad of each source [N, d], grad_queries [S, d] fp32).
+  m.def(
+      "phase1_backward(Tensor[] grad_outs, Tensor grad_lse, Tensor[] sources, Tensor queries, Tensor lse, "
+      "float eps) -> (Tensor[], Tensor)");
+  // Phase 2: merge a phase-1 result (out [N, d], lse [N]) with the partial summary p [N, d] under
+  // query q [d] by one online-softmax step -> (h [N, d], lse of all n+1 sources [N]).
+  m.def("phase2(Tensor partial_out, Tensor partial_lse, Tensor partial, Tensor query, float eps) -> (Tensor, Tensor)");
+  // Needs h (the forward output, which the sublayer keeps anyway) instead of partial_out:
+  // a_o * o = h - a_p * p, so the phase-1 output need not be kept for backward.
+  // -> (grad_partial_out, grad_partial_lse, grad_partial, grad_query [d] fp32).
+  m.def(
+      "phase2_backward(Tensor grad_out, Tensor grad_lse, Tensor out, Tensor partial_lse, Tensor lse, "
+      "Tensor partial, Tensor query, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Direct softmax over depth for one query [d]: sources n x [N, d] -> (out [N, d], lse [N]).
+  m.def("depth_attn(Tensor[] sources, Tensor query, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "depth_attn_backward(Tensor grad_out, Tensor grad_lse, Tensor[] sources, Tensor query, Tensor lse, "
+      "float eps) -> (Tensor[], Tensor)");
+}
