@@ -6,7 +6,7 @@ over the last dim. A *query* is the product ``q = w * g`` of a sublayer's pseudo
 its RMSNorm weight ``g``: the logit of source ``v`` is ``z = q . v / rms(v)``, so only the product
 enters (the gradient splits by the chain rule: ``dw = dq * g``, ``dg = dq * w``).
 Keys are normalised, values are the raw sources. Softmax and sums run in fp32; outputs come back
-in the sources' dtype, log-sum-exps in fp32.
+in the sources' dtype, log-sum-exps in fp32 (fp64 inputs compute and return fp64 throughout).
 
 Differentiable through autograd: these functions are also the backward reference.
 """
@@ -18,20 +18,25 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["depth_attention", "logits", "phase1", "phase2", "rms"]
+__all__ = ["depth_attention", "depth_weights", "logits", "phase1", "phase2", "rms"]
+
+
+def _acc(t: Tensor) -> Tensor:
+    """The accumulation dtype: fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def rms(v: Tensor, eps: float) -> Tensor:
-    """``[..., d] -> [...]``: root mean square over the last dim (fp32)."""
-    return torch.sqrt(v.float().pow(2).mean(-1) + eps)
+    """``[..., d] -> [...]``: root mean square over the last dim (fp32, or fp64 for fp64 inputs)."""
+    return torch.sqrt(_acc(v).pow(2).mean(-1) + eps)
 
 
 def logits(sources: Sequence[Tensor], queries: Tensor, eps: float) -> Tensor:
     """Logits ``z[s, i, ...] = q_s . v_i / rms(v_i)``: sources n x ``[..., d]``, queries ``[S, d]``
     -> ``[S, n, ...]`` fp32."""
-    v = torch.stack([s.float() for s in sources])  # [n, ..., d]
+    v = torch.stack([_acc(s) for s in sources])  # [n, ..., d]
     keys = v / rms(v, eps).unsqueeze(-1)
-    return torch.einsum("n...d,sd->sn...", keys, queries.float())
+    return torch.einsum("n...d,sd->sn...", keys, queries.to(v.dtype))
 
 
 def phase1(sources: Sequence[Tensor], queries: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -44,7 +49,7 @@ def phase1(sources: Sequence[Tensor], queries: Tensor, eps: float) -> tuple[Tens
     z = logits(sources, queries, eps)  # [S, n, ...]
     lse = torch.logsumexp(z, dim=1)
     weights = torch.exp(z - lse.unsqueeze(1))
-    v = torch.stack([s.float() for s in sources])  # [n, ..., d]
+    v = torch.stack([_acc(s) for s in sources])  # [n, ..., d]
     out = torch.einsum("sn...,n...d->s...d", weights, v)
     return out.to(sources[0].dtype), lse
 
@@ -58,10 +63,11 @@ def phase2(partial_out: Tensor, partial_lse: Tensor, partial: Tensor, query: Ten
     Returns ``(h [..., d], lse [...])``: exactly the direct softmax over the n+1 sources.
     """
     z = logits([partial], query.unsqueeze(0), eps)[0, 0]  # [...]
-    lse = torch.logaddexp(partial_lse.float(), z)
-    a_o = torch.exp(partial_lse.float() - lse).unsqueeze(-1)
+    m = partial_lse.to(z.dtype)
+    lse = torch.logaddexp(m, z)
+    a_o = torch.exp(m - lse).unsqueeze(-1)
     a_p = torch.exp(z - lse).unsqueeze(-1)
-    out = a_o * partial_out.float() + a_p * partial.float()
+    out = a_o * _acc(partial_out) + a_p * _acc(partial)
     return out.to(partial.dtype), lse
 
 

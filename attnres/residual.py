@@ -70,8 +70,9 @@ class Residual(nn.Module):
     """The residual path of ``num_sublayers`` sublayers of width ``dim``.
 
     mode: ``"standard"`` (h_l = v_0 + ... + v_{l-1}), ``"full"`` (softmax over every earlier output)
-    or ``"block"`` (``num_blocks`` blocks of ``num_sublayers / num_blocks`` sublayers; that block size
-    must be even so a block holds whole decoder layers). ``eps``: the key RMSNorm epsilon.
+    or ``"block"`` (``num_blocks`` blocks of ``num_sublayers / num_blocks`` sublayers; a decoder also
+    wants that block size even, so a block holds whole decoder layers — its config checks that).
+    ``eps``: the key RMSNorm epsilon.
     """
 
     def __init__(
@@ -82,18 +83,11 @@ class Residual(nn.Module):
             raise ValueError(f"residual mode {mode!r} is unknown; valid modes: {', '.join(RESIDUAL_MODES)}")
         if num_sublayers < 1:
             raise ValueError(f"num_sublayers must be >= 1, got {num_sublayers}")
-        if mode == "block":
-            if num_blocks < 1 or num_sublayers % num_blocks != 0:
-                raise ValueError(
-                    f"num_blocks={num_blocks} must divide the {num_sublayers} sublayers "
-                    f"(valid: {', '.join(str(n) for n in _block_counts(num_sublayers))})"
-                )
-            if (num_sublayers // num_blocks) % 2 != 0:
-                raise ValueError(
-                    f"num_blocks={num_blocks} gives {num_sublayers // num_blocks} sublayers per block, which splits a "
-                    f"decoder layer; the block size must be even (valid: "
-                    f"{', '.join(str(n) for n in _block_counts(num_sublayers))})"
-                )
+        if mode == "block" and (num_blocks < 1 or num_sublayers % num_blocks != 0):
+            raise ValueError(
+                f"num_blocks={num_blocks} must divide the {num_sublayers} sublayers "
+                f"(valid: {', '.join(str(n) for n in block_counts(num_sublayers))})"
+            )
         self.mode = mode
         self.dim = dim
         self.num_sublayers = num_sublayers
@@ -203,6 +197,7 @@ class Residual(nn.Module):
         return m
 
 
-def _block_counts(num_sublayers: int) -> list[int]:
-    """The valid ``num_blocks`` for a depth: divisors that leave an even block size."""
-    return [n for n in range(1, num_sublayers + 1) if num_sublayers % n == 0 and (num_sublayers // n) % 2 == 0]
+def block_counts(num_sublayers: int, even: bool = False) -> list[int]:
+    """The valid ``num_blocks`` for a depth: its divisors (``even``: only those leaving an even block
+    size, so that a block holds whole decoder layers)."""
+    return [n for n in range(1, num_sublayers + 1) if num_sublayers % n == 0 and not (even and (num_sublayers // n) % 2)]

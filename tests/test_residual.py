@@ -1,0 +1,222 @@
+"""The residual modules against a naive transcription of SPEC §1 (direct softmax, no two phases)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnres.residual import Residual, block_counts
+
+D = 24
+EPS = 1e-6
+
+
+def attend(sources: list[torch.Tensor], w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """h = sum_i softmax_i(w . RMSNorm_g(v_i)) v_i, written from the spec (w and g kept apart)."""
+    v = torch.stack(sources)  # [n, B, T, d]
+    keys = F.rms_norm(v, (v.shape[-1],), weight=g, eps=EPS)
+    a = torch.softmax(keys @ w, dim=0)  # [n, B, T]
+    return (a.unsqueeze(-1) * v).sum(0)
+
+
+def naive_forward(mode: str, emb, sublayers, res: Residual, block_size: int = 1):
+    """Run the stack the way SPEC §1 describes it, sublayer by sublayer."""
+    q = {k: (m.weight, m.norm_weight) for k, m in res.queries.items()} if mode != "standard" else {}
+    if mode == "standard":
+        h = emb
+        for f in sublayers:
+            h = h + f(h)
+        return h
+    if mode == "full":
+        vs = [emb]
+        for i, f in enumerate(sublayers):
+            vs.append(f(attend(vs, *q[str(i)])))
+        return attend(vs, *q["out"])
+    blocks, partial = [emb], None
+    for i, f in enumerate(sublayers):
+        srcs = blocks + ([partial] if partial is not None else [])
+        v = f(attend(srcs, *q[str(i)]))
+        partial = v if partial is None else partial + v
+        if (i + 1) % block_size == 0:
+            blocks.append(partial)
+            partial = None
+    return attend(blocks, *q["out"])
+
+
+def run(res: Residual, emb, sublayers, record: bool = False):
+    state = res.begin(emb, record=record)
+    for i, f in enumerate(sublayers):
+        res.output(state, i, f(res.input(state, i)))
+    return res.readout(state), state
+
+
+def make_stack(n: int, dtype=torch.float64, seed: int = 0) -> nn.ModuleList:
+    torch.manual_seed(seed)
+    return nn.ModuleList(nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(n)).to(dtype)
+
+
+def randomise_queries(res: Residual, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in res.queries.values():
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen, dtype=m.weight.dtype))
+            m.norm_weight.copy_(1 + 0.3 * torch.randn(m.norm_weight.shape, generator=gen, dtype=m.weight.dtype))
+
+
+def grads(module: nn.Module, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    out = [p.grad.clone() for p in module.parameters()]
+    out += [t.grad.clone() for t in tensors]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("mode", "num_sublayers", "num_blocks"),
+    [("standard", 6, 0), ("full", 6, 0), ("block", 8, 4), ("block", 8, 2), ("block", 8, 1), ("block", 12, 3)],
+)
+def test_two_phase_path_equals_direct_softmax_forward_and_backward(mode, num_sublayers, num_blocks):
+    sublayers = make_stack(num_sublayers)
+    res = Residual(D, num_sublayers, mode, num_blocks=max(num_blocks, 1), eps=EPS).double()
+    if mode != "standard":
+        randomise_queries(res)
+    block_size = num_sublayers // num_blocks if mode == "block" else 1
+    emb = torch.randn(2, 5, D, dtype=torch.float64, requires_grad=True)
+
+    out, _ = run(res, emb, sublayers)
+    out.square().sum().backward()
+    got = grads(nn.ModuleList([res, sublayers]), emb)
+
+    for p in [*res.parameters(), *sublayers.parameters(), emb]:
+        p.grad = None
+    ref = naive_forward(mode, emb, sublayers, res, block_size)
+    ref.square().sum().backward()
+    want = grads(nn.ModuleList([res, sublayers]), emb)
+
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+def test_block_with_one_sublayer_per_block_equals_full():
+    sublayers = make_stack(6)
+    full = Residual(D, 6, "full", eps=EPS).double()
+    randomise_queries(full)
+    block = Residual(D, 6, "block", num_blocks=6, eps=EPS).double()
+    block.load_state_dict(full.state_dict())
+    emb = torch.randn(3, 4, D, dtype=torch.float64)
+    out_full, _ = run(full, emb, sublayers)
+    out_full.sum().backward()
+    g_full = [p.grad.clone() for p in full.parameters()]
+    out_block, _ = run(block, emb, sublayers)
+    out_block.sum().backward()
+    torch.testing.assert_close(out_block, out_full, rtol=1e-12, atol=1e-12)
+    for a, b in zip((p.grad for p in block.parameters()), g_full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("mode", "num_blocks"), [("full", 0), ("block", 2)])
+def test_zero_queries_give_uniform_weights(mode, num_blocks):
+    sublayers = make_stack(8)
+    res = Residual(D, 8, mode, num_blocks=max(num_blocks, 1), eps=EPS).double()
+    emb = torch.randn(2, 3, D, dtype=torch.float64)
+    _, state = run(res, emb, sublayers, record=True)
+    assert len(state.records) == 9  # 8 sublayers and the read-out
+    for r in state.records:
+        n = len(r["weights"])
+        torch.testing.assert_close(r["weights"], torch.full((n,), 1.0 / n, dtype=r["weights"].dtype))
+    # with uniform weights the first sublayer's input is the mean of the sources: the embedding
+    state = res.begin(emb)
+    torch.testing.assert_close(res.input(state, 0), emb)
+
+
+def test_depth_weight_matrix_places_block_sources_and_partial():
+    sublayers = make_stack(8)
+    res = Residual(D, 8, "block", num_blocks=2, eps=EPS).double()
+    randomise_queries(res)
+    _, state = run(res, torch.randn(2, 3, D, dtype=torch.float64), sublayers, record=True)
+    m = res.depth_weight_matrix(state.records)
+    assert m.shape == (4, 9)  # b_0, b_1, b_2, partial x (8 sublayers + read-out)
+    assert torch.isnan(m[1:, 0]).all() and torch.isnan(m[-1, 4])  # sublayer 0 sees b_0 only; 4 starts block 2
+    torch.testing.assert_close(m.nansum(0), torch.ones(9, dtype=m.dtype))
+
+
+def test_standard_mode_is_the_plain_sum():
+    sublayers = make_stack(4)
+    res = Residual(D, 4, "standard")
+    emb = torch.randn(1, 2, D, dtype=torch.float64)
+    state = res.begin(emb)
+    total = emb
+    for i, f in enumerate(sublayers):
+        h = res.input(state, i)
+        torch.testing.assert_close(h, total)
+        v = f(h)
+        total = total + v
+        res.output(state, i, v)
+    torch.testing.assert_close(res.readout(state), total)
+    assert not list(res.parameters())
+
+
+@pytest.mark.parametrize(("mode", "num_blocks"), [("standard", 1), ("full", 1), ("block", 2)])
+def test_toy_stack_of_mlp_sublayers_trains(mode, num_blocks):
+    torch.manual_seed(0)
+    sublayers = nn.ModuleList(
+        nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D)) for _ in range(8)
+    )
+    res = Residual(D, 8, mode, num_blocks=num_blocks)
+    head = nn.Linear(D, 1)
+    params = [*sublayers.parameters(), *res.parameters(), *head.parameters()]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    x = torch.randn(64, 1, D)
+    y = torch.sin(3 * x[..., :4].sum(-1, keepdim=True)) * x[..., 4:5]
+    losses = []
+    for _ in range(60):
+        out, _ = run(res, x, sublayers)
+        loss = F.mse_loss(head(out), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], f"{mode}: loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+    if mode != "standard":  # the pseudo-queries received gradient and moved off zero
+        assert any(m.weight.abs().sum() > 0 for m in res.queries.values())
+
+
+def test_bad_configuration_names_the_field_and_valid_values():
+    with pytest.raises(ValueError, match=r"residual mode 'dense' is unknown; valid modes: standard, full, block"):
+        Residual(D, 8, "dense")
+    with pytest.raises(ValueError, match=r"num_blocks=3 must divide the 8 sublayers \(valid: 1, 2, 4, 8\)"):
+        Residual(D, 8, "block", num_blocks=3)
+    assert block_counts(12, even=True) == [1, 2, 3, 6]
+
+
+def test_readout_in_the_middle_of_a_block_is_an_error():
+    res = Residual(D, 4, "block", num_blocks=1)
+    state = res.begin(torch.randn(1, 2, D))
+    res.output(state, 0, res.input(state, 0))
+    with pytest.raises(RuntimeError, match="middle of a block"):
+        res.readout(state)
+
+
+def test_stage_starting_mid_block_runs_phase1_for_its_own_sublayers():
+    """A pipeline stage that owns sublayers 2..3 of a 4-sublayer block, given the summaries and the
+    partial, computes the same inputs as the unsplit module."""
+    sublayers = make_stack(8)
+    whole = Residual(D, 8, "block", num_blocks=2, eps=EPS).double()
+    randomise_queries(whole)
+    emb = torch.randn(2, 3, D, dtype=torch.float64)
+    out_whole, _ = run(whole, emb, sublayers)
+
+    stage = Residual(D, 8, "block", num_blocks=2, eps=EPS).double()
+    stage.load_state_dict(whole.state_dict())
+    state = stage.begin(emb)
+    for i in range(2):
+        stage.output(state, i, sublayers[i](stage.input(state, i)))
+    # hand over as a stage boundary would: the sources and the partial only
+    handed = stage.begin(emb)
+    handed.sources, handed.partial = list(state.sources), state.partial
+    for key in ("0", "1"):
+        del stage.queries[key]
+    for i in range(2, 8):
+        stage.output(handed, i, sublayers[i](stage.input(handed, i)))
+    torch.testing.assert_close(stage.readout(handed), out_whole, rtol=1e-12, atol=1e-12)
