@@ -122,3 +122,20 @@ def test_sequence_aux_loss_is_coef_for_uniform_scores_and_grows_with_imbalance()
     x[..., 0] = x[..., 0].abs() + 1
     _, aux = moe(x)
     assert aux > 0.012  # 1.29 x coef: expert 0 always routed and holding 2/7 of the score mass
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
+def test_grouped_mm_path_equals_expert_loop_forward_and_backward():
+    torch.manual_seed(0)
+    E, h, d = 4, 16, 8
+    weights = [torch.randn(E, h, d), torch.randn(E, h, d), torch.randn(E, d, h)]
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, d)
+    results = []
+    for grouped in (True, False):
+        leaves = [t.clone().requires_grad_() for t in [x, *weights]]
+        y = grouped_swiglu(leaves[0], counts, *leaves[1:], use_grouped_mm=grouped)
+        results.append((y, torch.autograd.grad(y.square().sum(), leaves)))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
