@@ -73,6 +73,25 @@ def test_preset_full_shape_on_meta_matches_config_counts(name):
     assert model.residual.num_sublayers == cfg.num_sublayers
 
 
+def test_meta_built_model_materialised_with_init_weights_equals_a_cpu_built_one():
+    cfg = get_config("tiny", residual="block")
+    cpu = Decoder(cfg)
+    with torch.device("meta"):
+        meta = Decoder(cfg)
+    meta.to_empty(device="cpu")
+    for model in (cpu, meta):
+        torch.manual_seed(3)
+        model.init_weights()
+    a, b = cpu.state_dict(), meta.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=k)
+    # buffers too (not in the state dict): the router's load counts start at zero
+    assert all(m.tokens_per_expert.sum() == 0 for m in meta.moe_layers().values())
+    ids = _ids(cfg)
+    torch.testing.assert_close(meta(ids).logits, cpu(ids).logits)
+
+
 def test_preset_sizes_are_in_their_ranges():
     assert get_config("tiny").num_params() < 5e6
     assert 100e6 <= get_config("small").num_params() <= 300e6

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnres.model.config import Config
-from attnres.model.kda import KimiDeltaAttention
+from attnres.model.kda import KimiDeltaAttention, ShortConv
 from attnres.model.mla import MultiHeadLatentAttention
 from attnres.model.moe import MoE, SwiGLU, output_init_std
 from attnres.model.norm import RMSNorm
-from attnres.residual import Residual, ResidualState
+from attnres.residual import DepthQuery, Residual, ResidualState
 
 __all__ = ["Decoder", "DecoderCache", "DecoderLayer", "KimiLinear", "ModelOutput"]
 
@@ -106,9 +106,12 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std) for projections and embeddings, ``init_std / sqrt(2 * num_layers)`` for
-        the projections that write into the residual path (attention ``o_proj``, MLP / expert down),
-        zero biases; norms at 1, KDA decay parameters Mamba-style, pseudo-queries at 0 (in Residual)."""
+        """(Re)initialise every parameter and buffer, so a model built on the meta device and
+        materialised with ``to_empty`` is complete after this call: Normal(0, init_std) for projections
+        and embeddings, ``init_std / sqrt(2 * num_layers)`` for the projections that write into the
+        residual path (attention ``o_proj``, MLP / expert down), zero biases, norms at 1, KDA decay and
+        short convs at their own inits, pseudo-queries at 0 (uniform depth weights), router bias and
+        load counts at 0."""
         c = self.config
         std, out_std = c.init_std, output_init_std(c.init_std, c.num_layers)
         for module in self.modules():
@@ -118,8 +121,17 @@ class Decoder(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, DepthQuery):
+                nn.init.zeros_(module.weight)
+                nn.init.ones_(module.norm_weight)
+            elif isinstance(module, ShortConv):
+                module.reset_parameters()
         for layer in self.layers.values():
             nn.init.normal_(layer.attn.o_proj.weight, std=out_std)
+            if isinstance(layer.attn, KimiDeltaAttention):
+                layer.attn.reset_decay()
             if isinstance(layer.mlp, MoE):
                 layer.mlp.reset_parameters(std, out_std)
                 if layer.mlp.shared is not None:

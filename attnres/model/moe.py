@@ -100,7 +100,11 @@ class MoE(nn.Module):
         self.last_load: Tensor | None = None  # fraction of routed slots per expert, last forward
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        """Experts Normal(0, std) (down projection ``out_std``); balancing bias and load counts 0."""
+        self.score_bias.zero_()
+        self.tokens_per_expert.zero_()
         nn.init.normal_(self.w_gate, std=std)
         nn.init.normal_(self.w_up, std=std)
         nn.init.normal_(self.w_down, std=std if out_std is None else out_std)
