@@ -306,3 +306,16 @@ def test_hybrid_pattern_is_configurable():
     cfg = get_config("tiny", mla_layers=[0, 2])
     assert [m for m, _ in cfg.layer_kinds()] == ["mla", "kda", "mla", "kda"]
     assert {m for m, _ in get_config("tiny", token_mixer="kda").layer_kinds()} == {"kda"}
+
+
+def test_sampling_respects_top_k_and_top_p():
+    from attnres.model.decoder import sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    torch.manual_seed(0)
+    assert set(sample(logits, top_k=2).tolist()) == {0, 1}
+    assert set(sample(logits, top_p=0.7).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(sample(logits, top_p=0.85).tolist()) == {0, 1, 2}
+    assert set(sample(logits, greedy=True).tolist()) == {0}
+    freq = torch.bincount(sample(logits), minlength=4) / 2000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04, rtol=0)
