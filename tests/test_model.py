@@ -293,6 +293,14 @@ def test_bad_config_raises_naming_the_field_and_valid_values(overrides, field, v
     assert f"Config.{field}=" in msg and valid in msg, msg
 
 
+def test_default_num_blocks_is_8_or_the_largest_valid_below():
+    assert Config(num_layers=16).num_blocks == 8
+    assert Config(num_layers=4).num_blocks == 4  # 8 sublayers: 1, 2, 4 valid
+    assert Config(num_layers=6).num_blocks == 6  # 12 sublayers: 1, 2, 3, 6 valid
+    assert Config(num_layers=27).num_blocks == 3  # 54 sublayers: 1, 3, 9, 27 valid
+    assert get_config("kimi-linear-48b-a3b").num_blocks == 9  # set explicitly: nearest to 8
+
+
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(ValueError, match="tiny, small, medium, kimi-linear-48b-a3b"):
         get_config("huge")
