@@ -327,3 +327,29 @@ def test_sampling_respects_top_k_and_top_p():
     assert set(sample(logits, greedy=True).tolist()) == {0}
     freq = torch.bincount(sample(logits), minlength=4) / 2000
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_stage_split_by_deleting_layers_equals_the_full_model(mode):
+    import copy
+
+    model = _tiny(residual=mode).eval()
+    first, second = copy.deepcopy(model), copy.deepcopy(model)
+    for key in ("2", "3"):
+        del first.layers[key]
+    for key in ("0", "1"):
+        del second.layers[key]
+    # names stay those of the full model
+    full_names = dict(model.named_parameters())
+    for stage in (first, second):
+        for name, p in stage.named_parameters():
+            assert torch.equal(p, full_names[name]), name
+    ids = _ids(model.config)
+    with torch.no_grad():
+        state = first.begin(ids)
+        aux = first.run_layers(state)
+        aux = aux + second.run_layers(state)
+        logits = second.finish(second.residual.readout(state))
+        ref = model(ids)
+    torch.testing.assert_close(logits, ref.logits)
+    torch.testing.assert_close(aux, ref.aux_loss)
