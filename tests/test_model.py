@@ -193,20 +193,21 @@ def test_generate_samples_and_stops_at_eos():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_each_residual_mode_lowers_tiny_loss_on_a_fixed_batch(mode):
+    # from ln(264) = 5.6 at init to below 1.0 nat (memorising 128 random tokens) within 50 steps
     model = _tiny(residual=mode)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = _ids(model.config, B=4, T=33)
-    first = None
+    losses = []
     for _ in range(50):
         out = model(ids[:, :-1], labels=ids[:, 1:])
-        first = out.loss.item() if first is None else first
-        if out.loss.item() < first - 1.0:
+        losses.append(out.loss.item())
+        if losses[-1] < 1.0:
             break
         (out.loss + out.aux_loss).backward()
         opt.step()
         opt.zero_grad()
         model.update_router_bias()
-    assert out.loss.item() < first - 1.0, (mode, first, out.loss.item())
+    assert losses[0] > 5.0 and losses[-1] < 1.0, (mode, losses)
 
 
 @pytest.mark.parametrize("mode", ["full", "block"])
