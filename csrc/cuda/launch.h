@@ -30,6 +30,7 @@ struct Plan {
   int grid;      // persistent blocks
   size_t smem;   // dynamic shared memory per block
   const void* fn;  // the kernel instantiation
+  int stages;      // > 0: the staged (cp.async) kernel with this many shared-memory stages
 };
 
 struct P1FwdArgs {
@@ -40,7 +41,8 @@ struct P1FwdArgs {
   int64_t lse_stride;
   int n, S, N, d;
   float eps;
-  bool vec;  // 16-byte aligned rows (d % W == 0 and aligned base pointers)
+  bool vec;    // 16-byte aligned rows (d % W == 0 and aligned base pointers)
+  int stages;  // staged kernel: shared-memory ring depth
 };
 
 struct P1BwdArgs {
@@ -56,6 +58,7 @@ struct P1BwdArgs {
   float eps;
   bool vec;
   bool dq_in_smem;
+  int stages;  // staged kernel: shared-memory ring depth
 };
 
 struct P2FwdArgs {
@@ -88,8 +91,8 @@ struct P2BwdArgs {
 };
 
 // Each plan_* fills the launch shape; each launch_* returns cudaGetLastError() after the launch.
-Plan plan_p1_fwd(DType dt, int d, int S, int n, int N, int num_sms);
-Plan plan_p1_bwd(DType dt, int d, int S, int n, int N, int num_sms);
+Plan plan_p1_fwd(DType dt, int d, int S, int n, int N, int num_sms, bool vec);
+Plan plan_p1_bwd(DType dt, int d, int S, int n, int N, int num_sms, bool vec);
 Plan plan_p2(DType dt, int d, int N, int num_sms, bool backward);
 
 cudaError_t launch_p1_fwd(DType dt, const Plan& plan, const P1FwdArgs& args, cudaStream_t stream);

@@ -102,7 +102,7 @@ std::tuple<std::vector<Tensor>, Tensor> phase1_cuda(at::TensorList sources, cons
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (int g0 = 0; g0 < S; g0 += kMaxQueries) {
     const int Sg = std::min(kMaxQueries, S - g0);
-    const Plan plan = plan_p1_fwd(dt, static_cast<int>(d), Sg, n, static_cast<int>(N), num_sms());
+    const Plan plan = plan_p1_fwd(dt, static_cast<int>(d), Sg, n, static_cast<int>(N), num_sms(), vec);
     check_plan(plan, "phase1", d);
     Tensor qp = padded_queries(q.narrow(0, g0, Sg), plan.ST, plan.dp);
     P1FwdArgs a{};
@@ -117,6 +117,7 @@ std::tuple<std::vector<Tensor>, Tensor> phase1_cuda(at::TensorList sources, cons
     a.d = static_cast<int>(d);
     a.eps = static_cast<float>(eps);
     a.vec = vec;
+    a.stages = plan.stages;
     check_cuda(launch_p1_fwd(dt, plan, a, stream), "phase1 launch");
   }
   return {outs, lse};
@@ -164,7 +165,7 @@ std::tuple<std::vector<Tensor>, Tensor> phase1_backward_cuda(at::TensorList grad
   std::vector<Tensor> acc;
   for (int g0 = 0; g0 < S; g0 += kMaxQueriesBwd) {
     const int Sg = std::min(kMaxQueriesBwd, S - g0);
-    const Plan plan = plan_p1_bwd(dt, static_cast<int>(d), Sg, n, static_cast<int>(N), num_sms());
+    const Plan plan = plan_p1_bwd(dt, static_cast<int>(d), Sg, n, static_cast<int>(N), num_sms(), vec);
     check_plan(plan, "phase1_backward", d);
     Tensor qp = padded_queries(q.narrow(0, g0, Sg), plan.ST, plan.dp);
     Tensor part = at::empty({plan.grid, plan.ST, plan.dp}, s0.options().dtype(at::kFloat));
@@ -186,13 +187,14 @@ std::tuple<std::vector<Tensor>, Tensor> phase1_backward_cuda(at::TensorList grad
     a.eps = static_cast<float>(eps);
     a.vec = vec;
     a.dq_in_smem = plan.dq_smem;
+    a.stages = plan.stages;
     check_cuda(launch_p1_bwd(dt, plan, a, stream), "phase1_backward launch");
     check_cuda(launch_sum_partials(part.data_ptr<float>(), grad_q.data_ptr<float>() + static_cast<int64_t>(g0) * d,
                                    plan.grid, Sg, plan.ST, static_cast<int>(d), plan.dp, stream),
                "phase1_backward reduction");
     if (S > kMaxQueriesBwd) {
       if (acc.empty()) {
-        for (const auto& g : grads) acc.push_back(g.to(at::kFloat));
+        for (const auto& g : grads) acc.push_back(g.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true));
       } else {
         for (int i = 0; i < n; ++i) acc[i].add_(grads[i]);
       }

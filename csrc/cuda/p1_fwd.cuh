@@ -142,3 +142,153 @@ __global__ void __launch_bounds__(QREG ? 384 : 512) p1_fwd_kernel(const __grid_c
 }
 
 }  // namespace attnres_cuda
+
+namespace attnres_cuda {
+
+// Staged variant (16-byte aligned rows): the token's n source rows are copied into a ring of K
+// shared-memory stages with cp.async, K - 1 tokens ahead, so DRAM reads of the next tokens overlap
+// the arithmetic of this one; both passes then read the rows from shared memory (DRAM traffic stays
+// the minimum, and pass 2 costs no L2 re-read). Queries are processed in groups of QG whose fp32
+// chunks sit in registers (reloaded per token from L1).
+template <typename T, int ST, int W, int C, int QG>
+__global__ void __launch_bounds__(512, 1) p1_fwd_staged_kernel(const __grid_constant__ P1FwdArgs a) {
+  static_assert(ST % QG == 0, "query groups must tile the padded queries");
+  constexpr int NG = ST / QG;
+  constexpr int PG = pow2ceil(QG + 1);  // per group: QG dot products + the sum of squares
+  constexpr int RS = NG * PG;
+  const int tid = threadIdx.x, NT = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = NT >> 5;
+  const int n = a.n, d = a.d, S = a.S, K = a.stages;
+  const int64_t N = a.N;
+  const int dpad = NT * C * W;
+  extern __shared__ float4 smem4[];
+  T* stage0 = reinterpret_cast<T*>(smem4);  // [K][n][dpad]
+  float* red = reinterpret_cast<float*>(stage0 + static_cast<size_t>(K) * n * dpad);  // [nw][n][RS]
+  float* zb = red + nw * n * RS;  // [n][ST]
+  const float inv_d = 1.f / static_cast<float>(d);
+  const int64_t G = gridDim.x;
+
+  auto issue = [&](int64_t t, int s) {
+    if (t < N) {
+      T* dst = stage0 + static_cast<size_t>(s) * n * dpad;
+      for (int i = 0; i < n; ++i) {
+        const T* row = static_cast<const T*>(a.src[i]) + t * d;
+#pragma unroll
+        for (int k = 0; k < C; ++k) {
+          const int col = (k * NT + tid) * W;
+          cp_async16(dst + i * dpad + col, row + (col < d ? col : 0), col < d);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+
+  for (int s = 0; s < K - 1; ++s) issue(blockIdx.x + s * G, s);
+  int it = 0;
+  for (int64_t t = blockIdx.x; t < N; t += G, ++it) {
+    const int s = it % K;
+    if (K == 1) {
+      issue(t, 0);
+      cp_async_wait<0>();
+    } else if (K == 2) {
+      cp_async_wait<0>();
+    } else if (K == 3) {
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<2>();
+    }
+    __syncthreads();  // this token's rows are in; every thread is done with the previous token
+    if (K > 1) issue(t + (K - 1) * G, (it + K - 1) % K);
+    const T* rows = stage0 + static_cast<size_t>(s) * n * dpad;
+    const int64_t off = t * d;
+    // ---- pass 1: logits, one query group at a time
+#pragma unroll
+    for (int g = 0; g < NG; ++g) {
+      float qr[QG][C][W];
+#pragma unroll
+      for (int j = 0; j < QG; ++j)
+#pragma unroll
+        for (int k = 0; k < C; ++k) ld_q<W>(a.q + (g * QG + j) * dpad + (k * NT + tid) * W, qr[j][k]);
+      for (int i = 0; i < n; ++i) {
+        float part[PG];
+#pragma unroll
+        for (int p = 0; p < PG; ++p) part[p] = 0.f;
+#pragma unroll
+        for (int k = 0; k < C; ++k) {
+          float v[W];
+          unpack<T, W>(ld_vec<T, W>(rows + i * dpad + (k * NT + tid) * W), v);
+#pragma unroll
+          for (int e = 0; e < W; ++e) part[QG] = fmaf(v[e], v[e], part[QG]);
+#pragma unroll
+          for (int j = 0; j < QG; ++j)
+#pragma unroll
+            for (int e = 0; e < W; ++e) part[j] = fmaf(qr[j][k][e], v[e], part[j]);
+        }
+        const float r = warp_reduce_scatter<PG>(part, lane);
+        if (rs_writer<PG>(lane)) red[(warp * n + i) * RS + g * PG + rs_index<PG>(lane)] = r;
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < n; i += NT) {
+      float acc[ST + 1];
+#pragma unroll
+      for (int l = 0; l <= ST; ++l) acc[l] = 0.f;
+      for (int w = 0; w < nw; ++w) {
+        const float* rw = red + (w * n + i) * RS;
+#pragma unroll
+        for (int l = 0; l < ST; ++l) acc[l] += rw[(l / QG) * PG + l % QG];
+        acc[ST] += rw[QG];
+      }
+      const float rinv = rsqrtf(acc[ST] * inv_d + a.eps);
+#pragma unroll
+      for (int l = 0; l < ST; ++l) zb[i * ST + l] = acc[l] * rinv;
+    }
+    __syncthreads();
+    if (tid < ST) {
+      const int l = tid;
+      if (l < S) {
+        float mx = -INFINITY;
+        for (int i = 0; i < n; ++i) mx = fmaxf(mx, zb[i * ST + l]);
+        float sum = 0.f;
+        for (int i = 0; i < n; ++i) sum += __expf(zb[i * ST + l] - mx);
+        const float lse = mx + __logf(sum);
+        a.lse[l * a.lse_stride + t] = lse;
+        for (int i = 0; i < n; ++i) zb[i * ST + l] = __expf(zb[i * ST + l] - lse);
+      } else {
+        for (int i = 0; i < n; ++i) zb[i * ST + l] = 0.f;
+      }
+    }
+    __syncthreads();
+    // ---- pass 2: weighted sums from the staged rows
+#pragma unroll
+    for (int k = 0; k < C; ++k) {
+      const int col = (k * NT + tid) * W;
+#pragma unroll
+      for (int g = 0; g < NG; ++g) {
+        if (g * QG < S) {
+          float acc[QG][W];
+#pragma unroll
+          for (int j = 0; j < QG; ++j)
+#pragma unroll
+            for (int e = 0; e < W; ++e) acc[j][e] = 0.f;
+          for (int i = 0; i < n; ++i) {
+            float v[W];
+            unpack<T, W>(ld_vec<T, W>(rows + i * dpad + col), v);
+            const float* wrow = zb + i * ST + g * QG;
+#pragma unroll
+            for (int j = 0; j < QG; ++j) {
+              const float wj = wrow[j];
+#pragma unroll
+              for (int e = 0; e < W; ++e) acc[j][e] = fmaf(wj, v[e], acc[j][e]);
+            }
+          }
+#pragma unroll
+          for (int j = 0; j < QG; ++j)
+            if (g * QG + j < S) st_chunk<T, W>(static_cast<T*>(a.out[g * QG + j]) + off, col, d, true, acc[j]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+}
+
+}  // namespace attnres_cuda

@@ -8,7 +8,7 @@
 namespace attnres_cuda {
 
 template <typename T, int W, int C>
-__global__ void __launch_bounds__(1024) p2_fwd_kernel(const __grid_constant__ P2FwdArgs a) {
+__global__ void __launch_bounds__(512) p2_fwd_kernel(const __grid_constant__ P2FwdArgs a) {
   const int tid = threadIdx.x, NT = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = NT >> 5;
   const int d = a.d;
   const int64_t N = a.N;
@@ -19,15 +19,30 @@ __global__ void __launch_bounds__(1024) p2_fwd_kernel(const __grid_constant__ P2
 #pragma unroll
   for (int k = 0; k < C; ++k) ld_q<W>(a.q + (k * NT + tid) * W, qr[k]);
   int buf = 0;
+  // software pipelining: the next token's rows are loaded before this token's reduction
+  Pack<T, W> po_n[C], pp_n[C];
+  float m_n = 0.f;
+  auto load = [&](int64_t t) {
+    if (t < N) {
+#pragma unroll
+      for (int k = 0; k < C; ++k) {
+        pp_n[k] = ld_chunk<T, W>(static_cast<const T*>(a.p) + t * d, (k * NT + tid) * W, d, vec);
+        po_n[k] = ld_chunk<T, W>(static_cast<const T*>(a.o) + t * d, (k * NT + tid) * W, d, vec);
+      }
+      m_n = a.m[t];
+    }
+  };
+  load(blockIdx.x);
   for (int64_t t = blockIdx.x; t < N; t += gridDim.x, buf ^= 1) {
     const int64_t off = t * d;
     Pack<T, W> po[C], pp[C];
 #pragma unroll
     for (int k = 0; k < C; ++k) {
-      pp[k] = ld_chunk<T, W>(static_cast<const T*>(a.p) + off, (k * NT + tid) * W, d, vec);
-      po[k] = ld_chunk<T, W>(static_cast<const T*>(a.o) + off, (k * NT + tid) * W, d, vec);
+      pp[k] = pp_n[k];
+      po[k] = po_n[k];
     }
-    const float m = a.m[t];
+    const float m = m_n;
+    load(t + gridDim.x);
     float part[2] = {0.f, 0.f};
 #pragma unroll
     for (int k = 0; k < C; ++k) {
@@ -65,7 +80,7 @@ __global__ void __launch_bounds__(1024) p2_fwd_kernel(const __grid_constant__ P2
 }
 
 template <typename T, int W, int C>
-__global__ void __launch_bounds__(1024) p2_bwd_kernel(const __grid_constant__ P2BwdArgs a) {
+__global__ void __launch_bounds__(512) p2_bwd_kernel(const __grid_constant__ P2BwdArgs a) {
   const int tid = threadIdx.x, NT = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = NT >> 5;
   const int d = a.d;
   const int64_t N = a.N;
@@ -80,17 +95,32 @@ __global__ void __launch_bounds__(1024) p2_bwd_kernel(const __grid_constant__ P2
     for (int e = 0; e < W; ++e) dq[k][e] = 0.f;
   }
   int buf = 0;
+  Pack<T, W> pdh_n[C], ph_n[C], pp_n[C];
+  float m_n = 0.f, lse_n = 0.f, dlse_n = 0.f;
+  auto load = [&](int64_t t) {
+    if (t < N) {
+#pragma unroll
+      for (int k = 0; k < C; ++k) {
+        const int col = (k * NT + tid) * W;
+        pdh_n[k] = ld_chunk<T, W>(static_cast<const T*>(a.dh) + t * d, col, d, vec);
+        ph_n[k] = ld_chunk<T, W>(static_cast<const T*>(a.h) + t * d, col, d, vec);
+        pp_n[k] = ld_chunk<T, W>(static_cast<const T*>(a.p) + t * d, col, d, vec);
+      }
+      m_n = a.m[t], lse_n = a.lse[t], dlse_n = a.dlse[t];
+    }
+  };
+  load(blockIdx.x);
   for (int64_t t = blockIdx.x; t < N; t += gridDim.x, buf ^= 1) {
     const int64_t off = t * d;
     Pack<T, W> pdh[C], ph[C], pp[C];
 #pragma unroll
     for (int k = 0; k < C; ++k) {
-      const int col = (k * NT + tid) * W;
-      pdh[k] = ld_chunk<T, W>(static_cast<const T*>(a.dh) + off, col, d, vec);
-      ph[k] = ld_chunk<T, W>(static_cast<const T*>(a.h) + off, col, d, vec);
-      pp[k] = ld_chunk<T, W>(static_cast<const T*>(a.p) + off, col, d, vec);
+      pdh[k] = pdh_n[k];
+      ph[k] = ph_n[k];
+      pp[k] = pp_n[k];
     }
-    const float m = a.m[t], lse = a.lse[t], dlse = a.dlse[t];
+    const float m = m_n, lse = lse_n, dlse = dlse_n;
+    load(t + gridDim.x);
     float part[4] = {0.f, 0.f, 0.f, 0.f};  // dh.h, dh.p, q.p, p.p
 #pragma unroll
     for (int k = 0; k < C; ++k) {

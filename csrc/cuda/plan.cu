@@ -47,11 +47,45 @@ void finish(Plan& p, int N, int num_sms) {
 
 }  // namespace
 
-Plan plan_p1_fwd(DType dt, int d, int S, int n, int N, int num_sms) {
+Plan plan_p1_fwd(DType dt, int d, int S, int n, int N, int num_sms, bool vec) {
   Plan p{};
   p.W = 16 / elem_size(dt);
   p.ST = pad_queries(S);
   const int chunks = div_up(d, p.W);
+  if (vec) {
+    // staged: rows through shared memory, as many stages (<= 4) as fit
+    int C = chunks_per_thread(chunks, 512);
+    if (C == 8) C = 0;
+    if (C > 0) {
+      const int NT = std::max(32, round_up(div_up(chunks, C), 32));
+      const int dp = NT * C * p.W;
+      const bool qfull = p.ST * C * p.W <= 96 && C <= 2;
+      const int QG = qfull ? p.ST : std::min(p.ST, 4);
+      const int RS = (p.ST / QG) * pow2ceil(QG + 1);
+      const size_t fixed = static_cast<size_t>((NT / 32) * n * RS + n * p.ST) * sizeof(float);
+      const size_t stage = static_cast<size_t>(n) * dp * elem_size(dt);
+      const size_t budget = NT <= 256 ? 110 * 1024 : 220 * 1024;
+      const int K = budget > fixed ? static_cast<int>(std::min<size_t>(4, (budget - fixed) / stage)) : 0;
+      if (K >= 1) {
+        p.C = C;
+        p.NT = NT;
+        p.dp = dp;
+        p.qreg = qfull;
+        p.stages = K;
+        p.smem = fixed + K * stage;
+        switch (dt) {
+          case DType::F32: p.fn = reinterpret_cast<const void*>(p1_fwd_staged_select_f32(p.ST, C, qfull)); break;
+          case DType::BF16: p.fn = reinterpret_cast<const void*>(p1_fwd_staged_select_bf16(p.ST, C, qfull)); break;
+          case DType::F16: p.fn = reinterpret_cast<const void*>(p1_fwd_staged_select_f16(p.ST, C, qfull)); break;
+        }
+        finish(p, N, num_sms);
+        if (p.fn != nullptr) return p;
+      }
+    }
+    p = Plan{};
+    p.W = 16 / elem_size(dt);
+    p.ST = pad_queries(S);
+  }
   p.qreg = chunks <= 384 && p.ST * p.W <= 96;
   p.C = p.qreg ? 1 : chunks_per_thread(chunks, 512);
   if (p.C == 0) return p;
@@ -68,11 +102,44 @@ Plan plan_p1_fwd(DType dt, int d, int S, int n, int N, int num_sms) {
   return p;
 }
 
-Plan plan_p1_bwd(DType dt, int d, int S, int n, int N, int num_sms) {
+Plan plan_p1_bwd(DType dt, int d, int S, int n, int N, int num_sms, bool vec) {
   Plan p{};
   p.W = 4;
   p.ST = pad_queries(S);
   const int chunks = div_up(d, p.W);
+  if (vec) {
+    int C = chunks_per_thread(chunks, 512);
+    if (C == 8) C = 0;
+    if (C > 0) {
+      const int NT = std::max(32, round_up(div_up(chunks, C), 32));
+      const int dp = NT * C * p.W;
+      const int PP = pow2ceil(2 * p.ST + 1);
+      const size_t fixed =
+          static_cast<size_t>((NT / 32) * n * PP + 3 * n * p.ST + 2 * n + 2 * p.ST) * sizeof(float) + 16;
+      const size_t stage = static_cast<size_t>(n + S) * dp * elem_size(dt);
+      const size_t dq = static_cast<size_t>(p.ST) * dp * sizeof(float);
+      const size_t budget = NT <= 256 ? 110 * 1024 : 220 * 1024;
+      const int K = budget > fixed ? static_cast<int>(std::min<size_t>(3, (budget - fixed) / stage)) : 0;
+      if (K >= 1) {
+        p.C = C;
+        p.NT = NT;
+        p.dp = dp;
+        p.stages = K;
+        p.dq_smem = fixed + K * stage + dq <= budget;
+        p.smem = fixed + K * stage + (p.dq_smem ? dq : 0);
+        switch (dt) {
+          case DType::F32: p.fn = reinterpret_cast<const void*>(p1_bwd_staged_select_f32(p.ST, C)); break;
+          case DType::BF16: p.fn = reinterpret_cast<const void*>(p1_bwd_staged_select_bf16(p.ST, C)); break;
+          case DType::F16: p.fn = reinterpret_cast<const void*>(p1_bwd_staged_select_f16(p.ST, C)); break;
+        }
+        finish(p, N, num_sms);
+        if (p.fn != nullptr) return p;
+      }
+    }
+    p = Plan{};
+    p.W = 4;
+    p.ST = pad_queries(S);
+  }
   p.qreg = chunks <= 512 && p.ST <= 8;
   p.C = p.qreg ? 1 : chunks_per_thread(chunks, 512);
   if (p.C == 0) return p;

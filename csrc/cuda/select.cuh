@@ -31,6 +31,18 @@ P1BwdFn p1_bwd_c(int C, bool qreg) {
 }
 #undef ATTNRES_SELECT_C
 
+// Staged phase-1 forward: qfull = all padded queries in one group, else groups of 4.
+template <typename T, int ST, int W>
+P1FwdFn p1_fwd_staged_c(int C, bool qfull) {
+  constexpr int Q4 = ST < 4 ? ST : 4;
+  switch (C) {
+    case 1: return qfull ? p1_fwd_staged_kernel<T, ST, W, 1, ST> : p1_fwd_staged_kernel<T, ST, W, 1, Q4>;
+    case 2: return qfull ? p1_fwd_staged_kernel<T, ST, W, 2, ST> : p1_fwd_staged_kernel<T, ST, W, 2, Q4>;
+    case 4: return p1_fwd_staged_kernel<T, ST, W, 4, Q4>;
+    default: return nullptr;
+  }
+}
+
 #define ATTNRES_SELECT_ST(F, MAXST)     \
   switch (ST) {                         \
     case 1: return F<T, 1, W>(C, qreg);   \
@@ -44,6 +56,23 @@ P1BwdFn p1_bwd_c(int C, bool qreg) {
 template <typename T, int W>
 P1FwdFn p1_fwd_select(int ST, int C, bool qreg) {
   ATTNRES_SELECT_ST(p1_fwd_c, 16)
+}
+template <typename T, int ST, int W>
+P1BwdFn p1_bwd_staged_c(int C, bool) {
+  switch (C) {
+    case 1: return p1_bwd_staged_kernel<T, ST, W, 1>;
+    case 2: return p1_bwd_staged_kernel<T, ST, W, 2>;
+    case 4: return p1_bwd_staged_kernel<T, ST, W, 4>;
+    default: return nullptr;
+  }
+}
+template <typename T, int W>
+P1BwdFn p1_bwd_staged_select(int ST, int C, bool qreg) {
+  ATTNRES_SELECT_ST(p1_bwd_staged_c, kMaxQueriesBwd)
+}
+template <typename T, int W>
+P1FwdFn p1_fwd_staged_select(int ST, int C, bool qreg) {
+  ATTNRES_SELECT_ST(p1_fwd_staged_c, 16)
 }
 template <typename T, int W>
 P1BwdFn p1_bwd_select(int ST, int C, bool qreg) {
@@ -76,8 +105,14 @@ P2BwdFn p2_bwd_select(int C) {
 P1FwdFn p1_fwd_select_f32(int ST, int C, bool qreg);
 P1FwdFn p1_fwd_select_bf16(int ST, int C, bool qreg);
 P1FwdFn p1_fwd_select_f16(int ST, int C, bool qreg);
+P1FwdFn p1_fwd_staged_select_f32(int ST, int C, bool qfull);
+P1FwdFn p1_fwd_staged_select_bf16(int ST, int C, bool qfull);
+P1FwdFn p1_fwd_staged_select_f16(int ST, int C, bool qfull);
 P1BwdFn p1_bwd_select_f32(int ST, int C, bool qreg);
 P1BwdFn p1_bwd_select_bf16(int ST, int C, bool qreg);
 P1BwdFn p1_bwd_select_f16(int ST, int C, bool qreg);
+P1BwdFn p1_bwd_staged_select_f32(int ST, int C);
+P1BwdFn p1_bwd_staged_select_bf16(int ST, int C);
+P1BwdFn p1_bwd_staged_select_f16(int ST, int C);
 
 }  // namespace attnres_cuda
