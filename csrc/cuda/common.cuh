@@ -208,6 +208,17 @@ __device__ __forceinline__ void ld_q(const float* __restrict__ q, float (&x)[W])
   }
 }
 
+// W fp32 query values at column col of an unpadded [d] row: vector loads where aligned, zeros past d.
+template <int W>
+__device__ __forceinline__ void ld_q_guarded(const float* __restrict__ q, int col, int d, bool qvec, float (&x)[W]) {
+  if (qvec && col + W <= d) {
+    ld_q<W>(q + col, x);
+  } else {
+#pragma unroll
+    for (int e = 0; e < W; ++e) x[e] = col + e < d ? __ldg(q + col + e) : 0.f;
+  }
+}
+
 constexpr int ilog2(int x) { return x <= 1 ? 0 : 1 + ilog2(x / 2); }
 constexpr int pow2ceil(int x) { return x <= 1 ? 1 : 2 * pow2ceil((x + 1) / 2); }
 

@@ -65,12 +65,13 @@ struct P2FwdArgs {
   const void* o;    // [N, d] phase-1 output
   const float* m;   // [N] phase-1 lse
   const void* p;    // [N, d] partial summary
-  const float* q;   // [dp]
+  const float* q;   // [d] fp32, unpadded
   void* h;          // [N, d]
   float* lse;       // [N]
   int N, d;
   float eps;
   bool vec;
+  bool qvec;  // q 16-byte aligned and d % 4 == 0
 };
 
 struct P2BwdArgs {
@@ -80,7 +81,7 @@ struct P2BwdArgs {
   const float* m;    // [N]
   const float* lse;  // [N]
   const void* p;     // [N, d]
-  const float* q;    // [dp]
+  const float* q;    // [d] fp32, unpadded
   void* do_;         // [N, d] grad of the phase-1 output
   float* dm;         // [N]
   void* dp_;         // [N, d] grad of the partial summary
@@ -88,6 +89,7 @@ struct P2BwdArgs {
   int N, d;
   float eps;
   bool vec;
+  bool qvec;
 };
 
 // Each plan_* fills the launch shape; each launch_* returns cudaGetLastError() after the launch.

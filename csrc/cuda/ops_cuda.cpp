@@ -9,6 +9,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "launch.h"
@@ -39,6 +43,36 @@ int num_sms() {
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
   return sms;
+}
+
+// Launch shapes depend on (op, dtype, d, S, n, alignment, device) only; the grid is capped by the
+// token count. Caching them keeps occupancy queries and attribute calls off the per-call path.
+enum class Op : int { P1Fwd, P1Bwd, P2Fwd, P2Bwd };
+
+Plan cached_plan(Op op, DType dt, int d, int S, int n, bool vec, int N) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, int, int, int, bool, int>, Plan> cache;
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  const auto key = std::make_tuple(static_cast<int>(op), static_cast<int>(dt), d, S, n, vec, dev);
+  Plan p;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it == cache.end()) {
+      const int sms = num_sms(), big = std::numeric_limits<int>::max();
+      switch (op) {
+        case Op::P1Fwd: p = plan_p1_fwd(dt, d, S, n, big, sms, vec); break;
+        case Op::P1Bwd: p = plan_p1_bwd(dt, d, S, n, big, sms, vec); break;
+        case Op::P2Fwd: p = plan_p2(dt, d, big, sms, false); break;
+        case Op::P2Bwd: p = plan_p2(dt, d, big, sms, true); break;
+      }
+      it = cache.emplace(key, p).first;
+    }
+    p = it->second;
+  }
+  p.grid = std::min(p.grid, N);
+  return p;
 }
 
 std::vector<Tensor> contiguous_rows(at::TensorList ts, const char* name, int64_t N, int64_t d,
@@ -102,7 +136,7 @@ std::tuple<std::vector<Tensor>, Tensor> phase1_cuda(at::TensorList sources, cons
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (int g0 = 0; g0 < S; g0 += kMaxQueries) {
     const int Sg = std::min(kMaxQueries, S - g0);
-    const Plan plan = plan_p1_fwd(dt, static_cast<int>(d), Sg, n, static_cast<int>(N), num_sms(), vec);
+    const Plan plan = cached_plan(Op::P1Fwd, dt, static_cast<int>(d), Sg, n, vec, static_cast<int>(N));
     check_plan(plan, "phase1", d);
     Tensor qp = padded_queries(q.narrow(0, g0, Sg), plan.ST, plan.dp);
     P1FwdArgs a{};
@@ -165,7 +199,7 @@ std::tuple<std::vector<Tensor>, Tensor> phase1_backward_cuda(at::TensorList grad
   std::vector<Tensor> acc;
   for (int g0 = 0; g0 < S; g0 += kMaxQueriesBwd) {
     const int Sg = std::min(kMaxQueriesBwd, S - g0);
-    const Plan plan = plan_p1_bwd(dt, static_cast<int>(d), Sg, n, static_cast<int>(N), num_sms(), vec);
+    const Plan plan = cached_plan(Op::P1Bwd, dt, static_cast<int>(d), Sg, n, vec, static_cast<int>(N));
     check_plan(plan, "phase1_backward", d);
     Tensor qp = padded_queries(q.narrow(0, g0, Sg), plan.ST, plan.dp);
     Tensor part = at::empty({plan.grid, plan.ST, plan.dp}, s0.options().dtype(at::kFloat));
@@ -226,9 +260,9 @@ std::tuple<Tensor, Tensor> phase2_cuda(const Tensor& partial_out, const Tensor& 
     lse.copy_(at::logaddexp(m, at::zeros_like(m)));
     return {h, lse};
   }
-  const Plan plan = plan_p2(dt, static_cast<int>(d), static_cast<int>(N), num_sms(), false);
+  const Plan plan = cached_plan(Op::P2Fwd, dt, static_cast<int>(d), 1, 1, false, static_cast<int>(N));
   check_plan(plan, "phase2", d);
-  Tensor qp = padded_queries(query.reshape({1, d}), 1, plan.dp);
+  Tensor qp = query.to(partial.device(), at::kFloat).reshape({d}).contiguous();
   const int vbytes = 16;
   const bool vec = d % (vbytes / static_cast<int>(p.element_size())) == 0 && aligned(o, vbytes) &&
                    aligned(p, vbytes) && aligned(h, vbytes);
@@ -243,6 +277,7 @@ std::tuple<Tensor, Tensor> phase2_cuda(const Tensor& partial_out, const Tensor& 
   a.d = static_cast<int>(d);
   a.eps = static_cast<float>(eps);
   a.vec = vec;
+  a.qvec = d % 4 == 0 && aligned(qp, 16);
   check_cuda(launch_p2_fwd(dt, plan, a, c10::cuda::getCurrentCUDAStream()), "phase2 launch");
   return {h, lse};
 }
@@ -274,9 +309,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> phase2_backward_cuda(const Tensor& gr
     if (N > 0) g_m.copy_(dlse * at::exp(m - lse_c));
     return {g_o, g_m, g_p, g_q};
   }
-  const Plan plan = plan_p2(dt, static_cast<int>(d), static_cast<int>(N), num_sms(), true);
+  const Plan plan = cached_plan(Op::P2Bwd, dt, static_cast<int>(d), 1, 1, false, static_cast<int>(N));
   check_plan(plan, "phase2_backward", d);
-  Tensor qp = padded_queries(query.reshape({1, d}), 1, plan.dp);
+  Tensor qp = query.to(partial.device(), at::kFloat).reshape({d}).contiguous();
   Tensor part = at::empty({plan.grid, plan.dp}, partial.options().dtype(at::kFloat));
   const int vbytes = 16;
   const bool vec = d % (vbytes / static_cast<int>(p.element_size())) == 0 && aligned(dh, vbytes) &&
@@ -297,6 +332,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> phase2_backward_cuda(const Tensor& gr
   a.d = static_cast<int>(d);
   a.eps = static_cast<float>(eps);
   a.vec = vec;
+  a.qvec = d % 4 == 0 && aligned(qp, 16);
   auto stream = c10::cuda::getCurrentCUDAStream();
   check_cuda(launch_p2_bwd(dt, plan, a, stream), "phase2_backward launch");
   check_cuda(launch_sum_partials(part.data_ptr<float>(), g_q.data_ptr<float>(), plan.grid, 1, 1, static_cast<int>(d),

@@ -226,7 +226,8 @@ namespace attnres_cuda {
 // from shared memory. Queries sit in registers (reloaded per token from L1).
 template <typename T, int ST, int W, int C>
 __global__ void __launch_bounds__(512, 1) p1_bwd_staged_kernel(const __grid_constant__ P1BwdArgs a) {
-  constexpr int PP = pow2ceil(2 * ST + 1);
+  constexpr int PP = pow2ceil(2 * ST);  // reduce-scattered: q.v [0, ST), dO.v [ST, 2ST)
+  constexpr int RSB = PP + 1;            // + the sum of squares, reduced on its own
   constexpr int CB = W * static_cast<int>(sizeof(T));  // bytes per chunk
   const int tid = threadIdx.x, NT = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = NT >> 5;
   const int n = a.n, d = a.d, S = a.S, K = a.stages;
@@ -235,8 +236,8 @@ __global__ void __launch_bounds__(512, 1) p1_bwd_staged_kernel(const __grid_cons
   const int rows_per_stage = n + S;
   extern __shared__ float4 smem4[];
   T* stage0 = reinterpret_cast<T*>(smem4);  // [K][n + S][dp]
-  float* red = reinterpret_cast<float*>(stage0 + static_cast<size_t>(K) * rows_per_stage * dp);  // [nw][n][PP]
-  float* za = red + nw * n * PP;
+  float* red = reinterpret_cast<float*>(stage0 + static_cast<size_t>(K) * rows_per_stage * dp);  // [nw][n][RSB]
+  float* za = red + nw * n * RSB;
   float* zz = za + n * ST;
   float* zc = zz + n * ST;
   float* rr = zc + n * ST;
@@ -302,6 +303,7 @@ __global__ void __launch_bounds__(512, 1) p1_bwd_staged_kernel(const __grid_cons
     // ---- pass A
     for (int i = 0; i < n; ++i) {
       float part[PP];
+      float ss = 0.f;
 #pragma unroll
       for (int p = 0; p < PP; ++p) part[p] = 0.f;
 #pragma unroll
@@ -310,7 +312,7 @@ __global__ void __launch_bounds__(512, 1) p1_bwd_staged_kernel(const __grid_cons
         float v[W];
         unpack<T, W>(ld_vec<T, W>(rows + i * dp + col), v);
 #pragma unroll
-        for (int e = 0; e < W; ++e) part[2 * ST] = fmaf(v[e], v[e], part[2 * ST]);
+        for (int e = 0; e < W; ++e) ss = fmaf(v[e], v[e], ss);
 #pragma unroll
         for (int l = 0; l < ST; ++l) {
           if (l < S) {
@@ -325,7 +327,10 @@ __global__ void __launch_bounds__(512, 1) p1_bwd_staged_kernel(const __grid_cons
         }
       }
       const float r = warp_reduce_scatter<PP>(part, lane);
-      if (rs_writer<PP>(lane)) red[(warp * n + i) * PP + rs_index<PP>(lane)] = r;
+      if (rs_writer<PP>(lane)) red[(warp * n + i) * RSB + rs_index<PP>(lane)] = r;
+#pragma unroll
+      for (int o = 16; o >= 1; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      if (lane == 0) red[(warp * n + i) * RSB + PP] = ss;
     }
     __syncthreads();
     for (int i = tid; i < n; i += NT) {
@@ -334,7 +339,8 @@ __global__ void __launch_bounds__(512, 1) p1_bwd_staged_kernel(const __grid_cons
       for (int l = 0; l <= 2 * ST; ++l) sm[l] = 0.f;
       for (int w = 0; w < nw; ++w) {
 #pragma unroll
-        for (int l = 0; l <= 2 * ST; ++l) sm[l] += red[(w * n + i) * PP + l];
+        for (int l = 0; l < 2 * ST; ++l) sm[l] += red[(w * n + i) * RSB + l];
+        sm[2 * ST] += red[(w * n + i) * RSB + PP];
       }
       const float r = sqrtf(sm[2 * ST] * inv_d + a.eps);
       const float rinv = 1.f / r;

@@ -17,7 +17,7 @@ __global__ void __launch_bounds__(512) p2_fwd_kernel(const __grid_constant__ P2F
   const float inv_d = 1.f / static_cast<float>(d);
   float qr[C][W];
 #pragma unroll
-  for (int k = 0; k < C; ++k) ld_q<W>(a.q + (k * NT + tid) * W, qr[k]);
+  for (int k = 0; k < C; ++k) ld_q_guarded<W>(a.q, (k * NT + tid) * W, d, a.qvec, qr[k]);
   int buf = 0;
   // software pipelining: the next token's rows are loaded before this token's reduction
   Pack<T, W> po_n[C], pp_n[C];
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(512) p2_bwd_kernel(const __grid_constant__ P2B
   float qr[C][W], dq[C][W];
 #pragma unroll
   for (int k = 0; k < C; ++k) {
-    ld_q<W>(a.q + (k * NT + tid) * W, qr[k]);
+    ld_q_guarded<W>(a.q, (k * NT + tid) * W, d, a.qvec, qr[k]);
 #pragma unroll
     for (int e = 0; e < W; ++e) dq[k][e] = 0.f;
   }

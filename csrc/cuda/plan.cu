@@ -113,9 +113,9 @@ Plan plan_p1_bwd(DType dt, int d, int S, int n, int N, int num_sms, bool vec) {
     if (C > 0) {
       const int NT = std::max(32, round_up(div_up(chunks, C), 32));
       const int dp = NT * C * p.W;
-      const int PP = pow2ceil(2 * p.ST + 1);
+      const int RSB = pow2ceil(2 * p.ST) + 1;
       const size_t fixed =
-          static_cast<size_t>((NT / 32) * n * PP + 3 * n * p.ST + 2 * n + 2 * p.ST) * sizeof(float) + 16;
+          static_cast<size_t>((NT / 32) * n * RSB + 3 * n * p.ST + 2 * n + 2 * p.ST) * sizeof(float) + 16;
       const size_t stage = static_cast<size_t>(n + S) * dp * elem_size(dt);
       const size_t dq = static_cast<size_t>(p.ST) * dp * sizeof(float);
       const size_t budget = NT <= 256 ? 110 * 1024 : 220 * 1024;
