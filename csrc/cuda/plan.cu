@@ -27,13 +27,18 @@ int chunks_per_thread(int chunks, int max_threads) {
 
 int elem_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
 
+// The dynamic shared-memory limit is a property of the kernel function, which several plans share
+// (with different sizes): it is raised again before every launch that needs more than 48 KB.
+bool raise_smem_limit(const Plan& p) {
+  return p.smem <= 48 * 1024 || cudaFuncSetAttribute(p.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     static_cast<int>(p.smem)) == cudaSuccess;
+}
+
 // Persistent grid: as many blocks as fit on the device at once, at most one per token.
 void finish(Plan& p, int N, int num_sms) {
   p.grid = 0;
   if (p.fn == nullptr || p.C == 0) return;
-  if (p.smem > 48 * 1024 &&
-      cudaFuncSetAttribute(p.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem)) !=
-          cudaSuccess) {
+  if (!raise_smem_limit(p)) {
     p.fn = nullptr;
     return;
   }
@@ -191,24 +196,28 @@ Plan plan_p2(DType dt, int d, int N, int num_sms, bool backward) {
 
 cudaError_t launch_p1_fwd(DType, const Plan& p, const P1FwdArgs& args, cudaStream_t stream) {
   if (p.fn == nullptr || p.grid == 0) return cudaErrorInvalidConfiguration;
+  if (!raise_smem_limit(p)) return cudaGetLastError();
   reinterpret_cast<P1FwdFn>(const_cast<void*>(p.fn))<<<p.grid, p.NT, p.smem, stream>>>(args);
   return cudaGetLastError();
 }
 
 cudaError_t launch_p1_bwd(DType, const Plan& p, const P1BwdArgs& args, cudaStream_t stream) {
   if (p.fn == nullptr || p.grid == 0) return cudaErrorInvalidConfiguration;
+  if (!raise_smem_limit(p)) return cudaGetLastError();
   reinterpret_cast<P1BwdFn>(const_cast<void*>(p.fn))<<<p.grid, p.NT, p.smem, stream>>>(args);
   return cudaGetLastError();
 }
 
 cudaError_t launch_p2_fwd(DType, const Plan& p, const P2FwdArgs& args, cudaStream_t stream) {
   if (p.fn == nullptr || p.grid == 0) return cudaErrorInvalidConfiguration;
+  if (!raise_smem_limit(p)) return cudaGetLastError();
   reinterpret_cast<P2FwdFn>(const_cast<void*>(p.fn))<<<p.grid, p.NT, p.smem, stream>>>(args);
   return cudaGetLastError();
 }
 
 cudaError_t launch_p2_bwd(DType, const Plan& p, const P2BwdArgs& args, cudaStream_t stream) {
   if (p.fn == nullptr || p.grid == 0) return cudaErrorInvalidConfiguration;
+  if (!raise_smem_limit(p)) return cudaGetLastError();
   reinterpret_cast<P2BwdFn>(const_cast<void*>(p.fn))<<<p.grid, p.NT, p.smem, stream>>>(args);
   return cudaGetLastError();
 }
