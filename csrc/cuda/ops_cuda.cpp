@@ -1,0 +1,376 @@
+// CUDA implementations of the attnres ops (schemas in csrc/ops.cpp): argument checks, output
+// allocation and the launches of the kernels in this folder (plain-pointer interface, launch.h).
+// float32, bfloat16 and float16 sources; queries of any floating dtype (used in fp32); any d up to
+// 8 * 512 chunks of 16 bytes (32768 for 16-bit dtypes, 16384 for float32).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "launch.h"
+
+namespace attnres_cuda {
+namespace {
+
+using at::Tensor;
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "attnres CUDA ", what, " failed: ", cudaGetErrorString(err));
+}
+
+DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kBFloat16: return DType::BF16;
+    case at::kHalf: return DType::F16;
+    default:
+      TORCH_CHECK(false, "attnres CUDA kernels take float32, bfloat16 or float16 sources, got ", t.scalar_type(),
+                  " (float64 runs on the CPU kernels or attnres.reference)");
+  }
+  return DType::F32;
+}
+
+int num_sms() {
+  int dev = 0, sms = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  return sms;
+}
+
+// Launch shapes depend on (op, dtype, d, S, n, alignment, device) only; the grid is capped by the
+// token count. Caching them keeps occupancy queries and attribute calls off the per-call path.
+enum class Op : int { P1Fwd, P1Bwd, P2Fwd, P2Bwd };
+
+Plan cached_plan(Op op, DType dt, int d, int S, int n, bool vec, int N) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, int, int, int, bool, int>, Plan> cache;
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  const auto key = std::make_tuple(static_cast<int>(op), static_cast<int>(dt), d, S, n, vec, dev);
+  Plan p;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it == cache.end()) {
+      const int sms = num_sms(), big = std::numeric_limits<int>::max();
+      switch (op) {
+        case Op::P1Fwd: p = plan_p1_fwd(dt, d, S, n, big, sms, vec); break;
+        case Op::P1Bwd: p = plan_p1_bwd(dt, d, S, n, big, sms, vec); break;
+        case Op::P2Fwd: p = plan_p2(dt, d, big, sms, false); break;
+        case Op::P2Bwd: p = plan_p2(dt, d, big, sms, true); break;
+      }
+      it = cache.emplace(key, p).first;
+    }
+    p = it->second;
+  }
+  p.grid = std::min(p.grid, N);
+  return p;
+}
+
+std::vector<Tensor> contiguous_rows(at::TensorList ts, const char* name, int64_t N, int64_t d,
+                                    at::ScalarType dtype, const at::Device& device) {
+  std::vector<Tensor> out;
+  out.reserve(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const Tensor& t = ts[i];
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == d, name, "[", i, "] must have shape [", N, ", ", d,
+                "], got ", t.sizes());
+    TORCH_CHECK(t.device() == device, name, "[", i, "] is on ", t.device(), ", expected ", device);
+    out.push_back(t.to(dtype).contiguous());
+  }
+  return out;
+}
+
+bool aligned(const Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
+
+// Queries [S, d] (or a slice of them) as zero-padded fp32 [ST, dp].
+Tensor padded_queries(const Tensor& q, int ST, int dp) {
+  Tensor buf = at::zeros({ST, dp}, q.options().dtype(at::kFloat));
+  buf.narrow(0, 0, q.size(0)).narrow(1, 0, q.size(1)).copy_(q);
+  return buf;
+}
+
+void check_plan(const Plan& p, const char* op, int64_t d) {
+  TORCH_CHECK(p.C != 0, "attnres ", op, ": d = ", d, " is larger than the CUDA kernels support");
+  TORCH_CHECK(p.fn != nullptr && p.grid > 0, "attnres ", op, ": no kernel configuration fits d = ", d,
+              " (shared memory or registers); reduce the number of sources or queries");
+}
+
+// ------------------------------------------------------------------------------------------- phase 1
+
+std::tuple<std::vector<Tensor>, Tensor> phase1_cuda(at::TensorList sources, const Tensor& queries, double eps) {
+  TORCH_CHECK(!sources.empty(), "attnres phase1: sources is empty");
+  TORCH_CHECK(sources.size() <= static_cast<size_t>(kMaxSources), "attnres phase1: at most ", kMaxSources,
+              " sources, got ", sources.size());
+  const Tensor& s0 = sources[0];
+  TORCH_CHECK(s0.is_cuda() && s0.dim() == 2, "attnres phase1: sources must be CUDA tensors [N, d]");
+  c10::cuda::CUDAGuard guard(s0.device());
+  const int64_t N = s0.size(0), d = s0.size(1);
+  const int n = static_cast<int>(sources.size());
+  const DType dt = dtype_of(s0);
+  TORCH_CHECK(queries.dim() == 2 && queries.size(1) == d && queries.size(0) >= 1,
+              "attnres phase1: queries must be [S, ", d, "], got ", queries.sizes());
+  const int S = static_cast<int>(queries.size(0));
+  auto src = contiguous_rows(sources, "sources", N, d, s0.scalar_type(), s0.device());
+  Tensor q = queries.to(s0.device()).contiguous();
+  std::vector<Tensor> outs;
+  for (int l = 0; l < S; ++l) outs.push_back(at::empty({N, d}, s0.options()));
+  Tensor lse = at::empty({S, N}, s0.options().dtype(at::kFloat));
+  if (N == 0 || d == 0) {
+    if (N > 0) lse.fill_(std::log(static_cast<double>(n)));
+    for (auto& o : outs) o.zero_();
+    return {outs, lse};
+  }
+  const int vbytes = 16;
+  bool vec = d % (vbytes / static_cast<int>(s0.element_size())) == 0;
+  for (const auto& t : src) vec = vec && aligned(t, vbytes);
+  for (const auto& t : outs) vec = vec && aligned(t, vbytes);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (int g0 = 0; g0 < S; g0 += kMaxQueries) {
+    const int Sg = std::min(kMaxQueries, S - g0);
+    const Plan plan = cached_plan(Op::P1Fwd, dt, static_cast<int>(d), Sg, n, vec, static_cast<int>(N));
+    check_plan(plan, "phase1", d);
+    Tensor qp = padded_queries(q.narrow(0, g0, Sg), plan.ST, plan.dp);
+    P1FwdArgs a{};
+    for (int i = 0; i < n; ++i) a.src[i] = src[i].data_ptr();
+    for (int l = 0; l < Sg; ++l) a.out[l] = outs[g0 + l].data_ptr();
+    a.lse = lse.data_ptr<float>() + static_cast<int64_t>(g0) * N;
+    a.q = qp.data_ptr<float>();
+    a.lse_stride = N;
+    a.n = n;
+    a.S = Sg;
+    a.N = static_cast<int>(N);
+    a.d = static_cast<int>(d);
+    a.eps = static_cast<float>(eps);
+    a.vec = vec;
+    a.stages = plan.stages;
+    check_cuda(launch_p1_fwd(dt, plan, a, stream), "phase1 launch");
+  }
+  return {outs, lse};
+}
+
+std::tuple<std::vector<Tensor>, Tensor> phase1_backward_cuda(at::TensorList grad_outs, const Tensor& grad_lse,
+                                                             at::TensorList sources, const Tensor& queries,
+                                                             const Tensor& lse, double eps) {
+  TORCH_CHECK(!sources.empty(), "attnres phase1_backward: sources is empty");
+  TORCH_CHECK(sources.size() <= static_cast<size_t>(kMaxSources), "attnres phase1_backward: at most ", kMaxSources,
+              " sources, got ", sources.size());
+  const Tensor& s0 = sources[0];
+  TORCH_CHECK(s0.is_cuda() && s0.dim() == 2, "attnres phase1_backward: sources must be CUDA tensors [N, d]");
+  c10::cuda::CUDAGuard guard(s0.device());
+  const int64_t N = s0.size(0), d = s0.size(1);
+  const int n = static_cast<int>(sources.size());
+  const DType dt = dtype_of(s0);
+  TORCH_CHECK(queries.dim() == 2 && queries.size(1) == d, "attnres phase1_backward: queries must be [S, ", d,
+              "], got ", queries.sizes());
+  const int S = static_cast<int>(queries.size(0));
+  TORCH_CHECK(static_cast<int>(grad_outs.size()) == S, "attnres phase1_backward: expected ", S,
+              " grad_outs, got ", grad_outs.size());
+  TORCH_CHECK(grad_lse.numel() == S * N && lse.numel() == S * N,
+              "attnres phase1_backward: grad_lse and lse must be [S, N] = [", S, ", ", N, "]");
+  auto src = contiguous_rows(sources, "sources", N, d, s0.scalar_type(), s0.device());
+  auto gout = contiguous_rows(grad_outs, "grad_outs", N, d, s0.scalar_type(), s0.device());
+  Tensor q = queries.to(s0.device()).contiguous();
+  Tensor glse = grad_lse.to(s0.device(), at::kFloat).reshape({S, N}).contiguous();
+  Tensor lse_c = lse.to(s0.device(), at::kFloat).reshape({S, N}).contiguous();
+  std::vector<Tensor> grads;
+  for (int i = 0; i < n; ++i) grads.push_back(at::empty({N, d}, s0.options()));
+  Tensor grad_q = at::empty({S, d}, s0.options().dtype(at::kFloat));
+  if (N == 0 || d == 0) {
+    for (auto& g : grads) g.zero_();
+    grad_q.zero_();
+    return {grads, grad_q};
+  }
+  const int vbytes = 4 * static_cast<int>(s0.element_size());
+  bool vec = d % 4 == 0;
+  for (const auto& t : src) vec = vec && aligned(t, vbytes);
+  for (const auto& t : gout) vec = vec && aligned(t, vbytes);
+  for (const auto& t : grads) vec = vec && aligned(t, vbytes);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  // More than kMaxQueriesBwd queries: the groups' source gradients add up (in fp32).
+  std::vector<Tensor> acc;
+  for (int g0 = 0; g0 < S; g0 += kMaxQueriesBwd) {
+    const int Sg = std::min(kMaxQueriesBwd, S - g0);
+    const Plan plan = cached_plan(Op::P1Bwd, dt, static_cast<int>(d), Sg, n, vec, static_cast<int>(N));
+    check_plan(plan, "phase1_backward", d);
+    Tensor qp = padded_queries(q.narrow(0, g0, Sg), plan.ST, plan.dp);
+    Tensor part = at::empty({plan.grid, plan.ST, plan.dp}, s0.options().dtype(at::kFloat));
+    P1BwdArgs a{};
+    for (int i = 0; i < n; ++i) {
+      a.src[i] = src[i].data_ptr();
+      a.dsrc[i] = grads[i].data_ptr();
+    }
+    for (int l = 0; l < Sg; ++l) a.dout[l] = gout[g0 + l].data_ptr();
+    a.dlse = glse.data_ptr<float>() + static_cast<int64_t>(g0) * N;
+    a.lse = lse_c.data_ptr<float>() + static_cast<int64_t>(g0) * N;
+    a.q = qp.data_ptr<float>();
+    a.dq_part = part.data_ptr<float>();
+    a.lse_stride = N;
+    a.n = n;
+    a.S = Sg;
+    a.N = static_cast<int>(N);
+    a.d = static_cast<int>(d);
+    a.eps = static_cast<float>(eps);
+    a.vec = vec;
+    a.dq_in_smem = plan.dq_smem;
+    a.stages = plan.stages;
+    check_cuda(launch_p1_bwd(dt, plan, a, stream), "phase1_backward launch");
+    check_cuda(launch_sum_partials(part.data_ptr<float>(), grad_q.data_ptr<float>() + static_cast<int64_t>(g0) * d,
+                                   plan.grid, Sg, plan.ST, static_cast<int>(d), plan.dp, stream),
+               "phase1_backward reduction");
+    if (S > kMaxQueriesBwd) {
+      if (acc.empty()) {
+        for (const auto& g : grads) acc.push_back(g.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true));
+      } else {
+        for (int i = 0; i < n; ++i) acc[i].add_(grads[i]);
+      }
+    }
+  }
+  if (!acc.empty())
+    for (int i = 0; i < n; ++i) grads[i].copy_(acc[i]);
+  return {grads, grad_q};
+}
+
+// ------------------------------------------------------------------------------------------- phase 2
+
+std::tuple<Tensor, Tensor> phase2_cuda(const Tensor& partial_out, const Tensor& partial_lse, const Tensor& partial,
+                                       const Tensor& query, double eps) {
+  TORCH_CHECK(partial.is_cuda() && partial.dim() == 2, "attnres phase2: partial must be a CUDA tensor [N, d]");
+  c10::cuda::CUDAGuard guard(partial.device());
+  const int64_t N = partial.size(0), d = partial.size(1);
+  const DType dt = dtype_of(partial);
+  TORCH_CHECK(partial_out.sizes() == partial.sizes(), "attnres phase2: partial_out must be [", N, ", ", d, "]");
+  TORCH_CHECK(partial_lse.numel() == N, "attnres phase2: partial_lse must have ", N, " elements");
+  TORCH_CHECK(query.numel() == d, "attnres phase2: query must be [", d, "]");
+  Tensor o = partial_out.to(partial.scalar_type()).contiguous();
+  Tensor p = partial.contiguous();
+  Tensor m = partial_lse.to(at::kFloat).reshape({N}).contiguous();
+  Tensor h = at::empty({N, d}, partial.options());
+  Tensor lse = at::empty({N}, partial.options().dtype(at::kFloat));
+  if (N == 0) return {h, lse};
+  if (d == 0) {
+    lse.copy_(at::logaddexp(m, at::zeros_like(m)));
+    return {h, lse};
+  }
+  const Plan plan = cached_plan(Op::P2Fwd, dt, static_cast<int>(d), 1, 1, false, static_cast<int>(N));
+  check_plan(plan, "phase2", d);
+  Tensor qp = query.to(partial.device(), at::kFloat).reshape({d}).contiguous();
+  const int vbytes = 16;
+  const bool vec = d % (vbytes / static_cast<int>(p.element_size())) == 0 && aligned(o, vbytes) &&
+                   aligned(p, vbytes) && aligned(h, vbytes);
+  P2FwdArgs a{};
+  a.o = o.data_ptr();
+  a.m = m.data_ptr<float>();
+  a.p = p.data_ptr();
+  a.q = qp.data_ptr<float>();
+  a.h = h.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  a.N = static_cast<int>(N);
+  a.d = static_cast<int>(d);
+  a.eps = static_cast<float>(eps);
+  a.vec = vec;
+  a.qvec = d % 4 == 0 && aligned(qp, 16);
+  check_cuda(launch_p2_fwd(dt, plan, a, c10::cuda::getCurrentCUDAStream()), "phase2 launch");
+  return {h, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> phase2_backward_cuda(const Tensor& grad_out, const Tensor& grad_lse,
+                                                                const Tensor& out, const Tensor& partial_lse,
+                                                                const Tensor& lse, const Tensor& partial,
+                                                                const Tensor& query, double eps) {
+  TORCH_CHECK(partial.is_cuda() && partial.dim() == 2, "attnres phase2_backward: partial must be a CUDA tensor [N, d]");
+  c10::cuda::CUDAGuard guard(partial.device());
+  const int64_t N = partial.size(0), d = partial.size(1);
+  const DType dt = dtype_of(partial);
+  TORCH_CHECK(grad_out.sizes() == partial.sizes() && out.sizes() == partial.sizes(),
+              "attnres phase2_backward: grad_out and out must be [", N, ", ", d, "]");
+  TORCH_CHECK(grad_lse.numel() == N && partial_lse.numel() == N && lse.numel() == N,
+              "attnres phase2_backward: grad_lse, partial_lse and lse must have ", N, " elements");
+  TORCH_CHECK(query.numel() == d, "attnres phase2_backward: query must be [", d, "]");
+  Tensor dh = grad_out.to(partial.scalar_type()).contiguous();
+  Tensor h = out.to(partial.scalar_type()).contiguous();
+  Tensor p = partial.contiguous();
+  Tensor m = partial_lse.to(at::kFloat).reshape({N}).contiguous();
+  Tensor lse_c = lse.to(at::kFloat).reshape({N}).contiguous();
+  Tensor dlse = grad_lse.to(at::kFloat).reshape({N}).contiguous();
+  Tensor g_o = at::empty({N, d}, partial.options());
+  Tensor g_p = at::empty({N, d}, partial.options());
+  Tensor g_m = at::empty({N}, partial.options().dtype(at::kFloat));
+  Tensor g_q = at::zeros({d}, partial.options().dtype(at::kFloat));
+  if (N == 0 || d == 0) {
+    if (N > 0) g_m.copy_(dlse * at::exp(m - lse_c));
+    return {g_o, g_m, g_p, g_q};
+  }
+  const Plan plan = cached_plan(Op::P2Bwd, dt, static_cast<int>(d), 1, 1, false, static_cast<int>(N));
+  check_plan(plan, "phase2_backward", d);
+  Tensor qp = query.to(partial.device(), at::kFloat).reshape({d}).contiguous();
+  Tensor part = at::empty({plan.grid, plan.dp}, partial.options().dtype(at::kFloat));
+  const int vbytes = 16;
+  const bool vec = d % (vbytes / static_cast<int>(p.element_size())) == 0 && aligned(dh, vbytes) &&
+                   aligned(h, vbytes) && aligned(p, vbytes) && aligned(g_o, vbytes) && aligned(g_p, vbytes);
+  P2BwdArgs a{};
+  a.dh = dh.data_ptr();
+  a.dlse = dlse.data_ptr<float>();
+  a.h = h.data_ptr();
+  a.m = m.data_ptr<float>();
+  a.lse = lse_c.data_ptr<float>();
+  a.p = p.data_ptr();
+  a.q = qp.data_ptr<float>();
+  a.do_ = g_o.data_ptr();
+  a.dm = g_m.data_ptr<float>();
+  a.dp_ = g_p.data_ptr();
+  a.dq_part = part.data_ptr<float>();
+  a.N = static_cast<int>(N);
+  a.d = static_cast<int>(d);
+  a.eps = static_cast<float>(eps);
+  a.vec = vec;
+  a.qvec = d % 4 == 0 && aligned(qp, 16);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  check_cuda(launch_p2_bwd(dt, plan, a, stream), "phase2_backward launch");
+  check_cuda(launch_sum_partials(part.data_ptr<float>(), g_q.data_ptr<float>(), plan.grid, 1, 1, static_cast<int>(d),
+                                 plan.dp, stream),
+             "phase2_backward reduction");
+  return {g_o, g_m, g_p, g_q};
+}
+
+// ------------------------------------------------------------------------------------------- direct
+
+std::tuple<Tensor, Tensor> depth_attn_cuda(at::TensorList sources, const Tensor& query, double eps) {
+  TORCH_CHECK(!sources.empty(), "attnres depth_attn: sources is empty");
+  const int64_t d = sources[0].size(-1);
+  TORCH_CHECK(query.numel() == d, "attnres depth_attn: query must be [", d, "]");
+  auto [outs, lse] = phase1_cuda(sources, query.reshape({1, d}), eps);
+  return {outs[0], lse[0]};
+}
+
+std::tuple<std::vector<Tensor>, Tensor> depth_attn_backward_cuda(const Tensor& grad_out, const Tensor& grad_lse,
+                                                                 at::TensorList sources, const Tensor& query,
+                                                                 const Tensor& lse, double eps) {
+  TORCH_CHECK(!sources.empty(), "attnres depth_attn_backward: sources is empty");
+  const int64_t d = sources[0].size(-1);
+  TORCH_CHECK(query.numel() == d, "attnres depth_attn_backward: query must be [", d, "]");
+  std::vector<Tensor> gouts{grad_out};
+  auto [grads, gq] = phase1_backward_cuda(gouts, grad_lse.reshape({1, -1}), sources, query.reshape({1, d}),
+                                          lse.reshape({1, -1}), eps);
+  return {grads, gq.reshape({d})};
+}
+
+}  // namespace
+}  // namespace attnres_cuda
+
+TORCH_LIBRARY_IMPL(attnres, CUDA, m) {
+  m.impl("phase1", &attnres_cuda::phase1_cuda);
+  m.impl("phase1_backward", &attnres_cuda::phase1_backward_cuda);
+  m.impl("phase2", &attnres_cuda::phase2_cuda);
+  m.impl("phase2_backward", &attnres_cuda::phase2_backward_cuda);
+  m.impl("depth_attn", &attnres_cuda::depth_attn_cuda);
+  m.impl("depth_attn_backward", &attnres_cuda::depth_attn_backward_cuda);
+}

@@ -1,0 +1,6 @@
+// Staged phase-1 backward instantiations for one dtype.
+#include "select.cuh"
+
+namespace attnres_cuda {
+P1BwdFn p1_bwd_staged_select_bf16(int ST, int C) { return p1_bwd_staged_select<__nv_bfloat16, 4>(ST, C, false); }
+}  // namespace attnres_cuda

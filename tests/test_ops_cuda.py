@@ -1,0 +1,287 @@
+"""The CUDA kernels of the depth-attention ops against ``attnres.reference`` in float64.
+
+Every test draws fresh random inputs (never zeros), runs the compiled CUDA op through the typed
+wrappers in ``attnres.ops`` (and so through their autograd formulas) and compares outputs and
+gradients with the reference evaluated in float64 on upcast copies of the same inputs, by
+``||x - ref|| / ||ref||``. Skipped without a CUDA device or without the CUDA build of ``attnres._C``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from attnres import ops, reference
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+EPS = 1e-6
+# Relative L2 error allowed per dtype: outputs are rounded to the dtype (2^-8 bf16, 2^-11 fp16),
+# fp32 runs with fast-math exp/rsqrt; gradients pass through one more rounded tensor.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def _needs_kernels():
+    if ops.backend("cuda") != "compiled":
+        pytest.skip("attnres._C was built without CUDA kernels (ATTNRES_CUDA=1 pip install -e .)")
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    assert torch.isfinite(x).all(), "non-finite values in the kernel output"
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make(n: int, N: int, d: int, S: int, dtype: torch.dtype, gen: torch.Generator):
+    """n sources [N, d] with different scales per source (so the softmax is not uniform) and queries."""
+    scales = torch.rand(n, generator=gen) * 3 + 0.25
+    src = [(torch.randn(N, d, generator=gen) * s).to("cuda", dtype) for s in scales]
+    q = (torch.randn(S, d, generator=gen) * 2 / d**0.5).to("cuda")
+    return src, q
+
+
+def grads_of(outputs, inputs, grad_outputs):
+    return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=False)
+
+
+# ----------------------------------------------------------------------------- phase 1 (+ direct)
+
+P1_SHAPES = [
+    # N, d, n, S
+    (1, 64, 1, 1),
+    (1, 7, 3, 4),  # odd d: scalar tail path, one token
+    (37, 7, 5, 3),
+    (50, 1000, 9, 8),  # d % 8 != 0: scalar forward, vector backward
+    (64, 2304, 5, 12),  # Kimi Linear's hidden size, registers path
+    (33, 4096, 2, 8),  # queries re-read from L1
+    (20, 7168, 3, 4),
+    (40, 256, 33, 12),
+    (16, 128, 4, 17),  # more than 16 queries: split into groups
+    (6, 4096, 33, 12),  # too large for the shared-memory stages: unstaged kernels
+    (1000, 256, 5, 4),  # many tokens per block: the stage ring wraps around
+    (700, 2048, 9, 8),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("N,d,n,S", P1_SHAPES)
+def test_phase1_forward_backward_matches_reference(N, d, n, S, dtype):
+    gen = torch.Generator().manual_seed(N * 1000 + d + n * 7 + S)
+    src, q = make(n, N, d, S, dtype, gen)
+    src = [s.requires_grad_() for s in src]
+    q = q.requires_grad_()
+    outs, lse = ops.phase1(src, q, EPS)
+    src64 = [s.detach().double().requires_grad_() for s in src]
+    q64 = q.detach().double().requires_grad_()
+    ref_out, ref_lse = reference.phase1(src64, q64, EPS)
+    tol = TOL[dtype]
+    assert len(outs) == S
+    assert lse.dtype == torch.float32 and lse.shape == (S, N)
+    for j in range(S):
+        assert outs[j].dtype == dtype and outs[j].shape == (N, d)
+        assert rel_err(outs[j], ref_out[j]) < tol, f"output {j}"
+    assert rel_err(lse, ref_lse) < max(tol, 1e-5)
+
+    g_out = [torch.randn(N, d, generator=gen).to("cuda", dtype) for _ in range(S)]
+    g_lse = torch.randn(S, N, generator=gen).to("cuda")
+    got = grads_of(list(outs) + [lse], src + [q], g_out + [g_lse])
+    want = grads_of([ref_out, ref_lse], src64 + [q64], [torch.stack(g_out).double(), g_lse.double()])
+    for i in range(n):
+        assert got[i].dtype == dtype
+        assert rel_err(got[i], want[i]) < 2 * tol, f"grad of source {i}"
+    assert rel_err(got[n], want[n]) < 2 * tol, "grad of queries"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N,d,n", [(1, 7, 2), (45, 2048, 9), (8, 7168, 3)])
+def test_depth_attention_forward_backward_matches_reference(N, d, n, dtype):
+    gen = torch.Generator().manual_seed(N + d + n)
+    src, q = make(n, N, d, 1, dtype, gen)
+    q = q[0]
+    src = [s.requires_grad_() for s in src]
+    q = q.requires_grad_()
+    out, lse = ops.depth_attention(src, q, EPS)
+    src64 = [s.detach().double().requires_grad_() for s in src]
+    q64 = q.detach().double().requires_grad_()
+    ref_out, ref_lse = reference.depth_attention(src64, q64, EPS)
+    tol = TOL[dtype]
+    assert rel_err(out, ref_out) < tol and rel_err(lse, ref_lse) < max(tol, 1e-5)
+    g_out = torch.randn(N, d, generator=gen).to("cuda", dtype)
+    g_lse = torch.randn(N, generator=gen).to("cuda")
+    got = grads_of([out, lse], src + [q], [g_out, g_lse])
+    want = grads_of([ref_out, ref_lse], src64 + [q64], [g_out.double(), g_lse.double()])
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 2 * tol
+
+
+def test_phase1_accepts_non_contiguous_and_batched_sources():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 2, 5, 2 * 96, generator=gen).to("cuda", torch.bfloat16)
+    src = [base[i, :, :, ::2] for i in range(3)]  # [B=2, T=5, d=96], stride 2 in d
+    assert not src[0].is_contiguous()
+    q = torch.randn(4, 96, generator=gen).to("cuda") / 10
+    outs, lse = ops.phase1(src, q, EPS)
+    ref_out, ref_lse = reference.phase1([s.double() for s in src], q.double(), EPS)
+    assert outs[0].shape == (2, 5, 96) and lse.shape == (4, 2, 5)
+    for j in range(4):
+        assert rel_err(outs[j], ref_out[j]) < TOL[torch.bfloat16]
+    assert rel_err(lse, ref_lse) < 1e-4
+
+
+def test_phase1_is_deterministic():
+    gen = torch.Generator().manual_seed(5)
+    src, q = make(9, 300, 2048, 8, torch.bfloat16, gen)
+    g_out = [torch.randn(300, 2048, generator=gen).to("cuda", torch.bfloat16) for _ in range(8)]
+    g_lse = torch.randn(8, 300, generator=gen).to("cuda")
+    outs, lse = torch.ops.attnres.phase1(src, q, EPS)
+    first = torch.ops.attnres.phase1_backward(g_out, g_lse, src, q, lse, EPS)
+    again = torch.ops.attnres.phase1_backward(g_out, g_lse, src, q, lse, EPS)
+    for a, b in zip(first[0], again[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(first[1], again[1])
+
+
+# ----------------------------------------------------------------------------- phase 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("N,d", [(1, 7), (1, 2048), (77, 2304), (33, 1000), (16, 7168)])
+def test_phase2_forward_backward_matches_reference(N, d, dtype):
+    gen = torch.Generator().manual_seed(N * 31 + d)
+    (o, p), q = make(2, N, d, 1, dtype, gen)
+    q = q[0].requires_grad_()
+    m = (torch.randn(N, generator=gen) * 2).to("cuda").requires_grad_()
+    o, p = o.requires_grad_(), p.requires_grad_()
+    h, lse = ops.phase2(o, m, p, q, EPS)
+    leaves64 = [t.detach().double().requires_grad_() for t in (o, m, p, q)]
+    ref_h, ref_lse = reference.phase2(*leaves64, EPS)
+    tol = TOL[dtype]
+    assert h.dtype == dtype and lse.dtype == torch.float32
+    assert rel_err(h, ref_h) < tol and rel_err(lse, ref_lse) < max(tol, 1e-5)
+    g_h = torch.randn(N, d, generator=gen).to("cuda", dtype)
+    g_lse = torch.randn(N, generator=gen).to("cuda")
+    got = grads_of([h, lse], [o, m, p, q], [g_h, g_lse])
+    want = grads_of([ref_h, ref_lse], leaves64, [g_h.double(), g_lse.double()])
+    for name, a, b in zip(["o", "m", "p", "q"], got, want):
+        # gradients use the saved h (rounded to the dtype) in place of o: one more rounding
+        assert rel_err(a, b) < 3 * tol, f"grad of {name}"
+
+
+def test_two_phases_equal_direct_softmax():
+    gen = torch.Generator().manual_seed(11)
+    src, q = make(6, 128, 2304, 4, torch.float32, gen)
+    partial = torch.randn(128, 2304, generator=gen).to("cuda")
+    outs, lse = ops.phase1(src, q, EPS)
+    for j in range(4):
+        h, lse2 = ops.phase2(outs[j], lse[j], partial, q[j], EPS)
+        direct, direct_lse = ops.depth_attention(src + [partial], q[j], EPS)
+        assert rel_err(h, direct) < 1e-5 and rel_err(lse2, direct_lse) < 1e-6
+
+
+# ----------------------------------------------------------------------------- opcheck, compile
+
+
+def _opcheck_cases():
+    gen = torch.Generator().manual_seed(0)
+    src, q = make(3, 6, 40, 2, torch.float32, gen)
+    o, p = (torch.randn(6, 40, generator=gen).to("cuda") for _ in range(2))
+    m = torch.randn(6, generator=gen).to("cuda")
+    outs, lse = torch.ops.attnres.phase1(src, q, EPS)
+    h, lse2 = torch.ops.attnres.phase2(o, m, p, q[0], EPS)
+    _, lse1 = torch.ops.attnres.depth_attn(src, q[0], EPS)
+    g = [torch.randn(6, 40, generator=gen).to("cuda") for _ in range(2)]
+    gl = torch.randn(2, 6, generator=gen).to("cuda")
+    rg = [t.requires_grad_() for t in src]
+    return {
+        "phase1": (torch.ops.attnres.phase1.default, (rg, q.clone().requires_grad_(), EPS)),
+        "phase1_backward": (torch.ops.attnres.phase1_backward.default, (g, gl, src, q, lse, EPS)),
+        "phase2": (
+            torch.ops.attnres.phase2.default,
+            (
+                o.clone().requires_grad_(),
+                m.clone().requires_grad_(),
+                p.clone().requires_grad_(),
+                q[0].clone(),
+                EPS,
+            ),
+        ),
+        "phase2_backward": (
+            torch.ops.attnres.phase2_backward.default,
+            (g[0], gl[0], h, m, lse2, p, q[0], EPS),
+        ),
+        "depth_attn": (torch.ops.attnres.depth_attn.default, (rg, q[0].clone().requires_grad_(), EPS)),
+        "depth_attn_backward": (
+            torch.ops.attnres.depth_attn_backward.default,
+            (g[0], gl[0], src, q[0], lse1, EPS),
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["phase1", "phase1_backward", "phase2", "phase2_backward", "depth_attn", "depth_attn_backward"]
+)
+def test_opcheck_on_cuda(name):
+    op, args = _opcheck_cases()[name]
+    torch.library.opcheck(op, args)
+
+
+class TwoPhaseBlock(nn.Module):
+    """One block of Block AttnRes: phase 1 over the completed summaries, then phase 2 per sublayer.
+
+    Calls ``torch.ops.attnres`` directly: the ``attnres.ops`` wrappers ask the dispatcher which
+    backend to use (``backend()``), which Dynamo cannot trace under ``fullgraph=True``.
+    """
+
+    def __init__(self, d: int, S: int):
+        super().__init__()
+        self.q = nn.Parameter(torch.randn(S, d) / d**0.5)
+
+    def forward(self, summaries: list[torch.Tensor], partial: torch.Tensor) -> torch.Tensor:
+        lead = partial.shape[:-1]
+        flat = [s.reshape(-1, s.shape[-1]) for s in summaries]
+        total = partial.reshape(-1, partial.shape[-1])
+        outs, lse = torch.ops.attnres.phase1(flat, self.q, EPS)
+        for j in range(self.q.shape[0]):
+            h, _ = torch.ops.attnres.phase2(outs[j], lse[j], total, self.q[j], EPS)
+            total = total + torch.tanh(h)  # a stand-in sublayer
+        return total.view(*lead, -1)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    gen = torch.Generator().manual_seed(2)
+    mod = TwoPhaseBlock(256, 4).cuda()
+    src = [torch.randn(2, 9, 256, generator=gen).to("cuda").requires_grad_() for _ in range(3)]
+    partial = torch.randn(2, 9, 256, generator=gen).to("cuda").requires_grad_()
+    eager = mod(src, partial)
+    g_eager = torch.autograd.grad(eager.square().sum(), [*src, partial, mod.q])
+    compiled = torch.compile(mod, fullgraph=True)
+    out = compiled(src, partial)
+    g_comp = torch.autograd.grad(out.square().sum(), [*src, partial, mod.q])
+    assert rel_err(out, eager) < 1e-6
+    for a, b in zip(g_comp, g_eager):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_alternating_shapes_that_share_a_kernel():
+    """Shapes with the same kernel but different shared-memory needs, called in turn (launch plans are
+    cached per shape; the kernel's shared-memory limit must follow each launch)."""
+    gen = torch.Generator().manual_seed(9)
+    for n in (9, 3, 9):
+        src, q = make(n, 300, 2048, 8, torch.bfloat16, gen)
+        outs, lse = torch.ops.attnres.phase1(src, q, EPS)
+        g_out = [torch.randn(300, 2048, generator=gen).to("cuda", torch.bfloat16) for _ in range(8)]
+        g_lse = torch.randn(8, 300, generator=gen).to("cuda")
+        grads, gq = torch.ops.attnres.phase1_backward(g_out, g_lse, src, q, lse, EPS)
+        src64 = [s.double().requires_grad_() for s in src]
+        q64 = q.double().requires_grad_()
+        ref_out, ref_lse = reference.phase1(src64, q64, EPS)
+        grad_in = [torch.stack(g_out).double(), g_lse.double()]
+        want = torch.autograd.grad([ref_out, ref_lse], src64 + [q64], grad_in)
+        assert rel_err(torch.stack(outs), ref_out) < TOL[torch.bfloat16]
+        for a, b in zip(list(grads) + [gq], want):
+            assert rel_err(a, b) < 2 * TOL[torch.bfloat16]
