@@ -41,6 +41,40 @@ def info() -> None:
         print(f"{k:<{width}}  {v}")
 
 
+def bench_ops(
+    device: str = "cpu",
+    quick: bool = False,
+    compile_reference: bool = False,
+    out: str | None = None,
+    threads: int | None = None,
+    repeats: int | None = None,
+) -> None:
+    """Benchmark the depth-attention ops: compiled kernels vs the eager PyTorch reference.
+
+    Times phase1, phase2 and the direct op, forward and forward+backward, and prints a table (ms, GB/s
+    of the minimum traffic, % of the measured copy bandwidth, speed-up); writes JSON to
+    benchmarks/results/ops_<device>.json.
+
+    Args:
+        device: where to run (``cpu``; other device types need a grid in attnres.bench.ops.GRIDS).
+        quick: a small grid (a minute on a laptop) instead of the full one.
+        compile_reference: also time ``torch.compile`` of the reference (slow to compile).
+        out: JSON path (default ``benchmarks/results/ops_<device type>.json``).
+        threads: ``torch.set_num_threads`` before timing (default: leave as is).
+        repeats: timed repeats per case, the median is reported (default 3 quick, 5 full).
+    """
+    from attnres.bench.ops import run_ops_benchmark
+
+    run_ops_benchmark(
+        device=device,
+        quick=quick,
+        out=out,
+        compile_reference=compile_reference,
+        threads=threads,
+        repeats=repeats,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
@@ -50,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from jsonargparse import CLI
 
-    CLI({"info": info}, args=argv, as_positional=False)
+    CLI({"info": info, "bench": {"ops": bench_ops}}, args=argv, as_positional=False)
 
 
 if __name__ == "__main__":

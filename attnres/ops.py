@@ -40,14 +40,18 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+# Looked up once: the kernels register when attnres._C is imported (above). A plain dict also keeps
+# backend() traceable by torch.compile (fullgraph), which cannot trace the dispatcher query itself.
+_HAS_KERNELS = {
+    dev: extension_error is None and torch._C._dispatch_has_kernel_for_dispatch_key("attnres::phase1", key)
+    for dev, key in _DISPATCH_KEY.items()
+}
+
+
 def backend(device: torch.device | str) -> str:
     """``"compiled"`` when ``attnres._C`` has kernels for this device type, else ``"reference"``."""
     device = torch.device(device)
-    key = _DISPATCH_KEY.get(device.type)
-    if extension_error is not None or key is None:
-        return "reference"
-    has = torch._C._dispatch_has_kernel_for_dispatch_key("attnres::phase1", key)
-    return "compiled" if has else "reference"
+    return "compiled" if _HAS_KERNELS.get(device.type, False) else "reference"
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -110,6 +114,12 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation dtype, also that of the lse and query-gradient outputs: fp64 for fp64
+    sources (so that gradcheck sees fp64 throughout), fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 # ----------------------------------------------------------------------------- public ops
 
 
@@ -126,7 +136,8 @@ def phase1(sources: Sequence[Tensor], queries: Tensor, eps: float = DEFAULT_EPS)
         out, lse = reference.phase1(sources, queries, eps)
         return list(out.unbind(0)), lse
     outs, lse = torch.ops.attnres.phase1([_flat(s) for s in sources], queries, eps)
-    return [o.view(*lead, -1) for o in outs], lse.view(queries.shape[0], *lead)
+    d = sources[0].shape[-1]
+    return [o.view(*lead, d) for o in outs], lse.view(queries.shape[0], *lead)
 
 
 def phase2(
@@ -142,7 +153,7 @@ def phase2(
     if backend(partial.device) == "reference":
         return reference.phase2(partial_out, partial_lse, partial, query, eps)
     out, lse = torch.ops.attnres.phase2(
-        _flat(partial_out), partial_lse.reshape(-1).float(), _flat(partial), query, eps
+        _flat(partial_out), partial_lse.reshape(-1).to(_acc_dtype(partial.dtype)), _flat(partial), query, eps
     )
     return out.view(partial.shape), lse.view(lse_shape)
 
@@ -155,7 +166,7 @@ def depth_attention(sources: Sequence[Tensor], query: Tensor, eps: float = DEFAU
         return reference.depth_attention(sources, query, eps)
     lead = tuple(sources[0].shape[:-1])
     out, lse = torch.ops.attnres.depth_attn([_flat(s) for s in sources], query, eps)
-    return out.view(*lead, -1), lse.view(lead)
+    return out.view(*lead, sources[0].shape[-1]), lse.view(lead)
 
 
 # ----------------------------------------------------------------------------- fake kernels and autograd
@@ -168,33 +179,37 @@ def _register() -> None:
     def _(sources, queries, eps):
         n_tok, _ = sources[0].shape
         s = queries.shape[0]
-        return [torch.empty_like(sources[0]) for _ in range(s)], sources[0].new_empty(s, n_tok, dtype=torch.float32)
+        acc = _acc_dtype(sources[0].dtype)
+        return [torch.empty_like(sources[0]) for _ in range(s)], sources[0].new_empty(s, n_tok, dtype=acc)
 
     @torch.library.register_fake(lib + "phase1_backward")
     def _(grad_outs, grad_lse, sources, queries, lse, eps):
-        return [torch.empty_like(s) for s in sources], queries.new_empty(queries.shape, dtype=torch.float32)
+        acc = _acc_dtype(sources[0].dtype)
+        return [torch.empty_like(s) for s in sources], queries.new_empty(queries.shape, dtype=acc)
 
     @torch.library.register_fake(lib + "phase2")
     def _(partial_out, partial_lse, partial, query, eps):
-        return torch.empty_like(partial), partial.new_empty(partial.shape[0], dtype=torch.float32)
+        return torch.empty_like(partial), partial.new_empty(partial.shape[0], dtype=_acc_dtype(partial.dtype))
 
     @torch.library.register_fake(lib + "phase2_backward")
     def _(grad_out, grad_lse, out, partial_lse, lse, partial, query, eps):
+        acc = _acc_dtype(partial.dtype)
         return (
             torch.empty_like(partial),
-            torch.empty_like(partial_lse, dtype=torch.float32),
+            partial.new_empty(partial.shape[0], dtype=acc),
             torch.empty_like(partial),
-            query.new_empty(query.shape, dtype=torch.float32),
+            query.new_empty(query.shape, dtype=acc),
         )
 
     @torch.library.register_fake(lib + "depth_attn")
     def _(sources, query, eps):
         n_tok, _ = sources[0].shape
-        return torch.empty_like(sources[0]), sources[0].new_empty(n_tok, dtype=torch.float32)
+        return torch.empty_like(sources[0]), sources[0].new_empty(n_tok, dtype=_acc_dtype(sources[0].dtype))
 
     @torch.library.register_fake(lib + "depth_attn_backward")
     def _(grad_out, grad_lse, sources, query, lse, eps):
-        return [torch.empty_like(s) for s in sources], query.new_empty(query.shape, dtype=torch.float32)
+        acc = _acc_dtype(sources[0].dtype)
+        return [torch.empty_like(s) for s in sources], query.new_empty(query.shape, dtype=acc)
 
     def _zeros_if_none(g: Tensor | None, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         return torch.zeros_like(like, dtype=dtype) if g is None else g
