@@ -188,6 +188,9 @@ class KimiDeltaAttention(nn.Module):
         self.f_b_proj = nn.Linear(head_dim, hk, bias=False)
         self.A_log = nn.Parameter(torch.empty(num_heads))
         self.dt_bias = nn.Parameter(torch.empty(hk))
+        # fla's convention: the optimizer should not decay these (1-D, like norms and biases)
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
         self.b_proj = nn.Linear(dim, num_heads, bias=False)
         self.g_a_proj = nn.Linear(dim, head_dim, bias=False)
         self.g_b_proj = nn.Linear(head_dim, hk, bias=True)
