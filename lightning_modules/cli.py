@@ -151,6 +151,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NonFiniteLossErro
 
 def run_lightning_cli(argv: list[str]) -> None:
     """Entry of ``attnres fit|validate|test|predict``."""
+    saved, sys.argv = sys.argv, sys.argv[:1]  # the arguments are `argv` (LightningCLI warns otherwise)
     try:
         AttnResCLI(args=argv)
     except USER_ERRORS as exc:
@@ -158,3 +159,5 @@ def run_lightning_cli(argv: list[str]) -> None:
             raise
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(1)
+    finally:
+        sys.argv = saved

@@ -85,11 +85,11 @@ class LanguageModel(L.LightningModule):
     def __init__(
         self,
         preset: str = "tiny",
-        residual: Literal["standard", "full", "block"] | None = None,
+        residual: str | None = None,
         num_blocks: int | None = None,
         num_layers: int | None = None,
         dim: int | None = None,
-        token_mixer: Literal["hybrid", "kda", "mla"] | None = None,
+        token_mixer: str | None = None,
         moe: bool | None = None,
         num_experts: int | None = None,
         top_k: int | None = None,
@@ -109,11 +109,10 @@ class LanguageModel(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.config = build_config(
-            preset, residual=residual, num_blocks=num_blocks, num_layers=num_layers, dim=dim,
-            token_mixer=token_mixer, moe=moe, num_experts=num_experts, top_k=top_k, max_seq_len=max_seq_len,
-            vocab_size=vocab_size, **(overrides or {}),
-        )
+        typed = dict(residual=residual, num_blocks=num_blocks, num_layers=num_layers, dim=dim,
+                     token_mixer=token_mixer, moe=moe, num_experts=num_experts, top_k=top_k,
+                     max_seq_len=max_seq_len, vocab_size=vocab_size)
+        self.config = build_config(preset, **{**(overrides or {}), **{k: v for k, v in typed.items() if v is not None}})
         self.model = Decoder(self.config)
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)
