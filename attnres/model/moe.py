@@ -62,10 +62,12 @@ def grouped_swiglu(
         gate = torch._grouped_mm(x, w_gate.transpose(-2, -1), offs=offs)
         up = torch._grouped_mm(x, w_up.transpose(-2, -1), offs=offs)
         return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)
+    # unbind once: indexing w[e] per expert would give every expert a full-size [E, ...] gradient buffer
+    gates, ups, downs = w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0)
     pieces = []
     for e, xe in enumerate(x.split(counts.tolist())):
         if xe.shape[0]:
-            pieces.append((F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())) @ w_down[e].t())
+            pieces.append((F.silu(xe @ gates[e].t()) * (xe @ ups[e].t())) @ downs[e].t())
     return torch.cat(pieces) if pieces else x.new_zeros(x.shape)
 
 
