@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning_modules.callbacks import AtomicCheckpointIO, DepthPlots, NaNGuard, NonFiniteLossError, ThroughputMonitor
 from lightning_modules.data import TextDataModule
 from lightning_modules.module import LanguageModel
-from lightning_modules.tokenizer import load_tokenizer
+from lightning_modules.tokenizer import check_same_tokenizer, load_tokenizer
 
 
 def _tensorboard_available() -> bool:
@@ -53,15 +53,24 @@ class AttnResCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 1234)
         trainer_defaults = {"default_root_dir": "runs", "callbacks": [NaNGuard(), ThroughputMonitor()]}
-        super().__init__(
-            LanguageModel, TextDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
-        )
+        saved = sys.argv
+        if args is not None:  # the arguments are `args`, not this process's (LightningCLI warns otherwise)
+            sys.argv = sys.argv[:1]
+        try:
+            super().__init__(
+                LanguageModel, TextDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
+            )
+        finally:
+            sys.argv = saved
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="attnres",
                             help="runs go to <trainer.default_root_dir>/<run_name>/version_<n>")
         parser.add_argument("--progress_bar", type=str, default="rich",
                             help="'rich' (RichProgressBar) or 'tqdm' (Lightning's default)")
+        parser.add_argument("--torch_threads", type=int | None, default=None,
+                            help="intra-op CPU threads (torch.set_num_threads); 1 avoids OpenMP spin-waiting "
+                                 "on a busy machine, where small models otherwise slow down many times over")
         parser.add_lightning_class_args(FinalCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                              "checkpoint.every_n_train_steps": 100})
@@ -74,9 +83,16 @@ class AttnResCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._sub()
+        if cfg.get("torch_threads"):
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)
         # the model's vocabulary follows the tokenizer unless set explicitly
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = load_tokenizer(cfg.data.tokenizer).vocab_size
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():  # before any data is prepared
+            check_checkpoint_tokenizer(ckpt_path, load_tokenizer(cfg.data.tokenizer).fingerprint)
         if self.subcommand in (None, "fit"):
             check_writable(cfg.trainer.default_root_dir or ".", "--trainer.default_root_dir")
             if cfg.checkpoint.dirpath:
@@ -106,6 +122,15 @@ class AttnResCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
             print(run_summary(self.trainer), flush=True)
+
+
+def check_checkpoint_tokenizer(ckpt_path: str, fingerprint: dict) -> None:
+    """Refuse a checkpoint trained with another tokenizer than ``--data.tokenizer``."""
+    import torch
+
+    extra = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("attnres", {})
+    if "tokenizer_fingerprint" in extra:
+        check_same_tokenizer(fingerprint, extra["tokenizer_fingerprint"], f"the checkpoint {ckpt_path}")
 
 
 def check_writable(directory: str | os.PathLike, flag: str) -> None:
@@ -151,7 +176,6 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NonFiniteLossErro
 
 def run_lightning_cli(argv: list[str]) -> None:
     """Entry of ``attnres fit|validate|test|predict``."""
-    saved, sys.argv = sys.argv, sys.argv[:1]  # the arguments are `argv` (LightningCLI warns otherwise)
     try:
         AttnResCLI(args=argv)
     except USER_ERRORS as exc:
@@ -159,5 +183,3 @@ def run_lightning_cli(argv: list[str]) -> None:
             raise
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(1)
-    finally:
-        sys.argv = saved

@@ -109,7 +109,10 @@ def plot(ckpt: str, output_dir: str | None = None, batch_size: int = 8, text_fil
     else:
         from lightning_modules.data import TextDataModule
 
-        hp = dict(raw.get("datamodule_hyper_parameters", {}))
+        import inspect
+
+        accepted = inspect.signature(TextDataModule.__init__).parameters
+        hp = {k: v for k, v in raw.get("datamodule_hyper_parameters", {}).items() if k in accepted}
         dm = TextDataModule(**hp)
         dm.setup("validate")
         items = [dm.val_set[i] for i in range(min(batch_size, len(dm.val_set)))]

@@ -20,6 +20,7 @@ import os
 import shutil
 import sysconfig
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from glob import glob
 from pathlib import Path
@@ -31,6 +32,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_modules.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
+
+# Lightning warns on a mid-epoch resume unless the DataLoader object itself is stateful; here the
+# DataModule's state_dict carries the position (batches consumed this epoch) and restores it.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 SHARD_FORMAT = "attnres-shards/1"
 SPLITS = ("train", "val")

@@ -44,8 +44,7 @@ def depth_heatmap_figure(matrix: np.ndarray, mode: str, title: str = "") -> Figu
     m = np.asarray(matrix, dtype=float)
     rows, cols = m.shape
     fig, ax = plt.subplots(figsize=(min(2 + 0.45 * cols, 16), min(1.5 + 0.4 * rows, 12)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#eeeeee")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
     im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(cols), [str(i) for i in range(cols - 1)] + ["out"], fontsize=7)
     ax.set_yticks(range(rows), source_labels(mode, rows), fontsize=7)
