@@ -23,12 +23,21 @@ T0=$(date +%s)
 OUT=${OUT:-/tmp/e2e_out}
 mkdir -p "$OUT" benchmarks/results
 LOG="$OUT/e2e_${PART}.log"
-exec > >(tee -a "$LOG") 2>&1
+case "$PART" in
+  all)      ARGS=() ;;
+  dense)    ARGS=(--shapes '[dense]' --kinds '[train]' --tag dense) ;;
+  medium)   ARGS=(--shapes '[medium]' --kinds '[train]' --tag medium) ;;
+  serve)    ARGS=(--kinds '[prefill,decode]' --tag serve) ;;
+  template) ARGS=(--shapes '[dense]' --kinds '[template]' --tag template) ;;
+  eager)    ARGS=(--variants '[eager]' --kinds '[train,prefill,decode]' --tag eager) ;;
+  *) echo "unknown PART '$PART' (all | dense | medium | serve | template | eager)"; exit 2 ;;
+esac
 export PYTHONUNBUFFERED=1
 # compiled kernels stay in the working tree (ignored): a warm machine reuses them on the next call
 export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton"
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 
+main() {
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || echo "WARNING: wheels in .whl/ did not install"
@@ -56,19 +65,13 @@ else
 fi
 python3 -c "from attnres import ops; print('depth ops on cuda:', ops.backend('cuda'), ops.extension_error or '')"
 
-case "$PART" in
-  all)      ARGS=() ;;
-  dense)    ARGS=(--shapes '[dense]' --kinds '[train]' --tag dense) ;;
-  medium)   ARGS=(--shapes '[medium]' --kinds '[train]' --tag medium) ;;
-  serve)    ARGS=(--kinds '[prefill,decode]' --tag serve) ;;
-  template) ARGS=(--shapes '[dense]' --kinds '[template]' --tag template) ;;
-  eager)    ARGS=(--variants '[eager]' --kinds '[train,prefill,decode]' --tag eager) ;;
-  *) echo "unknown PART '$PART' (all | dense | medium | serve | template | eager)"; exit 2 ;;
-esac
 BUDGET=$(( $(left) - 45 ))  # the benchmark stops starting rows here; timeout is the hard stop
 echo "benchmark: part $PART, budget $BUDGET s"
 timeout --signal=INT --kill-after=10 $(( $(left) - 15 )) \
-  python3 benchmarks/bench_e2e.py "${ARGS[@]}" --budget_s "$BUDGET"
+  python3 benchmarks/bench_e2e.py ${ARGS[@]+"${ARGS[@]}"} --budget_s "$BUDGET"
 echo "exit status $? (124: timed out; the JSON keeps every row finished before)"
 cp -v benchmarks/results/e2e_*.json "$OUT"/ 2>/dev/null || echo "no JSON written"
 echo "done in $(( $(date +%s) - T0 )) s"
+}
+
+main 2>&1 | tee "$LOG"

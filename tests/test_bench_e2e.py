@@ -34,8 +34,8 @@ def _positive_finite(x: object) -> bool:
 def test_quick_run_writes_json_with_every_row_and_positive_finite_numbers(tmp_path):
     path = tmp_path / "e2e_cpu.json"
     result = e2e.run_e2e_benchmark(
-        quick=True, shapes=["dense", "medium"], kinds=["train", "prefill", "decode", "template"],
-        variants=["eager"], warmup=1, repeat=2, profile=False, device="cpu", out=path,
+        quick=True, shapes=["dense", "medium"], kinds=["train", "prefill", "decode"],
+        variants=["eager"], warmup=1, repeat=1, profile=False, device="cpu", out=path,
     )
     data = json.loads(path.read_text())
     assert data["rows"] == json.loads(json.dumps(result["rows"]))
@@ -140,3 +140,19 @@ def test_dense_config_has_the_parameters_of_the_issues_mha_model():
     assert cfg.mla_heads == 16 and cfg.mla_qk_nope_dim == 128 and cfg.mla_v_head_dim == 128
     assert abs(cfg.num_params() - mha) / mha < 0.005
     assert cfg.replace(residual="block").num_blocks == 8
+
+
+def test_quick_template_rows_time_the_lightning_step_and_the_hand_written_one(tmp_path):
+    pytest.importorskip("lightning_modules.module")
+    result = e2e.run_e2e_benchmark(
+        quick=True, shapes=["dense"], kinds=["template"], warmup=1, repeat=2, profile=False, device="cpu",
+        out=tmp_path / "e2e_template.json",
+    )
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert set(rows) == {"hand-written", "template"}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["variant"] == "eager" and r["precision"] == "bf16-mixed"  # no compile on a CPU by default
+        assert _positive_finite(r["ms"]) and _positive_finite(r["tokens_per_s"]) and r["steps"] >= 3
+    (ratio,) = [q for q in result["ratios"] if q["what"] == "template/hand-written"]
+    assert _positive_finite(ratio["time_ratio"])

@@ -663,6 +663,7 @@ def _template_rows(run: _Run, shape: Shape, compile: bool, precision: str) -> No
             "precision": precision, "optimizer": "adamw"}
     try:
         import lightning as L
+
         from lightning_modules.module import LanguageModel
     except Exception as exc:
         reason = f"lightning_modules.LanguageModel not importable: {type(exc).__name__}: {exc}"[:300]
@@ -1028,9 +1029,10 @@ def bench_e2e(
 ) -> None:
     """End-to-end benchmark of the standard, Block and Full residual in the whole decoder (issue 8).
 
-    With fla's fused_attnres in the same decoder as the peer row: training step (no optimizer and AdamW; eager and torch.compile), tokens/s, MFU,
-    peak memory, prefill and decode latency (eager and CUDA graph), and the Lightning template's step vs a
-    hand-written one. Prints a table last and writes JSON (device, versions, command, every row).
+    With fla's fused_attnres in the same decoder as the peer row: training step (no optimizer and
+    AdamW; eager and torch.compile), tokens/s, MFU, peak memory, prefill and decode latency (eager and
+    CUDA graph), and the Lightning template's step vs a hand-written one. Prints a table last and writes
+    JSON (device, versions, command, every row).
 
     Args:
         quick: tiny shapes (a CPU smoke run in seconds; not a measurement).
