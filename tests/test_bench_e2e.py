@@ -77,6 +77,11 @@ def test_quick_run_writes_json_with_every_row_and_positive_finite_numbers(tmp_pa
         assert ("template", "dense", "template/hand-written") in whats
     assert "ratios (same run)" in e2e.format_table(data)
 
+    merged = e2e.merge_results([path], tmp_path / "merged.json")
+    assert json.loads((tmp_path / "merged.json").read_text())["rows"] == merged["rows"]
+    assert len(merged["rows"]) == len(rows) and {r["run"] for r in merged["rows"]} == {"e2e_cpu"}
+    assert merged["runs"][0]["command"] == data["command"] and len(merged["ratios"]) == len(data["ratios"])
+
 
 def _naive_fla_attnres(
     query: torch.Tensor, residuals: Sequence[torch.Tensor], rms_weight: torch.Tensor, rms_eps: float = 1e-6,

@@ -61,6 +61,7 @@ __all__ = [
     "bench_e2e",
     "dense_config",
     "format_table",
+    "merge_results",
     "residual_traffic",
     "run_e2e_benchmark",
     "use_fla_residual",
@@ -882,12 +883,14 @@ def run_e2e_benchmark(
     profile: bool = True,
     device: str | None = None,
     out: str | Path | None = None,
+    tag: str | None = None,
 ) -> dict[str, Any]:
     """Run the end-to-end benchmark; returns the result dict (also written as JSON to ``out``).
 
-    Rows run in priority order — per shape: train eager (ours, then fla), prefill/decode, train compiled
-    (ours), template vs hand-written (first shape only), train compiled (fla) — and are skipped once
-    ``budget_s`` seconds have passed (a compiled row also needs ``compile_reserve_s`` left).
+    Rows run in priority order, each phase over the shapes: train eager (ours, then fla), prefill and
+    decode, train compiled (ours), template vs hand-written (on ``dense``, else the first shape), train
+    compiled (fla); they are skipped once ``budget_s`` seconds have passed (a compiled row also needs
+    ``compile_reserve_s`` left). ``tag`` names the run in the JSON (and in :func:`merge_results`).
     See :func:`bench_e2e` for the arguments. A quick run on a CPU uses one thread (tiny shapes run
     faster so, and a loaded machine does not stall them).
     """
@@ -906,7 +909,7 @@ def _run_e2e(
     variants: Sequence[str], impls: Sequence[str], num_blocks: int, graphs: bool,
     template_compile: bool | None, template_precision: str, warmup: int, repeat: int, budget_s: float,
     compile_reserve_s: float | None, profile: bool,
-    device: str | None, out: str | Path | None,
+    device: str | None, out: str | Path | None, tag: str | None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -932,6 +935,7 @@ def _run_e2e(
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "device_slug": device_slug(dev),
         "quick": quick,
+        "tag": tag,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
         "versions": _versions(),
         "ops_backend": ops.backend(dev),
@@ -975,28 +979,56 @@ def _run_e2e(
                 continue
             _train_rows(run, shape, m, impl, variant)
 
-    for i, name in enumerate(shapes):
-        shape = all_shapes[name]
-        if "train" in kinds and "eager" in variants:
+    # phases in priority order, each over the shapes: the cheap rows first, compilation last
+    picked = [all_shapes[name] for name in shapes]
+    serve = [k for k in ("prefill", "decode") if k in kinds]
+    if "train" in kinds and "eager" in variants:
+        for shape in picked:
             if "attnres" in impls:
                 train(shape, "attnres", "eager", ours)
+        for shape in picked:
             train(shape, "fla", "eager", theirs)
-        serve = [k for k in ("prefill", "decode") if k in kinds]
-        if serve:
-            use_graphs = graphs and dev.type == "cuda"
-            for m in ours if "attnres" in impls else []:
-                _serve_rows(run, shape, m, "attnres", serve, use_graphs)
-            for m in theirs if fla_why is None else []:
-                _serve_rows(run, shape, m, "fla", serve, use_graphs)
-        if "train" in kinds and "compile" in variants and "attnres" in impls:
+    for shape in picked if serve else []:
+        for m in ours if "attnres" in impls else []:
+            _serve_rows(run, shape, m, "attnres", serve, graphs and dev.type == "cuda")
+        for m in theirs if fla_why is None else []:
+            _serve_rows(run, shape, m, "fla", serve, graphs and dev.type == "cuda")
+    if "train" in kinds and "compile" in variants and "attnres" in impls:
+        for shape in picked:
             train(shape, "attnres", "compile", ours)
-        if "template" in kinds and i == 0:
-            _template_rows(run, shape, template_compile, template_precision)
-        if "train" in kinds and "compile" in variants:
+    if "template" in kinds:
+        _template_rows(run, all_shapes["dense" if "dense" in shapes else shapes[0]], template_compile,
+                       template_precision)
+    if "train" in kinds and "compile" in variants:
+        for shape in picked:
             train(shape, "fla", "compile", theirs)
     run.flush()
     result.pop("_t0", None)
     return result
+
+
+def merge_results(paths: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Any]:
+    """Merge the JSON of several runs on one device (e.g. the parts of ``benchmarks/device_e2e.sh``)
+    into one: ``runs`` keeps each run's command, versions, settings and ceilings; every row and ratio
+    gets the ``run`` it came from (ratios are never formed across runs). Written to ``out`` if given."""
+    runs, rows, ratios = [], [], []
+    merged: dict[str, Any] = {"benchmark": "e2e"}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        name = data.get("tag") or Path(path).stem
+        for key in ("device", "device_slug", "versions", "ops_backend", "peak_flops", "fla", "quick"):
+            merged.setdefault(key, data.get(key))
+        merged.setdefault("shapes", {}).update(data.get("shapes", {}))
+        merged.setdefault("residual_traffic", {}).update(data.get("residual_traffic", {}))
+        runs.append({"run": name, "file": Path(path).name, **{k: data.get(k) for k in (
+            "command", "settings", "ceilings", "elapsed_s", "versions", "ops_backend")}})
+        rows += [{**r, "run": name} for r in data.get("rows", [])]
+        ratios += [{**q, "run": name} for q in data.get("ratios", [])]
+    merged.update(runs=runs, rows=rows, ratios=ratios, ceilings=runs[0]["ceilings"] if runs else None)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(merged, indent=1, default=_json_default))
+    return merged
 
 
 def default_out_path(
@@ -1062,7 +1094,7 @@ def bench_e2e(
         kinds=kinds or list(KINDS), variants=variants or (["eager"] if quick else list(VARIANTS)),
         impls=impls or list(IMPLS), num_blocks=num_blocks, graphs=graphs, template_compile=template_compile,
         template_precision=template_precision, warmup=warmup, repeat=repeat, budget_s=budget_s,
-        profile=profile, device=device, out=path,
+        profile=profile, device=device, out=path, tag=tag,
     )
     print(format_table(result))
     print(f"\nJSON: {path}")
