@@ -550,8 +550,6 @@ def _train_rows(run: _Run, shape: Shape, mode: str, impl: str, variant: str) -> 
         )
         if run.profile and not optimizer:
             row["profile"] = _profile(step, run.device)
-        if opt is not None:
-            del opt
         return row
 
     try:
