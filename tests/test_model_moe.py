@@ -139,3 +139,15 @@ def test_grouped_mm_path_equals_expert_loop_forward_and_backward():
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_balancing_state_stays_fp32_when_the_model_is_cast_to_bf16():
+    moe = _moe()
+    moe.score_bias.fill_(0.123456)
+    moe.to(torch.bfloat16)
+    assert moe.w_gate.dtype == torch.bfloat16 and moe.router.weight.dtype == torch.bfloat16
+    assert moe.score_bias.dtype == torch.float32 and moe.tokens_per_expert.dtype == torch.float32
+    assert moe.score_bias[0].item() == pytest.approx(0.123456, abs=1e-7)  # not rounded through bf16
+    moe.train()
+    y, _ = moe(torch.randn(2, 300, 16, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and moe.tokens_per_expert.sum().item() == 2 * 300 * moe.top_k

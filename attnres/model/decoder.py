@@ -30,8 +30,9 @@ __all__ = ["Decoder", "DecoderCache", "DecoderLayer", "KimiLinear", "ModelOutput
 
 @dataclass
 class DecoderCache:
-    """Decoding state of every layer, keyed like ``Decoder.layers``: KDA ``{"state", "conv"}``, MLA
-    ``{"latent", "k_shared"}``. AttnRes needs nothing here: it mixes across depth within one token."""
+    """Decoding state (detached: inference only) of every layer, keyed like ``Decoder.layers``: KDA
+    ``{"state", "conv"}``, MLA ``{"latent", "k_shared"}``. AttnRes needs nothing here: it mixes across
+    depth within one token."""
 
     layers: dict[str, dict] = field(default_factory=dict)
     seq_len: int = 0

@@ -7,7 +7,7 @@ Run on a GPU machine with fla installed (``pip install fla-core==0.6.0 triton ei
     python -m pytest tests/gpu/test_kda_fla_gpu.py -v
 
 Tolerances are relative errors ``||a - b|| / ||b||`` (fla's own test metric): fla computes in
-tf32/bf16 tensor-core arithmetic, ours in fp32.
+tf32/bf16 tensor-core arithmetic, ours in fp32; a wrong formula gives errors of order 1.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _inputs(B=2, T=300, H=4, K=64, V=64, dtype=torch.float32, seed=0):
     return q, k, v, gate.float(), beta.to(dtype), s0.float()
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-2), (torch.bfloat16, 3e-2)])
 def test_chunked_matches_fla_chunk_kda_forward_and_gradients(dtype, tol):
     from fla.ops.kda import chunk_kda
 
@@ -90,7 +90,7 @@ def test_fused_recurrent_step_matches_recurrent():
     assert err_ratio(o, o_ref) < 5e-3 and err_ratio(s, s_ref) < 5e-3
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-2), (torch.bfloat16, 3e-2)])
 def test_layer_fla_backend_matches_torch_backend(dtype, tol):
     torch.manual_seed(0)
     ours = KimiDeltaAttention(dim=256, num_heads=2, head_dim=128, chunk_size=64, backend="torch").to(DEV)
@@ -117,7 +117,7 @@ def test_decoder_cached_decoding_through_fla_equals_full_forward():
         cache = DecoderCache()
         parts = [model(ids[:, :70], cache=cache).logits]
         parts += [model(ids[:, t:t + 1], cache=cache).logits for t in range(70, 90)]
-    assert err_ratio(torch.cat(parts, 1), full) < 5e-3
+    assert err_ratio(torch.cat(parts, 1), full) < 1e-2
 
 
 @pytest.mark.skipif(not SM90, reason="torch._grouped_mm needs sm90+")
@@ -137,3 +137,22 @@ def test_grouped_mm_experts_match_the_loop():
     y_ref.square().sum().backward()
     for a, b in zip(args, ref_args):
         assert err_ratio(a.grad, b.grad) < 3e-2
+
+
+@pytest.mark.parametrize("name", ["small", "medium"])
+def test_preset_trains_one_bf16_step_on_gpu(name):
+    """The full-size preset (fla KDA, SDPA MLA, grouped-GEMM MoE on sm90+) in bf16: finite loss and
+    gradients, and the parameter count the config promises."""
+    torch.manual_seed(0)
+    cfg = get_config(name)
+    model = Decoder(cfg).to(DEV, torch.bfloat16)
+    assert model.num_parameters() == cfg.num_params()
+    ids = torch.randint(0, cfg.vocab_size, (2, 512), device=DEV)
+    out = model(ids[:, :-1], labels=ids[:, 1:], return_stats=True)
+    uniform = torch.log(torch.tensor(float(cfg.vocab_size))).item()
+    assert torch.isfinite(out.loss) and abs(out.loss.item() - uniform) < 1.0  # at init: near uniform
+    (out.loss + out.aux_loss).backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not bad, bad
+    model.update_router_bias()
+    assert all(m.score_bias.dtype == torch.float32 for m in model.moe_layers().values())
