@@ -22,7 +22,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from lightning_modules.callbacks import AtomicCheckpointIO, DepthPlots, NaNGuard, NonFiniteLossError, ThroughputMonitor
+from lightning_modules.callbacks import (
+    AtomicCheckpointIO,
+    DepthPlots,
+    NaNGuard,
+    NonFiniteLossError,
+    ThroughputMonitor,
+)
 from lightning_modules.data import TextDataModule
 from lightning_modules.module import LanguageModel
 from lightning_modules.tokenizer import check_same_tokenizer, load_tokenizer
@@ -64,16 +70,29 @@ class AttnResCLI(LightningCLI):
             sys.argv = saved
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--run_name", type=str, default="attnres",
-                            help="runs go to <trainer.default_root_dir>/<run_name>/version_<n>")
-        parser.add_argument("--progress_bar", type=str, default="rich",
-                            help="'rich' (RichProgressBar) or 'tqdm' (Lightning's default)")
-        parser.add_argument("--torch_threads", type=int | None, default=None,
-                            help="intra-op CPU threads (torch.set_num_threads); 1 avoids OpenMP spin-waiting "
-                                 "on a busy machine, where small models otherwise slow down many times over")
+        parser.add_argument(
+            "--run_name",
+            type=str,
+            default="attnres",
+            help="runs go to <trainer.default_root_dir>/<run_name>/version_<n>",
+        )
+        parser.add_argument(
+            "--progress_bar",
+            type=str,
+            default="rich",
+            help="'rich' (RichProgressBar) or 'tqdm' (Lightning's default)",
+        )
+        parser.add_argument(
+            "--torch_threads",
+            type=int | None,
+            default=None,
+            help="intra-op CPU threads (torch.set_num_threads); 1 avoids OpenMP spin-waiting "
+            "on a busy machine, where small models otherwise slow down many times over",
+        )
         parser.add_lightning_class_args(FinalCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
-                             "checkpoint.every_n_train_steps": 100})
+        parser.set_defaults(
+            {"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 100}
+        )
         parser.add_lightning_class_args(DepthPlots, "plots")
 
     # ------------------------------------------------------------------ start-up checks
@@ -106,13 +125,18 @@ class AttnResCLI(LightningCLI):
             csv = CSVLogger(root, name=name)
             loggers: list = [csv]
             if _tensorboard_available():
-                loggers.append(TensorBoardLogger(root, name=name, version=csv.version, default_hp_metric=False))
+                loggers.append(
+                    TensorBoardLogger(root, name=name, version=csv.version, default_hp_metric=False)
+                )
             kwargs["logger"] = loggers
         plugins = cfg.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
-        if cfg.get("enable_progress_bar", True) is not False and self._get(self.config, "progress_bar") == "rich":
+        if (
+            cfg.get("enable_progress_bar", True) is not False
+            and self._get(self.config, "progress_bar") == "rich"
+        ):
             cbs = cfg.get("callbacks") or []
             kwargs["callbacks"] = (list(cbs) if isinstance(cbs, list) else [cbs]) + [RichProgressBar()]
         return super().instantiate_trainer(**kwargs)
@@ -142,7 +166,8 @@ def check_writable(directory: str | os.PathLike, flag: str) -> None:
             pass
     except OSError as exc:
         raise PermissionError(
-            f"output directory {str(path)!r} is not writable ({exc.strerror or exc}); choose another with {flag}"
+            f"output directory {str(path)!r} is not writable ({exc.strerror or exc}); "
+            f"choose another with {flag}"
         ) from exc
 
 

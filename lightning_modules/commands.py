@@ -23,7 +23,9 @@ def _load_checkpoint(ckpt: str, device: str = "cpu") -> tuple[Any, Any, dict]:
 
     path = Path(ckpt)
     if not path.is_file():
-        raise FileNotFoundError(f"--ckpt {ckpt}: no such checkpoint (training writes <run dir>/checkpoints/last.ckpt)")
+        raise FileNotFoundError(
+            f"--ckpt {ckpt}: no such checkpoint (training writes <run dir>/checkpoints/last.ckpt)"
+        )
     raw = torch.load(path, map_location=device, weights_only=True)
     module = LanguageModel.load_from_checkpoint(path, map_location=device)
     module.eval()
@@ -31,7 +33,8 @@ def _load_checkpoint(ckpt: str, device: str = "cpu") -> tuple[Any, Any, dict]:
     tok = tokenizer_from_dict(extra["tokenizer"]) if "tokenizer" in extra else ByteTokenizer()
     if tok.vocab_size > module.config.vocab_size:
         raise ValueError(
-            f"tokenizer/vocabulary mismatch: the checkpoint's tokenizer has {tok.vocab_size} ids but its model "
+            f"tokenizer/vocabulary mismatch: the checkpoint's tokenizer has {tok.vocab_size} ids "
+            "but its model "
             f"only {module.config.vocab_size}"
         )
     return module, tok, raw
@@ -71,9 +74,10 @@ def generate(
         ids = [tok.eos_id]  # an empty prompt starts a new document
     x = torch.tensor([list(map(int, ids))] * num_samples, dtype=torch.long, device=device)
     torch.manual_seed(seed)
-    out = module.model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                greedy=greedy, eos_id=tok.eos_id)
-    texts = [prompt + tok.decode(row[x.shape[1]:].tolist()) for row in out]
+    out = module.model.generate(
+        x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, eos_id=tok.eos_id
+    )
+    texts = [prompt + tok.decode(row[x.shape[1] :].tolist()) for row in out]
     for i, text in enumerate(texts):
         if num_samples > 1:
             print(f"--- sample {i}")
@@ -81,7 +85,9 @@ def generate(
     return texts
 
 
-def plot(ckpt: str, output_dir: str | None = None, batch_size: int = 8, text_file: str | None = None) -> list[str]:
+def plot(
+    ckpt: str, output_dir: str | None = None, batch_size: int = 8, text_file: str | None = None
+) -> list[str]:
     """Depth plots of a trained model: runs one batch with ``return_stats`` (and one backward for the
     gradient norms) and writes the depth-attention heatmap, magnitude-vs-depth and gradient-norm-vs-depth
     PNGs.
@@ -100,16 +106,20 @@ def plot(ckpt: str, output_dir: str | None = None, batch_size: int = 8, text_fil
     module, tok, raw = _load_checkpoint(ckpt)
     seq_len = raw.get("attnres", {}).get("seq_len") or min(module.config.max_seq_len, 256)
     if text_file is not None:
-        ids = torch.from_numpy(tok.encode(Path(text_file).read_text(encoding="utf-8", errors="replace"))).long()
+        ids = torch.from_numpy(
+            tok.encode(Path(text_file).read_text(encoding="utf-8", errors="replace"))
+        ).long()
         n = min(batch_size, (len(ids) - 1) // seq_len)
         if n < 1:
-            raise ValueError(f"--text_file {text_file} has {len(ids)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+            raise ValueError(
+                f"--text_file {text_file} has {len(ids)} tokens, fewer than seq_len + 1 = {seq_len + 1}"
+            )
         w = ids[: n * seq_len + 1]
         batch = {"input_ids": w[:-1].view(n, seq_len), "labels": w[1:].view(n, seq_len)}
     else:
-        from lightning_modules.data import TextDataModule
-
         import inspect
+
+        from lightning_modules.data import TextDataModule
 
         accepted = inspect.signature(TextDataModule.__init__).parameters
         hp = {k: v for k, v in raw.get("datamodule_hyper_parameters", {}).items() if k in accepted}
@@ -167,8 +177,16 @@ def compare(
     curves: dict[str, dict] = {}
     for mode in modes:
         argv = ["fit"] + [x for c in configs for x in ("-c", c)]
-        argv += ["--model.residual", mode, "--seed_everything", str(seed), "--run_name", mode,
-                 "--trainer.default_root_dir", str(out)]
+        argv += [
+            "--model.residual",
+            mode,
+            "--seed_everything",
+            str(seed),
+            "--run_name",
+            mode,
+            "--trainer.default_root_dir",
+            str(out),
+        ]
         if max_steps is not None:
             argv += ["--trainer.max_steps", str(max_steps)]
         argv += list(args or [])
@@ -182,16 +200,21 @@ def compare(
         val = [(int(r["step"]), float(r["val/loss"])) for r in rows if r.get("val/loss")]
         ppl = [float(r["val/ppl"]) for r in rows if r.get("val/ppl")]
         tps = [float(r["train/tokens_per_s"]) for r in rows if r.get("train/tokens_per_s")]
-        curves[mode] = {"train": ([s for s, _ in train], [v for _, v in train]),
-                        "val": ([s for s, _ in val], [v for _, v in val])}
-        tail = [v for _, v in train[-max(1, len(train) // 10):]]
+        curves[mode] = {
+            "train": ([s for s, _ in train], [v for _, v in train]),
+            "val": ([s for s, _ in val], [v for _, v in val]),
+        }
+        tail = [v for _, v in train[-max(1, len(train) // 10) :]]
         results[mode] = {
             "residual": mode,
             "num_blocks": module.config.num_blocks if mode == "block" else None,
             "params": module.model.num_parameters(),
             "active_params": module.model.num_parameters(active=True),
             "steps": trainer.global_step,
-            "tokens": trainer.global_step * dm.batch_size * dm.seq_len * trainer.world_size
+            "tokens": trainer.global_step
+            * dm.batch_size
+            * dm.seq_len
+            * trainer.world_size
             * trainer.accumulate_grad_batches,
             "train_loss": sum(tail) / len(tail) if tail else None,
             "val_loss": val[-1][1] if val else None,
@@ -200,8 +223,11 @@ def compare(
             "wall_s": wall,
             "run_dir": str(trainer.log_dir),
         }
-    png = plots.loss_curves(curves, out / "loss_curves.png",
-                            f"residual modes, same data/seed/budget ({results[modes[0]]['tokens']:,} tokens)")
+    png = plots.loss_curves(
+        curves,
+        out / "loss_curves.png",
+        f"residual modes, same data/seed/budget ({results[modes[0]]['tokens']:,} tokens)",
+    )
     (out / "results.json").write_text(json.dumps(results, indent=2))
     table = results_table(results)
     (out / "results.md").write_text(table + "\n")
@@ -216,13 +242,17 @@ def results_table(results: dict[str, dict]) -> str:
     def f(x: Any, fmt: str) -> str:
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
-    lines = ["| residual | params | tokens | train loss | val loss | val ppl | tokens/s | wall s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| residual | params | tokens | train loss | val loss | val ppl | tokens/s | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results.values():
         name = r["residual"] + (f" (N={r['num_blocks']})" if r.get("num_blocks") else "")
-        lines.append(f"| {name} | {r['params']:,} | {r['tokens']:,} | {f(r['train_loss'], '.4f')} | "
-                     f"{f(r['val_loss'], '.4f')} | {f(r['val_ppl'], '.2f')} | {f(r['tokens_per_s'], '.0f')} | "
-                     f"{f(r['wall_s'], '.0f')} |")
+        lines.append(
+            f"| {name} | {r['params']:,} | {r['tokens']:,} | {f(r['train_loss'], '.4f')} | "
+            f"{f(r['val_loss'], '.4f')} | {f(r['val_ppl'], '.2f')} | {f(r['tokens_per_s'], '.0f')} | "
+            f"{f(r['wall_s'], '.0f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -260,13 +290,19 @@ def tokenizer_train(
     root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [])
     train = split_files(root, found, val_fraction)["train"]
     key = _files_key(root, train)
-    path = Path(output) if output else Path(cache_dir).expanduser() / "tokenizers" / f"bpe{vocab_size}-{corpus}-{key}.json"
+    path = (
+        Path(output)
+        if output
+        else Path(cache_dir).expanduser() / "tokenizers" / f"bpe{vocab_size}-{corpus}-{key}.json"
+    )
     if output is None and path.is_file():
         print(f"cached: {path}")
     else:
         t0 = time.perf_counter()
         train_bpe((read_text(f) for f in train), vocab_size, path)
-        print(f"trained a {vocab_size}-id BPE on {len(train)} files in {time.perf_counter() - t0:.0f} s: {path}")
+        print(
+            f"trained a {vocab_size}-id BPE on {len(train)} files in {time.perf_counter() - t0:.0f} s: {path}"
+        )
     print(f"use it with: --data.tokenizer {path}")
     return str(path)
 
@@ -300,7 +336,12 @@ def prepare(
     t0 = time.perf_counter()
     meta = write_shards(output, split_files(root, found, val_fraction), tok, f"{corpus}:{root}", shard_tokens)
     for split, info in meta["splits"].items():
-        print(f"{split}: {info['documents']} documents, {sum(info['tokens']):,} tokens in {len(info['files'])} shard(s)")
-    print(f"wrote {output} ({meta['dtype']}, {time.perf_counter() - t0:.1f} s); train on it with "
-          f"--data.corpus shards --data.shards_dir {output} --data.tokenizer {tokenizer}")
+        print(
+            f"{split}: {info['documents']} documents, {sum(info['tokens']):,} tokens "
+            f"in {len(info['files'])} shard(s)"
+        )
+    print(
+        f"wrote {output} ({meta['dtype']}, {time.perf_counter() - t0:.1f} s); train on it with "
+        f"--data.corpus shards --data.shards_dir {output} --data.tokenizer {tokenizer}"
+    )
     return meta

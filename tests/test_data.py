@@ -47,8 +47,9 @@ def test_byte_tokenizer_roundtrip_and_specials():
 
 def test_bpe_tokenizer_train_roundtrip_and_cache(tmp_path):
     make_files(tmp_path / "txt")
-    path = commands.tokenizer_train(vocab_size=300, corpus="files", files=[str(tmp_path / "txt/*.txt")],
-                                    cache_dir=str(tmp_path / "cache"))
+    path = commands.tokenizer_train(
+        vocab_size=300, corpus="files", files=[str(tmp_path / "txt/*.txt")], cache_dir=str(tmp_path / "cache")
+    )
     tok = load_tokenizer(path)
     assert isinstance(tok, BPETokenizer) and tok.vocab_size == 300
     ids = tok.encode(TEXT)
@@ -56,8 +57,9 @@ def test_bpe_tokenizer_train_roundtrip_and_cache(tmp_path):
     assert tok.decode(ids.tolist()) == TEXT
     assert tok.fingerprint["kind"] == "bpe"
     mtime = Path(path).stat().st_mtime_ns
-    again = commands.tokenizer_train(vocab_size=300, corpus="files", files=[str(tmp_path / "txt/*.txt")],
-                                     cache_dir=str(tmp_path / "cache"))
+    again = commands.tokenizer_train(
+        vocab_size=300, corpus="files", files=[str(tmp_path / "txt/*.txt")], cache_dir=str(tmp_path / "cache")
+    )
     assert again == path and Path(path).stat().st_mtime_ns == mtime  # reused, not retrained
 
 
@@ -88,7 +90,9 @@ def test_stdlib_corpus_is_found():
 def test_shards_roundtrip(tmp_path):
     files = make_files(tmp_path / "txt", n=6, size=300)
     tok = ByteTokenizer()
-    meta = write_shards(tmp_path / "shards", {"train": files[:4], "val": files[4:]}, tok, "test", shard_tokens=500)
+    meta = write_shards(
+        tmp_path / "shards", {"train": files[:4], "val": files[4:]}, tok, "test", shard_tokens=500
+    )
     s = ShardSet(tmp_path / "shards")
     assert s.meta == meta and meta["dtype"] == "uint16"
     assert len(meta["splits"]["train"]["files"]) > 1  # split over several shard files
@@ -136,8 +140,14 @@ def test_sampler_skip_resumes_mid_epoch_once():
 
 def test_datamodule_state_dict_resumes_at_the_next_batch(tmp_path):
     make_files(tmp_path / "txt", n=8, size=2000)
-    kw = dict(corpus="files", files=[str(tmp_path / "txt/*.txt")], seq_len=16, batch_size=3,
-              cache_dir=str(tmp_path / "cache"), val_fraction=0.25)
+    kw = dict(
+        corpus="files",
+        files=[str(tmp_path / "txt/*.txt")],
+        seq_len=16,
+        batch_size=3,
+        cache_dir=str(tmp_path / "cache"),
+        val_fraction=0.25,
+    )
     dm = TextDataModule(**kw)
     dm.setup("fit")
     batches = [b["input_ids"] for b in dm.train_dataloader()]
@@ -172,8 +182,9 @@ def test_missing_shards_dir_names_the_fix(tmp_path):
 
 def test_prepare_then_train_from_shards(tmp_path, capsys):
     make_files(tmp_path / "txt", n=10, size=1500)
-    meta = commands.prepare(output=str(tmp_path / "shards"), corpus="files",
-                            files=[str(tmp_path / "txt/*.txt")], val_fraction=0.2)
+    meta = commands.prepare(
+        output=str(tmp_path / "shards"), corpus="files", files=[str(tmp_path / "txt/*.txt")], val_fraction=0.2
+    )
     assert "wrote" in capsys.readouterr().out
     on_disk = json.loads((tmp_path / "shards/meta.json").read_text())
     assert on_disk == meta and on_disk["tokenizer"]["kind"] == "byte"
@@ -186,15 +197,17 @@ def test_prepare_then_train_from_shards(tmp_path, capsys):
 def test_shards_with_another_tokenizer_are_refused(tmp_path):
     make_files(tmp_path / "txt", n=10, size=800)
     commands.prepare(output=str(tmp_path / "shards"), corpus="files", files=[str(tmp_path / "txt/*.txt")])
-    bpe = commands.tokenizer_train(vocab_size=280, corpus="files", files=[str(tmp_path / "txt/*.txt")],
-                                   cache_dir=str(tmp_path / "cache"))
+    bpe = commands.tokenizer_train(
+        vocab_size=280, corpus="files", files=[str(tmp_path / "txt/*.txt")], cache_dir=str(tmp_path / "cache")
+    )
     with pytest.raises(ValueError, match="tokenizer/vocabulary mismatch"):
         TextDataModule(corpus="shards", shards_dir=str(tmp_path / "shards"), tokenizer=bpe)
 
 
 def test_too_short_split_names_the_fix(tmp_path):
     make_files(tmp_path / "txt", n=4, size=60)
-    dm = TextDataModule(corpus="files", files=[str(tmp_path / "txt/*.txt")], seq_len=512,
-                        cache_dir=str(tmp_path / "cache"))
+    dm = TextDataModule(
+        corpus="files", files=[str(tmp_path / "txt/*.txt")], seq_len=512, cache_dir=str(tmp_path / "cache")
+    )
     with pytest.raises(ValueError, match="lower data.seq_len"):
         dm.setup("fit")

@@ -77,9 +77,21 @@ def trained(micro, tmp_path_factory) -> dict:
     """``attnres fit`` of 3 steps in a subprocess (the command a user types)."""
     out = tmp_path_factory.mktemp("fit")
     proc = subprocess.run(
-        [sys.executable, "-m", "attnres", "fit", *micro, "--trainer.default_root_dir", str(out),
-         "--trainer.enable_progress_bar", "false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "attnres",
+            "fit",
+            *micro,
+            "--trainer.default_root_dir",
+            str(out),
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     run_dir = out / "micro" / "version_0"
     return {"proc": proc, "run_dir": run_dir, "ckpt": run_dir / "checkpoints" / "last.ckpt"}
@@ -136,23 +148,57 @@ def test_fit_writes_depth_plots(trained, tmp_path):
 
 
 def test_perplexity_is_exp_of_mean_loss(trained, micro):
-    cli = AttnResCLI(args=["validate", *micro, "--ckpt_path", str(trained["ckpt"]),
-                           "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+    cli = AttnResCLI(
+        args=[
+            "validate",
+            *micro,
+            "--ckpt_path",
+            str(trained["ckpt"]),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     m = cli.trainer.callback_metrics
     assert math.isclose(float(m["val/ppl"]), math.exp(float(m["val/loss"])), rel_tol=1e-5)
 
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(micro, tmp_path):
-    common = [*micro, "--model.schedule_steps", "20", "--trainer.limit_val_batches", "0",
-              "--plots.every_n_steps", "0", "--plots.plots", "false", "--trainer.enable_progress_bar", "false",
-              "--checkpoint.every_n_train_steps", "5"]
-    full = AttnResCLI(args=["fit", *common, "--trainer.max_steps", "20", "--trainer.default_root_dir",
-                            str(tmp_path / "a")])
-    first = AttnResCLI(args=["fit", *common, "--trainer.max_steps", "10", "--trainer.default_root_dir",
-                             str(tmp_path / "b")])
+    common = [
+        *micro,
+        "--model.schedule_steps",
+        "20",
+        "--trainer.limit_val_batches",
+        "0",
+        "--plots.every_n_steps",
+        "0",
+        "--plots.plots",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--checkpoint.every_n_train_steps",
+        "5",
+    ]
+    full = AttnResCLI(
+        args=["fit", *common, "--trainer.max_steps", "20", "--trainer.default_root_dir", str(tmp_path / "a")]
+    )
+    first = AttnResCLI(
+        args=["fit", *common, "--trainer.max_steps", "10", "--trainer.default_root_dir", str(tmp_path / "b")]
+    )
     ckpt = first.trainer.checkpoint_callback.last_model_path
-    second = AttnResCLI(args=["fit", *common, "--trainer.max_steps", "20", "--trainer.default_root_dir",
-                              str(tmp_path / "b"), "--ckpt_path", ckpt])
+    second = AttnResCLI(
+        args=[
+            "fit",
+            *common,
+            "--trainer.max_steps",
+            "20",
+            "--trainer.default_root_dir",
+            str(tmp_path / "b"),
+            "--ckpt_path",
+            ckpt,
+        ]
+    )
     uninterrupted = train_losses(Path(full.trainer.log_dir))
     resumed = {**train_losses(Path(first.trainer.log_dir)), **train_losses(Path(second.trainer.log_dir))}
     assert sorted(resumed) == list(range(20))
@@ -174,25 +220,33 @@ def test_num_blocks_must_divide_the_depth(micro, capsys):
 
 
 def test_missing_data_path(micro, capsys, tmp_path):
-    err = fail_message(["fit", *micro, "--data.corpus", "files", "--data.files", f"[{tmp_path}/none/*.txt]"], capsys)
+    err = fail_message(
+        ["fit", *micro, "--data.corpus", "files", "--data.files", f"[{tmp_path}/none/*.txt]"], capsys
+    )
     assert "no file matches" in err and "fix the pattern" in err
 
 
 def test_empty_data_path(micro, capsys, tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    err = fail_message(["fit", *micro, "--data.corpus", "files", "--data.files", f"[{tmp_path}/*.txt]"], capsys)
+    err = fail_message(
+        ["fit", *micro, "--data.corpus", "files", "--data.files", f"[{tmp_path}/*.txt]"], capsys
+    )
     assert "are all empty" in err
 
 
 def test_sequence_longer_than_the_model_max(micro, capsys, tmp_path):
-    err = fail_message(["fit", *micro, "--data.seq_len", "512", "--trainer.default_root_dir", str(tmp_path)], capsys)
+    err = fail_message(
+        ["fit", *micro, "--data.seq_len", "512", "--trainer.default_root_dir", str(tmp_path)], capsys
+    )
     assert "data.seq_len=512 is above the model's max_seq_len=256" in err and "--model.max_seq_len" in err
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))  # no step ran
 
 
 def test_unwritable_output_directory(micro, capsys, tmp_path):
     (tmp_path / "a_file").write_text("x")  # a directory cannot be made under a file (even as root)
-    err = fail_message(["fit", *micro, "--trainer.default_root_dir", str(tmp_path / "a_file" / "runs")], capsys)
+    err = fail_message(
+        ["fit", *micro, "--trainer.default_root_dir", str(tmp_path / "a_file" / "runs")], capsys
+    )
     assert "is not writable" in err and "--trainer.default_root_dir" in err
 
 
@@ -201,10 +255,22 @@ def test_tokenizer_mismatch_with_checkpoint(trained, micro, capsys, tmp_path):
     corpus.mkdir()
     for i in range(4):
         (corpus / f"{i}.txt").write_text(f"text number {i} " * 200)
-    bpe = commands.tokenizer_train(vocab_size=300, corpus="files", files=[str(corpus / "*.txt")],
-                                   cache_dir=str(tmp_path / "cache"))
-    err = fail_message(["fit", *micro, "--ckpt_path", str(trained["ckpt"]), "--data.tokenizer", bpe,
-                        "--trainer.default_root_dir", str(tmp_path / "runs")], capsys)
+    bpe = commands.tokenizer_train(
+        vocab_size=300, corpus="files", files=[str(corpus / "*.txt")], cache_dir=str(tmp_path / "cache")
+    )
+    err = fail_message(
+        [
+            "fit",
+            *micro,
+            "--ckpt_path",
+            str(trained["ckpt"]),
+            "--data.tokenizer",
+            bpe,
+            "--trainer.default_root_dir",
+            str(tmp_path / "runs"),
+        ],
+        capsys,
+    )
     assert "tokenizer/vocabulary mismatch" in err and "data.tokenizer" in err
 
 
@@ -224,12 +290,28 @@ class PoisonAt(L.Callback):
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(micro, tmp_path):
-    cli = AttnResCLI(args=[*micro, "--trainer.max_steps", "6", "--checkpoint.every_n_train_steps", "1",
-                           "--trainer.limit_val_batches", "0", "--plots.every_n_steps", "0",
-                           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)],
-                     run=False)
+    cli = AttnResCLI(
+        args=[
+            *micro,
+            "--trainer.max_steps",
+            "6",
+            "--checkpoint.every_n_train_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "0",
+            "--plots.every_n_steps",
+            "0",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+        run=False,
+    )
     cli.trainer.callbacks.insert(0, PoisonAt(3))
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3.*Last good checkpoint: .*last\.ckpt"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss is nan at step 3.*Last good checkpoint: .*last\.ckpt"
+    ):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     ckpt = torch.load(cli.trainer.checkpoint_callback.last_model_path, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3
@@ -262,9 +344,13 @@ def test_atomic_checkpoint_io_leaves_the_old_file_whole(tmp_path, monkeypatch):
 def test_lr_schedule_warmup_cosine_wsd():
     cos = LRSchedule(warmup=10, total=110, kind="cosine", min_ratio=0.1)
     assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
-    assert cos(60) == pytest.approx(0.55) and cos(110) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)
+    assert (
+        cos(60) == pytest.approx(0.55) and cos(110) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)
+    )
     wsd = LRSchedule(warmup=10, total=100, kind="wsd", min_ratio=0.0, decay_fraction=0.2)
-    assert wsd(50) == 1.0 and wsd(79) == 1.0 and wsd(90) == pytest.approx(0.5) and wsd(100) == pytest.approx(0.0)
+    assert (
+        wsd(50) == 1.0 and wsd(79) == 1.0 and wsd(90) == pytest.approx(0.5) and wsd(100) == pytest.approx(0.0)
+    )
 
 
 def test_no_weight_decay_on_norms_biases_queries_and_embedding():
@@ -287,23 +373,45 @@ def test_help_and_print_config_compose(micro, capsys):
         run_lightning_cli(["fit", "--help"])
     assert exc.value.code == 0 and "--model.residual" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        run_lightning_cli(["fit", "-c", str(ROOT / "configs/default.yaml"), "-c", str(ROOT / "configs/model/small.yaml"),
-                           "--print_config"])
+        run_lightning_cli(
+            [
+                "fit",
+                "-c",
+                str(ROOT / "configs/default.yaml"),
+                "-c",
+                str(ROOT / "configs/model/small.yaml"),
+                "--print_config",
+            ]
+        )
     out = capsys.readouterr().out
     assert "preset: small" in out and "corpus: stdlib" in out
 
 
 def test_generate_returns_text(trained, capsys):
-    attnres_main(["generate", "--ckpt", str(trained["ckpt"]), "--prompt", "import ", "--max_new_tokens", "24"])
+    attnres_main(
+        ["generate", "--ckpt", str(trained["ckpt"]), "--prompt", "import ", "--max_new_tokens", "24"]
+    )
     out = capsys.readouterr().out
     assert out.startswith("import ") and len(out.rstrip("\n")) > len("import ")
-    texts = commands.generate(str(trained["ckpt"]), prompt="def ", max_new_tokens=8, greedy=True, num_samples=2)
+    texts = commands.generate(
+        str(trained["ckpt"]), prompt="def ", max_new_tokens=8, greedy=True, num_samples=2
+    )
     assert len(texts) == 2 and texts[0] == texts[1] and texts[0].startswith("def ")
 
 
 def test_compare_trains_three_modes_on_the_same_budget(micro, tmp_path, capsys):
-    attnres_main(["compare", *micro, "--max_steps", "2", "--output_dir", str(tmp_path),
-                  "--args", '["--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"]'])
+    attnres_main(
+        [
+            "compare",
+            *micro,
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+            "--args",
+            '["--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"]',
+        ]
+    )
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results) == ["standard", "block", "full"]
     assert len({r["tokens"] for r in results.values()}) == 1 and results["block"]["tokens"] == 2 * 2 * 32
