@@ -25,7 +25,7 @@ case "$PART" in
   dense|rest|all|serve|template|medium|eager) ;;
   *) echo "unknown PART '$PART' (dense | rest | all | serve | template | medium | eager)"; exit 2 ;;
 esac
-OUT=${OUT:-/tmp/e2e_out}
+export OUT=${OUT:-/tmp/e2e_out}
 mkdir -p "$OUT" benchmarks/results
 LOG="$OUT/e2e_${PART}.log"
 export PYTHONUNBUFFERED=1
@@ -92,17 +92,21 @@ for mod in ("fla.ops.attnres", "fla.ops.kda", "jsonargparse", "lightning", "ligh
   esac
 
   python3 -c '
-import glob
+import glob, os, shutil
 import torch
 from attnres.bench.e2e import device_slug, format_table, merge_results
 slug = device_slug(torch.device("cuda"))
 parts = sorted(p for p in glob.glob(f"benchmarks/results/e2e_{slug}_*.json") if not p.endswith("_quick.json"))
-if parts:
-    merged = merge_results(parts, f"benchmarks/results/e2e_{slug}.json")
-    print(f"merged {len(parts)} runs into benchmarks/results/e2e_{slug}.json")
-    print(format_table(merged))
+if not parts:
+    print("no JSON written")
+else:
+    merged = f"benchmarks/results/e2e_{slug}.json"
+    table = format_table(merge_results(parts, merged))
+    for path in parts + [merged]:
+        shutil.copy(path, os.environ["OUT"])
+    print(f"merged {len(parts)} runs into {merged}; copied to $OUT:", *map(os.path.basename, parts))
+    print(table)
 '
-  cp -v benchmarks/results/e2e_*.json "$OUT"/ 2>/dev/null || echo "no JSON written"
   echo "done in $(( $(date +%s) - T0 )) s"
 }
 

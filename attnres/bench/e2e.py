@@ -652,11 +652,12 @@ def _serve_rows(run: _Run, shape: Shape, mode: str, impl: str, kinds: Sequence[s
 # ----------------------------------------------------------------------------- template vs hand-written
 
 
-def _template_rows(run: _Run, shape: Shape, compile: bool, precision: str) -> None:
+def _template_rows(run: _Run, shape: Shape, compile: bool, precision: str, per_step_callbacks: bool) -> None:
     """The ``LanguageModel`` step through a Lightning ``Trainer`` vs a hand-written step of the same model
     (standard residual; ``precision`` autocast; fused AdamW with the same parameter groups and a
     ``LambdaLR``; the same batch, copied to the device each step). Step time = the interval between
-    consecutive step starts (CUDA events), so the loops' own overhead counts."""
+    consecutive step starts (CUDA events), so the loops' own overhead counts. ``per_step_callbacks``:
+    the Trainer also runs the callbacks ``attnres fit`` always adds (NaN guard, throughput/MFU)."""
     base = {"kind": "template", "shape": shape.name, "mode": "standard", "impl": "attnres",
             "variant": "compile" if compile else "eager", "batch": shape.batch, "seq_len": shape.seq_len,
             "precision": precision, "optimizer": "adamw"}
@@ -744,16 +745,22 @@ def _template_rows(run: _Run, shape: Shape, compile: bool, precision: str) -> No
                     marks.append(mark())
 
         module = lm()
+        callbacks: list[Any] = [StepMarks()]
+        if per_step_callbacks:  # what `attnres fit` adds to every run (each syncs once or twice a step)
+            from lightning_modules.callbacks import NaNGuard, ThroughputMonitor
+
+            callbacks += [NaNGuard(), ThroughputMonitor()]
         trainer = L.Trainer(
             accelerator="gpu" if run.device.type == "cuda" else "cpu", devices=1, precision=precision,
             max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-            callbacks=[StepMarks()],
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
         )
         _reset_memory(run.device)
         loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None)
         trainer.fit(module, train_dataloaders=loader)
-        return finish(marks)
+        row = finish(marks)
+        row["callbacks"] = [type(c).__name__ for c in callbacks]
+        return row
 
     _guarded(run, {**base, "impl": "hand-written"}, hand_written, compiles=compile, reset=compile)
     _guarded(run, {**base, "impl": "template"}, template, compiles=compile, reset=compile)
@@ -874,6 +881,7 @@ def run_e2e_benchmark(
     graphs: bool = True,
     template_compile: bool | None = None,
     template_precision: str = "bf16-mixed",
+    template_callbacks: bool = True,
     warmup: int = 3,
     repeat: int = 10,
     budget_s: float = 480.0,
@@ -905,8 +913,8 @@ def run_e2e_benchmark(
 def _run_e2e(
     quick: bool, shapes: Sequence[str], modes: Sequence[str], kinds: Sequence[str],
     variants: Sequence[str], impls: Sequence[str], num_blocks: int, graphs: bool,
-    template_compile: bool | None, template_precision: str, warmup: int, repeat: int, budget_s: float,
-    compile_reserve_s: float | None, profile: bool,
+    template_compile: bool | None, template_precision: str, template_callbacks: bool, warmup: int,
+    repeat: int, budget_s: float, compile_reserve_s: float | None, profile: bool,
     device: str | None, out: str | Path | None, tag: str | None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -945,7 +953,7 @@ def _run_e2e(
                      "impls": list(impls), "num_blocks": num_blocks, "warmup": warmup, "repeat": repeat,
                      "budget_s": budget_s,
                      "graphs": graphs, "template_compile": template_compile,
-                     "template_precision": template_precision},
+                     "template_precision": template_precision, "template_callbacks": template_callbacks},
         "shapes": {s: all_shapes[s].describe() for s in shapes},
         "residual_traffic": {
             s: {m: residual_traffic(all_shapes[s].config.replace(residual=m), all_shapes[s].batch,
@@ -996,7 +1004,7 @@ def _run_e2e(
             train(shape, "attnres", "compile", ours)
     if "template" in kinds:
         _template_rows(run, all_shapes["dense" if "dense" in shapes else shapes[0]], template_compile,
-                       template_precision)
+                       template_precision, template_callbacks)
     if "train" in kinds and "compile" in variants:
         for shape in picked:
             train(shape, "fla", "compile", theirs)
@@ -1049,6 +1057,7 @@ def bench_e2e(
     graphs: bool = True,
     template_compile: bool | None = None,
     template_precision: str = "bf16-mixed",
+    template_callbacks: bool = True,
     warmup: int = 3,
     repeat: int = 10,
     budget_s: float = 480.0,
@@ -1078,6 +1087,8 @@ def bench_e2e(
         template_compile: compile in the template comparison (default: on a GPU).
         template_precision: Lightning precision of the template comparison (the hand-written step uses
             the same autocast).
+        template_callbacks: the template's Trainer also runs the per-step callbacks ``attnres fit`` always
+            adds (NaN guard, throughput/MFU monitor), as a user's run would.
         warmup: warm-up calls per row (the first includes compilation).
         repeat: timed repeats per row (median reported).
         budget_s: stop starting rows after this many seconds (the rest are recorded as skipped).
@@ -1091,7 +1102,8 @@ def bench_e2e(
         quick=quick, shapes=shapes or ["dense", "medium"], modes=modes or list(MODES),
         kinds=kinds or list(KINDS), variants=variants or (["eager"] if quick else list(VARIANTS)),
         impls=impls or list(IMPLS), num_blocks=num_blocks, graphs=graphs, template_compile=template_compile,
-        template_precision=template_precision, warmup=warmup, repeat=repeat, budget_s=budget_s,
+        template_precision=template_precision, template_callbacks=template_callbacks, warmup=warmup,
+        repeat=repeat, budget_s=budget_s,
         profile=profile, device=device, out=path, tag=tag,
     )
     print(format_table(result))
