@@ -548,6 +548,9 @@ def _train_rows(run: _Run, shape: Shape, mode: str, impl: str, variant: str) -> 
             residual_calls_per_step=traffic["calls_per_step"], residual_step_bytes=traffic["step_bytes"],
             ops_backend=ops.backend(run.device) if impl == "attnres" else "fla",
         )
+        bandwidth = (run.result.get("ceilings") or {}).get("copy_gbps")
+        if bandwidth:  # the residual path's bytes at the measured copy bandwidth: no kernel does better
+            row["residual_floor_ms"] = traffic["step_bytes"] / (bandwidth * 1e9) * 1e3
         if run.profile and not optimizer:
             row["profile"] = _profile(step, run.device)
         return row
