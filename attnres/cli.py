@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from jsonargparse import CLI
 
+    from attnres.bench.e2e import bench_e2e
     from lightning_modules import commands
 
     if argv[:1] == ["compare"]:  # `attnres compare -c a.yaml -c b.yaml`, as for `attnres fit`
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     CLI(
         {
             "info": info,
-            "bench": {"ops": bench_ops},
+            "bench": {"ops": bench_ops, "e2e": bench_e2e},
             "generate": commands.generate,
             "plot": commands.plot,
             "compare": commands.compare,
