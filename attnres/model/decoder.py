@@ -1,0 +1,277 @@
+"""The Kimi-Linear-style decoder with a pluggable residual path.
+
+``embedding -> layers -> residual read-out -> final RMSNorm -> LM head``. Each decoder layer holds two
+sublayers, a PreNorm token mixer (KDA or MLA) and a PreNorm channel mixer (dense SwiGLU or MoE);
+sublayer ``2l`` and ``2l + 1`` of :class:`attnres.residual.Residual`, which decides what each sublayer
+reads (the standard running sum, Full AttnRes or Block AttnRes).
+
+Layers live in an ``nn.ModuleDict`` keyed by ``str(index)``: a pipeline stage deletes the layers it
+does not own and parameter names stay those of the full model. Nothing here knows about Lightning
+or parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnres.model.config import Config
+from attnres.model.kda import KimiDeltaAttention
+from attnres.model.mla import MultiHeadLatentAttention
+from attnres.model.moe import MoE, SwiGLU, output_init_std
+from attnres.model.norm import RMSNorm
+from attnres.residual import Residual, ResidualState
+
+__all__ = ["Decoder", "DecoderCache", "DecoderLayer", "KimiLinear", "ModelOutput"]
+
+
+@dataclass
+class DecoderCache:
+    """Decoding state of every layer, keyed like ``Decoder.layers``: KDA ``{"state", "conv"}``, MLA
+    ``{"latent", "k_shared"}``. AttnRes needs nothing here: it mixes across depth within one token."""
+
+    layers: dict[str, dict] = field(default_factory=dict)
+    seq_len: int = 0
+
+
+@dataclass
+class ModelOutput:
+    """logits ``[B, T, V]``; loss: mean cross-entropy over ``labels != -100`` (when labels are given;
+    the MoE balance loss is *not* included); aux_loss: sum of the MoE sequence balance losses (0 when
+    off); cache: the updated :class:`DecoderCache` (when one was passed); stats (``return_stats``):
+    ``depth_weights [sources, sublayers + 1]`` (NaN where a sublayer does not see a source; None for
+    the standard residual), ``output_rms [L]`` (RMS of each sublayer output ``v_i``), ``hidden_rms
+    [L + 1]`` (RMS of each sublayer input ``h_i`` and, last, the read-out), ``router_load``
+    ``{layer: [E]}`` (fraction of routed slots per expert)."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    cache: DecoderCache | None = None
+    stats: dict | None = None
+
+
+class DecoderLayer(nn.Module):
+    """PreNorm token mixer + PreNorm channel mixer (two sublayers of the residual path)."""
+
+    def __init__(self, config: Config, index: int) -> None:
+        super().__init__()
+        c = config
+        self.index = index
+        self.mixer_kind = "mla" if c.is_mla(index) else "kda"
+        self.mlp_kind = "moe" if c.is_moe(index) else "dense"
+        self.attn_norm = RMSNorm(c.dim, c.rms_norm_eps)
+        if self.mixer_kind == "mla":
+            self.attn = MultiHeadLatentAttention(c.dim, c.mla_heads, c.mla_qk_nope_dim, c.mla_qk_shared_dim,
+                                                 c.mla_v_head_dim, c.mla_kv_rank, c.rms_norm_eps)
+        else:
+            self.attn = KimiDeltaAttention(c.dim, c.kda_heads, c.kda_head_dim, c.kda_conv_size,
+                                           c.kda_chunk_size, c.rms_norm_eps)
+        self.mlp_norm = RMSNorm(c.dim, c.rms_norm_eps)
+        if self.mlp_kind == "moe":
+            self.mlp = MoE(c.dim, c.num_experts, c.top_k, c.expert_dim, c.num_shared_experts,
+                           c.routed_scaling_factor, c.router_bias_update_rate, c.aux_loss_coef)
+        else:
+            self.mlp = SwiGLU(c.dim, c.mlp_dim)
+
+    def token_mixer(self, h: Tensor, cache: dict | None = None) -> Tensor:
+        """Sublayer ``2 * index``: ``[B, T, d] -> [B, T, d]``."""
+        return self.attn(self.attn_norm(h), cache)
+
+    def channel_mixer(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Sublayer ``2 * index + 1``: ``[B, T, d] -> ([B, T, d], MoE aux loss or None)``."""
+        if self.mlp_kind == "moe":
+            return self.mlp(self.mlp_norm(h))
+        return self.mlp(self.mlp_norm(h)), None
+
+
+class Decoder(nn.Module):
+    """The decoder of ``config``: ``forward(input_ids [B, T]) -> ModelOutput``."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(c, i) for i in range(c.num_layers)})
+        self.residual = Residual(c.dim, c.num_sublayers, c.residual, c.num_blocks, c.residual_eps)
+        self.norm = RMSNorm(c.dim, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for projections and embeddings, ``init_std / sqrt(2 * num_layers)`` for
+        the projections that write into the residual path (attention ``o_proj``, MLP / expert down),
+        zero biases; norms at 1, KDA decay parameters Mamba-style, pseudo-queries at 0 (in Residual)."""
+        c = self.config
+        std, out_std = c.init_std, output_init_std(c.init_std, c.num_layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+        for layer in self.layers.values():
+            nn.init.normal_(layer.attn.o_proj.weight, std=out_std)
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.reset_parameters(std, out_std)
+                if layer.mlp.shared is not None:
+                    nn.init.normal_(layer.mlp.shared.down_proj.weight, std=out_std)
+            else:
+                nn.init.normal_(layer.mlp.down_proj.weight, std=out_std)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self, input_ids: Tensor, labels: Tensor | None = None, *, cache: DecoderCache | None = None,
+        return_stats: bool = False,
+    ) -> ModelOutput:
+        """input_ids ``[B, T]``; labels ``[B, T]`` already aligned (position ``t`` predicts
+        ``labels[t]``; ``-100`` is ignored); cache: a :class:`DecoderCache` to decode with (updated in
+        place; an empty one starts a sequence)."""
+        state = self.residual.begin(self.embed(input_ids), record=return_stats)
+        aux_loss = torch.zeros((), device=input_ids.device)
+        out_rms: list[Tensor] = []
+        in_rms: list[Tensor] = []
+        loads: dict[int, Tensor] = {}
+
+        def run(i: int, fn, *args) -> Tensor | None:
+            h = self.residual.input(state, i)
+            result = fn(h, *args)
+            v, extra = result if isinstance(result, tuple) else (result, None)
+            self.residual.output(state, i, v)
+            if return_stats:
+                in_rms.append(_rms(h))
+                out_rms.append(_rms(v))
+            return extra
+
+        for key, layer in self.layers.items():
+            i = int(key)
+            layer_cache = cache.layers.setdefault(key, {}) if cache is not None else None
+            run(2 * i, layer.token_mixer, layer_cache)
+            aux = run(2 * i + 1, layer.channel_mixer)
+            if aux is not None:
+                aux_loss = aux_loss + aux
+                if return_stats:
+                    loads[i] = layer.mlp.last_load.detach().cpu()
+        x = self.residual.readout(state)
+        logits = self.lm_head(self.norm(x))
+        if cache is not None:
+            cache.seq_len += input_ids.shape[1]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        stats = None
+        if return_stats:
+            stats = {
+                "depth_weights": self._depth_weights(state),
+                "output_rms": torch.stack(out_rms).cpu(),
+                "hidden_rms": torch.stack(in_rms + [_rms(x)]).cpu(),
+                "router_load": loads,
+            }
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, cache=cache, stats=stats)
+
+    def _depth_weights(self, state: ResidualState) -> Tensor | None:
+        if self.config.residual == "standard":
+            return None
+        return self.residual.depth_weight_matrix(state.records)
+
+    # ------------------------------------------------------------------ MoE balancing
+
+    def moe_layers(self) -> dict[str, MoE]:
+        """The MoE channel mixers by layer key (for all-reducing their ``tokens_per_expert``)."""
+        return {k: layer.mlp for k, layer in self.layers.items() if isinstance(layer.mlp, MoE)}
+
+    @torch.no_grad()
+    def update_router_bias(self) -> None:
+        """Apply the accumulated expert loads to every MoE router bias and reset them (call after each
+        optimizer step; a no-op without MoE)."""
+        for moe in self.moe_layers().values():
+            moe.update_bias()
+
+    # ------------------------------------------------------------------ description
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameters of this module (a pipeline stage counts its own). ``active``: per token — the
+        ``top_k`` routed experts of each MoE layer instead of all, and no input embedding (lookup)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        if not self.config.tie_embeddings:
+            total -= self.embed.weight.numel()
+        for moe in self.moe_layers().values():
+            per_expert = (moe.w_gate.numel() + moe.w_up.numel() + moe.w_down.numel()) // moe.num_experts
+            total -= (moe.num_experts - moe.top_k) * per_expert
+        return total
+
+    def layer_plan(self) -> str:
+        """The per-layer table (token mixer, channel mixer) of this module's layers."""
+        return self.config.layer_plan([int(k) for k in self.layers])
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+        top_p: float | None = None, greedy: bool = False, eos_id: int | None = None,
+    ) -> Tensor:
+        """Extend ``input_ids [B, T]`` by up to ``max_new_tokens`` tokens with cached decoding:
+        one prefill, then one token per step (KDA recurrent + conv state, MLA latent cache).
+        Sampling: greedy (argmax), or softmax at ``temperature`` restricted to the ``top_k`` most likely
+        tokens and/or the smallest set of probability ``>= top_p``. After ``eos_id`` a sequence keeps
+        emitting ``eos_id``; generation stops early once every sequence has. Returns
+        ``[B, T + new]``. Runs in eval mode (restored after)."""
+        was_training = self.training
+        self.eval()
+        try:
+            cache = DecoderCache()
+            logits = self(input_ids, cache=cache).logits[:, -1]
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            new: list[Tensor] = []
+            for step in range(max_new_tokens):
+                token = sample(logits, temperature, top_k, top_p, greedy)
+                if eos_id is not None:
+                    token = torch.where(done, torch.full_like(token, eos_id), token)
+                    done |= token == eos_id
+                new.append(token)
+                if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                    break
+                logits = self(token[:, None], cache=cache).logits[:, -1]
+            return torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids
+        finally:
+            self.train(was_training)
+
+
+KimiLinear = Decoder
+
+
+def sample(
+    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+    greedy: bool = False,
+) -> Tensor:
+    """Next tokens ``[B]`` from ``logits [B, V]``."""
+    if greedy or temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+
+
+def _rms(x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return x.detach().float().pow(2).mean().sqrt()

@@ -1,0 +1,247 @@
+"""Kimi Delta Attention (KDA): gated delta-rule linear attention with channel-wise decay.
+
+Per head, with state ``S [K, V]``, per-channel decay ``alpha_t = exp(g_t)`` and write strength
+``beta_t``::
+
+    S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T,    o_t = S_t^T (q_t / sqrt(K))
+
+Three implementations of that recurrence, all on ``[B, T, H, K]`` tensors (fla's layout):
+
+* :func:`kda_recurrent` — token by token, the ground truth (and the decoding step on CPU);
+* :func:`kda_chunked` — chunkwise parallel form (WY representation), our CPU training path;
+* fla's Triton ``chunk_kda`` / ``fused_recurrent_kda`` on CUDA when fla is installed (imported lazily).
+
+Chunkwise form. Inside a chunk let ``G_t = g_1 + ... + g_t`` (cumulative log decay, per channel) and
+``S_0`` the state entering the chunk. Unrolling ``S_t = Diag(alpha_t) S_{t-1} + k_t u_t^T`` with the
+"pseudo-value" ``u_t = beta_t (v_t - S_{t-1}^T Diag(alpha_t) k_t)`` gives
+``S_t = Diag(e^{G_t}) S_0 + sum_{s<=t} Diag(e^{G_t - G_s}) k_s u_s^T``. Substituting back into ``u_t``
+gives a unit lower-triangular system ``(I + A) U = Diag(beta) (V - (e^G * K) S_0)`` with
+``A[t, s] = beta_t k_t^T Diag(e^{G_t - G_s}) k_s`` for ``s < t``. Hence ``U = U~ - W S_0`` with
+``U~ = T V``, ``W = T (e^G * K)`` and ``T = (I + A)^{-1} Diag(beta)`` (the WY representation; all
+chunks at once), then one short sequential pass over chunks carries the state::
+
+    U   = U~ - W S
+    O   = (e^G * Q) S + (Aqk masked to s <= t) U,   Aqk[t, s] = q_t^T Diag(e^{G_t - G_s}) k_s
+    S   = Diag(e^{G_C}) S + (e^{G_C - G} * K)^T U
+
+Every exponent is ``<= 0`` (decays only shrink), so nothing overflows however strong the decay: the
+pairwise factors ``e^{G_t - G_s}`` are formed explicitly per chunk (``[C, C, K]``), which is why the
+CPU path uses short chunks (16 by default).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnres.model.norm import RMSNorm
+
+__all__ = ["KimiDeltaAttention", "ShortConv", "kda_chunked", "kda_recurrent"]
+
+
+def _compute_dtype(v: Tensor) -> torch.dtype:
+    """fp32 for every activation dtype; fp64 kept (for gradient checks)."""
+    return torch.float64 if v.dtype == torch.float64 else torch.float32
+
+
+def kda_recurrent(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+    scale: float | None = None, initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Token-by-token KDA. q, k, g: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]``;
+    g is the log decay (``<= 0``); initial_state: ``[B, H, K, V]``.
+    Returns ``(o [B, T, H, V]`` in v's dtype, ``S [B, H, K, V]`` fp32)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    out_dtype = v.dtype
+    ct = _compute_dtype(v)
+    q, k, v, g, beta = (t.to(ct) for t in (q, k, v, g, beta))
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(ct)
+    outs = []
+    for t in range(T):
+        k_t, b_t = k[:, t], beta[:, t, :, None]
+        S = S * g[:, t].exp().unsqueeze(-1)  # Diag(alpha_t) S
+        pred = torch.einsum("bhk,bhkv->bhv", k_t, S)  # what the state already returns for k_t
+        S = S + torch.einsum("bhk,bhv->bhkv", k_t, b_t * (v[:, t] - pred))
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)
+    return o.to(out_dtype), S
+
+
+def kda_chunked(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+    scale: float | None = None, initial_state: Tensor | None = None, chunk_size: int = 16,
+) -> tuple[Tensor, Tensor]:
+    """Chunkwise KDA (WY representation, see the module docstring); same arguments and results as
+    :func:`kda_recurrent`. Computed in fp32; T need not be a multiple of ``chunk_size``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    scale = K**-0.5 if scale is None else scale
+    out_dtype = v.dtype
+    ct = _compute_dtype(v)
+    pad = (-T) % C
+    # padded steps have k = 0, g = 0, beta = 0: they neither decay nor write the state
+    q, k, v, g = (F.pad(t.to(ct), (0, 0, 0, 0, 0, pad)) for t in (q, k, v, g))
+    beta = F.pad(beta.to(ct), (0, 0, 0, pad))
+    N = (T + pad) // C
+
+    def chunks(t: Tensor) -> Tensor:  # [B, N*C, H, ...] -> [B, H, N, C, ...]
+        return t.reshape(B, N, C, H, *t.shape[3:]).transpose(1, 3).transpose(2, 3)
+
+    q, k, v, g, beta = chunks(q) * scale, chunks(k), chunks(v), chunks(g), chunks(beta)
+    G = g.cumsum(-2)  # [B, H, N, C, K]
+    incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # s <= t
+    strict = incl.tril(-1)  # s < t
+    # pairwise decay e^{G_t - G_s} on s <= t, 0 elsewhere (masked before exp: no inf * 0)
+    diff = (G.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~incl[:, :, None], float("-inf"))
+    decay = diff.exp()  # [B, H, N, C(t), C(s), K]
+    Akk = torch.einsum("...tsk,...tk,...sk->...ts", decay, k, k)
+    Aqk = torch.einsum("...tsk,...tk,...sk->...ts", decay, q, k)
+    A = (Akk * beta.unsqueeze(-1)).masked_fill(~strict, 0.0)
+    eye = torch.eye(C, dtype=A.dtype, device=A.device)
+    rhs = torch.cat([v, G.exp() * k], dim=-1) * beta.unsqueeze(-1)  # [B, H, N, C, V + K]
+    sol = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
+    U_tilde, W = sol[..., :V], sol[..., V:]
+    q_decayed = q * G.exp()  # q_t against S_0
+    k_to_end = k * (G[..., -1:, :] - G).exp()  # k_s decayed to the chunk end
+    chunk_decay = G[..., -1, :].exp().unsqueeze(-1)  # [B, H, N, K, 1]
+
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(ct)
+    outs = []
+    for n in range(N):
+        U = U_tilde[:, :, n] - W[:, :, n] @ S
+        outs.append(q_decayed[:, :, n] @ S + Aqk[:, :, n] @ U)
+        S = chunk_decay[:, :, n] * S + k_to_end[:, :, n].transpose(-1, -2) @ U
+    o = torch.stack(outs, dim=2)  # [B, H, N, C, V]
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
+    return o.to(out_dtype), S
+
+
+def fla_available() -> bool:
+    """Whether fla's KDA kernels can be imported (fla-core and triton installed)."""
+    return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time (kernel ``W``, one filter per channel) then SiLU.
+
+    ``forward(x [B, T, C], state [B, C, W-1] | None) -> (y [B, T, C], new state [B, C, W-1])``: the
+    state holds the last ``W - 1`` inputs, so decoding one token at a time equals the full pass."""
+
+    def __init__(self, channels: int, kernel: int = 4) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.empty(channels, kernel))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.kernel)  # nn.Conv1d's default for a depthwise filter
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        B, T, C = x.shape
+        xt = x.transpose(1, 2)
+        if state is None:
+            state = xt.new_zeros(B, C, self.kernel - 1)
+        xp = torch.cat([state.to(xt.dtype), xt], dim=-1)  # [B, C, W-1+T]
+        y = F.conv1d(xp, self.weight.to(xt.dtype).unsqueeze(1), groups=C)
+        return F.silu(y.transpose(1, 2)), xp[..., xp.shape[-1] - (self.kernel - 1):].detach()
+
+
+class KimiDeltaAttention(nn.Module):
+    """The KDA token mixer (``shared/KIMI_LINEAR.md``): ``[B, T, dim] -> [B, T, dim]``.
+
+    q/k/v projections + short conv + SiLU, L2-normed q and k; decay
+    ``g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)`` (low rank, rank = head dim); ``beta =
+    sigmoid(b_proj(x))``; output ``o_proj(RMSNorm_head(o) * sigmoid(g_b(g_a(x))))``.
+
+    ``cache``: a dict for this layer, filled and updated in place (``"state"``: ``[B, H, K, V]`` fp32,
+    ``"conv"``: the three short-conv states); an empty dict starts a sequence.
+    ``backend``: ``"auto"`` (fla on CUDA when installed, else our chunked / recurrent code),
+    ``"torch"`` (always ours) or ``"fla"``.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, head_dim: int, conv_size: int = 4, chunk_size: int = 16,
+        norm_eps: float = 1e-5, backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if backend not in ("auto", "torch", "fla"):
+            raise ValueError(f"backend={backend!r} is invalid; valid: auto | torch | fla")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
+        self.chunk_size = chunk_size
+        self.backend = backend
+        hk = num_heads * head_dim
+        self.q_proj = nn.Linear(dim, hk, bias=False)
+        self.k_proj = nn.Linear(dim, hk, bias=False)
+        self.v_proj = nn.Linear(dim, hk, bias=False)
+        self.q_conv = ShortConv(hk, conv_size)
+        self.k_conv = ShortConv(hk, conv_size)
+        self.v_conv = ShortConv(hk, conv_size)
+        self.f_a_proj = nn.Linear(dim, head_dim, bias=False)
+        self.f_b_proj = nn.Linear(head_dim, hk, bias=False)
+        self.A_log = nn.Parameter(torch.empty(num_heads))
+        self.dt_bias = nn.Parameter(torch.empty(hk))
+        self.b_proj = nn.Linear(dim, num_heads, bias=False)
+        self.g_a_proj = nn.Linear(dim, head_dim, bias=False)
+        self.g_b_proj = nn.Linear(head_dim, hk, bias=True)
+        self.o_norm = RMSNorm(head_dim, norm_eps)
+        self.o_proj = nn.Linear(hk, dim, bias=False)
+        self.reset_decay()
+
+    def reset_decay(self) -> None:
+        """Mamba-style decay init: ``A ~ U[1, 16]`` per head, ``softplus(dt_bias) ~ logU[1e-3, 0.1]``."""
+        with torch.no_grad():
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+            dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1)))
+            dt = dt.clamp(min=1e-4)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def decay(self, x: Tensor) -> Tensor:
+        """Log decay ``g [B, T, H, K]`` (fp32, ``<= 0``)."""
+        f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()
+        g = -self.A_log.float().exp().repeat_interleave(self.head_dim) * F.softplus(f)
+        return g.unflatten(-1, (self.num_heads, self.head_dim))
+
+    def _use_fla(self, x: Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        if self.backend == "fla":
+            return True
+        return x.is_cuda and fla_available()
+
+    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
+        B, T, _ = x.shape
+        H, K = self.num_heads, self.head_dim
+        conv = cache.get("conv", (None, None, None)) if cache is not None else (None, None, None)
+        q, cq = self.q_conv(self.q_proj(x), conv[0])
+        k, ck = self.k_conv(self.k_proj(x), conv[1])
+        v, cv = self.v_conv(self.v_proj(x), conv[2])
+        q = F.normalize(q.unflatten(-1, (H, K)).float(), dim=-1, eps=1e-6).to(x.dtype)
+        k = F.normalize(k.unflatten(-1, (H, K)).float(), dim=-1, eps=1e-6).to(x.dtype)
+        v = v.unflatten(-1, (H, K))
+        g = self.decay(x)
+        beta = torch.sigmoid(self.b_proj(x).float())
+        state = cache.get("state") if cache is not None else None
+        want_state = cache is not None
+        if self._use_fla(x):
+            from fla.ops.kda import chunk_kda, fused_recurrent_kda
+
+            fn = fused_recurrent_kda if T == 1 else chunk_kda
+            o, state = fn(q, k, v, g, beta.to(q.dtype), scale=K**-0.5, initial_state=state,
+                          output_final_state=want_state)
+        elif T == 1:
+            o, state = kda_recurrent(q, k, v, g, beta, initial_state=state)
+        else:
+            o, state = kda_chunked(q, k, v, g, beta, initial_state=state, chunk_size=self.chunk_size)
+        if cache is not None:
+            cache["state"], cache["conv"] = state.detach(), (cq, ck, cv)
+        gate = torch.sigmoid(self.g_b_proj(self.g_a_proj(x)).float()).unflatten(-1, (H, K))
+        o = (self.o_norm(o.float()) * gate).to(x.dtype).flatten(-2)
+        return self.o_proj(o)

@@ -1,0 +1,162 @@
+"""Channel mixers: the dense SwiGLU MLP and the Mixture-of-Experts layer (Kimi Linear / DeepSeek-V3
+routing).
+
+Router: ``scores = sigmoid(x W_r^T)`` in fp32; experts picked by top-k of ``scores + bias`` where
+``bias`` is a buffer moved outside the gradient toward balanced load (auxiliary-loss-free
+balancing); the weights are the *unbiased* scores of the picked experts, renormalised to sum 1 and
+multiplied by ``routed_scaling_factor``. Shared experts always run, unscaled. Optionally a
+sequence-level balance loss (DeepSeek-V3's ``L_Bal``).
+
+Expert compute: the ``T * k`` (token, expert) pairs are sorted by expert so that each expert's
+tokens are one contiguous slice; the experts' weights are stacked ``[E, ...]``. On CUDA in bf16 one
+``torch._grouped_mm`` per projection runs all experts; elsewhere a loop over experts (never over
+tokens) runs one GEMM per non-empty slice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MoE", "SwiGLU", "grouped_swiglu"]
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate x) * up x)``: ``[..., dim] -> [..., dim]``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _grouped_mm_ok(x: Tensor, *weights: Tensor) -> bool:
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    return all(w.dtype == torch.bfloat16 and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
+
+
+def grouped_swiglu(
+    x: Tensor, counts: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
+    use_grouped_mm: bool | None = None,
+) -> Tensor:
+    """SwiGLU experts over tokens sorted by expert.
+
+    x: ``[N, d]`` with expert ``e``'s tokens in rows ``offsets[e-1] .. offsets[e]``; counts: ``[E]``
+    tokens per expert; w_gate, w_up: ``[E, h, d]``; w_down: ``[E, d, h]``. Returns ``[N, d]``.
+    ``use_grouped_mm``: None picks ``torch._grouped_mm`` where it runs (CUDA, bf16, sm90+).
+    """
+    if use_grouped_mm is None:
+        use_grouped_mm = _grouped_mm_ok(x, w_gate, w_up, w_down)
+    if use_grouped_mm:
+        offs = counts.cumsum(0).to(torch.int32)
+        gate = torch._grouped_mm(x, w_gate.transpose(-2, -1), offs=offs)
+        up = torch._grouped_mm(x, w_up.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)
+    pieces = []
+    for e, xe in enumerate(x.split(counts.tolist())):
+        if xe.shape[0]:
+            pieces.append((F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())) @ w_down[e].t())
+    return torch.cat(pieces) if pieces else x.new_zeros(x.shape)
+
+
+class MoE(nn.Module):
+    """Routed SwiGLU experts (top-k of E) plus shared experts: ``[B, T, d] -> ([B, T, d], aux loss)``.
+
+    Buffers: ``score_bias [E]`` (the balancing bias, fp32, part of the checkpoint) and
+    ``tokens_per_expert [E]`` (routed token counts accumulated over training forwards since the last
+    :meth:`update_bias`; not checkpointed). Under data parallelism, all-reduce ``tokens_per_expert``
+    across ranks before :meth:`update_bias` so that every rank moves its bias the same way.
+    """
+
+    def __init__(
+        self, dim: int, num_experts: int, top_k: int, expert_dim: int, num_shared_experts: int = 1,
+        routed_scaling_factor: float = 1.0, bias_update_rate: float = 1e-3, aux_loss_coef: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.routed_scaling_factor = routed_scaling_factor
+        self.bias_update_rate = bias_update_rate
+        self.aux_loss_coef = aux_loss_coef
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(num_experts, expert_dim, dim))
+        self.w_up = nn.Parameter(torch.empty(num_experts, expert_dim, dim))
+        self.w_down = nn.Parameter(torch.empty(num_experts, dim, expert_dim))
+        self.shared = SwiGLU(dim, expert_dim * num_shared_experts) if num_shared_experts > 0 else None
+        self.register_buffer("score_bias", torch.zeros(num_experts, dtype=torch.float32))
+        counts = torch.zeros(num_experts, dtype=torch.float32)
+        self.register_buffer("tokens_per_expert", counts, persistent=False)
+        self.last_load: Tensor | None = None  # fraction of routed slots per expert, last forward
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        nn.init.normal_(self.w_gate, std=std)
+        nn.init.normal_(self.w_up, std=std)
+        nn.init.normal_(self.w_down, std=std if out_std is None else out_std)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x ``[N, d]`` -> (expert ids ``[N, k]``, weights ``[N, k]`` fp32, scores ``[N, E]`` fp32)."""
+        scores = torch.sigmoid(F.linear(x.float(), self.router.weight.float()))
+        idx = torch.topk(scores.detach() + self.score_bias, self.top_k, dim=-1).indices
+        weights = scores.gather(-1, idx)
+        weights = weights / weights.sum(-1, keepdim=True) * self.routed_scaling_factor
+        return idx, weights, scores
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, d = x.shape
+        flat = x.reshape(B * T, d)
+        idx, weights, scores = self.route(flat)
+        counts = torch.bincount(idx.flatten(), minlength=self.num_experts)
+        with torch.no_grad():
+            self.last_load = counts.float() / counts.sum().clamp(min=1)
+            if self.training:
+                self.tokens_per_expert += counts.float()
+        # sort the (token, slot) pairs by expert: each expert's tokens become one contiguous slice
+        order = torch.argsort(idx.flatten(), stable=True)
+        token = order // self.top_k
+        y = grouped_swiglu(flat[token], counts, self.w_gate, self.w_up, self.w_down)
+        y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
+        out = torch.zeros_like(flat).index_add_(0, token, y)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        aux = self.sequence_aux_loss(idx.view(B, T, -1), scores.view(B, T, -1)) if self.aux_loss_coef > 0 \
+            else flat.new_zeros((), dtype=torch.float32)
+        return out.view(B, T, d), aux
+
+    def sequence_aux_loss(self, idx: Tensor, scores: Tensor) -> Tensor:
+        """DeepSeek-V3's sequence-wise balance loss ``coef * sum_e f_e P_e`` averaged over sequences:
+        ``f_e = E / (k T) * #tokens routed to e``, ``P_e`` = mean over tokens of the scores
+        normalised to sum 1. idx ``[B, T, k]``, scores ``[B, T, E]``."""
+        B, T, _ = idx.shape
+        hits = torch.zeros(B, self.num_experts, device=idx.device).scatter_add_(
+            1, idx.reshape(B, -1), torch.ones(B, T * self.top_k, device=idx.device))
+        f = hits * self.num_experts / (self.top_k * T)
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+        return self.aux_loss_coef * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, load: Tensor | None = None) -> None:
+        """One balancing step: ``bias += rate * sign(mean(load) - load)`` (underloaded experts gain),
+        from ``load [E]`` (default: the accumulated ``tokens_per_expert``), then reset the counts."""
+        load = self.tokens_per_expert if load is None else load.to(self.score_bias.device).float()
+        if load.sum() > 0:
+            self.score_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        self.tokens_per_expert.zero_()
+
+    def extra_repr(self) -> str:
+        e, h, d = self.w_gate.shape
+        return f"experts={e}, top_k={self.top_k}, dim={d}, expert_dim={h}, scale={self.routed_scaling_factor}"
+
+
+def output_init_std(std: float, num_layers: int) -> float:
+    """GPT-2's scaled init of the projections that write into the residual path."""
+    return std / math.sqrt(2 * num_layers)
