@@ -87,7 +87,7 @@ def apply_fsdp(
     head) at the root. ``mesh``: the 1-D data-parallel mesh (``mesh["dp"]`` of the 2-D mesh).
     ``param_dtype``: mixed-precision compute dtype (e.g. bf16; None: the parameters' own), gradients
     reduced in ``reduce_dtype``. In place; returns ``model``."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     layers = getattr(model, "layers", None)
@@ -95,6 +95,10 @@ def apply_fsdp(
         raise TypeError(f"apply_fsdp expects a module with decoder layers in .layers, got {type(model).__name__}")
     for layer in layers.values():
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        # the decoder calls a layer's two sublayers, not the layer: FSDP must gather around those
+        for name in ("token_mixer", "channel_mixer"):
+            if hasattr(layer, name):
+                register_fsdp_forward_method(layer, name)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model
 
