@@ -92,7 +92,7 @@ def apply_fsdp(
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     layers = getattr(model, "layers", None)
     if not isinstance(layers, nn.ModuleDict):
-        raise TypeError(f"apply_fsdp expects a module with decoder layers in .layers, got {type(model).__name__}")
+        raise TypeError(f"apply_fsdp needs decoder layers in .layers, got a {type(model).__name__}")
     for layer in layers.values():
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         # the decoder calls a layer's two sublayers, not the layer: FSDP must gather around those
@@ -109,7 +109,7 @@ def apply_fsdp(
 def split_layers(num_layers: int, num_stages: int) -> list[list[int]]:
     """Contiguous layer indices per stage, as even as possible (earlier stages take the extra ones)."""
     if not 1 <= num_stages <= num_layers:
-        raise ValueError(f"cannot split {num_layers} layers into {num_stages} pipeline stages (need 1..{num_layers})")
+        raise ValueError(f"cannot split {num_layers} layers into {num_stages} pipeline stages")
     base, extra = divmod(num_layers, num_stages)
     out, start = [], 0
     for k in range(num_stages):
@@ -124,12 +124,14 @@ def split_decoder(model: nn.Module, layers: Sequence[int], first: bool, last: bo
     if ``first``, the final norm, LM head and read-out query if ``last``. The deleted attributes are set
     to None; parameter names of what remains are those of the full model."""
     if getattr(model.config, "tie_embeddings", False) and not (first and last):
-        raise ValueError("tie_embeddings=True shares the embedding and the LM head, which a pipeline split "
-                         "puts on different stages: use tie_embeddings=False for pipeline parallelism")
+        raise ValueError(
+            "tie_embeddings=True shares the embedding and the LM head, which a pipeline split "
+            "puts on different stages: use tie_embeddings=False for pipeline parallelism"
+        )
     keep = {str(i) for i in layers}
     unknown = keep - set(model.layers.keys())
     if unknown:
-        raise ValueError(f"layers {sorted(unknown, key=int)} are not in the model (it has {list(model.layers)})")
+        raise ValueError(f"layers {sorted(unknown, key=int)} are not in the model ({list(model.layers)})")
     part = copy.deepcopy(model)
     for key in list(part.layers.keys()):
         if key not in keep:
@@ -163,8 +165,10 @@ class _Receive(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        grads = [torch.zeros(s, dtype=ctx.like.dtype, device=ctx.like.device) if g is None else g
-                 for g, s in zip(grads, ctx.shapes)]
+        grads = [
+            torch.zeros(s, dtype=ctx.like.dtype, device=ctx.like.device) if g is None else g
+            for g, s in zip(grads, ctx.shapes)
+        ]
         out = pack(grads)
         ctx.cache.count(ctx.mb, "backward", ctx.k - 1, out.numel() * out.element_size())
         return out, None, None, None, None
@@ -294,14 +298,23 @@ class PipelineStageModule(nn.Module):
         if self.is_first:
             inp = torch.empty(microbatch_size, seq_len, dtype=torch.long, device=meta)
         else:
-            inp = torch.empty(cache.payload_sources(k - 1) * microbatch_size * seq_len * d, dtype=dtype,
-                              device=meta, requires_grad=True)
+            inp = torch.empty(
+                cache.payload_sources(k - 1) * microbatch_size * seq_len * d,
+                dtype=dtype,
+                device=meta,
+                requires_grad=True,
+            )
         if self.is_last:
-            out = torch.empty(microbatch_size, seq_len, self.config.vocab_size, dtype=dtype, device=meta,
-                              requires_grad=True)
+            out = torch.empty(
+                microbatch_size, seq_len, self.config.vocab_size, dtype=dtype, device=meta, requires_grad=True
+            )
         else:
-            out = torch.empty(cache.payload_sources(k) * microbatch_size * seq_len * d, dtype=dtype,
-                              device=meta, requires_grad=True)
+            out = torch.empty(
+                cache.payload_sources(k) * microbatch_size * seq_len * d,
+                dtype=dtype,
+                device=meta,
+                requires_grad=True,
+            )
         return inp, out
 
 
@@ -358,7 +371,9 @@ class Pipeline:
                 self.schedule.eval(*args, target=target, losses=losses)
         self.cache.clear()
         device = next(iter(self.model.parameters())).device
-        loss = torch.stack([x.detach().float() for x in losses]).mean() if losses else torch.zeros((), device=device)
+        loss = torch.zeros((), device=device)
+        if losses:
+            loss = torch.stack([x.detach().float() for x in losses]).mean()
         dist.broadcast(loss, src=self.last_rank, group=self.group)
         return loss
 
@@ -402,8 +417,10 @@ def build_pipeline(
         raise ValueError(f"schedule {schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
     pp, rank = dist.get_world_size(group), dist.get_rank(group)
     if schedule != "interleaved_1f1b" and virtual_stages != 1:
-        raise ValueError(f"schedule {schedule!r} runs one stage per rank; use interleaved_1f1b for "
-                         f"virtual_stages={virtual_stages}")
+        raise ValueError(
+            f"schedule {schedule!r} runs one stage per rank; use interleaved_1f1b for "
+            f"virtual_stages={virtual_stages}"
+        )
     num_stages = pp * virtual_stages
     per_stage = split_layers(model.config.num_layers, num_stages)
     stage_rank = [k % pp for k in range(num_stages)]
@@ -420,14 +437,30 @@ def build_pipeline(
         if dp_mesh is not None:
             apply_fsdp(mod, dp_mesh, param_dtype=fsdp_param_dtype)
         modules.append(mod)
-        stages.append(CachingPipelineStage(mod, k, num_stages, torch.device(device), input_args=inp,
-                                           output_args=out, group=group))
+        stages.append(
+            CachingPipelineStage(
+                mod, k, num_stages, torch.device(device), input_args=inp, output_args=out, group=group
+            )
+        )
     cls = SCHEDULES[schedule]
-    sched = cls(stages if schedule == "interleaved_1f1b" else stages[0], n_microbatches=n_microbatches,
-                loss_fn=loss_fn)
+    sched = cls(
+        stages if schedule == "interleaved_1f1b" else stages[0],
+        n_microbatches=n_microbatches,
+        loss_fn=loss_fn,
+    )
     last_rank = dist.get_global_rank(group, stage_rank[-1]) if group is not None else stage_rank[-1]
-    return Pipeline(rank_model, modules, stages, sched, cache, group, n_microbatches,
-                    has_first=0 in mine, has_last=num_stages - 1 in mine, last_rank=last_rank)
+    return Pipeline(
+        rank_model,
+        modules,
+        stages,
+        sched,
+        cache,
+        group,
+        n_microbatches,
+        has_first=0 in mine,
+        has_last=num_stages - 1 in mine,
+        last_rank=last_rank,
+    )
 
 
 def payload_bytes(cache: StageCache, microbatch_size: int, seq_len: int, dim: int, dtype: torch.dtype) -> int:

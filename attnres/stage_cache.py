@@ -121,8 +121,10 @@ def _register() -> None:
         ctx.like = buffer.new_empty(0)
 
     def unpack_backward(ctx, grads):
-        grads = [torch.zeros(s, dtype=ctx.like.dtype, device=ctx.like.device) if g is None else g
-                 for g, s in zip(grads, ctx.shapes)]
+        grads = [
+            torch.zeros(s, dtype=ctx.like.dtype, device=ctx.like.device) if g is None else g
+            for g, s in zip(grads, ctx.shapes)
+        ]
         return torch.ops.attnres.pack(grads), None
 
     torch.library.register_autograd("attnres::unpack", unpack_backward, setup_context=unpack_setup)
