@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -241,7 +240,7 @@ class PipelineStageModule(nn.Module):
             self.norm, self.lm_head = model.norm, model.lm_head
         self.cache = cache
         self.microbatch = 0  # set by CachingPipelineStage before each forward
-        self.source_shape: list[int] = []  # [b, T, d] of one payload tensor, set by io_shapes
+        self.source_shape: list[int] = []  # [b, T, d] of one payload tensor, set by Pipeline.step
 
     def forward(self, x: Tensor) -> Tensor:
         k, mb, cache, res = self.stage_index, self.microbatch, self.cache, self.residual
@@ -292,8 +291,6 @@ class PipelineStageModule(nn.Module):
     def io_shapes(self, microbatch_size: int, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Example (meta) input and output of this stage for a microbatch ``[b, T]``."""
         d, k, cache = self.config.dim, self.stage_index, self.cache
-        self.source_shape = [microbatch_size, seq_len, d]
-        d, k, cache = self.config.dim, self.stage_index, self.cache
         meta = torch.device("meta")
         if self.is_first:
             inp = torch.empty(microbatch_size, seq_len, dtype=torch.long, device=meta)
@@ -338,40 +335,88 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- the pipeline
 
 
-@dataclass
 class Pipeline:
-    """One rank's part of a pipeline: its pruned decoder ``model`` (all its stages' layers; what gets
-    checkpointed), its stage modules and ``PipelineStage`` s, the schedule and the cache."""
+    """One rank's part of a pipeline: its pruned decoder ``model`` (the layers of all its stages; what
+    gets checkpointed), its :class:`PipelineStageModule` s, the cache, and one schedule per microbatch
+    shape (built on first use: stage inputs and outputs are declared statically, so a batch of another
+    size, e.g. validation, gets its own ``PipelineStage`` s over the same modules)."""
 
-    model: nn.Module
-    modules: list[PipelineStageModule]
-    stages: list[PipelineStage]
-    schedule: object
-    cache: StageCache
-    group: dist.ProcessGroup
-    n_microbatches: int
-    has_first: bool = False
-    has_last: bool = False
-    last_rank: int = 0  # global rank holding the last stage (in this pp group)
-    losses: list[Tensor] = field(default_factory=list)
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: list[PipelineStageModule],
+        cache: StageCache,
+        group: dist.ProcessGroup,
+        schedule: ScheduleName,
+        n_microbatches: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        loss_fn=lm_loss,
+    ) -> None:
+        self.model, self.modules, self.cache, self.group = model, modules, cache, group
+        self.schedule_name, self.n_microbatches, self.device, self.dtype = (
+            schedule,
+            n_microbatches,
+            device,
+            dtype,
+        )
+        self.loss_fn = loss_fn
+        self.num_stages = cache.layout.num_stages
+        self.has_first = any(m.is_first for m in modules)
+        self.has_last = any(m.is_last for m in modules)
+        last = cache.layout.stage_rank[-1]
+        self.last_rank = dist.get_global_rank(group, last) if group is not None else last
+        self._schedules: dict[tuple[int, int], object] = {}
 
-    def step(self, input_ids: Tensor | None, labels: Tensor | None, train: bool = True) -> Tensor:
-        """Run one batch ``input_ids, labels [B, T]`` (needed on the first / last stage's rank; others
-        may pass None) through the schedule; ``train``: forward and backward (gradients accumulate in
-        ``.grad``, scaled to the mean over microbatches), else forward only. Returns the mean loss over
-        the microbatches on every rank of the pipeline group."""
+    def schedule(self, batch_size: int, seq_len: int):
+        """The schedule for batches ``[batch_size, seq_len]`` (split into ``n_microbatches``)."""
+        key = (batch_size, seq_len)
+        if key not in self._schedules:
+            if batch_size % self.n_microbatches != 0:
+                raise ValueError(
+                    f"batch size {batch_size} does not split into {self.n_microbatches} microbatches"
+                )
+            mb = batch_size // self.n_microbatches
+            stages = []
+            for mod in self.modules:
+                inp, out = mod.io_shapes(mb, seq_len, self.dtype)
+                stages.append(
+                    CachingPipelineStage(
+                        mod,
+                        mod.stage_index,
+                        self.num_stages,
+                        self.device,
+                        input_args=inp,
+                        output_args=out,
+                        group=self.group,
+                    )
+                )
+            cls = SCHEDULES[self.schedule_name]
+            looped = self.schedule_name == "interleaved_1f1b"
+            self._schedules[key] = cls(
+                stages if looped else stages[0], n_microbatches=self.n_microbatches, loss_fn=self.loss_fn
+            )
+        return self._schedules[key]
+
+    def step(self, input_ids: Tensor, labels: Tensor, train: bool = True) -> Tensor:
+        """Run one batch ``input_ids, labels [B, T]`` (the same on every rank of the pipeline: the first
+        stage reads the ids, the last the labels) through the schedule. ``train``: forward and backward
+        (gradients accumulate in ``.grad``, scaled to the mean over microbatches), else forward only.
+        Returns the mean loss over the microbatches, on every rank of the pipeline group."""
+        sched = self.schedule(*labels.shape)
+        for mod in self.modules:
+            mod.source_shape = [labels.shape[0] // self.n_microbatches, labels.shape[1], mod.config.dim]
         self.cache.clear()
         losses: list[Tensor] = []
-        args = (input_ids,) if self.has_first else ()
-        target = labels if self.has_last else None
+        args = (input_ids.to(self.device),) if self.has_first else ()
+        target = labels.to(self.device) if self.has_last else None
         if train:
-            self.schedule.step(*args, target=target, losses=losses)
+            sched.step(*args, target=target, losses=losses)
         else:
             with torch.no_grad():
-                self.schedule.eval(*args, target=target, losses=losses)
+                sched.eval(*args, target=target, losses=losses)
         self.cache.clear()
-        device = next(iter(self.model.parameters())).device
-        loss = torch.zeros((), device=device)
+        loss = torch.zeros((), device=self.device)
         if losses:
             loss = torch.stack([x.detach().float() for x in losses]).mean()
         dist.broadcast(loss, src=self.last_rank, group=self.group)
@@ -380,14 +425,14 @@ class Pipeline:
     def bytes_per_microbatch(self) -> dict[str, float]:
         """Bytes sent per microbatch and direction, summed over the pipeline ranks (collective)."""
         mine = self.cache.bytes_per_microbatch()
-        t = torch.tensor([mine["forward"], mine["backward"]], dtype=torch.float64)
+        t = torch.tensor([mine["forward"], mine["backward"]], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, group=self.group)
         return {"forward": t[0].item(), "backward": t[1].item()}
 
     def max_crossings(self) -> int:
         """The most times one source crossed one link in one direction for one microbatch, over the
         pipeline ranks (collective)."""
-        t = torch.tensor([self.cache.max_crossings()], dtype=torch.int64)
+        t = torch.tensor([self.cache.max_crossings()], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return int(t.item())
 
@@ -397,8 +442,6 @@ def build_pipeline(
     group: dist.ProcessGroup,
     schedule: ScheduleName = "1f1b",
     n_microbatches: int = 4,
-    microbatch_size: int = 1,
-    seq_len: int = 128,
     virtual_stages: int = 1,
     caching: bool = True,
     device: torch.device | str = "cpu",
@@ -409,58 +452,32 @@ def build_pipeline(
 ) -> Pipeline:
     """Split ``model`` (a full :class:`Decoder`, identical on every rank) over the ranks of ``group``
     (the "pp" dimension): ``virtual_stages`` stages per rank, stage ``k`` on pp rank ``k % pp`` (looped,
-    as ``ScheduleInterleaved1F1B`` expects). ``microbatch_size, seq_len``: the shape of one microbatch
-    (a batch is ``n_microbatches * microbatch_size`` sequences); ``dtype``: the dtype of the activations
-    between stages. ``dp_mesh``: shard every stage with FSDP2 over it (PP x FSDP).
+    as ``ScheduleInterleaved1F1B`` expects). ``dtype``: the dtype of the activations between stages.
+    ``dp_mesh``: shard every stage with FSDP2 over it (PP x FSDP), computing in ``fsdp_param_dtype``.
     ``schedule``: ``gpipe``, ``1f1b`` (one stage per rank) or ``interleaved_1f1b``."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule {schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
     pp, rank = dist.get_world_size(group), dist.get_rank(group)
     if schedule != "interleaved_1f1b" and virtual_stages != 1:
         raise ValueError(
-            f"schedule {schedule!r} runs one stage per rank; use interleaved_1f1b for "
-            f"virtual_stages={virtual_stages}"
+            f"{schedule!r} has one stage per rank; virtual_stages={virtual_stages} needs interleaved_1f1b"
         )
     num_stages = pp * virtual_stages
     per_stage = split_layers(model.config.num_layers, num_stages)
     stage_rank = [k % pp for k in range(num_stages)]
-    block_size = model.residual.block_size
-    layout = StageLayout.build([2 * len(ls) for ls in per_stage], block_size, stage_rank)
+    layout = StageLayout.build([2 * len(ls) for ls in per_stage], model.residual.block_size, stage_rank)
     cache = StageCache(layout, rank, enabled=caching)
     mine = [k for k in range(num_stages) if stage_rank[k] == rank]
     owned = [i for k in mine for i in per_stage[k]]
+    device = torch.device(device)
     rank_model = split_decoder(model, owned, first=0 in mine, last=num_stages - 1 in mine).to(device)
-    modules, stages = [], []
+    modules = []
     for k in mine:
         mod = PipelineStageModule(rank_model, k, num_stages, per_stage[k], cache)
-        inp, out = mod.io_shapes(microbatch_size, seq_len, dtype)
         if dp_mesh is not None:
             apply_fsdp(mod, dp_mesh, param_dtype=fsdp_param_dtype)
         modules.append(mod)
-        stages.append(
-            CachingPipelineStage(
-                mod, k, num_stages, torch.device(device), input_args=inp, output_args=out, group=group
-            )
-        )
-    cls = SCHEDULES[schedule]
-    sched = cls(
-        stages if schedule == "interleaved_1f1b" else stages[0],
-        n_microbatches=n_microbatches,
-        loss_fn=loss_fn,
-    )
-    last_rank = dist.get_global_rank(group, stage_rank[-1]) if group is not None else stage_rank[-1]
-    return Pipeline(
-        rank_model,
-        modules,
-        stages,
-        sched,
-        cache,
-        group,
-        n_microbatches,
-        has_first=0 in mine,
-        has_last=num_stages - 1 in mine,
-        last_rank=last_rank,
-    )
+    return Pipeline(rank_model, modules, cache, group, schedule, n_microbatches, device, dtype, loss_fn)
 
 
 def payload_bytes(cache: StageCache, microbatch_size: int, seq_len: int, dim: int, dtype: torch.dtype) -> int:

@@ -111,7 +111,7 @@ def _pipeline_case(
     x, y = x.chunk(dp)[dp_rank], y.chunk(dp)[dp_rank]
     mb = x.shape[0] // n_mb
     pipe = build_pipeline(
-        model, group, schedule, n_mb, mb, SEQ, virtual_stages=virtual, caching=caching, dp_mesh=dp_mesh
+        model, group, schedule, n_mb, virtual_stages=virtual, caching=caching, dp_mesh=dp_mesh
     )
     loss = pipe.step(x, y)
     if dp > 1:
@@ -155,7 +155,7 @@ def _checkpoint_case(ref, ckpt_dir: str):
 
     init, _, _ = ref("block", 4)
     xv, yv = batch(seed=7)
-    pipe = build_pipeline(_fresh("block", 4, init), dist.group.WORLD, "1f1b", 4, BATCH // 4, SEQ)
+    pipe = build_pipeline(_fresh("block", 4, init), dist.group.WORLD, "1f1b", 4)
     x, y = batch()
     pipe.step(x, y)
     torch.optim.SGD(pipe.model.parameters(), lr=0.5).step()
