@@ -365,7 +365,11 @@ class TextDataModule(L.LightningDataModule):
 
     def _rank_world(self) -> tuple[int, int]:
         t = self.trainer
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+        if t is None:
+            return 0, 1
+        # the strategy's data-parallel shard (pipeline ranks of one replica must read the same batches)
+        kw = getattr(t.strategy, "distributed_sampler_kwargs", None) or {}
+        return kw.get("rank", t.global_rank), kw.get("num_replicas", t.world_size)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
