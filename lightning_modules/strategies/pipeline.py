@@ -123,6 +123,7 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         self.param_dtype = param_dtype
         self.log_bytes = log_bytes
         self.pipeline: Pipeline | None = None
+        self._grads: list[tuple[Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------ environment
 
@@ -199,7 +200,15 @@ class PipelineParallelStrategy(ModelParallelStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
         batch = args[0] if args else kwargs["batch"]
         module = self.lightning_module
+        for p in module.parameters():  # Lightning's zero_grad comes after training_step: too late here
+            p.grad = None
         loss = self._run(batch, train=True)
+        # Lightning zeroes the gradients between training_step and backward (its closure runs
+        # step -> zero_grad -> backward), but the schedule has already run the backward passes:
+        # keep this step's gradients aside until `backward` puts them back
+        self._grads = [(p, p.grad) for p in module.parameters() if p.grad is not None]
+        for p, _ in self._grads:
+            p.grad = None
         bs = batch["input_ids"].shape[0]
         module.log("train/loss", loss, prog_bar=True, batch_size=bs)
         module.log("train/lr", module.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
@@ -211,7 +220,10 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         return loss
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        # the schedule ran the backward of every microbatch inside training_step
+        # the schedule ran the backward of every microbatch inside training_step: restore its gradients
+        for p, g in self._grads:
+            p.grad = g if p.grad is None else p.grad + g
+        self._grads = []
         return closure_loss
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Tensor:
