@@ -117,7 +117,13 @@ def _pipeline_case(
     if dp > 1:
         dist.all_reduce(loss, group=dp_mesh.get_group())
         loss /= dp
+    from lightning_modules.strategies.pipeline import clip_grad_norm_across_stages
+
+    # the gradient norm over all stages (and FSDP shards), as the strategy clips with
+    norm = clip_grad_norm_across_stages(list(pipe.model.parameters()), 1e9, group).item()
     return {
+        "norm": norm,
+        "ref_norm": torch.nn.utils.get_total_norm(list(ref_grads.values())).item(),
         "loss": loss.item(),
         "ref_loss": ref_loss,
         "grad_err": _compare(pipe.model.named_parameters(), ref_grads),
@@ -264,6 +270,7 @@ def _check_equal(per_rank: list[dict], name: str) -> dict:
 
 
 def _check_bytes(case: dict) -> None:
+    assert case["norm"] == pytest.approx(case["ref_norm"], rel=1e-5)
     assert case["bytes"]["forward"] == case["analytic"] == case["bytes"]["backward"]
     assert case["max_crossings"] <= 1
 
