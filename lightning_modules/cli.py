@@ -104,8 +104,9 @@ class AttnResCLI(LightningCLI):
     # ------------------------------------------------------------------ after fit
 
     def after_fit(self) -> None:
+        log_dir = self.trainer.log_dir  # a broadcast under multi-process strategies: every rank takes part
         if self.trainer.is_global_zero:
-            print(run_summary(self.trainer), flush=True)
+            print(run_summary(self.trainer, log_dir), flush=True)
 
 
 def check_writable(directory: str | os.PathLike, flag: str) -> None:
@@ -121,7 +122,7 @@ def check_writable(directory: str | os.PathLike, flag: str) -> None:
         ) from exc
 
 
-def run_summary(trainer: Trainer) -> str:
+def run_summary(trainer: Trainer, log_dir: str | None = None) -> str:
     """Where the checkpoint, metrics and plots of a finished ``fit`` are, and its last numbers."""
     m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     lines = ["", "attnres: training finished"]
@@ -131,7 +132,8 @@ def run_summary(trainer: Trainer) -> str:
     ck = trainer.checkpoint_callback
     if ck is not None and ck.last_model_path:
         lines.append(f"  checkpoint: {ck.last_model_path}")
-    log_dir = Path(trainer.log_dir) if trainer.log_dir else None
+    log_dir = log_dir if log_dir is not None else trainer.log_dir
+    log_dir = Path(log_dir) if log_dir else None
     if log_dir is not None:
         if (log_dir / "metrics.csv").is_file():
             lines.append(f"  metrics:    {log_dir / 'metrics.csv'}")
