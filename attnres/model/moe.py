@@ -62,10 +62,12 @@ def grouped_swiglu(
         gate = torch._grouped_mm(x, w_gate.transpose(-2, -1), offs=offs)
         up = torch._grouped_mm(x, w_up.transpose(-2, -1), offs=offs)
         return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)
+    # unbind once: indexing w[e] per expert would give every expert a full-size [E, ...] gradient buffer
+    gates, ups, downs = w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0)
     pieces = []
     for e, xe in enumerate(x.split(counts.tolist())):
         if xe.shape[0]:
-            pieces.append((F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())) @ w_down[e].t())
+            pieces.append((F.silu(xe @ gates[e].t()) * (xe @ ups[e].t())) @ downs[e].t())
     return torch.cat(pieces) if pieces else x.new_zeros(x.shape)
 
 
@@ -98,7 +100,22 @@ class MoE(nn.Module):
         self.last_load: Tensor | None = None  # fraction of routed slots per expert, last forward
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # keep the balancing state in fp32 under model.to(bf16): steps of 1e-3 vanish in bf16 near 1.0
+        # and bf16 counts are not exact above 256
+        kept = {name: self._buffers[name] for name in ("score_bias", "tokens_per_expert")}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return self
+
+    @torch.no_grad()
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        """Experts Normal(0, std) (down projection ``out_std``); balancing bias and load counts 0."""
+        self.score_bias.zero_()
+        self.tokens_per_expert.zero_()
         nn.init.normal_(self.w_gate, std=std)
         nn.init.normal_(self.w_up, std=std)
         nn.init.normal_(self.w_down, std=std if out_std is None else out_std)

@@ -1,0 +1,135 @@
+"""KDA: the chunkwise form equals the token-by-token recurrence (forward and backward), and both equal
+fla's pure-PyTorch reference; the layer decodes token by token exactly as it runs a whole sequence."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnres.model.kda import KimiDeltaAttention, ShortConv, kda_chunked, kda_recurrent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small ops: one intra-op thread. With 2 threads on a shared, oversubscribed 2-core runner the
+    OpenMP workers spin against other processes and tiny kernels get ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _inputs(B=2, T=37, H=3, K=8, V=8, decay=3.0, dtype=torch.float32, seed=0, state=True):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, K, generator=g, dtype=dtype), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, K, generator=g, dtype=dtype), dim=-1)
+    v = torch.randn(B, T, H, V, generator=g, dtype=dtype)
+    gate = -torch.rand(B, T, H, K, generator=g, dtype=dtype) * decay
+    beta = torch.rand(B, T, H, generator=g, dtype=dtype)
+    s0 = torch.randn(B, H, K, V, generator=g, dtype=dtype) if state else None
+    return q, k, v, gate, beta, s0
+
+
+@pytest.mark.parametrize("T,chunk", [(1, 16), (16, 16), (37, 16), (50, 32), (70, 64)])
+def test_chunked_equals_recurrent_forward(T, chunk):
+    q, k, v, g, beta, s0 = _inputs(T=T)
+    o_ref, s_ref = kda_recurrent(q, k, v, g, beta, initial_state=s0)
+    o, s = kda_chunked(q, k, v, g, beta, initial_state=s0, chunk_size=chunk)
+    torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(s, s_ref, atol=2e-5, rtol=1e-4)
+
+
+def test_chunked_is_stable_under_strong_decay():
+    # log decays down to -60 per step: any factorisation e^{G_t} e^{-G_s} would overflow
+    q, k, v, g, beta, s0 = _inputs(T=40, decay=60.0)
+    o_ref, s_ref = kda_recurrent(q, k, v, g, beta, initial_state=s0)
+    o, s = kda_chunked(q, k, v, g, beta, initial_state=s0, chunk_size=16)
+    assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=1e-4)
+
+
+def test_chunked_equals_recurrent_backward():
+    leaves = [t.requires_grad_() for t in _inputs(T=45, dtype=torch.float64)]
+    grads = []
+    for fn in (kda_recurrent, kda_chunked):
+        o, s = fn(*leaves[:5], initial_state=leaves[5])
+        w_o = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=o.dtype)
+        w_s = torch.randn(s.shape, generator=torch.Generator().manual_seed(2), dtype=s.dtype)
+        grads.append(torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), leaves))
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "S0"), *grads):
+        torch.testing.assert_close(b, a, atol=1e-9, rtol=1e-7, msg=f"gradient of {name}")
+
+
+def test_chunked_gradcheck():
+    inputs = [t.requires_grad_() for t in _inputs(B=1, T=7, H=1, K=3, V=2, dtype=torch.float64)]
+    assert torch.autograd.gradcheck(
+        lambda *a: kda_chunked(*a[:5], initial_state=a[5], chunk_size=16), inputs, eps=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("fla") is None or importlib.util.find_spec("triton") is None,
+    reason="fla-core (and triton) not installed: pip install fla-core==0.6.0 triton einops",
+)
+def test_matches_fla_naive_recurrent_forward_and_backward():
+    from fla.ops.kda.naive import naive_recurrent_kda
+
+    leaves = [t.requires_grad_() for t in _inputs(T=33, H=2, K=16, V=8)]
+    results = []
+    for fn in (
+        lambda *a: naive_recurrent_kda(*a[:5], initial_state=a[5], output_final_state=True),
+        lambda *a: kda_recurrent(*a[:5], initial_state=a[5]),
+        lambda *a: kda_chunked(*a[:5], initial_state=a[5], chunk_size=16),
+    ):
+        o, s = fn(*leaves)
+        grads = torch.autograd.grad(o.square().sum() + s.sum(), leaves)
+        results.append((o.detach(), s.detach(), grads))
+    ref = results[0]
+    for o, s, grads in results[1:]:
+        torch.testing.assert_close(o, ref[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(s, ref[1], atol=1e-5, rtol=1e-4)
+        for a, b in zip(grads, ref[2]):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_short_conv_streaming_equals_full_pass():
+    torch.manual_seed(0)
+    conv = ShortConv(6, 4)
+    x = torch.randn(2, 11, 6)
+    full, _ = conv(x)
+    state, parts = None, []
+    for t in range(11):
+        y, state = conv(x[:, t:t + 1], state)
+        parts.append(y)
+    torch.testing.assert_close(torch.cat(parts, 1), full)
+    # and it is causal: the output at t ignores inputs after t
+    x2 = x.clone()
+    x2[:, 5:] += 1.0
+    torch.testing.assert_close(conv(x2)[0][:, :5], full[:, :5])
+
+
+def test_layer_cached_decoding_equals_full_sequence():
+    torch.manual_seed(0)
+    layer = KimiDeltaAttention(dim=32, num_heads=2, head_dim=16, chunk_size=16)
+    x = torch.randn(2, 29, 32)
+    full = layer(x)
+    cache: dict = {}
+    parts = [layer(x[:, :20], cache)]  # chunked prefill, then token by token (recurrent)
+    parts += [layer(x[:, t:t + 1], cache) for t in range(20, 29)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_layer_decay_is_negative_and_gate_shapes():
+    torch.manual_seed(0)
+    layer = KimiDeltaAttention(dim=32, num_heads=2, head_dim=16)
+    g = layer.decay(torch.randn(3, 5, 32))
+    assert g.shape == (3, 5, 2, 16) and g.dtype == torch.float32
+    assert (g < 0).all()
+
+
+def test_layer_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        KimiDeltaAttention(dim=32, num_heads=2, head_dim=16, backend="cuda-magic")

@@ -1,0 +1,356 @@
+"""The decoder: shapes, causality, cached decoding, parameter counts, training signal, depth weights,
+config validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnres.model import PRESETS, Config, Decoder, DecoderCache, ModelOutput, describe, get_config
+
+MODES = ("standard", "full", "block")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small ops: one intra-op thread. With 2 threads on a shared, oversubscribed 2-core runner the
+    OpenMP workers spin against other processes and tiny kernels get ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny(**overrides) -> Decoder:
+    torch.manual_seed(0)
+    return Decoder(get_config("tiny", **overrides))
+
+
+def _ids(cfg: Config, B: int = 2, T: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------- shapes
+
+
+# small and medium at their real width but two layers (one KDA + dense, one MLA + MoE) and a small
+# vocabulary: a full-depth CPU forward of 250M / 1B parameters would not fit the test budget; their
+# full shapes are checked on the meta device below.
+SHAPE_CASES = {
+    "tiny": {},
+    "small": dict(num_layers=2, num_blocks=2, mla_layers=[1], vocab_size=512),
+    "medium": dict(num_layers=2, num_blocks=2, mla_layers=[1], vocab_size=512),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPE_CASES))
+def test_preset_forward_backward_shapes(name):
+    torch.manual_seed(0)
+    cfg = get_config(name, **SHAPE_CASES[name])
+    model = Decoder(cfg)
+    ids = _ids(cfg, B=2, T=20)
+    out = model(ids, labels=ids, return_stats=True)
+    assert isinstance(out, ModelOutput)
+    assert out.logits.shape == (2, 20, cfg.vocab_size)
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    (out.loss + out.aux_loss).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    # pseudo-queries get gradients too (zero-init queries still have a nonzero gradient)
+    assert not missing, f"parameters without gradient: {missing}"
+    assert out.stats["output_rms"].shape == (cfg.num_sublayers,)
+    assert out.stats["hidden_rms"].shape == (cfg.num_sublayers + 1,)
+    assert set(out.stats["router_load"]) == {i for i in range(cfg.num_layers) if cfg.is_moe(i)}
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if n != "kimi-linear-48b-a3b"])
+def test_preset_full_shape_on_meta_matches_config_counts(name):
+    cfg = get_config(name)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    assert model.num_parameters() == cfg.num_params()
+    assert model.num_parameters(active=True) == cfg.num_params(active=True)
+    assert len(model.layers) == cfg.num_layers
+    assert model.residual.num_sublayers == cfg.num_sublayers
+
+
+def test_meta_built_model_materialised_with_init_weights_equals_a_cpu_built_one():
+    cfg = get_config("tiny", residual="block")
+    cpu = Decoder(cfg)
+    with torch.device("meta"):
+        meta = Decoder(cfg)
+    meta.to_empty(device="cpu")
+    for model in (cpu, meta):
+        torch.manual_seed(3)
+        model.init_weights()
+    a, b = cpu.state_dict(), meta.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=k)
+    # buffers too (not in the state dict): the router's load counts start at zero
+    assert all(m.tokens_per_expert.sum() == 0 for m in meta.moe_layers().values())
+    ids = _ids(cfg)
+    torch.testing.assert_close(meta(ids).logits, cpu(ids).logits)
+
+
+def test_preset_sizes_are_in_their_ranges():
+    assert get_config("tiny").num_params() < 5e6
+    assert 100e6 <= get_config("small").num_params() <= 300e6
+    assert 0.8e9 <= get_config("medium").num_params() <= 1.3e9
+
+
+def test_kimi_48b_on_meta_has_48b_total_and_3b_active():
+    cfg = get_config("kimi-linear-48b-a3b")
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    total, active = model.num_parameters(), model.num_parameters(active=True)
+    assert abs(total / 48e9 - 1) < 0.05, total
+    assert abs(active / 3e9 - 1) < 0.05, active
+    assert (total, active) == (cfg.num_params(), cfg.num_params(active=True))
+    kinds = cfg.layer_kinds()
+    # the released checkpoint lists MLA layers 1-based as 4, 8, 12, 16, 20, 24, 27; layer 1 is dense
+    assert [i + 1 for i, (m, _) in enumerate(kinds) if m == "mla"] == [4, 8, 12, 16, 20, 24, 27]
+    assert [m for _, m in kinds].count("dense") == 1 and kinds[0][1] == "dense"
+
+
+def test_flops_per_token_counts_matmuls_and_attention():
+    cfg = get_config("small")
+    f1, f2 = cfg.flops_per_token(1024), cfg.flops_per_token(2048)
+    assert f1 > 6 * cfg.num_params(active=True)
+    mla_layers = sum(m == "mla" for m, _ in cfg.layer_kinds())
+    per_token_per_pos = 6 * cfg.mla_heads * (cfg.mla_qk_nope_dim + cfg.mla_qk_shared_dim + cfg.mla_v_head_dim)
+    assert f2 - f1 == pytest.approx(mla_layers * per_token_per_pos * 1024)
+
+
+def test_describe_prints_counts_and_layer_plan():
+    text = describe("tiny")
+    cfg = get_config("tiny")
+    assert f"{cfg.num_params():,}" in text and f"{cfg.num_params(active=True):,}" in text
+    assert text.count("\n    ") >= cfg.num_layers - 1 and "mla" in text and "kda" in text
+
+
+# ---------------------------------------------------------------------------- causality and decoding
+
+
+@pytest.mark.parametrize("mixer", ["kda", "mla", "hybrid"])
+def test_changing_token_t_never_changes_earlier_logits(mixer):
+    model = _tiny(token_mixer=mixer).eval()
+    ids = _ids(model.config, T=40)
+    t = 21  # inside the second KDA chunk (chunk 16)
+    other = ids.clone()
+    other[:, t] = (other[:, t] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        a, b = model(ids).logits, model(other).logits
+    # not bitwise: SDPA's blocking may differ with the other positions' values
+    torch.testing.assert_close(a[:, :t], b[:, :t], atol=1e-5, rtol=0)
+    assert (a[:, t] - b[:, t]).abs().max() > 1e-4  # ... and the token does matter from t on
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cached_decoding_equals_full_forward(mode):
+    model = _tiny(residual=mode).eval()
+    ids = _ids(model.config, T=30)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DecoderCache()
+        # prefill, a multi-token chunk on top of a cache (MLA offset mask, KDA initial state), then steps
+        parts = [model(ids[:, :13], cache=cache).logits, model(ids[:, 13:20], cache=cache).logits]
+        parts += [model(ids[:, t:t + 1], cache=cache).logits for t in range(20, 30)]
+    assert cache.seq_len == 30
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_greedy_generate_follows_the_full_forward_argmax():
+    model = _tiny().eval()
+    prompt = _ids(model.config, B=2, T=6)
+    out = model.generate(prompt, max_new_tokens=8, greedy=True)
+    assert out.shape == (2, 14) and torch.equal(out[:, :6], prompt)
+    with torch.no_grad():
+        logits = model(out[:, :-1]).logits
+    assert torch.equal(logits[:, 5:].argmax(-1), out[:, 6:])
+
+
+def test_generate_samples_and_stops_at_eos():
+    model = _tiny()
+    prompt = _ids(model.config, B=3, T=4)
+    torch.manual_seed(1)
+    out = model.generate(prompt, max_new_tokens=5, temperature=0.8, top_k=10, top_p=0.9)
+    assert out.shape == (3, 9) and model.training  # mode restored
+    assert ((out >= 0) & (out < model.config.vocab_size)).all()
+    # make a token certain: after the first eos every position of that row stays eos
+    eos = 7
+    head = torch.nn.Linear(model.config.dim, model.config.vocab_size)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[eos] = 100.0
+    model.lm_head = head
+    out = model.generate(prompt, max_new_tokens=20, eos_id=eos, top_k=1)
+    assert out.shape[1] == 5 and (out[:, 4:] == eos).all()  # all rows done after one step: early stop
+
+
+# ---------------------------------------------------------------------------- training signal
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_residual_mode_lowers_tiny_loss_on_a_fixed_batch(mode):
+    # from ln(264) = 5.6 at init to below 1.0 nat (memorising 128 random tokens) within 50 steps
+    model = _tiny(residual=mode)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = _ids(model.config, B=4, T=33)
+    losses = []
+    for _ in range(50):
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+        losses.append(out.loss.item())
+        if losses[-1] < 1.0:
+            break
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        model.update_router_bias()
+    assert losses[0] > 5.0 and losses[-1] < 1.0, (mode, losses)
+
+
+@pytest.mark.parametrize("mode", ["full", "block"])
+def test_zero_pseudo_queries_give_uniform_depth_weights(mode):
+    model = _tiny(residual=mode)
+    with torch.no_grad():
+        out = model(_ids(model.config), return_stats=True)
+    w = out.stats["depth_weights"]
+    assert w.shape[1] == model.config.num_sublayers + 1
+    for col in w.t():
+        seen = col[~col.isnan()]
+        torch.testing.assert_close(seen, torch.full_like(seen, 1 / len(seen)))
+
+
+def test_trained_pseudo_queries_give_non_uniform_depth_weights():
+    model = _tiny(residual="full")
+    with torch.no_grad():
+        for q in model.residual.queries.values():
+            q.weight.normal_(std=1.0)
+        w = model(_ids(model.config), return_stats=True).stats["depth_weights"]
+    col = w[:, -1]
+    assert col.std() > 1e-3
+
+
+def test_parameter_names_follow_the_training_contract():
+    model = _tiny(residual="block")
+    names = dict(model.named_parameters())
+    queries = [n for n in names if n.startswith("residual.queries.")]
+    assert len(queries) == 2 * (model.config.num_sublayers + 1)
+    for n, p in names.items():
+        if p.ndim < 2 and not n.startswith("residual.queries."):
+            # 1-D parameters are norm weights, biases, or KDA's per-head A_log
+            assert "norm" in n or n.endswith("bias") or n.endswith("A_log"), n
+    assert set(model.layers) == {str(i) for i in range(model.config.num_layers)}
+
+
+def test_standard_residual_has_no_depth_parameters():
+    model = _tiny(residual="standard")
+    assert not any(n.startswith("residual.") for n, _ in model.named_parameters())
+    assert model(_ids(model.config), return_stats=True).stats["depth_weights"] is None
+
+
+def test_dense_baseline_has_no_experts_and_zero_aux_loss():
+    model = _tiny(moe=False, aux_loss_coef=0.1)
+    assert not model.moe_layers()
+    out = model(_ids(model.config))
+    assert out.aux_loss.item() == 0.0
+    model.update_router_bias()  # a no-op without MoE
+    assert model.num_parameters(active=True) == model.num_parameters() - model.embed.weight.numel()
+
+
+def test_aux_loss_is_reported_when_enabled():
+    model = _tiny(aux_loss_coef=0.01)
+    out = model(_ids(model.config))
+    moe = len(model.moe_layers())
+    assert moe > 0 and out.aux_loss.item() > 0
+    out.aux_loss.backward()
+    assert model.layers["1"].mlp.router.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------- config validation
+
+
+@pytest.mark.parametrize(
+    "overrides,field,valid",
+    [
+        (dict(residual="block", num_blocks=3), "num_blocks", "[1, 2, 4]"),
+        (dict(residual="rezero"), "residual", "standard | full | block"),
+        (dict(token_mixer="mamba"), "token_mixer", "hybrid | kda | mla"),
+        (dict(top_k=9), "top_k", "1 .. num_experts=8"),
+        (dict(kda_head_dim=48), "kda_head_dim", "a divisor of dim=128"),
+        (dict(mla_v_head_dim=48), "mla_v_head_dim", "a divisor of dim=128"),
+        (dict(mla_layers=[4]), "mla_layers", "[0, 4)"),
+        (dict(first_dense_layers=5), "first_dense_layers", "0 .. num_layers=4"),
+        (dict(kda_chunk_size=8), "kda_chunk_size", "16 | 32 | 64"),
+        (dict(dim=0), "dim", ">= 1"),
+        (dict(rms_norm_eps=0.0), "rms_norm_eps", "> 0"),
+    ],
+)
+def test_bad_config_raises_naming_the_field_and_valid_values(overrides, field, valid):
+    with pytest.raises(ValueError) as err:
+        get_config("tiny", **overrides)
+    msg = str(err.value)
+    assert f"Config.{field}=" in msg and valid in msg, msg
+
+
+def test_default_num_blocks_is_8_or_the_largest_valid_below():
+    assert Config(num_layers=16).num_blocks == 8
+    assert Config(num_layers=4).num_blocks == 4  # 8 sublayers: 1, 2, 4 valid
+    assert Config(num_layers=6).num_blocks == 6  # 12 sublayers: 1, 2, 3, 6 valid
+    assert Config(num_layers=27).num_blocks == 3  # 54 sublayers: 1, 3, 9, 27 valid
+    assert get_config("kimi-linear-48b-a3b").num_blocks == 9  # set explicitly: nearest to 8
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ValueError, match="tiny, small, medium, kimi-linear-48b-a3b"):
+        get_config("huge")
+
+
+def test_hybrid_pattern_is_configurable():
+    assert [m for m, _ in get_config("tiny", num_layers=8, num_blocks=8).layer_kinds()] == ["kda"] * 3 + [
+        "mla"] + ["kda"] * 3 + ["mla"]
+    cfg = get_config("tiny", num_layers=8, num_blocks=8, full_attn_every=2)
+    assert [m for m, _ in cfg.layer_kinds()] == ["kda", "mla"] * 4
+    cfg = get_config("tiny", mla_layers=[0, 2])
+    assert [m for m, _ in cfg.layer_kinds()] == ["mla", "kda", "mla", "kda"]
+    assert {m for m, _ in get_config("tiny", token_mixer="kda").layer_kinds()} == {"kda"}
+
+
+def test_sampling_respects_top_k_and_top_p():
+    from attnres.model.decoder import sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    torch.manual_seed(0)
+    assert set(sample(logits, top_k=2).tolist()) == {0, 1}
+    assert set(sample(logits, top_p=0.7).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(sample(logits, top_p=0.85).tolist()) == {0, 1, 2}
+    assert set(sample(logits, greedy=True).tolist()) == {0}
+    freq = torch.bincount(sample(logits), minlength=4) / 2000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_stage_split_by_deleting_layers_equals_the_full_model(mode):
+    import copy
+
+    model = _tiny(residual=mode).eval()
+    first, second = copy.deepcopy(model), copy.deepcopy(model)
+    for key in ("2", "3"):
+        del first.layers[key]
+    for key in ("0", "1"):
+        del second.layers[key]
+    # names stay those of the full model
+    full_names = dict(model.named_parameters())
+    for stage in (first, second):
+        for name, p in stage.named_parameters():
+            assert torch.equal(p, full_names[name]), name
+    ids = _ids(model.config)
+    with torch.no_grad():
+        state = first.begin(ids)
+        aux = first.run_layers(state)
+        aux = aux + second.run_layers(state)
+        logits = second.finish(second.residual.readout(state))
+        ref = model(ids)
+    torch.testing.assert_close(logits, ref.logits)
+    torch.testing.assert_close(aux, ref.aux_loss)
