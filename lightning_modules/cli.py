@@ -178,6 +178,10 @@ def run_summary(trainer: Trainer) -> str:
     numbers = [f"{k} {m[k]:.4f}" for k in ("train/loss", "val/loss", "val/ppl") if k in m]
     if numbers:
         lines.append("  " + ", ".join(numbers) + f" (step {trainer.global_step})")
+    speed = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
+    if speed is not None and speed.tokens_per_s == speed.tokens_per_s:  # not NaN
+        mfu = f"MFU {speed.mfu:.1%}" if speed.mfu is not None else "MFU n/a on CPU"
+        lines.append(f"  {speed.tokens_per_s:,.0f} tokens/s (last step), {mfu}")
     ck = trainer.checkpoint_callback
     if ck is not None and ck.last_model_path:
         lines.append(f"  checkpoint: {ck.last_model_path}")
