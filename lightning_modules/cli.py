@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ from lightning_modules.callbacks import (
 from lightning_modules.data import TextDataModule
 from lightning_modules.module import LanguageModel
 from lightning_modules.tokenizer import check_same_tokenizer, load_tokenizer
+
+# `attnres fit ...` passes sys.argv[1:] as `args` (sys.argv itself must stay as it is: DDP re-launches
+# the command from it), which LightningCLI would warn about
+warnings.filterwarnings("ignore", message="LightningCLI.s args parameter is intended")
 
 
 def _tensorboard_available() -> bool:
@@ -59,15 +64,9 @@ class AttnResCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 1234)
         trainer_defaults = {"default_root_dir": "runs", "callbacks": [NaNGuard(), ThroughputMonitor()]}
-        saved = sys.argv
-        if args is not None:  # the arguments are `args`, not this process's (LightningCLI warns otherwise)
-            sys.argv = sys.argv[:1]
-        try:
-            super().__init__(
-                LanguageModel, TextDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
-            )
-        finally:
-            sys.argv = saved
+        super().__init__(
+            LanguageModel, TextDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
+        )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -180,7 +179,14 @@ def run_summary(trainer: Trainer) -> str:
         lines.append("  " + ", ".join(numbers) + f" (step {trainer.global_step})")
     speed = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
     if speed is not None and speed.tokens_per_s == speed.tokens_per_s:  # not NaN
-        mfu = f"MFU {speed.mfu:.1%}" if speed.mfu is not None else "MFU n/a on CPU"
+        on_cpu = trainer.strategy.root_device.type == "cpu"
+        mfu = (
+            f"MFU {speed.mfu:.1%}"
+            if speed.mfu is not None
+            else "MFU n/a on CPU"
+            if on_cpu
+            else "MFU n/a (device not in metrics.PEAK_FLOPS)"
+        )
         lines.append(f"  {speed.tokens_per_s:,.0f} tokens/s (last step), {mfu}")
     ck = trainer.checkpoint_callback
     if ck is not None and ck.last_model_path:
