@@ -23,7 +23,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temporary file in the target's directory, ``fsync``, then ``os.replace``:
     a crash or a full disk mid-write leaves the previous ``last.ckpt`` whole."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         if "://" in str(path):
@@ -57,15 +59,19 @@ class NaNGuard(L.Callback):
     """Stops training on a non-finite loss before its backward pass and optimizer step, so no
     checkpoint with poisoned weights is written; the last good checkpoint stays as it was."""
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
         if torch.isfinite(loss.detach()).all():
             return
         ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         raise NonFiniteLossError(
-            f"the training loss is {loss.item()} at step {trainer.global_step} (lr {lr:.3g}); training stopped "
+            f"the training loss is {loss.item()} at step {trainer.global_step} (lr {lr:.3g}); "
+            "training stopped "
             f"before this step's update. Last good checkpoint: {ckpt}. Try a lower model.lr, a longer "
-            "model.warmup_steps or gradient clipping (trainer.gradient_clip_val), then resume with --ckpt_path."
+            "model.warmup_steps or gradient clipping (trainer.gradient_clip_val), "
+            "then resume with --ckpt_path."
         )
 
 
@@ -80,7 +86,9 @@ class ThroughputMonitor(L.Callback):
         self.tokens_per_s = float("nan")
         self.mfu: float | None = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         self._t0 = time.perf_counter()
@@ -125,7 +133,9 @@ class DepthPlots(L.Callback):
     def _due(self, trainer: L.Trainer, step: int) -> bool:
         return self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
         step = trainer.global_step + 1  # the step this update completes
         if self._due(trainer, step) or step == trainer.max_steps:
             self._grads = metrics.grad_norms_by_depth(pl_module.model.named_parameters())
@@ -191,11 +201,25 @@ def write_plots(stats: dict[str, Any], grads: dict[str, float], out_dir: Path, t
     """Write whichever plots the stats allow into ``out_dir``; returns their paths."""
     written = []
     if stats.get("matrix") is not None:
-        written.append(plots.depth_heatmap(stats["matrix"], stats["mode"], out_dir / "depth_attention.png",
-                                           f"depth attention ({stats['mode']} AttnRes), {title}"))
+        written.append(
+            plots.depth_heatmap(
+                stats["matrix"],
+                stats["mode"],
+                out_dir / "depth_attention.png",
+                f"depth attention ({stats['mode']} AttnRes), {title}",
+            )
+        )
     if stats.get("output_rms") is not None:
-        written.append(plots.magnitudes(stats["output_rms"], stats["hidden_rms"], out_dir / "magnitudes.png",
-                                        f"magnitude vs depth ({stats['mode']}), {title}"))
+        written.append(
+            plots.magnitudes(
+                stats["output_rms"],
+                stats["hidden_rms"],
+                out_dir / "magnitudes.png",
+                f"magnitude vs depth ({stats['mode']}), {title}",
+            )
+        )
     if grads:
-        written.append(plots.grad_norms(grads, out_dir / "grad_norms.png", f"gradient norm vs depth, {title}"))
+        written.append(
+            plots.grad_norms(grads, out_dir / "grad_norms.png", f"gradient norm vs depth, {title}")
+        )
     return written

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,20 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from lightning_modules.callbacks import AtomicCheckpointIO, DepthPlots, NaNGuard, NonFiniteLossError, ThroughputMonitor
+from lightning_modules.callbacks import (
+    AtomicCheckpointIO,
+    DepthPlots,
+    NaNGuard,
+    NonFiniteLossError,
+    ThroughputMonitor,
+)
 from lightning_modules.data import TextDataModule
 from lightning_modules.module import LanguageModel
-from lightning_modules.tokenizer import load_tokenizer
+from lightning_modules.tokenizer import check_same_tokenizer, load_tokenizer
+
+# `attnres fit ...` passes sys.argv[1:] as `args` (sys.argv itself must stay as it is: DDP re-launches
+# the command from it), which LightningCLI would warn about
+warnings.filterwarnings("ignore", message="LightningCLI.s args parameter is intended")
 
 
 def _tensorboard_available() -> bool:
@@ -58,13 +69,29 @@ class AttnResCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--run_name", type=str, default="attnres",
-                            help="runs go to <trainer.default_root_dir>/<run_name>/version_<n>")
-        parser.add_argument("--progress_bar", type=str, default="rich",
-                            help="'rich' (RichProgressBar) or 'tqdm' (Lightning's default)")
+        parser.add_argument(
+            "--run_name",
+            type=str,
+            default="attnres",
+            help="runs go to <trainer.default_root_dir>/<run_name>/version_<n>",
+        )
+        parser.add_argument(
+            "--progress_bar",
+            type=str,
+            default="rich",
+            help="'rich' (RichProgressBar) or 'tqdm' (Lightning's default)",
+        )
+        parser.add_argument(
+            "--torch_threads",
+            type=int | None,
+            default=None,
+            help="intra-op CPU threads (torch.set_num_threads); 1 avoids OpenMP spin-waiting "
+            "on a busy machine, where small models otherwise slow down many times over",
+        )
         parser.add_lightning_class_args(FinalCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
-                             "checkpoint.every_n_train_steps": 100})
+        parser.set_defaults(
+            {"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 100}
+        )
         parser.add_lightning_class_args(DepthPlots, "plots")
 
     # ------------------------------------------------------------------ start-up checks
@@ -74,9 +101,16 @@ class AttnResCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._sub()
+        if cfg.get("torch_threads"):
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)
         # the model's vocabulary follows the tokenizer unless set explicitly
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = load_tokenizer(cfg.data.tokenizer).vocab_size
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():  # before any data is prepared
+            check_checkpoint_tokenizer(ckpt_path, load_tokenizer(cfg.data.tokenizer).fingerprint)
         if self.subcommand in (None, "fit"):
             check_writable(cfg.trainer.default_root_dir or ".", "--trainer.default_root_dir")
             if cfg.checkpoint.dirpath:
@@ -90,13 +124,18 @@ class AttnResCLI(LightningCLI):
             csv = CSVLogger(root, name=name)
             loggers: list = [csv]
             if _tensorboard_available():
-                loggers.append(TensorBoardLogger(root, name=name, version=csv.version, default_hp_metric=False))
+                loggers.append(
+                    TensorBoardLogger(root, name=name, version=csv.version, default_hp_metric=False)
+                )
             kwargs["logger"] = loggers
         plugins = cfg.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
-        if cfg.get("enable_progress_bar", True) is not False and self._get(self.config, "progress_bar") == "rich":
+        if (
+            cfg.get("enable_progress_bar", True) is not False
+            and self._get(self.config, "progress_bar") == "rich"
+        ):
             cbs = cfg.get("callbacks") or []
             kwargs["callbacks"] = (list(cbs) if isinstance(cbs, list) else [cbs]) + [RichProgressBar()]
         return super().instantiate_trainer(**kwargs)
@@ -109,6 +148,15 @@ class AttnResCLI(LightningCLI):
             print(run_summary(self.trainer, log_dir), flush=True)
 
 
+def check_checkpoint_tokenizer(ckpt_path: str, fingerprint: dict) -> None:
+    """Refuse a checkpoint trained with another tokenizer than ``--data.tokenizer``."""
+    import torch
+
+    extra = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("attnres", {})
+    if "tokenizer_fingerprint" in extra:
+        check_same_tokenizer(fingerprint, extra["tokenizer_fingerprint"], f"the checkpoint {ckpt_path}")
+
+
 def check_writable(directory: str | os.PathLike, flag: str) -> None:
     """Create ``directory`` if needed and write a probe file into it, or raise naming ``flag``."""
     path = Path(directory)
@@ -118,7 +166,8 @@ def check_writable(directory: str | os.PathLike, flag: str) -> None:
             pass
     except OSError as exc:
         raise PermissionError(
-            f"output directory {str(path)!r} is not writable ({exc.strerror or exc}); choose another with {flag}"
+            f"output directory {str(path)!r} is not writable ({exc.strerror or exc}); "
+            f"choose another with {flag}"
         ) from exc
 
 
@@ -129,6 +178,17 @@ def run_summary(trainer: Trainer, log_dir: str | None = None) -> str:
     numbers = [f"{k} {m[k]:.4f}" for k in ("train/loss", "val/loss", "val/ppl") if k in m]
     if numbers:
         lines.append("  " + ", ".join(numbers) + f" (step {trainer.global_step})")
+    speed = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
+    if speed is not None and speed.tokens_per_s == speed.tokens_per_s:  # not NaN
+        on_cpu = trainer.strategy.root_device.type == "cpu"
+        mfu = (
+            f"MFU {speed.mfu:.1%}"
+            if speed.mfu is not None
+            else "MFU n/a on CPU"
+            if on_cpu
+            else "MFU n/a (device not in metrics.PEAK_FLOPS)"
+        )
+        lines.append(f"  {speed.tokens_per_s:,.0f} tokens/s (last step), {mfu}")
     ck = trainer.checkpoint_callback
     if ck is not None and ck.last_model_path:
         lines.append(f"  checkpoint: {ck.last_model_path}")

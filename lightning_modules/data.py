@@ -20,6 +20,7 @@ import os
 import shutil
 import sysconfig
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from glob import glob
 from pathlib import Path
@@ -31,6 +32,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_modules.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
+
+# Lightning warns on a mid-epoch resume unless the DataLoader object itself is stateful; here the
+# DataModule's state_dict carries the position (batches consumed this epoch) and restores it.
+warnings.filterwarnings(
+    "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+)
 
 SHARD_FORMAT = "attnres-shards/1"
 SPLITS = ("train", "val")
@@ -45,7 +52,9 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
+        )
         files += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
     return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
@@ -53,7 +62,9 @@ def stdlib_files() -> tuple[Path, list[Path]]:
 def glob_files(patterns: list[str]) -> tuple[Path, list[Path]]:
     """Files matching the glob patterns (``**`` recurses), sorted; the root is their common parent."""
     if not patterns:
-        raise ValueError("data.files is empty: give one or more glob patterns, e.g. --data.files 'texts/**/*.txt'")
+        raise ValueError(
+            "data.files is empty: give one or more glob patterns, e.g. --data.files 'texts/**/*.txt'"
+        )
     files: set[Path] = set()
     for pattern in patterns:
         matched = [Path(p).resolve() for p in glob(os.path.expanduser(pattern), recursive=True)]
@@ -148,7 +159,12 @@ def write_shards(
 class _ShardWriter:
     def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int, meta: dict) -> None:
         self.directory, self.split, self.dtype, self.shard_tokens, self.meta = (
-            directory, split, dtype, shard_tokens, meta)
+            directory,
+            split,
+            dtype,
+            shard_tokens,
+            meta,
+        )
         self.buf: list[np.ndarray] = []
         self.n = 0
 
@@ -230,8 +246,12 @@ class ResumableSampler(DistributedSampler):
     ``skip(n, epoch)`` makes the next iteration of that epoch start after ``n`` samples (how a run
     resumes mid-epoch). It subclasses ``DistributedSampler`` so Lightning uses it as it is."""
 
-    def __init__(self, dataset: Dataset, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+    def __init__(
+        self, dataset: Dataset, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        super().__init__(
+            dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        )
         self._skip = 0
         self._skip_epoch = -1
 
@@ -312,10 +332,13 @@ class TextDataModule(L.LightningDataModule):
         # resolve (and check) the inputs now, so a bad path fails at start-up, not after set-up
         if corpus == "shards":
             if not shards_dir:
-                raise ValueError("data.corpus is 'shards' but data.shards_dir is not set; give the prepared directory")
+                raise ValueError(
+                    "data.corpus is 'shards' but data.shards_dir is not set; give the prepared directory"
+                )
             if not Path(shards_dir).is_dir():
                 raise FileNotFoundError(
-                    f"data.shards_dir: {shards_dir} does not exist; write it with `attnres prepare --output {shards_dir}`"
+                    f"data.shards_dir: {shards_dir} does not exist; "
+                    f"write it with `attnres prepare --output {shards_dir}`"
                 )
             self.shard_path = Path(shards_dir)
             meta = ShardSet(self.shard_path).meta
@@ -353,13 +376,16 @@ class TextDataModule(L.LightningDataModule):
         if self.corpus != "shards":
             self.prepare_data()  # no-op when present; covers use without a Trainer
         self.shard_set = ShardSet(self.shard_path)
-        check_same_tokenizer(self.tokenizer.fingerprint, self.shard_set.meta["tokenizer"], str(self.shard_path))
+        check_same_tokenizer(
+            self.tokenizer.fingerprint, self.shard_set.meta["tokenizer"], str(self.shard_path)
+        )
         self.train_set = TokenWindows(self.shard_set.shards.get("train", []), self.seq_len)
         self.val_set = TokenWindows(self.shard_set.shards.get("val", []), self.seq_len)
         for name, ds in (("train", self.train_set), ("val", self.val_set)):
             if len(ds) == 0:
                 raise ValueError(
-                    f"data: the {name} split of {self.shard_path} has {self.shard_set.tokens(name)} tokens, fewer "
+                    f"data: the {name} split of {self.shard_path} has {self.shard_set.tokens(name)} "
+                    "tokens, fewer "
                     f"than one sequence of seq_len + 1 = {self.seq_len + 1}; lower data.seq_len or add data"
                 )
 
@@ -373,7 +399,9 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        self.train_sampler = ResumableSampler(self.train_set, self.hparams.shuffle, self.hparams.seed, rank, world)
+        self.train_sampler = ResumableSampler(
+            self.train_set, self.hparams.shuffle, self.hparams.seed, rank, world
+        )
         if self._resume is not None:
             self.train_sampler.skip(self._resume["consumed"] * self.batch_size, self._resume["epoch"])
             self._epoch, self._consumed = self._resume["epoch"], self._resume["consumed"]
@@ -394,8 +422,13 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, ds: Dataset, sampler: ResumableSampler, batch_size: int) -> DataLoader:
         return DataLoader(
-            ds, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=self.hparams.num_workers,
-            pin_memory=torch.cuda.is_available(), persistent_workers=self.hparams.num_workers > 0,
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.hparams.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.hparams.num_workers > 0,
             generator=torch.Generator(),  # the loader's base seed must not draw from the global RNG
         )
 

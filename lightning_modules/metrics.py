@@ -85,7 +85,7 @@ def grad_norms_by_depth(named_parameters: Iterable[tuple[str, nn.Parameter]]) ->
         m = _LAYER.search(name)
         if m is None:
             continue
-        part = name[m.end():].split(".", 1)[0].removesuffix("_norm")
+        part = name[m.end() :].split(".", 1)[0].removesuffix("_norm")
         key = (int(m.group(1)), part)
         sq[key] = sq.get(key, 0.0) + float(p.grad.detach().float().pow(2).sum())
     order = {"attn": 0, "mlp": 1}

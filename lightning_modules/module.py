@@ -68,7 +68,8 @@ class LanguageModel(L.LightningModule):
         top_k: routed experts per token. Default: the preset's.
         max_seq_len: longest sequence the model is trained on (``data.seq_len`` must not exceed it).
         vocab_size: vocabulary size; set from the data's tokenizer by ``attnres fit``.
-        overrides: any other :class:`attnres.model.Config` field, e.g. ``{expert_dim: 64, aux_loss_coef: 0.001}``.
+        overrides: any other :class:`attnres.model.Config` field, e.g.
+            ``{expert_dim: 64, aux_loss_coef: 0.001}``.
         lr: peak learning rate (AdamW).
         weight_decay: AdamW weight decay, applied to matrices only (not to norms, biases,
             pseudo-queries or, unless ``decay_embeddings``, the embedding).
@@ -85,11 +86,11 @@ class LanguageModel(L.LightningModule):
     def __init__(
         self,
         preset: str = "tiny",
-        residual: Literal["standard", "full", "block"] | None = None,
+        residual: str | None = None,
         num_blocks: int | None = None,
         num_layers: int | None = None,
         dim: int | None = None,
-        token_mixer: Literal["hybrid", "kda", "mla"] | None = None,
+        token_mixer: str | None = None,
         moe: bool | None = None,
         num_experts: int | None = None,
         top_k: int | None = None,
@@ -109,10 +110,20 @@ class LanguageModel(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        typed = dict(
+            residual=residual,
+            num_blocks=num_blocks,
+            num_layers=num_layers,
+            dim=dim,
+            token_mixer=token_mixer,
+            moe=moe,
+            num_experts=num_experts,
+            top_k=top_k,
+            max_seq_len=max_seq_len,
+            vocab_size=vocab_size,
+        )
         self.config = build_config(
-            preset, residual=residual, num_blocks=num_blocks, num_layers=num_layers, dim=dim,
-            token_mixer=token_mixer, moe=moe, num_experts=num_experts, top_k=top_k, max_seq_len=max_seq_len,
-            vocab_size=vocab_size, **(overrides or {}),
+            preset, **{**(overrides or {}), **{k: v for k, v in typed.items() if v is not None}}
         )
         self.model = Decoder(self.config)
         self.val_ppl = Perplexity(ignore_index=-100)
@@ -152,7 +163,8 @@ class LanguageModel(L.LightningModule):
         if tok is not None and tok.vocab_size > self.config.vocab_size:
             raise ValueError(
                 f"tokenizer/vocabulary mismatch: the tokenizer has {tok.vocab_size} ids but the model's "
-                f"vocab_size is {self.config.vocab_size}; set --model.vocab_size {tok.vocab_size} (or leave it "
+                f"vocab_size is {self.config.vocab_size}; set --model.vocab_size {tok.vocab_size} "
+                "(or leave it "
                 "unset: `attnres fit` sets it from the tokenizer)"
             )
 
@@ -208,7 +220,10 @@ class LanguageModel(L.LightningModule):
             if not p.requires_grad:
                 continue
             skip = (
-                p.ndim < 2 or "norm" in name or name.endswith("bias") or "residual.queries." in name
+                p.ndim < 2
+                or "norm" in name
+                or name.endswith("bias")
+                or "residual.queries." in name
                 or (name.startswith("embed.") and not self.hparams.decay_embeddings)
             )
             (no_decay if skip else decay).append(p)
@@ -294,8 +309,13 @@ class LanguageModel(L.LightningModule):
 def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
     # checkpoints stay loadable with torch.load(weights_only=True): no NumPy arrays inside
     kind, keys, pos, has_gauss, cached = state
-    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def _numpy_state_from_tensors(d: dict[str, Any]) -> tuple:
@@ -310,7 +330,9 @@ def build_config(preset: str, **overrides: Any) -> Config:
     fields = set(Config.__dataclass_fields__) - {"name"}
     unknown = sorted(k for k in overrides if k not in fields)
     if unknown:
-        raise ValueError(f"model.overrides: unknown Config field(s) {unknown}; valid: {', '.join(sorted(fields))}")
+        raise ValueError(
+            f"model.overrides: unknown Config field(s) {unknown}; valid: {', '.join(sorted(fields))}"
+        )
     kw = {k: v for k, v in overrides.items() if v is not None}
     try:
         return get_config(preset, **kw)

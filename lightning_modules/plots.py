@@ -44,9 +44,10 @@ def depth_heatmap_figure(matrix: np.ndarray, mode: str, title: str = "") -> Figu
     m = np.asarray(matrix, dtype=float)
     rows, cols = m.shape
     fig, ax = plt.subplots(figsize=(min(2 + 0.45 * cols, 16), min(1.5 + 0.4 * rows, 12)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#eeeeee")
-    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
+    im = ax.imshow(
+        np.ma.masked_invalid(m), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest"
+    )
     ax.set_xticks(range(cols), [str(i) for i in range(cols - 1)] + ["out"], fontsize=7)
     ax.set_yticks(range(rows), source_labels(mode, rows), fontsize=7)
     ax.set_xlabel("sublayer (input of) → read-out")
@@ -55,8 +56,15 @@ def depth_heatmap_figure(matrix: np.ndarray, mode: str, title: str = "") -> Figu
         for r in range(rows):
             for c in range(cols):
                 if np.isfinite(m[r, c]):
-                    ax.text(c, r, f"{m[r, c]:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if m[r, c] < 0.6 else "black")
+                    ax.text(
+                        c,
+                        r,
+                        f"{m[r, c]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if m[r, c] < 0.6 else "black",
+                    )
     fig.colorbar(im, ax=ax, label="mean depth-attention weight")
     ax.set_title(title or f"depth attention ({mode} AttnRes)")
     return fig
@@ -70,8 +78,8 @@ def depth_heatmap(matrix: np.ndarray, mode: str, path: str | Path, title: str = 
 def magnitudes_figure(output_rms: Sequence[float], hidden_rms: Sequence[float], title: str = "") -> Figure:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(range(1, len(output_rms) + 1), output_rms, "o-", ms=3, label="sublayer output RMS")
-    ax.plot(range(len(hidden_rms)), hidden_rms, "s-", ms=3, label="hidden state RMS")
-    ax.set_xlabel("depth (sublayer)")
+    ax.plot(range(len(hidden_rms)), hidden_rms, "s-", ms=3, label="hidden state RMS (input of sublayer i)")
+    ax.set_xlabel("depth: sublayer i (output v_i at i, its input at i - 1; L = read-out)")
     ax.set_ylabel("RMS")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -80,7 +88,9 @@ def magnitudes_figure(output_rms: Sequence[float], hidden_rms: Sequence[float], 
     return fig
 
 
-def magnitudes(output_rms: Sequence[float], hidden_rms: Sequence[float], path: str | Path, title: str = "") -> Path:
+def magnitudes(
+    output_rms: Sequence[float], hidden_rms: Sequence[float], path: str | Path, title: str = ""
+) -> Path:
     """Output RMS of sublayers 1..L and hidden-state RMS at depths 0..L, log scale."""
     return _save(magnitudes_figure(output_rms, hidden_rms, title), path)
 
@@ -107,7 +117,9 @@ def grad_norms(norms: dict[str, float], path: str | Path, title: str = "") -> Pa
     return _save(grad_norms_figure(norms, title), path)
 
 
-def loss_curves(runs: dict[str, dict[str, tuple[list[int], list[float]]]], path: str | Path, title: str = "") -> Path:
+def loss_curves(
+    runs: dict[str, dict[str, tuple[list[int], list[float]]]], path: str | Path, title: str = ""
+) -> Path:
     """``runs[name] = {"train": (steps, losses), "val": (steps, losses)}`` -> one PNG, two panels."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, split in zip(axes, ("train", "val")):

@@ -9,7 +9,6 @@ and in checkpoints, so data or a checkpoint made with another tokenizer is refus
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -119,7 +118,8 @@ def check_same_tokenizer(expected: dict, found: dict, what: str) -> None:
         raise ValueError(
             f"tokenizer/vocabulary mismatch: {what} was made with {found['kind']} "
             f"(vocab {found['vocab_size']}, {found['sha']}) but this run uses {expected['kind']} "
-            f"(vocab {expected['vocab_size']}, {expected['sha']}); set data.tokenizer to the tokenizer it was "
+            f"(vocab {expected['vocab_size']}, {expected['sha']}); "
+            "set data.tokenizer to the tokenizer it was "
             "made with (or re-run `attnres prepare` / start from a compatible checkpoint)"
         )
 
@@ -146,11 +146,3 @@ def train_bpe(texts: Iterator[str], vocab_size: int, output: str | Path) -> Path
     tmp.write_text(tok.to_str(), encoding="utf-8")
     tmp.replace(output)
     return output
-
-
-def fingerprint_of(tok: Tokenizer) -> dict:
-    return tok.fingerprint
-
-
-def dumps_fingerprint(fp: dict) -> str:
-    return json.dumps(fp, sort_keys=True)
