@@ -59,10 +59,24 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.reduce_dtype = reduce_dtype
         self.reshard_after_forward = reshard_after_forward
 
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().training_step(*args, **kwargs)
+        log_peak_memory(self)
+        return out
+
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_processes * self.num_nodes
         super().setup_environment()
+
+
+def log_peak_memory(strategy: Any) -> None:
+    """Log ``train/peak_mem_gib``: the most CUDA memory this rank has allocated so far (CUDA only)."""
+    if strategy.root_device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(strategy.root_device) / 2**30
+        strategy.lightning_module.log(
+            "train/peak_mem_gib", peak, on_step=True, on_epoch=False, reduce_fx="max"
+        )
 
 
 def configure_model_parallelism(module: Any) -> None:

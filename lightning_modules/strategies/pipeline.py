@@ -31,7 +31,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 
 from attnres.parallel import SCHEDULES, Pipeline, ScheduleName, build_pipeline, init_mesh
-from lightning_modules.strategies.fsdp import DTypeName, _dtype
+from lightning_modules.strategies.fsdp import DTypeName, _dtype, log_peak_memory
 
 
 def clip_grad_norm_across_stages(
@@ -217,6 +217,7 @@ class PipelineParallelStrategy(ModelParallelStrategy):
             module.log("pp/bytes_fwd_per_microbatch", sent["forward"], batch_size=bs)
             module.log("pp/bytes_bwd_per_microbatch", sent["backward"], batch_size=bs)
             self.pipeline.cache.reset_counts()
+        log_peak_memory(self)
         return loss
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
