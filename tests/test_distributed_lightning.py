@@ -104,6 +104,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         trainer.save_checkpoint(ckpt)
         result["num_params_rank"] = sum(p.numel() for p in model.model.parameters())
 
+        reloaded = _module()
+        trainer = _trainer(PipelineParallelStrategy(pipeline_parallel_size=2, n_microbatches=2))
+        result["val_pp2_reloaded"] = trainer.validate(reloaded, dm, ckpt_path=ckpt, verbose=False)[0][
+            "val/loss"
+        ]
+
         fsdp_model, (dm4, _, _) = _module(), _data(4)
         with torch.no_grad():  # a different start: the checkpoint must overwrite it
             for p in fsdp_model.parameters():
@@ -162,8 +168,9 @@ def test_pipeline_strategy_trains_like_one_process(runs):
     assert sum(r["num_params_rank"] for r in results) == sum(p.numel() for p in _module().model.parameters())
 
 
-def test_pipeline_checkpoint_loads_in_one_process_and_under_fsdp2(runs):
+def test_pipeline_checkpoint_loads_in_one_process_under_fsdp2_and_pipeline(runs):
     results, single = runs
     for res in results:
         assert single["val_pp1"] == pytest.approx(res["val_pp2"], rel=1e-5)
         assert res["val_fsdp2"] == pytest.approx(res["val_pp2"], rel=1e-5)
+        assert res["val_pp2_reloaded"] == pytest.approx(res["val_pp2"], rel=1e-5)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -187,6 +188,44 @@ class PipelineParallelStrategy(ModelParallelStrategy):
             clip_grad_norm_across_stages(list(plugin.main_params(optimizer)), clip_val, group)
 
         plugin.clip_grad_by_norm = clip_grad_by_norm  # the norm over all stages, not this rank's
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a sharded DCP checkpoint saved under any layout into this rank's stages (and optimizer):
+        only the keys this rank holds are read. (Lightning's own loader wants DTensor parameters, which
+        a pipeline without FSDP does not have.)"""
+        from lightning.fabric.strategies.model_parallel import (
+            _distributed_checkpoint_load,
+            _is_sharded_checkpoint,
+        )
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_sharded_checkpoint(path):
+            raise ValueError(
+                f"{path} is not a sharded (DCP) checkpoint folder; PipelineParallelStrategy loads those "
+                "(save_distributed_checkpoint=True, the default of both attnres strategies)"
+            )
+        module = self.model
+        state = {"state_dict": get_model_state_dict(module)}
+        _distributed_checkpoint_load(state, path)
+        module.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
+        for idx, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{idx}"
+            optim_state = {key: get_optimizer_state_dict(module, optimizer)}
+            _distributed_checkpoint_load(optim_state, path)
+            set_optimizer_state_dict(
+                module,
+                optimizer,
+                optim_state_dict=optim_state[key],
+                options=StateDictOptions(cpu_offload=True),
+            )
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
 
     # ------------------------------------------------------------------ steps
 
