@@ -12,7 +12,7 @@ Plain PyTorch (no Lightning). The decoder (:class:`attnres.model.Decoder`) knows
   partial summary, packed into one 1-D buffer (one message per boundary; SPEC §3). The sources a
   rank already holds for a microbatch come from its :class:`~attnres.stage_cache.StageCache`.
 * :func:`build_pipeline` runs the stages with ``torch.distributed.pipelining`` (GPipe, 1F1B,
-  Interleaved1F1B with virtual stages); :func:`apply_fsdp` shards each decoder layer with FSDP2
+  Interleaved1F1B with virtual stages); :func:`apply_fsdp` shards each sublayer with FSDP2
   (``fully_shard``); :func:`init_mesh` builds the 2-D ``["pp", "dp"]`` DeviceMesh.
 
 Shapes stay static under caching: what stage ``k`` sends is fixed per stage (the summaries completed
@@ -82,23 +82,30 @@ def apply_fsdp(
     reshard_after_forward: bool = True,
 ) -> nn.Module:
     """Shard ``model`` (a :class:`Decoder`, a pruned one, or a :class:`PipelineStageModule`) with FSDP2:
-    one ``fully_shard`` unit per decoder layer and one for the rest (embedding, depth queries, norm,
-    head) at the root. ``mesh``: the 1-D data-parallel mesh (``mesh["dp"]`` of the 2-D mesh).
-    ``param_dtype``: mixed-precision compute dtype (e.g. bf16; None: the parameters' own), gradients
-    reduced in ``reduce_dtype``. In place; returns ``model``."""
+    one ``fully_shard`` unit per sublayer (its PreNorm and its token or channel mixer, grouped), and one
+    for the rest (embedding, depth queries, final norm, head) at the root. Per sublayer rather than per
+    decoder layer because the decoder calls the two sublayers of a layer separately: a per-layer unit
+    would be gathered twice per forward (and per backward). ``mesh``: the 1-D data-parallel mesh
+    (``mesh["dp"]`` of the 2-D mesh). ``param_dtype``: mixed-precision compute dtype (e.g. bf16; None:
+    the parameters' own), gradients reduced in ``reduce_dtype``. In place; returns ``model``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     layers = getattr(model, "layers", None)
     if not isinstance(layers, nn.ModuleDict):
         raise TypeError(f"apply_fsdp needs decoder layers in .layers, got a {type(model).__name__}")
     for layer in layers.values():
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-        # the decoder calls a layer's two sublayers, not the layer: FSDP must gather around those
-        for name in ("token_mixer", "channel_mixer"):
-            if hasattr(layer, name):
-                register_fsdp_forward_method(layer, name)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        groups = [("attn_norm", "attn"), ("mlp_norm", "mlp")]
+        if all(hasattr(layer, n) for g in groups for n in g):
+            for g in groups:
+                fully_shard([getattr(layer, n) for n in g], **kw)
+        else:  # another layer type: one unit, gathered around whatever the decoder calls
+            fully_shard(layer, **kw)
+            for name in ("token_mixer", "channel_mixer"):
+                if hasattr(layer, name):
+                    register_fsdp_forward_method(layer, name)
+    fully_shard(model, **kw)
     return model
 
 

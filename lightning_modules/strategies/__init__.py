@@ -1,7 +1,8 @@
 """Lightning strategies that apply attnres's parallelism (:mod:`attnres.parallel`) from outside the model.
 
 * :class:`FSDP2Strategy`: Lightning's ``ModelParallelStrategy`` (FSDP2, DCP sharded checkpoints) with
-  one ``fully_shard`` unit per decoder layer and FSDP2 mixed precision (``configs/trainer/fsdp.yaml``).
+  one ``fully_shard`` unit per sublayer (two per decoder layer) and FSDP2 mixed precision
+  (``configs/trainer/fsdp.yaml``).
 * :class:`PipelineParallelStrategy`: pipeline stages run by ``torch.distributed.pipelining`` (GPipe,
   1F1B, Interleaved1F1B), optionally x FSDP2 on a ``["pp", "dp"]`` mesh, with cross-stage caching of
   the AttnRes block summaries (``configs/trainer/pipeline.yaml``).

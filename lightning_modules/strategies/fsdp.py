@@ -1,4 +1,4 @@
-"""FSDP2 through Lightning's ``ModelParallelStrategy``: each decoder layer is one ``fully_shard`` unit.
+"""FSDP2 through Lightning's ``ModelParallelStrategy``: one ``fully_shard`` unit per sublayer.
 
 ``ModelParallelStrategy`` brings the process group, the device mesh, sharded DCP checkpoints (a
 folder: one file per rank plus Lightning's metadata; loadable at any other world size or layout,
@@ -25,7 +25,7 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """FSDP2 (``fully_shard`` per decoder layer) over ``data_parallel_size`` ranks.
+    """FSDP2 (one ``fully_shard`` unit per sublayer, see ``apply_fsdp``) over ``data_parallel_size`` ranks.
 
     Args:
         data_parallel_size: ranks that shard the model (``"auto"``: the world size).
@@ -82,8 +82,8 @@ def log_peak_memory(strategy: Any) -> None:
 def configure_model_parallelism(module: Any) -> None:
     """Apply the strategy's parallelism to ``module.model`` (a :class:`attnres.model.Decoder`); called
     from ``LanguageModel.configure_model``. Under a ``ModelParallelStrategy`` (and :class:`FSDP2Strategy`)
-    each decoder layer becomes a ``fully_shard`` unit over the data-parallel mesh; a pipeline strategy
-    splits the model itself (in its ``setup``); otherwise nothing happens. Idempotent."""
+    each sublayer (PreNorm + mixer) becomes a ``fully_shard`` unit over the data-parallel mesh; a
+    pipeline strategy splits the model itself (in its ``setup``); otherwise nothing happens. Idempotent."""
     from torch.distributed.fsdp import FSDPModule
 
     from lightning_modules.strategies.pipeline import PipelineParallelStrategy
