@@ -46,12 +46,13 @@ def clip_grad_norm_across_stages(
     with their full value. Returns the total norm (before clipping)."""
     from torch.distributed.tensor import DTensor
 
+    parameters = list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
     if grads:
         local = torch.nn.utils.get_total_norm(grads, norm_type)
         local = local.full_tensor() if isinstance(local, DTensor) else local
-    else:
-        local = torch.zeros(())
+    else:  # on the parameters' device, so that an NCCL all-reduce accepts it
+        local = torch.zeros((), device=parameters[0].device if parameters else "cpu")
     local = local.float()
     if math.isinf(norm_type):
         total = local.clone()
