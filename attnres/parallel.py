@@ -248,6 +248,7 @@ class PipelineStageModule(nn.Module):
         self.cache = cache
         self.microbatch = 0  # set by CachingPipelineStage before each forward
         self.source_shape: list[int] = []  # [b, T, d] of one payload tensor, set by Pipeline.step
+        self.payload_dtype: torch.dtype | None = None  # declared by io_shapes
 
     def forward(self, x: Tensor) -> Tensor:
         k, mb, cache, res = self.stage_index, self.microbatch, self.cache, self.residual
@@ -283,6 +284,11 @@ class PipelineStageModule(nn.Module):
             cache.put(mb, keep_ids, keep)
             out = _SendAndKeep.apply(cache, mb, keep_ids, len(send), *send, *keep)
         if not self.is_last:
+            if self.payload_dtype is not None and out.dtype != self.payload_dtype:
+                raise TypeError(
+                    f"stage {k} produced {out.dtype} activations but the pipeline declared "
+                    f"{self.payload_dtype}: build it with dtype={out.dtype} (strategy: activation_dtype)"
+                )
             cache.count(mb, "forward", k, out.numel() * out.element_size())
         if aux is not None and torch.is_grad_enabled():
             out = _AddAuxGrad.apply(out, aux)
@@ -298,6 +304,7 @@ class PipelineStageModule(nn.Module):
     def io_shapes(self, microbatch_size: int, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Example (meta) input and output of this stage for a microbatch ``[b, T]``."""
         d, k, cache = self.config.dim, self.stage_index, self.cache
+        self.payload_dtype = dtype
         meta = torch.device("meta")
         if self.is_first:
             inp = torch.empty(microbatch_size, seq_len, dtype=torch.long, device=meta)
@@ -423,7 +430,7 @@ class Pipeline:
             with torch.no_grad():
                 sched.eval(*args, target=target, losses=losses)
         self.cache.clear()
-        loss = torch.zeros((), device=self.device)
+        loss = torch.zeros((), dtype=torch.float32, device=self.device)
         if losses:
             loss = torch.stack([x.detach().float() for x in losses]).mean()
         dist.broadcast(loss, src=self.last_rank, group=self.group)

@@ -83,7 +83,9 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         virtual_stages: stages per rank (``interleaved_1f1b`` only); ``pp * virtual_stages`` must not
             exceed the number of decoder layers.
         caching: cross-stage caching of the AttnRes block summaries (SPEC §3).
-        activation_dtype: dtype of what crosses a stage boundary (the model's compute dtype).
+        activation_dtype: dtype of what crosses a stage boundary: the model's compute dtype (None: from
+            ``param_dtype`` when set, else from ``trainer.precision``: bf16 for ``bf16-true``, fp16 for
+            ``16-true``, else fp32).
         param_dtype: FSDP2 mixed precision when ``data_parallel_size > 1`` (None: fp32).
         log_bytes: log the bytes sent per microbatch and direction every training step.
         save_distributed_checkpoint: sharded DCP checkpoints (a folder).
@@ -97,7 +99,7 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         n_microbatches: int = 4,
         virtual_stages: int = 1,
         caching: bool = True,
-        activation_dtype: DTypeName = "float32",
+        activation_dtype: DTypeName | None = None,
         param_dtype: DTypeName | None = None,
         log_bytes: bool = True,
         save_distributed_checkpoint: bool = True,
@@ -177,7 +179,7 @@ class PipelineParallelStrategy(ModelParallelStrategy):
                 virtual_stages=self.virtual_stages,
                 caching=self.caching,
                 device=self.root_device,
-                dtype=_dtype(self.activation_dtype),
+                dtype=self._activation_dtype(trainer),
                 dp_mesh=mesh["dp"] if dp > 1 else None,
                 fsdp_param_dtype=_dtype(self.param_dtype),
             )
@@ -228,11 +230,22 @@ class PipelineParallelStrategy(ModelParallelStrategy):
             )
         return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
 
+    def _activation_dtype(self, trainer: Any) -> torch.dtype:
+        if self.activation_dtype is not None:
+            return _dtype(self.activation_dtype)
+        if self.param_dtype is not None and self.data_parallel_size > 1:
+            return _dtype(self.param_dtype)
+        return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(
+            str(trainer.precision), torch.float32
+        )
+
     # ------------------------------------------------------------------ steps
 
     def _run(self, batch: dict[str, Tensor], train: bool) -> Tensor:
         assert self.pipeline is not None
-        loss = self.pipeline.step(batch["input_ids"], batch["labels"], train=train)
+        plugin = self.precision_plugin
+        with plugin.train_step_context() if train else plugin.val_step_context():
+            loss = self.pipeline.step(batch["input_ids"], batch["labels"], train=train)
         if self.data_parallel_size > 1:
             loss = self.reduce(loss, reduce_op="mean")
         return loss
