@@ -47,8 +47,9 @@ class Config:
     # ---- residual path
     residual: Literal["standard", "full", "block"] = "block"
     """Residual mode: ``standard`` (baseline sum), ``full`` (Full AttnRes), ``block`` (Block AttnRes)."""
-    num_blocks: int = 8
-    """Blocks of Block AttnRes; must divide ``2 * num_layers`` into even-sized blocks."""
+    num_blocks: int | None = None
+    """Blocks of Block AttnRes; must divide ``2 * num_layers`` into even-sized blocks. ``None``: 8 when
+    valid, else the largest valid count below 8 (resolved at construction)."""
     residual_eps: float = 1e-6
     """Epsilon of the depth-attention key RMSNorm."""
 
@@ -120,6 +121,8 @@ class Config:
             raise bad("mla_qk_shared_dim", self.mla_qk_shared_dim, "an integer >= 0")
         if self.residual not in RESIDUAL_MODES:
             raise bad("residual", self.residual, " | ".join(RESIDUAL_MODES))
+        if self.num_blocks is None:
+            self.num_blocks = max(n for n in valid_num_blocks(self.num_sublayers) if n <= 8)
         if self.residual == "block":
             valid = valid_num_blocks(self.num_sublayers)
             if self.num_blocks not in valid:
@@ -238,8 +241,7 @@ class Config:
         ``top_k`` routed experts of each MoE layer instead of all, and not the input embedding
         (a row lookup, no compute); the LM head counts. Equals ``Decoder.num_parameters(active)``."""
         total = 0
-        for i, (mixer, mlp) in enumerate(self.layer_kinds()):
-            del i
+        for mixer, mlp in self.layer_kinds():
             total += self.mla_params() if mixer == "mla" else self.kda_params()
             total += self.moe_params(active) if mlp == "moe" else 3 * self.dim * self.mlp_dim
             total += 2 * self.dim  # the two PreNorm weights
@@ -269,7 +271,7 @@ class Config:
             if mixer == "mla":
                 flops += 6.0 * self.mla_heads * (qk + self.mla_v_head_dim) * t
             else:
-                flops += 3.0 * self.kda_heads * (6 * k * k + 2 * c * (2 * k))
+                flops += 3.0 * self.kda_heads * (6 * k * k + 2 * c * (k + k))  # V = K
         return flops
 
     def replace(self, **overrides: Any) -> Config:

@@ -19,19 +19,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnres.model.config import Config
-from attnres.model.kda import KimiDeltaAttention
+from attnres.model.kda import KimiDeltaAttention, ShortConv
 from attnres.model.mla import MultiHeadLatentAttention
 from attnres.model.moe import MoE, SwiGLU, output_init_std
 from attnres.model.norm import RMSNorm
-from attnres.residual import Residual, ResidualState
+from attnres.residual import DepthQuery, Residual, ResidualState
 
 __all__ = ["Decoder", "DecoderCache", "DecoderLayer", "KimiLinear", "ModelOutput"]
 
 
 @dataclass
 class DecoderCache:
-    """Decoding state of every layer, keyed like ``Decoder.layers``: KDA ``{"state", "conv"}``, MLA
-    ``{"latent", "k_shared"}``. AttnRes needs nothing here: it mixes across depth within one token."""
+    """Decoding state (detached: inference only) of every layer, keyed like ``Decoder.layers``: KDA
+    ``{"state", "conv"}``, MLA ``{"latent", "k_shared"}``. AttnRes needs nothing here: it mixes across
+    depth within one token."""
 
     layers: dict[str, dict] = field(default_factory=dict)
     seq_len: int = 0
@@ -52,6 +53,15 @@ class ModelOutput:
     aux_loss: Tensor | None = None
     cache: DecoderCache | None = None
     stats: dict | None = None
+
+
+@dataclass
+class StatsRecorder:
+    """Per-forward diagnostics collected by :meth:`Decoder.run_layers`."""
+
+    in_rms: list[Tensor] = field(default_factory=list)
+    out_rms: list[Tensor] = field(default_factory=list)
+    loads: dict[int, Tensor] = field(default_factory=dict)
 
 
 class DecoderLayer(nn.Module):
@@ -106,9 +116,12 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std) for projections and embeddings, ``init_std / sqrt(2 * num_layers)`` for
-        the projections that write into the residual path (attention ``o_proj``, MLP / expert down),
-        zero biases; norms at 1, KDA decay parameters Mamba-style, pseudo-queries at 0 (in Residual)."""
+        """(Re)initialise every parameter and buffer, so a model built on the meta device and
+        materialised with ``to_empty`` is complete after this call: Normal(0, init_std) for projections
+        and embeddings, ``init_std / sqrt(2 * num_layers)`` for the projections that write into the
+        residual path (attention ``o_proj``, MLP / expert down), zero biases, norms at 1, KDA decay and
+        short convs at their own inits, pseudo-queries at 0 (uniform depth weights), router bias and
+        load counts at 0."""
         c = self.config
         std, out_std = c.init_std, output_init_std(c.init_std, c.num_layers)
         for module in self.modules():
@@ -118,8 +131,17 @@ class Decoder(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, DepthQuery):
+                nn.init.zeros_(module.weight)
+                nn.init.ones_(module.norm_weight)
+            elif isinstance(module, ShortConv):
+                module.reset_parameters()
         for layer in self.layers.values():
             nn.init.normal_(layer.attn.o_proj.weight, std=out_std)
+            if isinstance(layer.attn, KimiDeltaAttention):
+                layer.attn.reset_decay()
             if isinstance(layer.mlp, MoE):
                 layer.mlp.reset_parameters(std, out_std)
                 if layer.mlp.shared is not None:
@@ -135,48 +157,67 @@ class Decoder(nn.Module):
     ) -> ModelOutput:
         """input_ids ``[B, T]``; labels ``[B, T]`` already aligned (position ``t`` predicts
         ``labels[t]``; ``-100`` is ignored); cache: a :class:`DecoderCache` to decode with (updated in
-        place; an empty one starts a sequence)."""
-        state = self.residual.begin(self.embed(input_ids), record=return_stats)
-        aux_loss = torch.zeros((), device=input_ids.device)
-        out_rms: list[Tensor] = []
-        in_rms: list[Tensor] = []
-        loads: dict[int, Tensor] = {}
+        place; an empty one starts a sequence).
 
-        def run(i: int, fn, *args) -> Tensor | None:
-            h = self.residual.input(state, i)
-            result = fn(h, *args)
-            v, extra = result if isinstance(result, tuple) else (result, None)
-            self.residual.output(state, i, v)
-            if return_stats:
-                in_rms.append(_rms(h))
-                out_rms.append(_rms(v))
-            return extra
-
-        for key, layer in self.layers.items():
-            i = int(key)
-            layer_cache = cache.layers.setdefault(key, {}) if cache is not None else None
-            run(2 * i, layer.token_mixer, layer_cache)
-            aux = run(2 * i + 1, layer.channel_mixer)
-            if aux is not None:
-                aux_loss = aux_loss + aux
-                if return_stats:
-                    loads[i] = layer.mlp.last_load.detach().cpu()
+        The three steps are public so a pipeline stage (which keeps only some of ``layers``, and the
+        embedding or the head only where it owns them) can run its part: :meth:`begin`,
+        :meth:`run_layers`, :meth:`finish`."""
+        stats = StatsRecorder() if return_stats else None
+        state = self.begin(input_ids, record=return_stats)
+        aux_loss = self.run_layers(state, cache=cache, stats=stats)
         x = self.residual.readout(state)
-        logits = self.lm_head(self.norm(x))
+        logits = self.finish(x)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        stats = None
-        if return_stats:
-            stats = {
+        report = None
+        if stats is not None:
+            report = {
                 "depth_weights": self._depth_weights(state),
-                "output_rms": torch.stack(out_rms).cpu(),
-                "hidden_rms": torch.stack(in_rms + [_rms(x)]).cpu(),
-                "router_load": loads,
+                "output_rms": torch.stack(stats.out_rms).cpu(),
+                "hidden_rms": torch.stack(stats.in_rms + [_rms(x)]).cpu(),
+                "router_load": stats.loads,
             }
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, cache=cache, stats=stats)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, cache=cache, stats=report)
+
+    def begin(self, input_ids: Tensor, record: bool = False) -> ResidualState:
+        """Embed ``input_ids [B, T]`` and start the residual path (``record``: keep depth weights)."""
+        return self.residual.begin(self.embed(input_ids), record=record)
+
+    def run_layers(
+        self, state: ResidualState, cache: DecoderCache | None = None, stats: StatsRecorder | None = None
+    ) -> Tensor:
+        """Run the layers this module holds (in index order) on ``state``; returns the sum of their MoE
+        balance losses (a 0-dim fp32 tensor)."""
+        aux_loss = torch.zeros((), device=_state_device(state))
+        for key in sorted(self.layers, key=int):
+            layer, i = self.layers[key], int(key)
+            layer_cache = cache.layers.setdefault(key, {}) if cache is not None else None
+            self._sublayer(state, 2 * i, layer.token_mixer, stats, layer_cache)
+            aux = self._sublayer(state, 2 * i + 1, layer.channel_mixer, stats)
+            if aux is not None:
+                aux_loss = aux_loss + aux
+                if stats is not None:
+                    stats.loads[i] = layer.mlp.last_load.detach().cpu()
+        return aux_loss
+
+    def finish(self, x: Tensor) -> Tensor:
+        """The read-out ``x [B, T, d]`` through the final norm and the LM head: logits ``[B, T, V]``."""
+        return self.lm_head(self.norm(x))
+
+    def _sublayer(
+        self, state: ResidualState, i: int, fn, stats: StatsRecorder | None, *args
+    ) -> Tensor | None:
+        h = self.residual.input(state, i)
+        result = fn(h, *args)
+        v, extra = result if isinstance(result, tuple) else (result, None)
+        self.residual.output(state, i, v)
+        if stats is not None:
+            stats.in_rms.append(_rms(h))
+            stats.out_rms.append(_rms(v))
+        return extra
 
     def _depth_weights(self, state: ResidualState) -> Tensor | None:
         if self.config.residual == "standard":
@@ -270,6 +311,12 @@ def sample(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+
+
+def _state_device(state: ResidualState) -> torch.device:
+    if state.hidden is not None:
+        return state.hidden.device
+    return (state.sources[0] if state.sources else state.partial).device
 
 
 def _rms(x: Tensor) -> Tensor:

@@ -100,9 +100,10 @@ def kda_chunked(
     strict = incl.tril(-1)  # s < t
     # pairwise decay e^{G_t - G_s} on s <= t, 0 elsewhere (masked before exp: no inf * 0)
     diff = (G.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~incl[:, :, None], float("-inf"))
-    decay = diff.exp()  # [B, H, N, C(t), C(s), K]
-    Akk = torch.einsum("...tsk,...tk,...sk->...ts", decay, k, k)
-    Aqk = torch.einsum("...tsk,...tk,...sk->...ts", decay, q, k)
+    k_decayed = diff.exp() * k.unsqueeze(-3)  # [B, H, N, C(t), C(s), K]: e^{G_t - G_s} * k_s
+    # k_t and q_t against every decayed k_s in one batched matmul (one pass over the [C, C, K] tensor)
+    both = k_decayed @ torch.stack([k, q], dim=-2).transpose(-1, -2)  # [B, H, N, C(t), C(s), 2]
+    Akk, Aqk = both[..., 0], both[..., 1]
     A = (Akk * beta.unsqueeze(-1)).masked_fill(~strict, 0.0)
     eye = torch.eye(C, dtype=A.dtype, device=A.device)
     rhs = torch.cat([v, G.exp() * k], dim=-1) * beta.unsqueeze(-1)  # [B, H, N, C, V + K]
@@ -114,10 +115,12 @@ def kda_chunked(
 
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(ct)
     outs = []
-    for n in range(N):
-        U = U_tilde[:, :, n] - W[:, :, n] @ S
-        outs.append(q_decayed[:, :, n] @ S + Aqk[:, :, n] @ U)
-        S = chunk_decay[:, :, n] * S + k_to_end[:, :, n].transpose(-1, -2) @ U
+    # unbind once: indexing [:, :, n] per chunk would give each chunk a full-size gradient buffer
+    per_chunk = zip(*(t.unbind(2) for t in (U_tilde, W, q_decayed, Aqk, chunk_decay, k_to_end)))
+    for u_n, w_n, q_n, a_n, decay_n, k_n in per_chunk:
+        U = u_n - w_n @ S
+        outs.append(q_n @ S + a_n @ U)
+        S = decay_n * S + k_n.transpose(-1, -2) @ U
     o = torch.stack(outs, dim=2)  # [B, H, N, C, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
     return o.to(out_dtype), S
@@ -188,6 +191,9 @@ class KimiDeltaAttention(nn.Module):
         self.f_b_proj = nn.Linear(head_dim, hk, bias=False)
         self.A_log = nn.Parameter(torch.empty(num_heads))
         self.dt_bias = nn.Parameter(torch.empty(hk))
+        # fla's convention: the optimizer should not decay these (1-D, like norms and biases)
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
         self.b_proj = nn.Linear(dim, num_heads, bias=False)
         self.g_a_proj = nn.Linear(dim, head_dim, bias=False)
         self.g_b_proj = nn.Linear(head_dim, hk, bias=True)

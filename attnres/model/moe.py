@@ -100,7 +100,22 @@ class MoE(nn.Module):
         self.last_load: Tensor | None = None  # fraction of routed slots per expert, last forward
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # keep the balancing state in fp32 under model.to(bf16): steps of 1e-3 vanish in bf16 near 1.0
+        # and bf16 counts are not exact above 256
+        kept = {name: self._buffers[name] for name in ("score_bias", "tokens_per_expert")}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return self
+
+    @torch.no_grad()
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        """Experts Normal(0, std) (down projection ``out_std``); balancing bias and load counts 0."""
+        self.score_bias.zero_()
+        self.tokens_per_expert.zero_()
         nn.init.normal_(self.w_gate, std=std)
         nn.init.normal_(self.w_up, std=std)
         nn.init.normal_(self.w_down, std=std if out_std is None else out_std)

@@ -1,0 +1,153 @@
+"""MoE channel mixer: routing math, sorted/grouped dispatch, auxiliary-loss-free balancing, aux loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnres.model.moe import MoE, grouped_swiglu
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small ops: one intra-op thread. With 2 threads on a shared, oversubscribed 2-core runner the
+    OpenMP workers spin against other processes and tiny kernels get ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _moe(**kw) -> MoE:
+    torch.manual_seed(0)
+    args = dict(dim=16, num_experts=6, top_k=2, expert_dim=24, num_shared_experts=1,
+                routed_scaling_factor=2.5)
+    return MoE(**{**args, **kw})
+
+
+def test_dispatch_equals_per_token_reference():
+    moe = _moe()
+    x = torch.randn(3, 7, 16)
+    y, _ = moe(x)
+    flat = x.reshape(-1, 16)
+    idx, w, scores = moe.route(flat)
+    # per (token, slot): gather that expert's weights directly, no sorting
+    wg, wu, wd = moe.w_gate[idx], moe.w_up[idx], moe.w_down[idx]  # [N, k, h, d] / [N, k, d, h]
+    h = F.silu(torch.einsum("nkhd,nd->nkh", wg, flat)) * torch.einsum("nkhd,nd->nkh", wu, flat)
+    ref = torch.einsum("nkdh,nkh,nk->nd", wd, h, w) + moe.shared(flat)
+    torch.testing.assert_close(y.reshape(-1, 16), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_routing_weights_are_renormalised_unbiased_scores_times_scale():
+    moe = _moe()
+    moe.score_bias.copy_(torch.tensor([5.0, 0, 0, 0, 0, 5.0]))  # forces experts 0 and 5
+    x = torch.randn(10, 16)
+    idx, w, scores = moe.route(x)
+    assert set(idx.flatten().tolist()) == {0, 5}
+    picked = scores.gather(-1, idx)
+    torch.testing.assert_close(w, picked / picked.sum(-1, keepdim=True) * 2.5)
+    assert scores.dtype == torch.float32 and w.dtype == torch.float32
+
+
+def test_grouped_swiglu_skips_empty_experts_and_keeps_order():
+    torch.manual_seed(0)
+    E, h, d = 4, 8, 6
+    wg, wu, wd = torch.randn(E, h, d), torch.randn(E, h, d), torch.randn(E, d, h)
+    counts = torch.tensor([3, 0, 2, 0])
+    x = torch.randn(5, d)
+    y = grouped_swiglu(x, counts, wg, wu, wd, use_grouped_mm=False)
+    owner = [0, 0, 0, 2, 2]
+    ref = torch.stack([(F.silu(wg[e] @ x[i]) * (wu[e] @ x[i])) @ wd[e].t() for i, e in enumerate(owner)])
+    torch.testing.assert_close(y, ref)
+
+
+def test_router_bias_drives_a_skewed_router_toward_balance():
+    moe = _moe(num_experts=8, top_k=2, bias_update_rate=0.01)
+    g = torch.Generator().manual_seed(1)
+    hot = F.normalize(torch.randn(16, generator=g), dim=0)
+    with torch.no_grad():  # experts 0 and 1 score high for (almost) every token
+        moe.router.weight.copy_(torch.randn(8, 16, generator=g) * 0.3)
+        moe.router.weight[:2] += 2.0 * hot
+    x = torch.randn(4, 32, 16, generator=g) + 2.0 * hot
+    moe.train()
+    late = torch.zeros(8)
+    for step in range(80):
+        with torch.no_grad():
+            moe(x)
+        if step == 0:
+            before = (moe.last_load.max() / moe.last_load.mean()).item()
+        if step >= 60:
+            late += moe.last_load
+        moe.update_bias()
+    after = (late.max() / late.mean()).item()
+    assert before > 3.0, before  # 8 experts, top-2: all slots on two experts would give 4
+    assert after < 1.15, after
+    assert moe.score_bias[:2].max() < moe.score_bias[2:].min()  # the hot experts were pushed down
+
+
+def test_update_bias_uses_sign_of_mean_minus_load_and_resets_counts():
+    moe = _moe(num_experts=4, bias_update_rate=0.1)
+    moe.tokens_per_expert.copy_(torch.tensor([10.0, 0.0, 5.0, 5.0]))
+    moe.update_bias()
+    torch.testing.assert_close(moe.score_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+    assert moe.tokens_per_expert.sum() == 0
+    moe.update_bias(torch.tensor([0.0, 10.0, 0.0, 10.0]))
+    torch.testing.assert_close(moe.score_bias, torch.tensor([0.0, 0.0, 0.1, -0.1]))
+
+
+def test_loads_accumulate_only_in_training_mode():
+    moe = _moe()
+    x = torch.randn(2, 5, 16)
+    moe.eval()
+    moe(x)
+    assert moe.tokens_per_expert.sum() == 0
+    moe.train()
+    moe(x)
+    moe(x)
+    assert moe.tokens_per_expert.sum() == 2 * 10 * moe.top_k
+
+
+def test_sequence_aux_loss_is_coef_for_uniform_scores_and_grows_with_imbalance():
+    moe = _moe(aux_loss_coef=0.01)
+    with torch.no_grad():
+        moe.router.weight.zero_()  # all scores 0.5: P_e = 1/E, so sum_e f_e P_e = 1 whatever the routing
+    _, aux = moe(torch.randn(2, 9, 16))
+    torch.testing.assert_close(aux, torch.tensor(0.01))
+    moe = _moe(aux_loss_coef=0.01)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 50.0  # expert 0 dominates the scores and the routing
+    x = torch.randn(2, 9, 16)
+    x[..., 0] = x[..., 0].abs() + 1
+    _, aux = moe(x)
+    assert aux > 0.012  # 1.29 x coef: expert 0 always routed and holding 2/7 of the score mass
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
+def test_grouped_mm_path_equals_expert_loop_forward_and_backward():
+    torch.manual_seed(0)
+    E, h, d = 4, 16, 8
+    weights = [torch.randn(E, h, d), torch.randn(E, h, d), torch.randn(E, d, h)]
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, d)
+    results = []
+    for grouped in (True, False):
+        leaves = [t.clone().requires_grad_() for t in [x, *weights]]
+        y = grouped_swiglu(leaves[0], counts, *leaves[1:], use_grouped_mm=grouped)
+        results.append((y, torch.autograd.grad(y.square().sum(), leaves)))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_balancing_state_stays_fp32_when_the_model_is_cast_to_bf16():
+    moe = _moe()
+    moe.score_bias.fill_(0.123456)
+    moe.to(torch.bfloat16)
+    assert moe.w_gate.dtype == torch.bfloat16 and moe.router.weight.dtype == torch.bfloat16
+    assert moe.score_bias.dtype == torch.float32 and moe.tokens_per_expert.dtype == torch.float32
+    assert moe.score_bias[0].item() == pytest.approx(0.123456, abs=1e-7)  # not rounded through bf16
+    moe.train()
+    y, _ = moe(torch.randn(2, 300, 16, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and moe.tokens_per_expert.sum().item() == 2 * 300 * moe.top_k
