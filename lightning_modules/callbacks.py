@@ -163,9 +163,10 @@ class DepthPlots(L.Callback):
         scalars = summary_scalars(stats) if log else {}
         for k, v in scalars.items():
             pl_module.log(k, v, on_step=True, on_epoch=False, rank_zero_only=True)
+        log_dir = trainer.log_dir  # a collective under DDP (broadcast from rank 0): every rank asks
         if not (self.plots and trainer.is_global_zero):
             return
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "plots"
+        out_dir = Path(log_dir or trainer.default_root_dir) / "plots"
         written = write_plots(stats, self._grads, out_dir, f"step {step}")
         if self.keep_history:
             for p in written:

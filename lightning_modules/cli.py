@@ -143,8 +143,9 @@ class AttnResCLI(LightningCLI):
     # ------------------------------------------------------------------ after fit
 
     def after_fit(self) -> None:
+        summary = run_summary(self.trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if self.trainer.is_global_zero:
-            print(run_summary(self.trainer), flush=True)
+            print(summary, flush=True)
 
 
 def check_checkpoint_tokenizer(ckpt_path: str, fingerprint: dict) -> None:
