@@ -149,7 +149,7 @@ class DepthPlots(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._last_step and trainer.global_step > 0:
-            self._run(trainer, pl_module, trainer.global_step, log=False)  # logging is closed by now
+            self._run(trainer, pl_module, trainer.global_step)
 
     def _batch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         dm = trainer.datamodule
@@ -157,12 +157,15 @@ class DepthPlots(L.Callback):
         items = [dm.val_set[i] for i in range(min(n, len(dm.val_set)))]
         return {k: torch.stack([it[k] for it in items]).to(pl_module.device) for k in items[0]}
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, log: bool = True) -> None:
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         self._last_step = step
         stats = pl_module.depth_stats(self._batch(trainer, pl_module))
-        scalars = summary_scalars(stats) if log else {}
-        for k, v in scalars.items():
-            pl_module.log(k, v, on_step=True, on_epoch=False, rank_zero_only=True)
+        if trainer.is_global_zero:
+            # straight to the loggers, once (self.log from this hook would repeat the value at every
+            # later logging step); at the step Lightning gives the batch that just ran
+            scalars = summary_scalars(stats)
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=max(step - 1, 0))
         log_dir = trainer.log_dir  # a collective under DDP (broadcast from rank 0): every rank asks
         if not (self.plots and trainer.is_global_zero):
             return
