@@ -10,6 +10,7 @@ plots (``plots.*``), CSV logs (and TensorBoard when installed) under
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -146,6 +147,17 @@ class AttnResCLI(LightningCLI):
         summary = run_summary(self.trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if self.trainer.is_global_zero:
             print(summary, flush=True)
+
+    def after_predict(self) -> None:
+        import torch
+
+        preds = self.trainer.predict_loop.predictions or []
+        if self.trainer.is_global_zero and preds:
+            nll = torch.cat([p["nll"] for p in preds])
+            print(
+                f"predict: {len(nll)} sequences, mean NLL {nll.mean():.4f} nats/token "
+                f"({nll.mean() / math.log(2):.4f} bits/token), min {nll.min():.4f}, max {nll.max():.4f}"
+            )
 
 
 def check_checkpoint_tokenizer(ckpt_path: str, fingerprint: dict) -> None:
