@@ -420,3 +420,43 @@ def test_compare_trains_three_modes_on_the_same_budget(micro, tmp_path, capsys):
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n") == 5 and "| block (N=2) |" in table
     assert is_png(tmp_path / "loss_curves.png")
+
+
+@pytest.mark.slow
+def test_fit_with_two_ddp_ranks_on_cpu(micro, tmp_path):
+    """DDP over gloo: each rank reads its share of the windows, the router loads are all-reduced, and
+    every collective (``trainer.log_dir``) is reached by both ranks."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "attnres",
+            "fit",
+            *micro,
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(
+        tmp_path / "micro/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert ckpt["global_step"] == 2
+    tokens = [
+        float(r["train/tokens_per_s"])
+        for r in read_metrics(tmp_path / "micro/version_0")
+        if r.get("train/tokens_per_s")
+    ]
+    assert len(tokens) == 2 and "plots:" in proc.stdout
