@@ -85,6 +85,16 @@ class ThroughputMonitor(L.Callback):
         self._t0 = 0.0
         self.tokens_per_s = float("nan")
         self.mfu: float | None = None
+        self.history: list[float] = []  # tokens/s of every step
+
+    @property
+    def median_mfu(self) -> float | None:
+        return None if self.mfu is None else self.median_tokens_per_s * self._mfu_per_token_s
+
+    @property
+    def median_tokens_per_s(self) -> float:
+        h = sorted(self.history)
+        return h[len(h) // 2] if h else float("nan")
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -102,11 +112,12 @@ class ThroughputMonitor(L.Callback):
         ids = batch["input_ids"]
         tokens = ids.numel() * trainer.world_size
         self.tokens_per_s = tokens / max(dt, 1e-9)
+        self.history.append(self.tokens_per_s)
         pl_module.log("train/tokens_per_s", self.tokens_per_s, on_step=True, on_epoch=False)
         peak = metrics.peak_flops(pl_module.device)
         if peak is not None:
-            flops = pl_module.flops_per_token(ids.shape[1]) * self.tokens_per_s
-            self.mfu = flops / (peak * trainer.world_size)
+            self._mfu_per_token_s = pl_module.flops_per_token(ids.shape[1]) / (peak * trainer.world_size)
+            self.mfu = self.tokens_per_s * self._mfu_per_token_s
             pl_module.log("train/mfu", self.mfu, on_step=True, on_epoch=False)
 
 

@@ -64,7 +64,7 @@ class AttnResCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 1234)
-        trainer_defaults = {"default_root_dir": "runs", "callbacks": [NaNGuard(), ThroughputMonitor()]}
+        trainer_defaults = {"default_root_dir": "runs", "callbacks": [NaNGuard()]}
         super().__init__(
             LanguageModel, TextDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
         )
@@ -133,12 +133,15 @@ class AttnResCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
+        cbs = cfg.get("callbacks") or []
+        # the throughput monitor first, so its batch-end clock stops before other callbacks' work (plots)
+        callbacks = [ThroughputMonitor()] + (list(cbs) if isinstance(cbs, list) else [cbs])
         if (
             cfg.get("enable_progress_bar", True) is not False
             and self._get(self.config, "progress_bar") == "rich"
         ):
-            cbs = cfg.get("callbacks") or []
-            kwargs["callbacks"] = (list(cbs) if isinstance(cbs, list) else [cbs]) + [RichProgressBar()]
+            callbacks.append(RichProgressBar())
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     # ------------------------------------------------------------------ after fit
@@ -191,16 +194,16 @@ def run_summary(trainer: Trainer) -> str:
     if numbers:
         lines.append("  " + ", ".join(numbers) + f" (step {trainer.global_step})")
     speed = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
-    if speed is not None and speed.tokens_per_s == speed.tokens_per_s:  # not NaN
+    if speed is not None and speed.history:
         on_cpu = trainer.strategy.root_device.type == "cpu"
         mfu = (
-            f"MFU {speed.mfu:.1%}"
-            if speed.mfu is not None
+            f"MFU {speed.median_mfu:.1%}"
+            if speed.median_mfu is not None
             else "MFU n/a on CPU"
             if on_cpu
             else "MFU n/a (device not in metrics.PEAK_FLOPS)"
         )
-        lines.append(f"  {speed.tokens_per_s:,.0f} tokens/s (last step), {mfu}")
+        lines.append(f"  {speed.median_tokens_per_s:,.0f} tokens/s (median over steps), {mfu}")
     ck = trainer.checkpoint_callback
     if ck is not None and ck.last_model_path:
         lines.append(f"  checkpoint: {ck.last_model_path}")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from attnres.cli import main as attnres_main
-from lightning_modules import commands
+from lightning_modules import commands, metrics
 from lightning_modules.callbacks import AtomicCheckpointIO, NonFiniteLossError
 from lightning_modules.cli import AttnResCLI, run_lightning_cli
 from lightning_modules.module import LanguageModel, LRSchedule
@@ -363,6 +363,16 @@ def test_no_weight_decay_on_norms_biases_queries_and_embedding():
     assert any(".queries." in n for n in no) and "embed.weight" in no
     assert any("norm" in n for n in no) and not any("norm" in n or ".queries." in n for n in yes)
     assert "lm_head.weight" in yes and len(no | yes) == len(names)
+
+
+def test_depth_entropy_load_balance_and_peak_flops():
+    nan = float("nan")
+    m = torch.tensor([[1.0, 0.5, 1.0], [nan, 0.5, 0.0], [nan, nan, 0.0]])  # one source, uniform, one-hot
+    assert torch.allclose(metrics.depth_entropy(m), torch.tensor([0.0, math.log(2), 0.0]))
+    assert metrics.normalized_depth_entropy(m) == pytest.approx(0.5)  # mean of 1 (uniform) and 0 (one-hot)
+    assert metrics.load_balance(torch.tensor([0.25, 0.25, 0.25, 0.25])) == pytest.approx(1.0)
+    assert metrics.load_balance(torch.tensor([0.5, 0.5, 0.0, 0.0])) == pytest.approx(2.0)
+    assert metrics.peak_flops(torch.device("cpu")) is None  # MFU is not applicable on CPU
 
 
 # ----------------------------------------------------------------------------- CLI, generate, compare
