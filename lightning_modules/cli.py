@@ -10,6 +10,7 @@ plots (``plots.*``), CSV logs (and TensorBoard when installed) under
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -63,7 +64,7 @@ class AttnResCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 1234)
-        trainer_defaults = {"default_root_dir": "runs", "callbacks": [NaNGuard(), ThroughputMonitor()]}
+        trainer_defaults = {"default_root_dir": "runs", "callbacks": [NaNGuard()]}
         super().__init__(
             LanguageModel, TextDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
         )
@@ -132,20 +133,34 @@ class AttnResCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
+        cbs = cfg.get("callbacks") or []
+        # the throughput monitor first, so its batch-end clock stops before other callbacks' work (plots)
+        callbacks = [ThroughputMonitor()] + (list(cbs) if isinstance(cbs, list) else [cbs])
         if (
             cfg.get("enable_progress_bar", True) is not False
             and self._get(self.config, "progress_bar") == "rich"
         ):
-            cbs = cfg.get("callbacks") or []
-            kwargs["callbacks"] = (list(cbs) if isinstance(cbs, list) else [cbs]) + [RichProgressBar()]
+            callbacks.append(RichProgressBar())
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     # ------------------------------------------------------------------ after fit
 
     def after_fit(self) -> None:
-        log_dir = self.trainer.log_dir  # a broadcast under multi-process strategies: every rank takes part
+        summary = run_summary(self.trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if self.trainer.is_global_zero:
-            print(run_summary(self.trainer, log_dir), flush=True)
+            print(summary, flush=True)
+
+    def after_predict(self) -> None:
+        import torch
+
+        preds = self.trainer.predict_loop.predictions or []
+        if self.trainer.is_global_zero and preds:
+            nll = torch.cat([p["nll"] for p in preds])
+            print(
+                f"predict: {len(nll)} sequences, mean NLL {nll.mean():.4f} nats/token "
+                f"({nll.mean() / math.log(2):.4f} bits/token), min {nll.min():.4f}, max {nll.max():.4f}"
+            )
 
 
 def check_checkpoint_tokenizer(ckpt_path: str, fingerprint: dict) -> None:
@@ -171,7 +186,7 @@ def check_writable(directory: str | os.PathLike, flag: str) -> None:
         ) from exc
 
 
-def run_summary(trainer: Trainer, log_dir: str | None = None) -> str:
+def run_summary(trainer: Trainer) -> str:
     """Where the checkpoint, metrics and plots of a finished ``fit`` are, and its last numbers."""
     m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     lines = ["", "attnres: training finished"]
@@ -179,21 +194,20 @@ def run_summary(trainer: Trainer, log_dir: str | None = None) -> str:
     if numbers:
         lines.append("  " + ", ".join(numbers) + f" (step {trainer.global_step})")
     speed = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
-    if speed is not None and speed.tokens_per_s == speed.tokens_per_s:  # not NaN
+    if speed is not None and speed.history:
         on_cpu = trainer.strategy.root_device.type == "cpu"
         mfu = (
-            f"MFU {speed.mfu:.1%}"
-            if speed.mfu is not None
+            f"MFU {speed.median_mfu:.1%}"
+            if speed.median_mfu is not None
             else "MFU n/a on CPU"
             if on_cpu
             else "MFU n/a (device not in metrics.PEAK_FLOPS)"
         )
-        lines.append(f"  {speed.tokens_per_s:,.0f} tokens/s (last step), {mfu}")
+        lines.append(f"  {speed.median_tokens_per_s:,.0f} tokens/s (median over steps), {mfu}")
     ck = trainer.checkpoint_callback
     if ck is not None and ck.last_model_path:
         lines.append(f"  checkpoint: {ck.last_model_path}")
-    log_dir = log_dir if log_dir is not None else trainer.log_dir
-    log_dir = Path(log_dir) if log_dir else None
+    log_dir = Path(trainer.log_dir) if trainer.log_dir else None
     if log_dir is not None:
         if (log_dir / "metrics.csv").is_file():
             lines.append(f"  metrics:    {log_dir / 'metrics.csv'}")

@@ -128,6 +128,9 @@ def write_shards(
     dtype = token_dtype(tokenizer.vocab_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp-"))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700; the shards are for everyone who can read the parent
     meta: dict[str, Any] = {
         "format": SHARD_FORMAT,
         "dtype": dtype.name,
