@@ -170,7 +170,8 @@ class DepthPlots(L.Callback):
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         self._last_step = step
-        if getattr(pl_module.model, "embed", None) is None or getattr(pl_module.model, "lm_head", None) is None:
+        model = pl_module.model
+        if getattr(model, "embed", None) is None or getattr(model, "lm_head", None) is None:
             return  # a pipeline stage holds part of the decoder: no full forward to take statistics from
         stats = pl_module.depth_stats(self._batch(trainer, pl_module))
         if trainer.is_global_zero:

@@ -142,8 +142,9 @@ class LanguageModel(L.LightningModule):
         return self.config.flops_per_token(seq_len)
 
     def configure_model(self) -> None:
-        """Parallelism is applied from outside the model (``lightning_modules/strategies``): FSDP2 under
-        ``ModelParallelStrategy`` / ``FSDP2Strategy``; ``PipelineParallelStrategy`` splits the stages itself."""
+        """Parallelism is applied from outside the model (``lightning_modules/strategies``): FSDP2
+        under ``ModelParallelStrategy`` / ``FSDP2Strategy``; ``PipelineParallelStrategy`` splits the
+        stages itself."""
         from lightning_modules.strategies import configure_model_parallelism
 
         configure_model_parallelism(self)
