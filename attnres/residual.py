@@ -150,6 +150,11 @@ class Residual(nn.Module):
         if self.mode == "standard":
             state.hidden = state.hidden + v
             return
+        # The stream keeps the embedding's dtype, as the standard residual's `h + v` promotes to it: under
+        # autocast (bf16-mixed) the sublayers return bf16 while the embedding and summaries stay fp32.
+        stream_dtype = state.sources[0].dtype
+        if v.dtype != stream_dtype:
+            v = v.to(stream_dtype)
         state.partial = v if state.partial is None else state.partial + v
         if (i + 1) % self.block_size == 0:  # the block is complete: its summary becomes a source
             state.sources.append(state.partial)

@@ -354,3 +354,18 @@ def test_two_stage_split_by_deleting_layers_equals_the_full_model(mode):
         ref = model(ids)
     torch.testing.assert_close(logits, ref.logits)
     torch.testing.assert_close(aux, ref.aux_loss)
+
+
+@pytest.mark.parametrize("mode", ["standard", "full", "block"])
+def test_bf16_autocast_runs_every_residual_mode_close_to_fp32(mode):
+    """bf16-mixed training (the GPU trainer config) runs the model under autocast: fp32 embedding and
+    summaries, bf16 sublayer outputs. Forward and backward must work and stay close to fp32."""
+    torch.manual_seed(0)
+    model = Decoder(get_config("tiny", residual=mode))
+    x = torch.randint(0, 256, (2, 32))
+    ref = model(x, labels=x).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, labels=x)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and abs(out.loss.item() - ref.item()) < 0.02
+    assert all(p.grad is not None for n, p in model.named_parameters() if "residual.queries" in n)

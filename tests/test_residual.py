@@ -224,3 +224,21 @@ def test_stage_starting_mid_block_runs_phase1_for_its_own_sublayers():
     for i in range(2, 8):
         stage.output(handed, i, sublayers[i](stage.input(handed, i)))
     torch.testing.assert_close(stage.readout(handed), out_whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("mode", "num_blocks"), [("standard", 1), ("full", 1), ("block", 2)])
+def test_mixed_precision_autocast_keeps_the_stream_in_the_embedding_dtype(mode, num_blocks):
+    """bf16-mixed: sublayers return bf16 under autocast while the embedding is fp32; the depth mixer
+    must accept that (as the standard residual's promotion does) and match the fp32 run closely."""
+    torch.manual_seed(0)
+    sublayers = nn.ModuleList(nn.Linear(D, D) for _ in range(8))
+    res = Residual(D, 8, mode, num_blocks=num_blocks)
+    if mode != "standard":
+        randomise_queries(res)
+    emb = torch.randn(2, 3, D, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = run(res, emb, sublayers)
+    out.float().sum().backward()
+    assert out.dtype == torch.float32 and emb.grad is not None
+    ref, _ = run(res, emb.detach(), sublayers)
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)

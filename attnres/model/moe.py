@@ -142,7 +142,7 @@ class MoE(nn.Module):
         token = order // self.top_k
         y = grouped_swiglu(flat[token], counts, self.w_gate, self.w_up, self.w_down)
         y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
-        out = torch.zeros_like(flat).index_add_(0, token, y)
+        out = flat.new_zeros(flat.shape, dtype=y.dtype).index_add_(0, token, y)  # y is bf16 under autocast
         if self.shared is not None:
             out = out + self.shared(flat)
         aux = self.sequence_aux_loss(idx.view(B, T, -1), scores.view(B, T, -1)) if self.aux_loss_coef > 0 \
