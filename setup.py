@@ -5,6 +5,7 @@ found; ATTNRES_CUDA=1 requires them (and fails loudly otherwise); ATTNRES_CUDA=0
 The CUDA architectures come from TORCH_CUDA_ARCH_LIST (for example ``9.0`` for H100/H200).
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -39,11 +40,26 @@ def _rel(paths):
     return sorted(str(p.relative_to(ROOT)) for p in paths)
 
 
+def _record_build(cuda: bool) -> None:
+    """attnres/_build_info.json: what this build holds, for `attnres info`."""
+    info = {
+        "cuda": cuda,
+        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "torch default (the visible GPUs' archs)")
+        if cuda
+        else None,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+    }
+    (ROOT / "attnres" / "_build_info.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
 def extension():
     sources = _rel(list(CSRC.glob("*.cpp")) + list((CSRC / "cpu").glob("*.cpp")))
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wno-unused-function"]
     define_macros = [("Py_LIMITED_API", "0x03090000")]
-    if _cuda_wanted():
+    cuda = _cuda_wanted()
+    _record_build(cuda)
+    if cuda:
         cuda_sources = _rel(list((CSRC / "cuda").glob("*.cu")) + list((CSRC / "cuda").glob("*.cpp")))
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         return CUDAExtension(

@@ -13,8 +13,23 @@ import sys
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def info() -> None:
-    """Print versions, whether attnres._C is loaded, the op backend per device and the CUDA arch."""
+def info(model: str | None = None) -> None:
+    """Print versions, whether attnres._C is loaded, the op backend per device and the CUDA arch.
+
+    Args:
+        model: a model preset (e.g. tiny, small, medium, kimi-linear-48b-a3b): print its total and
+            active (per-token) parameter counts and its layer plan instead.
+    """
+    if model is not None:
+        from attnres.model import PRESETS, describe
+
+        if model not in PRESETS:
+            raise SystemExit(f"unknown preset {model!r}; valid presets: {', '.join(PRESETS)}")
+        print(describe(model))
+        return
+    import json
+    from pathlib import Path
+
     import torch
 
     import attnres
@@ -28,6 +43,11 @@ def info() -> None:
         ("attnres._C", "loaded" if ops.extension_error is None else f"not built ({ops.extension_error})"),
         ("backend cpu", ops.backend("cpu")),
     ]
+    build_file = Path(attnres.__file__).with_name("_build_info.json")
+    if build_file.exists():
+        build = json.loads(build_file.read_text())
+        arch = build["cuda_arch_list"] if build["cuda"] else "no (CPU-only build)"
+        rows.append(("_C built with CUDA", arch))
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = torch.cuda.get_device_capability(i)
