@@ -1,0 +1,287 @@
+"""Cookiecutter post-generation hook: derive the new project from the template repository's own files.
+
+The repository is a working project at its root; the template folder holds only what is
+template-only (the README head, the LICENSE). This hook copies the root files into the generated
+project (what git tracks or would track, so build outputs, virtual environments and logs stay
+behind; without git, a walk that skips them), leaving out the template machinery itself, then:
+
+* renames the package ``attnres`` everywhere it is a name: the package directory, imports, the
+  extension ``attnres._C``, the op namespace (``TORCH_LIBRARY(attnres``, ``torch.ops.attnres``,
+  ``"attnres::``), the console script, the ``ATTNRES_*`` environment variables and macros, file
+  names, the Makefile, configs and README (the method's name ``AttnRes`` stays);
+* writes the answers into ``pyproject.toml`` (description, author, license), ``setup.py`` (the
+  CUDA build default) and ``configs/default.yaml`` (preset, residual mode, num_blocks, MoE);
+* appends the template README's sections (renamed) to the generated README's quick start.
+
+Every edit of a file it expects to find fails loudly (exit 1, message on stderr) when the text it
+edits is missing, so a change at the template's root that the hook does not follow is caught by
+``tests/test_template.py`` rather than producing a quietly wrong project.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path, PurePosixPath
+
+import yaml  # a dependency of cookiecutter itself
+
+# Rendered by cookiecutter: the answers, and the template's root (see hooks/template_source.py).
+ANSWERS = json.loads(r"""{{ cookiecutter | jsonify }}""")
+TEMPLATE_ROOT = Path(r"""{{ template_root }}""")
+
+# {% raw %} (cookiecutter renders this file with Jinja; nothing below is templated)
+OLD = "attnres"
+PKG = str(ANSWERS["package_name"])
+CUDA_DEFAULT = {"auto": "auto", "yes": "1", "no": "0"}[ANSWERS["cuda_kernels"]]
+
+# The template machinery: not part of a generated project.
+TEMPLATE_ONLY = {"cookiecutter.json", "hooks", "tests/test_template.py", "docs/template.md"}
+# Build outputs, environments, caches and logs, for the walk without git (and as a safety net).
+SKIP_ANYWHERE = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache",
+                 ".ipynb_checkpoints"}
+SKIP_TOP = {"build", "dist", "runs", "lightning_logs", ".cache", ".whl", ".gl", ".eggs"}
+SKIP_SUFFIXES = {".so", ".pyd", ".pyc", ".pyo", ".o", ".ckpt", ".egg-info"}
+# README sections of the template that a generated project does not inherit (it has its own).
+README_OWN_SECTIONS = {"quick start", "start your own project"}
+
+_LOWER = re.compile(rf"(?<![A-Za-z0-9]){OLD}(?![A-Za-z0-9])")
+_UPPER = re.compile(rf"(?:(?<=-D)|(?<![A-Za-z0-9])){OLD.upper()}(?![A-Za-z0-9])")  # also -DATTNRES_...
+
+
+class HookError(Exception):
+    """A file of the template is not as this hook expects it."""
+
+
+def rename(text: str) -> str:
+    """``attnres`` -> the new package name wherever it stands as a name (``attnres._C``,
+    ``torch.ops.attnres``, ``attnres::``, ``test_attnres_x``) and ``ATTNRES_CUDA`` -> ``<PKG>_CUDA``;
+    a longer word that merely contains it (``AttnRes``, ``BlockAttnRes``) is left alone."""
+    return _UPPER.sub(PKG.upper(), _LOWER.sub(PKG, text))
+
+
+# ----------------------------------------------------------------------------- which files
+
+
+def is_copied(rel: PurePosixPath) -> bool:
+    parts = rel.parts
+    if str(rel) in TEMPLATE_ONLY or parts[0] in TEMPLATE_ONLY or parts[0].startswith("{{"):
+        return False
+    if parts[0] in SKIP_TOP or any(p in SKIP_ANYWHERE or p.endswith(".egg-info") for p in parts):
+        return False
+    return rel.suffix not in SKIP_SUFFIXES
+
+
+def source_files(root: Path) -> list[PurePosixPath]:
+    """The template's files relative to ``root``: tracked or untracked-but-not-ignored when ``root``
+    is in a git work tree (a local checkout, or cookiecutter's clone of a git URL), else all files."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            check=True, capture_output=True,
+        ).stdout.decode()
+        rels = [PurePosixPath(p) for p in out.split("\0") if p]
+    except (OSError, subprocess.CalledProcessError):
+        rels = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d not in SKIP_ANYWHERE]
+            rels += [PurePosixPath(Path(dirpath, f).relative_to(root).as_posix()) for f in filenames]
+    return sorted(r for r in rels if is_copied(r) and (root / r).is_file())
+
+
+def rename_path(rel: PurePosixPath) -> PurePosixPath:
+    return PurePosixPath(*(rename(p) for p in rel.parts))
+
+
+def read_text(path: Path) -> str | None:
+    """The file's text, or None for a binary file (copied as bytes, never renamed)."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def copy_tree(root: Path, dst: Path) -> str:
+    """Copy and rename the template's files into ``dst``; returns the template README's text
+    (renamed). A file that the template folder already rendered into ``dst`` wins."""
+    readme = ""
+    for rel in source_files(root):
+        src, out = root / rel, dst / rename_path(rel)
+        text = read_text(src)
+        if rel == PurePosixPath("README.md"):
+            readme = rename(text or "")
+            continue
+        if out.exists():
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            shutil.copyfile(src, out)
+        else:
+            out.write_text(rename(text), encoding="utf-8")
+        shutil.copymode(src, out)
+    return readme
+
+
+# ----------------------------------------------------------------------------- edits
+
+
+def replace_one(text: str, pattern: str, repl: str, where: str) -> str:
+    """Replace the one match of ``pattern`` (multiline); a missing or ambiguous match is an error."""
+    new, n = re.subn(pattern, repl, text, flags=re.MULTILINE)
+    if n != 1:
+        raise HookError(f"{where}: expected exactly one match of {pattern!r}, found {n}")
+    return new
+
+
+def toml_str(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def edit_pyproject(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    where, m = "pyproject.toml", re.MULTILINE
+    description, license_, author = (toml_str(ANSWERS[k]) for k in ("description", "license", "author"))
+    text = replace_one(text, r'^description = ".*"$', f"description = {description}", where)
+    text = replace_one(text, r"^license = .*$", f"license = {{ text = {license_} }}", where)
+    text = replace_one(text, r"^authors = \[.*\]$", f"authors = [{{ name = {author} }}]", where)
+    # the template machinery's own entries: its extra, cookiecutter in dev, the template folder's exclude
+    text = re.sub(r"^template = \[.*\]\n", "", text, flags=m)
+    text = re.sub(r'^(dev = \[.*?)(, *"cookiecutter[^"]*"|"cookiecutter[^"]*", *)', r"\1", text, flags=m)
+    text = re.sub(r"^extend-exclude = \[\"\{\{cookiecutter\.project_slug\}\}\"\]\n", "", text, flags=m)
+    path.write_text(text, encoding="utf-8")
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the edits above are still checked by their exact match
+        return
+    project = tomllib.loads(text)["project"]
+    if project["scripts"].get(PKG) != f"{PKG}.cli:main" or project["name"] != PKG:
+        raise HookError(f"{where}: the project name or console script is not {PKG!r}: {project}")
+
+
+def edit_setup(path: Path) -> None:
+    """The default of ``<PKG>_CUDA`` (the variable setup.py reads) becomes the answer."""
+    text = path.read_text(encoding="utf-8")
+    var = f"{PKG.upper()}_CUDA"
+    pattern = rf'^(\s*)(.*os\.environ\.get\(\s*"{var}"\s*,\s*)"auto"'
+    note = rf"\1# this project's default ({var} unset), chosen when it was generated\n"
+    text = replace_one(text, pattern, note + rf'\1\2"{CUDA_DEFAULT}"', "setup.py")
+    text = text.replace(f"{var}=auto (default)", f"{var}=auto")
+    path.write_text(text, encoding="utf-8")
+
+
+def yaml_scalar(value: object) -> str:
+    """``value`` as a YAML flow scalar: plain where YAML reads it back as the same string."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    text = str(value)
+    plain = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", text) and yaml.safe_load(text) == text
+    return text if plain else json.dumps(text)
+
+
+def set_yaml_key(text: str, path: tuple[str, ...], value: object, where: str) -> str:
+    """Set the scalar at ``path`` (nested block-mapping keys) in YAML ``text``, line by line so that
+    comments and layout stay; the key must exist (the error names the first missing one)."""
+    lines = text.splitlines(keepends=True)
+    lo, hi = 0, len(lines)
+    for depth, key in enumerate(path):
+        # the keys of this mapping are the content lines at the indent of its first content line
+        indents = [(i, _indent_of(lines[i])) for i in range(lo, hi) if _indent_of(lines[i]) is not None]
+        level = indents[0][1] if indents else 0
+        pattern = re.compile(rf"^\s*{re.escape(key)}\s*:(.*)$")
+        at_level = (i for i, ind in indents if ind == level)
+        match = next(((i, m) for i in at_level if (m := pattern.match(lines[i].rstrip()))), None)
+        if match is None:
+            raise HookError(f"{where}: key {'.'.join(path[: depth + 1])} not found")
+        i, m = match
+        if depth == len(path) - 1:
+            comment = re.search(r"\s+#.*$", m.group(1))
+            lines[i] = f"{' ' * level}{key}: {yaml_scalar(value)}{comment.group(0) if comment else ''}\n"
+            return "".join(lines)
+        lo = i + 1
+        hi = next((j for j, ind in indents if j > i and ind <= level), hi)
+    raise AssertionError("unreachable: path is not empty")
+
+
+def _indent_of(line: str) -> int | None:
+    """Indent of a line that holds content (None for blank and comment-only lines)."""
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#"):
+        return None
+    return len(line) - len(line.lstrip())
+
+
+def get_yaml_path(data: object, path: tuple[str, ...]) -> object:
+    for key in path:
+        data = data[key]  # type: ignore[index]
+    return data
+
+
+# The model answers and where configs/default.yaml keeps them (the LightningModule's init args).
+MODEL_KEYS = {
+    ("model", "init_args", "preset"): str(ANSWERS["model_preset"]),
+    ("model", "init_args", "residual"): str(ANSWERS["residual_mode"]),
+    ("model", "init_args", "num_blocks"): int(str(ANSWERS["num_blocks"]).strip()),
+    ("model", "init_args", "moe"): bool(ANSWERS["moe"]),
+}
+
+
+def edit_config(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    for key, value in MODEL_KEYS.items():
+        text = set_yaml_key(text, key, value, str(path.name))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise HookError(f"{path.name}: not valid YAML after editing the model keys: {exc}") from exc
+    for key, value in MODEL_KEYS.items():
+        got = get_yaml_path(data, key)
+        if got != value:
+            raise HookError(f"{path.name}: {'.'.join(key)} reads back as {got!r}, not {value!r}")
+    path.write_text(text, encoding="utf-8")
+
+
+def compose_readme(path: Path, template_readme: str) -> None:
+    """Append the template README's sections (from its first ``##`` heading, without the title, the
+    intro and the sections a generated project has its own of) to the rendered README head."""
+    sections: list[list[str]] = []
+    fenced = False
+    for line in template_readme.splitlines(keepends=True):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if line.startswith("## ") and not fenced:
+            sections.append([line])
+        elif sections:
+            sections[-1].append(line)
+    own = README_OWN_SECTIONS
+    kept = ["".join(s).rstrip() + "\n" for s in sections if s[0][3:].strip().lower() not in own]
+    head = path.read_text(encoding="utf-8").rstrip() + "\n"
+    path.write_text("\n".join([head, *kept]), encoding="utf-8")
+
+
+def main() -> None:
+    dst = Path.cwd()
+    try:
+        readme = copy_tree(TEMPLATE_ROOT, dst)
+        if not (dst / PKG / "__init__.py").is_file():
+            raise HookError(f"the package {OLD}/ was not found in the template at {TEMPLATE_ROOT}")
+        edit_pyproject(dst / "pyproject.toml")
+        edit_setup(dst / "setup.py")
+        edit_config(dst / "configs" / "default.yaml")
+        compose_readme(dst / "README.md", readme)
+    except HookError as exc:
+        sys.exit(f"error: generating from {TEMPLATE_ROOT}: {exc}")
+    print(f"{ANSWERS['project_name']}: package {PKG}, generated in {dst}")
+
+
+if __name__ == "__main__":
+    main()
+# {% endraw %}
