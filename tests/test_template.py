@@ -203,6 +203,30 @@ def test_generates_from_a_relative_path_and_from_a_git_url(tmp_path: Path) -> No
     assert (tmp_path / "git" / "cookiecutters" / ROOT.name).is_dir(), "cookiecutter's clone was not used"
 
 
+def test_without_git_build_outputs_and_environments_stay_behind(project: Path, tmp_path: Path) -> None:
+    """From a plain copy (an unzipped archive: no git to ask what is ignored) the hook walks the tree,
+    skipping environments, build outputs, caches and logs, and generates the same files."""
+    plain = tmp_path / "plain"
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard"],
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("the template is not a git checkout: nothing to compare the walk with")
+    for rel in listed.stdout.splitlines():
+        if (ROOT / rel).is_file():
+            (plain / rel).parent.mkdir(parents=True, exist_ok=True)
+            (plain / rel).write_bytes((ROOT / rel).read_bytes())
+            (plain / rel).chmod((ROOT / rel).stat().st_mode)
+    junk = [".venv/lib/python3.11/site-packages/x.py", "build/temp/ops.o", f"{OLD}/_C.abi3.so",
+            f"{OLD}/__pycache__/ops.cpython-311.pyc", "lightning_logs/version_0/hparams.yaml",
+            f"{OLD}.egg-info/PKG-INFO", "runs/last.ckpt", ".pytest_cache/README.md"]
+    for rel in junk:
+        (plain / rel).parent.mkdir(parents=True, exist_ok=True)
+        (plain / rel).write_text("junk\n")
+    walked = generate(tmp_path / "walk", ANSWERS, template=str(plain))
+    files = {p.relative_to(walked) for p in walked.rglob("*") if p.is_file()}
+    assert files == {p.relative_to(project) for p in project.rglob("*") if p.is_file()}
+
+
 # ----------------------------------------------------------------------------- bad answers
 
 
