@@ -187,27 +187,36 @@ def yaml_scalar(value: object) -> str:
     return text if plain else json.dumps(text)
 
 
-def set_yaml_key(text: str, path: tuple[str, ...], value: object, where: str) -> str:
+def set_yaml_key(text: str, path: tuple[str, ...], value: object) -> str:
     """Set the scalar at ``path`` (nested block-mapping keys) in YAML ``text``, line by line so that
-    comments and layout stay; the key must exist (the error names the first missing one)."""
+    comments and layout stay. A missing key is added at the end of its mapping (and missing parents
+    with it); the caller reads the result back with a YAML parser, so a key this cannot place (under
+    a flow mapping, say) is an error, never a silent no-op."""
     lines = text.splitlines(keepends=True)
-    lo, hi = 0, len(lines)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    lo, hi, parent_indent = 0, len(lines), -2
     for depth, key in enumerate(path):
         # the keys of this mapping are the content lines at the indent of its first content line
-        indents = [(i, _indent_of(lines[i])) for i in range(lo, hi) if _indent_of(lines[i]) is not None]
-        level = indents[0][1] if indents else 0
+        content = [(i, ind) for i in range(lo, hi) if (ind := _indent_of(lines[i])) is not None]
+        level = content[0][1] if content else parent_indent + 2
         pattern = re.compile(rf"^\s*{re.escape(key)}\s*:(.*)$")
-        at_level = (i for i, ind in indents if ind == level)
+        at_level = (i for i, ind in content if ind == level)
         match = next(((i, m) for i in at_level if (m := pattern.match(lines[i].rstrip()))), None)
-        if match is None:
-            raise HookError(f"{where}: key {'.'.join(path[: depth + 1])} not found")
+        if match is None:  # add the key (and the rest of the path) at the end of this mapping
+            at = content[-1][0] + 1 if content else lo
+            rest = path[depth:]
+            lines[at:at] = [f"{' ' * (level + 2 * d)}{k}:\n" for d, k in enumerate(rest[:-1])] + [
+                f"{' ' * (level + 2 * (len(rest) - 1))}{rest[-1]}: {yaml_scalar(value)}\n"
+            ]
+            return "".join(lines)
         i, m = match
         if depth == len(path) - 1:
             comment = re.search(r"\s+#.*$", m.group(1))
             lines[i] = f"{' ' * level}{key}: {yaml_scalar(value)}{comment.group(0) if comment else ''}\n"
             return "".join(lines)
-        lo = i + 1
-        hi = next((j for j, ind in indents if j > i and ind <= level), hi)
+        lo, parent_indent = i + 1, level
+        hi = next((j for j, ind in content if j > i and ind <= level), hi)
     raise AssertionError("unreachable: path is not empty")
 
 
@@ -219,33 +228,42 @@ def _indent_of(line: str) -> int | None:
     return len(line) - len(line.lstrip())
 
 
-def get_yaml_path(data: object, path: tuple[str, ...]) -> object:
-    for key in path:
-        data = data[key]  # type: ignore[index]
-    return data
-
-
-# The model answers and where configs/default.yaml keeps them (the LightningModule's init args).
-MODEL_KEYS = {
-    ("model", "init_args", "preset"): str(ANSWERS["model_preset"]),
-    ("model", "init_args", "residual"): str(ANSWERS["residual_mode"]),
-    ("model", "init_args", "num_blocks"): int(str(ANSWERS["num_blocks"]).strip()),
-    ("model", "init_args", "moe"): bool(ANSWERS["moe"]),
+# The model answers, as init args of the LightningModule: ``model.<key>`` in configs/default.yaml
+# (``model.init_args.<key>`` when the config names the model's class_path).
+MODEL_ANSWERS = {
+    "preset": str(ANSWERS["model_preset"]),
+    "residual": str(ANSWERS["residual_mode"]),
+    "num_blocks": int(str(ANSWERS["num_blocks"]).strip()),
+    "moe": bool(ANSWERS["moe"]),
 }
 
 
-def edit_config(path: Path) -> None:
-    text = path.read_text(encoding="utf-8")
-    for key, value in MODEL_KEYS.items():
-        text = set_yaml_key(text, key, value, str(path.name))
+def load_yaml(text: str, where: str) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise HookError(f"{path.name}: not valid YAML after editing the model keys: {exc}") from exc
-    for key, value in MODEL_KEYS.items():
-        got = get_yaml_path(data, key)
-        if got != value:
-            raise HookError(f"{path.name}: {'.'.join(key)} reads back as {got!r}, not {value!r}")
+        raise HookError(f"{where}: not valid YAML after editing the model keys: {exc}") from exc
+    if not isinstance(data, dict):
+        raise HookError(f"{where}: expected a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+def edit_config(path: Path) -> None:
+    where = f"configs/{path.name}"
+    if not path.is_file():
+        raise HookError(f"{where} not found: the generated project's default config")
+    text = path.read_text(encoding="utf-8")
+    model = load_yaml(text, where).get("model")
+    base = ("model", "init_args") if isinstance(model, dict) and "init_args" in model else ("model",)
+    for key, value in MODEL_ANSWERS.items():
+        text = set_yaml_key(text, (*base, key), value)
+    data = load_yaml(text, where)
+    for key, value in MODEL_ANSWERS.items():
+        got = data
+        for k in (*base, key):
+            got = got.get(k) if isinstance(got, dict) else None
+        if got != value or type(got) is not type(value):
+            raise HookError(f"{where}: {'.'.join((*base, key))} reads back as {got!r}, not {value!r}")
     path.write_text(text, encoding="utf-8")
 
 

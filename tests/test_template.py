@@ -38,8 +38,6 @@ ANSWERS = {
 }
 SLUG = "depth-mixer-lab"
 PKG = ANSWERS["package_name"]
-# Where configs/default.yaml keeps the model's answers: the LightningModule's init args.
-MODEL_ARGS = ("model", "init_args")
 # The one deliberate mention of the template in a generated project (its README head).
 PROVENANCE = "Generated from the attnres template"
 
@@ -71,12 +69,6 @@ def text_files(project: Path) -> dict[Path, str]:
             except UnicodeDecodeError:
                 continue
     return files
-
-
-def dig(data: dict, path: tuple[str, ...]) -> object:
-    for key in path:
-        data = data[key]
-    return data
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +164,7 @@ def test_readme_has_its_own_name_and_quick_start(project: Path) -> None:
 def test_config_reflects_the_answers(tmp_path: Path, answers: dict, expected: dict) -> None:
     project = generate(tmp_path, answers)
     config = yaml.safe_load((project / "configs" / "default.yaml").read_text())
-    args = dig(config, MODEL_ARGS)
+    args = config["model"].get("init_args", config["model"])  # the LightningModule's init args
     assert {k: args[k] for k in expected} == expected
     cuda = {"auto": "auto", "yes": "1", "no": "0"}[answers.get("cuda_kernels", "auto")]
     setup = (project / "setup.py").read_text()
