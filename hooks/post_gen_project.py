@@ -10,7 +10,8 @@ behind; without git, a walk that skips them), leaving out the template machinery
   ``"attnres::``), the console script, the ``ATTNRES_*`` environment variables and macros, file
   names, the Makefile, configs and README (the method's name ``AttnRes`` stays);
 * writes the answers into ``pyproject.toml`` (description, author, license), ``setup.py`` (the
-  CUDA build default) and ``configs/default.yaml`` (preset, residual mode, num_blocks, MoE);
+  CUDA build default), ``configs/default.yaml`` (preset, residual mode, num_blocks, MoE) and the
+  per-preset ``configs/model/*.yaml`` (residual mode and MoE; num_blocks in the chosen preset's);
 * appends the template README's sections (renamed) to the generated README's quick start.
 
 Every edit of a file it expects to find fails loudly (exit 1, message on stderr) when the text it
@@ -248,23 +249,59 @@ def load_yaml(text: str, where: str) -> dict:
     return data
 
 
-def edit_config(path: Path) -> None:
-    where = f"configs/{path.name}"
+def edit_config(path: Path, answers: dict[str, object], describe: bool = False) -> None:
+    """Write ``answers`` as the model's init args of the config at ``path`` and read them back."""
+    where = path.relative_to(Path.cwd()).as_posix()
     if not path.is_file():
-        raise HookError(f"{where} not found: the generated project's default config")
+        raise HookError(f"{where} not found")
     text = path.read_text(encoding="utf-8")
     model = load_yaml(text, where).get("model")
     base = ("model", "init_args") if isinstance(model, dict) and "init_args" in model else ("model",)
-    for key, value in MODEL_ANSWERS.items():
+    for key, value in answers.items():
         text = set_yaml_key(text, (*base, key), value)
+    if describe:
+        text = describe_model(text)
     data = load_yaml(text, where)
-    for key, value in MODEL_ANSWERS.items():
+    for key, value in answers.items():
         got = data
         for k in (*base, key):
             got = got.get(k) if isinstance(got, dict) else None
         if got != value or type(got) is not type(value):
             raise HookError(f"{where}: {'.'.join((*base, key))} reads back as {got!r}, not {value!r}")
     path.write_text(text, encoding="utf-8")
+
+
+def edit_configs(configs: Path) -> None:
+    """``default.yaml`` gets every model answer. The per-preset model configs (``model/*.yaml``, composed
+    on top of it) get the project-wide ones, residual mode and MoE, so that composing one does not
+    switch them back; the chosen preset's own file gets its ``num_blocks`` too."""
+    edit_config(configs / "default.yaml", MODEL_ANSWERS, describe=True)
+    for path in sorted((configs / "model").glob("*.y*ml")):
+        model = load_yaml(path.read_text(encoding="utf-8"), path.name).get("model")
+        if not isinstance(model, dict):
+            continue
+        args = model.get("init_args", model)
+        keys = ("residual", "moe", "num_blocks") if args.get("preset") == MODEL_ANSWERS["preset"] else (
+            "residual", "moe")
+        edit_config(path, {k: MODEL_ANSWERS[k] for k in keys})
+
+
+def model_summary() -> str:
+    """The model answers in words, as the README head says them."""
+    residual = {"block": f"Block AttnRes ({MODEL_ANSWERS['num_blocks']} blocks)", "full": "Full AttnRes",
+                "standard": "the standard residual"}[MODEL_ANSWERS["residual"]]
+    mlp = "MoE" if MODEL_ANSWERS["moe"] else "dense SwiGLU"
+    return f"the {MODEL_ANSWERS['preset']} preset with {residual} and {mlp} channel mixers"
+
+
+def describe_model(text: str) -> str:
+    """Replace the config's leading comment (which describes the template's default model) by one
+    that describes the chosen one; its ``Compose ...`` usage line stays."""
+    lines = text.splitlines(keepends=True)
+    n = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
+    kept = [line for line in lines[:n] if line.startswith("# Compose")]
+    head = f"# `make train`: {model_summary()}\n# (the answers given when this project was generated).\n"
+    return "".join([head, *kept, *lines[n:]])
 
 
 def compose_readme(path: Path, template_readme: str) -> None:
@@ -293,7 +330,7 @@ def main() -> None:
             raise HookError(f"the package {OLD}/ was not found in the template at {TEMPLATE_ROOT}")
         edit_pyproject(dst / "pyproject.toml")
         edit_setup(dst / "setup.py")
-        edit_config(dst / "configs" / "default.yaml")
+        edit_configs(dst / "configs")
         compose_readme(dst / "README.md", readme)
     except HookError as exc:
         sys.exit(f"error: generating from {TEMPLATE_ROOT}: {exc}")

@@ -167,6 +167,13 @@ def test_config_reflects_the_answers(tmp_path: Path, answers: dict, expected: di
     config = yaml.safe_load((project / "configs" / "default.yaml").read_text())
     args = config["model"].get("init_args", config["model"])  # the LightningModule's init args
     assert {k: args[k] for k in expected} == expected
+    assert f"the {expected['preset']} preset with" in (project / "configs" / "default.yaml").read_text()
+    # the per-preset configs composed on top keep the project-wide answers (and the preset's num_blocks)
+    for path in sorted((project / "configs" / "model").glob("*.yaml")):
+        model = yaml.safe_load(path.read_text())["model"]
+        assert (model["residual"], model["moe"]) == (expected["residual"], expected["moe"]), path.name
+        if model["preset"] == expected["preset"]:
+            assert model["num_blocks"] == expected["num_blocks"], path.name
     cuda = {"auto": "auto", "yes": "1", "no": "0"}[answers.get("cuda_kernels", "auto")]
     setup = (project / "setup.py").read_text()
     assert f'os.environ.get("{answers["package_name"].upper()}_CUDA", "{cuda}")' in setup
