@@ -334,7 +334,7 @@ def main() -> None:
         compose_readme(dst / "README.md", readme)
     except HookError as exc:
         sys.exit(f"error: generating from {TEMPLATE_ROOT}: {exc}")
-    print(f"{ANSWERS['project_name']}: package {PKG}, generated in {dst}")
+    print(f"{ANSWERS['project_name']} (package {PKG}) is in {dst}\nquick start: cd {dst} && make train")
 
 
 if __name__ == "__main__":
