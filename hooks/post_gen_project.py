@@ -125,7 +125,7 @@ def copy_tree(root: Path, dst: Path) -> str:
         if text is None:
             shutil.copyfile(src, out)
         else:
-            out.write_text(rename(text), encoding="utf-8")
+            out.write_bytes(rename(text).encode("utf-8"))  # line endings as they are
         shutil.copymode(src, out)
     return readme
 
