@@ -287,7 +287,11 @@ def run(cmd: list, cwd: Path, timeout: int, env: dict | None = None) -> str:
     return result.stdout + result.stderr
 
 
-QUICK_TESTS = {"tests/test_residual.py": "not trains", "tests/test_ops.py": "registered or opcheck"}
+# The generated project's quick tests (file: -k selection): the residual path without its toy training
+# runs, the renamed ops' registration and opcheck, and the training tests, which run on top of the
+# generated configs/default.yaml (so they see its non-default answers).
+QUICK_TESTS = {"tests/test_residual.py": "not trains", "tests/test_ops.py": "registered or opcheck",
+               "tests/test_train.py": None}
 
 
 @pytest.mark.slow
@@ -301,13 +305,11 @@ def test_generated_project_installs_passes_its_tests_and_trains(project: Path, t
     assert str(project / PKG / "__init__.py") in where and where.strip().endswith("None"), where
     info = run([tmp_path / "venv" / "bin" / PKG, "info"], tmp_path, 120)
     assert re.search(rf"{PKG}\._C\s+loaded", info), info
-    # its quick tests: the residual path (without the toy training runs) and, where the kernels have
-    # landed, the renamed ops' registration and opcheck
     for tests, select in QUICK_TESTS.items():
-        if tests == "tests/test_residual.py" or (project / tests).is_file():
-            args = ["-x", "-q", "-p", "no:cacheprovider", "-m", "not slow and not cuda", "-k", select, tests]
-            out = run([python, "-m", "pytest", *args], project, 300)
-            assert re.search(r"\d+ passed", out) and "failed" not in out, out
+        assert (project / tests).is_file(), f"the generated project has no {tests}"
+        args = ["-x", "-q", "-p", "no:cacheprovider", "-m", "not slow and not cuda", tests]
+        out = run([python, "-m", "pytest", *args, *(["-k", select] if select else [])], project, 300)
+        assert re.search(r"\d+ passed", out) and "failed" not in out, out
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     out = run([python, "-m", PKG, "fit", "-c", "configs/default.yaml", "--trainer.max_steps", "5",
                "--trainer.default_root_dir", runs, "--data.cache_dir", cache, "--trainer.enable_progress_bar",
