@@ -23,8 +23,15 @@ def _cuda_wanted() -> bool:
         sys.exit(f"ATTNRES_CUDA={mode!r} is not valid: use auto, 0 or 1")
     available = torch.version.cuda is not None and CUDA_HOME is not None
     if mode == "1" and not available:
-        why = "torch has no CUDA (torch.version.cuda is None)" if torch.version.cuda is None else "nvcc not found"
-        sys.exit(f"ATTNRES_CUDA=1 but {why}; install a CUDA build of torch and the CUDA toolkit, or use ATTNRES_CUDA=0")
+        why = (
+            "torch has no CUDA (torch.version.cuda is None)"
+            if torch.version.cuda is None
+            else "nvcc not found"
+        )
+        sys.exit(
+            f"ATTNRES_CUDA=1 but {why}; install a CUDA build of torch and the CUDA toolkit, "
+            "or use ATTNRES_CUDA=0"
+        )
     return mode == "1" or (mode == "auto" and available)
 
 

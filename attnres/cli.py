@@ -84,7 +84,24 @@ def main(argv: list[str] | None = None) -> None:
         return
     from jsonargparse import CLI
 
-    CLI({"info": info, "bench": {"ops": bench_ops}}, args=argv, as_positional=False)
+    from attnres.bench.e2e import bench_e2e
+    from lightning_modules import commands
+
+    if argv[:1] == ["compare"]:  # `attnres compare -c a.yaml -c b.yaml`, as for `attnres fit`
+        argv = [("--configs+" if a == "-c" else a) for a in argv]
+    CLI(
+        {
+            "info": info,
+            "bench": {"ops": bench_ops, "e2e": bench_e2e},
+            "generate": commands.generate,
+            "plot": commands.plot,
+            "compare": commands.compare,
+            "tokenizer": {"train": commands.tokenizer_train},
+            "prepare": commands.prepare,
+        },
+        args=argv,
+        as_positional=False,
+    )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ def _check_source(t: object, name: str) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [..., d], got {type(t).__name__}")
     if t.dim() < 2:
-        raise ValueError(f"{name} must have shape [N, d] or [B, T, d] (at least 2 dims), got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have shape [N, d] or [B, T, d] (at least 2 dims), got {tuple(t.shape)}"
+        )
     if t.dtype not in _DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; expected one of float32, bfloat16, float16, float64")
     return t
@@ -69,7 +71,9 @@ def _check_source(t: object, name: str) -> Tensor:
 
 def _check_sources(sources: Sequence[Tensor], name: str = "sources") -> list[Tensor]:
     if isinstance(sources, Tensor) or not isinstance(sources, Sequence):
-        raise TypeError(f"{name} must be a list of tensors [..., d] (one per source), got {type(sources).__name__}")
+        raise TypeError(
+            f"{name} must be a list of tensors [..., d] (one per source), got {type(sources).__name__}"
+        )
     sources = list(sources)
     if not sources:
         raise ValueError(f"{name} is empty: depth attention needs at least one source [..., d]")
@@ -77,23 +81,36 @@ def _check_sources(sources: Sequence[Tensor], name: str = "sources") -> list[Ten
     for i, s in enumerate(sources[1:], start=1):
         _check_source(s, f"{name}[{i}]")
         if s.shape != first.shape:
-            raise ValueError(f"{name}[{i}] has shape {tuple(s.shape)} but {name}[0] has {tuple(first.shape)}: all sources must match")
+            raise ValueError(
+                f"{name}[{i}] has shape {tuple(s.shape)} but {name}[0] has {tuple(first.shape)}: "
+                "all sources must match"
+            )
         if s.dtype != first.dtype:
-            raise TypeError(f"{name}[{i}] has dtype {s.dtype} but {name}[0] has {first.dtype}: all sources must match")
+            raise TypeError(
+                f"{name}[{i}] has dtype {s.dtype} but {name}[0] has {first.dtype}: all sources must match"
+            )
         if s.device != first.device:
-            raise ValueError(f"{name}[{i}] is on {s.device} but {name}[0] is on {first.device}: all sources must match")
+            raise ValueError(
+                f"{name}[{i}] is on {s.device} but {name}[0] is on {first.device}: all sources must match"
+            )
     return sources
 
 
-def _check_like(t: object, name: str, like: Tensor, shape: tuple[int, ...], what: str, dtype: bool = True) -> Tensor:
+def _check_like(
+    t: object, name: str, like: Tensor, shape: tuple[int, ...], what: str, dtype: bool = True
+) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {what}, got {type(t).__name__}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {what} = {list(shape)}, got {list(t.shape)}")
     if t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but the sources are on {like.device}: move it to {like.device}")
+        raise ValueError(
+            f"{name} is on {t.device} but the sources are on {like.device}: move it to {like.device}"
+        )
     if dtype and t.dtype != like.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but the sources have {like.dtype}: cast it to {like.dtype}")
+        raise TypeError(
+            f"{name} has dtype {t.dtype} but the sources have {like.dtype}: cast it to {like.dtype}"
+        )
     if not dtype and not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     return t
@@ -123,7 +140,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------- public ops
 
 
-def phase1(sources: Sequence[Tensor], queries: Tensor, eps: float = DEFAULT_EPS) -> tuple[list[Tensor], Tensor]:
+def phase1(
+    sources: Sequence[Tensor], queries: Tensor, eps: float = DEFAULT_EPS
+) -> tuple[list[Tensor], Tensor]:
     """Phase 1: S queries ``[S, d]`` over n sources ``[..., d]`` in one read of the sources.
 
     Returns S outputs ``[..., d]`` (source dtype; the softmax-weighted sums, one tensor per query so
@@ -148,7 +167,9 @@ def phase2(
     partial = _check_source(partial, "partial")
     _check_like(partial_out, "partial_out", partial, tuple(partial.shape), "[..., d] like partial")
     lse_shape = tuple(partial.shape[:-1])
-    _check_like(partial_lse, "partial_lse", partial, lse_shape, "[...] (partial's shape without d)", dtype=False)
+    _check_like(
+        partial_lse, "partial_lse", partial, lse_shape, "[...] (partial's shape without d)", dtype=False
+    )
     query = _check_queries(query, partial, "query", single=True)
     if backend(partial.device) == "reference":
         return reference.phase2(partial_out, partial_lse, partial, query, eps)
@@ -158,7 +179,9 @@ def phase2(
     return out.view(partial.shape), lse.view(lse_shape)
 
 
-def depth_attention(sources: Sequence[Tensor], query: Tensor, eps: float = DEFAULT_EPS) -> tuple[Tensor, Tensor]:
+def depth_attention(
+    sources: Sequence[Tensor], query: Tensor, eps: float = DEFAULT_EPS
+) -> tuple[Tensor, Tensor]:
     """Direct softmax over depth: one query ``[d]`` over n sources ``[..., d]`` -> ``(out, lse)``."""
     sources = _check_sources(sources)
     query = _check_queries(query, sources[0], "query", single=True)
@@ -257,7 +280,9 @@ def _register() -> None:
         *sources, query, lse = ctx.saved_tensors
         grad_out = _zeros_if_none(grad_out, sources[0])
         grad_lse = _zeros_if_none(grad_lse, lse)
-        grads, grad_q = torch.ops.attnres.depth_attn_backward(grad_out, grad_lse, sources, query, lse, ctx.eps)
+        grads, grad_q = torch.ops.attnres.depth_attn_backward(
+            grad_out, grad_lse, sources, query, lse, ctx.eps
+        )
         return list(grads), grad_q.to(query.dtype), None
 
     torch.library.register_autograd(lib + "depth_attn", da_backward, setup_context=da_setup)

@@ -54,7 +54,9 @@ def phase1(sources: Sequence[Tensor], queries: Tensor, eps: float) -> tuple[Tens
     return out.to(sources[0].dtype), lse
 
 
-def phase2(partial_out: Tensor, partial_lse: Tensor, partial: Tensor, query: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def phase2(
+    partial_out: Tensor, partial_lse: Tensor, partial: Tensor, query: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     """Phase 2: merge a phase-1 result with the partial summary ``p`` by one online-softmax step.
 
     partial_out: ``[..., d]`` (``o``, normalised over the completed sources), partial_lse: ``[...]``

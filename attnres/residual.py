@@ -76,7 +76,12 @@ class Residual(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_sublayers: int, mode: ResidualMode = "block", num_blocks: int = 8, eps: float = 1e-6
+        self,
+        dim: int,
+        num_sublayers: int,
+        mode: ResidualMode = "block",
+        num_blocks: int = 8,
+        eps: float = 1e-6,
     ) -> None:
         super().__init__()
         if mode not in RESIDUAL_MODES:
@@ -99,7 +104,9 @@ class Residual(nn.Module):
             self.queries = nn.ModuleDict({n: DepthQuery(dim) for n in names})
 
     def extra_repr(self) -> str:
-        extra = f", num_blocks={self.num_blocks}, block_size={self.block_size}" if self.mode == "block" else ""
+        extra = (
+            f", num_blocks={self.num_blocks}, block_size={self.block_size}" if self.mode == "block" else ""
+        )
         return f"mode={self.mode}, dim={self.dim}, num_sublayers={self.num_sublayers}{extra}"
 
     # ------------------------------------------------------------------ the interface
@@ -121,7 +128,11 @@ class Residual(nn.Module):
         if state.partial is None and i != first:
             raise RuntimeError(f"sublayer {i} is inside a block but no partial summary was handed back")
         k = i - state.pending_first
-        if state.pending_lse is None or not (0 <= k < len(state.pending_outs)) or state.pending_outs[k] is None:
+        if (
+            state.pending_lse is None
+            or not (0 <= k < len(state.pending_outs))
+            or state.pending_outs[k] is None
+        ):
             self._phase1(state, i, first + self.block_size)
             k = 0
         out, lse = state.pending_outs[k], state.pending_lse[k]
@@ -150,7 +161,9 @@ class Residual(nn.Module):
         if self.mode == "standard":
             return state.hidden
         if state.partial is not None:
-            raise RuntimeError("readout called in the middle of a block: hand back every sublayer's output first")
+            raise RuntimeError(
+                "readout called in the middle of a block: hand back every sublayer's output first"
+            )
         if state.records is not None:
             self._record(state, self.num_sublayers, state.sources)
         out, _ = ops.depth_attention(state.sources, self.queries["out"](), self.eps)
@@ -200,4 +213,8 @@ class Residual(nn.Module):
 def block_counts(num_sublayers: int, even: bool = False) -> list[int]:
     """The valid ``num_blocks`` for a depth: its divisors (``even``: only those leaving an even block
     size, so that a block holds whole decoder layers)."""
-    return [n for n in range(1, num_sublayers + 1) if num_sublayers % n == 0 and not (even and (num_sublayers // n) % 2)]
+    return [
+        n
+        for n in range(1, num_sublayers + 1)
+        if num_sublayers % n == 0 and not (even and (num_sublayers // n) % 2)
+    ]

@@ -62,7 +62,9 @@ def randomise_queries(res: Residual, seed: int = 1) -> None:
     with torch.no_grad():
         for m in res.queries.values():
             m.weight.copy_(torch.randn(m.weight.shape, generator=gen, dtype=m.weight.dtype))
-            m.norm_weight.copy_(1 + 0.3 * torch.randn(m.norm_weight.shape, generator=gen, dtype=m.weight.dtype))
+            m.norm_weight.copy_(
+                1 + 0.3 * torch.randn(m.norm_weight.shape, generator=gen, dtype=m.weight.dtype)
+            )
 
 
 def grads(module: nn.Module, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -183,7 +185,9 @@ def test_toy_stack_of_mlp_sublayers_trains(mode, num_blocks):
 
 
 def test_bad_configuration_names_the_field_and_valid_values():
-    with pytest.raises(ValueError, match=r"residual mode 'dense' is unknown; valid modes: standard, full, block"):
+    with pytest.raises(
+        ValueError, match=r"residual mode 'dense' is unknown; valid modes: standard, full, block"
+    ):
         Residual(D, 8, "dense")
     with pytest.raises(ValueError, match=r"num_blocks=3 must divide the 8 sublayers \(valid: 1, 2, 4, 8\)"):
         Residual(D, 8, "block", num_blocks=3)

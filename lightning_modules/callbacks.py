@@ -1,0 +1,223 @@
+"""Callbacks and the checkpoint plugin: atomic checkpoints, the NaN guard, throughput/MFU and the
+depth plots."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_modules import metrics, plots
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file in the target's directory, ``fsync``, then ``os.replace``:
+    a crash or a full disk mid-write leaves the previous ``last.ckpt`` whole."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)  # remote: no rename semantics
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a NaN/inf loss (raised before the backward pass of that step)."""
+
+
+class NaNGuard(L.Callback):
+    """Stops training on a non-finite loss before its backward pass and optimizer step, so no
+    checkpoint with poisoned weights is written; the last good checkpoint stays as it was."""
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if torch.isfinite(loss.detach()).all():
+            return
+        ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        raise NonFiniteLossError(
+            f"the training loss is {loss.item()} at step {trainer.global_step} (lr {lr:.3g}); "
+            "training stopped "
+            f"before this step's update. Last good checkpoint: {ckpt}. Try a lower model.lr, a longer "
+            "model.warmup_steps or gradient clipping (trainer.gradient_clip_val), "
+            "then resume with --ckpt_path."
+        )
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs ``train/tokens_per_s`` (all ranks) and ``train/mfu`` (model FLOPs utilisation against the
+    device's peak from :data:`metrics.PEAK_FLOPS`; not logged on CPU, where it does not apply).
+    Time is measured from batch start to batch end, so data loading between batches is excluded
+    and validation is not counted."""
+
+    def __init__(self) -> None:
+        self._t0 = 0.0
+        self.tokens_per_s = float("nan")
+        self.mfu: float | None = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        dt = time.perf_counter() - self._t0
+        ids = batch["input_ids"]
+        tokens = ids.numel() * trainer.world_size
+        self.tokens_per_s = tokens / max(dt, 1e-9)
+        pl_module.log("train/tokens_per_s", self.tokens_per_s, on_step=True, on_epoch=False)
+        peak = metrics.peak_flops(pl_module.device)
+        if peak is not None:
+            flops = pl_module.flops_per_token(ids.shape[1]) * self.tokens_per_s
+            self.mfu = flops / (peak * trainer.world_size)
+            pl_module.log("train/mfu", self.mfu, on_step=True, on_epoch=False)
+
+
+class DepthPlots(L.Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end of training: runs the model with
+    ``return_stats`` on a fixed validation batch, logs the depth-attention entropy and router load
+    balance, and writes the depth-attention heatmap, the magnitude-vs-depth and the
+    gradient-norm-vs-depth plots to ``<run dir>/plots`` (and to TensorBoard when it is a logger).
+
+    Args:
+        every_n_steps: how often (optimizer steps); 0 = only at the end of training.
+        plots: write PNGs (False: log the scalars only).
+        keep_history: also keep a copy of every plot named by its step (``*_step000100.png``).
+    """
+
+    def __init__(self, every_n_steps: int = 100, plots: bool = True, keep_history: bool = False) -> None:
+        self.every_n_steps = every_n_steps
+        self.plots = plots
+        self.keep_history = keep_history
+        self._grads: dict[str, float] = {}
+        self._last_step = -1
+        self.written: list[Path] = []
+
+    def _due(self, trainer: L.Trainer, step: int) -> bool:
+        return self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        step = trainer.global_step + 1  # the step this update completes
+        if self._due(trainer, step) or step == trainer.max_steps:
+            self._grads = metrics.grad_norms_by_depth(pl_module.model.named_parameters())
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step != self._last_step and self._due(trainer, step):
+            self._run(trainer, pl_module, step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step and trainer.global_step > 0:
+            self._run(trainer, pl_module, trainer.global_step, log=False)  # logging is closed by now
+
+    def _batch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        dm = trainer.datamodule
+        n = min(dm.val_batch_size, 8)
+        items = [dm.val_set[i] for i in range(min(n, len(dm.val_set)))]
+        return {k: torch.stack([it[k] for it in items]).to(pl_module.device) for k in items[0]}
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, log: bool = True) -> None:
+        self._last_step = step
+        stats = pl_module.depth_stats(self._batch(trainer, pl_module))
+        scalars = summary_scalars(stats) if log else {}
+        for k, v in scalars.items():
+            pl_module.log(k, v, on_step=True, on_epoch=False, rank_zero_only=True)
+        if not (self.plots and trainer.is_global_zero):
+            return
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "plots"
+        written = write_plots(stats, self._grads, out_dir, f"step {step}")
+        if self.keep_history:
+            for p in written:
+                shutil.copyfile(p, p.with_name(f"{p.stem}_step{step:06d}.png"))
+        self.written = written
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                import matplotlib.image as mpimg
+
+                for p in written:
+                    img = mpimg.imread(p)[..., :3]
+                    logger.experiment.add_image(f"plots/{p.stem}", img, step, dataformats="HWC")
+        rank_zero_info(f"plots (step {step}): {out_dir}")
+
+
+def summary_scalars(stats: dict[str, Any]) -> dict[str, float]:
+    """Scalars from :meth:`LanguageModel.depth_stats`: depth-attention entropy (normalised to [0, 1])
+    and router load balance (max/mean expert load, worst and mean over MoE layers)."""
+    out: dict[str, float] = {}
+    if stats.get("matrix") is not None:
+        out["depth/attention_entropy"] = metrics.normalized_depth_entropy(torch.as_tensor(stats["matrix"]))
+    loads = stats.get("router_load") or []
+    if loads:
+        balance = [metrics.load_balance(torch.as_tensor(x)) for x in loads]
+        out["moe/load_balance_max"] = max(balance)
+        out["moe/load_balance_mean"] = sum(balance) / len(balance)
+    return out
+
+
+def write_plots(stats: dict[str, Any], grads: dict[str, float], out_dir: Path, title: str) -> list[Path]:
+    """Write whichever plots the stats allow into ``out_dir``; returns their paths."""
+    written = []
+    if stats.get("matrix") is not None:
+        written.append(
+            plots.depth_heatmap(
+                stats["matrix"],
+                stats["mode"],
+                out_dir / "depth_attention.png",
+                f"depth attention ({stats['mode']} AttnRes), {title}",
+            )
+        )
+    if stats.get("output_rms") is not None:
+        written.append(
+            plots.magnitudes(
+                stats["output_rms"],
+                stats["hidden_rms"],
+                out_dir / "magnitudes.png",
+                f"magnitude vs depth ({stats['mode']}), {title}",
+            )
+        )
+    if grads:
+        written.append(
+            plots.grad_norms(grads, out_dir / "grad_norms.png", f"gradient norm vs depth, {title}")
+        )
+    return written

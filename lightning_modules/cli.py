@@ -1,0 +1,210 @@
+"""``attnres fit|validate|test|predict``: the LightningCLI of :class:`LanguageModel` and
+:class:`TextDataModule`.
+
+Configs compose left to right: ``attnres fit -c configs/default.yaml -c configs/model/small.yaml
+--trainer.max_steps 100``. Always on: atomic checkpoints (``last.ckpt`` every
+``checkpoint.every_n_train_steps`` steps and at the end), the NaN guard, tokens/s and MFU, the depth
+plots (``plots.*``), CSV logs (and TensorBoard when installed) under
+``<trainer.default_root_dir>/<run_name>/version_<n>/``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from lightning_modules.callbacks import (
+    AtomicCheckpointIO,
+    DepthPlots,
+    NaNGuard,
+    NonFiniteLossError,
+    ThroughputMonitor,
+)
+from lightning_modules.data import TextDataModule
+from lightning_modules.module import LanguageModel
+from lightning_modules.tokenizer import check_same_tokenizer, load_tokenizer
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class FinalCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends between two
+    ``every_n_train_steps`` (e.g. at ``max_steps``), so the last state is always resumable."""
+
+    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class AttnResCLI(LightningCLI):
+    """LightningCLI with the attnres defaults and start-up checks (see the module docstring)."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", 1234)
+        trainer_defaults = {"default_root_dir": "runs", "callbacks": [NaNGuard(), ThroughputMonitor()]}
+        saved = sys.argv
+        if args is not None:  # the arguments are `args`, not this process's (LightningCLI warns otherwise)
+            sys.argv = sys.argv[:1]
+        try:
+            super().__init__(
+                LanguageModel, TextDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
+            )
+        finally:
+            sys.argv = saved
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_name",
+            type=str,
+            default="attnres",
+            help="runs go to <trainer.default_root_dir>/<run_name>/version_<n>",
+        )
+        parser.add_argument(
+            "--progress_bar",
+            type=str,
+            default="rich",
+            help="'rich' (RichProgressBar) or 'tqdm' (Lightning's default)",
+        )
+        parser.add_argument(
+            "--torch_threads",
+            type=int | None,
+            default=None,
+            help="intra-op CPU threads (torch.set_num_threads); 1 avoids OpenMP spin-waiting "
+            "on a busy machine, where small models otherwise slow down many times over",
+        )
+        parser.add_lightning_class_args(FinalCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 100}
+        )
+        parser.add_lightning_class_args(DepthPlots, "plots")
+
+    # ------------------------------------------------------------------ start-up checks
+
+    def _sub(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._sub()
+        if cfg.get("torch_threads"):
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)
+        # the model's vocabulary follows the tokenizer unless set explicitly
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = load_tokenizer(cfg.data.tokenizer).vocab_size
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():  # before any data is prepared
+            check_checkpoint_tokenizer(ckpt_path, load_tokenizer(cfg.data.tokenizer).fingerprint)
+        if self.subcommand in (None, "fit"):
+            check_writable(cfg.trainer.default_root_dir or ".", "--trainer.default_root_dir")
+            if cfg.checkpoint.dirpath:
+                check_writable(cfg.checkpoint.dirpath, "--checkpoint.dirpath")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        cfg = self._get(self.config_init, "trainer", default={})
+        if cfg.get("logger") in (None, True):
+            root = cfg.get("default_root_dir") or "runs"
+            name = self._get(self.config, "run_name")
+            csv = CSVLogger(root, name=name)
+            loggers: list = [csv]
+            if _tensorboard_available():
+                loggers.append(
+                    TensorBoardLogger(root, name=name, version=csv.version, default_hp_metric=False)
+                )
+            kwargs["logger"] = loggers
+        plugins = cfg.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
+        if (
+            cfg.get("enable_progress_bar", True) is not False
+            and self._get(self.config, "progress_bar") == "rich"
+        ):
+            cbs = cfg.get("callbacks") or []
+            kwargs["callbacks"] = (list(cbs) if isinstance(cbs, list) else [cbs]) + [RichProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    # ------------------------------------------------------------------ after fit
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(run_summary(self.trainer), flush=True)
+
+
+def check_checkpoint_tokenizer(ckpt_path: str, fingerprint: dict) -> None:
+    """Refuse a checkpoint trained with another tokenizer than ``--data.tokenizer``."""
+    import torch
+
+    extra = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("attnres", {})
+    if "tokenizer_fingerprint" in extra:
+        check_same_tokenizer(fingerprint, extra["tokenizer_fingerprint"], f"the checkpoint {ckpt_path}")
+
+
+def check_writable(directory: str | os.PathLike, flag: str) -> None:
+    """Create ``directory`` if needed and write a probe file into it, or raise naming ``flag``."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise PermissionError(
+            f"output directory {str(path)!r} is not writable ({exc.strerror or exc}); "
+            f"choose another with {flag}"
+        ) from exc
+
+
+def run_summary(trainer: Trainer) -> str:
+    """Where the checkpoint, metrics and plots of a finished ``fit`` are, and its last numbers."""
+    m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    lines = ["", "attnres: training finished"]
+    numbers = [f"{k} {m[k]:.4f}" for k in ("train/loss", "val/loss", "val/ppl") if k in m]
+    if numbers:
+        lines.append("  " + ", ".join(numbers) + f" (step {trainer.global_step})")
+    ck = trainer.checkpoint_callback
+    if ck is not None and ck.last_model_path:
+        lines.append(f"  checkpoint: {ck.last_model_path}")
+    log_dir = Path(trainer.log_dir) if trainer.log_dir else None
+    if log_dir is not None:
+        if (log_dir / "metrics.csv").is_file():
+            lines.append(f"  metrics:    {log_dir / 'metrics.csv'}")
+        if any(log_dir.glob("events.out.tfevents.*")):
+            lines.append(f"  tensorboard: tensorboard --logdir {log_dir}")
+        plots = sorted((log_dir / "plots").glob("*.png")) if (log_dir / "plots").is_dir() else []
+        if plots:
+            lines.append(f"  plots:      {log_dir / 'plots'} ({', '.join(p.name for p in plots)})")
+        if (log_dir / "config.yaml").is_file():
+            lines.append(f"  config:     {log_dir / 'config.yaml'}")
+    return "\n".join(lines)
+
+
+# errors that are the user's to fix: shown as one message, not a traceback (ATTNRES_DEBUG=1 shows it)
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NonFiniteLossError)
+
+
+def run_lightning_cli(argv: list[str]) -> None:
+    """Entry of ``attnres fit|validate|test|predict``."""
+    try:
+        AttnResCLI(args=argv)
+    except USER_ERRORS as exc:
+        if os.environ.get("ATTNRES_DEBUG"):
+            raise
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(1)

@@ -1,0 +1,347 @@
+"""The typed functions behind ``attnres generate | plot | compare | tokenizer train | prepare``.
+
+Heavy imports (torch, Lightning) happen inside the functions so ``attnres info`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = "configs/default.yaml"
+
+
+def _load_checkpoint(ckpt: str, device: str = "cpu") -> tuple[Any, Any, dict]:
+    """(LanguageModel in eval mode, tokenizer, raw checkpoint dict) from a Lightning checkpoint."""
+    import torch
+
+    from lightning_modules.module import LanguageModel
+    from lightning_modules.tokenizer import ByteTokenizer, tokenizer_from_dict
+
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--ckpt {ckpt}: no such checkpoint (training writes <run dir>/checkpoints/last.ckpt)"
+        )
+    raw = torch.load(path, map_location=device, weights_only=True)
+    module = LanguageModel.load_from_checkpoint(path, map_location=device)
+    module.eval()
+    extra = raw.get("attnres", {})
+    tok = tokenizer_from_dict(extra["tokenizer"]) if "tokenizer" in extra else ByteTokenizer()
+    if tok.vocab_size > module.config.vocab_size:
+        raise ValueError(
+            f"tokenizer/vocabulary mismatch: the checkpoint's tokenizer has {tok.vocab_size} ids "
+            "but its model "
+            f"only {module.config.vocab_size}"
+        )
+    return module, tok, raw
+
+
+def generate(
+    ckpt: str,
+    prompt: str = "def ",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    greedy: bool = False,
+    num_samples: int = 1,
+    seed: int = 0,
+    device: str = "cpu",
+) -> list[str]:
+    """Continue a prompt with a trained model (cached decoding: one prefill, then a token per step).
+
+    Args:
+        ckpt: a checkpoint written by ``attnres fit`` (e.g. ``runs/default/version_0/checkpoints/last.ckpt``).
+        prompt: the text to continue.
+        max_new_tokens: tokens to generate (fewer if every sample reaches ``<|endoftext|>``).
+        temperature: softmax temperature (0 or ``greedy``: argmax).
+        top_k: sample among the ``top_k`` most likely tokens (None: all).
+        top_p: nucleus sampling: the smallest set of probability ``>= top_p`` (None: off).
+        greedy: argmax decoding.
+        num_samples: independent continuations of the prompt.
+        seed: sampling seed.
+        device: ``cpu`` or ``cuda``.
+    """
+    import torch
+
+    module, tok, _ = _load_checkpoint(ckpt, device)
+    ids = tok.encode(prompt)
+    if len(ids) == 0:
+        ids = [tok.eos_id]  # an empty prompt starts a new document
+    x = torch.tensor([list(map(int, ids))] * num_samples, dtype=torch.long, device=device)
+    torch.manual_seed(seed)
+    out = module.model.generate(
+        x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, eos_id=tok.eos_id
+    )
+    texts = [prompt + tok.decode(row[x.shape[1] :].tolist()) for row in out]
+    for i, text in enumerate(texts):
+        if num_samples > 1:
+            print(f"--- sample {i}")
+        print(text)
+    return texts
+
+
+def plot(
+    ckpt: str, output_dir: str | None = None, batch_size: int = 8, text_file: str | None = None
+) -> list[str]:
+    """Depth plots of a trained model: runs one batch with ``return_stats`` (and one backward for the
+    gradient norms) and writes the depth-attention heatmap, magnitude-vs-depth and gradient-norm-vs-depth
+    PNGs.
+
+    Args:
+        ckpt: a checkpoint written by ``attnres fit``.
+        output_dir: where to write (default: ``plots/`` next to the checkpoint's ``checkpoints/`` folder).
+        batch_size: sequences in the batch.
+        text_file: take the batch from this text file instead of the checkpoint's validation data.
+    """
+    import torch
+
+    from lightning_modules import metrics
+    from lightning_modules.callbacks import summary_scalars, write_plots
+
+    module, tok, raw = _load_checkpoint(ckpt)
+    seq_len = raw.get("attnres", {}).get("seq_len") or min(module.config.max_seq_len, 256)
+    if text_file is not None:
+        ids = torch.from_numpy(
+            tok.encode(Path(text_file).read_text(encoding="utf-8", errors="replace"))
+        ).long()
+        n = min(batch_size, (len(ids) - 1) // seq_len)
+        if n < 1:
+            raise ValueError(
+                f"--text_file {text_file} has {len(ids)} tokens, fewer than seq_len + 1 = {seq_len + 1}"
+            )
+        w = ids[: n * seq_len + 1]
+        batch = {"input_ids": w[:-1].view(n, seq_len), "labels": w[1:].view(n, seq_len)}
+    else:
+        import inspect
+
+        from lightning_modules.data import TextDataModule
+
+        accepted = inspect.signature(TextDataModule.__init__).parameters
+        hp = {k: v for k, v in raw.get("datamodule_hyper_parameters", {}).items() if k in accepted}
+        dm = TextDataModule(**hp)
+        dm.setup("validate")
+        items = [dm.val_set[i] for i in range(min(batch_size, len(dm.val_set)))]
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    stats = module.depth_stats(batch)
+    module.train()
+    module.model.zero_grad(set_to_none=True)
+    out = module.model(batch["input_ids"], labels=batch["labels"])
+    out.loss.backward()
+    grads = metrics.grad_norms_by_depth(module.model.named_parameters())
+    out_dir = Path(output_dir) if output_dir else Path(ckpt).resolve().parent.parent / "plots"
+    step = raw.get("global_step", 0)
+    written = write_plots(stats, grads, out_dir, f"{Path(ckpt).name} (step {step})")
+    for k, v in summary_scalars(stats).items():
+        print(f"{k}: {v:.4f}")
+    print(f"loss on the batch: {stats['loss']:.4f}")
+    for p in written:
+        print(p)
+    return [str(p) for p in written]
+
+
+def compare(
+    configs: list[str] | None = None,
+    modes: list[str] | None = None,
+    max_steps: int | None = None,
+    output_dir: str = "runs/compare",
+    seed: int = 1234,
+    args: list[str] | None = None,
+) -> dict[str, dict]:
+    """Train the same model with the standard residual, Block AttnRes and Full AttnRes (same config,
+    seed, data order and token budget); write ``loss_curves.png``, ``results.md`` and ``results.json``.
+
+    Args:
+        configs: config files composed in order (``-c`` works as well). Default: configs/default.yaml.
+        modes: residual modes to train, in this order.
+        max_steps: optimizer steps per run (default: the config's ``trainer.max_steps``).
+        output_dir: runs go to ``<output_dir>/<mode>/version_<n>``, results to ``<output_dir>``.
+        seed: the seed of every run.
+        args: more ``attnres fit`` arguments for every run, e.g. ``["--data.batch_size=4"]``.
+    """
+    from lightning_modules import plots
+    from lightning_modules.cli import AttnResCLI, check_writable
+
+    configs = configs or [DEFAULT_CONFIG]
+    modes = modes or ["standard", "block", "full"]
+    bad = [m for m in modes if m not in ("standard", "full", "block")]
+    if bad:
+        raise ValueError(f"--modes: unknown residual mode(s) {bad}; valid: standard, full, block")
+    out = Path(output_dir)
+    check_writable(out, "--output_dir")
+    results: dict[str, dict] = {}
+    curves: dict[str, dict] = {}
+    for mode in modes:
+        argv = ["fit"] + [x for c in configs for x in ("-c", c)]
+        argv += [
+            "--model.residual",
+            mode,
+            "--seed_everything",
+            str(seed),
+            "--run_name",
+            mode,
+            "--trainer.default_root_dir",
+            str(out),
+        ]
+        if max_steps is not None:
+            argv += ["--trainer.max_steps", str(max_steps)]
+        argv += list(args or [])
+        print(f"attnres compare: training {mode} ...", flush=True)
+        t0 = time.perf_counter()
+        cli = AttnResCLI(args=argv)
+        wall = time.perf_counter() - t0
+        trainer, module, dm = cli.trainer, cli.model, cli.datamodule
+        rows = _read_metrics(Path(trainer.log_dir) / "metrics.csv")
+        train = [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
+        val = [(int(r["step"]), float(r["val/loss"])) for r in rows if r.get("val/loss")]
+        ppl = [float(r["val/ppl"]) for r in rows if r.get("val/ppl")]
+        tps = [float(r["train/tokens_per_s"]) for r in rows if r.get("train/tokens_per_s")]
+        curves[mode] = {
+            "train": ([s for s, _ in train], [v for _, v in train]),
+            "val": ([s for s, _ in val], [v for _, v in val]),
+        }
+        tail = [v for _, v in train[-max(1, len(train) // 10) :]]
+        results[mode] = {
+            "residual": mode,
+            "num_blocks": module.config.num_blocks if mode == "block" else None,
+            "params": module.model.num_parameters(),
+            "active_params": module.model.num_parameters(active=True),
+            "steps": trainer.global_step,
+            "tokens": trainer.global_step
+            * dm.batch_size
+            * dm.seq_len
+            * trainer.world_size
+            * trainer.accumulate_grad_batches,
+            "train_loss": sum(tail) / len(tail) if tail else None,
+            "val_loss": val[-1][1] if val else None,
+            "val_ppl": ppl[-1] if ppl else None,
+            "tokens_per_s": sum(tps) / len(tps) if tps else None,
+            "wall_s": wall,
+            "run_dir": str(trainer.log_dir),
+        }
+    png = plots.loss_curves(
+        curves,
+        out / "loss_curves.png",
+        f"residual modes, same data/seed/budget ({results[modes[0]]['tokens']:,} tokens)",
+    )
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table = results_table(results)
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+    print(f"\nloss curves: {png}\nresults: {out / 'results.md'}, {out / 'results.json'}")
+    return results
+
+
+def results_table(results: dict[str, dict]) -> str:
+    """The markdown table of :func:`compare`."""
+
+    def f(x: Any, fmt: str) -> str:
+        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+    lines = [
+        "| residual | params | tokens | train loss | val loss | val ppl | tokens/s | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results.values():
+        name = r["residual"] + (f" (N={r['num_blocks']})" if r.get("num_blocks") else "")
+        lines.append(
+            f"| {name} | {r['params']:,} | {r['tokens']:,} | {f(r['train_loss'], '.4f')} | "
+            f"{f(r['val_loss'], '.4f')} | {f(r['val_ppl'], '.2f')} | {f(r['tokens_per_s'], '.0f')} | "
+            f"{f(r['wall_s'], '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _read_metrics(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def tokenizer_train(
+    vocab_size: int = 4096,
+    corpus: str = "stdlib",
+    files: list[str] | None = None,
+    val_fraction: float = 0.02,
+    output: str | None = None,
+    cache_dir: str = ".cache/attnres",
+) -> str:
+    """Train a byte-level BPE tokenizer on the training split of a corpus (cached: an existing one
+    for the same corpus and size is reused). Use it with ``--data.tokenizer <printed path>``.
+
+    Args:
+        vocab_size: ids in total (specials ``<|endoftext|>``, ``<|pad|>`` included).
+        corpus: ``stdlib`` or ``files``.
+        files: glob patterns for ``corpus: files``.
+        val_fraction: the share of files held out (as in the DataModule; they are not trained on).
+        output: where to write the ``tokenizer.json`` (default: under ``cache_dir/tokenizers``).
+        cache_dir: the cache directory of the DataModule.
+    """
+    from lightning_modules.data import _files_key, glob_files, read_text, split_files, stdlib_files
+    from lightning_modules.tokenizer import train_bpe
+
+    if corpus not in ("stdlib", "files"):
+        raise ValueError(f"--corpus {corpus!r}: use stdlib or files (shards are already tokenised)")
+    root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [])
+    train = split_files(root, found, val_fraction)["train"]
+    key = _files_key(root, train)
+    path = (
+        Path(output)
+        if output
+        else Path(cache_dir).expanduser() / "tokenizers" / f"bpe{vocab_size}-{corpus}-{key}.json"
+    )
+    if output is None and path.is_file():
+        print(f"cached: {path}")
+    else:
+        t0 = time.perf_counter()
+        train_bpe((read_text(f) for f in train), vocab_size, path)
+        print(
+            f"trained a {vocab_size}-id BPE on {len(train)} files in {time.perf_counter() - t0:.0f} s: {path}"
+        )
+    print(f"use it with: --data.tokenizer {path}")
+    return str(path)
+
+
+def prepare(
+    output: str,
+    corpus: str = "stdlib",
+    files: list[str] | None = None,
+    tokenizer: str = "byte",
+    val_fraction: float = 0.02,
+    shard_tokens: int = 1 << 27,
+) -> dict:
+    """Pre-tokenise a corpus into memmap shards (``{train,val}-NNNNN.bin`` of uint16/uint32 tokens and
+    ``meta.json``) for ``--data.corpus shards --data.shards_dir <output>``.
+
+    Args:
+        output: the shard directory to write (replaced if it exists).
+        corpus: ``stdlib`` or ``files``.
+        files: glob patterns for ``corpus: files`` (``**`` recurses).
+        tokenizer: ``byte`` or a ``tokenizer.json`` from ``attnres tokenizer train``.
+        val_fraction: share of files (by a hash of their path) held out for validation.
+        shard_tokens: tokens per shard file at most.
+    """
+    from lightning_modules.data import glob_files, split_files, stdlib_files, write_shards
+    from lightning_modules.tokenizer import load_tokenizer
+
+    if corpus not in ("stdlib", "files"):
+        raise ValueError(f"--corpus {corpus!r}: use stdlib or files")
+    tok = load_tokenizer(tokenizer)
+    root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [])
+    t0 = time.perf_counter()
+    meta = write_shards(output, split_files(root, found, val_fraction), tok, f"{corpus}:{root}", shard_tokens)
+    for split, info in meta["splits"].items():
+        print(
+            f"{split}: {info['documents']} documents, {sum(info['tokens']):,} tokens "
+            f"in {len(info['files'])} shard(s)"
+        )
+    print(
+        f"wrote {output} ({meta['dtype']}, {time.perf_counter() - t0:.1f} s); train on it with "
+        f"--data.corpus shards --data.shards_dir {output} --data.tokenizer {tokenizer}"
+    )
+    return meta

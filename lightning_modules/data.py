@@ -1,0 +1,447 @@
+"""Data: corpora, pre-tokenised memmap shards, a resumable sampler and the ``TextDataModule``.
+
+Every corpus goes through the same path. Documents (the standard library's ``.py`` files by
+default, or user files by glob) are split into train/val by a hash of their relative path, encoded,
+joined with the ``<|endoftext|>`` separator and written as shards: flat ``uint16``/``uint32`` token
+files plus ``meta.json``. ``attnres prepare`` writes them where you say; for ``stdlib``/``files``
+the DataModule writes them once into a cache directory keyed by the file list and the tokenizer.
+
+A training sample is a window of ``seq_len + 1`` tokens (``input_ids = w[:-1]``,
+``labels = w[1:]``); windows tile each shard without overlap. The sampler shuffles windows with
+``seed + epoch``, splits them over ranks and can start mid-epoch, so a run resumed from
+``last.ckpt`` sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from glob import glob
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lightning_modules.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
+
+# Lightning warns on a mid-epoch resume unless the DataLoader object itself is stateful; here the
+# DataModule's state_dict carries the position (batches consumed this epoch) and restores it.
+warnings.filterwarnings(
+    "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+)
+
+SHARD_FORMAT = "attnres-shards/1"
+SPLITS = ("train", "val")
+
+
+# ----------------------------------------------------------------------------- corpora
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The root of the Python standard library and its ``.py`` files (third-party
+    ``site-packages`` and caches excluded), sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
+        )
+        files += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
+    return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def glob_files(patterns: list[str]) -> tuple[Path, list[Path]]:
+    """Files matching the glob patterns (``**`` recurses), sorted; the root is their common parent."""
+    if not patterns:
+        raise ValueError(
+            "data.files is empty: give one or more glob patterns, e.g. --data.files 'texts/**/*.txt'"
+        )
+    files: set[Path] = set()
+    for pattern in patterns:
+        matched = [Path(p).resolve() for p in glob(os.path.expanduser(pattern), recursive=True)]
+        matched = [p for p in matched if p.is_file()]
+        if not matched:
+            raise FileNotFoundError(
+                f"data.files: no file matches {pattern!r} (relative to {os.getcwd()}); "
+                "fix the pattern or use --data.corpus stdlib"
+            )
+        files.update(matched)
+    ordered = sorted(files)
+    if all(p.stat().st_size == 0 for p in ordered):
+        raise ValueError(f"data.files: the {len(ordered)} file(s) matched by {patterns} are all empty")
+    root = Path(os.path.commonpath([str(p.parent) for p in ordered]))
+    return root, ordered
+
+
+def split_of(relpath: str, val_fraction: float) -> str:
+    """``"val"`` for a deterministic ``val_fraction`` of relative paths (by SHA-1), else ``"train"``."""
+    h = int.from_bytes(hashlib.sha1(relpath.encode("utf-8")).digest()[:8], "big")
+    return "val" if h / 2**64 < val_fraction else "train"
+
+
+def split_files(root: Path, files: list[Path], val_fraction: float) -> dict[str, list[Path]]:
+    """Split files by the hash of their path relative to ``root``. A split that would be empty
+    (too few files) takes the file with the lowest/highest hash so both splits exist."""
+    out: dict[str, list[Path]] = {"train": [], "val": []}
+    for f in files:
+        out[split_of(f.relative_to(root).as_posix(), val_fraction)].append(f)
+    if len(files) >= 2 and not (out["train"] and out["val"]):
+        ranked = sorted(files, key=lambda f: hashlib.sha1(f.relative_to(root).as_posix().encode()).digest())
+        n_val = max(1, min(len(files) - 1, round(len(files) * val_fraction)))
+        out = {"val": sorted(ranked[:n_val]), "train": sorted(ranked[n_val:])}
+    return out
+
+
+def read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def write_shards(
+    out_dir: str | Path,
+    splits: dict[str, list[Path]],
+    tokenizer: Tokenizer,
+    source: str,
+    shard_tokens: int = 1 << 27,
+    batch_docs: int = 64,
+) -> dict:
+    """Encode each split's documents (each followed by ``<|endoftext|>``) into flat token files of
+    at most ``shard_tokens`` tokens and write ``meta.json``. The directory appears atomically
+    (written under a temporary name, then renamed). A split with a single file (nothing left for
+    the other) is cut by tokens instead: the last ``val`` share of the stream."""
+    out_dir = Path(out_dir)
+    dtype = token_dtype(tokenizer.vocab_size)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp-"))
+    meta: dict[str, Any] = {
+        "format": SHARD_FORMAT,
+        "dtype": dtype.name,
+        "tokenizer": tokenizer.fingerprint,
+        "eos_id": tokenizer.eos_id,
+        "source": source,
+        "splits": {},
+    }
+    try:
+        for split, files in splits.items():
+            meta["splits"][split] = {"files": [], "tokens": [], "documents": len(files)}
+            writer = _ShardWriter(tmp, split, dtype, shard_tokens, meta["splits"][split])
+            for i in range(0, len(files), batch_docs):
+                texts = [read_text(f) for f in files[i : i + batch_docs]]
+                for ids in tokenizer.encode_batch(texts):
+                    writer.add(ids)
+                    writer.add(np.asarray([tokenizer.eos_id], dtype=dtype))
+            writer.close()
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+class _ShardWriter:
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int, meta: dict) -> None:
+        self.directory, self.split, self.dtype, self.shard_tokens, self.meta = (
+            directory,
+            split,
+            dtype,
+            shard_tokens,
+            meta,
+        )
+        self.buf: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        ids = ids.astype(self.dtype, copy=False)
+        while len(ids):
+            take = min(len(ids), self.shard_tokens - self.n)
+            self.buf.append(ids[:take])
+            self.n += take
+            ids = ids[take:]
+            if self.n == self.shard_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.n:
+            return
+        name = f"{self.split}-{len(self.meta['files']):05d}.bin"
+        np.concatenate(self.buf).tofile(self.directory / name)
+        self.meta["files"].append(name)
+        self.meta["tokens"].append(self.n)
+        self.buf, self.n = [], 0
+
+    def close(self) -> None:
+        self.flush()
+
+
+class ShardSet:
+    """A shard directory opened read-only: ``meta`` and one memmap ``[n]`` per shard file."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        meta_path = self.directory / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"data.shards_dir: {self.directory} has no meta.json; write shards with "
+                f"`attnres prepare --output {self.directory}` (or fix the path)"
+            )
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != SHARD_FORMAT:
+            raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, expected {SHARD_FORMAT!r}")
+        dtype = np.dtype(self.meta["dtype"])
+        self.shards: dict[str, list[np.memmap]] = {}
+        for split, info in self.meta["splits"].items():
+            self.shards[split] = [
+                np.memmap(self.directory / f, dtype=dtype, mode="r", shape=(n,))
+                for f, n in zip(info["files"], info["tokens"])
+            ]
+
+    def tokens(self, split: str) -> int:
+        return int(sum(self.meta["splits"].get(split, {}).get("tokens", [])))
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping windows of ``seq_len + 1`` tokens over a list of 1-D token arrays.
+    Item ``i`` is ``{"input_ids": [T], "labels": [T]}`` (int64; labels are the inputs shifted by one)."""
+
+    def __init__(self, shards: list[np.ndarray], seq_len: int) -> None:
+        self.shards = [s for s in shards if (len(s) - 1) // seq_len > 0]
+        self.seq_len = seq_len
+        counts = [(len(s) - 1) // seq_len for s in self.shards]
+        self.offsets = np.cumsum([0] + counts)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        start = (i - int(self.offsets[s])) * self.seq_len
+        w = torch.from_numpy(self.shards[s][start : start + self.seq_len + 1].astype(np.int64))
+        return {"input_ids": w[:-1], "labels": w[1:]}
+
+
+class ResumableSampler(DistributedSampler):
+    """Window indices for one rank: a permutation drawn from ``seed + epoch`` (or the identity),
+    every ``world_size``-th from ``rank``, the tail dropped so ranks get equal counts.
+
+    ``skip(n, epoch)`` makes the next iteration of that epoch start after ``n`` samples (how a run
+    resumes mid-epoch). It subclasses ``DistributedSampler`` so Lightning uses it as it is."""
+
+    def __init__(
+        self, dataset: Dataset, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        super().__init__(
+            dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        )
+        self._skip = 0
+        self._skip_epoch = -1
+
+    def skip(self, n: int, epoch: int) -> None:
+        self._skip, self._skip_epoch = n, epoch
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        mine = order[: self.total_size][self.rank : self.total_size : self.num_replicas]
+        start = self._skip if self._skip_epoch == self.epoch else 0
+        self._skip, self._skip_epoch = 0, -1
+        return iter(mine[start:].tolist())
+
+
+# ----------------------------------------------------------------------------- the DataModule
+
+
+def _files_key(root: Path, files: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class TextDataModule(L.LightningDataModule):
+    """Token windows from the embedded corpus, your text files, or prepared shards.
+
+    Args:
+        corpus: ``stdlib`` (the Python standard library's ``.py`` files; exists on every machine),
+            ``files`` (``files`` globs) or ``shards`` (a directory written by ``attnres prepare``).
+        files: glob patterns for ``corpus: files`` (``**`` recurses), e.g. ``["books/*.txt"]``.
+        shards_dir: the directory of ``meta.json`` and ``*.bin`` for ``corpus: shards``.
+        tokenizer: ``byte`` (256 bytes + specials) or the path of a ``tokenizer.json`` from
+            ``attnres tokenizer train``. The model's vocabulary is set from it.
+        seq_len: tokens per training sequence (must not exceed the model's ``max_seq_len``).
+        batch_size: sequences per batch per device.
+        val_batch_size: sequences per validation batch (default: ``batch_size``).
+        val_fraction: share of documents (by a hash of their path) held out for validation.
+        shuffle: shuffle training windows each epoch (validation order is fixed).
+        seed: seed of the shuffle (epoch ``e`` uses ``seed + e``) and of the fixed validation order.
+        num_workers: DataLoader worker processes.
+        cache_dir: where the shards of ``stdlib``/``files`` corpora are cached.
+    """
+
+    def __init__(
+        self,
+        corpus: Literal["stdlib", "files", "shards"] = "stdlib",
+        files: list[str] | None = None,
+        shards_dir: str | None = None,
+        tokenizer: str = "byte",
+        seq_len: int = 256,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        val_fraction: float = 0.02,
+        shuffle: bool = True,
+        seed: int = 1234,
+        num_workers: int = 0,
+        cache_dir: str = ".cache/attnres",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"data.seq_len ({seq_len}) and data.batch_size ({batch_size}) must be >= 1")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        self.corpus = corpus
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.tokenizer = load_tokenizer(tokenizer)
+        # resolve (and check) the inputs now, so a bad path fails at start-up, not after set-up
+        if corpus == "shards":
+            if not shards_dir:
+                raise ValueError(
+                    "data.corpus is 'shards' but data.shards_dir is not set; give the prepared directory"
+                )
+            if not Path(shards_dir).is_dir():
+                raise FileNotFoundError(
+                    f"data.shards_dir: {shards_dir} does not exist; "
+                    f"write it with `attnres prepare --output {shards_dir}`"
+                )
+            self.shard_path = Path(shards_dir)
+            meta = ShardSet(self.shard_path).meta
+            check_same_tokenizer(self.tokenizer.fingerprint, meta["tokenizer"], f"the shards in {shards_dir}")
+        else:
+            root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [])
+            if not found:
+                raise FileNotFoundError(f"data: the {corpus} corpus has no files under {root}")
+            self.source = f"{corpus}:{root}"
+            self.splits = split_files(root, found, val_fraction)
+            key = _files_key(root, found)
+            fp = self.tokenizer.fingerprint
+            tag = f"{corpus}-{fp['kind']}{fp['vocab_size']}-{fp['sha'][:8]}-v{val_fraction:g}-{key}"
+            self.shard_path = Path(cache_dir).expanduser() / "shards" / tag
+        self.shard_set: ShardSet | None = None
+        self.train_sampler: ResumableSampler | None = None
+        self._consumed = 0  # training batches taken this epoch (for mid-epoch resume)
+        self._epoch = 0
+        self._resume: dict | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def prepare_data(self) -> None:
+        """Write the cached shards of a ``stdlib``/``files`` corpus if they are not there yet."""
+        if self.corpus != "shards" and not (self.shard_path / "meta.json").is_file():
+            write_shards(self.shard_path, self.splits, self.tokenizer, self.source)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.shard_set is not None:
+            return
+        if self.corpus != "shards":
+            self.prepare_data()  # no-op when present; covers use without a Trainer
+        self.shard_set = ShardSet(self.shard_path)
+        check_same_tokenizer(
+            self.tokenizer.fingerprint, self.shard_set.meta["tokenizer"], str(self.shard_path)
+        )
+        self.train_set = TokenWindows(self.shard_set.shards.get("train", []), self.seq_len)
+        self.val_set = TokenWindows(self.shard_set.shards.get("val", []), self.seq_len)
+        for name, ds in (("train", self.train_set), ("val", self.val_set)):
+            if len(ds) == 0:
+                raise ValueError(
+                    f"data: the {name} split of {self.shard_path} has {self.shard_set.tokens(name)} "
+                    "tokens, fewer "
+                    f"than one sequence of seq_len + 1 = {self.seq_len + 1}; lower data.seq_len or add data"
+                )
+
+    def _rank_world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        self.train_sampler = ResumableSampler(
+            self.train_set, self.hparams.shuffle, self.hparams.seed, rank, world
+        )
+        if self._resume is not None:
+            self.train_sampler.skip(self._resume["consumed"] * self.batch_size, self._resume["epoch"])
+            self._epoch, self._consumed = self._resume["epoch"], self._resume["consumed"]
+            self._resume = None
+        return self._loader(self.train_set, self.train_sampler, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        # a fixed shuffle, so `limit_val_batches` takes a sample of the whole split
+        sampler = ResumableSampler(self.val_set, True, self.hparams.seed, rank, world)
+        return self._loader(self.val_set, sampler, self.val_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def _loader(self, ds: Dataset, sampler: ResumableSampler, batch_size: int) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.hparams.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.hparams.num_workers > 0,
+            generator=torch.Generator(),  # the loader's base seed must not draw from the global RNG
+        )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # called right before a batch reaches training_step (after any prefetching), so this
+        # counts what the model has consumed, which is what a checkpoint must record
+        t = self.trainer
+        if t is not None and t.training:
+            epoch = t.current_epoch
+            if epoch != self._epoch:
+                self._epoch, self._consumed = epoch, 0
+            self._consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "consumed": self._consumed, "tokenizer": self.tokenizer.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_same_tokenizer(self.tokenizer.fingerprint, state["tokenizer"], "the checkpoint")
+        self._resume = {"epoch": state["epoch"], "consumed": state["consumed"]}

@@ -1,0 +1,334 @@
+"""``LanguageModel``: the Lightning side of the decoder (optimizer, schedule, metrics, checkpoints).
+
+The model itself (:class:`attnres.model.Decoder`) is plain PyTorch; this module builds it from a
+preset plus typed overrides, so ``--model.residual full`` or ``model: {num_blocks: 2}`` in a YAML
+file change the architecture and ``attnres fit --help`` lists every knob.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.text import Perplexity
+
+from attnres.model import PRESETS, Config, Decoder, get_config
+from lightning_modules.tokenizer import check_same_tokenizer
+
+
+@dataclass
+class LRSchedule:
+    """Multiplier of the peak learning rate at optimizer step ``step``: linear warmup over
+    ``warmup`` steps, then ``cosine`` decay to ``min_ratio`` at ``total``, ``wsd`` (warmup-stable-decay:
+    constant, then linear to ``min_ratio`` over the last ``decay_fraction`` of ``total``) or ``constant``.
+    A dataclass, so ``LambdaLR`` checkpoints it."""
+
+    warmup: int
+    total: int
+    kind: str = "cosine"
+    min_ratio: float = 0.1
+    decay_fraction: float = 0.2
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "cosine":
+            progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay_start = self.total - max(1, round(self.decay_fraction * self.total))
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, self.total - decay_start))
+        return 1.0 - (1 - self.min_ratio) * progress
+
+
+class LanguageModel(L.LightningModule):
+    """A Kimi-Linear-style MoE decoder with standard, Full or Block AttnRes residuals.
+
+    Args:
+        preset: model size: ``tiny`` (CPU, ~1M params), ``small``, ``medium``, ``kimi-linear-48b-a3b``.
+        residual: residual path: ``standard`` (baseline), ``full`` (Full AttnRes) or ``block``
+            (Block AttnRes). Default: the preset's (``block``).
+        num_blocks: blocks of Block AttnRes; must split the ``2 * num_layers`` sublayers into
+            even-sized blocks. Default: the preset's.
+        num_layers: decoder layers (each = token mixer + channel mixer). Default: the preset's.
+        dim: hidden size. Default: the preset's.
+        token_mixer: ``hybrid`` (3 KDA : 1 MLA), ``kda`` or ``mla``. Default: the preset's.
+        moe: MoE channel mixers (False: dense SwiGLU). Default: the preset's.
+        num_experts: routed experts per MoE layer. Default: the preset's.
+        top_k: routed experts per token. Default: the preset's.
+        max_seq_len: longest sequence the model is trained on (``data.seq_len`` must not exceed it).
+        vocab_size: vocabulary size; set from the data's tokenizer by ``attnres fit``.
+        overrides: any other :class:`attnres.model.Config` field, e.g.
+            ``{expert_dim: 64, aux_loss_coef: 0.001}``.
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay, applied to matrices only (not to norms, biases,
+            pseudo-queries or, unless ``decay_embeddings``, the embedding).
+        decay_embeddings: apply weight decay to the token embedding too.
+        betas: AdamW betas.
+        warmup_steps: linear warmup steps.
+        schedule: ``cosine`` (to ``min_lr_ratio * lr``), ``wsd`` (warmup-stable-decay) or ``constant``.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        decay_fraction: ``wsd`` only: share of the steps spent decaying.
+        schedule_steps: length of the schedule in optimizer steps (default: ``trainer.max_steps``).
+        compile: run the model's forward under ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        residual: str | None = None,
+        num_blocks: int | None = None,
+        num_layers: int | None = None,
+        dim: int | None = None,
+        token_mixer: str | None = None,
+        moe: bool | None = None,
+        num_experts: int | None = None,
+        top_k: int | None = None,
+        max_seq_len: int | None = None,
+        vocab_size: int | None = None,
+        overrides: dict[str, Any] | None = None,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        decay_embeddings: bool = False,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        schedule: Literal["cosine", "wsd", "constant"] = "cosine",
+        min_lr_ratio: float = 0.1,
+        decay_fraction: float = 0.2,
+        schedule_steps: int | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        typed = dict(
+            residual=residual,
+            num_blocks=num_blocks,
+            num_layers=num_layers,
+            dim=dim,
+            token_mixer=token_mixer,
+            moe=moe,
+            num_experts=num_experts,
+            top_k=top_k,
+            max_seq_len=max_seq_len,
+            vocab_size=vocab_size,
+        )
+        self.config = build_config(
+            preset, **{**(overrides or {}), **{k: v for k, v in typed.items() if v is not None}}
+        )
+        self.model = Decoder(self.config)
+        self.val_ppl = Perplexity(ignore_index=-100)
+        self.test_ppl = Perplexity(ignore_index=-100)
+        # kept out of the module tree (no second copy of the parameter names in the state dict)
+        self.__dict__["_compiled"] = torch.compile(self.model) if compile else None
+        self._rng_to_restore: dict | None = None
+
+    # ------------------------------------------------------------------ model
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, **kwargs: Any):
+        fn = self._compiled if self._compiled is not None and not kwargs else self.model
+        return fn(input_ids, labels=labels, **kwargs)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.config.flops_per_token(seq_len)
+
+    def setup(self, stage: str) -> None:
+        """Start-up checks against the data (before any step): sequence length and vocabulary."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        seq_len = getattr(dm, "seq_len", None)
+        if seq_len is not None and seq_len > self.config.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={seq_len} is above the model's max_seq_len={self.config.max_seq_len} "
+                f"(preset {self.config.name}); lower --data.seq_len or raise --model.max_seq_len"
+            )
+        tok = getattr(dm, "tokenizer", None)
+        if tok is not None and tok.vocab_size > self.config.vocab_size:
+            raise ValueError(
+                f"tokenizer/vocabulary mismatch: the tokenizer has {tok.vocab_size} ids but the model's "
+                f"vocab_size is {self.config.vocab_size}; set --model.vocab_size {tok.vocab_size} "
+                "(or leave it "
+                "unset: `attnres fit` sets it from the tokenizer)"
+            )
+
+    # ------------------------------------------------------------------ steps
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self(batch["input_ids"], batch["labels"])
+        loss = out.loss + out.aux_loss
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        if self.config.moe and self.config.aux_loss_coef > 0:
+            self.log("train/aux_loss", out.aux_loss, batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # the aux-loss-free balancing step, from the loads of this step's forwards (all ranks)
+        moes = self.model.moe_layers()
+        if moes and self.trainer.world_size > 1:
+            for m in moes.values():
+                m.tokens_per_expert.copy_(self.trainer.strategy.reduce(m.tokens_per_expert, reduce_op="sum"))
+        self.model.update_router_bias()
+
+    def _eval_step(self, batch: dict[str, Tensor], prefix: str, ppl: Perplexity) -> Tensor:
+        out = self(batch["input_ids"], batch["labels"])
+        bs = batch["input_ids"].shape[0]
+        ppl.update(out.logits.float(), batch["labels"])
+        self.log(f"{prefix}/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=bs)
+        self.log(f"{prefix}/ppl", ppl, prog_bar=True, batch_size=bs)
+        return out.loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val", self.val_ppl)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test", self.test_ppl)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Per-sequence mean negative log-likelihood ``[B]`` (nats per token)."""
+        logits = self(batch["input_ids"]).logits.float()
+        nll = F.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100, reduction="none")
+        mask = (batch["labels"] != -100).float()
+        return {"nll": (nll * mask).sum(1) / mask.sum(1).clamp_min(1)}
+
+    # ------------------------------------------------------------------ optimizer
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: weight decay on matrices; none on norms, biases, the pseudo-queries (and
+        their key-norm weights) and, unless ``decay_embeddings``, the embedding."""
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = (
+                p.ndim < 2
+                or "norm" in name
+                or name.endswith("bias")
+                or "residual.queries." in name
+                or (name.startswith("embed.") and not self.hparams.decay_embeddings)
+            )
+            (no_decay if skip else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(self.param_groups(), lr=h.lr, betas=tuple(h.betas), fused=fused)
+        total = h.schedule_steps or self.trainer.max_steps
+        if total is None or total < 0:
+            total = int(self.trainer.estimated_stepping_batches)
+        fn = LRSchedule(h.warmup_steps, total, h.schedule, h.min_lr_ratio, h.decay_fraction)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the tokenizer (so ``attnres generate`` needs only the checkpoint) and the RNG states
+        (so a resumed run continues the uninterrupted one exactly)."""
+        extra: dict[str, Any] = {
+            "rng": {
+                "python": random.getstate(),
+                "numpy": _numpy_state_to_tensors(np.random.get_state()),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            "config": self.config.__dict__.copy(),
+        }
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "tokenizer"):
+            extra["tokenizer"] = dm.tokenizer.to_dict()
+            extra["tokenizer_fingerprint"] = dm.tokenizer.fingerprint
+            extra["seq_len"] = dm.seq_len
+        checkpoint["attnres"] = extra
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get("attnres", {})
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "tokenizer") and "tokenizer_fingerprint" in extra:
+            check_same_tokenizer(dm.tokenizer.fingerprint, extra["tokenizer_fingerprint"], "the checkpoint")
+        self._rng_to_restore = extra.get("rng")
+
+    def on_train_start(self) -> None:
+        # restored here, after the resumed run's sanity check, i.e. right before the next step
+        rng, self._rng_to_restore = self._rng_to_restore, None
+        if rng:
+            random.setstate(rng["python"])
+            np.random.set_state(_numpy_state_from_tensors(rng["numpy"]))
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # ------------------------------------------------------------------ analysis
+
+    @torch.no_grad()
+    def depth_stats(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """One forward with ``return_stats`` in eval mode on ``batch``: ``{"mode", "loss", "matrix"
+        [sources, sublayers + 1] (None for standard), "output_rms" [L], "hidden_rms" [L + 1],
+        "router_load" [[E] per MoE layer]}`` as NumPy/lists."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.model(batch["input_ids"], labels=batch["labels"], return_stats=True)
+        finally:
+            self.train(was_training)
+        s = out.stats
+        w = s.get("depth_weights")
+        return {
+            "mode": self.config.residual,
+            "loss": float(out.loss),
+            "matrix": None if w is None else w.float().numpy(),
+            "output_rms": s["output_rms"].float().tolist(),
+            "hidden_rms": s["hidden_rms"].float().tolist(),
+            "router_load": [s["router_load"][k].float() for k in sorted(s["router_load"])],
+        }
+
+
+def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
+    # checkpoints stay loadable with torch.load(weights_only=True): no NumPy arrays inside
+    kind, keys, pos, has_gauss, cached = state
+    return {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _numpy_state_from_tensors(d: dict[str, Any]) -> tuple:
+    return (d["kind"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+def build_config(preset: str, **overrides: Any) -> Config:
+    """``get_config(preset, **overrides)`` with ``None`` overrides dropped and messages that name the
+    command-line flag to fix."""
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset={preset!r} is unknown; valid: {', '.join(PRESETS)}")
+    fields = set(Config.__dataclass_fields__) - {"name"}
+    unknown = sorted(k for k in overrides if k not in fields)
+    if unknown:
+        raise ValueError(
+            f"model.overrides: unknown Config field(s) {unknown}; valid: {', '.join(sorted(fields))}"
+        )
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return get_config(preset, **kw)
+    except ValueError as exc:
+        msg = str(exc).replace("Config.", "model.")
+        raise ValueError(f"{msg} (set it with --model.<field> or in the model: section of the YAML)") from exc

@@ -1,0 +1,213 @@
+"""Data pipeline: tokenizers, file split, shards, windows, the resumable sampler, the DataModule's
+start-up checks and mid-epoch resume, ``attnres prepare`` and ``attnres tokenizer train``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_modules import commands
+from lightning_modules.data import (
+    ResumableSampler,
+    ShardSet,
+    TextDataModule,
+    TokenWindows,
+    split_files,
+    split_of,
+    stdlib_files,
+    write_shards,
+)
+from lightning_modules.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+
+TEXT = "def f(x):\n    return x * 2  # é ünïcödé\n"
+
+
+def make_files(root: Path, n: int = 12, size: int = 400) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = root / f"doc{i:02d}.txt"
+        p.write_text((f"document {i}: " + TEXT) * (size // len(TEXT) + 1))
+        out.append(p)
+    return out
+
+
+def test_byte_tokenizer_roundtrip_and_specials():
+    tok = ByteTokenizer()
+    ids = tok.encode(TEXT)
+    assert ids.dtype == np.uint16 and ids.max() < 256
+    assert tok.decode(ids.tolist()) == TEXT
+    assert tok.decode([*ids.tolist(), tok.eos_id, tok.pad_id]) == TEXT  # specials are dropped
+    assert (tok.eos_id, tok.pad_id, tok.vocab_size) == (256, 257, 258)
+
+
+def test_bpe_tokenizer_train_roundtrip_and_cache(tmp_path):
+    make_files(tmp_path / "txt")
+    path = commands.tokenizer_train(
+        vocab_size=300, corpus="files", files=[str(tmp_path / "txt/*.txt")], cache_dir=str(tmp_path / "cache")
+    )
+    tok = load_tokenizer(path)
+    assert isinstance(tok, BPETokenizer) and tok.vocab_size == 300
+    ids = tok.encode(TEXT)
+    assert len(ids) < len(TEXT.encode())  # merges learned
+    assert tok.decode(ids.tolist()) == TEXT
+    assert tok.fingerprint["kind"] == "bpe"
+    mtime = Path(path).stat().st_mtime_ns
+    again = commands.tokenizer_train(
+        vocab_size=300, corpus="files", files=[str(tmp_path / "txt/*.txt")], cache_dir=str(tmp_path / "cache")
+    )
+    assert again == path and Path(path).stat().st_mtime_ns == mtime  # reused, not retrained
+
+
+def test_unknown_tokenizer_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="attnres tokenizer train"):
+        load_tokenizer(str(tmp_path / "nope.json"))
+
+
+def test_split_is_deterministic_and_covers_every_file(tmp_path):
+    files = make_files(tmp_path, n=40, size=10)
+    a = split_files(tmp_path, files, 0.2)
+    b = split_files(tmp_path, list(reversed(files)), 0.2)
+    assert sorted(a["train"]) == sorted(b["train"]) and sorted(a["val"]) == sorted(b["val"])
+    assert sorted(a["train"] + a["val"]) == sorted(files) and a["val"] and a["train"]
+    assert split_of("x/y.py", 0.3) == split_of("x/y.py", 0.3)
+    # two files still give both splits
+    two = split_files(tmp_path, files[:2], 0.01)
+    assert len(two["train"]) == 1 and len(two["val"]) == 1
+
+
+def test_stdlib_corpus_is_found():
+    root, files = stdlib_files()
+    names = {f.relative_to(root).as_posix() for f in files}
+    assert "os.py" in names and len(files) > 200
+    assert not any("site-packages" in n for n in names)
+
+
+def test_shards_roundtrip(tmp_path):
+    files = make_files(tmp_path / "txt", n=6, size=300)
+    tok = ByteTokenizer()
+    meta = write_shards(
+        tmp_path / "shards", {"train": files[:4], "val": files[4:]}, tok, "test", shard_tokens=500
+    )
+    s = ShardSet(tmp_path / "shards")
+    assert s.meta == meta and meta["dtype"] == "uint16"
+    assert len(meta["splits"]["train"]["files"]) > 1  # split over several shard files
+    expected = np.concatenate([np.append(tok.encode(f.read_text()), tok.eos_id) for f in files[:4]])
+    got = np.concatenate([np.asarray(m) for m in s.shards["train"]])
+    np.testing.assert_array_equal(got, expected)
+    assert not list(tmp_path.glob("shards.tmp-*"))  # the temporary directory is gone
+
+
+def test_token_windows_align_labels():
+    data = np.arange(100, dtype=np.uint16)
+    ds = TokenWindows([data[:50], data[50:]], seq_len=8)
+    assert len(ds) == 2 * ((50 - 1) // 8)
+    item = ds[7]  # second shard, second window
+    assert torch.equal(item["input_ids"], torch.arange(58, 66))
+    assert torch.equal(item["labels"], torch.arange(59, 67))
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_sampler_ranks_partition_and_epochs_reshuffle():
+    ds = list(range(103))
+    ranks = [list(ResumableSampler(ds, True, 7, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(r) == 34 for r in ranks)
+    flat = sum(ranks, [])
+    assert len(set(flat)) == len(flat)  # disjoint
+    s = ResumableSampler(ds, True, 7)
+    e0 = list(s)
+    assert e0 == list(ResumableSampler(ds, True, 7))  # deterministic
+    s.set_epoch(1)
+    assert list(s) != e0 and sorted(list(s)) == sorted(e0)
+
+
+def test_sampler_skip_resumes_mid_epoch_once():
+    ds = list(range(50))
+    s = ResumableSampler(ds, True, 3)
+    full = list(s)
+    s.skip(12, epoch=0)
+    assert list(s) == full[12:]
+    assert list(s) == full  # only the first iteration skips
+    s.skip(12, epoch=0)
+    s.set_epoch(1)
+    assert len(list(s)) == 50  # a skip of another epoch does not apply
+
+
+def test_datamodule_state_dict_resumes_at_the_next_batch(tmp_path):
+    make_files(tmp_path / "txt", n=8, size=2000)
+    kw = dict(
+        corpus="files",
+        files=[str(tmp_path / "txt/*.txt")],
+        seq_len=16,
+        batch_size=3,
+        cache_dir=str(tmp_path / "cache"),
+        val_fraction=0.25,
+    )
+    dm = TextDataModule(**kw)
+    dm.setup("fit")
+    batches = [b["input_ids"] for b in dm.train_dataloader()]
+    dm2 = TextDataModule(**kw)
+    dm2.setup("fit")
+    dm2.load_state_dict({"epoch": 0, "consumed": 5, "tokenizer": ByteTokenizer().fingerprint})
+    resumed = [b["input_ids"] for b in dm2.train_dataloader()]
+    assert len(resumed) == len(batches) - 5
+    assert all(torch.equal(a, b) for a, b in zip(batches[5:], resumed))
+    assert dm2.state_dict()["consumed"] == 5
+
+
+def test_missing_files_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        TextDataModule(corpus="files", files=[str(tmp_path / "missing/*.txt")])
+
+
+def test_empty_files_name_the_fix(tmp_path):
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.txt").write_text("")
+    with pytest.raises(ValueError, match="are all empty"):
+        TextDataModule(corpus="files", files=[str(tmp_path / "*.txt")])
+
+
+def test_missing_shards_dir_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="attnres prepare"):
+        TextDataModule(corpus="shards", shards_dir=str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no meta.json"):
+        TextDataModule(corpus="shards", shards_dir=str(tmp_path / "empty"))
+
+
+def test_prepare_then_train_from_shards(tmp_path, capsys):
+    make_files(tmp_path / "txt", n=10, size=1500)
+    meta = commands.prepare(
+        output=str(tmp_path / "shards"), corpus="files", files=[str(tmp_path / "txt/*.txt")], val_fraction=0.2
+    )
+    assert "wrote" in capsys.readouterr().out
+    on_disk = json.loads((tmp_path / "shards/meta.json").read_text())
+    assert on_disk == meta and on_disk["tokenizer"]["kind"] == "byte"
+    dm = TextDataModule(corpus="shards", shards_dir=str(tmp_path / "shards"), seq_len=32, batch_size=2)
+    dm.setup("fit")
+    b = next(iter(dm.train_dataloader()))
+    assert b["input_ids"].shape == (2, 32) and b["input_ids"].dtype == torch.long
+
+
+def test_shards_with_another_tokenizer_are_refused(tmp_path):
+    make_files(tmp_path / "txt", n=10, size=800)
+    commands.prepare(output=str(tmp_path / "shards"), corpus="files", files=[str(tmp_path / "txt/*.txt")])
+    bpe = commands.tokenizer_train(
+        vocab_size=280, corpus="files", files=[str(tmp_path / "txt/*.txt")], cache_dir=str(tmp_path / "cache")
+    )
+    with pytest.raises(ValueError, match="tokenizer/vocabulary mismatch"):
+        TextDataModule(corpus="shards", shards_dir=str(tmp_path / "shards"), tokenizer=bpe)
+
+
+def test_too_short_split_names_the_fix(tmp_path):
+    make_files(tmp_path / "txt", n=4, size=60)
+    dm = TextDataModule(
+        corpus="files", files=[str(tmp_path / "txt/*.txt")], seq_len=512, cache_dir=str(tmp_path / "cache")
+    )
+    with pytest.raises(ValueError, match="lower data.seq_len"):
+        dm.setup("fit")

@@ -1,0 +1,422 @@
+"""Training through the LightningCLI: fit in a subprocess, exact resume, perplexity, plots, start-up
+errors, the NaN guard, atomic checkpoints, generation and ``attnres compare``.
+
+Every run uses ``configs/default.yaml`` with a micro model (2 layers of width 64, seq 32, batch 2) on
+top, so the whole file takes well under a minute of compute on 2 cores."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from attnres.cli import main as attnres_main
+from lightning_modules import commands
+from lightning_modules.callbacks import AtomicCheckpointIO, NonFiniteLossError
+from lightning_modules.cli import AttnResCLI, run_lightning_cli
+from lightning_modules.module import LanguageModel, LRSchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MICRO = """\
+run_name: micro
+progress_bar: tqdm
+torch_threads: 1
+trainer:
+  max_steps: 3
+  val_check_interval: 2
+  limit_val_batches: 2
+  log_every_n_steps: 1
+  enable_model_summary: false
+model:
+  num_layers: 2
+  num_blocks: 2
+  dim: 64
+  warmup_steps: 2
+  overrides: {{full_attn_every: 2, mla_qk_nope_dim: 16, mla_qk_shared_dim: 8, mla_kv_rank: 32,
+              num_experts: 4, expert_dim: 32, mlp_dim: 128}}
+data:
+  seq_len: 32
+  batch_size: 2
+  cache_dir: {cache}
+checkpoint:
+  every_n_train_steps: 2
+plots:
+  every_n_steps: 2
+"""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # as `torch_threads: 1` in the runs: tiny models gain nothing from 2 threads, and on a busy machine
+    # OpenMP spin-waiting makes them many times slower; other test files get their setting back
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory) -> list[str]:
+    """``-c`` arguments: the default config with the micro model on top."""
+    d = tmp_path_factory.mktemp("cfg")
+    (d / "micro.yaml").write_text(MICRO.format(cache=d / "cache"))
+    return ["-c", str(ROOT / "configs/default.yaml"), "-c", str(d / "micro.yaml")]
+
+
+@pytest.fixture(scope="module")
+def trained(micro, tmp_path_factory) -> dict:
+    """``attnres fit`` of 3 steps in a subprocess (the command a user types)."""
+    out = tmp_path_factory.mktemp("fit")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "attnres",
+            "fit",
+            *micro,
+            "--trainer.default_root_dir",
+            str(out),
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    run_dir = out / "micro" / "version_0"
+    return {"proc": proc, "run_dir": run_dir, "ckpt": run_dir / "checkpoints" / "last.ckpt"}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {int(r["step"]): float(r["train/loss"]) for r in read_metrics(run_dir) if r.get("train/loss")}
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 5000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def fail_message(argv: list[str], capsys) -> str:
+    """Run ``attnres <argv>`` in-process, expect exit status 1, return what it wrote to stderr."""
+    with pytest.raises(SystemExit) as exc:
+        run_lightning_cli(argv)
+    assert exc.value.code == 1
+    return capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def test_fit_three_steps_through_the_cli(trained):
+    proc, run_dir = trained["proc"], trained["run_dir"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(train_losses(run_dir)) == [0, 1, 2]
+    ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert ckpt["attnres"]["tokenizer"] == {"kind": "byte"}
+    # the summary says where things are
+    for what in ("checkpoint:", "metrics:", "plots:", str(trained["ckpt"])):
+        assert what in proc.stdout
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_fit_writes_depth_plots(trained, tmp_path):
+    for name in ("depth_attention.png", "magnitudes.png", "grad_norms.png"):
+        assert is_png(trained["run_dir"] / "plots" / name), name
+    rows = read_metrics(trained["run_dir"])
+    entropy = [float(r["depth/attention_entropy"]) for r in rows if r.get("depth/attention_entropy")]
+    balance = [float(r["moe/load_balance_max"]) for r in rows if r.get("moe/load_balance_max")]
+    assert entropy and 0.0 < entropy[0] <= 1.0
+    assert balance and balance[0] >= 1.0
+    # and `attnres plot --ckpt` from the checkpoint alone
+    written = commands.plot(str(trained["ckpt"]), output_dir=str(tmp_path / "p"), batch_size=2)
+    assert len(written) == 3 and all(is_png(Path(p)) for p in written)
+
+
+def test_perplexity_is_exp_of_mean_loss(trained, micro):
+    cli = AttnResCLI(
+        args=[
+            "validate",
+            *micro,
+            "--ckpt_path",
+            str(trained["ckpt"]),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    m = cli.trainer.callback_metrics
+    assert math.isclose(float(m["val/ppl"]), math.exp(float(m["val/loss"])), rel_tol=1e-5)
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(micro, tmp_path):
+    common = [
+        *micro,
+        "--model.schedule_steps",
+        "20",
+        "--trainer.limit_val_batches",
+        "0",
+        "--plots.every_n_steps",
+        "0",
+        "--plots.plots",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--checkpoint.every_n_train_steps",
+        "5",
+    ]
+    full = AttnResCLI(
+        args=["fit", *common, "--trainer.max_steps", "20", "--trainer.default_root_dir", str(tmp_path / "a")]
+    )
+    first = AttnResCLI(
+        args=["fit", *common, "--trainer.max_steps", "10", "--trainer.default_root_dir", str(tmp_path / "b")]
+    )
+    ckpt = first.trainer.checkpoint_callback.last_model_path
+    second = AttnResCLI(
+        args=[
+            "fit",
+            *common,
+            "--trainer.max_steps",
+            "20",
+            "--trainer.default_root_dir",
+            str(tmp_path / "b"),
+            "--ckpt_path",
+            ckpt,
+        ]
+    )
+    uninterrupted = train_losses(Path(full.trainer.log_dir))
+    resumed = {**train_losses(Path(first.trainer.log_dir)), **train_losses(Path(second.trainer.log_dir))}
+    assert sorted(resumed) == list(range(20))
+    assert resumed == uninterrupted  # bit for bit
+    assert uninterrupted[19] < uninterrupted[0]
+
+
+# ----------------------------------------------------------------------------- bad input at start-up
+
+
+def test_unknown_residual_mode(micro, capsys):
+    err = fail_message(["fit", *micro, "--model.residual", "sideways"], capsys)
+    assert "model.residual='sideways' is invalid; valid: standard | full | block" in err
+
+
+def test_num_blocks_must_divide_the_depth(micro, capsys):
+    err = fail_message(["fit", *micro, "--model.num_blocks", "3"], capsys)
+    assert "model.num_blocks=3 is invalid; valid: [1, 2]" in err
+
+
+def test_missing_data_path(micro, capsys, tmp_path):
+    err = fail_message(
+        ["fit", *micro, "--data.corpus", "files", "--data.files", f"[{tmp_path}/none/*.txt]"], capsys
+    )
+    assert "no file matches" in err and "fix the pattern" in err
+
+
+def test_empty_data_path(micro, capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    err = fail_message(
+        ["fit", *micro, "--data.corpus", "files", "--data.files", f"[{tmp_path}/*.txt]"], capsys
+    )
+    assert "are all empty" in err
+
+
+def test_sequence_longer_than_the_model_max(micro, capsys, tmp_path):
+    err = fail_message(
+        ["fit", *micro, "--data.seq_len", "512", "--trainer.default_root_dir", str(tmp_path)], capsys
+    )
+    assert "data.seq_len=512 is above the model's max_seq_len=256" in err and "--model.max_seq_len" in err
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))  # no step ran
+
+
+def test_unwritable_output_directory(micro, capsys, tmp_path):
+    (tmp_path / "a_file").write_text("x")  # a directory cannot be made under a file (even as root)
+    err = fail_message(
+        ["fit", *micro, "--trainer.default_root_dir", str(tmp_path / "a_file" / "runs")], capsys
+    )
+    assert "is not writable" in err and "--trainer.default_root_dir" in err
+
+
+def test_tokenizer_mismatch_with_checkpoint(trained, micro, capsys, tmp_path):
+    corpus = tmp_path / "txt"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"{i}.txt").write_text(f"text number {i} " * 200)
+    bpe = commands.tokenizer_train(
+        vocab_size=300, corpus="files", files=[str(corpus / "*.txt")], cache_dir=str(tmp_path / "cache")
+    )
+    err = fail_message(
+        [
+            "fit",
+            *micro,
+            "--ckpt_path",
+            str(trained["ckpt"]),
+            "--data.tokenizer",
+            bpe,
+            "--trainer.default_root_dir",
+            str(tmp_path / "runs"),
+        ],
+        capsys,
+    )
+    assert "tokenizer/vocabulary mismatch" in err and "data.tokenizer" in err
+
+
+# ----------------------------------------------------------------------------- NaN guard, atomic checkpoints
+
+
+class PoisonAt(L.Callback):
+    """Sets the embedding to NaN right before step ``step`` (after that step's checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.embed.weight.fill_(float("nan"))
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(micro, tmp_path):
+    cli = AttnResCLI(
+        args=[
+            *micro,
+            "--trainer.max_steps",
+            "6",
+            "--checkpoint.every_n_train_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "0",
+            "--plots.every_n_steps",
+            "0",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+        run=False,
+    )
+    cli.trainer.callbacks.insert(0, PoisonAt(3))
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss is nan at step 3.*Last good checkpoint: .*last\.ckpt"
+    ):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    ckpt = torch.load(cli.trainer.checkpoint_callback.last_model_path, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_atomic_checkpoint_io_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    before = path.read_bytes()
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.stat(path).st_mode & 0o044  # readable like a normal file, not mkstemp's 0600
+
+
+# ----------------------------------------------------------------------------- optimizer, schedule
+
+
+def test_lr_schedule_warmup_cosine_wsd():
+    cos = LRSchedule(warmup=10, total=110, kind="cosine", min_ratio=0.1)
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    assert (
+        cos(60) == pytest.approx(0.55) and cos(110) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)
+    )
+    wsd = LRSchedule(warmup=10, total=100, kind="wsd", min_ratio=0.0, decay_fraction=0.2)
+    assert (
+        wsd(50) == 1.0 and wsd(79) == 1.0 and wsd(90) == pytest.approx(0.5) and wsd(100) == pytest.approx(0.0)
+    )
+
+
+def test_no_weight_decay_on_norms_biases_queries_and_embedding():
+    m = LanguageModel(preset="tiny", num_layers=2, num_blocks=2, dim=64)
+    names = {id(p): n for n, p in m.model.named_parameters()}
+    decay, no_decay = m.param_groups()
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+    no = {names[id(p)] for p in no_decay["params"]}
+    yes = {names[id(p)] for p in decay["params"]}
+    assert any(".queries." in n for n in no) and "embed.weight" in no
+    assert any("norm" in n for n in no) and not any("norm" in n or ".queries." in n for n in yes)
+    assert "lm_head.weight" in yes and len(no | yes) == len(names)
+
+
+# ----------------------------------------------------------------------------- CLI, generate, compare
+
+
+def test_help_and_print_config_compose(micro, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_lightning_cli(["fit", "--help"])
+    assert exc.value.code == 0 and "--model.residual" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_lightning_cli(
+            [
+                "fit",
+                "-c",
+                str(ROOT / "configs/default.yaml"),
+                "-c",
+                str(ROOT / "configs/model/small.yaml"),
+                "--print_config",
+            ]
+        )
+    out = capsys.readouterr().out
+    assert "preset: small" in out and "corpus: stdlib" in out
+
+
+def test_generate_returns_text(trained, capsys):
+    attnres_main(
+        ["generate", "--ckpt", str(trained["ckpt"]), "--prompt", "import ", "--max_new_tokens", "24"]
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("import ") and len(out.rstrip("\n")) > len("import ")
+    texts = commands.generate(
+        str(trained["ckpt"]), prompt="def ", max_new_tokens=8, greedy=True, num_samples=2
+    )
+    assert len(texts) == 2 and texts[0] == texts[1] and texts[0].startswith("def ")
+
+
+def test_compare_trains_three_modes_on_the_same_budget(micro, tmp_path, capsys):
+    attnres_main(
+        [
+            "compare",
+            *micro,
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+            "--args",
+            '["--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"]',
+        ]
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results) == ["standard", "block", "full"]
+    assert len({r["tokens"] for r in results.values()}) == 1 and results["block"]["tokens"] == 2 * 2 * 32
+    assert all(r["val_loss"] is not None and r["steps"] == 2 for r in results.values())
+    assert results["standard"]["params"] < results["block"]["params"] == results["full"]["params"]
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n") == 5 and "| block (N=2) |" in table
+    assert is_png(tmp_path / "loss_curves.png")
