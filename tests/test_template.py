@@ -295,7 +295,6 @@ QUICK_TESTS = {"tests/test_residual.py": "not trains", "tests/test_ops.py": "reg
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (ROOT / "lightning_modules" / "cli.py").is_file(), reason="training not landed yet")
 def test_generated_project_installs_passes_its_tests_and_trains(project: Path, tmp_path: Path) -> None:
     python = venv_python(tmp_path)
     run([python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."], project, 600)
