@@ -85,6 +85,16 @@ class ThroughputMonitor(L.Callback):
         self._t0 = 0.0
         self.tokens_per_s = float("nan")
         self.mfu: float | None = None
+        self.history: list[float] = []  # tokens/s of every step
+
+    @property
+    def median_mfu(self) -> float | None:
+        return None if self.mfu is None else self.median_tokens_per_s * self._mfu_per_token_s
+
+    @property
+    def median_tokens_per_s(self) -> float:
+        h = sorted(self.history)
+        return h[len(h) // 2] if h else float("nan")
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -102,11 +112,12 @@ class ThroughputMonitor(L.Callback):
         ids = batch["input_ids"]
         tokens = ids.numel() * trainer.world_size
         self.tokens_per_s = tokens / max(dt, 1e-9)
+        self.history.append(self.tokens_per_s)
         pl_module.log("train/tokens_per_s", self.tokens_per_s, on_step=True, on_epoch=False)
         peak = metrics.peak_flops(pl_module.device)
         if peak is not None:
-            flops = pl_module.flops_per_token(ids.shape[1]) * self.tokens_per_s
-            self.mfu = flops / (peak * trainer.world_size)
+            self._mfu_per_token_s = pl_module.flops_per_token(ids.shape[1]) / (peak * trainer.world_size)
+            self.mfu = self.tokens_per_s * self._mfu_per_token_s
             pl_module.log("train/mfu", self.mfu, on_step=True, on_epoch=False)
 
 
@@ -149,7 +160,7 @@ class DepthPlots(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._last_step and trainer.global_step > 0:
-            self._run(trainer, pl_module, trainer.global_step, log=False)  # logging is closed by now
+            self._run(trainer, pl_module, trainer.global_step)
 
     def _batch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         dm = trainer.datamodule
@@ -157,15 +168,22 @@ class DepthPlots(L.Callback):
         items = [dm.val_set[i] for i in range(min(n, len(dm.val_set)))]
         return {k: torch.stack([it[k] for it in items]).to(pl_module.device) for k in items[0]}
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, log: bool = True) -> None:
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         self._last_step = step
+        model = pl_module.model
+        if getattr(model, "embed", None) is None or getattr(model, "lm_head", None) is None:
+            return  # a pipeline stage holds part of the decoder: no full forward to take statistics from
         stats = pl_module.depth_stats(self._batch(trainer, pl_module))
-        scalars = summary_scalars(stats) if log else {}
-        for k, v in scalars.items():
-            pl_module.log(k, v, on_step=True, on_epoch=False, rank_zero_only=True)
+        if trainer.is_global_zero:
+            # straight to the loggers, once (self.log from this hook would repeat the value at every
+            # later logging step); at the step Lightning gives the batch that just ran
+            scalars = summary_scalars(stats)
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=max(step - 1, 0))
+        log_dir = trainer.log_dir  # a collective under DDP (broadcast from rank 0): every rank asks
         if not (self.plots and trainer.is_global_zero):
             return
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "plots"
+        out_dir = Path(log_dir or trainer.default_root_dir) / "plots"
         written = write_plots(stats, self._grads, out_dir, f"step {step}")
         if self.keep_history:
             for p in written:

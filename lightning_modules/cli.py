@@ -10,9 +10,11 @@ plots (``plots.*``), CSV logs (and TensorBoard when installed) under
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,10 @@ from lightning_modules.callbacks import (
 from lightning_modules.data import TextDataModule
 from lightning_modules.module import LanguageModel
 from lightning_modules.tokenizer import check_same_tokenizer, load_tokenizer
+
+# `attnres fit ...` passes sys.argv[1:] as `args` (sys.argv itself must stay as it is: DDP re-launches
+# the command from it), which LightningCLI would warn about
+warnings.filterwarnings("ignore", message="LightningCLI.s args parameter is intended")
 
 
 def _tensorboard_available() -> bool:
@@ -58,16 +64,10 @@ class AttnResCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 1234)
-        trainer_defaults = {"default_root_dir": "runs", "callbacks": [NaNGuard(), ThroughputMonitor()]}
-        saved = sys.argv
-        if args is not None:  # the arguments are `args`, not this process's (LightningCLI warns otherwise)
-            sys.argv = sys.argv[:1]
-        try:
-            super().__init__(
-                LanguageModel, TextDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
-            )
-        finally:
-            sys.argv = saved
+        trainer_defaults = {"default_root_dir": "runs", "callbacks": [NaNGuard()]}
+        super().__init__(
+            LanguageModel, TextDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
+        )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -133,19 +133,34 @@ class AttnResCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
+        cbs = cfg.get("callbacks") or []
+        # the throughput monitor first, so its batch-end clock stops before other callbacks' work (plots)
+        callbacks = [ThroughputMonitor()] + (list(cbs) if isinstance(cbs, list) else [cbs])
         if (
             cfg.get("enable_progress_bar", True) is not False
             and self._get(self.config, "progress_bar") == "rich"
         ):
-            cbs = cfg.get("callbacks") or []
-            kwargs["callbacks"] = (list(cbs) if isinstance(cbs, list) else [cbs]) + [RichProgressBar()]
+            callbacks.append(RichProgressBar())
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     # ------------------------------------------------------------------ after fit
 
     def after_fit(self) -> None:
+        summary = run_summary(self.trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if self.trainer.is_global_zero:
-            print(run_summary(self.trainer), flush=True)
+            print(summary, flush=True)
+
+    def after_predict(self) -> None:
+        import torch
+
+        preds = self.trainer.predict_loop.predictions or []
+        if self.trainer.is_global_zero and preds:
+            nll = torch.cat([p["nll"] for p in preds])
+            print(
+                f"predict: {len(nll)} sequences, mean NLL {nll.mean():.4f} nats/token "
+                f"({nll.mean() / math.log(2):.4f} bits/token), min {nll.min():.4f}, max {nll.max():.4f}"
+            )
 
 
 def check_checkpoint_tokenizer(ckpt_path: str, fingerprint: dict) -> None:
@@ -178,6 +193,17 @@ def run_summary(trainer: Trainer) -> str:
     numbers = [f"{k} {m[k]:.4f}" for k in ("train/loss", "val/loss", "val/ppl") if k in m]
     if numbers:
         lines.append("  " + ", ".join(numbers) + f" (step {trainer.global_step})")
+    speed = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
+    if speed is not None and speed.history:
+        on_cpu = trainer.strategy.root_device.type == "cpu"
+        mfu = (
+            f"MFU {speed.median_mfu:.1%}"
+            if speed.median_mfu is not None
+            else "MFU n/a on CPU"
+            if on_cpu
+            else "MFU n/a (device not in metrics.PEAK_FLOPS)"
+        )
+        lines.append(f"  {speed.median_tokens_per_s:,.0f} tokens/s (median over steps), {mfu}")
     ck = trainer.checkpoint_callback
     if ck is not None and ck.last_model_path:
         lines.append(f"  checkpoint: {ck.last_model_path}")

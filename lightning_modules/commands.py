@@ -219,7 +219,7 @@ def compare(
             "train_loss": sum(tail) / len(tail) if tail else None,
             "val_loss": val[-1][1] if val else None,
             "val_ppl": ppl[-1] if ppl else None,
-            "tokens_per_s": sum(tps) / len(tps) if tps else None,
+            "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,  # median: robust to stalls
             "wall_s": wall,
             "run_dir": str(trainer.log_dir),
         }

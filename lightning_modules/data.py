@@ -128,6 +128,9 @@ def write_shards(
     dtype = token_dtype(tokenizer.vocab_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp-"))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700; the shards are for everyone who can read the parent
     meta: dict[str, Any] = {
         "format": SHARD_FORMAT,
         "dtype": dtype.name,
@@ -391,7 +394,11 @@ class TextDataModule(L.LightningDataModule):
 
     def _rank_world(self) -> tuple[int, int]:
         t = self.trainer
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+        if t is None:
+            return 0, 1
+        # the strategy's data-parallel shard (pipeline ranks of one replica must read the same batches)
+        kw = getattr(t.strategy, "distributed_sampler_kwargs", None) or {}
+        return kw.get("rank", t.global_rank), kw.get("num_replicas", t.world_size)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()

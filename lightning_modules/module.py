@@ -141,6 +141,14 @@ class LanguageModel(L.LightningModule):
     def flops_per_token(self, seq_len: int) -> float:
         return self.config.flops_per_token(seq_len)
 
+    def configure_model(self) -> None:
+        """Parallelism is applied from outside the model (``lightning_modules/strategies``): FSDP2
+        under ``ModelParallelStrategy`` / ``FSDP2Strategy``; ``PipelineParallelStrategy`` splits the
+        stages itself."""
+        from lightning_modules.strategies import configure_model_parallelism
+
+        configure_model_parallelism(self)
+
     def setup(self, stage: str) -> None:
         """Start-up checks against the data (before any step): sequence length and vocabulary."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -146,4 +146,3 @@ def train_bpe(texts: Iterator[str], vocab_size: int, output: str | Path) -> Path
     tmp.write_text(tok.to_str(), encoding="utf-8")
     tmp.replace(output)
     return output
-

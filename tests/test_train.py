@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from attnres.cli import main as attnres_main
-from lightning_modules import commands
+from lightning_modules import commands, metrics
 from lightning_modules.callbacks import AtomicCheckpointIO, NonFiniteLossError
 from lightning_modules.cli import AttnResCLI, run_lightning_cli
 from lightning_modules.module import LanguageModel, LRSchedule
@@ -365,6 +365,16 @@ def test_no_weight_decay_on_norms_biases_queries_and_embedding():
     assert "lm_head.weight" in yes and len(no | yes) == len(names)
 
 
+def test_depth_entropy_load_balance_and_peak_flops():
+    nan = float("nan")
+    m = torch.tensor([[1.0, 0.5, 1.0], [nan, 0.5, 0.0], [nan, nan, 0.0]])  # one source, uniform, one-hot
+    assert torch.allclose(metrics.depth_entropy(m), torch.tensor([0.0, math.log(2), 0.0]))
+    assert metrics.normalized_depth_entropy(m) == pytest.approx(0.5)  # mean of 1 (uniform) and 0 (one-hot)
+    assert metrics.load_balance(torch.tensor([0.25, 0.25, 0.25, 0.25])) == pytest.approx(1.0)
+    assert metrics.load_balance(torch.tensor([0.5, 0.5, 0.0, 0.0])) == pytest.approx(2.0)
+    assert metrics.peak_flops(torch.device("cpu")) is None  # MFU is not applicable on CPU
+
+
 # ----------------------------------------------------------------------------- CLI, generate, compare
 
 
@@ -420,3 +430,43 @@ def test_compare_trains_three_modes_on_the_same_budget(micro, tmp_path, capsys):
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n") == 5 and "| block (N=2) |" in table
     assert is_png(tmp_path / "loss_curves.png")
+
+
+@pytest.mark.slow
+def test_fit_with_two_ddp_ranks_on_cpu(micro, tmp_path):
+    """DDP over gloo: each rank reads its share of the windows, the router loads are all-reduced, and
+    every collective (``trainer.log_dir``) is reached by both ranks."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "attnres",
+            "fit",
+            *micro,
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(
+        tmp_path / "micro/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert ckpt["global_step"] == 2
+    tokens = [
+        float(r["train/tokens_per_s"])
+        for r in read_metrics(tmp_path / "micro/version_0")
+        if r.get("train/tokens_per_s")
+    ]
+    assert len(tokens) == 2 and "plots:" in proc.stdout
