@@ -1,0 +1,325 @@
+"""The repository as a cookiecutter template: generate a project, check it, install it, train it.
+
+Generation runs the real ``cookiecutter`` command on this repository's root (hooks included), with
+a private cookiecutter config so nothing is written to the user's ``~/.cookiecutters``. The slow
+test installs the generated project into a throwaway virtual environment (system site packages
+reused, so torch is not downloaded), builds its CPU extension, runs a few of its tests and fits
+its default config for 5 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+OLD = "attnres"
+
+# Non-default answers (the preset stays tiny: the generated project trains on this CPU).
+ANSWERS = {
+    "project_name": "Depth Mixer Lab",
+    "package_name": "depthlab",
+    "description": "Depth attention experiments",
+    "author": "Ada Lovelace",
+    "license": "MIT",
+    "model_preset": "tiny",
+    "residual_mode": "full",
+    "num_blocks": "2",
+    "moe": "no",
+    "cuda_kernels": "no",
+}
+SLUG = "depth-mixer-lab"
+PKG = ANSWERS["package_name"]
+# The one deliberate mention of the template in a generated project (its README head).
+PROVENANCE = "Generated from the attnres template"
+
+
+def cookiecutter(tmp: Path, *args: str, cwd: Path | None = None, template: str = str(ROOT)):
+    """Run ``cookiecutter --no-input <template> key=value ...`` into ``tmp/out``."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = tmp / "cookiecutter-config.yaml"
+    config.write_text(f"cookiecutters_dir: {tmp / 'cookiecutters'}\nreplay_dir: {tmp / 'replay'}\n")
+    cmd = [sys.executable, "-m", "cookiecutter", "--no-input", "--config-file", str(config),
+           "-o", str(tmp / "out"), template, *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def generate(tmp: Path, answers: dict[str, str], **kwargs) -> Path:
+    """Generate a project and return its directory (the test fails with cookiecutter's output)."""
+    result = cookiecutter(tmp, *(f"{k}={v}" for k, v in answers.items()), **kwargs)
+    assert result.returncode == 0, f"generation failed:\n{result.stdout}\n{result.stderr}"
+    (project,) = (tmp / "out").iterdir()
+    return project
+
+
+def text_files(project: Path) -> dict[Path, str]:
+    files = {}
+    for path in sorted(project.rglob("*")):
+        if path.is_file():
+            try:
+                files[path.relative_to(project)] = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue
+    return files
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate(tmp_path_factory.mktemp("gen"), ANSWERS)
+
+
+# ----------------------------------------------------------------------------- the generated tree
+
+
+def test_project_is_the_root_files_renamed_without_template_machinery(project: Path) -> None:
+    assert project.name == SLUG
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", f"{OLD}/"], capture_output=True, text=True)
+    sources = [p for p in tracked.stdout.split() if p.endswith(".py")] or [
+        str(p.relative_to(ROOT)) for p in (ROOT / OLD).rglob("*.py")
+    ]
+    assert sources, "the template has no package sources?"
+    for rel in sources:
+        assert (project / PKG / Path(rel).relative_to(OLD)).is_file(), f"{rel} was not copied as {PKG}/..."
+    for rel in ("Makefile", "setup.py", "pyproject.toml", "csrc/ops.cpp", ".ci/run", "configs/default.yaml"):
+        assert (project / rel).is_file(), rel
+    assert os.access(project / ".ci" / "run", os.X_OK), "the executable bit of .ci/run was lost"
+    assert not (project / OLD).exists()
+    for rel in ("cookiecutter.json", "hooks", "tests/test_template.py", "docs/template.md"):
+        assert not (project / rel).exists(), f"template machinery {rel} leaked into the project"
+    names = [p.relative_to(project) for p in project.rglob("*")]
+    assert not [n for n in names if "{{" in str(n)], "the template folder leaked into the project"
+    outputs = [n for n in names if n.suffix in (".so", ".pyc", ".ckpt") or
+               {"__pycache__", ".venv", ".git", "build"} & set(n.parts) or n.name.endswith(".egg-info")]
+    assert not outputs, f"build outputs or environments were copied: {outputs[:5]}"
+
+
+def test_no_leftover_old_package_name(project: Path) -> None:
+    """Every ``attnres`` that names the package is renamed; only the method's name ``AttnRes`` (and
+    ``BlockAttnRes``...) and the README's provenance line keep the letters."""
+    leftovers = []
+    for rel, text in text_files(project).items():
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if rel == Path("README.md") and PROVENANCE in line:
+                continue
+            if any(m.group(0) != "AttnRes" for m in re.finditer(OLD, line, flags=re.IGNORECASE)):
+                leftovers.append(f"{rel}:{lineno}: {line.strip()}")
+    assert not leftovers, "old package name left in:\n" + "\n".join(leftovers[:20])
+    assert "AttnRes" in (project / PKG / "residual.py").read_text(), "the method's name must not be renamed"
+
+
+def test_package_extension_ops_and_console_script_carry_the_new_name(project: Path) -> None:
+    tomllib = pytest.importorskip("tomllib")
+    up = PKG.upper()
+    assert f"TORCH_LIBRARY({PKG}, m)" in (project / "csrc" / "ops.cpp").read_text()
+    ops = (project / PKG / "ops.py").read_text()
+    assert f"torch.ops.{PKG}.phase1(" in ops and f'"{PKG}::"' in ops and f"from {PKG} import _C" in ops
+    setup = (project / "setup.py").read_text()
+    assert f'"{PKG}._C"' in setup and f"-D{up}_WITH_CUDA" in setup
+    assert f'os.environ.get("{up}_CUDA", "0")' in setup, "cuda_kernels=no must make CPU-only the default"
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())
+    meta = pyproject["project"]
+    assert meta["name"] == PKG
+    assert meta["scripts"] == {PKG: f"{PKG}.cli:main"}
+    assert meta["description"] == ANSWERS["description"]
+    assert meta["license"] == {"text": "MIT"} and meta["authors"] == [{"name": "Ada Lovelace"}]
+    assert "template" not in meta["optional-dependencies"]
+    assert not [d for d in meta["optional-dependencies"]["dev"] if d.startswith("cookiecutter")]
+    assert f"{PKG}*" in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    makefile = (project / "Makefile").read_text()
+    assert f"-m {PKG} fit" in makefile and f"{PKG}/*.so" in makefile
+    assert (project / "LICENSE").read_text().startswith("SPDX-License-Identifier: MIT")
+    assert "Ada Lovelace" in (project / "LICENSE").read_text()
+
+
+def test_readme_has_its_own_name_and_quick_start(project: Path) -> None:
+    readme = (project / "README.md").read_text()
+    assert readme.startswith(f"# {ANSWERS['project_name']}\n")
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "make train" in quick and "make test" in quick and f"{PKG}._C" in quick
+    assert readme.count("## Quick start") == 1, "the template's own quick start must not be appended"
+    assert "Start your own project" not in readme
+    assert "Full AttnRes" in readme and "dense SwiGLU" in readme and f"{PKG.upper()}_CUDA=0" in readme
+
+
+@pytest.mark.parametrize(
+    "answers, expected",
+    [
+        (ANSWERS, {"preset": "tiny", "residual": "full", "num_blocks": 2, "moe": False}),
+        ({"package_name": "lab2", "model_preset": "small", "residual_mode": "standard", "num_blocks": "16",
+          "cuda_kernels": "yes"}, {"preset": "small", "residual": "standard", "num_blocks": 16, "moe": True}),
+        # num_blocks left to its default follows the preset's own
+        ({"package_name": "lab3", "model_preset": "medium"},
+         {"preset": "medium", "residual": "block", "num_blocks": 8, "moe": True}),
+    ],
+    ids=["tiny-full-dense", "small-standard", "medium-defaults"],
+)
+def test_config_reflects_the_answers(tmp_path: Path, answers: dict, expected: dict) -> None:
+    project = generate(tmp_path, answers)
+    config = yaml.safe_load((project / "configs" / "default.yaml").read_text())
+    args = config["model"].get("init_args", config["model"])  # the LightningModule's init args
+    assert {k: args[k] for k in expected} == expected
+    assert f"the {expected['preset']} preset with" in (project / "configs" / "default.yaml").read_text()
+    # the per-preset configs composed on top keep the project-wide answers (and the preset's num_blocks)
+    for path in sorted((project / "configs" / "model").glob("*.yaml")):
+        model = yaml.safe_load(path.read_text())["model"]
+        assert (model["residual"], model["moe"]) == (expected["residual"], expected["moe"]), path.name
+        if model["preset"] == expected["preset"]:
+            assert model["num_blocks"] == expected["num_blocks"], path.name
+    cuda = {"auto": "auto", "yes": "1", "no": "0"}[answers.get("cuda_kernels", "auto")]
+    setup = (project / "setup.py").read_text()
+    assert f'os.environ.get("{answers["package_name"].upper()}_CUDA", "{cuda}")' in setup
+
+
+def test_preset_choices_and_num_blocks_defaults_follow_the_model_registry() -> None:
+    from attnres.model.config import PRESETS, valid_num_blocks
+
+    spec = json.loads((ROOT / "cookiecutter.json").read_text())
+    assert set(spec["model_preset"]) <= set(PRESETS), "cookiecutter.json offers a preset that PRESETS lacks"
+    table = spec["num_blocks"]
+    for name in spec["model_preset"]:
+        preset = PRESETS[name]
+        assert f"'{name}': {preset['num_blocks']}" in table, f"num_blocks default of {name} != PRESETS"
+        assert preset["num_blocks"] in valid_num_blocks(2 * preset["num_layers"])
+
+
+def test_generates_from_a_relative_path_and_from_a_git_url(tmp_path: Path) -> None:
+    """The hooks find the template's files however it was given (the relative ``_repo_dir`` case and
+    cookiecutter's clone of a git URL)."""
+    project = generate(tmp_path / "rel", {"package_name": "relpkg"}, cwd=ROOT.parent, template=ROOT.name)
+    assert (project / "relpkg" / "ops.py").is_file()
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("the template is not a git checkout with commits")
+    project = generate(tmp_path / "git", {"package_name": "gitpkg"}, template=f"git+file://{ROOT}")
+    assert (project / "gitpkg" / "ops.py").is_file()
+    assert (tmp_path / "git" / "cookiecutters" / ROOT.name).is_dir(), "cookiecutter's clone was not used"
+
+
+def test_without_git_build_outputs_and_environments_stay_behind(project: Path, tmp_path: Path) -> None:
+    """From a plain copy (an unzipped archive: no git to ask what is ignored) the hook walks the tree,
+    skipping environments, build outputs, caches and logs, and generates the same files."""
+    plain = tmp_path / "plain"
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard"],
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("the template is not a git checkout: nothing to compare the walk with")
+    for rel in listed.stdout.splitlines():
+        if (ROOT / rel).is_file():
+            (plain / rel).parent.mkdir(parents=True, exist_ok=True)
+            (plain / rel).write_bytes((ROOT / rel).read_bytes())
+            (plain / rel).chmod((ROOT / rel).stat().st_mode)
+    junk = [".venv/lib/python3.11/site-packages/x.py", "build/temp/ops.o", f"{OLD}/_C.abi3.so",
+            f"{OLD}/__pycache__/ops.cpython-311.pyc", "lightning_logs/version_0/hparams.yaml",
+            f"{OLD}.egg-info/PKG-INFO", "runs/last.ckpt", ".pytest_cache/README.md"]
+    for rel in junk:
+        (plain / rel).parent.mkdir(parents=True, exist_ok=True)
+        (plain / rel).write_text("junk\n")
+    walked = generate(tmp_path / "walk", ANSWERS, template=str(plain))
+    files = {p.relative_to(walked) for p in walked.rglob("*") if p.is_file()}
+    assert files == {p.relative_to(project) for p in project.rglob("*") if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- bad answers
+
+
+@pytest.mark.parametrize(
+    "answer, message",
+    [
+        ("package_name=my-lm", "package_name 'my-lm' is not a Python identifier"),
+        ("package_name=2fast", "package_name '2fast' is not a Python identifier"),
+        ("package_name=MyLM", "package_name 'MyLM' must be lowercase ASCII"),
+        ("package_name=import", "package_name 'import' is a Python keyword"),
+        ("package_name=json", "package_name 'json' shadows the standard-library module 'json'"),
+        ("package_name=torch", "package_name 'torch' shadows a module the project uses"),
+        ("package_name=attnres", "package_name 'attnres' is the template's own package"),
+        ("model_preset=huge", "huge provided for choice variable model_preset, but the choices are"),
+        ("num_blocks=3", "num_blocks=3 does not split preset 'tiny' (4 decoder layers = 8 sublayers) "
+                         "into blocks of whole decoder layers; valid: "),
+        ("num_blocks=eight", "num_blocks 'eight' is not an integer"),
+    ],
+)
+def test_bad_answers_stop_generation_with_a_clear_message(tmp_path: Path, answer: str, message: str) -> None:
+    result = cookiecutter(tmp_path, answer)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    if answer == "num_blocks=3":  # the valid counts are the model's own rule
+        from attnres.model.config import valid_num_blocks
+
+        assert f"valid: {', '.join(map(str, valid_num_blocks(8)))}\n" in result.stderr
+    out = tmp_path / "out"
+    assert not out.exists() or not any(out.iterdir()), "a failed generation left a project behind"
+
+
+# ----------------------------------------------------------------------------- install, test, train
+
+
+def venv_python(tmp: Path) -> Path:
+    """A throwaway venv that sees this interpreter's packages (torch, lightning, pytest...) but not
+    its editable installs: system site packages, plus this environment's site-packages directories
+    as plain path entries when it is itself a venv (their ``.pth`` hooks are not run)."""
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv],
+                   check=True)
+    python = venv / "bin" / "python"
+    if sys.prefix != sys.base_prefix:
+        site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        here = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+        Path(site, "_parent_env.pth").write_text("\n".join(sorted(here)) + "\n")
+    return python
+
+
+def run(cmd: list, cwd: Path, timeout: int, env: dict | None = None) -> str:
+    start = time.perf_counter()
+    result = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "MAX_JOBS": "2", **(env or {})})
+    shown = " ".join(map(str, cmd))
+    print(f"[{time.perf_counter() - start:6.1f} s] {shown}")  # shown by pytest -s or on failure
+    assert result.returncode == 0, f"{shown} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result.stdout + result.stderr
+
+
+# The generated project's quick tests (file: -k selection): the residual path without its toy training
+# runs, the renamed ops' registration and opcheck, and the training tests, which run on top of the
+# generated configs/default.yaml (so they see its non-default answers).
+QUICK_TESTS = {"tests/test_residual.py": "not trains", "tests/test_ops.py": "registered or opcheck",
+               "tests/test_train.py": None}
+
+
+@pytest.mark.slow
+def test_generated_project_installs_passes_its_tests_and_trains(project: Path, tmp_path: Path) -> None:
+    python = venv_python(tmp_path)
+    run([python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."], project, 600)
+    # from outside the project: the installed packages are the generated ones (not an attnres install's
+    # lightning_modules), with the extension built
+    code = (f"import {PKG}, {PKG}.ops as o, lightning_modules as lm; "
+            f"print({PKG}.__file__, lm.__file__, o.extension_error)")
+    where = run([python, "-c", code], tmp_path, 120).split()
+    expected = [project / PKG / "__init__.py", project / "lightning_modules" / "__init__.py", "None"]
+    assert where[-3:] == [str(e) for e in expected], where
+    info = run([tmp_path / "venv" / "bin" / PKG, "info"], tmp_path, 120)
+    assert re.search(rf"{PKG}\._C\s+loaded", info), info
+    for tests, select in QUICK_TESTS.items():
+        assert (project / tests).is_file(), f"the generated project has no {tests}"
+        args = ["-x", "-q", "-p", "no:cacheprovider", "-m", "not slow and not cuda", tests]
+        out = run([python, "-m", "pytest", *args, *(["-k", select] if select else [])], project, 300)
+        assert re.search(r"\d+ passed", out) and "failed" not in out, out
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    out = run([python, "-m", PKG, "fit", "-c", "configs/default.yaml", "--trainer.max_steps", "5",
+               "--trainer.default_root_dir", runs, "--data.cache_dir", cache, "--trainer.enable_progress_bar",
+               "false"], project, 400)
+    assert f"{PKG}: training finished" in out and "(step 5)" in out, out[-3000:]
+    (ckpt,) = runs.rglob("last.ckpt")
+    import torch
+
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert {k: hparams[k] for k in ("preset", "residual", "num_blocks", "moe")} == {
+        "preset": "tiny", "residual": "full", "num_blocks": 2, "moe": False}
