@@ -37,6 +37,8 @@ trainer:
   log_every_n_steps: 1
   enable_model_summary: false
 model:
+  residual: block
+  moe: true
   num_layers: 2
   num_blocks: 2
   dim: 64
