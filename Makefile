@@ -21,6 +21,8 @@ $(VENV)/bin/python:
 
 install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)  ## create .venv, install torch if missing, build attnres._C
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	@# --no-build-isolation builds with this environment's tools (so with its torch): install them first
+	$(PY) -m pip install -q "setuptools>=70.1" wheel ninja "pybind11>=2.12"
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	@$(PY) -m attnres info
 
