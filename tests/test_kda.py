@@ -11,15 +11,7 @@ import torch.nn.functional as F
 
 from attnres.model.kda import KimiDeltaAttention, ShortConv, kda_chunked, kda_recurrent
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small ops: one intra-op thread. With 2 threads on a shared, oversubscribed 2-core runner the
-    OpenMP workers spin against other processes and tiny kernels get ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _inputs(B=2, T=37, H=3, K=8, V=8, decay=3.0, dtype=torch.float32, seed=0, state=True):

@@ -8,15 +8,7 @@ import torch.nn.functional as F
 
 from attnres.model.moe import MoE, grouped_swiglu
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small ops: one intra-op thread. With 2 threads on a shared, oversubscribed 2-core runner the
-    OpenMP workers spin against other processes and tiny kernels get ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _moe(**kw) -> MoE:

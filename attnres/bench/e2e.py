@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from attnres import ops
+from attnres.hardware import PEAK_BF16_FLOPS, peak_flops
 from attnres.model import Config, Decoder, DecoderCache, get_config, valid_num_blocks
 from attnres.residual import Residual, ResidualState
 
@@ -71,17 +72,6 @@ MODES: tuple[str, ...] = ("standard", "block", "full")
 KINDS: tuple[str, ...] = ("train", "prefill", "decode", "template")
 VARIANTS: tuple[str, ...] = ("eager", "compile")
 IMPLS: tuple[str, ...] = ("attnres", "fla")
-
-# Dense bf16 tensor-core peaks (FLOP/s, vendors' data sheets) by substring of the device name; the first
-# match wins, so longer names come first.
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-)
 
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -324,14 +314,6 @@ def device_slug(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device)
     m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Za-z]?)\b", name)
     return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")).lower()
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of ``device`` from :data:`PEAK_BF16_FLOPS` (None: CPU or unlisted)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
 
 
 def _matmul_ms(n: int, dtype: torch.dtype, device: torch.device) -> float:

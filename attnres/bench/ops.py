@@ -3,8 +3,8 @@
 For every case (op x mode x dtype x shape) it reports the median time over several repeats after
 warm-up, the bandwidth of the op's *minimum* memory traffic (every input and output element read or
 written once), that bandwidth as a share of the device's copy bandwidth (a large copy into a preallocated
-buffer, bytes read + written, measured in the same run) and the speed-up over the reference (optionally also over
-``torch.compile`` of the reference). Results go to a table on stdout and to
+buffer, bytes read + written, measured in the same run) and the speed-up over the reference
+(optionally also over ``torch.compile`` of the reference). Results go to a table on stdout and to
 ``benchmarks/results/ops_<device>.json``.
 
 Minimum traffic in elements, for n sources, S queries, N tokens, width d:
