@@ -11,7 +11,7 @@ endif
 CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install test train bench bench-ops lint clean help
+.PHONY: install test test-gpu train bench bench-ops lint clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,10 @@ install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)  ## create .venv, install torc
 
 test: install  ## install, then run the test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-gpu: install  ## rebuild with the CUDA kernels (ATTNRES_CUDA=1), then run the GPU tests
+	ATTNRES_CUDA=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m pytest -q tests/test_ops_cuda.py tests/gpu $(PYTEST_ARGS)
 
 train: install  ## install, then train configs/default.yaml (CONFIG=... to change)
 	$(PY) -m attnres fit -c $(CONFIG)

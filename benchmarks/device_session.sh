@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (no network there): carried wheels, the CUDA build, the GPU tests.
+#
+#     bash benchmarks/device_session.sh [TESTS_TIMEOUT_S]        (carry .whl; default 420 s for the tests)
+#
+# .whl/ (git-ignored) holds pure-Python wheels the image lacks: jsonargparse, docstring-parser,
+# typeshed-client, importlib_resources, fla-core, flash-attn-res (README "Benchmarks" says how to fetch).
+# Logs go to $OUT: build.log, info.txt, gpu_tests.log (with per-test durations).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/attnres_out}
+mkdir -p "$OUT"
+TESTS_TIMEOUT=${1:-420}
+T0=$(date +%s)
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || echo "WARNING: the wheels in .whl/ did not install"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+ATTNRES_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} timeout 300 \
+  python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
+rc=$?
+echo "build: exit $rc after $(( $(date +%s) - T0 )) s"
+if (( rc != 0 )); then tail -40 "$OUT/build.log"; exit "$rc"; fi
+python3 -m attnres info | tee "$OUT/info.txt"
+timeout "$TESTS_TIMEOUT" python3 -m pytest -v -rs --durations=20 tests/test_ops_cuda.py tests/gpu \
+  >"$OUT/gpu_tests.log" 2>&1
+echo "tests: exit $? after $(( $(date +%s) - T0 )) s (124: timed out; see gpu_tests.log)"
+grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/gpu_tests.log" | sed 's/ *\[.*//' | sort | uniq -c | sort -rn | head -5
+tail -30 "$OUT/gpu_tests.log"
