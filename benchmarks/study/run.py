@@ -276,7 +276,8 @@ def device_info(device: str) -> dict[str, Any]:
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
     ).stdout.strip()
-    info["attnres_commit"] = commit or None
+    # the device gets a copy of the working tree, maybe without .git: the plan passes ATTNRES_COMMIT
+    info["attnres_commit"] = commit or os.environ.get("ATTNRES_COMMIT") or None
     return info
 
 
@@ -418,9 +419,13 @@ def write_record(record: dict[str, Any], results: Path) -> Path:
     return path
 
 
-def is_complete(results: Path, run_id: str) -> bool:
+def is_complete(results: Path, run_id: str, steps: int | None = None) -> bool:
+    """Whether ``<results>/<run id>.json`` is a complete run (of ``steps`` steps when given)."""
     path = results / f"{run_id}.json"
-    return path.is_file() and json.loads(path.read_text()).get("status") == "complete"
+    if not path.is_file():
+        return False
+    r = json.loads(path.read_text())
+    return r.get("status") == "complete" and (steps is None or r.get("steps") == steps)
 
 
 def run_sweep(
@@ -432,10 +437,12 @@ def run_sweep(
     budget_s: float = 540.0,
     device: str | None = None,
     log_dir: str | Path | None = None,
+    keep_checkpoints: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the sweep's runs (or those in ``only``) that are not complete yet, within ``budget_s``
-    seconds: a run starts only when the budget left exceeds the wall time of a finished run of the
-    same model and mode (if one is known), and is stopped at the budget; the next call resumes it."""
+    seconds: a run starts only when the budget left exceeds its expected wall time (if known, see
+    :func:`_expected_wall`), and is stopped at the budget; the next call resumes it. The checkpoint
+    of a complete run is deleted once its JSON is written, unless ``keep_checkpoints``."""
     import torch
 
     plan = load_plan(plan_path)
@@ -450,7 +457,7 @@ def run_sweep(
     deadline = time.time() + budget_s
     records = []
     for run in runs:
-        if is_complete(results, run.id):
+        if is_complete(results, run.id, run.steps):
             print(f"[study] {run.id}: complete, skipped")
             continue
         left = deadline - time.time()
@@ -472,6 +479,8 @@ def run_sweep(
             continue
         record = collect(run, work, device, sweep)
         path = write_record(record, results)
+        if record["status"] == "complete" and not keep_checkpoints:
+            Path(record["checkpoint"]).unlink()  # ~12 bytes per parameter: the device's disk is 64 GB
         print(
             f"[study] {run.id}: {record['status']}, step {record['steps']}/{run.steps}, "
             f"val loss {record['val_loss']}, {record['wall_s']:.0f} s -> {path}",
@@ -482,13 +491,22 @@ def run_sweep(
 
 
 def _expected_wall(results: Path, run: Run) -> float | None:
-    """Wall time of a finished run of the same model and residual at the same step count, if any."""
-    walls = []
+    """Expected wall time of ``run``: the longest finished run of the same model and residual at the
+    same step count; else, from a probe run of them (sweep ``probe``), its fixed cost (wall time minus
+    its steps at its median tokens/s) plus ``run.tokens`` at that rate; else None (unknown)."""
+    walls, probes = [], []
     for p in results.glob(f"{run.model}-{run.residual}-seed*.json"):
         r = json.loads(p.read_text())
-        if r.get("status") == "complete" and r.get("steps") == run.steps:
+        if r.get("status") != "complete":
+            continue
+        if r.get("steps") == run.steps and r["run_id"] == f"{run.model}-{run.residual}-seed{r['seed']}":
             walls.append(r["wall_s"])
-    return max(walls) if walls else None
+        elif r.get("tokens_per_s"):
+            fixed = max(r["wall_s"] - r["tokens"] / r["tokens_per_s"], 0.0)
+            probes.append(fixed + run.tokens / r["tokens_per_s"])
+    if walls:
+        return max(walls)
+    return max(probes) if probes else None
 
 
 def describe(plan_path: str | Path) -> str:
@@ -549,6 +567,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--device", default=None, help="for the statistics (default: cuda if available)")
     p.add_argument("--log_dir", default=None, help="one training log per run here (default: inline)")
+    p.add_argument("--keep_checkpoints", action="store_true", help="keep last.ckpt of complete runs")
     p.add_argument("--list", action="store_true", help="print the sweep's run ids and their state")
     p.add_argument("--describe", action="store_true", help="print the models' parameter and FLOP counts")
     a = p.parse_args(argv)
@@ -568,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r.id:<28} {state:<9} {r.tokens:>12,} tokens  {' '.join(r.configs[1:])}")
         return
     only = [x.strip() for x in a.runs.split(",") if x.strip()] if a.runs else None
-    run_sweep(a.plan, a.sweep, only, a.results, a.work, a.budget_s, a.device, a.log_dir)
+    run_sweep(a.plan, a.sweep, only, a.results, a.work, a.budget_s, a.device, a.log_dir, a.keep_checkpoints)
 
 
 if __name__ == "__main__":
