@@ -76,8 +76,12 @@ def test_study_plan_expands_to_valid_runs():
     assert set(ids["seeds"]) <= set(ids["scaling"]) and "m-block8-seed0" in ids["ablation"]
     assert "m-block8-seed0" in ids["depth_width"] and all(i.endswith("-probe") for i in ids["probe"])
     assert all(r.tokens == 1024 * 32 * 1024 for r in run.expand(plan, "scaling"))
-    for path in plan["models"].values():  # every model file composes with base.yaml into a valid config
-        assert (ROOT / path).is_file()
+    for sweep in plan["sweeps"]:  # every run's model config passes the start-up checks (e.g. N | depth)
+        for r in run.expand(plan, sweep):
+            config = run.model_config(plan, r.model, r.model_args)
+            assert config.residual == r.model_args["residual"] and config.max_seq_len >= r.seq_len
+            if config.residual == "block":
+                assert config.num_blocks == r.model_args["num_blocks"]
     assert "| m | 16 | 384 |" in run.describe(ROOT / "configs/study/sweeps.yaml")
 
 

@@ -509,12 +509,24 @@ def _expected_wall(results: Path, run: Run) -> float | None:
     return max(probes) if probes else None
 
 
-def describe(plan_path: str | Path) -> str:
-    """Parameter counts, FLOPs per token and FLOPs per run of every model of the plan."""
-    from attnres.model import Config
+def model_config(plan: dict[str, Any], model: str, residual_args: dict[str, Any] | None = None) -> Any:
+    """The ``attnres.model.Config`` a run of ``model`` gets (vocabulary from the plan's tokenizer when
+    it exists, else 8192), validated as ``attnres fit`` validates it at start-up."""
     from lightning_modules.module import build_config
     from lightning_modules.tokenizer import load_tokenizer
 
+    cfg = yaml.safe_load((ROOT / plan["models"][model]).read_text())["model"]
+    base = yaml.safe_load((ROOT / plan["configs"][0]).read_text())
+    tok = base.get("data", {}).get("tokenizer")
+    vocab = load_tokenizer(str(ROOT / tok)).vocab_size if tok and (ROOT / tok).is_file() else 8192
+    keys = ("num_layers", "dim", "max_seq_len", "token_mixer", "moe", "num_experts", "top_k")
+    kw = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+    args = residual_args or {"residual": "block", "num_blocks": 8}
+    return build_config(cfg["preset"], **{**(cfg.get("overrides") or {}), **kw, "vocab_size": vocab, **args})
+
+
+def describe(plan_path: str | Path) -> str:
+    """Parameter counts, FLOPs per token and FLOPs per run of every model of the plan (Block N = 8)."""
     plan = load_plan(plan_path)
     tokens = plan["steps"] * plan["batch_size"] * plan["seq_len"]
     lines = [
@@ -522,28 +534,8 @@ def describe(plan_path: str | Path) -> str:
         "| model | layers | dim | params | active | FLOPs/token | FLOPs/run |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, path in plan["models"].items():
-        cfg = yaml.safe_load(Path(path).read_text())["model"]
-        base = yaml.safe_load(Path(plan["configs"][0]).read_text())
-        vocab = 8192
-        tok = base.get("data", {}).get("tokenizer")
-        if tok and Path(tok).is_file():
-            vocab = load_tokenizer(tok).vocab_size
-        kw = {
-            k: cfg[k]
-            for k in ("num_layers", "dim", "max_seq_len", "token_mixer", "moe", "num_experts", "top_k")
-            if cfg.get(k) is not None
-        }
-        config: Config = build_config(
-            cfg["preset"],
-            **{
-                **(cfg.get("overrides") or {}),
-                **kw,
-                "vocab_size": vocab,
-                "residual": "block",
-                "num_blocks": 8,
-            },
-        )
+    for name in plan["models"]:
+        config = model_config(plan, name)
         f = config.flops_per_token(plan["seq_len"])
         lines.append(
             f"| {name} | {config.num_layers} | {config.dim} | {config.num_params() / 1e6:.2f}M | "
