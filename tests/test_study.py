@@ -122,6 +122,8 @@ def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
     for c in range(9):
         assert sum(row[c] for row in block if row[c] is not None) == pytest.approx(1.0, abs=1e-4)
     assert run.run_sweep(plan_path, "micro", results=results, work=work, budget_s=60, device="cpu") == []
+    walls = [json.loads((results / f"{r.id}.json").read_text())["wall_s"] for r in runs]
+    assert run._expected_wall(results, runs[1]) == walls[1]  # what the runner budgets for a rerun
 
     # a synthetic third size with a known law lets the analysis draw every figure from these records
     base = json.loads((results / f"{runs[0].id}.json").read_text())
