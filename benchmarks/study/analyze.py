@@ -1,0 +1,490 @@
+"""Figures and tables of the study from the per-run JSONs of ``benchmarks/study/run.py``.
+
+    python -m benchmarks.study.analyze [--results benchmarks/results/study] [--out docs/images/study]
+
+Writes (each only when its runs are there): ``scaling.png`` (validation loss vs compute, one fitted
+power law per residual mode), ``val_curves.png``, ``ablation.png`` (block count), ``dynamics.png``
+(output RMS, hidden-state RMS and gradient norm vs depth), ``depth_width.png``, ``heatmaps.png``, and
+``tables.md`` (every table for docs/results.md, and one row per run: command, seed, device, tokens,
+wall time). Only runs whose JSON says ``complete`` are used; mean ± sample std over seeds where a
+point has two or more.
+
+Definitions:
+
+* compute ``C`` = model training FLOPs = ``Config.flops_per_token(seq_len)`` x tokens (6 x active
+  parameters plus the token mixers' sequence terms; depth attention, < 0.1 %, is left out, so the
+  three modes of one size have the same ``C``).
+* power law ``L = a * C**b``: least squares of ``log L = log a + b log C`` over the seed means of each
+  size (numpy, no scipy).
+* compute-equivalence ratio of a variant ``v`` against the baseline ``s`` at compute ``C``: the
+  compute the baseline's fitted law needs to reach the variant's loss, divided by ``C``:
+  ``r = (L_v / a_s) ** (1 / b_s) / C``. Reported per size with ``L_v`` the variant's measured (seed
+  mean) loss at that size's ``C`` ("measured"), and with ``L_v = a_v C**b_v`` from the variant's own
+  fit at the geometric mean of the sizes' ``C`` ("fit"). With equal exponents the second is
+  ``(a_v / a_s) ** (1 / b)`` at every ``C``. ``r > 1``: the baseline needs ``r`` times the compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLORS = {"standard": "tab:gray", "block8": "tab:blue", "full": "tab:red"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which models and residual names of configs/study/sweeps.yaml make up each part."""
+
+    scaling_models: tuple[str, ...] = ("s", "m", "l")
+    scaling_modes: tuple[str, ...] = ("standard", "block8", "full")
+    ablation_model: str = "m"
+    ablation_modes: tuple[str, ...] = ("block1", "block2", "block4", "block8", "block16", "full")
+    depth_width_models: tuple[str, ...] = ("dw8", "m", "dw24", "dw32")
+    depth_width_modes: tuple[str, ...] = ("standard", "block8")
+
+
+# ---------------------------------------------------------------------------- the maths
+
+
+def fit_power_law(compute: Iterable[float], loss: Iterable[float]) -> tuple[float, float]:
+    """``(a, b)`` of ``L = a * C**b`` by least squares in log space (two or more distinct ``C``)."""
+    c = np.log(np.asarray(list(compute), dtype=float))
+    y = np.log(np.asarray(list(loss), dtype=float))
+    if len(c) < 2 or np.ptp(c) == 0:
+        raise ValueError("a power-law fit needs two or more distinct compute values")
+    b, log_a = np.polyfit(c, y, 1)
+    return float(math.exp(log_a)), float(b)
+
+
+def compute_to_match(loss: float, a: float, b: float) -> float:
+    """The compute at which ``L = a * C**b`` reaches ``loss``."""
+    return (loss / a) ** (1.0 / b)
+
+
+def compute_equivalence(loss: float, compute: float, baseline: tuple[float, float]) -> float:
+    """How many times ``compute`` the baseline's law needs to reach ``loss`` (see the module doc)."""
+    return compute_to_match(loss, *baseline) / compute
+
+
+def mean_std(xs: list[float]) -> tuple[float, float | None, int]:
+    """Mean, sample std (None for one value), count."""
+    arr = np.asarray(xs, dtype=float)
+    return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else None), len(arr)
+
+
+def fmt(mean: float, std: float | None, digits: int = 4) -> str:
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_runs(results: str | Path) -> list[dict[str, Any]]:
+    """Every run JSON under ``results`` (``*.json``, not recursive)."""
+    runs = []
+    for p in sorted(Path(results).glob("*.json")):
+        r = json.loads(p.read_text())
+        if r.get("schema", "").startswith("attnres-study-run/"):
+            runs.append(r)
+    return runs
+
+
+def group(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Complete, untagged runs by ``(model, residual)`` (probe runs carry a tag in their id)."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        if r["status"] == "complete" and r["run_id"] == f"{r['model']}-{r['residual']}-seed{r['seed']}":
+            out[(r["model"], r["residual"])].append(r)
+    return out
+
+
+def label(mode: str) -> str:
+    return {"standard": "standard", "full": "Full AttnRes"}.get(mode, mode.replace("block", "Block N="))
+
+
+# ---------------------------------------------------------------------------- part 1: scaling
+
+
+def scaling(groups: dict, out: Path, lay: Layout) -> tuple[list[str], dict[str, tuple[float, float]]]:
+    """Figure and tables of part 1; returns (markdown lines, fits by mode)."""
+    points: dict[str, list[tuple[float, float, float | None, int, str]]] = defaultdict(list)
+    for mode in lay.scaling_modes:
+        for model in lay.scaling_models:
+            rs = groups.get((model, mode), [])
+            if rs:
+                m, s, n = mean_std([r["val_loss"] for r in rs])
+                points[mode].append((rs[0]["compute_flops"], m, s, n, model))
+    if not points:
+        return [], {}
+    fits = {
+        mode: fit_power_law([p[0] for p in pts], [p[1] for p in pts])
+        for mode, pts in points.items()
+        if len({p[0] for p in pts}) >= 2
+    }
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for mode, pts in points.items():
+        c = np.array([p[0] for p in pts])
+        ax.errorbar(
+            c,
+            [p[1] for p in pts],
+            yerr=[p[2] or 0.0 for p in pts],
+            fmt="o",
+            ms=4,
+            capsize=3,
+            color=COLORS.get(mode),
+            label=None if mode in fits else label(mode),
+        )
+        if mode in fits:
+            a, b = fits[mode]
+            grid = np.geomspace(c.min() / 1.3, c.max() * 1.3, 50)
+            ax.plot(grid, a * grid**b, "-", color=COLORS.get(mode), label=f"{label(mode)}: {a:.3f}·C^{b:.4f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title("validation loss vs compute (mean ± std over seeds)")
+    _save(fig, out / "scaling.png")
+
+    lines = [
+        "### Loss vs compute",
+        "",
+        "| size | layers × dim | params (active) | C (FLOPs) | mode | seeds | val loss | tokens/s | wall s |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for model in lay.scaling_models:
+        for mode in lay.scaling_modes:
+            rs = groups.get((model, mode), [])
+            if not rs:
+                continue
+            r0 = rs[0]
+            m, s, n = mean_std([r["val_loss"] for r in rs])
+            tps = mean_std([r["tokens_per_s"] for r in rs if r.get("tokens_per_s")] or [float("nan")])[0]
+            wall = mean_std([r["wall_s"] for r in rs])[0]
+            lines.append(
+                f"| {model} | {r0['num_layers']} × {r0['dim']} | {r0['params'] / 1e6:.1f}M "
+                f"({r0['active_params'] / 1e6:.1f}M) | {r0['compute_flops']:.3g} | {label(mode)} | {n} | "
+                f"{fmt(m, s)} | {tps:,.0f} | {wall:.0f} |"
+            )
+    if fits:
+        lines += ["", "| mode | a | b | fitted on |", "|---|---:|---:|---|"]
+        for mode, (a, b) in fits.items():
+            lines.append(f"| {label(mode)} | {a:.4f} | {b:.5f} | {', '.join(p[4] for p in points[mode])} |")
+    base = fits.get("standard")
+    if base is not None:
+        lines += [
+            "",
+            "Compute-equivalence ratio vs the standard residual (the baseline's fitted law needs "
+            "r × the compute to reach the variant's loss):",
+            "",
+            "| mode | " + " | ".join(f"{p[4]}, measured" for p in points["standard"]) + " | fit, at C̄ |",
+            "|---|" + "---:|" * (len(points["standard"]) + 1),
+        ]
+        c_bar = math.exp(np.mean(np.log([p[0] for p in points["standard"]])))
+        for mode in lay.scaling_modes:
+            if mode == "standard" or mode not in points:
+                continue
+            by_model = {p[4]: p for p in points[mode]}
+            cells = []
+            for p in points["standard"]:
+                q = by_model.get(p[4])
+                cells.append(f"{compute_equivalence(q[1], q[0], base):.3f}" if q else "–")
+            fit_r = (
+                f"{compute_equivalence(fits[mode][0] * c_bar ** fits[mode][1], c_bar, base):.3f}"
+                if mode in fits
+                else "–"
+            )
+            lines.append(f"| {label(mode)} | " + " | ".join(cells) + f" | {fit_r} |")
+        lines.append(f"\n(C̄ = {c_bar:.3g} FLOPs, the geometric mean of the sizes' compute.)")
+    return lines, fits
+
+
+def val_curves(groups: dict, out: Path, lay: Layout) -> None:
+    models = [m for m in lay.scaling_models if any((m, mode) in groups for mode in lay.scaling_modes)]
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for mode in lay.scaling_modes:
+            for i, r in enumerate(groups.get((model, mode), [])):
+                t = [p[1] for p in r["val_curve"]]
+                ax.plot(
+                    t,
+                    [p[2] for p in r["val_curve"]],
+                    "-o",
+                    ms=2,
+                    color=COLORS.get(mode),
+                    alpha=1.0 if i == 0 else 0.5,
+                    label=label(mode) if i == 0 else None,
+                )
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("validation loss")
+        ax.set_title(f"size {model}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, out / "val_curves.png")
+
+
+# ---------------------------------------------------------------------------- part 2: ablation
+
+
+def ablation(groups: dict, out: Path, lay: Layout) -> list[str]:
+    modes = [m for m in lay.ablation_modes if (lay.ablation_model, m) in groups]
+    if not modes:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    xs = list(range(len(modes)))
+    stats = [mean_std([r["val_loss"] for r in groups[(lay.ablation_model, m)]]) for m in modes]
+    ax.errorbar(
+        xs,
+        [s[0] for s in stats],
+        yerr=[s[1] or 0.0 for s in stats],
+        fmt="o-",
+        capsize=3,
+        color="tab:blue",
+        label="AttnRes",
+    )
+    ticks = [("Full" if m == "full" else m.removeprefix("block")) for m in modes]
+    lines = [
+        "### Block count (size " + lay.ablation_model + ")",
+        "",
+        "| N | S (sublayers per block) | seeds | val loss |",
+        "|---|---:|---:|---:|",
+    ]
+    base = groups.get((lay.ablation_model, "standard"))
+    if base:
+        m, s, n = mean_std([r["val_loss"] for r in base])
+        ax.axhline(m, color="tab:gray", ls="--", label="standard")
+        if s is not None:
+            ax.axhspan(m - s, m + s, color="tab:gray", alpha=0.15)
+        lines.append(f"| standard | – | {n} | {fmt(m, s)} |")
+    for mode, tick, (m, s, n) in zip(modes, ticks, stats, strict=True):
+        r0 = groups[(lay.ablation_model, mode)][0]
+        size = 1 if mode == "full" else r0["num_sublayers"] // r0["num_blocks"]
+        lines.append(f"| {tick} | {size} | {n} | {fmt(m, s)} |")
+    ax.set_xticks(xs, ticks)
+    ax.set_xlabel("number of blocks N")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"block-count ablation, size {lay.ablation_model}")
+    _save(fig, out / "ablation.png")
+    return lines
+
+
+# ---------------------------------------------------------------------------- part 3: dynamics
+
+
+def dynamics(groups: dict, out: Path, lay: Layout) -> list[str]:
+    models = [m for m in lay.scaling_models if any(groups.get((m, mode)) for mode in lay.scaling_modes)]
+    if not models:
+        return []
+    fig, axes = plt.subplots(len(models), 3, figsize=(14, 3.3 * len(models)), squeeze=False)
+    lines = [
+        "### Training dynamics (final weights, first 8 validation windows)",
+        "",
+        "| size | mode | output RMS last/first | hidden RMS last/first | grad norm max/min | grad norm CV |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row, model in zip(axes, models, strict=True):
+        for mode in lay.scaling_modes:
+            rs = [r for r in groups.get((model, mode), []) if r.get("final_stats")]
+            if not rs:
+                continue
+            out_rms = np.array([r["final_stats"]["output_rms"] for r in rs])
+            hid_rms = np.array([r["final_stats"]["hidden_rms"] for r in rs])
+            keys = list(rs[0]["final_stats"]["grad_norms"])
+            grads = np.array([[r["final_stats"]["grad_norms"][k] for k in keys] for r in rs])
+            for ax, arr in zip(row, (out_rms, hid_rms, grads), strict=True):
+                x = np.arange(1, arr.shape[1] + 1) if arr is out_rms else np.arange(arr.shape[1])
+                mean = arr.mean(0)
+                ax.plot(x, mean, "-o", ms=2, color=COLORS.get(mode), label=label(mode))
+                if len(arr) > 1:
+                    sd = arr.std(0, ddof=1)
+                    ax.fill_between(x, mean - sd, mean + sd, color=COLORS.get(mode), alpha=0.2)
+            g = grads.mean(0)
+            lines.append(
+                f"| {model} | {label(mode)} | {out_rms.mean(0)[-1] / out_rms.mean(0)[0]:.2f} | "
+                f"{hid_rms.mean(0)[-1] / hid_rms.mean(0)[0]:.2f} | {g.max() / g.min():.2f} | "
+                f"{g.std() / g.mean():.2f} |"
+            )
+        for ax, title in zip(
+            row,
+            ("sublayer output RMS", "hidden-state RMS (sublayer input)", "gradient norm per sublayer"),
+            strict=True,
+        ):
+            ax.set_yscale("log")
+            ax.set_xlabel("depth (sublayer)")
+            ax.set_title(f"size {model}: {title}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    _save(fig, out / "dynamics.png")
+    return lines
+
+
+# ---------------------------------------------------------------------------- part 4: depth vs width
+
+
+def depth_width(groups: dict, out: Path, lay: Layout) -> list[str]:
+    models = [m for m in lay.depth_width_models if any((m, mode) in groups for mode in lay.depth_width_modes)]
+    if not models:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    lines = [
+        "### Depth vs width (≈ equal parameters)",
+        "",
+        "| shape | layers × dim | params (active) | mode | seeds | val loss |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    for mode in lay.depth_width_modes:
+        pts = []
+        for model in models:
+            rs = groups.get((model, mode), [])
+            if rs:
+                m, s, n = mean_std([r["val_loss"] for r in rs])
+                r0 = rs[0]
+                pts.append((r0["num_layers"], m, s))
+                lines.append(
+                    f"| {model} | {r0['num_layers']} × {r0['dim']} | {r0['params'] / 1e6:.1f}M "
+                    f"({r0['active_params'] / 1e6:.1f}M) | {label(mode)} | {n} | {fmt(m, s)} |"
+                )
+        if pts:
+            pts.sort()
+            ax.errorbar(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                yerr=[p[2] or 0.0 for p in pts],
+                fmt="o-",
+                capsize=3,
+                color=COLORS.get(mode),
+                label=label(mode),
+            )
+    ax.set_xlabel("layers (width shrinks to keep the parameter count)")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("depth vs width at ≈ equal parameters")
+    _save(fig, out / "depth_width.png")
+    return lines
+
+
+# ---------------------------------------------------------------------------- part 5: heatmaps
+
+
+def heatmaps(groups: dict, out: Path) -> None:
+    panels = []
+    for (model, mode), rs in sorted(groups.items()):
+        r = min(rs, key=lambda r: r["seed"])
+        if r.get("final_stats") and r["final_stats"].get("depth_attention") is not None:
+            panels.append(
+                (f"{model}, {label(mode)} (seed {r['seed']})", mode, r["final_stats"]["depth_attention"])
+            )
+    if not panels:
+        return
+    from lightning_modules.plots import source_labels
+
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
+    for ax, (title, mode, matrix) in zip(axes.flat, panels, strict=False):
+        m = np.array([[np.nan if x is None else x for x in row] for row in matrix], dtype=float)
+        im = ax.imshow(
+            np.ma.masked_invalid(m), cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest"
+        )
+        n_rows = m.shape[0]
+        step = max(1, n_rows // 12)
+        names = source_labels("block" if mode.startswith("block") else "full", n_rows)
+        ax.set_yticks(range(0, n_rows, step), names[::step], fontsize=6)
+        ax.set_xlabel("sublayer input → read-out (last column)", fontsize=7)
+        ax.set_title(title, fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    _save(fig, out / "heatmaps.png")
+
+
+# ---------------------------------------------------------------------------- per-run table
+
+
+def run_table(runs: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "### Runs",
+        "",
+        "| run | status | seed | device | tokens | steps | wall s | tokens/s | val loss | command |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in sorted(runs, key=lambda r: r["run_id"]):
+        dev = r["device"].get("name", r["device"].get("device"))
+        vl = f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else "–"
+        tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "–"
+        lines.append(
+            f"| {r['run_id']} | {r['status']} | {r['seed']} | {dev} | {r['tokens']:,} | {r['steps']} | "
+            f"{r['wall_s']:.0f} | {tps} | {vl} | `{r.get('command') or ''}` |"
+        )
+    return lines
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def analyze(results: str | Path, out: str | Path, lay: Layout | None = None) -> dict[str, Any]:
+    """Write every figure and ``tables.md`` that the complete runs under ``results`` allow."""
+    out = Path(out)
+    lay = lay or Layout()
+    runs = load_runs(results)
+    if not runs:
+        raise FileNotFoundError(f"no run JSON under {results}")
+    groups = group(runs)
+    lines: list[str] = []
+    scaling_lines, fits = scaling(groups, out, lay)
+    val_curves(groups, out, lay)
+    for part in (
+        scaling_lines,
+        ablation(groups, out, lay),
+        dynamics(groups, out, lay),
+        depth_width(groups, out, lay),
+    ):
+        if part:
+            lines += part + [""]
+    heatmaps(groups, out)
+    lines += run_table(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tables.md").write_text("\n".join(lines) + "\n")
+    written = sorted(p.name for p in out.glob("*.png"))
+    print(
+        f"{len(runs)} runs ({sum(r['status'] == 'complete' for r in runs)} complete) -> {out}: "
+        f"{', '.join(written)}, tables.md"
+    )
+    return {"fits": fits, "figures": written, "runs": len(runs)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default="benchmarks/results/study")
+    p.add_argument("--out", default="docs/images/study")
+    a = p.parse_args(argv)
+    analyze(a.results, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One device call of the study (docs/study_plan.md), as ONE `run` command (carry .whl and .cache/study):
+#
+#     ATTNRES_COMMIT=<hash> bash benchmarks/study/device.sh SWEEP [RUN_IDS] [BUDGET_S]
+#
+# SWEEP: a sweep of configs/study/sweeps.yaml; RUN_IDS: comma-separated run ids (a slice; "" = all);
+# BUDGET_S: seconds for the runs of this call (default 540 minus the set-up). Installs the wheels of
+# .whl/ under /tmp/site, builds attnres._C unless a built one is newer than csrc/, runs the sweep with
+# benchmarks/study/run.py (runs stop at the budget and resume from their checkpoint on the next call
+# while the machine stays warm), then packs benchmarks/results/study/ and the logs into
+# $OUT/study_<sweep>.tgz (one file: the device returns at most 8) and copies the console log.
+set -uo pipefail
+SWEEP=${1:?usage: device.sh SWEEP [RUN_IDS] [BUDGET_S]}
+RUNS=${2:-}
+TOTAL=${3:-540}
+T0=$(date +%s)
+export OUT=${OUT:-/tmp/study_out}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT/logs" benchmarks/results/study
+left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
+
+main() {
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || echo "WARNING: wheels in .whl/ did not install"
+  else
+    echo "WARNING: no .whl/ (carry it): jsonargparse and fla are needed"
+  fi
+  nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,driver_version --format=csv
+  [[ -f .cache/study/bpe8192.json && -f .cache/study/shards/meta.json ]] \
+    || { echo "ERROR: .cache/study (tokenizer and shards) missing: carry it (docs/study_plan.md, Data)"; exit 2; }
+  local so
+  so=$(ls attnres/_C*.so 2>/dev/null | head -1)
+  if [[ -n "$so" && -z "$(find csrc setup.py -newer "$so" -type f 2>/dev/null | head -1)" ]]; then
+    echo "attnres._C is up to date: $so"
+  else
+    echo "building attnres._C (left: $(left) s)"
+    ATTNRES_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 \
+      python3 -m pip install -q --no-build-isolation --no-deps -e . \
+      || echo "WARNING: the build failed; the depth-attention ops run the PyTorch reference path"
+  fi
+  python3 -m attnres info
+  local budget=$(( $(left) - 25 ))
+  echo "=== sweep $SWEEP ${RUNS:+(runs $RUNS) }budget $budget s"
+  timeout --signal=INT --kill-after=15 $(( budget + 20 )) python3 -m benchmarks.study.run --sweep "$SWEEP" \
+    ${RUNS:+--runs "$RUNS"} --budget_s "$budget" --log_dir "$OUT/logs"
+  echo "=== exit status $?"
+  python3 -m benchmarks.study.run --sweep "$SWEEP" --list
+  echo "done in $(( $(date +%s) - T0 )) s"
+}
+
+main 2>&1 | tee "$OUT/console_${SWEEP}.log"
+tar czf "$OUT/study_${SWEEP}.tgz" benchmarks/results/study -C "$OUT" logs && rm -rf "$OUT/logs"
+ls -la "$OUT"

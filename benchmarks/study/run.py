@@ -1,0 +1,586 @@
+"""Run one sweep of the study (issue 10), or a slice of it, on this machine; one JSON per run.
+
+    python -m benchmarks.study.run --sweep seeds                      # every run of a sweep
+    python -m benchmarks.study.run --sweep scaling --runs m-full-seed0,l-full-seed0
+    python -m benchmarks.study.run --sweep scaling --list             # the run ids, and which are done
+    python -m benchmarks.study.run --describe                         # parameters / FLOPs of the models
+
+Each run is one ``python -m attnres fit`` process (``-c`` the sweep's configs and the model's file,
+the residual mode, ``--seed_everything``/``--data.seed`` = the seed, the step count) writing to
+``<work>/<run id>/version_<n>/``. A run that was cut (the device's 10-minute limit, ``--budget_s``)
+resumes from its ``last.ckpt`` the next time; a run whose JSON says ``complete`` is skipped. After
+training, the final checkpoint is loaded once more for the per-depth statistics (depth-attention
+matrix, output / hidden-state RMS, gradient norm per sublayer on the first 8 validation windows), and
+``<results>/<run id>.json`` is written: config, command, seed, device, versions, tokens, wall time,
+the validation curve, the final validation loss, the statistics. A few tens of KB each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_PLAN = "configs/study/sweeps.yaml"
+DEFAULT_RESULTS = "benchmarks/results/study"
+DEFAULT_WORK = "runs/study"
+SCHEMA = "attnres-study-run/1"
+
+
+@dataclass
+class Run:
+    """One training run of a sweep: ``model`` x ``residual`` x ``seed`` at ``steps`` steps."""
+
+    id: str
+    model: str
+    residual: str
+    seed: int
+    steps: int
+    batch_size: int
+    seq_len: int
+    configs: list[str]
+    model_args: dict[str, Any]
+    args: list[str] = field(default_factory=list)
+    tag: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Planned training tokens (one device, no gradient accumulation)."""
+        return self.steps * self.batch_size * self.seq_len
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+def load_plan(path: str | Path) -> dict[str, Any]:
+    with open(path) as fh:
+        plan = yaml.safe_load(fh)
+    for key in ("configs", "steps", "batch_size", "seq_len", "models", "residuals", "sweeps"):
+        if key not in plan:
+            raise ValueError(f"{path}: the sweep plan has no {key!r}")
+    return plan
+
+
+def expand(plan: dict[str, Any], sweep: str) -> list[Run]:
+    """The runs of ``sweep`` in order: each grid of the sweep is the product model x residual x seed."""
+    if sweep not in plan["sweeps"]:
+        raise ValueError(f"unknown sweep {sweep!r}; valid: {', '.join(plan['sweeps'])}")
+    spec = plan["sweeps"][sweep]
+    tag = spec.get("tag")
+    runs: list[Run] = []
+    for grid in spec["grid"]:
+        for model, residual, seed in itertools.product(grid["model"], grid["residual"], grid["seed"]):
+            if model not in plan["models"]:
+                raise ValueError(
+                    f"sweep {sweep}: unknown model {model!r}; valid: {', '.join(plan['models'])}"
+                )
+            if residual not in plan["residuals"]:
+                raise ValueError(
+                    f"sweep {sweep}: unknown residual {residual!r}; valid: {', '.join(plan['residuals'])}"
+                )
+            rid = f"{model}-{residual}-seed{seed}" + (f"-{tag}" if tag else "")
+            if any(r.id == rid for r in runs):
+                continue
+            runs.append(
+                Run(
+                    id=rid,
+                    model=model,
+                    residual=residual,
+                    seed=int(seed),
+                    steps=int(spec.get("steps", plan["steps"])),
+                    batch_size=int(spec.get("batch_size", plan["batch_size"])),
+                    seq_len=int(spec.get("seq_len", plan["seq_len"])),
+                    configs=list(plan["configs"]) + [plan["models"][model]],
+                    model_args=dict(plan["residuals"][residual]),
+                    args=list(plan.get("args", [])) + list(spec.get("args", [])),
+                    tag=tag,
+                )
+            )
+    return runs
+
+
+def fit_argv(run: Run, work: Path, ckpt: Path | None = None) -> list[str]:
+    """The ``attnres fit`` arguments of ``run`` (resuming from ``ckpt`` when given)."""
+    argv = ["fit"] + [x for c in run.configs for x in ("-c", c)]
+    for k, v in run.model_args.items():
+        argv += [f"--model.{k}", str(v)]
+    argv += [
+        "--seed_everything",
+        str(run.seed),
+        "--data.seed",
+        str(run.seed),
+        "--data.batch_size",
+        str(run.batch_size),
+        "--data.seq_len",
+        str(run.seq_len),
+        "--trainer.max_steps",
+        str(run.steps),
+        "--model.schedule_steps",
+        str(run.steps),  # the schedule survives a resume unchanged
+        "--run_name",
+        run.id,
+        "--trainer.default_root_dir",
+        str(work),
+    ]
+    argv += run.args
+    if ckpt is not None:
+        argv += ["--ckpt_path", str(ckpt)]
+    return argv
+
+
+# ---------------------------------------------------------------------------- run directories
+
+
+def versions(work: Path, run_id: str) -> list[Path]:
+    """``<work>/<run id>/version_<n>`` in order of ``n`` (one per ``fit`` invocation)."""
+    d = work / run_id
+    found = [p for p in d.glob("version_*") if p.is_dir() and p.name.split("_")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[-1]))
+
+
+def last_checkpoint(work: Path, run_id: str) -> Path | None:
+    """The newest ``last.ckpt`` of the run, or None."""
+    for v in reversed(versions(work, run_id)):
+        ckpt = v / "checkpoints" / "last.ckpt"
+        if ckpt.is_file():
+            return ckpt
+    return None
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    import torch
+
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+def read_metrics(work: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every logged metric of the run as ``name -> [(step, value)]`` over all its invocations; where a
+    resumed invocation repeats a step, the later one wins. Steps are optimizer steps completed (a CSV
+    row's ``step`` is the 0-based index of the logging step, so + 1)."""
+    out: dict[str, dict[int, float]] = {}
+    for v in versions(work, run_id):
+        path = v / "metrics.csv"
+        if not path.is_file():
+            continue
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                step = int(row["step"]) + 1
+                for k, val in row.items():
+                    if k in ("step", "epoch") or val in ("", None):
+                        continue
+                    out.setdefault(k, {})[step] = float(val)
+    return {k: sorted(d.items()) for k, d in out.items()}
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def depth_statistics(ckpt: Path, device: str, num_windows: int = 8) -> dict[str, Any]:
+    """Per-depth statistics of the checkpoint's weights on its first ``num_windows`` validation
+    windows: the mean depth-attention matrix ``[sources, sublayers + 1]`` (None for standard), the RMS
+    of every sublayer output ``[L]`` and of every sublayer input ``[L + 1]``, the gradient L2 norm of
+    every sublayer (one backward of the mean loss; keys ``"<layer>.<attn|mlp>"``), the router's
+    max/mean load per MoE layer. Under bf16 autocast on CUDA (as trained), fp32 on CPU."""
+    import contextlib
+    import inspect
+
+    import torch
+
+    from lightning_modules import metrics
+    from lightning_modules.data import TextDataModule
+    from lightning_modules.module import LanguageModel
+
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    module = LanguageModel.load_from_checkpoint(ckpt, map_location=device)
+    accepted = inspect.signature(TextDataModule.__init__).parameters
+    hp = {k: v for k, v in raw.get("datamodule_hyper_parameters", {}).items() if k in accepted}
+    dm = TextDataModule(**hp)
+    dm.setup("validate")
+    items = [dm.val_set[i] for i in range(min(num_windows, len(dm.val_set)))]
+    batch = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        stats = module.depth_stats(batch)
+        module.train()
+        module.model.zero_grad(set_to_none=True)
+        out = module.model(batch["input_ids"], labels=batch["labels"])
+    out.loss.backward()
+    grads = metrics.grad_norms_by_depth(module.model.named_parameters())
+    matrix = stats["matrix"]
+    return {
+        "windows": len(items),
+        "loss": stats["loss"],
+        "depth_attention": None if matrix is None else [[_num(x) for x in row] for row in matrix.tolist()],
+        "depth_attention_entropy": None
+        if matrix is None
+        else metrics.normalized_depth_entropy(torch.as_tensor(matrix)),
+        "output_rms": stats["output_rms"],
+        "hidden_rms": stats["hidden_rms"],
+        "grad_norms": grads,
+        "router_load_balance": [metrics.load_balance(torch.as_tensor(x)) for x in stats["router_load"]],
+    }
+
+
+def _num(x: float) -> float | None:
+    """JSON has no NaN: sources a sublayer does not see become null."""
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+# ---------------------------------------------------------------------------- one run
+
+
+def device_info(device: str) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "host_cpus": os.cpu_count(),
+    }
+    if device.startswith("cuda"):
+        info["name"] = torch.cuda.get_device_name(0)
+    else:
+        info["name"] = platform.processor() or platform.machine()
+    try:
+        from attnres import ops
+
+        info["attnres_ops"] = ops.backend(device.split(":")[0])
+    except Exception as exc:  # report, do not fail the run on it
+        info["attnres_ops"] = f"unknown ({exc})"
+    try:
+        import fla  # noqa: F401
+
+        info["fla"] = getattr(fla, "__version__", "installed")
+    except ImportError:
+        info["fla"] = None
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
+    # the device gets a copy of the working tree, maybe without .git: the plan passes ATTNRES_COMMIT
+    info["attnres_commit"] = commit or os.environ.get("ATTNRES_COMMIT") or None
+    return info
+
+
+def model_counts(ckpt: Path, seq_len: int) -> dict[str, Any]:
+    """Parameter and FLOP counts of the checkpoint's model (from its config, no weights needed)."""
+    import torch
+
+    from attnres.model import Config
+
+    cfg = dict(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["attnres"]["config"])
+    config = Config(**cfg)
+    return {
+        "config": cfg,
+        "params": config.num_params(),
+        "active_params": config.num_params(active=True),
+        "num_layers": config.num_layers,
+        "dim": config.dim,
+        "num_sublayers": config.num_sublayers,
+        "num_blocks": config.num_blocks if config.residual == "block" else None,
+        "flops_per_token": config.flops_per_token(seq_len),
+    }
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(x for x in xs if math.isfinite(x))
+    return xs[len(xs) // 2] if xs else None
+
+
+def _ledger(work: Path, run_id: str) -> Path:
+    return work / run_id / "invocations.json"
+
+
+def train(run: Run, work: Path, timeout_s: float, log: Path | None) -> dict[str, Any]:
+    """One ``fit`` invocation of ``run`` (resuming when a checkpoint exists), stopped by SIGINT and
+    then SIGKILL at ``timeout_s``; appended to the run's invocation ledger, which is returned."""
+    ckpt = last_checkpoint(work, run.id)
+    argv = fit_argv(run, work, ckpt)
+    cmd = [sys.executable, "-m", "attnres", *argv]
+    print(f"[study] {run.id}: {'resume from ' + str(ckpt) if ckpt else 'start'} (timeout {timeout_s:.0f} s)")
+    print("[study]   " + " ".join(cmd), flush=True)
+    t0 = time.time()
+    out = open(log, "a") if log else None  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out or None, stderr=subprocess.STDOUT if out else None)
+    try:
+        rc = proc.wait(timeout=max(timeout_s, 1))
+        status = "exited"
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)  # Lightning stops gracefully; the last periodic checkpoint stays
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        status = "timed out"
+    finally:
+        if out:
+            out.close()
+    wall = time.time() - t0
+    path = _ledger(work, run.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ledger = json.loads(path.read_text()) if path.is_file() else []
+    ledger.append(
+        {
+            "argv": ["python", "-m", "attnres", *argv],
+            "wall_s": wall,
+            "returncode": rc,
+            "status": status,
+            "resumed_from": str(ckpt) if ckpt else None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
+        }
+    )
+    path.write_text(json.dumps(ledger, indent=1))
+    print(f"[study] {run.id}: {status}, return code {rc}, {wall:.0f} s", flush=True)
+    return {"ledger": ledger, "returncode": rc}
+
+
+def collect(run: Run, work: Path, device: str, sweep: str) -> dict[str, Any]:
+    """The result record of a finished (or partial) run from its run directories."""
+    ckpt = last_checkpoint(work, run.id)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run.id}: no checkpoint under {work / run.id}")
+    step = checkpoint_step(ckpt)
+    m = read_metrics(work, run.id)
+    counts = model_counts(ckpt, run.seq_len)
+    ledger = json.loads(_ledger(work, run.id).read_text()) if _ledger(work, run.id).is_file() else []
+    cfg_path = ckpt.parent.parent / "config.yaml"
+    tokens_per_step = run.batch_size * run.seq_len
+    val = [[s, s * tokens_per_step, v] for s, v in m.get("val/loss", [])]
+    train_loss = m.get("train/loss", [])
+    tail = [v for _, v in train_loss[-max(1, len(train_loss) // 10) :]]
+    complete = step >= run.steps
+    record: dict[str, Any] = {
+        "schema": SCHEMA,
+        "run_id": run.id,
+        "sweep": sweep,
+        "status": "complete" if complete else "partial",
+        "model": run.model,
+        "residual": run.residual,
+        "num_blocks": counts["num_blocks"],
+        "seed": run.seed,
+        "configs": run.configs,
+        "command": " ".join(ledger[0]["argv"]) if ledger else None,
+        "invocations": ledger,
+        "config": yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else None,
+        "device": device_info(device),
+        **{
+            k: counts[k]
+            for k in ("params", "active_params", "num_layers", "dim", "num_sublayers", "flops_per_token")
+        },
+        "model_config": counts["config"],
+        "steps": step,
+        "steps_planned": run.steps,
+        "batch_size": run.batch_size,
+        "seq_len": run.seq_len,
+        "tokens": step * tokens_per_step,
+        "compute_flops": counts["flops_per_token"] * step * tokens_per_step,
+        "wall_s": sum(x["wall_s"] for x in ledger),
+        "tokens_per_s": _median([v for _, v in m.get("train/tokens_per_s", [])]),
+        "mfu": _median([v for _, v in m.get("train/mfu", [])]),
+        "val_curve": val,  # [optimizer steps, tokens, val loss]
+        "val_loss": val[-1][2] if val else None,
+        "val_ppl": m["val/ppl"][-1][1] if m.get("val/ppl") else None,
+        "train_curve": [[s, v] for s, v in train_loss],
+        "train_loss": sum(tail) / len(tail) if tail else None,
+        "entropy_curve": [[s, v] for s, v in m.get("depth/attention_entropy", [])],
+        "load_balance_curve": [[s, v] for s, v in m.get("moe/load_balance_max", [])],
+        "final_stats": depth_statistics(ckpt, device) if complete else None,
+        "checkpoint": str(ckpt),
+    }
+    return record
+
+
+def write_record(record: dict[str, Any], results: Path) -> Path:
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{record['run_id']}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def is_complete(results: Path, run_id: str, steps: int | None = None) -> bool:
+    """Whether ``<results>/<run id>.json`` is a complete run (of ``steps`` steps when given)."""
+    path = results / f"{run_id}.json"
+    if not path.is_file():
+        return False
+    r = json.loads(path.read_text())
+    return r.get("status") == "complete" and (steps is None or r.get("steps") == steps)
+
+
+def run_sweep(
+    plan_path: str | Path,
+    sweep: str,
+    only: list[str] | None = None,
+    results: str | Path = DEFAULT_RESULTS,
+    work: str | Path = DEFAULT_WORK,
+    budget_s: float = 540.0,
+    device: str | None = None,
+    log_dir: str | Path | None = None,
+    keep_checkpoints: bool = False,
+) -> list[dict[str, Any]]:
+    """Run the sweep's runs (or those in ``only``) that are not complete yet, within ``budget_s``
+    seconds: a run starts only when the budget left exceeds its expected wall time (if known, see
+    :func:`_expected_wall`), and is stopped at the budget; the next call resumes it. The checkpoint
+    of a complete run is deleted once its JSON is written, unless ``keep_checkpoints``."""
+    import torch
+
+    plan = load_plan(plan_path)
+    runs = expand(plan, sweep)
+    if only:
+        unknown = sorted(set(only) - {r.id for r in runs})
+        if unknown:
+            raise ValueError(f"--runs: {unknown} are not in sweep {sweep}; see --list")
+        runs = [r for r in runs if r.id in only]
+    results, work = Path(results), Path(work)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    deadline = time.time() + budget_s
+    records = []
+    for run in runs:
+        if is_complete(results, run.id, run.steps):
+            print(f"[study] {run.id}: complete, skipped")
+            continue
+        left = deadline - time.time()
+        need = _expected_wall(results, run)
+        ckpt = last_checkpoint(work, run.id)
+        if ckpt is None or checkpoint_step(ckpt) < run.steps:
+            if need is not None and left < need * 1.1 and ckpt is None:
+                print(f"[study] {run.id}: needs ~{need:.0f} s, {left:.0f} s left: not started")
+                continue
+            if left < 30:
+                print(f"[study] {run.id}: {left:.0f} s left: not started")
+                continue
+            log = Path(log_dir) / f"{run.id}.log" if log_dir else None
+            if log:
+                log.parent.mkdir(parents=True, exist_ok=True)
+            train(run, work, left - 20, log)  # 20 s for the statistics and the JSON
+        if last_checkpoint(work, run.id) is None:
+            print(f"[study] {run.id}: no checkpoint written (see its log)")
+            continue
+        record = collect(run, work, device, sweep)
+        path = write_record(record, results)
+        if record["status"] == "complete" and not keep_checkpoints:
+            Path(record["checkpoint"]).unlink()  # ~12 bytes per parameter: the device's disk is 64 GB
+        print(
+            f"[study] {run.id}: {record['status']}, step {record['steps']}/{run.steps}, "
+            f"val loss {record['val_loss']}, {record['wall_s']:.0f} s -> {path}",
+            flush=True,
+        )
+        records.append(record)
+    return records
+
+
+def _expected_wall(results: Path, run: Run) -> float | None:
+    """Expected wall time of ``run``: the longest finished run of the same model and residual at the
+    same step count; else, from a probe run of them (sweep ``probe``), its fixed cost (wall time minus
+    its steps at its median tokens/s) plus ``run.tokens`` at that rate; else None (unknown)."""
+    walls, probes = [], []
+    for p in results.glob(f"{run.model}-{run.residual}-seed*.json"):
+        r = json.loads(p.read_text())
+        if r.get("status") != "complete":
+            continue
+        if r.get("steps") == run.steps and r["run_id"] == f"{run.model}-{run.residual}-seed{r['seed']}":
+            walls.append(r["wall_s"])
+        elif r.get("tokens_per_s"):
+            fixed = max(r["wall_s"] - r["tokens"] / r["tokens_per_s"], 0.0)
+            probes.append(fixed + run.tokens / r["tokens_per_s"])
+    if walls:
+        return max(walls)
+    return max(probes) if probes else None
+
+
+def model_config(plan: dict[str, Any], model: str, residual_args: dict[str, Any] | None = None) -> Any:
+    """The ``attnres.model.Config`` a run of ``model`` gets (vocabulary from the plan's tokenizer when
+    it exists, else 8192), validated as ``attnres fit`` validates it at start-up."""
+    from lightning_modules.module import build_config
+    from lightning_modules.tokenizer import load_tokenizer
+
+    cfg = yaml.safe_load((ROOT / plan["models"][model]).read_text())["model"]
+    base = yaml.safe_load((ROOT / plan["configs"][0]).read_text())
+    tok = base.get("data", {}).get("tokenizer")
+    vocab = load_tokenizer(str(ROOT / tok)).vocab_size if tok and (ROOT / tok).is_file() else 8192
+    keys = ("num_layers", "dim", "max_seq_len", "token_mixer", "moe", "num_experts", "top_k")
+    kw = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+    args = residual_args or {"residual": "block", "num_blocks": 8}
+    return build_config(cfg["preset"], **{**(cfg.get("overrides") or {}), **kw, "vocab_size": vocab, **args})
+
+
+def describe(plan_path: str | Path) -> str:
+    """Parameter counts, FLOPs per token and FLOPs per run of every model of the plan (Block N = 8)."""
+    plan = load_plan(plan_path)
+    tokens = plan["steps"] * plan["batch_size"] * plan["seq_len"]
+    lines = [
+        f"{tokens:,} tokens per run ({plan['steps']} steps x {plan['batch_size']} x {plan['seq_len']})",
+        "| model | layers | dim | params | active | FLOPs/token | FLOPs/run |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in plan["models"]:
+        config = model_config(plan, name)
+        f = config.flops_per_token(plan["seq_len"])
+        lines.append(
+            f"| {name} | {config.num_layers} | {config.dim} | {config.num_params() / 1e6:.2f}M | "
+            f"{config.num_params(active=True) / 1e6:.2f}M | {f / 1e6:.1f}M | {f * tokens:.3g} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", default=DEFAULT_PLAN, help="the sweep file (default %(default)s)")
+    p.add_argument("--sweep", help="the sweep to run (see the plan's sweeps:)")
+    p.add_argument("--runs", default=None, help="comma-separated run ids: a slice of the sweep")
+    p.add_argument("--results", default=DEFAULT_RESULTS, help="where the per-run JSONs go (%(default)s)")
+    p.add_argument("--work", default=DEFAULT_WORK, help="run directories and checkpoints (%(default)s)")
+    p.add_argument(
+        "--budget_s",
+        type=float,
+        default=540.0,
+        help="wall-clock budget of this call; runs stop at it and resume next time (%(default)s)",
+    )
+    p.add_argument("--device", default=None, help="for the statistics (default: cuda if available)")
+    p.add_argument("--log_dir", default=None, help="one training log per run here (default: inline)")
+    p.add_argument("--keep_checkpoints", action="store_true", help="keep last.ckpt of complete runs")
+    p.add_argument("--list", action="store_true", help="print the sweep's run ids and their state")
+    p.add_argument("--describe", action="store_true", help="print the models' parameter and FLOP counts")
+    a = p.parse_args(argv)
+    os.chdir(ROOT)
+    if a.describe:
+        print(describe(a.plan))
+        return
+    if not a.sweep:
+        p.error("--sweep is required (or --describe)")
+    if a.list:
+        for r in expand(load_plan(a.plan), a.sweep):
+            state = (
+                "complete"
+                if is_complete(Path(a.results), r.id)
+                else ("started" if last_checkpoint(Path(a.work), r.id) else "todo")
+            )
+            print(f"{r.id:<28} {state:<9} {r.tokens:>12,} tokens  {' '.join(r.configs[1:])}")
+        return
+    only = [x.strip() for x in a.runs.split(",") if x.strip()] if a.runs else None
+    run_sweep(a.plan, a.sweep, only, a.results, a.work, a.budget_s, a.device, a.log_dir, a.keep_checkpoints)
+
+
+if __name__ == "__main__":
+    main()
