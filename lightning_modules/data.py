@@ -275,6 +275,15 @@ class ResumableSampler(DistributedSampler):
         return iter(mine[start:].tolist())
 
 
+class FixedOrderSampler(ResumableSampler):
+    """A :class:`ResumableSampler` whose order ignores ``set_epoch`` (Lightning calls it on the
+    validation loaders' samplers too): the validation order, and so the sample that
+    ``limit_val_batches`` takes, stays the same at every evaluation."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
 # ----------------------------------------------------------------------------- the DataModule
 
 
@@ -414,7 +423,7 @@ class TextDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         # a fixed shuffle, so `limit_val_batches` takes a sample of the whole split
-        sampler = ResumableSampler(self.val_set, True, self.hparams.seed, rank, world)
+        sampler = FixedOrderSampler(self.val_set, True, self.hparams.seed, rank, world)
         return self._loader(self.val_set, sampler, self.val_batch_size)
 
     def test_dataloader(self) -> DataLoader:
