@@ -334,7 +334,8 @@ def prepare(
     tok = load_tokenizer(tokenizer)
     root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [])
     t0 = time.perf_counter()
-    meta = write_shards(output, split_files(root, found, val_fraction), tok, f"{corpus}:{root}", shard_tokens)
+    meta = write_shards(output, split_files(root, found, val_fraction), tok, f"{corpus}:{root}", shard_tokens,
+                        val_fraction=val_fraction)
     for split, info in meta["splits"].items():
         print(
             f"{split}: {info['documents']} documents, {sum(info['tokens']):,} tokens "
