@@ -110,7 +110,7 @@ class ThroughputMonitor(L.Callback):
             torch.cuda.synchronize(pl_module.device)
         dt = time.perf_counter() - self._t0
         ids = batch["input_ids"]
-        tokens = ids.numel() * trainer.world_size
+        tokens = ids.numel() * data_parallel_size(trainer)  # the ranks of one pipeline share a batch
         self.tokens_per_s = tokens / max(dt, 1e-9)
         self.history.append(self.tokens_per_s)
         pl_module.log("train/tokens_per_s", self.tokens_per_s, on_step=True, on_epoch=False)
@@ -119,6 +119,13 @@ class ThroughputMonitor(L.Callback):
             self._mfu_per_token_s = pl_module.flops_per_token(ids.shape[1]) / (peak * trainer.world_size)
             self.mfu = self.tokens_per_s * self._mfu_per_token_s
             pl_module.log("train/mfu", self.mfu, on_step=True, on_epoch=False)
+
+
+def data_parallel_size(trainer: L.Trainer) -> int:
+    """Ranks that read different batches: the world size, except under pipeline parallelism, where
+    the stages of one pipeline read the same batch (the strategy's sampler replicas)."""
+    kw = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kw.get("num_replicas", trainer.world_size))
 
 
 class DepthPlots(L.Callback):

@@ -472,3 +472,22 @@ def test_fit_with_two_ddp_ranks_on_cpu(micro, tmp_path):
         if r.get("train/tokens_per_s")
     ]
     assert len(tokens) == 2 and "plots:" in proc.stdout
+
+
+def test_throughput_counts_each_batch_once_per_data_parallel_replica(monkeypatch):
+    # under pipeline parallelism (pp=2, dp=2 over 4 ranks) both stages of a pipeline read the same
+    # batch: tokens/s is batch tokens x 2 replicas, not x 4 ranks
+    from types import SimpleNamespace
+
+    from lightning_modules import callbacks
+
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    strategy = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0})
+    trainer = SimpleNamespace(world_size=4, strategy=strategy)
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda *a, **kw: None)
+    mon = callbacks.ThroughputMonitor()
+    batch = {"input_ids": torch.zeros(3, 5, dtype=torch.long)}
+    mon.on_train_batch_start(trainer, module, batch, 0)
+    mon.on_train_batch_end(trainer, module, None, batch, 0)
+    assert mon.tokens_per_s == 15 * 2 / 2.0
