@@ -62,12 +62,18 @@ class NaNGuard(L.Callback):
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
-        if torch.isfinite(loss.detach()).all():
+        finite = local = bool(torch.isfinite(loss.detach()).all())
+        # every rank must stop together: a rank that raised alone would leave the others waiting in
+        # the gradient all-reduce forever (a collective per step, one boolean)
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return
         ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         raise NonFiniteLossError(
-            f"the training loss is {loss.item()} at step {trainer.global_step} (lr {lr:.3g}); "
+            f"the training loss is {loss.item()} at step {trainer.global_step} (lr {lr:.3g})"
+            f"{'' if not local else ' on this rank but not finite on another'}; "
             "training stopped "
             f"before this step's update. Last good checkpoint: {ckpt}. Try a lower model.lr, a longer "
             "model.warmup_steps or gradient clipping (trainer.gradient_clip_val), "

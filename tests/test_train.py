@@ -491,3 +491,25 @@ def test_throughput_counts_each_batch_once_per_data_parallel_replica(monkeypatch
     mon.on_train_batch_start(trainer, module, batch, 0)
     mon.on_train_batch_end(trainer, module, None, batch, 0)
     assert mon.tokens_per_s == 15 * 2 / 2.0
+
+
+def test_nan_guard_stops_every_rank_when_one_rank_has_a_nan_loss():
+    # a rank with a finite loss must stop too when another rank's loss is NaN (it would otherwise
+    # wait forever in the gradient all-reduce of the rank that stopped)
+    from types import SimpleNamespace
+
+    from lightning_modules.callbacks import NaNGuard
+
+    decisions = []
+
+    def reduce_boolean_decision(decision, all=True):
+        decisions.append(decision)
+        return False  # another rank reported a non-finite loss
+
+    trainer = SimpleNamespace(
+        world_size=2, global_step=7, optimizers=[], checkpoint_callback=None,
+        strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision),
+    )
+    with pytest.raises(NonFiniteLossError, match="at step 7"):
+        NaNGuard().on_before_backward(trainer, None, torch.tensor(2.5))
+    assert decisions == [True]
