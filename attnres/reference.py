@@ -26,6 +26,11 @@ def _acc(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _no_autocast(t: Tensor):
+    """Autocast would run the einsums (bmm) in bf16/fp16 whatever their fp32 inputs: switch it off."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def rms(v: Tensor, eps: float) -> Tensor:
     """``[..., d] -> [...]``: root mean square over the last dim (fp32, or fp64 for fp64 inputs)."""
     return torch.sqrt(_acc(v).pow(2).mean(-1) + eps)
@@ -34,9 +39,10 @@ def rms(v: Tensor, eps: float) -> Tensor:
 def logits(sources: Sequence[Tensor], queries: Tensor, eps: float) -> Tensor:
     """Logits ``z[s, i, ...] = q_s . v_i / rms(v_i)``: sources n x ``[..., d]``, queries ``[S, d]``
     -> ``[S, n, ...]`` fp32."""
-    v = torch.stack([_acc(s) for s in sources])  # [n, ..., d]
-    keys = v / rms(v, eps).unsqueeze(-1)
-    return torch.einsum("n...d,sd->sn...", keys, queries.to(v.dtype))
+    with _no_autocast(sources[0]):
+        v = torch.stack([_acc(s) for s in sources])  # [n, ..., d]
+        keys = v / rms(v, eps).unsqueeze(-1)
+        return torch.einsum("n...d,sd->sn...", keys, queries.to(v.dtype))
 
 
 def phase1(sources: Sequence[Tensor], queries: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -46,12 +52,13 @@ def phase1(sources: Sequence[Tensor], queries: Tensor, eps: float) -> tuple[Tens
     Returns ``out [S, ..., d]`` (source dtype), the softmax-weighted sum of the sources per query,
     and ``lse [S, ...]`` (fp32), the log-sum-exp of the logits over the sources.
     """
-    z = logits(sources, queries, eps)  # [S, n, ...]
-    lse = torch.logsumexp(z, dim=1)
-    weights = torch.exp(z - lse.unsqueeze(1))
-    v = torch.stack([_acc(s) for s in sources])  # [n, ..., d]
-    out = torch.einsum("sn...,n...d->s...d", weights, v)
-    return out.to(sources[0].dtype), lse
+    with _no_autocast(sources[0]):
+        z = logits(sources, queries, eps)  # [S, n, ...]
+        lse = torch.logsumexp(z, dim=1)
+        weights = torch.exp(z - lse.unsqueeze(1))
+        v = torch.stack([_acc(s) for s in sources])  # [n, ..., d]
+        out = torch.einsum("sn...,n...d->s...d", weights, v)
+        return out.to(sources[0].dtype), lse
 
 
 def phase2(

@@ -62,12 +62,18 @@ class NaNGuard(L.Callback):
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
-        if torch.isfinite(loss.detach()).all():
+        finite = local = bool(torch.isfinite(loss.detach()).all())
+        # every rank must stop together: a rank that raised alone would leave the others waiting in
+        # the gradient all-reduce forever (a collective per step, one boolean)
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return
         ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         raise NonFiniteLossError(
-            f"the training loss is {loss.item()} at step {trainer.global_step} (lr {lr:.3g}); "
+            f"the training loss is {loss.item()} at step {trainer.global_step} (lr {lr:.3g})"
+            f"{'' if not local else ' on this rank but not finite on another'}; "
             "training stopped "
             f"before this step's update. Last good checkpoint: {ckpt}. Try a lower model.lr, a longer "
             "model.warmup_steps or gradient clipping (trainer.gradient_clip_val), "
@@ -110,7 +116,7 @@ class ThroughputMonitor(L.Callback):
             torch.cuda.synchronize(pl_module.device)
         dt = time.perf_counter() - self._t0
         ids = batch["input_ids"]
-        tokens = ids.numel() * trainer.world_size
+        tokens = ids.numel() * data_parallel_size(trainer)  # the ranks of one pipeline share a batch
         self.tokens_per_s = tokens / max(dt, 1e-9)
         self.history.append(self.tokens_per_s)
         pl_module.log("train/tokens_per_s", self.tokens_per_s, on_step=True, on_epoch=False)
@@ -119,6 +125,13 @@ class ThroughputMonitor(L.Callback):
             self._mfu_per_token_s = pl_module.flops_per_token(ids.shape[1]) / (peak * trainer.world_size)
             self.mfu = self.tokens_per_s * self._mfu_per_token_s
             pl_module.log("train/mfu", self.mfu, on_step=True, on_epoch=False)
+
+
+def data_parallel_size(trainer: L.Trainer) -> int:
+    """Ranks that read different batches: the world size, except under pipeline parallelism, where
+    the stages of one pipeline read the same batch (the strategy's sampler replicas)."""
+    kw = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kw.get("num_replicas", trainer.world_size))
 
 
 class DepthPlots(L.Callback):

@@ -164,6 +164,7 @@ def compare(
         args: more ``attnres fit`` arguments for every run, e.g. ``["--data.batch_size=4"]``.
     """
     from lightning_modules import plots
+    from lightning_modules.callbacks import data_parallel_size
     from lightning_modules.cli import AttnResCLI, check_writable
 
     configs = configs or [DEFAULT_CONFIG]
@@ -214,7 +215,7 @@ def compare(
             "tokens": trainer.global_step
             * dm.batch_size
             * dm.seq_len
-            * trainer.world_size
+            * data_parallel_size(trainer)
             * trainer.accumulate_grad_batches,
             "train_loss": sum(tail) / len(tail) if tail else None,
             "val_loss": val[-1][1] if val else None,
@@ -334,7 +335,8 @@ def prepare(
     tok = load_tokenizer(tokenizer)
     root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [])
     t0 = time.perf_counter()
-    meta = write_shards(output, split_files(root, found, val_fraction), tok, f"{corpus}:{root}", shard_tokens)
+    meta = write_shards(output, split_files(root, found, val_fraction), tok, f"{corpus}:{root}", shard_tokens,
+                        val_fraction=val_fraction)
     for split, info in meta["splits"].items():
         print(
             f"{split}: {info['documents']} documents, {sum(info['tokens']):,} tokens "

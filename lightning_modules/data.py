@@ -119,11 +119,12 @@ def write_shards(
     source: str,
     shard_tokens: int = 1 << 27,
     batch_docs: int = 64,
+    val_fraction: float | None = None,
 ) -> dict:
     """Encode each split's documents (each followed by ``<|endoftext|>``) into flat token files of
     at most ``shard_tokens`` tokens and write ``meta.json``. The directory appears atomically
     (written under a temporary name, then renamed). A split with a single file (nothing left for
-    the other) is cut by tokens instead: the last ``val`` share of the stream."""
+    the other) is cut by tokens instead: the last ``val_fraction`` share of the stream (when given)."""
     out_dir = Path(out_dir)
     dtype = token_dtype(tokenizer.vocab_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +140,20 @@ def write_shards(
         "source": source,
         "splits": {},
     }
+    all_files = [f for files in splits.values() for f in files]
     try:
+        if val_fraction is not None and len(all_files) == 1:
+            ids = np.concatenate(
+                [np.asarray(tokenizer.encode_batch([read_text(all_files[0])])[0]).astype(dtype),
+                 np.asarray([tokenizer.eos_id], dtype=dtype)]
+            )
+            n_val = min(len(ids) - 1, max(1, round(len(ids) * val_fraction)))
+            for split, part in (("train", ids[: len(ids) - n_val]), ("val", ids[len(ids) - n_val :])):
+                meta["splits"][split] = {"files": [], "tokens": [], "documents": 1}
+                writer = _ShardWriter(tmp, split, dtype, shard_tokens, meta["splits"][split])
+                writer.add(part)
+                writer.close()
+            splits = {}
         for split, files in splits.items():
             meta["splits"][split] = {"files": [], "tokens": [], "documents": len(files)}
             writer = _ShardWriter(tmp, split, dtype, shard_tokens, meta["splits"][split])
@@ -275,6 +289,15 @@ class ResumableSampler(DistributedSampler):
         return iter(mine[start:].tolist())
 
 
+class FixedOrderSampler(ResumableSampler):
+    """A :class:`ResumableSampler` whose order ignores ``set_epoch`` (Lightning calls it on the
+    validation loaders' samplers too): the validation order, and so the sample that
+    ``limit_val_batches`` takes, stays the same at every evaluation."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
 # ----------------------------------------------------------------------------- the DataModule
 
 
@@ -371,7 +394,8 @@ class TextDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Write the cached shards of a ``stdlib``/``files`` corpus if they are not there yet."""
         if self.corpus != "shards" and not (self.shard_path / "meta.json").is_file():
-            write_shards(self.shard_path, self.splits, self.tokenizer, self.source)
+            write_shards(self.shard_path, self.splits, self.tokenizer, self.source,
+                         val_fraction=self.hparams.val_fraction)
 
     def setup(self, stage: str | None = None) -> None:
         if self.shard_set is not None:
@@ -414,7 +438,7 @@ class TextDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         # a fixed shuffle, so `limit_val_batches` takes a sample of the whole split
-        sampler = ResumableSampler(self.val_set, True, self.hparams.seed, rank, world)
+        sampler = FixedOrderSampler(self.val_set, True, self.hparams.seed, rank, world)
         return self._loader(self.val_set, sampler, self.val_batch_size)
 
     def test_dataloader(self) -> DataLoader:

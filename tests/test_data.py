@@ -211,3 +211,40 @@ def test_too_short_split_names_the_fix(tmp_path):
     )
     with pytest.raises(ValueError, match="lower data.seq_len"):
         dm.setup("fit")
+
+
+def test_validation_order_is_fixed_across_epochs(tmp_path):
+    # Lightning calls set_epoch on every DistributedSampler of the validation loader (evaluation_loop
+    # `_set_sampler_epoch`); the validation order (and so the sample `limit_val_batches` takes) must not
+    # change with the training epoch, or val losses of different epochs are on different data.
+    make_files(tmp_path / "txt", n=8, size=2000)
+    dm = TextDataModule(
+        corpus="files", files=[str(tmp_path / "txt/*.txt")], seq_len=16, batch_size=3,
+        cache_dir=str(tmp_path / "cache"), val_fraction=0.25,
+    )
+    dm.setup("fit")
+    loader = dm.val_dataloader()
+    first = [b["input_ids"] for b in loader]
+    loader.sampler.set_epoch(3)
+    later = [b["input_ids"] for b in loader]
+    assert len(first) == len(later) > 1
+    assert all(torch.equal(a, b) for a, b in zip(first, later))
+
+
+def test_a_single_file_corpus_is_cut_by_tokens_into_train_and_val(tmp_path):
+    # write_shards documents it: one file (nothing for the other split) is cut by tokens, the last
+    # val_fraction share going to val; both splits exist and together are the file's token stream.
+    (tmp_path / "txt").mkdir()
+    text = "the only document of this corpus. " * 300
+    (tmp_path / "txt" / "one.txt").write_text(text)
+    dm = TextDataModule(
+        corpus="files", files=[str(tmp_path / "txt/*.txt")], seq_len=16, batch_size=2,
+        cache_dir=str(tmp_path / "cache"), val_fraction=0.1,
+    )
+    dm.setup("fit")
+    assert len(dm.train_set) > 0 and len(dm.val_set) > 0
+    train = np.concatenate(dm.shard_set.shards["train"])
+    val = np.concatenate(dm.shard_set.shards["val"])
+    stream = np.concatenate([ByteTokenizer().encode_batch([text])[0], [ByteTokenizer().eos_id]])
+    assert np.array_equal(np.concatenate([train, val]), stream)
+    assert len(val) == round(len(stream) * 0.1)

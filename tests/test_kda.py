@@ -125,3 +125,17 @@ def test_layer_decay_is_negative_and_gate_shapes():
 def test_layer_rejects_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         KimiDeltaAttention(dim=32, num_heads=2, head_dim=16, backend="cuda-magic")
+
+
+@pytest.mark.parametrize("fn", [kda_chunked, kda_recurrent])
+def test_recurrence_runs_in_fp32_under_autocast(fn):
+    # both implementations document fp32 compute (fp32 state): autocast must not run their matmuls in bf16
+    torch.manual_seed(0)
+    B, T, H, K = 2, 37, 2, 16
+    q, k = (F.normalize(torch.randn(B, T, H, K), dim=-1) for _ in range(2))
+    v, g, beta = torch.randn(B, T, H, K), -torch.rand(B, T, H, K) * 0.5, torch.rand(B, T, H)
+    o, S = fn(q, k, v, g, beta)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o2, S2 = fn(q, k, v, g, beta)
+    torch.testing.assert_close(o2, o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(S2, S, atol=1e-5, rtol=1e-5)

@@ -143,3 +143,15 @@ def test_balancing_state_stays_fp32_when_the_model_is_cast_to_bf16():
     moe.train()
     y, _ = moe(torch.randn(2, 300, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and moe.tokens_per_expert.sum().item() == 2 * 300 * moe.top_k
+
+
+def test_router_stays_fp32_under_autocast():
+    # KIMI_LINEAR.md: router logits and sigmoid scores in fp32. Autocast recasts F.linear to bf16 even
+    # for fp32 inputs, so the router must leave autocast; scores must equal the plain fp32 computation.
+    moe = _moe()
+    x = torch.randn(40, 16)
+    ref = torch.sigmoid(x @ moe.router.weight.t())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx, w, scores = moe.route(x)
+    assert scores.dtype == torch.float32 and w.dtype == torch.float32
+    torch.testing.assert_close(scores, ref, atol=1e-6, rtol=1e-6)

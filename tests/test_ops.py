@@ -541,3 +541,21 @@ def test_nan_propagates_to_its_token_only(dtype):
     outs, lse = ops.phase1(src, q, EPS)
     (outs[0].sum() + lse.sum()).backward()
     assert torch.isnan(src[0].grad[3]).all() and torch.isfinite(src[0].grad[[0, 1, 2, 4]]).all()
+
+
+def test_reference_accumulates_in_fp32_under_autocast():
+    # reference.py: "Softmax and sums run in fp32; log-sum-exps in fp32". Autocast recasts the einsums'
+    # bmm to bf16, so the reference (the fallback where no kernel is built) must leave autocast.
+    torch.manual_seed(0)
+    sources = [torch.randn(4, 5, 64) for _ in range(3)]
+    queries = torch.randn(2, 64)
+    out, lse = reference.phase1(sources, queries, 1e-6)
+    h, lse2 = reference.phase2(out[0], lse[0], sources[0], queries[1], 1e-6)
+    w = reference.depth_weights(sources, queries[0], 1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a_out, a_lse = reference.phase1(sources, queries, 1e-6)
+        a_h, a_lse2 = reference.phase2(a_out[0], a_lse[0], sources[0], queries[1], 1e-6)
+        a_w = reference.depth_weights(sources, queries[0], 1e-6)
+    assert a_lse.dtype == torch.float32 and a_lse2.dtype == torch.float32
+    for x, y in ((out, a_out), (lse, a_lse), (h, a_h), (lse2, a_lse2), (w, a_w)):
+        torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-6)

@@ -472,3 +472,44 @@ def test_fit_with_two_ddp_ranks_on_cpu(micro, tmp_path):
         if r.get("train/tokens_per_s")
     ]
     assert len(tokens) == 2 and "plots:" in proc.stdout
+
+
+def test_throughput_counts_each_batch_once_per_data_parallel_replica(monkeypatch):
+    # under pipeline parallelism (pp=2, dp=2 over 4 ranks) both stages of a pipeline read the same
+    # batch: tokens/s is batch tokens x 2 replicas, not x 4 ranks
+    from types import SimpleNamespace
+
+    from lightning_modules import callbacks
+
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    strategy = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0})
+    trainer = SimpleNamespace(world_size=4, strategy=strategy)
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda *a, **kw: None)
+    mon = callbacks.ThroughputMonitor()
+    batch = {"input_ids": torch.zeros(3, 5, dtype=torch.long)}
+    mon.on_train_batch_start(trainer, module, batch, 0)
+    mon.on_train_batch_end(trainer, module, None, batch, 0)
+    assert mon.tokens_per_s == 15 * 2 / 2.0
+
+
+def test_nan_guard_stops_every_rank_when_one_rank_has_a_nan_loss():
+    # a rank with a finite loss must stop too when another rank's loss is NaN (it would otherwise
+    # wait forever in the gradient all-reduce of the rank that stopped)
+    from types import SimpleNamespace
+
+    from lightning_modules.callbacks import NaNGuard
+
+    decisions = []
+
+    def reduce_boolean_decision(decision, all=True):
+        decisions.append(decision)
+        return False  # another rank reported a non-finite loss
+
+    trainer = SimpleNamespace(
+        world_size=2, global_step=7, optimizers=[], checkpoint_callback=None,
+        strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision),
+    )
+    with pytest.raises(NonFiniteLossError, match="at step 7"):
+        NaNGuard().on_before_backward(trainer, None, torch.tensor(2.5))
+    assert decisions == [True]

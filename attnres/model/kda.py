@@ -55,6 +55,14 @@ def kda_recurrent(
     """Token-by-token KDA. q, k, g: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]``;
     g is the log decay (``<= 0``); initial_state: ``[B, H, K, V]``.
     Returns ``(o [B, T, H, V]`` in v's dtype, ``S [B, H, K, V]`` fp32)."""
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the einsums in bf16
+        return _kda_recurrent(q, k, v, g, beta, scale, initial_state)
+
+
+def _kda_recurrent(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float | None,
+    initial_state: Tensor | None,
+) -> tuple[Tensor, Tensor]:
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
@@ -79,6 +87,14 @@ def kda_chunked(
 ) -> tuple[Tensor, Tensor]:
     """Chunkwise KDA (WY representation, see the module docstring); same arguments and results as
     :func:`kda_recurrent`. Computed in fp32; T need not be a multiple of ``chunk_size``."""
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the matmuls in bf16
+        return _kda_chunked(q, k, v, g, beta, scale, initial_state, chunk_size)
+
+
+def _kda_chunked(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float | None,
+    initial_state: Tensor | None, chunk_size: int,
+) -> tuple[Tensor, Tensor]:
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size

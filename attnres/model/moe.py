@@ -122,7 +122,8 @@ class MoE(nn.Module):
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x ``[N, d]`` -> (expert ids ``[N, k]``, weights ``[N, k]`` fp32, scores ``[N, E]`` fp32)."""
-        scores = torch.sigmoid(F.linear(x.float(), self.router.weight.float()))
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run the linear in bf16
+            scores = torch.sigmoid(F.linear(x.float(), self.router.weight.float()))
         idx = torch.topk(scores.detach() + self.score_bias, self.top_k, dim=-1).indices
         weights = scores.gather(-1, idx)
         weights = weights / weights.sum(-1, keepdim=True) * self.routed_scaling_factor
