@@ -18,6 +18,7 @@
 # row; at the end the runs found in benchmarks/results/ are merged into e2e_<device>.json, and the
 # JSON files and the log are copied to $OUT.
 set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"
 PART=${1:-dense}
 TOTAL=${E2E_TOTAL_S:-530}
 T0=$(date +%s)
@@ -54,10 +55,7 @@ run_rest() {  # serve ~2 min, template ~3 min, medium the rest
 }
 
 main() {
-  if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || echo "WARNING: wheels in .whl/ did not install"
-  fi
+  install_wheels
   nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem,driver_version --format=csv
   python3 -c '
 import importlib, torch
@@ -69,16 +67,7 @@ for mod in ("fla.ops.attnres", "fla.ops.kda", "jsonargparse", "lightning", "ligh
     except Exception as exc:
         print("import", mod, "FAILED:", type(exc).__name__, str(exc)[:200])
 '
-  local so
-  so=$(ls attnres/_C*.so 2>/dev/null | head -1)
-  if [[ -n "$so" && -z "$(find csrc setup.py -newer "$so" -type f 2>/dev/null | head -1)" ]]; then
-    echo "attnres._C is up to date: $so"
-  else
-    echo "building attnres._C (left: $(left) s)"
-    ATTNRES_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 270 \
-      python3 -m pip install -q --no-build-isolation --no-deps -e . \
-      || echo "WARNING: the build failed; the depth-attention ops run the PyTorch reference path"
-  fi
+  build_extension 270 || echo "WARNING: the build failed; the depth-attention ops run the PyTorch reference path"
   python3 -c "from attnres import ops; print('depth ops on cuda:', ops.backend('cuda'), ops.extension_error or '')"
 
   case "$PART" in

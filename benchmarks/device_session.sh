@@ -12,13 +12,10 @@ OUT=${OUT:-/tmp/attnres_out}
 mkdir -p "$OUT"
 TESTS_TIMEOUT=${1:-420}
 T0=$(date +%s)
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || echo "WARNING: the wheels in .whl/ did not install"
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"
+install_wheels
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-ATTNRES_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} timeout 300 \
-  python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
+build_extension 300 >"$OUT/build.log" 2>&1
 rc=$?
 echo "build: exit $rc after $(( $(date +%s) - T0 )) s"
 if (( rc != 0 )); then tail -40 "$OUT/build.log"; exit "$rc"; fi

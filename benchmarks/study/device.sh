@@ -10,6 +10,7 @@
 # while the machine stays warm), then packs benchmarks/results/study/ and the logs into
 # $OUT/study_<sweep>.tgz (one file: the device returns at most 8) and copies the console log.
 set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../device_common.sh"
 SWEEP=${1:?usage: device.sh SWEEP [RUN_IDS] [BUDGET_S]}
 RUNS=${2:-}
 TOTAL=${3:-540}
@@ -20,25 +21,11 @@ mkdir -p "$OUT/logs" benchmarks/results/study
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 
 main() {
-  if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || echo "WARNING: wheels in .whl/ did not install"
-  else
-    echo "WARNING: no .whl/ (carry it): jsonargparse and fla are needed"
-  fi
+  install_wheels
   nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,driver_version --format=csv
   [[ -f .cache/study/bpe8192.json && -f .cache/study/shards/meta.json ]] \
     || { echo "ERROR: .cache/study (tokenizer and shards) missing: carry it (docs/study_plan.md, Data)"; exit 2; }
-  local so
-  so=$(ls attnres/_C*.so 2>/dev/null | head -1)
-  if [[ -n "$so" && -z "$(find csrc setup.py -newer "$so" -type f 2>/dev/null | head -1)" ]]; then
-    echo "attnres._C is up to date: $so"
-  else
-    echo "building attnres._C (left: $(left) s)"
-    ATTNRES_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 \
-      python3 -m pip install -q --no-build-isolation --no-deps -e . \
-      || echo "WARNING: the build failed; the depth-attention ops run the PyTorch reference path"
-  fi
+  build_extension 300 || echo "WARNING: the build failed; the depth-attention ops run the PyTorch reference path"
   python3 -m attnres info
   local budget=$(( $(left) - 25 ))
   echo "=== sweep $SWEEP ${RUNS:+(runs $RUNS) }budget $budget s"
