@@ -100,7 +100,6 @@ def plot(
     """
     import torch
 
-    from lightning_modules import metrics
     from lightning_modules.callbacks import summary_scalars, write_plots
 
     module, tok, raw = _load_checkpoint(ckpt)
@@ -117,22 +116,10 @@ def plot(
         w = ids[: n * seq_len + 1]
         batch = {"input_ids": w[:-1].view(n, seq_len), "labels": w[1:].view(n, seq_len)}
     else:
-        import inspect
+        from lightning_modules.data import checkpoint_val_batch
 
-        from lightning_modules.data import TextDataModule
-
-        accepted = inspect.signature(TextDataModule.__init__).parameters
-        hp = {k: v for k, v in raw.get("datamodule_hyper_parameters", {}).items() if k in accepted}
-        dm = TextDataModule(**hp)
-        dm.setup("validate")
-        items = [dm.val_set[i] for i in range(min(batch_size, len(dm.val_set)))]
-        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-    stats = module.depth_stats(batch)
-    module.train()
-    module.model.zero_grad(set_to_none=True)
-    out = module.model(batch["input_ids"], labels=batch["labels"])
-    out.loss.backward()
-    grads = metrics.grad_norms_by_depth(module.model.named_parameters())
+        batch = checkpoint_val_batch(raw, batch_size)
+    stats, grads = module.depth_diagnostics(batch)
     out_dir = Path(output_dir) if output_dir else Path(ckpt).resolve().parent.parent / "plots"
     step = raw.get("global_step", 0)
     written = write_plots(stats, grads, out_dir, f"{Path(ckpt).name} (step {step})")

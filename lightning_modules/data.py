@@ -476,3 +476,16 @@ class TextDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_same_tokenizer(self.tokenizer.fingerprint, state["tokenizer"], "the checkpoint")
         self._resume = {"epoch": state["epoch"], "consumed": state["consumed"]}
+
+
+def checkpoint_val_batch(raw: dict, num_windows: int) -> dict[str, torch.Tensor]:
+    """The first ``num_windows`` validation windows of the data a checkpoint (``torch.load``-ed dict)
+    was trained on, stacked into a batch ``{"input_ids", "labels"}`` of ``[n, seq_len]``."""
+    import inspect
+
+    accepted = inspect.signature(TextDataModule.__init__).parameters
+    hp = {k: v for k, v in raw.get("datamodule_hyper_parameters", {}).items() if k in accepted}
+    dm = TextDataModule(**hp)
+    dm.setup("validate")
+    items = [dm.val_set[i] for i in range(min(num_windows, len(dm.val_set)))]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}

@@ -7,6 +7,7 @@ file change the architecture and ``attnres fit --help`` lists every knob.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -305,6 +306,23 @@ class LanguageModel(L.LightningModule):
             "hidden_rms": s["hidden_rms"].float().tolist(),
             "router_load": [s["router_load"][k].float() for k in sorted(s["router_load"])],
         }
+
+
+    def depth_diagnostics(
+        self, batch: dict[str, Tensor], forward_context: Any = None
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """:meth:`depth_stats` of ``batch`` and the gradient L2 norm of every sublayer from one backward
+        of its mean loss (keys ``"<layer>.<attn|mlp>"``). ``forward_context`` (e.g. a bf16 autocast)
+        wraps the two forwards; the model's gradients are replaced."""
+        from lightning_modules import metrics
+
+        with forward_context if forward_context is not None else contextlib.nullcontext():
+            stats = self.depth_stats(batch)
+            self.train()
+            self.model.zero_grad(set_to_none=True)
+            out = self.model(batch["input_ids"], labels=batch["labels"])
+        out.loss.backward()
+        return stats, metrics.grad_norms_by_depth(self.model.named_parameters())
 
 
 def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:

@@ -195,38 +195,20 @@ def depth_statistics(ckpt: Path, device: str, num_windows: int = 8) -> dict[str,
     of every sublayer output ``[L]`` and of every sublayer input ``[L + 1]``, the gradient L2 norm of
     every sublayer (one backward of the mean loss; keys ``"<layer>.<attn|mlp>"``), the router's
     max/mean load per MoE layer. Under bf16 autocast on CUDA (as trained), fp32 on CPU."""
-    import contextlib
-    import inspect
-
     import torch
 
     from lightning_modules import metrics
-    from lightning_modules.data import TextDataModule
+    from lightning_modules.data import checkpoint_val_batch
     from lightning_modules.module import LanguageModel
 
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     module = LanguageModel.load_from_checkpoint(ckpt, map_location=device)
-    accepted = inspect.signature(TextDataModule.__init__).parameters
-    hp = {k: v for k, v in raw.get("datamodule_hyper_parameters", {}).items() if k in accepted}
-    dm = TextDataModule(**hp)
-    dm.setup("validate")
-    items = [dm.val_set[i] for i in range(min(num_windows, len(dm.val_set)))]
-    batch = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.startswith("cuda")
-        else contextlib.nullcontext()
-    )
-    with autocast:
-        stats = module.depth_stats(batch)
-        module.train()
-        module.model.zero_grad(set_to_none=True)
-        out = module.model(batch["input_ids"], labels=batch["labels"])
-    out.loss.backward()
-    grads = metrics.grad_norms_by_depth(module.model.named_parameters())
+    batch = {k: v.to(device) for k, v in checkpoint_val_batch(raw, num_windows).items()}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
+    stats, grads = module.depth_diagnostics(batch, autocast)
     matrix = stats["matrix"]
     return {
-        "windows": len(items),
+        "windows": len(batch["input_ids"]),
         "loss": stats["loss"],
         "depth_attention": None if matrix is None else [[_num(x) for x in row] for row in matrix.tolist()],
         "depth_attention_entropy": None
