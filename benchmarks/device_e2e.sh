@@ -11,6 +11,9 @@
 #   all       dense, then rest, in one call (what does not fit is skipped)
 #   serve | template | medium | eager    one of those runs alone ("eager": training eager +
 #             prefill/decode on both shapes, no compilation)
+#   core      the targets' rows on the dense shape in ~8 minutes, three runs: training eager
+#             (standard, Block, Full; then fla's Block and Full if time is left), compiled training
+#             (standard, Block), prefill and decode (standard, Block)
 #
 # Wheels in .whl/ (fla-core 0.6.0: the fla peer row and fla's KDA kernels; jsonargparse: the command
 # line) are installed under /tmp/site. The extension is built unless a built one is newer than csrc/.
@@ -23,8 +26,8 @@ PART=${1:-dense}
 TOTAL=${E2E_TOTAL_S:-530}
 T0=$(date +%s)
 case "$PART" in
-  dense|rest|all|serve|template|medium|eager) ;;
-  *) echo "unknown PART '$PART' (dense | rest | all | serve | template | medium | eager)"; exit 2 ;;
+  dense|rest|all|serve|template|medium|eager|core) ;;
+  *) echo "unknown PART '$PART' (dense | rest | all | serve | template | medium | eager | core)"; exit 2 ;;
 esac
 export OUT=${OUT:-/tmp/e2e_out}
 mkdir -p "$OUT" benchmarks/results
@@ -48,6 +51,13 @@ run_dense()    { bench dense "$1" --shapes '[dense]' --kinds '[train]'; }
 run_serve()    { bench serve "$1" --kinds '[prefill,decode]'; }
 run_template() { bench template "$1" --shapes '[dense]' --kinds '[template]'; }
 run_medium()   { bench medium "$1" --shapes '[medium]' --kinds '[train]'; }
+run_core() {  # ~8 minutes: eager training, compiled training, then prefill/decode (each its own run)
+  bench core_eager $(( $(left) * 33 / 100 )) --shapes '[dense]' --kinds '[train]' --variants '[eager]'
+  bench core_compile $(( $(left) * 60 / 100 )) --shapes '[dense]' --modes '[standard,block]' \
+    --kinds '[train]' --variants '[compile]' --impls '[attnres]'
+  bench core_serve $(( $(left) - 30 )) --shapes '[dense]' --modes '[standard,block]' \
+    --kinds '[prefill,decode]' --impls '[attnres]'
+}
 run_rest() {  # serve ~2 min, template ~3 min, medium the rest
   run_serve $(( $(left) * 25 / 100 ))
   run_template $(( $(left) * 45 / 100 ))
@@ -77,6 +87,7 @@ for mod in ("fla.ops.attnres", "fla.ops.kda", "jsonargparse", "lightning", "ligh
     serve)    run_serve $(( $(left) - 45 )) ;;
     template) run_template $(( $(left) - 45 )) ;;
     medium)   run_medium $(( $(left) - 45 )) ;;
+    core)     run_core ;;
     eager)    bench eager $(( $(left) - 45 )) --variants '[eager]' --kinds '[train,prefill,decode]' ;;
   esac
 
