@@ -50,8 +50,8 @@ _HAS_KERNELS = {
 
 def backend(device: torch.device | str) -> str:
     """``"compiled"`` when ``attnres._C`` has kernels for this device type, else ``"reference"``."""
-    device = torch.device(device)
-    return "compiled" if _HAS_KERNELS.get(device.type, False) else "reference"
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return "compiled" if _HAS_KERNELS.get(kind, False) else "reference"
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -127,6 +127,31 @@ def _check_queries(queries: object, like: Tensor, name: str, single: bool) -> Te
     return _check_like(queries, name, like, (queries.shape[0], d), "[S, d]", dtype=False)
 
 
+def _no_grad_needed(*args: object) -> bool:
+    """True when no gradient can flow through a call (inference, or no input requires grad) and dynamo
+    is not tracing: the call may then skip the Python autograd layer, which costs more CPU time than
+    the kernel launch itself when batches are small (decoding)."""
+    if torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    for a in args:
+        if isinstance(a, Tensor):
+            if a.requires_grad:
+                return False
+        elif isinstance(a, list) and any(t.requires_grad for t in a):
+            return False
+    return True
+
+
+def _call(op, *args: object):
+    """``op(*args)``, below the autograd layer when :func:`_no_grad_needed` (same result, no graph)."""
+    if _no_grad_needed(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return op(*args)
+
+
 def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -154,7 +179,7 @@ def phase1(
     if backend(sources[0].device) == "reference":
         out, lse = reference.phase1(sources, queries, eps)
         return list(out.unbind(0)), lse
-    outs, lse = torch.ops.attnres.phase1([_flat(s) for s in sources], queries, eps)
+    outs, lse = _call(torch.ops.attnres.phase1, [_flat(s) for s in sources], queries, eps)
     d = sources[0].shape[-1]
     return [o.view(*lead, d) for o in outs], lse.view(queries.shape[0], *lead)
 
@@ -173,9 +198,10 @@ def phase2(
     query = _check_queries(query, partial, "query", single=True)
     if backend(partial.device) == "reference":
         return reference.phase2(partial_out, partial_lse, partial, query, eps)
-    out, lse = torch.ops.attnres.phase2(
-        _flat(partial_out), partial_lse.reshape(-1).to(_acc_dtype(partial.dtype)), _flat(partial), query, eps
-    )
+    m = partial_lse.reshape(-1)
+    if m.dtype != _acc_dtype(partial.dtype):
+        m = m.to(_acc_dtype(partial.dtype))
+    out, lse = _call(torch.ops.attnres.phase2, _flat(partial_out), m, _flat(partial), query, eps)
     return out.view(partial.shape), lse.view(lse_shape)
 
 
@@ -188,7 +214,7 @@ def depth_attention(
     if backend(sources[0].device) == "reference":
         return reference.depth_attention(sources, query, eps)
     lead = tuple(sources[0].shape[:-1])
-    out, lse = torch.ops.attnres.depth_attn([_flat(s) for s in sources], query, eps)
+    out, lse = _call(torch.ops.attnres.depth_attn, [_flat(s) for s in sources], query, eps)
     return out.view(*lead, sources[0].shape[-1]), lse.view(lead)
 
 

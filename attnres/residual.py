@@ -62,6 +62,9 @@ class ResidualState:
     pending_first: int = -1
     pending_outs: list[Tensor | None] = field(default_factory=list)
     pending_lse: Tensor | None = None
+    pending_queries: tuple[Tensor, ...] = ()  # their queries (phase 2 uses them again)
+    # when not None, the queries by sublayer range, kept across calls (decoding: parameters are fixed)
+    query_cache: dict[tuple[int, int], Tensor] | None = None
     # when not None, one dict per sublayer input (and the read-out): weights and source norms
     records: list[dict] | None = None
 
@@ -111,9 +114,15 @@ class Residual(nn.Module):
 
     # ------------------------------------------------------------------ the interface
 
-    def begin(self, embedding: Tensor, record: bool = False) -> ResidualState:
-        """Start a forward pass from the token embedding ``v_0 [B, T, d]``."""
-        state = ResidualState(records=[] if record else None)
+    def begin(
+        self, embedding: Tensor, record: bool = False, query_cache: dict | None = None
+    ) -> ResidualState:
+        """Start a forward pass from the token embedding ``v_0 [B, T, d]``.
+
+        ``query_cache``: a dict that keeps the depth queries (``w * g``) between calls, for decoding,
+        where the parameters do not change; pass a new dict whenever they may have (it is not
+        invalidated), and none when gradients must reach the queries."""
+        state = ResidualState(records=[] if record else None, query_cache=query_cache)
         if self.mode == "standard":
             state.hidden = embedding
         else:
@@ -140,7 +149,7 @@ class Residual(nn.Module):
         if state.partial is None:
             h = out
         else:
-            h, _ = ops.phase2(out, lse, state.partial, self.queries[str(i)](), self.eps)
+            h, _ = ops.phase2(out, lse, state.partial, state.pending_queries[k], self.eps)
         if state.records is not None:
             self._record(state, i, state.sources + ([state.partial] if state.partial is not None else []))
         return h
@@ -160,6 +169,7 @@ class Residual(nn.Module):
             state.sources.append(state.partial)
             state.partial = None
             state.pending_outs, state.pending_lse, state.pending_first = [], None, -1
+            state.pending_queries = ()
 
     def readout(self, state: ResidualState) -> Tensor:
         """The final hidden state ``[B, T, d]`` (before the final norm)."""
@@ -171,20 +181,37 @@ class Residual(nn.Module):
             )
         if state.records is not None:
             self._record(state, self.num_sublayers, state.sources)
-        out, _ = ops.depth_attention(state.sources, self.queries["out"](), self.eps)
+        out, _ = ops.depth_attention(state.sources, self._queries(state, -1, 0)[0], self.eps)
         return out
 
     # ------------------------------------------------------------------ helpers
 
+    def _queries(self, state: ResidualState, first: int, end: int) -> Tensor:
+        """The queries ``[S, d]`` of sublayers ``first .. end-1`` that this module owns (a pipeline stage
+        may own fewer; ``first = -1``: the read-out's), in at least fp32, computed once per block
+        (phase 2 reuses phase 1's rows) or taken from ``state.query_cache``."""
+        key = (first, end)
+        if state.query_cache is not None and key in state.query_cache:
+            return state.query_cache[key]
+        if first < 0:
+            owned = [self.queries["out"]()]
+        else:
+            owned = []
+            for j in range(first, end):
+                if str(j) not in self.queries:
+                    break
+                owned.append(self.queries[str(j)]())
+        q = torch.stack(owned)
+        q = q.to(torch.promote_types(q.dtype, torch.float32))  # the kernels take fp32 queries as they are
+        if state.query_cache is not None:
+            state.query_cache[key] = q
+        return q
+
     def _phase1(self, state: ResidualState, i: int, block_end: int) -> None:
-        # the queries of sublayers i .. block_end-1 that this module owns (a pipeline stage may own fewer)
-        owned = []
-        for j in range(i, block_end):
-            if str(j) not in self.queries:
-                break
-            owned.append(self.queries[str(j)]())
-        outs, lse = ops.phase1(state.sources, torch.stack(owned), self.eps)
+        queries = self._queries(state, i, block_end)
+        outs, lse = ops.phase1(state.sources, queries, self.eps)
         state.pending_first, state.pending_outs, state.pending_lse = i, list(outs), lse
+        state.pending_queries = queries.unbind(0)
 
     def _record(self, state: ResidualState, i: int, sources: list[Tensor]) -> None:
         name = "out" if i == self.num_sublayers else str(i)

@@ -149,6 +149,7 @@ def test_cached_decoding_equals_full_forward(mode):
         parts = [model(ids[:, :13], cache=cache).logits, model(ids[:, 13:20], cache=cache).logits]
         parts += [model(ids[:, t:t + 1], cache=cache).logits for t in range(20, 30)]
     assert cache.seq_len == 30
+    assert bool(cache.residual_queries) == (mode != "standard")  # depth queries computed once, then reused
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
 
 

@@ -242,3 +242,48 @@ def test_mixed_precision_autocast_keeps_the_stream_in_the_embedding_dtype(mode, 
     assert out.dtype == torch.float32 and emb.grad is not None
     ref, _ = run(res, emb.detach(), sublayers)
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("mode,num_blocks", [("full", 6), ("block", 2)])
+def test_query_cache_computes_each_query_once_and_changes_nothing(mode, num_blocks):
+    torch.manual_seed(0)
+    res = Residual(16, 6, mode, num_blocks)
+    with torch.no_grad():
+        for q in res.queries.values():
+            q.weight.normal_()
+    calls = []
+    for q in res.queries.values():
+        q.register_forward_hook(lambda *_: calls.append(1))
+    layers = [nn.Linear(16, 16) for _ in range(6)]
+
+    def run(x, cache=None):
+        state = res.begin(x, query_cache=cache)
+        for i, f in enumerate(layers):
+            res.output(state, i, f(res.input(state, i)))
+        return res.readout(state)
+
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        plain = run(x)
+        per_call = len(calls)
+        assert per_call == 6 + 1  # every query once per forward (phase 2 reuses phase 1's), plus the read-out
+        cache: dict = {}
+        first = run(x, cache)
+        again = run(x, cache)
+    assert len(calls) == 2 * per_call  # the cached call computed no query
+    torch.testing.assert_close(first, plain, rtol=0, atol=0)
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
+
+
+def test_ops_skip_autograd_only_when_no_gradient_can_flow():
+    from attnres import ops
+
+    src = [torch.randn(4, 8) for _ in range(3)]
+    q = torch.randn(2, 8, requires_grad=True)
+    with torch.no_grad():
+        outs, lse = ops.phase1(src, q)
+    assert lse.grad_fn is None and not ops._no_grad_needed(src, q)
+    outs_g, lse_g = ops.phase1(src, q)
+    assert lse_g.grad_fn is not None
+    torch.testing.assert_close(lse_g.detach(), lse, rtol=0, atol=0)
+    assert ops._no_grad_needed(src, q.detach())

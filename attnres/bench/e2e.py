@@ -558,7 +558,8 @@ def _train_rows(run: _Run, shape: Shape, mode: str, impl: str, variant: str) -> 
 def _fork(cache: DecoderCache) -> DecoderCache:
     """A cache that reads the same tensors but whose updates do not touch ``cache``: a decode step run
     on a fork can be repeated (and replayed from a CUDA graph) on the same context."""
-    return DecoderCache(layers={k: dict(v) for k, v in cache.layers.items()}, seq_len=cache.seq_len)
+    return DecoderCache(layers={k: dict(v) for k, v in cache.layers.items()}, seq_len=cache.seq_len,
+                        residual_queries=cache.residual_queries)
 
 
 def _capture(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:

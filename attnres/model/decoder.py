@@ -31,11 +31,13 @@ __all__ = ["Decoder", "DecoderCache", "DecoderLayer", "KimiLinear", "ModelOutput
 @dataclass
 class DecoderCache:
     """Decoding state (detached: inference only) of every layer, keyed like ``Decoder.layers``: KDA
-    ``{"state", "conv"}``, MLA ``{"latent", "k_shared"}``. AttnRes needs nothing here: it mixes across
-    depth within one token."""
+    ``{"state", "conv"}``, MLA ``{"latent", "k_shared"}``. AttnRes keeps no state of past positions (it
+    mixes across depth within one token); ``residual_queries`` keeps its depth queries ``w * g`` (fixed
+    while decoding: computed at the first call, then reused by every step when gradients are off)."""
 
     layers: dict[str, dict] = field(default_factory=dict)
     seq_len: int = 0
+    residual_queries: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -163,7 +165,7 @@ class Decoder(nn.Module):
         embedding or the head only where it owns them) can run its part: :meth:`begin`,
         :meth:`run_layers`, :meth:`finish`."""
         stats = StatsRecorder() if return_stats else None
-        state = self.begin(input_ids, record=return_stats)
+        state = self.begin(input_ids, record=return_stats, cache=cache)
         aux_loss = self.run_layers(state, cache=cache, stats=stats)
         x = self.residual.readout(state)
         logits = self.finish(x)
@@ -182,9 +184,13 @@ class Decoder(nn.Module):
             }
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, cache=cache, stats=report)
 
-    def begin(self, input_ids: Tensor, record: bool = False) -> ResidualState:
-        """Embed ``input_ids [B, T]`` and start the residual path (``record``: keep depth weights)."""
-        return self.residual.begin(self.embed(input_ids), record=record)
+    def begin(
+        self, input_ids: Tensor, record: bool = False, cache: DecoderCache | None = None
+    ) -> ResidualState:
+        """Embed ``input_ids [B, T]`` and start the residual path (``record``: keep depth weights;
+        ``cache``: decoding, whose depth queries are reused while gradients are off)."""
+        queries = cache.residual_queries if cache is not None and not torch.is_grad_enabled() else None
+        return self.residual.begin(self.embed(input_ids), record=record, query_cache=queries)
 
     def run_layers(
         self, state: ResidualState, cache: DecoderCache | None = None, stats: StatsRecorder | None = None

@@ -133,13 +133,17 @@ class MoE(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
         idx, weights, scores = self.route(flat)
-        counts = torch.bincount(idx.flatten(), minlength=self.num_experts)
+        # scatter_add, not bincount: bincount sizes its output from the data (a host sync on CUDA,
+        # which also rules out CUDA-graph capture of a decode step)
+        flat_idx = idx.flatten()
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=idx.device).scatter_add_(
+            0, flat_idx, torch.ones_like(flat_idx))
         with torch.no_grad():
             self.last_load = counts.float() / counts.sum().clamp(min=1)
             if self.training:
                 self.tokens_per_expert += counts.float()
         # sort the (token, slot) pairs by expert: each expert's tokens become one contiguous slice
-        order = torch.argsort(idx.flatten(), stable=True)
+        order = torch.argsort(flat_idx, stable=True)
         token = order // self.top_k
         y = grouped_swiglu(flat[token], counts, self.w_gate, self.w_up, self.w_down)
         y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)

@@ -91,8 +91,11 @@ std::vector<Tensor> contiguous_rows(at::TensorList ts, const char* name, int64_t
 
 bool aligned(const Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
 
-// Queries [S, d] (or a slice of them) as zero-padded fp32 [ST, dp].
+// Queries [S, d] (or a slice of them) as zero-padded fp32 [ST, dp]: the queries themselves when they
+// already are (no fill and copy kernels per call: the residual path hands over fp32 [S, d]).
 Tensor padded_queries(const Tensor& q, int ST, int dp) {
+  if (q.scalar_type() == at::kFloat && q.size(0) == ST && q.size(1) == dp && q.is_contiguous() && aligned(q, 16))
+    return q;
   Tensor buf = at::zeros({ST, dp}, q.options().dtype(at::kFloat));
   buf.narrow(0, 0, q.size(0)).narrow(1, 0, q.size(1)).copy_(q);
   return buf;
