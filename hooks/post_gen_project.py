@@ -50,7 +50,9 @@ SKIP_SUFFIXES = {".so", ".pyd", ".pyc", ".pyo", ".o", ".ckpt", ".egg-info"}
 # README sections of the template that a generated project does not inherit (it has its own).
 README_OWN_SECTIONS = {"quick start", "start your own project"}
 
-_LOWER = re.compile(rf"(?<![A-Za-z0-9]){OLD}(?![A-Za-z0-9])")
+# third-party names that contain the word and must stay: fla's module and op (``fla.ops.attnres``,
+# ``fused_attnres``); its autograd class ``FusedAttnresFunction`` is left alone by case already
+_LOWER = re.compile(rf"(?<![A-Za-z0-9])(?<!fla\.ops\.)(?<!fused_){OLD}(?![A-Za-z0-9])")
 _UPPER = re.compile(rf"(?:(?<=-D)|(?<![A-Za-z0-9])){OLD.upper()}(?![A-Za-z0-9])")  # also -DATTNRES_...
 
 
@@ -61,7 +63,8 @@ class HookError(Exception):
 def rename(text: str) -> str:
     """``attnres`` -> the new package name wherever it stands as a name (``attnres._C``,
     ``torch.ops.attnres``, ``attnres::``, ``test_attnres_x``) and ``ATTNRES_CUDA`` -> ``<PKG>_CUDA``;
-    a longer word that merely contains it (``AttnRes``, ``BlockAttnRes``) is left alone."""
+    a longer word that merely contains it (``AttnRes``, ``BlockAttnRes``) and fla's names
+    (``fla.ops.attnres``, ``fused_attnres``) are left alone."""
     return _UPPER.sub(PKG.upper(), _LOWER.sub(PKG, text))
 
 
