@@ -277,6 +277,7 @@ def test_aux_loss_is_reported_when_enabled():
         (dict(mla_layers=[4]), "mla_layers", "[0, 4)"),
         (dict(first_dense_layers=5), "first_dense_layers", "0 .. num_layers=4"),
         (dict(kda_chunk_size=8), "kda_chunk_size", "16 | 32 | 64"),
+        (dict(kda_backend="triton"), "kda_backend", "auto | torch | fla"),
         (dict(dim=0), "dim", ">= 1"),
         (dict(rms_norm_eps=0.0), "rms_norm_eps", "> 0"),
     ],
@@ -286,6 +287,12 @@ def test_bad_config_raises_naming_the_field_and_valid_values(overrides, field, v
         get_config("tiny", **overrides)
     msg = str(err.value)
     assert f"Config.{field}=" in msg and valid in msg, msg
+
+
+def test_kda_backend_reaches_every_kda_layer():
+    model = Decoder(get_config("tiny", kda_backend="torch"))
+    backends = {m.backend for m in model.modules() if type(m).__name__ == "KimiDeltaAttention"}
+    assert backends == {"torch"}
 
 
 def test_default_num_blocks_is_8_or_the_largest_valid_below():

@@ -16,6 +16,7 @@ from attnres.residual import RESIDUAL_MODES
 
 TOKEN_MIXERS: tuple[str, ...] = ("hybrid", "kda", "mla")
 KDA_CHUNK_SIZES: tuple[int, ...] = (16, 32, 64)
+KDA_BACKENDS = ("auto", "torch", "fla")
 
 
 def valid_num_blocks(num_sublayers: int) -> list[int]:
@@ -68,6 +69,10 @@ class Config:
     """Kernel of KDA's causal depthwise short convolutions."""
     kda_chunk_size: int = 16
     """Chunk length of the CPU chunkwise KDA (16, 32 or 64; fla on CUDA uses its own 64)."""
+    kda_backend: str = "auto"
+    """KDA kernels: ``auto`` (fla's Triton kernels on CUDA when fla is installed, else ours), ``torch``
+    (our chunked PyTorch code everywhere: no Triton autotuning, which takes minutes per new shape on a
+    fresh machine) or ``fla`` (always fla; an error where it cannot run)."""
     mla_num_heads: int | None = None
     """MLA heads; ``None``: ``dim // mla_v_head_dim`` (then ``mla_v_head_dim`` must divide ``dim``)."""
     mla_qk_nope_dim: int = 32
@@ -148,6 +153,8 @@ class Config:
                 raise bad(f, getattr(self, f), "None or an integer >= 1")
         if self.kda_chunk_size not in KDA_CHUNK_SIZES:
             raise bad("kda_chunk_size", self.kda_chunk_size, " | ".join(map(str, KDA_CHUNK_SIZES)))
+        if self.kda_backend not in KDA_BACKENDS:
+            raise bad("kda_backend", self.kda_backend, " | ".join(KDA_BACKENDS))
         if self.moe:
             if self.num_experts < 1:
                 raise bad("num_experts", self.num_experts, "an integer >= 1")

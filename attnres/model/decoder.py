@@ -81,7 +81,7 @@ class DecoderLayer(nn.Module):
                                                  c.mla_v_head_dim, c.mla_kv_rank, c.rms_norm_eps)
         else:
             self.attn = KimiDeltaAttention(c.dim, c.kda_heads, c.kda_head_dim, c.kda_conv_size,
-                                           c.kda_chunk_size, c.rms_norm_eps)
+                                           c.kda_chunk_size, c.rms_norm_eps, backend=c.kda_backend)
         self.mlp_norm = RMSNorm(c.dim, c.rms_norm_eps)
         if self.mlp_kind == "moe":
             self.mlp = MoE(c.dim, c.num_experts, c.top_k, c.expert_dim, c.num_shared_experts,
