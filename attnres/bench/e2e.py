@@ -577,7 +577,7 @@ def _capture(fn: Callable[[], object], device: torch.device) -> Callable[[], obj
 
 
 def _serve_rows(run: _Run, shape: Shape, mode: str, impl: str, kinds: Sequence[str], graphs: bool) -> None:
-    """Prefill and decode rows of one model (eval, no grad): eager, and decode in a CUDA graph."""
+    """Prefill and decode rows of one model (eval, no grad): eager, and replayed from a CUDA graph."""
     holder: dict[str, Any] = {}
     base = {"shape": shape.name, "mode": mode, "impl": impl}
 
@@ -590,18 +590,22 @@ def _serve_rows(run: _Run, shape: Shape, mode: str, impl: str, kinds: Sequence[s
         with torch.no_grad():
             if "prefill" in kinds:
                 for b in shape.prefill_batches:
-                    def prefill(b: int = b) -> dict[str, Any]:
+                    def prefill(graph: bool, b: int = b) -> dict[str, Any]:
                         m = model()
                         prompt = _tokens(shape, b, shape.prefill_len, run.device)
-                        _reset_memory(run.device)
                         call = lambda: m(prompt, cache=DecoderCache())  # noqa: B023 (used at once)
-                        ms = time_ms(call, run.device, run.warmup, run.repeat)
+                        fn = _capture(call, run.device) if graph else call
+                        _reset_memory(run.device)
+                        ms = time_ms(fn, run.device, run.warmup, run.repeat)
                         row = _summary(ms)
                         row.update(tokens_per_s=b * shape.prefill_len / (row["ms"] * 1e-3),
                                    peak_mem_bytes=_peak_memory(run.device), prompt_len=shape.prefill_len)
                         return row
 
-                    _guarded(run, {"kind": "prefill", **base, "variant": "eager", "batch": b}, prefill)
+                    # in a CUDA graph the Python overhead per op is gone: the device-side cost
+                    for graph in (False, True) if graphs else (False,):
+                        _guarded(run, {"kind": "prefill", **base, "variant": "graph" if graph else "eager",
+                                       "batch": b}, lambda b=b, graph=graph: prefill(graph, b))
             if "decode" in kinds:
                 for b in shape.decode_batches:
                     ctx: dict[str, Any] = {}
@@ -1069,7 +1073,7 @@ def bench_e2e(
             Default: both (``quick``: eager only; compiling on a CPU takes minutes).
         impls: ``attnres`` (ours) and/or ``fla`` (fla-core's fused_attnres in our decoder).
         num_blocks: N of Block AttnRes.
-        graphs: also time decode replayed from a CUDA graph (GPU only).
+        graphs: also time prefill and decode replayed from a CUDA graph (GPU only).
         template_compile: compile in the template comparison (default: on a GPU).
         template_precision: Lightning precision of the template comparison (the hand-written step uses
             the same autocast).
