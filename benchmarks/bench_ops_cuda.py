@@ -339,12 +339,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--json", default=str(DEFAULT_JSON))
     p.add_argument("--no-compare", action="store_true", help="skip the baselines")
+    p.add_argument("--compare-only", action="store_true",
+                   help="only the baseline comparisons (each shape compiles and autotunes: minutes)")
+    p.add_argument("--compare", default=None, metavar="N,d,n,S[;N,d,n,S...]",
+                   help="the shapes compared with the baselines (default: 16384,2048,9,8;16384,2304,9,8)")
     a = p.parse_args(argv)
+    compare = None
+    if a.compare is not None:
+        compare = [tuple(int(x) for x in c.split(",")) for c in a.compare.split(";")]
+    if a.no_compare:
+        compare = []
     run(
+        cases=[] if a.compare_only else None,
         quick=not a.full,
         dtype=getattr(torch, a.dtype),
         json_path=a.json,
-        compare_cases=[] if a.no_compare else None,
+        compare_cases=compare,
     )
 
 
