@@ -73,8 +73,10 @@ class LanguageModel(L.LightningModule):
             ``{expert_dim: 64, aux_loss_coef: 0.001}``.
         lr: peak learning rate (AdamW).
         weight_decay: AdamW weight decay, applied to matrices only (not to norms, biases,
-            pseudo-queries or, unless ``decay_embeddings``, the embedding).
-        decay_embeddings: apply weight decay to the token embedding too.
+            pseudo-queries or, unless ``decay_embeddings``, the embedding). With ``tie_embeddings``
+            the shared embedding/LM-head matrix is decayed as the untied LM head would be.
+        decay_embeddings: apply weight decay to the token embedding too (an untied one: the tied
+            matrix is always decayed).
         betas: AdamW betas.
         warmup_steps: linear warmup steps.
         schedule: ``cosine`` (to ``min_lr_ratio * lr``), ``wsd`` (warmup-stable-decay) or ``constant``.
@@ -216,23 +218,35 @@ class LanguageModel(L.LightningModule):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: weight decay on matrices; none on norms, biases, the pseudo-queries (and
-        their key-norm weights) and, unless ``decay_embeddings``, the embedding."""
+        their key-norm weights) and, unless ``decay_embeddings``, the embedding.
+
+        A parameter registered under several names appears once, in the group of the name that
+        decays: the one such parameter is the matrix ``tie_embeddings`` shares between ``embed`` and
+        ``lm_head``, which so gets the untied LM head's decay (as in GPT-2 and nanoGPT), whatever
+        ``decay_embeddings`` says. (``named_parameters()`` alone would list it as ``embed.weight``
+        only and leave the head undecayed.)"""
+        names: dict[int, list[str]] = {}
+        params: dict[int, torch.nn.Parameter] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if p.requires_grad:
+                names.setdefault(id(p), []).append(name)
+                params[id(p)] = p
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            skip = (
-                p.ndim < 2
-                or "norm" in name
-                or name.endswith("bias")
-                or "residual.queries." in name
-                or (name.startswith("embed.") and not self.hparams.decay_embeddings)
-            )
-            (no_decay if skip else decay).append(p)
+        for key, p in params.items():
+            (decay if any(self._decays(n, p) for n in names[key]) else no_decay).append(p)
         return [
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+
+    def _decays(self, name: str, p: torch.nn.Parameter) -> bool:
+        return not (
+            p.ndim < 2
+            or "norm" in name
+            or name.endswith("bias")
+            or "residual.queries." in name
+            or (name.startswith("embed.") and not self.hparams.decay_embeddings)
+        )
 
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams

@@ -367,6 +367,24 @@ def test_no_weight_decay_on_norms_biases_queries_and_embedding():
     assert "lm_head.weight" in yes and len(no | yes) == len(names)
 
 
+def test_tied_embedding_is_decayed_like_the_untied_lm_head_and_listed_once():
+    for decay_embeddings in (False, True):
+        m = LanguageModel(
+            preset="tiny", num_layers=2, num_blocks=2, dim=64, decay_embeddings=decay_embeddings,
+            overrides={"tie_embeddings": True},
+        )  # fmt: skip
+        tied = m.model.lm_head.weight
+        assert tied is m.model.embed.weight
+        decay, no_decay = m.param_groups()
+        in_decay = [p for p in decay["params"] if p is tied]
+        in_no_decay = [p for p in no_decay["params"] if p is tied]
+        assert len(in_decay) == 1 and not in_no_decay  # the head's decision, in exactly one group
+        every = [id(p) for g in (decay, no_decay) for p in g["params"]]
+        assert len(every) == len(set(every)) == len(list(m.model.parameters()))
+        # the optimizer accepts the groups (a parameter in two groups would raise)
+        torch.optim.AdamW(m.param_groups())
+
+
 def test_depth_entropy_load_balance_and_peak_flops():
     nan = float("nan")
     m = torch.tensor([[1.0, 0.5, 1.0], [nan, 0.5, 0.0], [nan, nan, 0.0]])  # one source, uniform, one-hot
