@@ -185,13 +185,34 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        # the aux-loss-free balancing step, from the loads of this step's forwards (all ranks)
         moes = self.model.moe_layers()
-        if moes and self.trainer.world_size > 1:
+        if not moes:
+            return super().optimizer_step(*args, **kwargs)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        scale = scaler.get_scale() if scaler is not None else None
+        super().optimizer_step(*args, **kwargs)
+        # the aux-loss-free balancing step, from the loads of this step's forwards (all ranks; the
+        # all-reduce runs whatever the step did, every rank must join it), only when the optimizer
+        # updated the parameters: a skipped step's loads are dropped with it
+        if self.trainer.world_size > 1:
             for m in moes.values():
                 m.tokens_per_expert.copy_(self.trainer.strategy.reduce(m.tokens_per_expert, reduce_op="sum"))
-        self.model.update_router_bias()
+        if self._step_was_skipped(scaler, scale):
+            for m in moes.values():
+                m.tokens_per_expert.zero_()
+        else:
+            self.model.update_router_bias()
+
+    def _step_was_skipped(self, scaler: Any, scale_before: float | None) -> bool:
+        """Whether the optimizer step that just ran left the parameters as they were: fp16's GradScaler
+        found inf/NaN gradients (it lowers its scale then; it does not call ``optimizer.step``, or, for
+        a fused AdamW, the kernel skips the update), or every gradient was dropped (what
+        :class:`~lightning_modules.callbacks.NaNGuard` does to skip a step: AdamW then changes
+        nothing). Both decisions are the same on every rank."""
+        if scaler is not None and scaler.get_scale() < scale_before:
+            return True
+        return all(p.grad is None for p in self.model.parameters())
 
     def _eval_step(self, batch: dict[str, Tensor], prefix: str, ppl: Perplexity) -> Tensor:
         out = self(batch["input_ids"], batch["labels"])

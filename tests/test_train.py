@@ -340,6 +340,89 @@ def test_atomic_checkpoint_io_leaves_the_old_file_whole(tmp_path, monkeypatch):
     assert os.stat(path).st_mode & 0o044  # readable like a normal file, not mkstemp's 0600
 
 
+# ----------------------------------------------------------------------------- skipped steps
+
+
+def _micro_module(**kw) -> LanguageModel:
+    torch.manual_seed(0)
+    return LanguageModel(
+        preset="tiny", num_layers=2, num_blocks=2, dim=32, vocab_size=64, max_seq_len=16, moe=True,
+        num_experts=4, top_k=2, warmup_steps=1, schedule="constant",
+        overrides=dict(full_attn_every=2, kda_head_dim=16, mla_v_head_dim=16, mla_qk_nope_dim=16,
+                       mla_qk_shared_dim=8, mla_kv_rank=16, mlp_dim=64, expert_dim=16,
+                       router_bias_update_rate=0.01),
+        **kw,
+    )  # fmt: skip
+
+
+def _micro_loader(n: int = 8, batch_size: int = 2) -> torch.utils.data.DataLoader:
+    tokens = torch.randint(0, 64, (n, 17), generator=torch.Generator().manual_seed(3))
+    rows = [{"input_ids": t[:-1], "labels": t[1:]} for t in tokens]
+    return torch.utils.data.DataLoader(rows, batch_size=batch_size)
+
+
+def _micro_trainer(max_steps: int, callbacks: list, **kw) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        callbacks=callbacks, **kw,
+    )  # fmt: skip
+
+
+class PoisonGradsAt(L.Callback):
+    """Sets one gradient element to ``value`` after the backward of each step in ``steps`` (the loss
+    stays finite)."""
+
+    def __init__(self, steps: set[int], value: float = float("inf")) -> None:
+        self.steps, self.value = steps, value
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_step in self.steps:
+            pl_module.model.lm_head.weight.grad[0, 0] = self.value
+
+
+class RecordAfterStep(L.Callback):
+    """Per step: the router biases, a copy of the parameters and the loss-scale, after the update."""
+
+    def __init__(self) -> None:
+        self.bias: list[torch.Tensor] = []
+        self.params: list[dict[str, torch.Tensor]] = []
+        self.scale: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        moes = pl_module.model.moe_layers().values()
+        self.bias.append(torch.cat([m.score_bias.clone() for m in moes]))
+        self.params.append({n: p.detach().clone() for n, p in pl_module.model.named_parameters()})
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.scale.append(scaler.get_scale() if scaler is not None else 1.0)
+
+
+def test_router_bias_is_not_updated_on_a_step_the_grad_scaler_skipped():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class Fp16ScalerWithoutAutocast(MixedPrecision):
+        # Lightning's fp16 AMP step and a real GradScaler (scale, unscale, skip on inf, update); the
+        # forward stays fp32, as fp16 autocast is not for CPUs
+        def forward_context(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    plugin = Fp16ScalerWithoutAutocast("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    rec = RecordAfterStep()
+    model = _micro_module()
+    trainer = _micro_trainer(3, [PoisonGradsAt({1}), rec], plugins=[plugin])
+    trainer.fit(model, _micro_loader())
+    assert rec.scale[1] == rec.scale[0] / 2 and rec.scale[2] == rec.scale[1]  # GradScaler skipped step 1
+    assert all(torch.equal(rec.params[1][n], rec.params[0][n]) for n in rec.params[0])
+    rate = 0.01
+    assert not torch.equal(rec.bias[0], torch.zeros_like(rec.bias[0]))  # a real step moves the bias
+    assert torch.equal(rec.bias[1], rec.bias[0])  # the skipped one does not
+    assert (rec.bias[2] - rec.bias[1]).abs().max() == pytest.approx(rate)  # the next real step does
+    # the skipped step's expert loads were dropped, not carried into the next update
+    assert all(m.tokens_per_expert.sum() == 0 for m in model.model.moe_layers().values())
+
+
 # ----------------------------------------------------------------------------- optimizer, schedule
 
 
