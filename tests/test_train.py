@@ -20,7 +20,12 @@ import torch
 
 from attnres.cli import main as attnres_main
 from lightning_modules import commands, metrics
-from lightning_modules.callbacks import AtomicCheckpointIO, NonFiniteLossError
+from lightning_modules.callbacks import (
+    AtomicCheckpointIO,
+    NaNGuard,
+    NonFiniteGradientError,
+    NonFiniteLossError,
+)
 from lightning_modules.cli import AttnResCLI, run_lightning_cli
 from lightning_modules.module import LanguageModel, LRSchedule
 
@@ -423,6 +428,65 @@ def test_router_bias_is_not_updated_on_a_step_the_grad_scaler_skipped():
     assert all(m.tokens_per_expert.sum() == 0 for m in model.model.moe_layers().values())
 
 
+def test_nan_gradients_skip_the_update_and_warn_with_the_step_number():
+    guard, rec = NaNGuard(max_consecutive_bad_steps=3), RecordAfterStep()
+    trainer = _micro_trainer(4, [PoisonGradsAt({1, 2}, float("nan")), guard, rec])
+    with pytest.warns(UserWarning, match="non-finite") as caught:
+        trainer.fit(_micro_module(), _micro_loader())
+    said = " ".join(str(w.message) for w in caught if "NaNGuard" in str(w.message))
+    assert "at step 1:" in said and "at step 2:" in said and "at step 3" not in said
+    assert guard.skipped_steps == [1, 2] and trainer.global_step == 4
+    for before, after in ((0, 1), (1, 2)):  # weights, AdamW state and router bias as they were
+        assert all(torch.equal(rec.params[after][n], rec.params[before][n]) for n in rec.params[0])
+        assert torch.equal(rec.bias[after], rec.bias[before])
+    assert not torch.equal(rec.params[3]["lm_head.weight"], rec.params[2]["lm_head.weight"])
+    assert not torch.equal(rec.bias[3], rec.bias[2])
+    assert all(torch.isfinite(p).all() for p in rec.params[3].values())
+
+
+def test_consecutive_nan_gradients_stop_training_with_a_clear_error():
+    trainer = _micro_trainer(6, [PoisonGradsAt({1, 2, 3}), NaNGuard(max_consecutive_bad_steps=2)])
+    with (
+        pytest.warns(UserWarning, match="at step 1"),
+        pytest.raises(NonFiniteGradientError, match=r"2 optimizer steps in a row, the last at step 2.*"
+                      r"max_consecutive_bad_steps=2.*Last good checkpoint"),
+    ):  # fmt: skip
+        trainer.fit(_micro_module(), _micro_loader())
+
+
+def test_nan_guard_skips_on_every_rank_when_one_rank_has_nan_gradients():
+    # FSDP shards and pipeline stages hold different gradients: a rank whose own are finite must skip too
+    from types import SimpleNamespace
+
+    decisions = []
+
+    def reduce_boolean_decision(decision, all=True):
+        decisions.append(decision)
+        return False  # another rank saw a non-finite gradient
+
+    trainer = SimpleNamespace(
+        world_size=2, global_step=5, optimizers=[], checkpoint_callback=None,
+        precision_plugin=SimpleNamespace(),
+        strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision),
+    )  # fmt: skip
+    module = torch.nn.Linear(2, 2)
+    module(torch.ones(1, 2)).sum().backward()
+    with pytest.warns(UserWarning, match="on another rank.*at step 5"):
+        NaNGuard().on_before_optimizer_step(trainer, module, None)
+    assert decisions == [True] and all(p.grad is None for p in module.parameters())
+
+
+def test_nan_guard_is_configured_from_the_cli_once(micro, tmp_path):
+    old_style = ["--trainer.callbacks+=lightning_modules.callbacks.NaNGuard"]  # configs saved before
+    cli = AttnResCLI(
+        args=[*micro, "--nan_guard.max_consecutive_bad_steps", "3", *old_style,
+              "--trainer.default_root_dir", str(tmp_path)],
+        run=False,
+    )  # fmt: skip
+    guards = [c for c in cli.trainer.callbacks if isinstance(c, NaNGuard)]
+    assert [g.max_consecutive_bad_steps for g in guards] == [3]
+
+
 # ----------------------------------------------------------------------------- optimizer, schedule
 
 
@@ -598,8 +662,6 @@ def test_nan_guard_stops_every_rank_when_one_rank_has_a_nan_loss():
     # a rank with a finite loss must stop too when another rank's loss is NaN (it would otherwise
     # wait forever in the gradient all-reduce of the rank that stopped)
     from types import SimpleNamespace
-
-    from lightning_modules.callbacks import NaNGuard
 
     decisions = []
 
