@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_modules import metrics, plots
 
@@ -55,9 +56,41 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped on a NaN/inf loss (raised before the backward pass of that step)."""
 
 
+class NonFiniteGradientError(RuntimeError):
+    """Training stopped after ``NaNGuard.max_consecutive_bad_steps`` optimizer steps in a row had
+    NaN/inf gradients (none of them updated the parameters)."""
+
+
 class NaNGuard(L.Callback):
-    """Stops training on a non-finite loss before its backward pass and optimizer step, so no
-    checkpoint with poisoned weights is written; the last good checkpoint stays as it was."""
+    """Keeps non-finite values out of the weights, deciding on every rank together.
+
+    * A NaN/inf **loss** stops training (:class:`NonFiniteLossError`) before its backward pass and
+      optimizer step, so no checkpoint with poisoned weights is written; the last good checkpoint
+      stays as it was.
+    * NaN/inf **gradients** (checked after the backward, and after fp16's unscaling, before
+      clipping and the optimizer step) skip that step: every gradient is dropped, so AdamW changes
+      nothing (no update, no weight decay, no moment update) and the MoE router bias stays; the step
+      counter and the learning-rate schedule still advance, as with GradScaler's skips. A warning
+      names the step; ``max_consecutive_bad_steps`` such steps in a row stop training
+      (:class:`NonFiniteGradientError`). Under fp16 mixed precision the GradScaler skips these steps
+      itself and halves its loss scale; they count here too (a few at the start are normal).
+
+    Under ``PipelineParallelStrategy`` both checks run too: the loss is the one the last stage
+    broadcasts to every rank, each rank checks its own stages' gradients, and the decision is
+    all-reduced over all ranks. There the schedule has already run the backward passes when the loss
+    is checked; the optimizer step is still prevented.
+
+    Args:
+        max_consecutive_bad_steps: stop at this many optimizer steps in a row with non-finite
+            gradients (1: at the first one; a finite step resets the count).
+    """
+
+    def __init__(self, max_consecutive_bad_steps: int = 10) -> None:
+        if max_consecutive_bad_steps < 1:
+            raise ValueError(f"max_consecutive_bad_steps must be >= 1, got {max_consecutive_bad_steps}")
+        self.max_consecutive_bad_steps = max_consecutive_bad_steps
+        self.consecutive_bad_steps = 0
+        self.skipped_steps: list[int] = []  # global steps whose update was skipped
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
@@ -69,16 +102,67 @@ class NaNGuard(L.Callback):
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return
-        ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         raise NonFiniteLossError(
-            f"the training loss is {loss.item()} at step {trainer.global_step} (lr {lr:.3g})"
+            f"the training loss is {loss.item()} at step {trainer.global_step} (lr {_lr(trainer):.3g})"
             f"{'' if not local else ' on this rank but not finite on another'}; "
             "training stopped "
-            f"before this step's update. Last good checkpoint: {ckpt}. Try a lower model.lr, a longer "
-            "model.warmup_steps or gradient clipping (trainer.gradient_clip_val), "
+            f"before this step's update. Last good checkpoint: {_last_checkpoint(trainer)}. Try a lower "
+            "model.lr, a longer model.warmup_steps or gradient clipping (trainer.gradient_clip_val), "
             "then resume with --ckpt_path."
         )
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        finite = local = grads_are_finite(pl_module.parameters())
+        if trainer.world_size > 1:  # every rank skips together (FSDP and PP ranks hold different grads)
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            self.consecutive_bad_steps = 0
+            return
+        step = trainer.global_step
+        pl_module.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient
+        self.consecutive_bad_steps += 1
+        self.skipped_steps.append(step)
+        where = " (on another rank)" if local else ""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        fp16 = "; the fp16 GradScaler lowers its loss scale" if scaler is not None else ""
+        n, limit = self.consecutive_bad_steps, self.max_consecutive_bad_steps
+        if n >= limit:
+            raise NonFiniteGradientError(
+                f"non-finite (NaN/inf) gradients{where} at {n} optimizer steps in a row, the last at step "
+                f"{step} (lr {_lr(trainer):.3g}); none of them updated the weights (NaNGuard"
+                f".max_consecutive_bad_steps={limit}); training stopped. Last good checkpoint: "
+                f"{_last_checkpoint(trainer)}. Try a lower model.lr, a longer model.warmup_steps, "
+                "gradient clipping (trainer.gradient_clip_val) or bf16 instead of fp16, then resume with "
+                "--ckpt_path."
+            )
+        rank_zero_warn(
+            f"NaNGuard: non-finite (NaN/inf) gradients{where} at step {step}: this step's update is "
+            f"skipped{fp16} ({n} in a row; training stops at {limit})"
+        )
+
+
+def grads_are_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
+    """Whether every gradient element is finite (this rank's: DTensor gradients are checked by their
+    local shard). One host sync: the max-norm is NaN/inf exactly when an element is, and cannot
+    overflow as a sum of squares can."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    grads = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    grads = [g for g in grads if g.numel()]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf"))))
+
+
+def _lr(trainer: L.Trainer) -> float:
+    return trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+
+
+def _last_checkpoint(trainer: L.Trainer) -> str:
+    return getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
 
 
 class ThroughputMonitor(L.Callback):

@@ -3,8 +3,8 @@
 
 Configs compose left to right: ``attnres fit -c configs/default.yaml -c configs/model/small.yaml
 --trainer.max_steps 100``. Always on: atomic checkpoints (``last.ckpt`` every
-``checkpoint.every_n_train_steps`` steps and at the end), the NaN guard, tokens/s and MFU, the depth
-plots (``plots.*``), CSV logs (and TensorBoard when installed) under
+``checkpoint.every_n_train_steps`` steps and at the end), the NaN guard (``nan_guard.*``), tokens/s
+and MFU, the depth plots (``plots.*``), CSV logs (and TensorBoard when installed) under
 ``<trainer.default_root_dir>/<run_name>/version_<n>/``.
 """
 
@@ -64,7 +64,7 @@ class AttnResCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 1234)
-        trainer_defaults = {"default_root_dir": "runs", "callbacks": [NaNGuard()]}
+        trainer_defaults = {"default_root_dir": "runs"}
         super().__init__(
             LanguageModel, TextDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
         )
@@ -89,6 +89,7 @@ class AttnResCLI(LightningCLI):
             help="intra-op CPU threads (torch.set_num_threads); 1 avoids OpenMP spin-waiting "
             "on a busy machine, where small models otherwise slow down many times over",
         )
+        parser.add_lightning_class_args(NaNGuard, "nan_guard")  # before the plots: it drops bad gradients
         parser.add_lightning_class_args(FinalCheckpoint, "checkpoint")
         parser.set_defaults(
             {"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 100}
@@ -134,8 +135,11 @@ class AttnResCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
         cbs = cfg.get("callbacks") or []
-        # the throughput monitor first, so its batch-end clock stops before other callbacks' work (plots)
-        callbacks = [ThroughputMonitor()] + (list(cbs) if isinstance(cbs, list) else [cbs])
+        cbs = list(cbs) if isinstance(cbs, list) else [cbs]
+        # the `nan_guard:` section is the guard (configs saved before it existed list one in
+        # trainer.callbacks); the throughput monitor first, so its batch-end clock stops before other
+        # callbacks' work (plots)
+        callbacks = [ThroughputMonitor()] + [c for c in cbs if not isinstance(c, NaNGuard)]
         if (
             cfg.get("enable_progress_bar", True) is not False
             and self._get(self.config, "progress_bar") == "rich"

@@ -256,6 +256,7 @@ def tokenizer_train(
     corpus: str = "stdlib",
     files: list[str] | None = None,
     val_fraction: float = 0.02,
+    test_fraction: float = 0.0,
     output: str | None = None,
     cache_dir: str = ".cache/attnres",
 ) -> str:
@@ -267,6 +268,7 @@ def tokenizer_train(
         corpus: ``stdlib`` or ``files``.
         files: glob patterns for ``corpus: files``.
         val_fraction: the share of files held out (as in the DataModule; they are not trained on).
+        test_fraction: the share held out for testing (as in the DataModule; not trained on either).
         output: where to write the ``tokenizer.json`` (default: under ``cache_dir/tokenizers``).
         cache_dir: the cache directory of the DataModule.
     """
@@ -276,7 +278,7 @@ def tokenizer_train(
     if corpus not in ("stdlib", "files"):
         raise ValueError(f"--corpus {corpus!r}: use stdlib or files (shards are already tokenised)")
     root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [])
-    train = split_files(root, found, val_fraction)["train"]
+    train = split_files(root, found, val_fraction, test_fraction)["train"]
     key = _files_key(root, train)
     path = (
         Path(output)
@@ -301,9 +303,10 @@ def prepare(
     files: list[str] | None = None,
     tokenizer: str = "byte",
     val_fraction: float = 0.02,
+    test_fraction: float = 0.0,
     shard_tokens: int = 1 << 27,
 ) -> dict:
-    """Pre-tokenise a corpus into memmap shards (``{train,val}-NNNNN.bin`` of uint16/uint32 tokens and
+    """Pre-tokenise a corpus into memmap shards (``{train,val,test}-NNNNN.bin`` of uint16/uint32 tokens and
     ``meta.json``) for ``--data.corpus shards --data.shards_dir <output>``.
 
     Args:
@@ -312,6 +315,8 @@ def prepare(
         files: glob patterns for ``corpus: files`` (``**`` recurses).
         tokenizer: ``byte`` or a ``tokenizer.json`` from ``attnres tokenizer train``.
         val_fraction: share of files (by a hash of their path) held out for validation.
+        test_fraction: share of files held out for ``attnres test`` (0: no test split), disjoint from
+            val's (the other end of the hash range; see ``data.split_of``).
         shard_tokens: tokens per shard file at most.
     """
     from lightning_modules.data import glob_files, split_files, stdlib_files, write_shards
@@ -322,8 +327,9 @@ def prepare(
     tok = load_tokenizer(tokenizer)
     root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [])
     t0 = time.perf_counter()
-    meta = write_shards(output, split_files(root, found, val_fraction), tok, f"{corpus}:{root}", shard_tokens,
-                        val_fraction=val_fraction)
+    splits = split_files(root, found, val_fraction, test_fraction)
+    meta = write_shards(output, splits, tok, f"{corpus}:{root}", shard_tokens,
+                        val_fraction=val_fraction, test_fraction=test_fraction)
     for split, info in meta["splits"].items():
         print(
             f"{split}: {info['documents']} documents, {sum(info['tokens']):,} tokens "

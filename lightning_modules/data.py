@@ -1,7 +1,8 @@
 """Data: corpora, pre-tokenised memmap shards, a resumable sampler and the ``TextDataModule``.
 
 Every corpus goes through the same path. Documents (the standard library's ``.py`` files by
-default, or user files by glob) are split into train/val by a hash of their relative path, encoded,
+default, or user files by glob) are split into train/val (and test, when ``test_fraction > 0``) by
+a hash of their relative path, encoded,
 joined with the ``<|endoftext|>`` separator and written as shards: flat ``uint16``/``uint32`` token
 files plus ``meta.json``. ``attnres prepare`` writes them where you say; for ``stdlib``/``files``
 the DataModule writes them once into a cache directory keyed by the file list and the tokenizer.
@@ -29,6 +30,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_modules.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
@@ -40,7 +42,7 @@ warnings.filterwarnings(
 )
 
 SHARD_FORMAT = "attnres-shards/1"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 
 # ----------------------------------------------------------------------------- corpora
@@ -82,22 +84,43 @@ def glob_files(patterns: list[str]) -> tuple[Path, list[Path]]:
     return root, ordered
 
 
-def split_of(relpath: str, val_fraction: float) -> str:
-    """``"val"`` for a deterministic ``val_fraction`` of relative paths (by SHA-1), else ``"train"``."""
-    h = int.from_bytes(hashlib.sha1(relpath.encode("utf-8")).digest()[:8], "big")
-    return "val" if h / 2**64 < val_fraction else "train"
+def split_of(relpath: str, val_fraction: float, test_fraction: float = 0.0) -> str:
+    """The split of a document by the SHA-1 of its relative path, read as a number ``u`` in [0, 1):
+    ``"val"`` for ``u < val_fraction``, ``"test"`` for ``u >= 1 - test_fraction``, else ``"train"``.
+    The two held-out bands sit at opposite ends, so they are disjoint, a test split takes its
+    documents from train only (val is the same with or without one), and without one
+    (``test_fraction = 0``) the split is what it always was."""
+    u = int.from_bytes(hashlib.sha1(relpath.encode("utf-8")).digest()[:8], "big") / 2**64
+    if u < val_fraction:
+        return "val"
+    return "test" if u >= 1.0 - test_fraction else "train"
 
 
-def split_files(root: Path, files: list[Path], val_fraction: float) -> dict[str, list[Path]]:
-    """Split files by the hash of their path relative to ``root``. A split that would be empty
-    (too few files) takes the file with the lowest/highest hash so both splits exist."""
+def split_files(
+    root: Path, files: list[Path], val_fraction: float, test_fraction: float = 0.0
+) -> dict[str, list[Path]]:
+    """Split files by the hash of their path relative to ``root`` (:func:`split_of`); a ``"test"`` key
+    only when ``test_fraction > 0``. A split that would be empty (too few files) takes the files with
+    the lowest hashes (val) or the highest (test) so every split exists: val and train from the files
+    outside the test band, then test from train's highest."""
     out: dict[str, list[Path]] = {"train": [], "val": []}
+    if test_fraction > 0:
+        out["test"] = []
     for f in files:
-        out[split_of(f.relative_to(root).as_posix(), val_fraction)].append(f)
-    if len(files) >= 2 and not (out["train"] and out["val"]):
-        ranked = sorted(files, key=lambda f: hashlib.sha1(f.relative_to(root).as_posix().encode()).digest())
-        n_val = max(1, min(len(files) - 1, round(len(files) * val_fraction)))
-        out = {"val": sorted(ranked[:n_val]), "train": sorted(ranked[n_val:])}
+        out[split_of(f.relative_to(root).as_posix(), val_fraction, test_fraction)].append(f)
+
+    def ranked(fs: list[Path]) -> list[Path]:
+        return sorted(fs, key=lambda f: hashlib.sha1(f.relative_to(root).as_posix().encode()).digest())
+
+    rest = out["train"] + out["val"]
+    if len(rest) >= 2 and not (out["train"] and out["val"]):
+        n_val = max(1, min(len(rest) - 1, round(len(rest) * val_fraction)))
+        order = ranked(rest)
+        out["val"], out["train"] = sorted(order[:n_val]), sorted(order[n_val:])
+    if test_fraction > 0 and not out["test"] and len(out["train"]) >= 2:
+        n_test = max(1, min(len(out["train"]) - 1, round(len(files) * test_fraction)))
+        order = ranked(out["train"])
+        out["train"], out["test"] = sorted(order[:-n_test]), sorted(order[-n_test:])
     return out
 
 
@@ -120,11 +143,13 @@ def write_shards(
     shard_tokens: int = 1 << 27,
     batch_docs: int = 64,
     val_fraction: float | None = None,
+    test_fraction: float = 0.0,
 ) -> dict:
     """Encode each split's documents (each followed by ``<|endoftext|>``) into flat token files of
     at most ``shard_tokens`` tokens and write ``meta.json``. The directory appears atomically
-    (written under a temporary name, then renamed). A split with a single file (nothing left for
-    the other) is cut by tokens instead: the last ``val_fraction`` share of the stream (when given)."""
+    (written under a temporary name, then renamed). A corpus of a single file (nothing left for the
+    other splits) is cut by tokens instead: the last ``val_fraction`` share of the stream (when given)
+    is val, and with ``test_fraction > 0`` the ``test_fraction`` share before it is test."""
     out_dir = Path(out_dir)
     dtype = token_dtype(tokenizer.vocab_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +173,14 @@ def write_shards(
                  np.asarray([tokenizer.eos_id], dtype=dtype)]
             )
             n_val = min(len(ids) - 1, max(1, round(len(ids) * val_fraction)))
-            for split, part in (("train", ids[: len(ids) - n_val]), ("val", ids[len(ids) - n_val :])):
+            n_test = 0
+            if test_fraction:
+                n_test = min(len(ids) - n_val - 1, max(1, round(len(ids) * test_fraction)))
+            cut_val, cut_test = len(ids) - n_val, len(ids) - n_val - n_test
+            parts = [("train", ids[:cut_test]), ("val", ids[cut_val:])]
+            if test_fraction:
+                parts.insert(1, ("test", ids[cut_test:cut_val]))
+            for split, part in parts:
                 meta["splits"][split] = {"files": [], "tokens": [], "documents": 1}
                 writer = _ShardWriter(tmp, split, dtype, shard_tokens, meta["splits"][split])
                 writer.add(part)
@@ -323,6 +355,13 @@ class TextDataModule(L.LightningDataModule):
         batch_size: sequences per batch per device.
         val_batch_size: sequences per validation batch (default: ``batch_size``).
         val_fraction: share of documents (by a hash of their path) held out for validation.
+        test_fraction: share of documents held out for ``attnres test``: the other end of the hash
+            range, disjoint from val's and taken from train (val stays the same). 0 (the default, so
+            that existing runs keep their training data): no test split, and ``attnres test``
+            evaluates the validation split, with a warning. For ``corpus: shards`` the split is the
+            one ``attnres prepare --test_fraction`` wrote; leave this at 0.
+        predict_split: the windows ``attnres predict`` scores (per-sequence NLL): ``val`` or ``test``
+            (which must exist).
         shuffle: shuffle training windows each epoch (validation order is fixed).
         seed: seed of the shuffle (epoch ``e`` uses ``seed + e``) and of the fixed validation order.
         num_workers: DataLoader worker processes.
@@ -339,6 +378,8 @@ class TextDataModule(L.LightningDataModule):
         batch_size: int = 16,
         val_batch_size: int | None = None,
         val_fraction: float = 0.02,
+        test_fraction: float = 0.0,
+        predict_split: Literal["val", "test"] = "val",
         shuffle: bool = True,
         seed: int = 1234,
         num_workers: int = 0,
@@ -350,6 +391,13 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.seq_len ({seq_len}) and data.batch_size ({batch_size}) must be >= 1")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if not 0.0 <= test_fraction < 1.0 - val_fraction:
+            raise ValueError(
+                f"data.test_fraction must be in [0, 1 - data.val_fraction = {1 - val_fraction:g}), got "
+                f"{test_fraction}"
+            )
+        if predict_split not in ("val", "test"):
+            raise ValueError(f"data.predict_split must be 'val' or 'test', got {predict_split!r}")
         self.corpus = corpus
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -366,6 +414,11 @@ class TextDataModule(L.LightningDataModule):
                     f"data.shards_dir: {shards_dir} does not exist; "
                     f"write it with `attnres prepare --output {shards_dir}`"
                 )
+            if test_fraction:
+                raise ValueError(
+                    "data.test_fraction applies to the stdlib/files corpora; prepared shards have the test "
+                    f"split `attnres prepare --test_fraction` wrote (if any): leave it at 0 for {shards_dir}"
+                )
             self.shard_path = Path(shards_dir)
             meta = ShardSet(self.shard_path).meta
             check_same_tokenizer(self.tokenizer.fingerprint, meta["tokenizer"], f"the shards in {shards_dir}")
@@ -374,10 +427,11 @@ class TextDataModule(L.LightningDataModule):
             if not found:
                 raise FileNotFoundError(f"data: the {corpus} corpus has no files under {root}")
             self.source = f"{corpus}:{root}"
-            self.splits = split_files(root, found, val_fraction)
+            self.splits = split_files(root, found, val_fraction, test_fraction)
             key = _files_key(root, found)
             fp = self.tokenizer.fingerprint
-            tag = f"{corpus}-{fp['kind']}{fp['vocab_size']}-{fp['sha'][:8]}-v{val_fraction:g}-{key}"
+            held_out = f"v{val_fraction:g}" + (f"t{test_fraction:g}" if test_fraction else "")
+            tag = f"{corpus}-{fp['kind']}{fp['vocab_size']}-{fp['sha'][:8]}-{held_out}-{key}"
             self.shard_path = Path(cache_dir).expanduser() / "shards" / tag
         self.shard_set: ShardSet | None = None
         self.train_sampler: ResumableSampler | None = None
@@ -395,7 +449,7 @@ class TextDataModule(L.LightningDataModule):
         """Write the cached shards of a ``stdlib``/``files`` corpus if they are not there yet."""
         if self.corpus != "shards" and not (self.shard_path / "meta.json").is_file():
             write_shards(self.shard_path, self.splits, self.tokenizer, self.source,
-                         val_fraction=self.hparams.val_fraction)
+                         val_fraction=self.hparams.val_fraction, test_fraction=self.hparams.test_fraction)
 
     def setup(self, stage: str | None = None) -> None:
         if self.shard_set is not None:
@@ -408,7 +462,11 @@ class TextDataModule(L.LightningDataModule):
         )
         self.train_set = TokenWindows(self.shard_set.shards.get("train", []), self.seq_len)
         self.val_set = TokenWindows(self.shard_set.shards.get("val", []), self.seq_len)
-        for name, ds in (("train", self.train_set), ("val", self.val_set)):
+        # None: the data has no test split (test_fraction 0, or shards prepared without one)
+        test = self.shard_set.shards.get("test")
+        self.test_set = None if test is None else TokenWindows(test, self.seq_len)
+        named = [("train", self.train_set), ("val", self.val_set)]
+        for name, ds in named + ([("test", self.test_set)] if self.test_set is not None else []):
             if len(ds) == 0:
                 raise ValueError(
                     f"data: the {name} split of {self.shard_path} has {self.shard_set.tokens(name)} "
@@ -436,16 +494,35 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(self.train_set, self.train_sampler, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        # a fixed shuffle, so `limit_val_batches` takes a sample of the whole split
-        sampler = FixedOrderSampler(self.val_set, True, self.hparams.seed, rank, world)
-        return self._loader(self.val_set, sampler, self.val_batch_size)
+        return self._held_out_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        """The test split; without one (``test_fraction`` 0), the validation split, with a warning."""
+        if self.test_set is None:
+            rank_zero_warn(
+                f"data: {self.shard_path} has no test split, so `test` evaluates the validation split; "
+                "set data.test_fraction (e.g. 0.02; it takes its documents from train, so train a new "
+                "run with it) or prepare shards with `attnres prepare --test_fraction`"
+            )
+            return self.val_dataloader()
+        return self._held_out_loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        """The windows of ``predict_split`` (``val`` by default), in the fixed evaluation order."""
+        if self.hparams.predict_split == "val":
+            return self.val_dataloader()
+        if self.test_set is None:
+            raise ValueError(
+                f"data.predict_split is 'test' but {self.shard_path} has no test split; set "
+                "data.test_fraction (the run must have trained with it) or predict on 'val'"
+            )
+        return self._held_out_loader(self.test_set)
+
+    def _held_out_loader(self, ds: TokenWindows) -> DataLoader:
+        rank, world = self._rank_world()
+        # a fixed shuffle, so `limit_val_batches` (`limit_test_batches`) takes a sample of the whole split
+        sampler = FixedOrderSampler(ds, True, self.hparams.seed, rank, world)
+        return self._loader(ds, sampler, self.val_batch_size)
 
     def _loader(self, ds: Dataset, sampler: ResumableSampler, batch_size: int) -> DataLoader:
         return DataLoader(

@@ -73,8 +73,10 @@ class LanguageModel(L.LightningModule):
             ``{expert_dim: 64, aux_loss_coef: 0.001}``.
         lr: peak learning rate (AdamW).
         weight_decay: AdamW weight decay, applied to matrices only (not to norms, biases,
-            pseudo-queries or, unless ``decay_embeddings``, the embedding).
-        decay_embeddings: apply weight decay to the token embedding too.
+            pseudo-queries or, unless ``decay_embeddings``, the embedding). With ``tie_embeddings``
+            the shared embedding/LM-head matrix is decayed as the untied LM head would be.
+        decay_embeddings: apply weight decay to the token embedding too (an untied one: the tied
+            matrix is always decayed).
         betas: AdamW betas.
         warmup_steps: linear warmup steps.
         schedule: ``cosine`` (to ``min_lr_ratio * lr``), ``wsd`` (warmup-stable-decay) or ``constant``.
@@ -183,13 +185,34 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        # the aux-loss-free balancing step, from the loads of this step's forwards (all ranks)
         moes = self.model.moe_layers()
-        if moes and self.trainer.world_size > 1:
+        if not moes:
+            return super().optimizer_step(*args, **kwargs)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        scale = scaler.get_scale() if scaler is not None else None
+        super().optimizer_step(*args, **kwargs)
+        # the aux-loss-free balancing step, from the loads of this step's forwards (all ranks; the
+        # all-reduce runs whatever the step did, every rank must join it), only when the optimizer
+        # updated the parameters: a skipped step's loads are dropped with it
+        if self.trainer.world_size > 1:
             for m in moes.values():
                 m.tokens_per_expert.copy_(self.trainer.strategy.reduce(m.tokens_per_expert, reduce_op="sum"))
-        self.model.update_router_bias()
+        if self._step_was_skipped(scaler, scale):
+            for m in moes.values():
+                m.tokens_per_expert.zero_()
+        else:
+            self.model.update_router_bias()
+
+    def _step_was_skipped(self, scaler: Any, scale_before: float | None) -> bool:
+        """Whether the optimizer step that just ran left the parameters as they were: fp16's GradScaler
+        found inf/NaN gradients (it lowers its scale then; it does not call ``optimizer.step``, or, for
+        a fused AdamW, the kernel skips the update), or every gradient was dropped (what
+        :class:`~lightning_modules.callbacks.NaNGuard` does to skip a step: AdamW then changes
+        nothing). Both decisions are the same on every rank."""
+        if scaler is not None and scaler.get_scale() < scale_before:
+            return True
+        return all(p.grad is None for p in self.model.parameters())
 
     def _eval_step(self, batch: dict[str, Tensor], prefix: str, ppl: Perplexity) -> Tensor:
         out = self(batch["input_ids"], batch["labels"])
@@ -216,23 +239,35 @@ class LanguageModel(L.LightningModule):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: weight decay on matrices; none on norms, biases, the pseudo-queries (and
-        their key-norm weights) and, unless ``decay_embeddings``, the embedding."""
+        their key-norm weights) and, unless ``decay_embeddings``, the embedding.
+
+        A parameter registered under several names appears once, in the group of the name that
+        decays: the one such parameter is the matrix ``tie_embeddings`` shares between ``embed`` and
+        ``lm_head``, which so gets the untied LM head's decay (as in GPT-2 and nanoGPT), whatever
+        ``decay_embeddings`` says. (``named_parameters()`` alone would list it as ``embed.weight``
+        only and leave the head undecayed.)"""
+        names: dict[int, list[str]] = {}
+        params: dict[int, torch.nn.Parameter] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if p.requires_grad:
+                names.setdefault(id(p), []).append(name)
+                params[id(p)] = p
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            skip = (
-                p.ndim < 2
-                or "norm" in name
-                or name.endswith("bias")
-                or "residual.queries." in name
-                or (name.startswith("embed.") and not self.hparams.decay_embeddings)
-            )
-            (no_decay if skip else decay).append(p)
+        for key, p in params.items():
+            (decay if any(self._decays(n, p) for n in names[key]) else no_decay).append(p)
         return [
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+
+    def _decays(self, name: str, p: torch.nn.Parameter) -> bool:
+        return not (
+            p.ndim < 2
+            or "norm" in name
+            or name.endswith("bias")
+            or "residual.queries." in name
+            or (name.startswith("embed.") and not self.hparams.decay_embeddings)
+        )
 
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams

@@ -248,3 +248,96 @@ def test_a_single_file_corpus_is_cut_by_tokens_into_train_and_val(tmp_path):
     stream = np.concatenate([ByteTokenizer().encode_batch([text])[0], [ByteTokenizer().eos_id]])
     assert np.array_equal(np.concatenate([train, val]), stream)
     assert len(val) == round(len(stream) * 0.1)
+
+
+def _old_split_of(relpath: str, val_fraction: float) -> str:
+    # the rule before the test split existed, frozen here: defaults must keep reproducing it
+    import hashlib
+
+    h = int.from_bytes(hashlib.sha1(relpath.encode("utf-8")).digest()[:8], "big")
+    return "val" if h / 2**64 < val_fraction else "train"
+
+
+def test_default_split_is_unchanged_and_a_test_split_is_disjoint_from_train_and_val():
+    root, files = stdlib_files()
+    rel = {f: f.relative_to(root).as_posix() for f in files}
+    default = split_files(root, files, 0.02)
+    assert set(default) == {"train", "val"}  # no test split unless asked for
+    for name in ("train", "val"):
+        assert default[name] == [f for f in files if _old_split_of(rel[f], 0.02) == name]
+    with_test = split_files(root, files, 0.02, test_fraction=0.05)
+    train, val, test = (set(with_test[k]) for k in ("train", "val", "test"))
+    assert not (train & val or train & test or val & test) and train | val | test == set(files)
+    assert with_test["val"] == default["val"]  # the test band is taken from train only
+    assert train | test == set(default["train"]) and 0.03 < len(test) / len(files) < 0.07
+    again = split_files(root, list(reversed(files)), 0.02, test_fraction=0.05)  # deterministic
+    assert {k: sorted(v) for k, v in again.items()} == {k: sorted(v) for k, v in with_test.items()}
+    assert split_of(rel[next(iter(test))], 0.02, 0.05) == "test"
+    # a corpus too small for the bands still gets every split, one file each at least
+    three = split_files(root, files[:3], 0.01, test_fraction=0.01)
+    assert sorted(len(v) for v in three.values()) == [1, 1, 1]
+
+
+def test_test_dataloader_reads_the_held_out_test_split(tmp_path):
+    import random
+    import string
+
+    (tmp_path / "txt").mkdir()
+    for i in range(30):  # random letters: no window of one document repeats in another
+        text = "".join(random.Random(i).choices(string.ascii_letters, k=600))
+        (tmp_path / "txt" / f"doc{i:02d}.txt").write_text(text)
+    kw = dict(corpus="files", files=[str(tmp_path / "txt/*.txt")], seq_len=16, batch_size=2,
+              cache_dir=str(tmp_path / "cache"), val_fraction=0.2)  # fmt: skip
+    dm = TextDataModule(**kw, test_fraction=0.2)
+    dm.setup("test")
+    assert len(dm.test_set) > 0 and dm.shard_set.meta["splits"]["test"]["documents"] == len(dm.splits["test"])
+    test_windows = {tuple(dm.test_set[i]["input_ids"].tolist()) for i in range(len(dm.test_set))}
+    other = [dm.val_set, dm.train_set]
+    other_windows = {tuple(ds[i]["input_ids"].tolist()) for ds in other for i in range(len(ds))}
+    assert not test_windows & other_windows
+    batches = list(dm.test_dataloader())
+    assert batches and all(tuple(row.tolist()) in test_windows for b in batches for row in b["input_ids"])
+    assert len(dm.predict_dataloader().dataset) == len(dm.val_set)  # predict: val by default
+    dm_p = TextDataModule(**kw, test_fraction=0.2, predict_split="test")
+    dm_p.setup("predict")
+    assert dm_p.predict_dataloader().dataset is dm_p.test_set
+
+    default = TextDataModule(**kw)  # no test split: its shards (cache key) are the ones written before
+    assert "-v0.2-" in default.shard_path.name and "t0.2" in dm.shard_path.name
+    default.setup("test")
+    assert default.test_set is None and "test" not in default.shard_set.meta["splits"]
+    with pytest.warns(UserWarning, match="no test split"):
+        assert default.test_dataloader().dataset is default.val_set
+    no_test = TextDataModule(**kw, predict_split="test")
+    no_test.setup("predict")
+    with pytest.raises(ValueError, match="predict_split is 'test'"):
+        no_test.predict_dataloader()
+    with pytest.raises(ValueError, match="data.test_fraction must be in"):
+        TextDataModule(**kw, test_fraction=0.8)
+
+
+def test_single_file_and_prepared_shards_carry_a_test_split(tmp_path):
+    (tmp_path / "one").mkdir()
+    text = "the only document of this corpus. " * 300
+    (tmp_path / "one" / "one.txt").write_text(text)
+    dm = TextDataModule(
+        corpus="files", files=[str(tmp_path / "one/*.txt")], seq_len=16, batch_size=2,
+        cache_dir=str(tmp_path / "cache"), val_fraction=0.1, test_fraction=0.1,
+    )  # fmt: skip
+    dm.setup("test")
+    parts = [np.concatenate(dm.shard_set.shards[k]) for k in ("train", "test", "val")]
+    stream = np.concatenate([ByteTokenizer().encode_batch([text])[0], [ByteTokenizer().eos_id]])
+    assert np.array_equal(np.concatenate(parts), stream)  # cut train | test | val: val as without test
+    assert len(parts[2]) == len(parts[1]) == round(len(stream) * 0.1)
+
+    make_files(tmp_path / "txt", n=20, size=600)
+    meta = commands.prepare(
+        output=str(tmp_path / "shards"), corpus="files", files=[str(tmp_path / "txt/*.txt")],
+        val_fraction=0.2, test_fraction=0.2,
+    )  # fmt: skip
+    assert set(meta["splits"]) == {"train", "val", "test"}
+    dm = TextDataModule(corpus="shards", shards_dir=str(tmp_path / "shards"), seq_len=16, batch_size=2)
+    dm.setup("test")
+    assert dm.test_dataloader().dataset is dm.test_set and len(dm.test_set) > 0
+    with pytest.raises(ValueError, match="attnres prepare --test_fraction"):
+        TextDataModule(corpus="shards", shards_dir=str(tmp_path / "shards"), test_fraction=0.1)

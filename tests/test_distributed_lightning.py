@@ -1,10 +1,12 @@
 """The Lightning strategies on CPU (gloo, 2 processes started like torchrun): PipelineParallelStrategy
 trains like one process (losses per step, with gradient clipping across stages), its sharded DCP
-checkpoint loads in one process and under FSDP2Strategy with the same validation loss."""
+checkpoint loads in one process and under FSDP2Strategy with the same validation loss; NaNGuard works
+under it (NaN gradients on one stage skip the step on both, a NaN loss stops both)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import tempfile
@@ -68,14 +70,14 @@ class _Losses:
         self.cb = Cb()
 
 
-def _trainer(strategy, callbacks=(), devices=2, use_distributed_sampler=False):
+def _trainer(strategy, callbacks=(), devices=2, use_distributed_sampler=False, max_steps=STEPS):
     import lightning as L
 
     # the PP run keeps the loaders' order (Lightning's sampler would shuffle training data; with dp = 1
     # every rank reads every batch anyway); the FSDP run shards the validation set over its 2 ranks
 
     return L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, gradient_clip_val=CLIP,
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, gradient_clip_val=CLIP,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=STEPS, callbacks=list(callbacks),
         use_distributed_sampler=use_distributed_sampler,
@@ -116,8 +118,56 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 p.add_(0.1)
         trainer = _trainer(FSDP2Strategy(data_parallel_size=2), use_distributed_sampler=True)
         result["val_fsdp2"] = trainer.validate(fsdp_model, dm4, ckpt_path=ckpt, verbose=False)[0]["val/loss"]
+        result["guard"] = _guard_runs(rank)
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def _guard_runs(rank: int) -> dict:
+    """NaNGuard under PP=2: NaN gradients on rank 1's stage at step 1 and on rank 0's at steps 3 and 4
+    (max_consecutive_bad_steps=2); then a NaN loss at step 1 (the LM head, on the last stage, poisoned)."""
+    import lightning as L
+
+    from lightning_modules.callbacks import NaNGuard, NonFiniteGradientError, NonFiniteLossError
+    from lightning_modules.strategies import PipelineParallelStrategy
+
+    class PoisonGrads(L.Callback):
+        def __init__(self, steps):
+            self.steps = steps
+
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step in self.steps:
+                grad = next(p.grad for p in pl_module.parameters() if p.grad is not None)
+                grad.view(-1)[0] = float("nan")
+
+    class PoisonHead(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            head = getattr(pl_module.model, "lm_head", None)
+            if trainer.global_step == 1 and head is not None:
+                with torch.no_grad():
+                    head.weight.fill_(float("nan"))
+
+    class Weights(L.Callback):  # a checksum of this rank's parameters after every step
+        sums: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.sums.append(sum(float(p.detach().double().sum()) for p in pl_module.parameters()))
+
+    out: dict = {}
+    guard, weights = NaNGuard(max_consecutive_bad_steps=2), Weights()
+    poison = PoisonGrads({1} if rank == 1 else {3, 4})
+    try:
+        _trainer(PipelineParallelStrategy(pipeline_parallel_size=2, n_microbatches=2),
+                 [poison, guard, weights], max_steps=6).fit(_module(), _data(8)[0])  # fmt: skip
+    except NonFiniteGradientError as exc:
+        out["grad_error"] = str(exc)
+    out["skipped"], out["sums"] = guard.skipped_steps, weights.sums
+    try:
+        _trainer(PipelineParallelStrategy(pipeline_parallel_size=2, n_microbatches=2),
+                 [PoisonHead(), NaNGuard()], max_steps=3).fit(_module(), _data(8)[0])  # fmt: skip
+    except NonFiniteLossError as exc:
+        out["loss_error"] = str(exc)
+    return out
 
 
 def _free_port() -> int:
@@ -174,3 +224,16 @@ def test_pipeline_checkpoint_loads_in_one_process_under_fsdp2_and_pipeline(runs)
         assert single["val_pp1"] == pytest.approx(res["val_pp2"], rel=1e-5)
         assert res["val_fsdp2"] == pytest.approx(res["val_pp2"], rel=1e-5)
         assert res["val_pp2_reloaded"] == pytest.approx(res["val_pp2"], rel=1e-5)
+
+
+def test_nan_guard_under_the_pipeline_decides_on_every_rank(runs):
+    results, _ = runs
+    for res in (r["guard"] for r in results):
+        # one stage's NaN gradients skip the step on both ranks; a finite step resets the count
+        assert res["skipped"] == [1, 3, 4]
+        assert "2 optimizer steps in a row, the last at step 4" in res["grad_error"]
+        sums = res["sums"]  # after steps 0..3 (step 4 raised)
+        assert sums[1] == sums[0] and sums[2] != sums[1] and sums[3] == sums[2]
+        assert all(math.isfinite(x) for x in sums)
+        # the loss the last stage broadcasts is checked on every rank before the update
+        assert "the training loss is nan at step 1" in res["loss_error"]

@@ -20,7 +20,12 @@ import torch
 
 from attnres.cli import main as attnres_main
 from lightning_modules import commands, metrics
-from lightning_modules.callbacks import AtomicCheckpointIO, NonFiniteLossError
+from lightning_modules.callbacks import (
+    AtomicCheckpointIO,
+    NaNGuard,
+    NonFiniteGradientError,
+    NonFiniteLossError,
+)
 from lightning_modules.cli import AttnResCLI, run_lightning_cli
 from lightning_modules.module import LanguageModel, LRSchedule
 
@@ -340,6 +345,148 @@ def test_atomic_checkpoint_io_leaves_the_old_file_whole(tmp_path, monkeypatch):
     assert os.stat(path).st_mode & 0o044  # readable like a normal file, not mkstemp's 0600
 
 
+# ----------------------------------------------------------------------------- skipped steps
+
+
+def _micro_module(**kw) -> LanguageModel:
+    torch.manual_seed(0)
+    return LanguageModel(
+        preset="tiny", num_layers=2, num_blocks=2, dim=32, vocab_size=64, max_seq_len=16, moe=True,
+        num_experts=4, top_k=2, warmup_steps=1, schedule="constant",
+        overrides=dict(full_attn_every=2, kda_head_dim=16, mla_v_head_dim=16, mla_qk_nope_dim=16,
+                       mla_qk_shared_dim=8, mla_kv_rank=16, mlp_dim=64, expert_dim=16,
+                       router_bias_update_rate=0.01),
+        **kw,
+    )  # fmt: skip
+
+
+def _micro_loader(n: int = 8, batch_size: int = 2) -> torch.utils.data.DataLoader:
+    tokens = torch.randint(0, 64, (n, 17), generator=torch.Generator().manual_seed(3))
+    rows = [{"input_ids": t[:-1], "labels": t[1:]} for t in tokens]
+    return torch.utils.data.DataLoader(rows, batch_size=batch_size)
+
+
+def _micro_trainer(max_steps: int, callbacks: list, **kw) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        callbacks=callbacks, **kw,
+    )  # fmt: skip
+
+
+class PoisonGradsAt(L.Callback):
+    """Sets one gradient element to ``value`` after the backward of each step in ``steps`` (the loss
+    stays finite)."""
+
+    def __init__(self, steps: set[int], value: float = float("inf")) -> None:
+        self.steps, self.value = steps, value
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_step in self.steps:
+            pl_module.model.lm_head.weight.grad[0, 0] = self.value
+
+
+class RecordAfterStep(L.Callback):
+    """Per step: the router biases, a copy of the parameters and the loss-scale, after the update."""
+
+    def __init__(self) -> None:
+        self.bias: list[torch.Tensor] = []
+        self.params: list[dict[str, torch.Tensor]] = []
+        self.scale: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        moes = pl_module.model.moe_layers().values()
+        self.bias.append(torch.cat([m.score_bias.clone() for m in moes]))
+        self.params.append({n: p.detach().clone() for n, p in pl_module.model.named_parameters()})
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.scale.append(scaler.get_scale() if scaler is not None else 1.0)
+
+
+def test_router_bias_is_not_updated_on_a_step_the_grad_scaler_skipped():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class Fp16ScalerWithoutAutocast(MixedPrecision):
+        # Lightning's fp16 AMP step and a real GradScaler (scale, unscale, skip on inf, update); the
+        # forward stays fp32, as fp16 autocast is not for CPUs
+        def forward_context(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    plugin = Fp16ScalerWithoutAutocast("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    rec = RecordAfterStep()
+    model = _micro_module()
+    trainer = _micro_trainer(3, [PoisonGradsAt({1}), rec], plugins=[plugin])
+    trainer.fit(model, _micro_loader())
+    assert rec.scale[1] == rec.scale[0] / 2 and rec.scale[2] == rec.scale[1]  # GradScaler skipped step 1
+    assert all(torch.equal(rec.params[1][n], rec.params[0][n]) for n in rec.params[0])
+    rate = 0.01
+    assert not torch.equal(rec.bias[0], torch.zeros_like(rec.bias[0]))  # a real step moves the bias
+    assert torch.equal(rec.bias[1], rec.bias[0])  # the skipped one does not
+    assert (rec.bias[2] - rec.bias[1]).abs().max() == pytest.approx(rate)  # the next real step does
+    # the skipped step's expert loads were dropped, not carried into the next update
+    assert all(m.tokens_per_expert.sum() == 0 for m in model.model.moe_layers().values())
+
+
+def test_nan_gradients_skip_the_update_and_warn_with_the_step_number():
+    guard, rec = NaNGuard(max_consecutive_bad_steps=3), RecordAfterStep()
+    trainer = _micro_trainer(4, [PoisonGradsAt({1, 2}, float("nan")), guard, rec])
+    with pytest.warns(UserWarning, match="non-finite") as caught:
+        trainer.fit(_micro_module(), _micro_loader())
+    said = " ".join(str(w.message) for w in caught if "NaNGuard" in str(w.message))
+    assert "at step 1:" in said and "at step 2:" in said and "at step 3" not in said
+    assert guard.skipped_steps == [1, 2] and trainer.global_step == 4
+    for before, after in ((0, 1), (1, 2)):  # weights, AdamW state and router bias as they were
+        assert all(torch.equal(rec.params[after][n], rec.params[before][n]) for n in rec.params[0])
+        assert torch.equal(rec.bias[after], rec.bias[before])
+    assert not torch.equal(rec.params[3]["lm_head.weight"], rec.params[2]["lm_head.weight"])
+    assert not torch.equal(rec.bias[3], rec.bias[2])
+    assert all(torch.isfinite(p).all() for p in rec.params[3].values())
+
+
+def test_consecutive_nan_gradients_stop_training_with_a_clear_error():
+    trainer = _micro_trainer(6, [PoisonGradsAt({1, 2, 3}), NaNGuard(max_consecutive_bad_steps=2)])
+    with (
+        pytest.warns(UserWarning, match="at step 1"),
+        pytest.raises(NonFiniteGradientError, match=r"2 optimizer steps in a row, the last at step 2.*"
+                      r"max_consecutive_bad_steps=2.*Last good checkpoint"),
+    ):  # fmt: skip
+        trainer.fit(_micro_module(), _micro_loader())
+
+
+def test_nan_guard_skips_on_every_rank_when_one_rank_has_nan_gradients():
+    # FSDP shards and pipeline stages hold different gradients: a rank whose own are finite must skip too
+    from types import SimpleNamespace
+
+    decisions = []
+
+    def reduce_boolean_decision(decision, all=True):
+        decisions.append(decision)
+        return False  # another rank saw a non-finite gradient
+
+    trainer = SimpleNamespace(
+        world_size=2, global_step=5, optimizers=[], checkpoint_callback=None,
+        precision_plugin=SimpleNamespace(),
+        strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision),
+    )  # fmt: skip
+    module = torch.nn.Linear(2, 2)
+    module(torch.ones(1, 2)).sum().backward()
+    with pytest.warns(UserWarning, match="on another rank.*at step 5"):
+        NaNGuard().on_before_optimizer_step(trainer, module, None)
+    assert decisions == [True] and all(p.grad is None for p in module.parameters())
+
+
+def test_nan_guard_is_configured_from_the_cli_once(micro, tmp_path):
+    old_style = ["--trainer.callbacks+=lightning_modules.callbacks.NaNGuard"]  # configs saved before
+    cli = AttnResCLI(
+        args=[*micro, "--nan_guard.max_consecutive_bad_steps", "3", *old_style,
+              "--trainer.default_root_dir", str(tmp_path)],
+        run=False,
+    )  # fmt: skip
+    guards = [c for c in cli.trainer.callbacks if isinstance(c, NaNGuard)]
+    assert [g.max_consecutive_bad_steps for g in guards] == [3]
+
+
 # ----------------------------------------------------------------------------- optimizer, schedule
 
 
@@ -365,6 +512,24 @@ def test_no_weight_decay_on_norms_biases_queries_and_embedding():
     assert any(".queries." in n for n in no) and "embed.weight" in no
     assert any("norm" in n for n in no) and not any("norm" in n or ".queries." in n for n in yes)
     assert "lm_head.weight" in yes and len(no | yes) == len(names)
+
+
+def test_tied_embedding_is_decayed_like_the_untied_lm_head_and_listed_once():
+    for decay_embeddings in (False, True):
+        m = LanguageModel(
+            preset="tiny", num_layers=2, num_blocks=2, dim=64, decay_embeddings=decay_embeddings,
+            overrides={"tie_embeddings": True},
+        )  # fmt: skip
+        tied = m.model.lm_head.weight
+        assert tied is m.model.embed.weight
+        decay, no_decay = m.param_groups()
+        in_decay = [p for p in decay["params"] if p is tied]
+        in_no_decay = [p for p in no_decay["params"] if p is tied]
+        assert len(in_decay) == 1 and not in_no_decay  # the head's decision, in exactly one group
+        every = [id(p) for g in (decay, no_decay) for p in g["params"]]
+        assert len(every) == len(set(every)) == len(list(m.model.parameters()))
+        # the optimizer accepts the groups (a parameter in two groups would raise)
+        torch.optim.AdamW(m.param_groups())
 
 
 def test_depth_entropy_load_balance_and_peak_flops():
@@ -497,8 +662,6 @@ def test_nan_guard_stops_every_rank_when_one_rank_has_a_nan_loss():
     # a rank with a finite loss must stop too when another rank's loss is NaN (it would otherwise
     # wait forever in the gradient all-reduce of the rank that stopped)
     from types import SimpleNamespace
-
-    from lightning_modules.callbacks import NaNGuard
 
     decisions = []
 

@@ -11,6 +11,11 @@ clipping (``trainer.gradient_clip_val``) uses the norm over all stages; checkpoi
 folders (from ``ModelParallelStrategy``) whose keys are the full model's, so they load at any other
 layout (PP, FSDP, one process).
 
+Lightning's backward hooks (``on_before_backward`` with the broadcast loss, ``on_after_backward``) and
+``on_before_optimizer_step`` run as in any strategy, so :class:`~lightning_modules.callbacks.NaNGuard`
+works here: its decisions are all-reduced over every rank (:meth:`reduce_boolean_decision`). fp16 mixed
+precision (a GradScaler) is refused: the schedule runs the backward passes on the unscaled loss.
+
 Under Block/Full AttnRes, bytes sent per microbatch and direction are logged as
 ``pp/bytes_fwd_per_microbatch`` and ``pp/bytes_bwd_per_microbatch`` (with ``caching``, a boundary
 sends only the block summaries the receiving rank lacks; SPEC §3).
@@ -150,6 +155,14 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         dp = self.device_mesh["dp"]
         return {"num_replicas": dp.size(), "rank": dp.get_local_rank()}
 
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """``all`` (or ``any``) of ``decision`` over every rank: the ranks of one pipeline hold different
+        stages (e.g. a NaN gradient on one stage must skip the step on all). Lightning's version goes
+        through :meth:`reduce`, which spans the data-parallel group only."""
+        t = torch.tensor(int(decision), device=self.root_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN if all else dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
         """Reduce over the data-parallel group: the ranks of one pipeline hold different layers (MoE
         load counts are per layer), and what they log is already the same on all of them."""
@@ -166,6 +179,12 @@ class PipelineParallelStrategy(ModelParallelStrategy):
             raise ValueError(
                 "PipelineParallelStrategy: trainer.accumulate_grad_batches must be 1; raise "
                 "strategy.n_microbatches (and data.batch_size) instead"
+            )
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                "PipelineParallelStrategy does not support fp16 mixed precision (a GradScaler): the "
+                "schedule runs the backward passes on the unscaled loss; use trainer.precision "
+                "bf16-mixed, bf16-true or 32-true"
             )
         module = self.lightning_module
         if self.pipeline is None or module.model is not self.pipeline.model:
@@ -274,11 +293,14 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         return loss
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        # the schedule ran the backward of every microbatch inside training_step: restore its gradients
-        for p, g in self._grads:
+        # the schedule ran the backward of every microbatch inside training_step: restore its gradients,
+        # between the hooks a backward runs (NaNGuard's loss check is in on_before_backward)
+        grads, self._grads = self._grads, []
+        module = self.lightning_module
+        self.precision_plugin.pre_backward(closure_loss, module)
+        for p, g in grads:
             p.grad = g if p.grad is None else p.grad + g
-        self._grads = []
-        return closure_loss
+        return self.precision_plugin.post_backward(closure_loss, module)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Tensor:
         return self._eval(args[0] if args else kwargs["batch"], "val")
