@@ -83,12 +83,15 @@ class NaNGuard(L.Callback):
     Args:
         max_consecutive_bad_steps: stop at this many optimizer steps in a row with non-finite
             gradients (1: at the first one; a finite step resets the count).
+        check_gradients: the gradient check (one max-norm over all gradients and one host sync per
+            step; turn it off to save that time when the loss check is enough, e.g. bf16 runs).
     """
 
-    def __init__(self, max_consecutive_bad_steps: int = 10) -> None:
+    def __init__(self, max_consecutive_bad_steps: int = 10, check_gradients: bool = True) -> None:
         if max_consecutive_bad_steps < 1:
             raise ValueError(f"max_consecutive_bad_steps must be >= 1, got {max_consecutive_bad_steps}")
         self.max_consecutive_bad_steps = max_consecutive_bad_steps
+        self.check_gradients = check_gradients
         self.consecutive_bad_steps = 0
         self.skipped_steps: list[int] = []  # global steps whose update was skipped
 
@@ -114,6 +117,8 @@ class NaNGuard(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
+        if not self.check_gradients:
+            return
         finite = local = grads_are_finite(pl_module.parameters())
         if trainer.world_size > 1:  # every rank skips together (FSDP and PP ranks hold different grads)
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)

@@ -444,6 +444,15 @@ def test_nan_gradients_skip_the_update_and_warn_with_the_step_number():
     assert all(torch.isfinite(p).all() for p in rec.params[3].values())
 
 
+def test_gradient_check_can_be_turned_off():
+    # off: the inf gradient reaches the weights at step 1, and only the loss check stops step 2
+    guard = NaNGuard(max_consecutive_bad_steps=1, check_gradients=False)
+    trainer = _micro_trainer(4, [PoisonGradsAt({1}), guard])
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        trainer.fit(_micro_module(), _micro_loader())
+    assert guard.skipped_steps == []
+
+
 def test_consecutive_nan_gradients_stop_training_with_a_clear_error():
     trainer = _micro_trainer(6, [PoisonGradsAt({1, 2, 3}), NaNGuard(max_consecutive_bad_steps=2)])
     with (
