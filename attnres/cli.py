@@ -68,21 +68,44 @@ def bench_ops(
     out: str | None = None,
     threads: int | None = None,
     repeats: int | None = None,
+    compare: str | None = None,
 ) -> None:
-    """Benchmark the depth-attention ops: compiled kernels vs the eager PyTorch reference.
+    """Benchmark the depth-attention ops: compiled kernels vs the eager PyTorch reference (CPU), or vs
+    ``torch.compile``, flash-attn-res and fla (CUDA).
 
-    Times phase1, phase2 and the direct op, forward and forward+backward, and prints a table (ms, GB/s
-    of the minimum traffic, % of the measured copy bandwidth, speed-up); writes JSON to
-    benchmarks/results/ops_<device>.json.
+    Times phase1, phase2 and the direct op, forward and backward, and prints a table (ms, GB/s of the
+    minimum traffic, % of the copy bandwidth measured in the same run, speed-ups); writes JSON to
+    benchmarks/results/ops_<device type>.json. On CUDA (:mod:`attnres.bench.ops_cuda`): bf16 over the
+    issue's grid (``quick``: the N = 16384 sweep), then the baselines on the ``compare`` shapes
+    (flash-attn-res and fla are used where installed).
 
     Args:
-        device: where to run (``cpu``; other device types need a grid in attnres.bench.ops.GRIDS).
-        quick: a small grid (a minute on a laptop) instead of the full one.
-        compile_reference: also time ``torch.compile`` of the reference (slow to compile).
+        device: ``cpu`` or ``cuda`` (``cuda:1``...).
+        quick: a small grid (a minute on a laptop; on CUDA the N = 16384 sweep) instead of the full one.
+        compile_reference: CPU: also time ``torch.compile`` of the reference (slow to compile). On
+            CUDA the baselines always include it.
         out: JSON path (default ``benchmarks/results/ops_<device type>.json``).
         threads: ``torch.set_num_threads`` before timing (default: leave as is).
         repeats: timed repeats per case, the median is reported (default 3 quick, 5 full).
+        compare: CUDA: the shapes timed against the baselines, ``N,d,n,S`` separated by ``;``
+            (default ``16384,2048,9,8;16384,2304,9,8``; ``none``: no baselines). Each compiles and
+            autotunes the baselines: minutes per shape.
     """
+    import torch
+
+    if torch.device(device).type == "cuda":
+        from attnres.bench.ops_cuda import DEFAULT_JSON, parse_shapes, run
+
+        if not torch.cuda.is_available():
+            raise SystemExit("attnres bench ops --device cuda: no CUDA device here (torch.cuda.is_available()"
+                             " is False); run it on a GPU machine, or use --device cpu")
+        if device != "cuda":
+            torch.cuda.set_device(torch.device(device))
+        run(quick=quick, json_path=out or DEFAULT_JSON, compare_cases=parse_shapes(compare))
+        return
+    if compare is not None:
+        raise SystemExit("attnres bench ops: --compare is for --device cuda (the CPU baseline is "
+                         "--compile_reference true)")
     from attnres.bench.ops import run_ops_benchmark
 
     run_ops_benchmark(
