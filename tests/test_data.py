@@ -231,21 +231,28 @@ def test_validation_order_is_fixed_across_epochs(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first, later))
 
 
+ONE_DOC = "the only document of this corpus. " * 300
+
+
+def _single_file_module(tmp_path, **kw) -> TextDataModule:
+    """A files corpus of one document (``ONE_DOC``) under ``tmp_path/one``, 10 % held out for val."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "one.txt").write_text(ONE_DOC)
+    return TextDataModule(
+        corpus="files", files=[str(tmp_path / "one/*.txt")], seq_len=16, batch_size=2,
+        cache_dir=str(tmp_path / "cache"), val_fraction=0.1, **kw,
+    )
+
+
 def test_a_single_file_corpus_is_cut_by_tokens_into_train_and_val(tmp_path):
     # write_shards documents it: one file (nothing for the other split) is cut by tokens, the last
     # val_fraction share going to val; both splits exist and together are the file's token stream.
-    (tmp_path / "txt").mkdir()
-    text = "the only document of this corpus. " * 300
-    (tmp_path / "txt" / "one.txt").write_text(text)
-    dm = TextDataModule(
-        corpus="files", files=[str(tmp_path / "txt/*.txt")], seq_len=16, batch_size=2,
-        cache_dir=str(tmp_path / "cache"), val_fraction=0.1,
-    )
+    dm = _single_file_module(tmp_path)
     dm.setup("fit")
     assert len(dm.train_set) > 0 and len(dm.val_set) > 0
     train = np.concatenate(dm.shard_set.shards["train"])
     val = np.concatenate(dm.shard_set.shards["val"])
-    stream = np.concatenate([ByteTokenizer().encode_batch([text])[0], [ByteTokenizer().eos_id]])
+    stream = np.concatenate([ByteTokenizer().encode_batch([ONE_DOC])[0], [ByteTokenizer().eos_id]])
     assert np.array_equal(np.concatenate([train, val]), stream)
     assert len(val) == round(len(stream) * 0.1)
 
@@ -317,16 +324,10 @@ def test_test_dataloader_reads_the_held_out_test_split(tmp_path):
 
 
 def test_single_file_and_prepared_shards_carry_a_test_split(tmp_path):
-    (tmp_path / "one").mkdir()
-    text = "the only document of this corpus. " * 300
-    (tmp_path / "one" / "one.txt").write_text(text)
-    dm = TextDataModule(
-        corpus="files", files=[str(tmp_path / "one/*.txt")], seq_len=16, batch_size=2,
-        cache_dir=str(tmp_path / "cache"), val_fraction=0.1, test_fraction=0.1,
-    )  # fmt: skip
+    dm = _single_file_module(tmp_path, test_fraction=0.1)
     dm.setup("test")
     parts = [np.concatenate(dm.shard_set.shards[k]) for k in ("train", "test", "val")]
-    stream = np.concatenate([ByteTokenizer().encode_batch([text])[0], [ByteTokenizer().eos_id]])
+    stream = np.concatenate([ByteTokenizer().encode_batch([ONE_DOC])[0], [ByteTokenizer().eos_id]])
     assert np.array_equal(np.concatenate(parts), stream)  # cut train | test | val: val as without test
     assert len(parts[2]) == len(parts[1]) == round(len(stream) * 0.1)
 

@@ -463,21 +463,28 @@ def test_consecutive_nan_gradients_stop_training_with_a_clear_error():
         trainer.fit(_micro_module(), _micro_loader())
 
 
-def test_nan_guard_skips_on_every_rank_when_one_rank_has_nan_gradients():
-    # FSDP shards and pipeline stages hold different gradients: a rank whose own are finite must skip too
+def _trainer_whose_other_rank_disagrees(step: int) -> tuple[object, list[bool]]:
+    """A stand-in for a 2-rank Trainer at ``step`` whose other rank reports a non-finite value: every
+    all-reduced decision comes back False; the list records what this rank contributed."""
     from types import SimpleNamespace
 
-    decisions = []
+    decisions: list[bool] = []
 
     def reduce_boolean_decision(decision, all=True):
         decisions.append(decision)
-        return False  # another rank saw a non-finite gradient
+        return False
 
     trainer = SimpleNamespace(
-        world_size=2, global_step=5, optimizers=[], checkpoint_callback=None,
+        world_size=2, global_step=step, optimizers=[], checkpoint_callback=None,
         precision_plugin=SimpleNamespace(),
         strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision),
-    )  # fmt: skip
+    )
+    return trainer, decisions
+
+
+def test_nan_guard_skips_on_every_rank_when_one_rank_has_nan_gradients():
+    # FSDP shards and pipeline stages hold different gradients: a rank whose own are finite must skip too
+    trainer, decisions = _trainer_whose_other_rank_disagrees(5)
     module = torch.nn.Linear(2, 2)
     module(torch.ones(1, 2)).sum().backward()
     with pytest.warns(UserWarning, match="on another rank.*at step 5"):
@@ -670,18 +677,7 @@ def test_throughput_counts_each_batch_once_per_data_parallel_replica(monkeypatch
 def test_nan_guard_stops_every_rank_when_one_rank_has_a_nan_loss():
     # a rank with a finite loss must stop too when another rank's loss is NaN (it would otherwise
     # wait forever in the gradient all-reduce of the rank that stopped)
-    from types import SimpleNamespace
-
-    decisions = []
-
-    def reduce_boolean_decision(decision, all=True):
-        decisions.append(decision)
-        return False  # another rank reported a non-finite loss
-
-    trainer = SimpleNamespace(
-        world_size=2, global_step=7, optimizers=[], checkpoint_callback=None,
-        strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision),
-    )
+    trainer, decisions = _trainer_whose_other_rank_disagrees(7)
     with pytest.raises(NonFiniteLossError, match="at step 7"):
         NaNGuard().on_before_backward(trainer, None, torch.tensor(2.5))
     assert decisions == [True]
