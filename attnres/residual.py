@@ -63,6 +63,7 @@ class ResidualState:
     pending_outs: list[Tensor | None] = field(default_factory=list)
     pending_lse: Tensor | None = None
     pending_queries: tuple[Tensor, ...] = ()  # their queries (phase 2 uses them again)
+    pending_sources: int = 0  # how many sources phase 1 read (Full: later ones are merged by phase 2)
     # when not None, the queries by sublayer range, kept across calls (decoding: parameters are fixed)
     query_cache: dict[tuple[int, int], Tensor] | None = None
     # when not None, one dict per sublayer input (and the read-out): weights and source norms
@@ -75,7 +76,11 @@ class Residual(nn.Module):
     mode: ``"standard"`` (h_l = v_0 + ... + v_{l-1}), ``"full"`` (softmax over every earlier output)
     or ``"block"`` (``num_blocks`` blocks of ``num_sublayers / num_blocks`` sublayers; a decoder also
     wants that block size even, so a block holds whole decoder layers — its config checks that).
-    ``eps``: the key RMSNorm epsilon.
+    ``eps``: the key RMSNorm epsilon. ``full_group``: Full AttnRes runs phase 1 once per group of this
+    many consecutive sublayers (over the outputs completed before the group) and merges each later
+    output of the group by phase 2, one online-softmax step per output: the same softmax, with the
+    sources read once per group instead of once per sublayer. 1: a direct softmax per sublayer;
+    above 2 each merge beyond the first keeps one more ``[..., d]`` tensor for backward.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class Residual(nn.Module):
         mode: ResidualMode = "block",
         num_blocks: int = 8,
         eps: float = 1e-6,
+        full_group: int = 2,
     ) -> None:
         super().__init__()
         if mode not in RESIDUAL_MODES:
@@ -96,8 +102,11 @@ class Residual(nn.Module):
                 f"num_blocks={num_blocks} must divide the {num_sublayers} sublayers "
                 f"(valid: {', '.join(str(n) for n in block_counts(num_sublayers))})"
             )
+        if full_group < 1:
+            raise ValueError(f"full_group must be >= 1, got {full_group}")
         self.mode = mode
         self.dim = dim
+        self.full_group = full_group
         self.num_sublayers = num_sublayers
         self.num_blocks = num_blocks if mode == "block" else (num_sublayers if mode == "full" else 0)
         self.block_size = {"block": num_sublayers // max(num_blocks, 1), "full": 1, "standard": 0}[mode]
@@ -133,26 +142,34 @@ class Residual(nn.Module):
         """The input ``h_i [B, T, d]`` of sublayer ``i``."""
         if self.mode == "standard":
             return state.hidden
-        first = i - i % self.block_size
-        if state.partial is None and i != first:
-            raise RuntimeError(f"sublayer {i} is inside a block but no partial summary was handed back")
+        if self.mode == "full":
+            # in groups: phase 1 over the outputs completed before the group (or before the first
+            # sublayer of it this module owns), then one phase-2 merge per output completed since
+            h, lse, k = self._phase1_result(state, i, self.full_group)
+            for v in state.sources[state.pending_sources:]:
+                h, lse = ops.phase2(h, lse, v, state.pending_queries[k], self.eps)
+            sources = state.sources
+        else:
+            if state.partial is None and i % self.block_size != 0:
+                raise RuntimeError(f"sublayer {i} is inside a block but no partial summary was handed back")
+            h, lse, k = self._phase1_result(state, i, self.block_size)
+            if state.partial is not None:
+                h, _ = ops.phase2(h, lse, state.partial, state.pending_queries[k], self.eps)
+            sources = state.sources + ([state.partial] if state.partial is not None else [])
+        if state.records is not None:
+            self._record(state, i, sources)
+        return h
+
+    def _phase1_result(self, state: ResidualState, i: int, group: int) -> tuple[Tensor, Tensor, int]:
+        """Sublayer ``i``'s phase-1 ``(out, lse)`` and its index among the pending ones, running phase 1
+        for ``i`` .. the end of its group of ``group`` sublayers when it has not run yet."""
         k = i - state.pending_first
-        if (
-            state.pending_lse is None
-            or not (0 <= k < len(state.pending_outs))
-            or state.pending_outs[k] is None
-        ):
-            self._phase1(state, i, first + self.block_size)
+        if state.pending_lse is None or not 0 <= k < len(state.pending_outs) or state.pending_outs[k] is None:
+            self._phase1(state, i, min(i - i % group + group, self.num_sublayers))
             k = 0
         out, lse = state.pending_outs[k], state.pending_lse[k]
         state.pending_outs[k] = None  # let it die once used
-        if state.partial is None:
-            h = out
-        else:
-            h, _ = ops.phase2(out, lse, state.partial, state.pending_queries[k], self.eps)
-        if state.records is not None:
-            self._record(state, i, state.sources + ([state.partial] if state.partial is not None else []))
-        return h
+        return out, lse, k
 
     def output(self, state: ResidualState, i: int, v: Tensor) -> None:
         """Hand back the output ``v_i [B, T, d]`` of sublayer ``i``."""
@@ -164,6 +181,9 @@ class Residual(nn.Module):
         stream_dtype = state.sources[0].dtype
         if v.dtype != stream_dtype:
             v = v.to(stream_dtype)
+        if self.mode == "full":  # every output is a source; the group's phase-1 results stay pending
+            state.sources.append(v)
+            return
         state.partial = v if state.partial is None else state.partial + v
         if (i + 1) % self.block_size == 0:  # the block is complete: its summary becomes a source
             state.sources.append(state.partial)
@@ -212,6 +232,7 @@ class Residual(nn.Module):
         outs, lse = ops.phase1(state.sources, queries, self.eps)
         state.pending_first, state.pending_outs, state.pending_lse = i, list(outs), lse
         state.pending_queries = queries.unbind(0)
+        state.pending_sources = len(state.sources)
 
     def _record(self, state: ResidualState, i: int, sources: list[Tensor]) -> None:
         name = "out" if i == self.num_sublayers else str(i)

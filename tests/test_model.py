@@ -278,6 +278,7 @@ def test_aux_loss_is_reported_when_enabled():
         (dict(first_dense_layers=5), "first_dense_layers", "0 .. num_layers=4"),
         (dict(kda_chunk_size=8), "kda_chunk_size", "16 | 32 | 64"),
         (dict(kda_backend="triton"), "kda_backend", "auto | torch | fla"),
+        (dict(full_group=0), "full_group", "an integer >= 1"),
         (dict(dim=0), "dim", ">= 1"),
         (dict(rms_norm_eps=0.0), "rms_norm_eps", "> 0"),
     ],

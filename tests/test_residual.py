@@ -74,12 +74,17 @@ def grads(module: nn.Module, *tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("mode", "num_sublayers", "num_blocks"),
-    [("standard", 6, 0), ("full", 6, 0), ("block", 8, 4), ("block", 8, 2), ("block", 8, 1), ("block", 12, 3)],
-)
-def test_two_phase_path_equals_direct_softmax_forward_and_backward(mode, num_sublayers, num_blocks):
+    ("mode", "num_sublayers", "num_blocks", "full_group"),
+    [("standard", 6, 0, 2), ("full", 6, 0, 1), ("full", 6, 0, 2), ("full", 7, 0, 3), ("full", 6, 0, 6),
+     ("block", 8, 4, 2), ("block", 8, 2, 2), ("block", 8, 1, 2), ("block", 12, 3, 2)],
+)  # fmt: skip
+def test_two_phase_path_equals_direct_softmax_forward_and_backward(
+    mode, num_sublayers, num_blocks, full_group
+):
+    # Full in groups (phase 1 per group, a phase-2 merge per output of the group so far; 7 sublayers in
+    # groups of 3 end with a short group) is the direct softmax per sublayer of the spec
     sublayers = make_stack(num_sublayers)
-    res = Residual(D, num_sublayers, mode, num_blocks=max(num_blocks, 1), eps=EPS).double()
+    res = Residual(D, num_sublayers, mode, max(num_blocks, 1), EPS, full_group=full_group).double()
     if mode != "standard":
         randomise_queries(res)
     block_size = num_sublayers // num_blocks if mode == "block" else 1
@@ -202,16 +207,18 @@ def test_readout_in_the_middle_of_a_block_is_an_error():
         res.readout(state)
 
 
-def test_stage_starting_mid_block_runs_phase1_for_its_own_sublayers():
-    """A pipeline stage that owns sublayers 2..3 of a 4-sublayer block, given the summaries and the
-    partial, computes the same inputs as the unsplit module."""
+@pytest.mark.parametrize("mode", ["block", "full"])
+def test_stage_starting_mid_block_runs_phase1_for_its_own_sublayers(mode):
+    """A pipeline stage that owns sublayers 2..7, starting inside a 4-sublayer block (Block) or a
+    3-sublayer phase-1 group (Full), given the sources and the partial, computes the same inputs as
+    the unsplit module."""
     sublayers = make_stack(8)
-    whole = Residual(D, 8, "block", num_blocks=2, eps=EPS).double()
+    whole = Residual(D, 8, mode, num_blocks=2, eps=EPS, full_group=3).double()
     randomise_queries(whole)
     emb = torch.randn(2, 3, D, dtype=torch.float64)
     out_whole, _ = run(whole, emb, sublayers)
 
-    stage = Residual(D, 8, "block", num_blocks=2, eps=EPS).double()
+    stage = Residual(D, 8, mode, num_blocks=2, eps=EPS, full_group=3).double()
     stage.load_state_dict(whole.state_dict())
     state = stage.begin(emb)
     for i in range(2):

@@ -239,8 +239,19 @@ def residual_traffic(config: Config, batch: int, seq_len: int, itemsize: int = 2
         fwd_x = 3 * L  # h = h + v: read two, write one
         sources = 0
         stored_partials = 0
+    elif mode == "full":
+        G = config.full_group
+        groups = [(f, min(f + G, L)) for f in range(0, L, G)]
+        # phase 1 of the group starting at sublayer f reads v_0 .. v_f (f + 1 sources) and writes one
+        # output per sublayer of the group; sublayer f + j then merges j outputs by phase 2 (3 X each)
+        phase1_x = sum(f + 1 + (e - f) for f, e in groups)
+        phase2 = sum(j for f, e in groups for j in range(e - f))
+        calls = {"phase1": len(groups), "phase2": phase2, "readout": 1}
+        fwd_x = phase1_x + 3 * phase2 + (L + 1) + 1
+        sources = L + 1  # v_0 .. v_L
+        stored_partials = sum(max(0, j - 1) for f, e in groups for j in range(e - f))  # chained merges
     else:
-        S = 1 if mode == "full" else L // config.num_blocks
+        S = L // config.num_blocks
         N = L // S
         # phase 1 of block n (n = 1..N) reads the n completed sources once and writes one output per query
         phase1_x = sum(n + S for n in range(1, N + 1))
@@ -248,7 +259,7 @@ def residual_traffic(config: Config, batch: int, seq_len: int, itemsize: int = 2
         adds = L - N  # partial = partial + v inside a block
         calls = {"phase1": N, "phase2": phase2, "partial_add": adds, "readout": 1}
         fwd_x = phase1_x + 3 * phase2 + 3 * adds + (N + 1) + 1
-        sources = N + 1  # b_0 .. b_N (Full: v_0 .. v_L)
+        sources = N + 1  # b_0 .. b_N
         stored_partials = phase2  # each phase-2 call saves its partial summary for backward
     step_bytes = 3 * fwd_x * x  # forward + a backward of about twice the forward
     return {

@@ -53,6 +53,10 @@ class Config:
     valid, else the largest valid count below 8 (resolved at construction)."""
     residual_eps: float = 1e-6
     """Epsilon of the depth-attention key RMSNorm."""
+    full_group: int = 2
+    """Full AttnRes: sublayers per phase-1 group (phase 1 reads the completed outputs once per group,
+    then each later output of the group is merged by a phase-2 step; the same softmax). 1: a direct
+    softmax per sublayer; above 2, each merge beyond the first keeps one more activation for backward."""
 
     # ---- token mixers
     token_mixer: Literal["hybrid", "kda", "mla"] = "hybrid"
@@ -153,6 +157,8 @@ class Config:
                 raise bad(f, getattr(self, f), "None or an integer >= 1")
         if self.kda_chunk_size not in KDA_CHUNK_SIZES:
             raise bad("kda_chunk_size", self.kda_chunk_size, " | ".join(map(str, KDA_CHUNK_SIZES)))
+        if self.full_group < 1:
+            raise bad("full_group", self.full_group, "an integer >= 1")
         if self.kda_backend not in KDA_BACKENDS:
             raise bad("kda_backend", self.kda_backend, " | ".join(KDA_BACKENDS))
         if self.moe:

@@ -109,7 +109,9 @@ class Decoder(nn.Module):
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(c, i) for i in range(c.num_layers)})
-        self.residual = Residual(c.dim, c.num_sublayers, c.residual, c.num_blocks, c.residual_eps)
+        self.residual = Residual(
+            c.dim, c.num_sublayers, c.residual, c.num_blocks, c.residual_eps, full_group=c.full_group
+        )
         self.norm = RMSNorm(c.dim, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
         if c.tie_embeddings:
