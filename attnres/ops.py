@@ -198,9 +198,9 @@ def phase2(
     query = _check_queries(query, partial, "query", single=True)
     if backend(partial.device) == "reference":
         return reference.phase2(partial_out, partial_lse, partial, query, eps)
-    m = partial_lse.reshape(-1)
-    if m.dtype != _acc_dtype(partial.dtype):
-        m = m.to(_acc_dtype(partial.dtype))
+    m, acc = partial_lse.reshape(-1), _acc_dtype(partial.dtype)
+    if m.dtype != acc:  # skips the call of a no-op .to(): this path runs once per sublayer
+        m = m.to(acc)
     out, lse = _call(torch.ops.attnres.phase2, _flat(partial_out), m, _flat(partial), query, eps)
     return out.view(partial.shape), lse.view(lse_shape)
 
