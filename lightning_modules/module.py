@@ -17,6 +17,8 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 from torchmetrics.text import Perplexity
 
@@ -188,8 +190,7 @@ class LanguageModel(L.LightningModule):
         moes = self.model.moe_layers()
         if not moes:
             return super().optimizer_step(*args, **kwargs)
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        scaler = self._grad_scaler()
         scale = scaler.get_scale() if scaler is not None else None
         super().optimizer_step(*args, **kwargs)
         # the aux-loss-free balancing step, from the loads of this step's forwards (all ranks; the
@@ -269,9 +270,17 @@ class LanguageModel(L.LightningModule):
             or (name.startswith("embed.") and not self.hparams.decay_embeddings)
         )
 
+    def _grad_scaler(self) -> Any:
+        """fp16's GradScaler when the precision plugin runs one, else ``None`` (bf16, fp32)."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
-        fused = self.device.type == "cuda"
+        # fused AdamW on CUDA, except where it cannot be clipped: with fp16's GradScaler the fused
+        # kernel unscales the gradients itself, after any clipping (Lightning refuses that pair)
+        clipped = bool(self.trainer.gradient_clip_val)
+        fused = self.device.type == "cuda" and not (clipped and self._grad_scaler() is not None)
         opt = torch.optim.AdamW(self.param_groups(), lr=h.lr, betas=tuple(h.betas), fused=fused)
         total = h.schedule_steps or self.trainer.max_steps
         if total is None or total < 0:
@@ -279,6 +288,25 @@ class LanguageModel(L.LightningModule):
         fn = LRSchedule(h.warmup_steps, total, h.schedule, h.min_lr_ratio, h.decay_fraction)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, except that a fused optimizer is clipped when no GradScaler runs.
+
+        Lightning's mixed-precision plugin refuses to clip for any optimizer that "handles unscaling"
+        (fused AdamW), also under bf16, where nothing is scaled: the gradients are the true ones and
+        clipping them before the step is exact. Then the plugin's base-class clipping runs (a
+        strategy's own ``clip_grad_by_norm``, e.g. the pipeline's norm over all stages, still applies)."""
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if gradient_clip_val and fused and self._grad_scaler() is None:
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -341,7 +369,6 @@ class LanguageModel(L.LightningModule):
             "hidden_rms": s["hidden_rms"].float().tolist(),
             "router_load": [s["router_load"][k].float() for k in sorted(s["router_load"])],
         }
-
 
     def depth_diagnostics(
         self, batch: dict[str, Tensor], forward_context: Any = None

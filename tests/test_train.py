@@ -428,6 +428,45 @@ def test_router_bias_is_not_updated_on_a_step_the_grad_scaler_skipped():
     assert all(m.tokens_per_expert.sum() == 0 for m in model.model.moe_layers().values())
 
 
+class GradNormBeforeAndAtStep(L.Callback):
+    """The total gradient norm before clipping (Lightning's hook) and the one the optimizer step used
+    (read after the step: Lightning runs the backward inside `optimizer.step(closure)`)."""
+
+    def __init__(self) -> None:
+        self.before: list[float] = []
+        self.at_step: list[float] = []
+
+    @staticmethod
+    def norm(module) -> float:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        record = lambda opt, args, kw: self.at_step.append(self.norm(pl_module))  # noqa: E731
+        trainer.optimizers[0].register_step_post_hook(record)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.before.append(self.norm(pl_module))
+
+
+def test_fused_adamw_is_clipped_under_bf16(monkeypatch):
+    # The GPU default (bf16-mixed, gradient_clip_val, fused AdamW) used to fail at the first step:
+    # Lightning's mixed-precision plugin refuses to clip any fused optimizer. Here a fused AdamW on the
+    # CPU (torch has one) stands in for the CUDA one; the norm at the step must be the clipped norm.
+    class FusedAdamW(torch.optim.AdamW):
+        def __init__(self, *args, fused=None, **kw):
+            super().__init__(*args, fused=True, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", FusedAdamW)
+    rec, clip = GradNormBeforeAndAtStep(), 0.05
+    trainer = _micro_trainer(2, [rec], precision="bf16-mixed", gradient_clip_val=clip)
+    trainer.fit(_micro_module(), _micro_loader())
+    assert trainer.optimizers[0].defaults["fused"] and trainer.global_step == 2
+    assert len(rec.before) == len(rec.at_step) == 2
+    assert min(rec.before) > 2 * clip  # clipping had something to do ...
+    assert rec.at_step == pytest.approx([clip] * 2, rel=1e-4)  # ... and the step saw the clipped norm
+
+
 def test_nan_gradients_skip_the_update_and_warn_with_the_step_number():
     guard, rec = NaNGuard(max_consecutive_bad_steps=3), RecordAfterStep()
     trainer = _micro_trainer(4, [PoisonGradsAt({1, 2}, float("nan")), guard, rec])
@@ -475,7 +514,10 @@ def _trainer_whose_other_rank_disagrees(step: int) -> tuple[object, list[bool]]:
         return False
 
     trainer = SimpleNamespace(
-        world_size=2, global_step=step, optimizers=[], checkpoint_callback=None,
+        world_size=2,
+        global_step=step,
+        optimizers=[],
+        checkpoint_callback=None,
         precision_plugin=SimpleNamespace(),
         strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision),
     )
