@@ -8,7 +8,8 @@
 # .whl/ under /tmp/site, builds attnres._C unless a built one is newer than csrc/, runs the sweep with
 # benchmarks/study/run.py (runs stop at the budget and resume from their checkpoint on the next call
 # while the machine stays warm), then packs benchmarks/results/study/ and the logs into
-# $OUT/study_<sweep>.tgz (one file: the device returns at most 8) and copies the console log.
+# $OUT/study_<sweep>.tgz (one file: the device returns at most 8) and copies the console log, and
+# Triton's autotune results into $OUT/triton_autotune.tgz (unpack into .cache/ and carry .cache/triton).
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../device_common.sh"
 SWEEP=${1:?usage: device.sh SWEEP [RUN_IDS] [BUDGET_S]}
@@ -17,6 +18,10 @@ TOTAL=${3:-540}
 T0=$(date +%s)
 export OUT=${OUT:-/tmp/study_out}
 export PYTHONUNBUFFERED=1
+# fla's KDA kernels autotune once per shape (minutes on a fresh machine); Triton stores each result
+# as *.autotune.json under its cache dir. Carry .cache/triton (only those files come back: the
+# compiled kernels are ~190 MB) and the next machine skips the benchmarking.
+export TRITON_CACHE_DIR=$PWD/.cache/triton
 mkdir -p "$OUT/logs" benchmarks/results/study
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 
@@ -38,4 +43,5 @@ main() {
 
 main 2>&1 | tee "$OUT/console_${SWEEP}.log"
 tar czf "$OUT/study_${SWEEP}.tgz" benchmarks/results/study -C "$OUT" logs && rm -rf "$OUT/logs"
+(cd .cache && find triton -name '*.autotune.json' -print0 | tar czf "$OUT/triton_autotune.tgz" --null -T -)
 ls -la "$OUT"
