@@ -245,8 +245,10 @@ class KimiDeltaAttention(nn.Module):
         q, cq = self.q_conv(self.q_proj(x), conv[0])
         k, ck = self.k_conv(self.k_proj(x), conv[1])
         v, cv = self.v_conv(self.v_proj(x), conv[2])
-        q = F.normalize(q.unflatten(-1, (H, K)).float(), dim=-1, eps=1e-6).to(x.dtype)
-        k = F.normalize(k.unflatten(-1, (H, K)).float(), dim=-1, eps=1e-6).to(x.dtype)
+        # q, k, v in the projections' dtype (bf16 under autocast, while x, the residual stream,
+        # stays fp32): fla's kernels need one dtype for all three
+        q = F.normalize(q.unflatten(-1, (H, K)).float(), dim=-1, eps=1e-6).to(v.dtype)
+        k = F.normalize(k.unflatten(-1, (H, K)).float(), dim=-1, eps=1e-6).to(v.dtype)
         v = v.unflatten(-1, (H, K))
         g = self.decay(x)
         beta = torch.sigmoid(self.b_proj(x).float())

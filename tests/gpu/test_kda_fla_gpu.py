@@ -107,6 +107,23 @@ def test_layer_fla_backend_matches_torch_backend(dtype, tol):
         assert err_ratio(p.grad, p_ref.grad) < 2 * tol, (name, err_ratio(p.grad, p_ref.grad))
 
 
+def test_layer_fla_backend_under_autocast_matches_fp32():
+    # bf16-mixed training: fp32 weights and input, bf16 projections; fla needs one dtype for q, k, v
+    torch.manual_seed(0)
+    ours = KimiDeltaAttention(dim=256, num_heads=2, head_dim=128, chunk_size=64, backend="torch").to(DEV)
+    theirs = copy.deepcopy(ours)
+    theirs.backend = "fla"
+    x = torch.randn(2, 200, 256, device=DEV)
+    y_ref = ours(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = theirs(x)
+    assert err_ratio(y, y_ref) < 3e-2, err_ratio(y, y_ref)
+    y_ref.square().mean().backward()
+    y.float().square().mean().backward()
+    for (name, p), p_ref in zip(theirs.named_parameters(), ours.parameters()):
+        assert p.grad.dtype == torch.float32 and err_ratio(p.grad, p_ref.grad) < 6e-2, name
+
+
 def test_decoder_cached_decoding_through_fla_equals_full_forward():
     torch.manual_seed(0)
     cfg = get_config("tiny", kda_head_dim=64, kda_chunk_size=64)

@@ -1,0 +1,51 @@
+"""Training through Lightning on one GPU the way the configs do it (``configs/trainer/gpu.yaml``, the
+study): bf16-mixed autocast over fp32 weights, gradient clipping with the fused CUDA AdamW, fla's KDA,
+the CUDA depth-attention ops, grouped-GEMM MoE. Catches what the CPU suite cannot (autocast dtypes
+meeting Triton kernels, Lightning's refusal to clip fused optimizers under AMP)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_modules.module import LanguageModel
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="needs fla-core (its KDA kernels)"),
+]
+
+
+class Record(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.parametrize("residual", ["standard", "block", "full"])
+def test_fit_bf16_mixed_with_clipping_on_gpu(residual):
+    torch.manual_seed(0)
+    model = LanguageModel(
+        preset="tiny", residual=residual, num_blocks=2, num_layers=4, dim=128, vocab_size=256,
+        max_seq_len=128, moe=True, num_experts=4, top_k=2, warmup_steps=1, lr=3e-3,
+        overrides=dict(kda_head_dim=64, kda_backend="fla", full_attn_every=4, expert_dim=64, mlp_dim=256),
+    )  # fmt: skip
+    tokens = torch.randint(0, 256, (16, 129), generator=torch.Generator().manual_seed(1))
+    rows = [{"input_ids": t[:-1], "labels": t[1:]} for t in tokens]
+    rec = Record()
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, precision="bf16-mixed", gradient_clip_val=1.0, max_steps=6,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, callbacks=[rec],
+    )  # fmt: skip
+    trainer.fit(model, torch.utils.data.DataLoader(rows, batch_size=4))
+    assert trainer.global_step == 6 and trainer.optimizers[0].defaults["fused"]
+    assert all(torch.isfinite(torch.tensor(rec.losses)))
+    assert rec.losses[-1] < rec.losses[0]  # it learns (the same 4 batches, lr 3e-3)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
