@@ -55,6 +55,11 @@ def grouped_swiglu(
     tokens per expert; w_gate, w_up: ``[E, h, d]``; w_down: ``[E, d, h]``. Returns ``[N, d]``.
     ``use_grouped_mm``: None picks ``torch._grouped_mm`` where it runs (CUDA, bf16, sm90+).
     """
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        # bf16-mixed training: fp32 weights and residual stream; compute in autocast's dtype, as
+        # nn.Linear would (torch._grouped_mm has no autocast rule, and needs bf16)
+        dt = torch.get_autocast_dtype("cuda")
+        x, w_gate, w_up, w_down = (t.to(dt) for t in (x, w_gate, w_up, w_down))
     if use_grouped_mm is None:
         use_grouped_mm = _grouped_mm_ok(x, w_gate, w_up, w_down)
     if use_grouped_mm:
