@@ -75,7 +75,7 @@ def test_study_plan_expands_to_valid_runs():
     assert ids["seeds"] == [f"s-{m}-seed{k}" for m in ("standard", "block8", "full") for k in (0, 1)]
     assert set(ids["seeds"]) <= set(ids["scaling"]) and "m-block8-seed0" in ids["ablation"]
     assert "m-block8-seed0" in ids["depth_width"] and all(i.endswith("-probe") for i in ids["probe"])
-    assert all(r.tokens == 1024 * 32 * 1024 for r in run.expand(plan, "scaling"))
+    assert all(r.tokens == 512 * 32 * 1024 for r in run.expand(plan, "scaling"))
     for sweep in plan["sweeps"]:  # every run's model config passes the start-up checks (e.g. N | depth)
         for r in run.expand(plan, sweep):
             config = run.model_config(plan, r.model, r.model_args)

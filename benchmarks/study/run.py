@@ -258,8 +258,9 @@ def device_info(device: str) -> dict[str, Any]:
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
     ).stdout.strip()
-    # the device gets a copy of the working tree, maybe without .git: the plan passes ATTNRES_COMMIT
-    info["attnres_commit"] = commit or os.environ.get("ATTNRES_COMMIT") or None
+    # the device gets a copy of the working tree whose .git (if any) is stale: the plan passes
+    # ATTNRES_COMMIT, which wins
+    info["attnres_commit"] = os.environ.get("ATTNRES_COMMIT") or commit or None
     return info
 
 
