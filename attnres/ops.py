@@ -1,8 +1,8 @@
 """Typed wrappers of the depth-attention ops in ``attnres._C``.
 
 The schemas live in ``csrc/ops.cpp``; this module checks shapes, dtypes and devices with clear
-messages, registers the fake (meta) kernels for ``torch.compile`` and the autograd formulas, and
-routes a call to the compiled kernel of the tensors' device. Where there is none (the extension
+messages, registers the fake (meta) kernels for ``torch.compile`` (the autograd formulas are C++:
+``csrc/autograd.cpp``), and routes a call to the compiled kernel of the tensors' device. Where there is none (the extension
 was not built, or a device without kernels) the call runs :mod:`attnres.reference` instead, which
 is the same math in plain PyTorch; a missing extension is reported by one warning at import.
 
@@ -260,58 +260,7 @@ def _register() -> None:
         acc = _acc_dtype(sources[0].dtype)
         return [torch.empty_like(s) for s in sources], query.new_empty(query.shape, dtype=acc)
 
-    def _zeros_if_none(g: Tensor | None, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        return torch.zeros_like(like, dtype=dtype) if g is None else g
-
-    # phase 1 ------------------------------------------------------------------
-    def p1_setup(ctx, inputs, output):
-        sources, queries, eps = inputs
-        ctx.n = len(sources)
-        ctx.eps = eps
-        ctx.save_for_backward(*sources, queries, output[1])
-
-    def p1_backward(ctx, grad_outs, grad_lse):
-        *sources, queries, lse = ctx.saved_tensors
-        grad_outs = [_zeros_if_none(g, sources[0]) for g in grad_outs]
-        grad_lse = _zeros_if_none(grad_lse, lse)
-        grads, grad_q = torch.ops.attnres.phase1_backward(grad_outs, grad_lse, sources, queries, lse, ctx.eps)
-        return list(grads), grad_q.to(queries.dtype), None
-
-    torch.library.register_autograd(lib + "phase1", p1_backward, setup_context=p1_setup)
-
-    # phase 2 ------------------------------------------------------------------
-    def p2_setup(ctx, inputs, output):
-        _, partial_lse, partial, query, eps = inputs
-        ctx.eps = eps
-        ctx.save_for_backward(output[0], partial_lse, output[1], partial, query)
-
-    def p2_backward(ctx, grad_out, grad_lse):
-        out, partial_lse, lse, partial, query = ctx.saved_tensors
-        grad_out = _zeros_if_none(grad_out, out)
-        grad_lse = _zeros_if_none(grad_lse, lse)
-        g_o, g_m, g_p, g_q = torch.ops.attnres.phase2_backward(
-            grad_out, grad_lse, out, partial_lse, lse, partial, query, ctx.eps
-        )
-        return g_o, g_m.to(partial_lse.dtype), g_p, g_q.to(query.dtype), None
-
-    torch.library.register_autograd(lib + "phase2", p2_backward, setup_context=p2_setup)
-
-    # direct -------------------------------------------------------------------
-    def da_setup(ctx, inputs, output):
-        sources, query, eps = inputs
-        ctx.eps = eps
-        ctx.save_for_backward(*sources, query, output[1])
-
-    def da_backward(ctx, grad_out, grad_lse):
-        *sources, query, lse = ctx.saved_tensors
-        grad_out = _zeros_if_none(grad_out, sources[0])
-        grad_lse = _zeros_if_none(grad_lse, lse)
-        grads, grad_q = torch.ops.attnres.depth_attn_backward(
-            grad_out, grad_lse, sources, query, lse, ctx.eps
-        )
-        return list(grads), grad_q.to(query.dtype), None
-
-    torch.library.register_autograd(lib + "depth_attn", da_backward, setup_context=da_setup)
+    # autograd: csrc/autograd.cpp (TORCH_LIBRARY_IMPL(attnres, Autograd, m)), in C++ for its host cost
 
 
 if extension_error is None:

@@ -1,6 +1,6 @@
 // The op schemas of attnres, declared once. Each backend registers its kernels in its own file
 // (cpu/*.cpp: TORCH_LIBRARY_IMPL(attnres, CPU, m); cuda/*.cu: TORCH_LIBRARY_IMPL(attnres, CUDA, m)).
-// attnres/ops.py holds the typed Python wrappers, the fake (meta) kernels and the autograd formulas;
+// attnres/ops.py holds the typed Python wrappers and the fake (meta) kernels; csrc/autograd.cpp the autograd;
 // attnres/reference.py is the ground truth every kernel is tested against.
 //
 // Notation (SPEC §1-2): a source v is a row of d values of one token; rms(v) = sqrt(mean(v^2) + eps);
