@@ -28,6 +28,38 @@ Tensor defined_or_zeros(const Tensor& g, const Tensor& like) {
   return g.defined() ? g : at::zeros_like(like);
 }
 
+// Phase 1 and the direct op read a list of sources under queries: both save the sources, the
+// query (or queries), the lse and eps, and return a gradient per source, the query's and eps's none.
+void save_sources(AutogradContext* ctx, at::TensorList sources, const Tensor& query, const Tensor& lse,
+                  double eps) {
+  std::vector<Tensor> saved(sources.begin(), sources.end());
+  saved.push_back(query);
+  saved.push_back(lse);
+  ctx->save_for_backward(saved);
+  ctx->saved_data["eps"] = eps;
+}
+
+struct SavedSources {
+  std::vector<Tensor> sources;
+  Tensor query, lse;
+  double eps;
+};
+
+SavedSources saved_sources(AutogradContext* ctx) {
+  auto saved = ctx->get_saved_variables();
+  SavedSources out{{}, saved[saved.size() - 2], saved.back(), ctx->saved_data["eps"].toDouble()};
+  out.sources.assign(saved.begin(), saved.end() - 2);
+  return out;
+}
+
+variable_list source_grads(const std::vector<Tensor>& grad_sources, const Tensor& grad_query,
+                           const Tensor& query) {
+  variable_list result(grad_sources.begin(), grad_sources.end());
+  result.push_back(grad_query.to(query.scalar_type()));
+  result.emplace_back();  // eps
+  return result;
+}
+
 // ---------------------------------------------------------------------------- phase 1
 
 class Phase1 : public torch::autograd::Function<Phase1> {
@@ -39,11 +71,7 @@ class Phase1 : public torch::autograd::Function<Phase1> {
                          .typed<ListAndTensor(at::TensorList, const Tensor&, double)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [outs, lse] = op.call(sources, queries, eps);
-    std::vector<Tensor> saved(sources.begin(), sources.end());
-    saved.push_back(queries);
-    saved.push_back(lse);
-    ctx->save_for_backward(saved);
-    ctx->saved_data["eps"] = eps;
+    save_sources(ctx, sources, queries, lse, eps);
     outs.push_back(lse);
     return outs;
   }
@@ -54,22 +82,15 @@ class Phase1 : public torch::autograd::Function<Phase1> {
                          .typed<ListAndTensor(at::TensorList, const Tensor&,
                                                                         at::TensorList, const Tensor&,
                                                                         const Tensor&, double)>();
-    auto saved = ctx->get_saved_variables();
-    const Tensor lse = saved.back();
-    const Tensor queries = saved[saved.size() - 2];
-    std::vector<Tensor> sources(saved.begin(), saved.end() - 2);
+    const SavedSources in = saved_sources(ctx);
     std::vector<Tensor> grad_outs;
     grad_outs.reserve(grads.size() - 1);
     for (size_t s = 0; s + 1 < grads.size(); ++s) {
-      grad_outs.push_back(defined_or_zeros(grads[s], sources[0]));
+      grad_outs.push_back(defined_or_zeros(grads[s], in.sources[0]));
     }
-    const Tensor grad_lse = defined_or_zeros(grads.back(), lse);
-    const double eps = ctx->saved_data["eps"].toDouble();
-    auto [grad_sources, grad_q] = op.call(grad_outs, grad_lse, sources, queries, lse, eps);
-    variable_list result(grad_sources.begin(), grad_sources.end());
-    result.push_back(grad_q.to(queries.scalar_type()));
-    result.emplace_back();  // eps
-    return result;
+    const Tensor grad_lse = defined_or_zeros(grads.back(), in.lse);
+    auto [grad_sources, grad_q] = op.call(grad_outs, grad_lse, in.sources, in.query, in.lse, in.eps);
+    return source_grads(grad_sources, grad_q, in.query);
   }
 };
 
@@ -130,11 +151,7 @@ class DepthAttn : public torch::autograd::Function<DepthAttn> {
                          .typed<TensorPair(at::TensorList, const Tensor&, double)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse] = op.call(sources, query, eps);
-    std::vector<Tensor> saved(sources.begin(), sources.end());
-    saved.push_back(query);
-    saved.push_back(lse);
-    ctx->save_for_backward(saved);
-    ctx->saved_data["eps"] = eps;
+    save_sources(ctx, sources, query, lse, eps);
     return {out, lse};
   }
 
@@ -144,17 +161,11 @@ class DepthAttn : public torch::autograd::Function<DepthAttn> {
                          .typed<ListAndTensor(
                              const Tensor&, const Tensor&, at::TensorList, const Tensor&, const Tensor&,
                              double)>();
-    auto saved = ctx->get_saved_variables();
-    const Tensor lse = saved.back();
-    const Tensor query = saved[saved.size() - 2];
-    std::vector<Tensor> sources(saved.begin(), saved.end() - 2);
-    const double eps = ctx->saved_data["eps"].toDouble();
-    auto [grad_sources, grad_q] = op.call(defined_or_zeros(grads[0], sources[0]),
-                                          defined_or_zeros(grads[1], lse), sources, query, lse, eps);
-    variable_list result(grad_sources.begin(), grad_sources.end());
-    result.push_back(grad_q.to(query.scalar_type()));
-    result.emplace_back();  // eps
-    return result;
+    const SavedSources in = saved_sources(ctx);
+    auto [grad_sources, grad_q] = op.call(defined_or_zeros(grads[0], in.sources[0]),
+                                          defined_or_zeros(grads[1], in.lse), in.sources, in.query, in.lse,
+                                          in.eps);
+    return source_grads(grad_sources, grad_q, in.query);
   }
 };
 
