@@ -23,6 +23,24 @@ using torch::autograd::variable_list;
 using ListAndTensor = std::tuple<std::vector<Tensor>, Tensor>;
 using TensorPair = std::tuple<Tensor, Tensor>;
 
+// The C++ signatures of the schemas in csrc/ops.cpp.
+using Phase1Op = ListAndTensor(at::TensorList, const Tensor&, double);
+using Phase1BackwardOp =
+    ListAndTensor(at::TensorList, const Tensor&, at::TensorList, const Tensor&, const Tensor&, double);
+using Phase2Op = TensorPair(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double);
+using Phase2BackwardOp = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    double);
+using DepthAttnOp = TensorPair(at::TensorList, const Tensor&, double);
+using DepthAttnBackwardOp =
+    ListAndTensor(const Tensor&, const Tensor&, at::TensorList, const Tensor&, const Tensor&, double);
+
+// The typed handle of the op `name` (looked up once per call site: the callers keep it static).
+template <class Signature>
+c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 // An undefined incoming gradient (the output was not used) as zeros like `like`.
 Tensor defined_or_zeros(const Tensor& g, const Tensor& like) {
   return g.defined() ? g : at::zeros_like(like);
@@ -66,9 +84,7 @@ class Phase1 : public torch::autograd::Function<Phase1> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList sources, const Tensor& queries,
                                double eps) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("attnres::phase1", "")
-                         .typed<ListAndTensor(at::TensorList, const Tensor&, double)>();
+    static auto op = typed_op<Phase1Op>("attnres::phase1");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [outs, lse] = op.call(sources, queries, eps);
     save_sources(ctx, sources, queries, lse, eps);
@@ -77,11 +93,7 @@ class Phase1 : public torch::autograd::Function<Phase1> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("attnres::phase1_backward", "")
-                         .typed<ListAndTensor(at::TensorList, const Tensor&,
-                                                                        at::TensorList, const Tensor&,
-                                                                        const Tensor&, double)>();
+    static auto op = typed_op<Phase1BackwardOp>("attnres::phase1_backward");
     const SavedSources in = saved_sources(ctx);
     std::vector<Tensor> grad_outs;
     grad_outs.reserve(grads.size() - 1);
@@ -107,10 +119,7 @@ class Phase2 : public torch::autograd::Function<Phase2> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& partial_out, const Tensor& partial_lse,
                                const Tensor& partial, const Tensor& query, double eps) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("attnres::phase2", "")
-                         .typed<TensorPair(const Tensor&, const Tensor&, const Tensor&,
-                                                           const Tensor&, double)>();
+    static auto op = typed_op<Phase2Op>("attnres::phase2");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse] = op.call(partial_out, partial_lse, partial, query, eps);
     // h (out) instead of partial_out: the sublayer keeps h anyway (phase2_backward's schema comment)
@@ -120,11 +129,7 @@ class Phase2 : public torch::autograd::Function<Phase2> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("attnres::phase2_backward", "")
-                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                             const Tensor&, const Tensor&, double)>();
+    static auto op = typed_op<Phase2BackwardOp>("attnres::phase2_backward");
     auto saved = ctx->get_saved_variables();
     const Tensor &out = saved[0], &partial_lse = saved[1], &lse = saved[2], &partial = saved[3],
                  &query = saved[4];
@@ -134,8 +139,8 @@ class Phase2 : public torch::autograd::Function<Phase2> {
   }
 };
 
-TensorPair phase2_autograd(const Tensor& partial_out, const Tensor& partial_lse,
-                                           const Tensor& partial, const Tensor& query, double eps) {
+TensorPair phase2_autograd(const Tensor& partial_out, const Tensor& partial_lse, const Tensor& partial,
+                           const Tensor& query, double eps) {
   auto out = Phase2::apply(partial_out, partial_lse, partial, query, eps);
   return {out[0], out[1]};
 }
@@ -146,9 +151,7 @@ class DepthAttn : public torch::autograd::Function<DepthAttn> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList sources, const Tensor& query,
                                double eps) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("attnres::depth_attn", "")
-                         .typed<TensorPair(at::TensorList, const Tensor&, double)>();
+    static auto op = typed_op<DepthAttnOp>("attnres::depth_attn");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse] = op.call(sources, query, eps);
     save_sources(ctx, sources, query, lse, eps);
@@ -156,11 +159,7 @@ class DepthAttn : public torch::autograd::Function<DepthAttn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("attnres::depth_attn_backward", "")
-                         .typed<ListAndTensor(
-                             const Tensor&, const Tensor&, at::TensorList, const Tensor&, const Tensor&,
-                             double)>();
+    static auto op = typed_op<DepthAttnBackwardOp>("attnres::depth_attn_backward");
     const SavedSources in = saved_sources(ctx);
     auto [grad_sources, grad_q] = op.call(defined_or_zeros(grads[0], in.sources[0]),
                                           defined_or_zeros(grads[1], in.lse), in.sources, in.query, in.lse,
