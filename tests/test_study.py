@@ -97,8 +97,15 @@ def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
     subprocess.run([sys.executable, "-m", "attnres", *argv], cwd=ROOT, check=True, capture_output=True)
     assert run.checkpoint_step(run.last_checkpoint(work, runs[0].id)) == 2
 
-    records = run.run_sweep(
-        plan_path, "micro", results=results, work=work, budget_s=300, device="cpu", log_dir=tmp_path / "logs"
+    records = run.run_sweep(  # both runs at once (the device shares its GPU the same way)
+        plan_path,
+        "micro",
+        results=results,
+        work=work,
+        budget_s=300,
+        device="cpu",
+        log_dir=tmp_path / "logs",
+        parallel=2,
     )
     assert [r["run_id"] for r in records] == [r.id for r in runs]
     for rec, r in zip(records, runs, strict=True):
@@ -121,7 +128,12 @@ def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
     assert len(block[0]) == 9  # 8 sublayers + the read-out; each column sums to 1 over its sources
     for c in range(9):
         assert sum(row[c] for row in block if row[c] is not None) == pytest.approx(1.0, abs=1e-4)
+    assert json.loads((results / f"{runs[1].id}.json").read_text())["invocations"][0]["concurrent"] == 2
+    # the device replaces the tree between calls: a complete run's copy in its run directory is restored
+    saved0 = (results / f"{runs[0].id}.json").read_text()
+    (results / f"{runs[0].id}.json").unlink()
     assert run.run_sweep(plan_path, "micro", results=results, work=work, budget_s=60, device="cpu") == []
+    assert (results / f"{runs[0].id}.json").read_text() == saved0
     walls = [json.loads((results / f"{r.id}.json").read_text())["wall_s"] for r in runs]
     assert run._expected_wall(results, runs[1]) == walls[1]  # what the runner budgets for a rerun
 

@@ -293,9 +293,11 @@ def _ledger(work: Path, run_id: str) -> Path:
     return work / run_id / "invocations.json"
 
 
-def train(run: Run, work: Path, timeout_s: float, log: Path | None) -> dict[str, Any]:
+def train(run: Run, work: Path, timeout_s: float, log: Path | None, concurrent: int = 1) -> dict[str, Any]:
     """One ``fit`` invocation of ``run`` (resuming when a checkpoint exists), stopped by SIGINT and
-    then SIGKILL at ``timeout_s``; appended to the run's invocation ledger, which is returned."""
+    then SIGKILL at ``timeout_s``; appended to the run's invocation ledger (with ``concurrent``, the
+    number of runs of this call training at its start: wall times and tokens/s are shared), which is
+    returned."""
     ckpt = last_checkpoint(work, run.id)
     argv = fit_argv(run, work, ckpt)
     cmd = [sys.executable, "-m", "attnres", *argv]
@@ -329,6 +331,7 @@ def train(run: Run, work: Path, timeout_s: float, log: Path | None) -> dict[str,
             "returncode": rc,
             "status": status,
             "resumed_from": str(ckpt) if ckpt else None,
+            "concurrent": concurrent,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
         }
     )
@@ -421,13 +424,21 @@ def run_sweep(
     device: str | None = None,
     log_dir: str | Path | None = None,
     keep_checkpoints: bool = False,
+    parallel: int = 1,
 ) -> list[dict[str, Any]]:
     """Run the sweep's runs (or those in ``only``) that are not complete yet, within ``budget_s``
-    seconds: a run starts only when the budget left exceeds its expected wall time (if known, see
-    :func:`_expected_wall`), and is stopped at the budget; the next call resumes it. The checkpoint
-    of a complete run is deleted once its JSON is written, unless ``keep_checkpoints``."""
+    seconds, ``parallel`` at a time (one ``fit`` process each, in the plan's order; the study's runs
+    are bound by kernel launches and host work, so several processes share one GPU well). A run starts
+    only when the budget left exceeds its expected wall time (if known, see :func:`_expected_wall`),
+    and is stopped at the budget; the next call resumes it. The checkpoint of a complete run is deleted
+    once its JSON is written (``results`` and a copy in the run directory), unless ``keep_checkpoints``.
+    Returns the records written by this call, in the plan's order."""
+    import threading
+
     import torch
 
+    if parallel < 1:
+        raise ValueError(f"parallel={parallel}: give 1 or more runs at a time")
     plan = load_plan(plan_path)
     runs = expand(plan, sweep)
     if only:
@@ -438,39 +449,94 @@ def run_sweep(
     results, work = Path(results), Path(work)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     deadline = time.time() + budget_s
-    records = []
+    todo = []
     for run in runs:
-        if is_complete(results, run.id, run.steps):
+        if is_complete(results, run.id, run.steps) or _restore_record(results, work, run):
             print(f"[study] {run.id}: complete, skipped")
-            continue
-        left = deadline - time.time()
+        else:
+            todo.append(run)
+    records: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()  # the queue, and one statistics pass on the GPU at a time
+    active = [0]
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                run = todo.pop(0)
+                active[0] += 1
+                concurrent = active[0]
+            try:
+                record = _one_run(run, work, results, deadline, device, sweep, log_dir, concurrent, lock)
+            finally:
+                with lock:
+                    active[0] -= 1
+            if record is None:
+                continue
+            if record["status"] == "complete" and not keep_checkpoints:
+                Path(record["checkpoint"]).unlink()  # ~12 bytes per parameter: the device's disk is 64 GB
+            records[run.id] = record
+
+    threads = [threading.Thread(target=worker, name=f"study-{k}") for k in range(parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [records[r.id] for r in runs if r.id in records]
+
+
+def _one_run(
+    run: Run,
+    work: Path,
+    results: Path,
+    deadline: float,
+    device: str,
+    sweep: str,
+    log_dir: str | Path | None,
+    concurrent: int,
+    lock: Any,
+) -> dict[str, Any] | None:
+    """Train ``run`` (if the budget allows) and write its record; None when nothing was written."""
+    left = deadline - time.time()
+    ckpt = last_checkpoint(work, run.id)
+    if ckpt is None or checkpoint_step(ckpt) < run.steps:
         need = _expected_wall(results, run)
-        ckpt = last_checkpoint(work, run.id)
-        if ckpt is None or checkpoint_step(ckpt) < run.steps:
-            if need is not None and left < need * 1.1 and ckpt is None:
-                print(f"[study] {run.id}: needs ~{need:.0f} s, {left:.0f} s left: not started")
-                continue
-            if left < 30:
-                print(f"[study] {run.id}: {left:.0f} s left: not started")
-                continue
-            log = Path(log_dir) / f"{run.id}.log" if log_dir else None
-            if log:
-                log.parent.mkdir(parents=True, exist_ok=True)
-            train(run, work, left - 20, log)  # 20 s for the statistics and the JSON
-        if last_checkpoint(work, run.id) is None:
-            print(f"[study] {run.id}: no checkpoint written (see its log)")
-            continue
+        if need is not None and left < need * 1.1 and ckpt is None:
+            print(f"[study] {run.id}: needs ~{need:.0f} s, {left:.0f} s left: not started", flush=True)
+            return None
+        if left < 30:
+            print(f"[study] {run.id}: {left:.0f} s left: not started", flush=True)
+            return None
+        log = Path(log_dir) / f"{run.id}.log" if log_dir else None
+        if log:
+            log.parent.mkdir(parents=True, exist_ok=True)
+        train(run, work, left - 20, log, concurrent)  # 20 s for the statistics and the JSON
+    if last_checkpoint(work, run.id) is None:
+        print(f"[study] {run.id}: no checkpoint written (see its log)", flush=True)
+        return None
+    with lock:
         record = collect(run, work, device, sweep)
-        path = write_record(record, results)
-        if record["status"] == "complete" and not keep_checkpoints:
-            Path(record["checkpoint"]).unlink()  # ~12 bytes per parameter: the device's disk is 64 GB
-        print(
-            f"[study] {run.id}: {record['status']}, step {record['steps']}/{run.steps}, "
-            f"val loss {record['val_loss']}, {record['wall_s']:.0f} s -> {path}",
-            flush=True,
-        )
-        records.append(record)
-    return records
+    path = write_record(record, results)
+    if record["status"] == "complete":  # survives a tree copy that drops results/ (see _restore_record)
+        write_record(record, work / run.id)
+    print(
+        f"[study] {run.id}: {record['status']}, step {record['steps']}/{run.steps}, "
+        f"val loss {record['val_loss']}, {record['wall_s']:.0f} s -> {path}",
+        flush=True,
+    )
+    return record
+
+
+def _restore_record(results: Path, work: Path, run: Run) -> bool:
+    """A complete run whose JSON is in its run directory but not in ``results`` (the device replaces
+    the tree between calls, keeping ignored paths such as ``runs/``): copy it back, return True."""
+    kept = work / run.id / f"{run.id}.json"
+    if not kept.is_file() or not is_complete(kept.parent, run.id, run.steps):
+        return False
+    results.mkdir(parents=True, exist_ok=True)
+    (results / kept.name).write_text(kept.read_text())
+    return True
 
 
 def _expected_wall(results: Path, run: Run) -> float | None:
@@ -542,6 +608,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--device", default=None, help="for the statistics (default: cuda if available)")
     p.add_argument("--log_dir", default=None, help="one training log per run here (default: inline)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="runs trained at once, one process each, sharing the device (%(default)s)",
+    )
     p.add_argument("--keep_checkpoints", action="store_true", help="keep last.ckpt of complete runs")
     p.add_argument("--list", action="store_true", help="print the sweep's run ids and their state")
     p.add_argument("--describe", action="store_true", help="print the models' parameter and FLOP counts")
@@ -562,7 +634,18 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r.id:<28} {state:<9} {r.tokens:>12,} tokens  {' '.join(r.configs[1:])}")
         return
     only = [x.strip() for x in a.runs.split(",") if x.strip()] if a.runs else None
-    run_sweep(a.plan, a.sweep, only, a.results, a.work, a.budget_s, a.device, a.log_dir, a.keep_checkpoints)
+    run_sweep(
+        a.plan,
+        a.sweep,
+        only,
+        a.results,
+        a.work,
+        a.budget_s,
+        a.device,
+        a.log_dir,
+        a.keep_checkpoints,
+        a.parallel,
+    )
 
 
 if __name__ == "__main__":
