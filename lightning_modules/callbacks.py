@@ -171,8 +171,9 @@ def _last_checkpoint(trainer: L.Trainer) -> str:
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs ``train/tokens_per_s`` (all ranks) and ``train/mfu`` (model FLOPs utilisation against the
-    device's peak from :data:`metrics.PEAK_FLOPS`; not logged on CPU, where it does not apply).
+    """Logs ``train/tokens_per_s`` (all ranks), ``train/mfu`` (model FLOPs utilisation against the
+    device's peak from :data:`metrics.PEAK_FLOPS`) and ``train/peak_memory_gb`` (the most the caching
+    allocator has reserved so far, GiB); the last two not on CPU, where they do not apply.
     Time is measured from batch start to batch end, so data loading between batches is excluded
     and validation is not counted."""
 
@@ -214,6 +215,9 @@ class ThroughputMonitor(L.Callback):
             self._mfu_per_token_s = pl_module.flops_per_token(ids.shape[1]) / (peak * trainer.world_size)
             self.mfu = self.tokens_per_s * self._mfu_per_token_s
             pl_module.log("train/mfu", self.mfu, on_step=True, on_epoch=False)
+        if pl_module.device.type == "cuda":
+            reserved = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
+            pl_module.log("train/peak_memory_gb", reserved, on_step=True, on_epoch=False)
 
 
 def data_parallel_size(trainer: L.Trainer) -> int:

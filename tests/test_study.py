@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +199,32 @@ def test_compute_equivalence_recovers_the_compute_multiplier():
     assert analyze.compute_equivalence(loss, 2e16, fit_flops) == pytest.approx(
         analyze.compute_equivalence(loss, 20.0, fit_units), rel=1e-6
     )
+
+
+def test_concurrent_runs_fit_the_memory_budget(tmp_path, monkeypatch):
+    """The scheduler starts runs while the plan's memory_gb of the running ones fits, in plan order,
+    letting a smaller later run go first; every run of the sweep gets its turn."""
+    plan = yaml.safe_load(micro_plan(tmp_path).read_text())
+    plan["models"] = {"big": "configs/model/tiny.yaml", "small": "configs/model/tiny.yaml"}
+    plan["memory_gb"] = {"big": 20, "small": 5}
+    plan["sweeps"]["micro"]["grid"] = [{"model": ["big", "small"], "residual": ["standard"], "seed": [0, 1]}]
+    path = tmp_path / "plan2.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    events, active = [], {}
+
+    def fake_run(run_, work, results, deadline, device, sweep, log_dir, concurrent, lock):
+        active[run_.id] = plan["memory_gb"][run_.model]
+        events.append((run_.id, sum(active.values()), concurrent))
+        time.sleep(0.2)
+        del active[run_.id]
+
+    monkeypatch.setattr(run, "_one_run", fake_run)
+    run.run_sweep(
+        path, "micro", results=tmp_path / "r", work=tmp_path / "w", device="cpu", parallel=3, memory_gb=27
+    )
+    assert sorted(e[0] for e in events) == sorted(
+        f"{m}-standard-seed{k}" for m in ("big", "small") for k in (0, 1)
+    )
+    assert max(e[1] for e in events) <= 27 and max(e[2] for e in events) >= 2
+    ids = [e[0] for e in events]  # big-seed1 does not fit next to big-seed0: small-seed0 goes first
+    assert ids.index("small-standard-seed0") < ids.index("big-standard-seed1")

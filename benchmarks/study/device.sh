@@ -19,6 +19,8 @@ TOTAL=${3:-540}
 T0=$(date +%s)
 export OUT=${OUT:-/tmp/study_out}
 export PYTHONUNBUFFERED=1
+# several runs share the GPU (STUDY_PARALLEL): less fragmentation, so the plan's memory_gb holds
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # fla's KDA kernels autotune once per shape (minutes on a fresh machine); Triton stores each result
 # as *.autotune.json under its cache dir. Carry .cache/triton (only those files come back: the
 # compiled kernels are ~190 MB) and the next machine skips the benchmarking.

@@ -113,6 +113,16 @@ def expand(plan: dict[str, Any], sweep: str) -> list[Run]:
     return runs
 
 
+def expand_sweeps(plan: dict[str, Any], sweeps: str) -> list[tuple[Run, str]]:
+    """The runs of one sweep or several (``"a,b"``), each once, in order, with the first sweep
+    holding it."""
+    out: dict[str, tuple[Run, str]] = {}
+    for name in (x.strip() for x in sweeps.split(",")):
+        for r in expand(plan, name):
+            out.setdefault(r.id, (r, name))
+    return list(out.values())
+
+
 def fit_argv(run: Run, work: Path, ckpt: Path | None = None) -> list[str]:
     """The ``attnres fit`` arguments of ``run`` (resuming from ``ckpt`` when given)."""
     argv = ["fit"] + [x for c in run.configs for x in ("-c", c)]
@@ -383,6 +393,7 @@ def collect(run: Run, work: Path, device: str, sweep: str) -> dict[str, Any]:
         "wall_s": sum(x["wall_s"] for x in ledger),
         "tokens_per_s": _median([v for _, v in m.get("train/tokens_per_s", [])]),
         "mfu": _median([v for _, v in m.get("train/mfu", [])]),
+        "peak_memory_gb": max((v for _, v in m.get("train/peak_memory_gb", [])), default=None),
         "val_curve": val,  # [optimizer steps, tokens, val loss]
         "val_loss": val[-1][2] if val else None,
         "val_ppl": m["val/ppl"][-1][1] if m.get("val/ppl") else None,
@@ -425,10 +436,14 @@ def run_sweep(
     log_dir: str | Path | None = None,
     keep_checkpoints: bool = False,
     parallel: int = 1,
+    memory_gb: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the sweep's runs (or those in ``only``) that are not complete yet, within ``budget_s``
-    seconds, ``parallel`` at a time (one ``fit`` process each, in the plan's order; the study's runs
-    are bound by kernel launches and host work, so several processes share one GPU well). A run starts
+    """Run the runs of ``sweep`` (a sweep name, or several joined by commas; or those in ``only``)
+    that are not complete yet, within ``budget_s`` seconds, up to ``parallel`` at a time (one ``fit``
+    process each; the study's runs are bound by kernel launches and host work, so several processes
+    share one GPU well) while the plan's ``memory_gb`` of the running models fits in ``memory_gb``
+    (default: 97 % of the GPU's memory; unlimited on CPU). Runs start in the plan's order, except that
+    a run that does not fit next to the running ones lets a later one that fits go first. A run starts
     only when the budget left exceeds its expected wall time (if known, see :func:`_expected_wall`),
     and is stopped at the budget; the next call resumes it. The checkpoint of a complete run is deleted
     once its JSON is written (``results`` and a copy in the run directory), unless ``keep_checkpoints``.
@@ -440,7 +455,8 @@ def run_sweep(
     if parallel < 1:
         raise ValueError(f"parallel={parallel}: give 1 or more runs at a time")
     plan = load_plan(plan_path)
-    runs = expand(plan, sweep)
+    pairs = expand_sweeps(plan, sweep)
+    runs, sweep_of = [r for r, _ in pairs], {r.id: name for r, name in pairs}
     if only:
         unknown = sorted(set(only) - {r.id for r in runs})
         if unknown:
@@ -448,6 +464,13 @@ def run_sweep(
         runs = [r for r in runs if r.id in only]
     results, work = Path(results), Path(work)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if memory_gb is None:
+        memory_gb = (
+            0.97 * torch.cuda.get_device_properties(0).total_memory / 2**30
+            if device.startswith("cuda")
+            else math.inf
+        )
+    need_gb = {r.id: float((plan.get("memory_gb") or {}).get(r.model, 0.0)) for r in runs}
     deadline = time.time() + budget_s
     todo = []
     for run in runs:
@@ -456,22 +479,30 @@ def run_sweep(
         else:
             todo.append(run)
     records: dict[str, dict[str, Any]] = {}
-    lock = threading.Lock()  # the queue, and one statistics pass on the GPU at a time
-    active = [0]
+    queue = threading.Condition()  # guards todo and the running set
+    running: dict[str, float] = {}  # run id -> its memory_gb
+    stats_lock = threading.Lock()  # one statistics pass on the GPU at a time
+
+    def next_run() -> Run | None:
+        with queue:
+            while todo:
+                for i, r in enumerate(todo):
+                    if not running or sum(running.values()) + need_gb[r.id] <= memory_gb:
+                        running[r.id] = need_gb[r.id]
+                        return todo.pop(i)
+                queue.wait()
+            return None
 
     def worker() -> None:
-        while True:
-            with lock:
-                if not todo:
-                    return
-                run = todo.pop(0)
-                active[0] += 1
-                concurrent = active[0]
+        while (run := next_run()) is not None:
             try:
-                record = _one_run(run, work, results, deadline, device, sweep, log_dir, concurrent, lock)
+                record = _one_run(
+                    run, work, results, deadline, device, sweep_of[run.id], log_dir, len(running), stats_lock
+                )
             finally:
-                with lock:
-                    active[0] -= 1
+                with queue:
+                    del running[run.id]
+                    queue.notify_all()
             if record is None:
                 continue
             if record["status"] == "complete" and not keep_checkpoints:
@@ -541,21 +572,34 @@ def _restore_record(results: Path, work: Path, run: Run) -> bool:
 
 def _expected_wall(results: Path, run: Run) -> float | None:
     """Expected wall time of ``run``: the longest finished run of the same model and residual at the
-    same step count; else, from a probe run of them (sweep ``probe``), its fixed cost (wall time minus
-    its steps at its median tokens/s) plus ``run.tokens`` at that rate; else None (unknown)."""
-    walls, probes = [], []
-    for p in results.glob(f"{run.model}-{run.residual}-seed*.json"):
+    same step count; else the longest finished run of the same residual and step count of another
+    model, scaled by the ratio of layer counts (the runs are bound by kernel launches, which grow with
+    depth); else, from a probe run of them (sweep ``probe``), its fixed cost (wall time minus its steps
+    at its median tokens/s) plus ``run.tokens`` at that rate; else None (unknown)."""
+    walls, scaled, probes = [], [], []
+    layers = _num_layers(run)
+    for p in results.glob("*.json"):
         r = json.loads(p.read_text())
-        if r.get("status") != "complete":
+        if r.get("schema") != SCHEMA or r.get("status") != "complete" or r.get("residual") != run.residual:
             continue
-        if r.get("steps") == run.steps and r["run_id"] == f"{run.model}-{run.residual}-seed{r['seed']}":
+        plain = r["run_id"] == f"{r['model']}-{r['residual']}-seed{r['seed']}"
+        if r["model"] == run.model and r.get("steps") == run.steps and plain:
             walls.append(r["wall_s"])
-        elif r.get("tokens_per_s"):
+        elif r["model"] == run.model and r.get("tokens_per_s"):
             fixed = max(r["wall_s"] - r["tokens"] / r["tokens_per_s"], 0.0)
             probes.append(fixed + run.tokens / r["tokens_per_s"])
-    if walls:
-        return max(walls)
-    return max(probes) if probes else None
+        elif r.get("steps") == run.steps and plain and layers and r.get("num_layers"):
+            scaled.append(r["wall_s"] * layers / r["num_layers"])
+    for found in (walls, scaled, probes):
+        if found:
+            return max(found)
+    return None
+
+
+def _num_layers(run: Run) -> int | None:
+    """The layer count set by the run's model file (its last config), if any."""
+    cfg = yaml.safe_load((ROOT / run.configs[-1]).read_text()) if (ROOT / run.configs[-1]).is_file() else None
+    return (cfg or {}).get("model", {}).get("num_layers")
 
 
 def model_config(plan: dict[str, Any], model: str, residual_args: dict[str, Any] | None = None) -> Any:
@@ -596,7 +640,7 @@ def describe(plan_path: str | Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", default=DEFAULT_PLAN, help="the sweep file (default %(default)s)")
-    p.add_argument("--sweep", help="the sweep to run (see the plan's sweeps:)")
+    p.add_argument("--sweep", help="the sweep to run (see the plan's sweeps:), or several: a,b")
     p.add_argument("--runs", default=None, help="comma-separated run ids: a slice of the sweep")
     p.add_argument("--results", default=DEFAULT_RESULTS, help="where the per-run JSONs go (%(default)s)")
     p.add_argument("--work", default=DEFAULT_WORK, help="run directories and checkpoints (%(default)s)")
@@ -614,6 +658,13 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="runs trained at once, one process each, sharing the device (%(default)s)",
     )
+    p.add_argument(
+        "--memory_gb",
+        type=float,
+        default=None,
+        help="GPU memory the concurrent runs may use together, by the plan's memory_gb per model "
+        "(default: 97 %% of the GPU's)",
+    )
     p.add_argument("--keep_checkpoints", action="store_true", help="keep last.ckpt of complete runs")
     p.add_argument("--list", action="store_true", help="print the sweep's run ids and their state")
     p.add_argument("--describe", action="store_true", help="print the models' parameter and FLOP counts")
@@ -625,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
     if not a.sweep:
         p.error("--sweep is required (or --describe)")
     if a.list:
-        for r in expand(load_plan(a.plan), a.sweep):
+        for r, _ in expand_sweeps(load_plan(a.plan), a.sweep):
             state = (
                 "complete"
                 if is_complete(Path(a.results), r.id)
