@@ -212,7 +212,7 @@ def test_concurrent_runs_fit_the_memory_budget(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(plan))
     events, active = [], {}
 
-    def fake_run(run_, work, results, deadline, device, sweep, log_dir, concurrent, lock):
+    def fake_run(run_, work, results, deadline, device, sweep, log_dir, concurrent, lock, start_all):
         active[run_.id] = plan["memory_gb"][run_.model]
         events.append((run_.id, sum(active.values()), concurrent))
         time.sleep(0.2)

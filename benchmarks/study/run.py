@@ -437,6 +437,7 @@ def run_sweep(
     keep_checkpoints: bool = False,
     parallel: int = 1,
     memory_gb: float | None = None,
+    start_all: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the runs of ``sweep`` (a sweep name, or several joined by commas; or those in ``only``)
     that are not complete yet, within ``budget_s`` seconds, up to ``parallel`` at a time (one ``fit``
@@ -444,7 +445,8 @@ def run_sweep(
     share one GPU well) while the plan's ``memory_gb`` of the running models fits in ``memory_gb``
     (default: 97 % of the GPU's memory; unlimited on CPU). Runs start in the plan's order, except that
     a run that does not fit next to the running ones lets a later one that fits go first. A run starts
-    only when the budget left exceeds its expected wall time (if known, see :func:`_expected_wall`),
+    only when the budget left exceeds its expected wall time (if known, see :func:`_expected_wall`;
+    ``start_all``: whenever 60 s are left, for a call that a later call on the same machine continues),
     and is stopped at the budget; the next call resumes it. The checkpoint of a complete run is deleted
     once its JSON is written (``results`` and a copy in the run directory), unless ``keep_checkpoints``.
     Returns the records written by this call, in the plan's order."""
@@ -497,7 +499,16 @@ def run_sweep(
         while (run := next_run()) is not None:
             try:
                 record = _one_run(
-                    run, work, results, deadline, device, sweep_of[run.id], log_dir, len(running), stats_lock
+                    run,
+                    work,
+                    results,
+                    deadline,
+                    device,
+                    sweep_of[run.id],
+                    log_dir,
+                    len(running),
+                    stats_lock,
+                    start_all,
                 )
             finally:
                 with queue:
@@ -527,16 +538,17 @@ def _one_run(
     log_dir: str | Path | None,
     concurrent: int,
     lock: Any,
+    start_all: bool = False,
 ) -> dict[str, Any] | None:
     """Train ``run`` (if the budget allows) and write its record; None when nothing was written."""
     left = deadline - time.time()
     ckpt = last_checkpoint(work, run.id)
     if ckpt is None or checkpoint_step(ckpt) < run.steps:
-        need = _expected_wall(results, run)
+        need = None if start_all else _expected_wall(results, run)
         if need is not None and left < need * 1.1 and ckpt is None:
             print(f"[study] {run.id}: needs ~{need:.0f} s, {left:.0f} s left: not started", flush=True)
             return None
-        if left < 30:
+        if left < (60 if start_all else 30):
             print(f"[study] {run.id}: {left:.0f} s left: not started", flush=True)
             return None
         log = Path(log_dir) / f"{run.id}.log" if log_dir else None
@@ -664,6 +676,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="GPU memory the concurrent runs may use together, by the plan's memory_gb per model "
         "(default: 97 %% of the GPU's)",
+    )
+    p.add_argument(
+        "--start_all",
+        action="store_true",
+        help="start runs whatever their expected wall time (a later call on the same machine resumes them)",
     )
     p.add_argument("--keep_checkpoints", action="store_true", help="keep last.ckpt of complete runs")
     p.add_argument("--list", action="store_true", help="print the sweep's run ids and their state")
