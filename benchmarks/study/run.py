@@ -712,7 +712,9 @@ def main(argv: list[str] | None = None) -> None:
         a.device,
         a.log_dir,
         a.keep_checkpoints,
-        a.parallel,
+        parallel=a.parallel,
+        memory_gb=a.memory_gb,
+        start_all=a.start_all,
     )
 
 
