@@ -216,6 +216,9 @@ def depth_statistics(ckpt: Path, device: str, num_windows: int = 8) -> dict[str,
     batch = {k: v.to(device) for k, v in checkpoint_val_batch(raw, num_windows).items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
     stats, grads = module.depth_diagnostics(batch, autocast)
+    del module, batch  # the runner lives on while other runs train: give their memory back
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     matrix = stats["matrix"]
     return {
         "windows": len(batch["input_ids"]),
