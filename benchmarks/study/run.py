@@ -216,12 +216,13 @@ def depth_statistics(ckpt: Path, device: str, num_windows: int = 8) -> dict[str,
     batch = {k: v.to(device) for k, v in checkpoint_val_batch(raw, num_windows).items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
     stats, grads = module.depth_diagnostics(batch, autocast)
+    windows = len(batch["input_ids"])
     del module, batch  # the runner lives on while other runs train: give their memory back
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     matrix = stats["matrix"]
     return {
-        "windows": len(batch["input_ids"]),
+        "windows": windows,
         "loss": stats["loss"],
         "depth_attention": None if matrix is None else [[_num(x) for x in row] for row in matrix.tolist()],
         "depth_attention_entropy": None
@@ -498,7 +499,15 @@ def run_sweep(
                 queue.wait()
             return None
 
+    errors: list[BaseException] = []
+
     def worker() -> None:
+        try:
+            work_through()
+        except BaseException as exc:  # re-raised in the caller's thread after the others finish
+            errors.append(exc)
+
+    def work_through() -> None:
         while (run := next_run()) is not None:
             try:
                 record = _one_run(
@@ -528,6 +537,8 @@ def run_sweep(
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     return [records[r.id] for r in runs if r.id in records]
 
 
