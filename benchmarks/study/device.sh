@@ -45,7 +45,7 @@ main() {
   echo "done in $(( $(date +%s) - T0 )) s"
 }
 
-main 2>&1 | tee "$OUT/console_${SWEEP//,/+}.log"
-tar czf "$OUT/study_${SWEEP//,/+}.tgz" benchmarks/results/study -C "$OUT" logs && rm -rf "$OUT/logs"
+main 2>&1 | tee "$OUT/console_${SWEEP//,/_}.log"
+tar czf "$OUT/study_${SWEEP//,/_}.tgz" benchmarks/results/study -C "$OUT" logs && rm -rf "$OUT/logs"
 (cd .cache && find triton -name '*.autotune.json' -print0 | tar czf "$OUT/triton_autotune.tgz" --null -T -)
 ls -la "$OUT"

@@ -310,7 +310,8 @@ def _ledger(work: Path, run_id: str) -> Path:
 def train(run: Run, work: Path, timeout_s: float, log: Path | None, concurrent: int = 1) -> dict[str, Any]:
     """One ``fit`` invocation of ``run`` (resuming when a checkpoint exists), stopped by SIGINT and
     then SIGKILL at ``timeout_s``; appended to the run's invocation ledger (with ``concurrent``, the
-    number of runs of this call training at its start: wall times and tokens/s are shared), which is
+    number of runs of this call that had been handed out when it started, itself included: a lower
+    bound on how many shared the device, since runs started together count 1, 2, ...), which is
     returned."""
     ckpt = last_checkpoint(work, run.id)
     argv = fit_argv(run, work, ckpt)
