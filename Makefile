@@ -11,7 +11,7 @@ endif
 CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install test test-gpu train bench bench-ops lint clean help
+.PHONY: install test test-gpu train bench bench-ops bench-scaling lint clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ bench-ops: install  ## depth-attention op benchmark: table + JSON under benchmar
 
 bench: install  ## end-to-end benchmark (GPU): table + JSON under benchmarks/results/
 	$(PY) -m attnres bench e2e
+
+bench-scaling: install  ## weak scaling over FSDP / PP x FSDP layouts (every GPU here): table + JSON
+	$(PY) -m attnres bench scaling
 
 lint:  ## ruff
 	$(PY) -m ruff check .

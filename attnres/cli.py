@@ -97,15 +97,18 @@ def bench_ops(
         from attnres.bench.ops_cuda import DEFAULT_JSON, parse_shapes, run
 
         if not torch.cuda.is_available():
-            raise SystemExit("attnres bench ops --device cuda: no CUDA device here (torch.cuda.is_available()"
-                             " is False); run it on a GPU machine, or use --device cpu")
+            raise SystemExit(
+                "attnres bench ops --device cuda: no CUDA device here (torch.cuda.is_available()"
+                " is False); run it on a GPU machine, or use --device cpu"
+            )
         if device != "cuda":
             torch.cuda.set_device(torch.device(device))
         run(quick=quick, json_path=out or DEFAULT_JSON, compare_cases=parse_shapes(compare))
         return
     if compare is not None:
-        raise SystemExit("attnres bench ops: --compare is for --device cuda (the CPU baseline is "
-                         "--compile_reference true)")
+        raise SystemExit(
+            "attnres bench ops: --compare is for --device cuda (the CPU baseline is --compile_reference true)"
+        )
     from attnres.bench.ops import run_ops_benchmark
 
     run_ops_benchmark(
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     from attnres.bench.e2e import bench_e2e
+    from attnres.bench.scaling import bench_scaling
     from lightning_modules import commands
 
     if argv[:1] == ["compare"]:  # `attnres compare -c a.yaml -c b.yaml`, as for `attnres fit`
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     CLI(
         {
             "info": info,
-            "bench": {"ops": bench_ops, "e2e": bench_e2e},
+            "bench": {"ops": bench_ops, "e2e": bench_e2e, "scaling": bench_scaling},
             "generate": commands.generate,
             "plot": commands.plot,
             "compare": commands.compare,
