@@ -151,6 +151,11 @@ def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
                 val_loss=2.0 * c**-0.05 * (0.98 if mode == "block4" else 1.0),
             )
             (results / f"{fake['run_id']}.json").write_text(json.dumps(fake))
+    # a learning-rate check of the standard run at twice its rate (a tagged run: not in the fits)
+    cfg = json.loads(json.dumps(base["config"]))
+    cfg["model"]["lr"] = 2 * base["config"]["model"]["lr"]
+    tagged = dict(base, run_id=f"{runs[0].id}-lr2x", config=cfg, val_loss=9.5)
+    (results / f"{tagged['run_id']}.json").write_text(json.dumps(tagged))
     lay = analyze.Layout(
         scaling_models=("syn0", "syn1"),
         scaling_modes=("standard", "block4"),
@@ -173,6 +178,9 @@ def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
     tables = (figs / "tables.md").read_text()
     ratio = 0.98 ** (1 / -0.05)  # block4 = standard at 0.98**(1/b) times the compute
     assert f"{ratio:.3f}" in tables and "tiny-block4-seed3" in tables and "python -m attnres fit" in tables
+    lr = base["config"]["model"]["lr"]
+    assert f"| tiny | standard | {2 * lr:g} | 1 | 9.5000 |" in tables
+    assert f"| tiny | standard | {lr:g} | 1 | {base['val_loss']:.4f} |" in tables
 
 
 def test_power_law_fit_recovers_known_coefficients():

@@ -385,6 +385,35 @@ def depth_width(groups: dict, out: Path, lay: Layout) -> list[str]:
 # ---------------------------------------------------------------------------- part 5: heatmaps
 
 
+def lr_check(runs: list[dict[str, Any]]) -> list[str]:
+    """Validation loss vs learning rate for every (model, residual) that has runs of a tagged
+    learning-rate sweep (``lr_hi``, ``lr_lo``), next to its untagged run(s) at the plan's rate."""
+    by: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    checked = set()
+    for r in runs:
+        lr = ((r.get("config") or {}).get("model") or {}).get("lr")
+        if r["status"] != "complete" or lr is None:
+            continue
+        plain = r["run_id"] == f"{r['model']}-{r['residual']}-seed{r['seed']}"
+        if plain or "-lr" in r["run_id"][len(f"{r['model']}-{r['residual']}-seed{r['seed']}") :]:
+            by[(r["model"], r["residual"])][float(lr)].append(r["val_loss"])
+            if not plain:
+                checked.add((r["model"], r["residual"]))
+    if not checked:
+        return []
+    lines = [
+        "### Learning-rate check",
+        "",
+        "| size | mode | lr | seeds | val loss |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for key in sorted(checked):
+        for lr, losses in sorted(by[key].items()):
+            m, sd, n = mean_std(losses)
+            lines.append(f"| {key[0]} | {label(key[1])} | {lr:g} | {n} | {fmt(m, sd)} |")
+    return lines
+
+
 def heatmaps(groups: dict, out: Path) -> None:
     panels = []
     for (model, mode), rs in sorted(groups.items()):
@@ -463,6 +492,7 @@ def analyze(results: str | Path, out: str | Path, lay: Layout | None = None) -> 
         ablation(groups, out, lay),
         dynamics(groups, out, lay),
         depth_width(groups, out, lay),
+        lr_check(runs),
     ):
         if part:
             lines += part + [""]
