@@ -236,3 +236,18 @@ def test_concurrent_runs_fit_the_memory_budget(tmp_path, monkeypatch):
     assert max(e[1] for e in events) <= 27 and max(e[2] for e in events) >= 2
     ids = [e[0] for e in events]  # big-seed1 does not fit next to big-seed0: small-seed0 goes first
     assert ids.index("small-standard-seed0") < ids.index("big-standard-seed1")
+
+
+def test_runs_start_in_the_order_given(tmp_path, monkeypatch):
+    """``only`` (``--runs``) picks runs and sets their start order (longest first packs a call best)."""
+    plan = yaml.safe_load(micro_plan(tmp_path).read_text())
+    plan["sweeps"]["micro"]["grid"] = [{"model": ["tiny"], "residual": ["standard"], "seed": [0, 1, 2]}]
+    path = tmp_path / "plan3.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    started = []
+    monkeypatch.setattr(run, "_one_run", lambda run_, *a: started.append(run_.id))
+    only = ["tiny-standard-seed2", "tiny-standard-seed0"]
+    run.run_sweep(path, "micro", only, results=tmp_path / "r", work=tmp_path / "w", device="cpu")
+    assert started == only
+    with pytest.raises(ValueError, match="not in sweep"):
+        run.run_sweep(path, "micro", ["tiny-standard-seed9"], results=tmp_path / "r", work=tmp_path / "w")

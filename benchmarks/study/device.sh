@@ -6,7 +6,8 @@
 # SWEEP: a sweep of configs/study/sweeps.yaml; RUN_IDS: comma-separated run ids (a slice; "" = all);
 # BUDGET_S: seconds for the runs of this call (default 540 minus the set-up); STUDY_PARALLEL=K trains
 # K runs at once on the one GPU (default 1); STUDY_START_ALL=1 starts runs that cannot finish in this
-# call (the next call on the same warm machine resumes them). Installs the wheels of
+# call (the next call on the same warm machine resumes them); STUDY_MEMORY_GB=G lets the concurrent
+# runs' memory_gb (configs/study/sweeps.yaml) add up to G GiB (default 97 % of the GPU). Installs the wheels of
 # .whl/ under /tmp/site, builds attnres._C unless a built one is newer than csrc/, runs the sweep with
 # benchmarks/study/run.py (runs stop at the budget and resume from their checkpoint on the next call
 # while the machine stays warm), then packs benchmarks/results/study/ and the logs into
@@ -39,6 +40,7 @@ main() {
   local budget=$(( $(left) - 25 ))
   echo "=== sweep $SWEEP ${RUNS:+(runs $RUNS) }budget $budget s"
   timeout --signal=INT --kill-after=15 $(( budget + 20 )) python3 -m benchmarks.study.run --sweep "$SWEEP" --parallel "${STUDY_PARALLEL:-1}" ${STUDY_START_ALL:+--start_all} \
+    ${STUDY_MEMORY_GB:+--memory_gb "$STUDY_MEMORY_GB"} \
     ${RUNS:+--runs "$RUNS"} --budget_s "$budget" --log_dir "$OUT/logs"
   echo "=== exit status $?"
   python3 -m benchmarks.study.run --sweep "$SWEEP" --list

@@ -448,7 +448,8 @@ def run_sweep(
     that are not complete yet, within ``budget_s`` seconds, up to ``parallel`` at a time (one ``fit``
     process each; the study's runs are bound by kernel launches and host work, so several processes
     share one GPU well) while the plan's ``memory_gb`` of the running models fits in ``memory_gb``
-    (default: 97 % of the GPU's memory; unlimited on CPU). Runs start in the plan's order, except that
+    (default: 97 % of the GPU's memory; unlimited on CPU). Runs start in the plan's order (in the order
+    of ``only`` when given), except that
     a run that does not fit next to the running ones lets a later one that fits go first. A run starts
     only when the budget left exceeds its expected wall time (if known, see :func:`_expected_wall`;
     ``start_all``: whenever 60 s are left, for a call that a later call on the same machine continues),
@@ -468,7 +469,8 @@ def run_sweep(
         unknown = sorted(set(only) - {r.id for r in runs})
         if unknown:
             raise ValueError(f"--runs: {unknown} are not in sweep {sweep}; see --list")
-        runs = [r for r in runs if r.id in only]
+        by_id = {r.id: r for r in runs}
+        runs = [by_id[rid] for rid in dict.fromkeys(only)]  # the order given: longest runs first packs best
     results, work = Path(results), Path(work)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if memory_gb is None:
@@ -668,7 +670,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", default=DEFAULT_PLAN, help="the sweep file (default %(default)s)")
     p.add_argument("--sweep", help="the sweep to run (see the plan's sweeps:), or several: a,b")
-    p.add_argument("--runs", default=None, help="comma-separated run ids: a slice of the sweep")
+    p.add_argument("--runs", default=None, help="comma-separated run ids: a slice of the sweep, started in this order")
     p.add_argument("--results", default=DEFAULT_RESULTS, help="where the per-run JSONs go (%(default)s)")
     p.add_argument("--work", default=DEFAULT_WORK, help="run directories and checkpoints (%(default)s)")
     p.add_argument(
