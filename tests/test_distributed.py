@@ -189,6 +189,39 @@ def _checkpoint_case(ref, ckpt_dir: str):
     return {"val_pp2": val_pp2, "val_pp1": val_pp1, "val_fsdp2": loss.item() / 2, "val_init": val_init}
 
 
+def _checkpoint_pp2_fsdp2_case(ref, ckpt_dir: str):
+    """Train one step at PP=2 x FSDP=2, save with DCP, load at FSDP=4: same validation loss."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from attnres.parallel import apply_fsdp, build_pipeline, init_mesh
+
+    init, _, _ = ref("block", 4)
+    xv, yv = batch(seed=7)
+    mesh = init_mesh(2, 2)
+    dp, r = mesh["dp"], mesh["dp"].get_local_rank()
+    pipe = build_pipeline(_fresh("block", 4, init), mesh["pp"].get_group(), "1f1b", 2, dp_mesh=dp)
+    x, y = batch()
+    pipe.step(x.chunk(2)[r], y.chunk(2)[r])
+    torch.optim.SGD(pipe.model.parameters(), lr=0.5).step()
+    val = pipe.step(xv.chunk(2)[r], yv.chunk(2)[r], train=False).detach().clone()
+    dist.all_reduce(val, group=dp.get_group())
+    dcp.save(get_model_state_dict(pipe.model), checkpoint_id=ckpt_dir)
+
+    mesh4 = init_mesh(1, 4)["dp"]
+    sharded = apply_fsdp(_fresh("block", 4, {k: torch.zeros_like(v) for k, v in init.items()}), mesh4)
+    sd = get_model_state_dict(sharded)
+    dcp.load(sd, checkpoint_id=ckpt_dir)
+    sharded.load_state_dict(sd)
+    r4 = mesh4.get_local_rank()
+    with torch.no_grad():
+        loss = sharded(xv.chunk(4)[r4], labels=yv.chunk(4)[r4]).loss.detach()
+    dist.all_reduce(loss, group=mesh4.get_group())
+    with torch.no_grad():
+        val_init = _fresh("block", 4, init)(xv, labels=yv).loss.item()
+    return {"val_pp2_fsdp2": val.item() / 2, "val_fsdp4": loss.item() / 4, "val_init": val_init}
+
+
 def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -238,6 +271,7 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
                 dp=2,
                 dp_rank=mesh["dp"].get_local_rank(),
             )
+            results["checkpoint_pp2_fsdp2"] = _checkpoint_pp2_fsdp2_case(ref, os.path.join(out_dir, "ckpt4"))
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()
@@ -331,3 +365,10 @@ def test_checkpoint_saved_at_pp2_loads_at_pp1_and_fsdp2(two):
         assert c["val_pp1"] == pytest.approx(c["val_pp2"], rel=1e-5)
         assert c["val_fsdp2"] == pytest.approx(c["val_pp2"], rel=1e-5)
         assert abs(c["val_pp2"] - c["val_init"]) > 1e-4  # the step changed the model: the load matters
+
+
+def test_checkpoint_saved_at_pp2_x_fsdp2_loads_at_fsdp4(four):
+    for res in four:
+        c = res["checkpoint_pp2_fsdp2"]
+        assert c["val_fsdp4"] == pytest.approx(c["val_pp2_fsdp2"], rel=1e-5)
+        assert abs(c["val_pp2_fsdp2"] - c["val_init"]) > 1e-4  # the step changed the model: the load matters
