@@ -125,6 +125,7 @@ def _worker(rank: int, layout: Layout, caching: bool, s: Settings, store: str, o
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     row: dict[str, Any] = {}
+    t_start = time.perf_counter()
     try:
         mesh = init_mesh(layout.pp, layout.dp, device.type)
         dp_rank = mesh["dp"].get_local_rank()
@@ -178,8 +179,14 @@ def _worker(rank: int, layout: Layout, caching: bool, s: Settings, store: str, o
                 torch.cuda.synchronize(device)
             dist.barrier()
 
-        for _ in range(s.warmup):
+        def progress(what: str) -> None:  # rank 0: where a slow layout spends its time (fla autotunes)
+            if rank == 0:
+                print(f"[scaling] {layout.name}: {what} ({time.perf_counter() - t_start:.1f} s)", flush=True)
+
+        progress("model built")
+        for k in range(s.warmup):
             step()
+            progress(f"warm-up step {k + 1}/{s.warmup}")
         synced()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -188,6 +195,7 @@ def _worker(rank: int, layout: Layout, caching: bool, s: Settings, store: str, o
             loss = step()
         synced()
         elapsed = time.perf_counter() - t0
+        progress(f"{s.steps} timed steps")
         loss = loss.float()
         dist.all_reduce(loss)  # the mean over ranks (every pipeline rank holds its replica's loss)
         peak = torch.cuda.max_memory_allocated(device) if cuda else None

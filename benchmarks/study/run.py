@@ -670,7 +670,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", default=DEFAULT_PLAN, help="the sweep file (default %(default)s)")
     p.add_argument("--sweep", help="the sweep to run (see the plan's sweeps:), or several: a,b")
-    p.add_argument("--runs", default=None, help="comma-separated run ids: a slice of the sweep, started in this order")
+    p.add_argument(
+        "--runs", default=None, help="comma-separated run ids: a slice of the sweep, started in this order"
+    )
     p.add_argument("--results", default=DEFAULT_RESULTS, help="where the per-run JSONs go (%(default)s)")
     p.add_argument("--work", default=DEFAULT_WORK, help="run directories and checkpoints (%(default)s)")
     p.add_argument(
