@@ -2,9 +2,10 @@
 
 The schemas live in ``csrc/ops.cpp``; this module checks shapes, dtypes and devices with clear
 messages, registers the fake (meta) kernels for ``torch.compile`` (the autograd formulas are C++:
-``csrc/autograd.cpp``), and routes a call to the compiled kernel of the tensors' device. Where there is none (the extension
-was not built, or a device without kernels) the call runs :mod:`attnres.reference` instead, which
-is the same math in plain PyTorch; a missing extension is reported by one warning at import.
+``csrc/autograd.cpp``), and routes a call to the compiled kernel of the tensors' device. Where there
+is none (the extension was not built, or a device without kernels) the call runs
+:mod:`attnres.reference` instead, which is the same math in plain PyTorch; a missing extension is
+reported by one warning at import.
 
 Sources are n tensors ``[..., d]`` (``[B, T, d]`` or ``[N, d]``), read where they are: no copy is
 made of the list (only non-contiguous sources are made contiguous by the kernels).
