@@ -156,6 +156,12 @@ def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
     cfg["model"]["lr"] = 2 * base["config"]["model"]["lr"]
     tagged = dict(base, run_id=f"{runs[0].id}-lr2x", config=cfg, val_loss=9.5)
     (results / f"{tagged['run_id']}.json").write_text(json.dumps(tagged))
+    # and at half its rate, cut after step 2: compared with the others at step 2, their last common one
+    cfg = json.loads(json.dumps(base["config"]))
+    cfg["model"]["lr"] = base["config"]["model"]["lr"] / 2
+    cut = dict(base, run_id=f"{runs[0].id}-lr0.5x", config=cfg, status="partial", steps=2)
+    cut["val_curve"] = [[2, 128, 9.7]]
+    (results / f"{cut['run_id']}.json").write_text(json.dumps(cut))
     lay = analyze.Layout(
         scaling_models=("syn0", "syn1"),
         scaling_modes=("standard", "block4"),
@@ -179,8 +185,10 @@ def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
     ratio = 0.98 ** (1 / -0.05)  # block4 = standard at 0.98**(1/b) times the compute
     assert f"{ratio:.3f}" in tables and "tiny-block4-seed3" in tables and "python -m attnres fit" in tables
     lr = base["config"]["model"]["lr"]
-    assert f"| tiny | standard | {2 * lr:g} | 1 | 9.5000 |" in tables
-    assert f"| tiny | standard | {lr:g} | 1 | {base['val_loss']:.4f} |" in tables
+    at2, final = base["val_curve"][0][2], base["val_loss"]
+    assert f"| tiny | standard | {lr / 2:g} | 3 | partial | 2 | – | 9.7000 | 2 |" in tables
+    assert f"| tiny | standard | {lr:g} | 3 | complete | 4 | {final:.4f} | {at2:.4f} | 2 |" in tables
+    assert f"| tiny | standard | {2 * lr:g} | 3 | complete | 4 | 9.5000 | {at2:.4f} | 2 |" in tables
 
 
 def test_power_law_fit_recovers_known_coefficients():

@@ -387,30 +387,39 @@ def depth_width(groups: dict, out: Path, lay: Layout) -> list[str]:
 
 def lr_check(runs: list[dict[str, Any]]) -> list[str]:
     """Validation loss vs learning rate for every (model, residual) that has runs of a tagged
-    learning-rate sweep (``lr_hi``, ``lr_lo``), next to its untagged run(s) at the plan's rate."""
-    by: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    learning-rate sweep (``lr_hi``, ``lr_lo``), next to its untagged run(s) at the plan's rate.
+    Partial runs count too: every run of one (model, residual) is also compared at the last
+    validation step that all of them reached."""
+    by: dict[tuple[str, str], list[tuple[float, dict[str, Any]]]] = defaultdict(list)
     checked = set()
     for r in runs:
         lr = ((r.get("config") or {}).get("model") or {}).get("lr")
-        if r["status"] != "complete" or lr is None:
+        base = f"{r['model']}-{r['residual']}-seed{r['seed']}"
+        plain = r["run_id"] == base and r["status"] == "complete"
+        if lr is None or not (plain or r["run_id"][len(base) :].startswith("-lr")):
             continue
-        plain = r["run_id"] == f"{r['model']}-{r['residual']}-seed{r['seed']}"
-        if plain or "-lr" in r["run_id"][len(f"{r['model']}-{r['residual']}-seed{r['seed']}") :]:
-            by[(r["model"], r["residual"])][float(lr)].append(r["val_loss"])
-            if not plain:
-                checked.add((r["model"], r["residual"]))
+        by[(r["model"], r["residual"])].append((float(lr), r))
+        if not plain:
+            checked.add((r["model"], r["residual"]))
     if not checked:
         return []
     lines = [
         "### Learning-rate check",
         "",
-        "| size | mode | lr | seeds | val loss |",
-        "|---|---|---:|---:|---:|",
+        "| size | mode | lr | seed | status | steps | final val loss | val loss at step k | k |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for key in sorted(checked):
-        for lr, losses in sorted(by[key].items()):
-            m, sd, n = mean_std(losses)
-            lines.append(f"| {key[0]} | {label(key[1])} | {lr:g} | {n} | {fmt(m, sd)} |")
+        group = sorted(by[key], key=lambda x: (x[0], x[1]["seed"]))
+        curves = [{s: loss for s, _, loss in r["val_curve"]} for _, r in group]
+        k = max(set.intersection(*(set(c) for c in curves)), default=None)
+        for (lr, r), curve in zip(group, curves):
+            at_k = f"{curve[k]:.4f}" if k is not None else "–"
+            final = f"{r['val_loss']:.4f}" if r["status"] == "complete" else "–"
+            lines.append(
+                f"| {key[0]} | {label(key[1])} | {lr:g} | {r['seed']} | {r['status']} | {r['steps']} | "
+                f"{final} | {at_k} | {k if k is not None else '–'} |"
+            )
     return lines
 
 
