@@ -39,6 +39,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 
+from attnres.model.decoder import run_sublayer
 from attnres.residual import ResidualState
 from attnres.stage_cache import StageCache, StageLayout, pack, unpack
 
@@ -265,10 +266,10 @@ class PipelineStageModule(nn.Module):
                 sources = cache.get(mb, cache.cached_ids(k)) + list(parts[:n_recv])
                 state = ResidualState(sources=sources, partial=parts[-1] if partial else None)
         aux = None
-        for key, layer in self.layers.items():
-            i = int(key)
-            self._run(state, 2 * i, layer.token_mixer)
-            a = self._run(state, 2 * i + 1, layer.channel_mixer)
+        for layer in self.layers.values():
+            (ia, mixer, attn_norm), (im, mlp, mlp_norm) = layer.sublayers()
+            run_sublayer(self.residual, state, ia, mixer, attn_norm)
+            _, a = run_sublayer(self.residual, state, im, mlp, mlp_norm)
             if a is not None and a.requires_grad:
                 aux = a if aux is None else aux + a
         if self.is_last:
@@ -293,13 +294,6 @@ class PipelineStageModule(nn.Module):
         if aux is not None and torch.is_grad_enabled():
             out = _AddAuxGrad.apply(out, aux)
         return out
-
-    def _run(self, state: ResidualState, i: int, fn) -> Tensor | None:
-        h = self.residual.input(state, i)
-        result = fn(h)
-        v, extra = result if isinstance(result, tuple) else (result, None)
-        self.residual.output(state, i, v)
-        return extra
 
     def io_shapes(self, microbatch_size: int, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Example (meta) input and output of this stage for a microbatch ``[b, T]``."""

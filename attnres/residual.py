@@ -64,6 +64,7 @@ class ResidualState:
     pending_lse: Tensor | None = None
     pending_queries: tuple[Tensor, ...] = ()  # their queries (phase 2 uses them again)
     pending_sources: int = 0  # how many sources phase 1 read (Full: later ones are merged by phase 2)
+    pending_recompute: _BlockRecompute | None = None  # recompute mode: phase 1 again in backward
     # when not None, the queries by sublayer range, kept across calls (decoding: parameters are fixed)
     query_cache: dict[tuple[int, int], Tensor] | None = None
     # when not None, one dict per sublayer input (and the read-out): weights and source norms
@@ -81,6 +82,12 @@ class Residual(nn.Module):
     output of the group by phase 2, one online-softmax step per output: the same softmax, with the
     sources read once per group instead of once per sublayer. 1: a direct softmax per sublayer;
     above 2 each merge beyond the first keeps one more ``[..., d]`` tensor for backward.
+    ``recompute`` (Block only): when :meth:`input` is given the sublayer's norm, keep only the partial
+    summary of each sublayer for backward (not its input ``h``, nor the norm's fp32 copy of it) and
+    recompute phase 1 once per block in backward (``h`` = phase 2 of the recomputed phase-1 output and
+    the partial, then the norm), so that Block AttnRes keeps no more activations than the standard
+    residual apart from its sources. Bit-identical gradients; eager mode only (under ``torch.compile``
+    and without gradients :meth:`input` takes the plain path).
     """
 
     def __init__(
@@ -91,6 +98,7 @@ class Residual(nn.Module):
         num_blocks: int = 8,
         eps: float = 1e-6,
         full_group: int = 2,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         if mode not in RESIDUAL_MODES:
@@ -107,6 +115,7 @@ class Residual(nn.Module):
         self.mode = mode
         self.dim = dim
         self.full_group = full_group
+        self.recompute = recompute and mode == "block"
         self.num_sublayers = num_sublayers
         self.num_blocks = num_blocks if mode == "block" else (num_sublayers if mode == "full" else 0)
         self.block_size = {"block": num_sublayers // max(num_blocks, 1), "full": 1, "standard": 0}[mode]
@@ -119,6 +128,7 @@ class Residual(nn.Module):
         extra = (
             f", num_blocks={self.num_blocks}, block_size={self.block_size}" if self.mode == "block" else ""
         )
+        extra += ", recompute=True" if self.recompute else ""
         return f"mode={self.mode}, dim={self.dim}, num_sublayers={self.num_sublayers}{extra}"
 
     # ------------------------------------------------------------------ the interface
@@ -138,8 +148,15 @@ class Residual(nn.Module):
             state.sources.append(embedding)
         return state
 
-    def input(self, state: ResidualState, i: int) -> Tensor:
-        """The input ``h_i [B, T, d]`` of sublayer ``i``."""
+    def input(self, state: ResidualState, i: int, norm: nn.Module | None = None) -> Tensor:
+        """The input ``h_i [B, T, d]`` of sublayer ``i``; given the sublayer's input ``norm``,
+        ``norm(h_i)``, merged with the residual path's last step in ``recompute`` mode (``norm``: a module
+        called as ``norm(x)`` or ``norm(x, via=f)`` with ``f(x, weight)`` computing it, and with
+        ``normalize(x, weight)``, such as :class:`attnres.model.norm.RMSNorm`)."""
+        if norm is not None:
+            if self._recomputes(state):
+                return self._merged_norm(state, i, norm)
+            return norm(self.input(state, i))
         if self.mode == "standard":
             return state.hidden
         if self.mode == "full":
@@ -171,6 +188,25 @@ class Residual(nn.Module):
         state.pending_outs[k] = None  # let it die once used
         return out, lse, k
 
+    def _recomputes(self, state: ResidualState) -> bool:
+        return (
+            self.recompute
+            and state.records is None
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        )
+
+    def _merged_norm(self, state: ResidualState, i: int, norm: nn.Module) -> Tensor:
+        if state.partial is None and i % self.block_size != 0:
+            raise RuntimeError(f"sublayer {i} is inside a block but no partial summary was handed back")
+        out, lse, k = self._phase1_result(state, i, self.block_size)
+        partial, query, holder = state.partial, state.pending_queries[k], state.pending_recompute
+
+        def via(x: Tensor, weight: Tensor) -> Tensor:
+            return _MergedNorm.apply(x, lse, partial, query, weight, holder, k, self.eps, norm.normalize)
+
+        return norm(out, via=via)
+
     def output(self, state: ResidualState, i: int, v: Tensor) -> None:
         """Hand back the output ``v_i [B, T, d]`` of sublayer ``i``."""
         if self.mode == "standard":
@@ -189,7 +225,7 @@ class Residual(nn.Module):
             state.sources.append(state.partial)
             state.partial = None
             state.pending_outs, state.pending_lse, state.pending_first = [], None, -1
-            state.pending_queries = ()
+            state.pending_queries, state.pending_recompute = (), None
 
     def readout(self, state: ResidualState) -> Tensor:
         """The final hidden state ``[B, T, d]`` (before the final norm)."""
@@ -233,6 +269,8 @@ class Residual(nn.Module):
         state.pending_first, state.pending_outs, state.pending_lse = i, list(outs), lse
         state.pending_queries = queries.unbind(0)
         state.pending_sources = len(state.sources)
+        if self.mode == "block" and self._recomputes(state):
+            state.pending_recompute = _BlockRecompute(list(state.sources), queries.detach(), self.eps)
 
     def _record(self, state: ResidualState, i: int, sources: list[Tensor]) -> None:
         name = "out" if i == self.num_sublayers else str(i)
@@ -271,3 +309,63 @@ def block_counts(num_sublayers: int, even: bool = False) -> list[int]:
         for n in range(1, num_sublayers + 1)
         if num_sublayers % n == 0 and not (even and (num_sublayers // n) % 2)
     ]
+
+
+class _BlockRecompute:
+    """Phase 1 of one block again in backward, once, for the :class:`_MergedNorm` of its sublayers:
+    the first of them to run backward (the block's last sublayer) recomputes every query's output, and
+    each takes its own and lets it go. The sources are those phase 1 read (its backward keeps them)."""
+
+    def __init__(self, sources: list[Tensor], queries: Tensor, eps: float) -> None:
+        self.sources, self.queries, self.eps = sources, queries, eps
+        self.outs: list[Tensor | None] | None = None
+
+    def take(self, k: int) -> Tensor:
+        if self.outs is None:
+            with torch.no_grad():
+                self.outs = list(ops.phase1(self.sources, self.queries, self.eps)[0])
+        out, self.outs[k] = self.outs[k], None
+        if out is None:
+            raise RuntimeError(f"the phase-1 output of query {k} was already used: backward ran twice "
+                               "through the graph (retain_graph is not supported in recompute mode)")
+        return out
+
+
+class _MergedNorm(torch.autograd.Function):
+    """``norm(h)`` with ``h`` = phase 2 of the block's phase-1 output ``out`` (query ``k``) and the partial
+    summary, or ``h = out`` at the block's first sublayer (no partial). Keeps the partial and small
+    tensors for backward, not ``out`` or ``h``: backward takes ``out`` again from
+    :meth:`_BlockRecompute.take` and replays phase 2 and the norm (the same ops on the same values, so
+    the gradients are those of the plain path, bit for bit)."""
+
+    @staticmethod
+    def forward(ctx, out, lse, partial, query, weight, holder, k, eps, normalize):
+        h = out if partial is None else ops.phase2(out, lse, partial, query, eps)[0]
+        ctx.holder, ctx.k, ctx.eps, ctx.normalize = holder, k, eps, normalize
+        ctx.autocast = _autocast_state(out.device.type)
+        ctx.save_for_backward(lse, partial, query, weight)
+        return normalize(h, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        lse, partial, query, weight = ctx.saved_tensors
+        out = ctx.holder.take(ctx.k)
+        leaves = [t if t is None else t.detach().requires_grad_() for t in (out, lse, partial, query, weight)]
+        wants = [t is not None and n for t, n in zip(leaves, ctx.needs_input_grad[:5])]
+        device_type, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            o, lse_, p, q, w = leaves
+            h = o if p is None else ops.phase2(o, lse_, p, q, ctx.eps)[0]
+            y = ctx.normalize(h, w)
+        inputs = [t for t, want in zip(leaves, wants) if want]
+        got = iter(torch.autograd.grad(y, inputs, grad, allow_unused=True))
+        grads = [next(got) if want else None for want in wants]
+        return (*grads, None, None, None, None)
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    return (
+        device_type,
+        torch.is_autocast_enabled(device_type),
+        torch.get_autocast_dtype(device_type),
+    )

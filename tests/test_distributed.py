@@ -26,11 +26,13 @@ GRAD_ATOL, LOSS_RTOL = 2e-5, 1e-5
 
 
 def tiny_config(residual: str, num_layers: int):
+    """``residual``: a mode, or ``block_recompute`` (Block AttnRes with ``residual_recompute``)."""
     from attnres.model import get_config
 
     return get_config(
         "tiny",
-        residual=residual,
+        residual=residual.removesuffix("_recompute"),
+        residual_recompute=residual.endswith("_recompute"),
         num_layers=num_layers,
         num_blocks=num_layers // 2,
         dim=DIM,
@@ -67,6 +69,7 @@ class _Reference:
         self._cache: dict = {}
 
     def __call__(self, residual: str, num_layers: int):
+        residual = residual.removesuffix("_recompute")  # the reference is the plain path
         key = (residual, num_layers)
         if key not in self._cache:
             from attnres.model import Decoder
@@ -245,8 +248,9 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
                 ref, group, "block", 4, "interleaved_1f1b", 2, caching=False
             )
             results["pp2_1f1b_full"] = _pipeline_case(ref, group, "full", 4, "1f1b", 1)
+            results["pp2_1f1b_block_recompute"] = _pipeline_case(ref, group, "block_recompute", 4, "1f1b", 1)
             mesh = init_mesh(1, 2)["dp"]
-            for residual in ("block", "standard"):
+            for residual in ("block", "standard", "block_recompute"):
                 results[f"fsdp2_{residual}"] = _fsdp_case(ref, mesh, residual, 4)
             results["checkpoint"] = _checkpoint_case(ref, os.path.join(out_dir, "ckpt"))
         else:
@@ -310,7 +314,15 @@ def _check_bytes(case: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["pp2_gpipe_block", "pp2_1f1b_block", "pp2_gpipe_standard", "pp2_1f1b_standard", "pp2_1f1b_full"]
+    "name",
+    [
+        "pp2_gpipe_block",
+        "pp2_1f1b_block",
+        "pp2_gpipe_standard",
+        "pp2_1f1b_standard",
+        "pp2_1f1b_full",
+        "pp2_1f1b_block_recompute",
+    ],
 )
 def test_pp2_matches_single_process(two, name):
     _check_bytes(_check_equal(two, name))
@@ -350,7 +362,7 @@ def test_caching_sends_fewer_bytes_under_interleaving(two, four, world, prefix):
     )
 
 
-@pytest.mark.parametrize("residual", ["block", "standard"])
+@pytest.mark.parametrize("residual", ["block", "standard", "block_recompute"])
 def test_fsdp2_matches_single_process(two, residual):
     _check_equal(two, f"fsdp2_{residual}")
 

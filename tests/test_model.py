@@ -371,3 +371,60 @@ def test_bf16_autocast_runs_every_residual_mode_close_to_fp32(mode):
     out.loss.backward()
     assert torch.isfinite(out.loss) and abs(out.loss.item() - ref.item()) < 0.02
     assert all(p.grad is not None for n, p in model.named_parameters() if "residual.queries" in n)
+
+
+def _saved_activation_bytes(cfg, dtype: torch.dtype) -> int:
+    """Bytes of the distinct storages autograd keeps for backward in one forward (parameters excluded)."""
+    torch.manual_seed(0)
+    model = Decoder(cfg).to(dtype)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_recompute_keeps_no_more_than_the_standard_residual_plus_the_sources(dtype):
+    """Issue 8's memory target, on the tensors autograd saves: Block AttnRes may keep at most the
+    standard residual's activations + 1.1 x its sources (embedding + block summaries). The plain path
+    keeps each sublayer's input and partial summary (it misses); ``residual_recompute`` meets it."""
+    base = dict(num_layers=4, dim=128)
+    standard = _saved_activation_bytes(get_config("tiny", residual="standard", **base), dtype)
+    block = get_config("tiny", residual="block", num_blocks=4, **base)
+    plain = _saved_activation_bytes(block, dtype)
+    lean = _saved_activation_bytes(block.replace(residual_recompute=True), dtype)
+    sources = (block.num_blocks + 1) * 2 * 16 * 128 * dtype.itemsize
+    assert plain > standard + 1.1 * sources
+    assert lean <= standard + 1.1 * sources
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16", "bf16-mixed"])
+def test_residual_recompute_trains_with_the_same_loss_and_gradients(precision):
+    """The whole decoder (KDA, MLA, MoE) with ``residual_recompute``: loss and every gradient equal to the
+    plain Block path's, bit for bit (fp32, bf16 weights, and fp32 weights under bf16 autocast)."""
+    cfg = get_config("tiny", residual="block", num_blocks=4)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def step(c):
+        torch.manual_seed(0)
+        model = Decoder(c).to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            out = model(ids, labels=ids)
+        (out.loss + out.aux_loss).backward()
+        return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = step(cfg)
+    loss_r, grads_r = step(cfg.replace(residual_recompute=True))
+    assert torch.equal(loss, loss_r)
+    assert grads.keys() == grads_r.keys() and len(grads) > 50
+    for n in grads:
+        assert torch.equal(grads[n], grads_r[n]), n

@@ -294,3 +294,76 @@ def test_ops_skip_autograd_only_when_no_gradient_can_flow():
     assert lse_g.grad_fn is not None
     torch.testing.assert_close(lse_g.detach(), lse, rtol=0, atol=0)
     assert ops._no_grad_needed(src, q.detach())
+
+
+# ----------------------------------------------------------------------------- recompute mode
+
+
+def _normed_run(res: Residual, emb, sublayers, norms, first: int = 0, state=None):
+    """The stack with each sublayer's input norm given to the residual path (as the decoder runs it)."""
+    state = res.begin(emb) if state is None else state
+    for i in range(first, len(sublayers)):
+        res.output(state, i, sublayers[i](res.input(state, i, norms[i])))
+    return state
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_recompute_mode_gives_the_plain_gradients_bit_for_bit_across_a_mid_block_stage_split(dtype):
+    """Block AttnRes with ``recompute`` (only the partial summaries kept; phase 1 again in backward) vs
+    the plain path: same read-out and the same gradient of every input and parameter, exactly, also
+    for a pipeline stage that starts in the middle of a block (its phase 1 covers its own sublayers)."""
+    from attnres.model.norm import RMSNorm
+
+    sublayers = make_stack(8, dtype)
+    norms = nn.ModuleList(RMSNorm(D, 1e-5) for _ in range(8)).to(dtype)
+    with torch.no_grad():
+        for n in norms:
+            n.weight.uniform_(0.5, 1.5)
+    plain = Residual(D, 8, "block", num_blocks=2, eps=EPS).to(dtype)
+    randomise_queries(plain)
+    lean = Residual(D, 8, "block", num_blocks=2, eps=EPS, recompute=True).to(dtype)
+    lean.load_state_dict(plain.state_dict())
+    emb = torch.randn(2, 3, D, dtype=dtype)
+    params = [*sublayers.parameters(), *norms.parameters()]
+
+    def grads(res: Residual, split: int | None):
+        x = emb.clone().requires_grad_()
+        state = _normed_run(res, x, sublayers[:split] if split else sublayers, norms)
+        if split:  # hand over the sources and the partial, as a stage boundary does
+            handed = res.begin(x)
+            handed.sources, handed.partial = list(state.sources), state.partial
+            state = _normed_run(res, x, sublayers, norms, first=split, state=handed)
+        out = res.readout(state)
+        (out.float() * torch.linspace(-1, 1, D)).sum().backward()
+        got = [out.detach(), x.grad] + [p.grad for p in [*res.parameters(), *params]]
+        for p in [*res.parameters(), *params]:
+            p.grad = None
+        return got
+
+    for split in (None, 2, 5):
+        expected, actual = grads(plain, split), grads(lean, split)
+        assert len(expected) == len(actual) == 2 + 2 * 9 + len(params)
+        for e, a in zip(expected, actual):
+            assert torch.equal(e, a)
+    assert "recompute=True" in repr(lean)
+    assert not Residual(D, 8, "full", recompute=True).recompute  # a Block-only option
+
+
+def test_recompute_mode_refuses_a_second_backward_through_the_graph():
+    from attnres.model.norm import RMSNorm
+
+    sublayers, norms = make_stack(4), nn.ModuleList(RMSNorm(D) for _ in range(4)).double()
+    res = Residual(D, 4, "block", num_blocks=2, eps=EPS, recompute=True).double()
+    emb = torch.randn(1, 2, D, dtype=torch.float64, requires_grad=True)
+    out = res.readout(_normed_run(res, emb, sublayers, norms)).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph is not supported in recompute mode"):
+        out.backward()
+    # without gradients (decoding) the plain path runs: nothing is kept for a backward
+    with torch.no_grad():
+        state = res.begin(emb)
+        res.input(state, 0, norms[0])
+    assert state.pending_recompute is None
+    state = res.begin(emb)
+    res.input(state, 0, norms[0])
+    assert state.pending_recompute is not None

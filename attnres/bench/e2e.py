@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from attnres import ops
 from attnres.hardware import PEAK_BF16_FLOPS, peak_flops
@@ -71,7 +71,7 @@ __all__ = [
 MODES: tuple[str, ...] = ("standard", "block", "full")
 KINDS: tuple[str, ...] = ("train", "prefill", "decode", "template")
 VARIANTS: tuple[str, ...] = ("eager", "compile")
-IMPLS: tuple[str, ...] = ("attnres", "fla")
+IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "fla")
 
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -185,11 +185,12 @@ class FlaResidual(Residual):
         q = self.queries[name]
         return self.attnres_fn(q.weight, sources, q.norm_weight, rms_eps=self.eps)
 
-    def input(self, state: ResidualState, i: int) -> Tensor:
+    def input(self, state: ResidualState, i: int, norm: nn.Module | None = None) -> Tensor:
         if self.mode == "standard":
-            return super().input(state, i)
+            return super().input(state, i, norm)
         sources = state.sources + ([state.partial] if state.partial is not None else [])
-        return self._mix(sources, str(i))
+        h = self._mix(sources, str(i))
+        return h if norm is None else norm(h)
 
     def readout(self, state: ResidualState) -> Tensor:
         if self.mode == "standard":
@@ -431,7 +432,7 @@ def _guarded(
 
 def _build(shape: Shape, mode: str, impl: str, run: _Run, dtype: torch.dtype | None = None) -> Decoder:
     torch.manual_seed(0)
-    cfg = shape.config.replace(residual=mode)
+    cfg = shape.config.replace(residual=mode, residual_recompute=impl == "attnres-recompute")
     with torch.device(run.device):
         model = Decoder(cfg)
     model.to(dtype=dtype or run.dtype)
@@ -539,7 +540,7 @@ def _train_rows(run: _Run, shape: Shape, mode: str, impl: str, variant: str) -> 
             peak_mem_bytes=_peak_memory(run.device), resident_bytes_before=resident,
             source_bytes=traffic["source_bytes"], saved_partial_bytes=traffic["saved_partial_bytes"],
             residual_calls_per_step=traffic["calls_per_step"], residual_step_bytes=traffic["step_bytes"],
-            ops_backend=ops.backend(run.device) if impl == "attnres" else "fla",
+            ops_backend=ops.backend(run.device) if impl != "fla" else "fla",
         )
         bandwidth = (run.result.get("ceilings") or {}).get("copy_gbps")
         if bandwidth:  # the residual path's bytes at the measured copy bandwidth: no kernel does better
@@ -787,7 +788,8 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         s = std.get(key(r))
         if s is None:
             continue
-        what = f"{r['mode']}{'(fla)' if r['impl'] == 'fla' else ''}/standard"
+        suffix = {"fla": "(fla)", "attnres-recompute": "(recompute)"}.get(r["impl"], "")
+        what = f"{r['mode']}{suffix}/standard"
         entry = {"kind": r["kind"], "shape": r["shape"], "variant": r["variant"],
                  "optimizer": r.get("optimizer"), "batch": r.get("batch"), "what": what,
                  "time_ratio": r["ms"] / s["ms"]}
@@ -993,6 +995,8 @@ def _run_e2e(
         for shape in picked:
             if "attnres" in impls:
                 train(shape, "attnres", "eager", ours)
+            if "attnres-recompute" in impls:  # a Block-only option, eager-only
+                train(shape, "attnres-recompute", "eager", [m for m in ours if m == "block"])
         for shape in picked:
             train(shape, "fla", "eager", theirs)
     for shape in picked if serve else []:
@@ -1053,7 +1057,7 @@ def bench_e2e(
     modes: list[Literal["standard", "block", "full"]] | None = None,
     kinds: list[Literal["train", "prefill", "decode", "template"]] | None = None,
     variants: list[Literal["eager", "compile"]] | None = None,
-    impls: list[Literal["attnres", "fla"]] | None = None,
+    impls: list[Literal["attnres", "attnres-recompute", "fla"]] | None = None,
     num_blocks: int = 8,
     graphs: bool = True,
     template_compile: bool | None = None,
@@ -1082,7 +1086,8 @@ def bench_e2e(
         kinds: ``train``, ``prefill``, ``decode``, ``template``. Default: all.
         variants: training variants ``eager`` and/or ``compile`` (torch.compile of the whole model).
             Default: both (``quick``: eager only; compiling on a CPU takes minutes).
-        impls: ``attnres`` (ours) and/or ``fla`` (fla-core's fused_attnres in our decoder).
+        impls: ``attnres`` (ours), ``attnres-recompute`` (ours with ``residual_recompute``: Block rows,
+            eager) and/or ``fla`` (fla-core's fused_attnres in our decoder).
         num_blocks: N of Block AttnRes.
         graphs: also time prefill and decode replayed from a CUDA graph (GPU only).
         template_compile: compile in the template comparison (default: on a GPU).

@@ -57,6 +57,11 @@ class Config:
     """Full AttnRes: sublayers per phase-1 group (phase 1 reads the completed outputs once per group,
     then each later output of the group is merged by a phase-2 step; the same softmax). 1: a direct
     softmax per sublayer; above 2, each merge beyond the first keeps one more activation for backward."""
+    residual_recompute: bool = False
+    """Block AttnRes: keep only each sublayer's partial summary for backward and recompute phase 1 once
+    per block in backward (with phase 2 and the sublayer's input norm), so the residual path keeps no
+    more activations than the standard one apart from the block summaries. Eager training only (plain
+    path under ``torch.compile``); ignored by the other modes."""
 
     # ---- token mixers
     token_mixer: Literal["hybrid", "kda", "mla"] = "hybrid"

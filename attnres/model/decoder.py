@@ -12,6 +12,7 @@ or parallelism.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -89,15 +90,23 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(c.dim, c.mlp_dim)
 
-    def token_mixer(self, h: Tensor, cache: dict | None = None) -> Tensor:
-        """Sublayer ``2 * index``: ``[B, T, d] -> [B, T, d]``."""
-        return self.attn(self.attn_norm(h), cache)
+    def token_mixer(self, h: Tensor, cache: dict | None = None, normed: bool = False) -> Tensor:
+        """Sublayer ``2 * index``: ``[B, T, d] -> [B, T, d]`` (``normed``: ``h`` is ``attn_norm``'s
+        output)."""
+        return self.attn(h if normed else self.attn_norm(h), cache)
 
-    def channel_mixer(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Sublayer ``2 * index + 1``: ``[B, T, d] -> ([B, T, d], MoE aux loss or None)``."""
+    def channel_mixer(self, h: Tensor, normed: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Sublayer ``2 * index + 1``: ``[B, T, d] -> ([B, T, d], MoE aux loss or None)`` (``normed``: ``h``
+        is ``mlp_norm``'s output)."""
+        x = h if normed else self.mlp_norm(h)
         if self.mlp_kind == "moe":
-            return self.mlp(self.mlp_norm(h))
-        return self.mlp(self.mlp_norm(h)), None
+            return self.mlp(x)
+        return self.mlp(x), None
+
+    def sublayers(self) -> tuple[tuple[int, Callable, RMSNorm], ...]:
+        """``(sublayer index, function, its input norm)`` of the token mixer and the channel mixer."""
+        i = 2 * self.index
+        return (i, self.token_mixer, self.attn_norm), (i + 1, self.channel_mixer, self.mlp_norm)
 
 
 class Decoder(nn.Module):
@@ -110,7 +119,8 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(c, i) for i in range(c.num_layers)})
         self.residual = Residual(
-            c.dim, c.num_sublayers, c.residual, c.num_blocks, c.residual_eps, full_group=c.full_group
+            c.dim, c.num_sublayers, c.residual, c.num_blocks, c.residual_eps, full_group=c.full_group,
+            recompute=c.residual_recompute,
         )
         self.norm = RMSNorm(c.dim, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
@@ -203,8 +213,9 @@ class Decoder(nn.Module):
         for key in sorted(self.layers, key=int):
             layer, i = self.layers[key], int(key)
             layer_cache = cache.layers.setdefault(key, {}) if cache is not None else None
-            self._sublayer(state, 2 * i, layer.token_mixer, stats, layer_cache)
-            aux = self._sublayer(state, 2 * i + 1, layer.channel_mixer, stats)
+            (ia, mixer, attn_norm), (im, mlp, mlp_norm) = layer.sublayers()
+            self._sublayer(state, ia, mixer, attn_norm, stats, layer_cache)
+            aux = self._sublayer(state, im, mlp, mlp_norm, stats)
             if aux is not None:
                 aux_loss = aux_loss + aux
                 if stats is not None:
@@ -216,15 +227,17 @@ class Decoder(nn.Module):
         return self.lm_head(self.norm(x))
 
     def _sublayer(
-        self, state: ResidualState, i: int, fn, stats: StatsRecorder | None, *args
+        self, state: ResidualState, i: int, fn, norm: RMSNorm, stats: StatsRecorder | None, *args
     ) -> Tensor | None:
+        if stats is None:  # the residual path applies the norm (merged with its last step if it can)
+            v, extra = run_sublayer(self.residual, state, i, fn, norm, *args)
+            return extra
         h = self.residual.input(state, i)
         result = fn(h, *args)
         v, extra = result if isinstance(result, tuple) else (result, None)
         self.residual.output(state, i, v)
-        if stats is not None:
-            stats.in_rms.append(_rms(h))
-            stats.out_rms.append(_rms(v))
+        stats.in_rms.append(_rms(h))
+        stats.out_rms.append(_rms(v))
         return extra
 
     def _depth_weights(self, state: ResidualState) -> Tensor | None:
@@ -325,6 +338,18 @@ def _state_device(state: ResidualState) -> torch.device:
     if state.hidden is not None:
         return state.hidden.device
     return (state.sources[0] if state.sources else state.partial).device
+
+
+def run_sublayer(
+    residual: Residual, state: ResidualState, i: int, fn: Callable, norm: RMSNorm, *args
+) -> tuple[Tensor, Tensor | None]:
+    """Sublayer ``i`` on ``state``: its normed input from the residual path, ``fn`` (a
+    :class:`DecoderLayer` mixer, told its input is normed), its output handed back.
+    Returns ``(output, extra)`` (``extra``: the MoE aux loss or None)."""
+    result = fn(residual.input(state, i, norm), *args, normed=True)
+    v, extra = result if isinstance(result, tuple) else (result, None)
+    residual.output(state, i, v)
+    return v, extra
 
 
 def _rms(x: Tensor) -> Tensor:
