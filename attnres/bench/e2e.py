@@ -842,7 +842,7 @@ def format_table(result: dict[str, Any]) -> str:
                 verdict = "met" if q["mem_target_met"] else "MISSED"
                 mem += f" (target {_fmt_bytes(q['mem_target_bytes'])}: {verdict})"
             out.append(f"  {q['kind']:<8} {q['shape']:<7} {q['variant']:<8} {q.get('optimizer') or '':<6} "
-                       f"B={q.get('batch')!s:<3} {q['what']:<22} time {q['time_ratio']:.3f}x{mem}")
+                       f"B={q.get('batch')!s:<3} {q['what']:<25} time {q['time_ratio']:.3f}x{mem}")
     env = result.get("ceilings") or {}
     if env:
         out.append(f"\nmeasured: matmul {env['matmul_tflops']:.3g} TFLOP/s "
