@@ -179,6 +179,7 @@ def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
         "dynamics.png",
         "depth_width.png",
         "heatmaps.png",
+        "lr_check.png",
     ):
         assert (figs / name).stat().st_size > 5000, name
     tables = (figs / "tables.md").read_text()

@@ -385,11 +385,11 @@ def depth_width(groups: dict, out: Path, lay: Layout) -> list[str]:
 # ---------------------------------------------------------------------------- part 5: heatmaps
 
 
-def lr_check(runs: list[dict[str, Any]]) -> list[str]:
+def lr_check(runs: list[dict[str, Any]], out: Path) -> list[str]:
     """Validation loss vs learning rate for every (model, residual) that has runs of a tagged
     learning-rate sweep (``lr_hi``, ``lr_lo``), next to its untagged run(s) at the plan's rate.
     Partial runs count too: every run of one (model, residual) is also compared at the last
-    validation step that all of them reached."""
+    validation step that all of them reached. Figure ``lr_check.png``: their validation curves."""
     by: dict[tuple[str, str], list[tuple[float, dict[str, Any]]]] = defaultdict(list)
     checked = set()
     for r in runs:
@@ -420,6 +420,23 @@ def lr_check(runs: list[dict[str, Any]]) -> list[str]:
                 f"| {key[0]} | {label(key[1])} | {lr:g} | {r['seed']} | {r['status']} | {r['steps']} | "
                 f"{final} | {at_k} | {k if k is not None else '–'} |"
             )
+    keys = sorted(checked)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False, sharey=True)
+    for ax, key in zip(axes[0], keys, strict=True):
+        group_ = sorted(by[key], key=lambda x: (x[0], x[1]["seed"]))
+        rates = sorted({lr for lr, _ in group_})
+        shades = plt.get_cmap("viridis")([0.75 * i / max(len(rates) - 1, 1) for i in range(len(rates))])
+        for lr, r in group_:
+            curve, done = r["val_curve"], r["status"] == "complete"
+            name = f"lr {lr:g}" + ("" if done else f" (stopped at step {r['steps']})")
+            steps, losses = [p[0] for p in curve], [p[2] for p in curve]
+            ax.plot(steps, losses, "-o" if done else "--o", ms=2, color=shades[rates.index(lr)], label=name)
+        ax.set_xlabel("step")
+        ax.set_title(f"size {key[0]}, {label(key[1])}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("validation loss")
+    _save(fig, out / "lr_check.png")
     return lines
 
 
@@ -501,7 +518,7 @@ def analyze(results: str | Path, out: str | Path, lay: Layout | None = None) -> 
         ablation(groups, out, lay),
         dynamics(groups, out, lay),
         depth_width(groups, out, lay),
-        lr_check(runs),
+        lr_check(runs, out),
     ):
         if part:
             lines += part + [""]
