@@ -158,9 +158,8 @@ def _fsdp_case(ref, mesh, residual, num_layers):
 def _checkpoint_case(ref, ckpt_dir: str):
     """Train one step at PP=2, save with DCP, load at PP=1 and at FSDP=2: same validation loss."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    from attnres.parallel import apply_fsdp, build_pipeline, init_mesh
+    from attnres.parallel import build_pipeline
 
     init, _, _ = ref("block", 4)
     xv, yv = batch(seed=7)
@@ -178,18 +177,31 @@ def _checkpoint_case(ref, ckpt_dir: str):
     with torch.no_grad():
         val_pp1 = single(xv, labels=yv).loss.item()
 
-    mesh = init_mesh(1, 2)["dp"]
+    val_fsdp2, val_init = _validate_at_fsdp(init, ckpt_dir, xv, yv)
+    return {"val_pp2": val_pp2, "val_pp1": val_pp1, "val_fsdp2": val_fsdp2, "val_init": val_init}
+
+
+def _validate_at_fsdp(init: dict, ckpt_dir: str, xv, yv) -> tuple[float, float]:
+    """Load the DCP checkpoint into a zeroed model sharded with FSDP over every rank: its mean validation
+    loss on ``(xv, yv)``, and that of the model at ``init`` (which the checkpoint must differ from)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from attnres.parallel import apply_fsdp, init_mesh
+
+    world = dist.get_world_size()
+    mesh = init_mesh(1, world)["dp"]
     sharded = apply_fsdp(_fresh("block", 4, {k: torch.zeros_like(v) for k, v in init.items()}), mesh)
     sd = get_model_state_dict(sharded)
     dcp.load(sd, checkpoint_id=ckpt_dir)
     sharded.load_state_dict(sd)
     r = mesh.get_local_rank()
     with torch.no_grad():
-        loss = sharded(xv.chunk(2)[r], labels=yv.chunk(2)[r]).loss.detach()
-    dist.all_reduce(loss)
+        loss = sharded(xv.chunk(world)[r], labels=yv.chunk(world)[r]).loss.detach()
+    dist.all_reduce(loss)  # on WORLD (= the mesh's ranks)
     with torch.no_grad():
         val_init = _fresh("block", 4, init)(xv, labels=yv).loss.item()
-    return {"val_pp2": val_pp2, "val_pp1": val_pp1, "val_fsdp2": loss.item() / 2, "val_init": val_init}
+    return loss.item() / world, val_init
 
 
 def _checkpoint_pp2_fsdp2_case(ref, ckpt_dir: str):
@@ -197,7 +209,7 @@ def _checkpoint_pp2_fsdp2_case(ref, ckpt_dir: str):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    from attnres.parallel import apply_fsdp, build_pipeline, init_mesh
+    from attnres.parallel import build_pipeline, init_mesh
 
     init, _, _ = ref("block", 4)
     xv, yv = batch(seed=7)
@@ -211,18 +223,8 @@ def _checkpoint_pp2_fsdp2_case(ref, ckpt_dir: str):
     dist.all_reduce(val, group=dp.get_group())
     dcp.save(get_model_state_dict(pipe.model), checkpoint_id=ckpt_dir)
 
-    mesh4 = init_mesh(1, 4)["dp"]
-    sharded = apply_fsdp(_fresh("block", 4, {k: torch.zeros_like(v) for k, v in init.items()}), mesh4)
-    sd = get_model_state_dict(sharded)
-    dcp.load(sd, checkpoint_id=ckpt_dir)
-    sharded.load_state_dict(sd)
-    r4 = mesh4.get_local_rank()
-    with torch.no_grad():
-        loss = sharded(xv.chunk(4)[r4], labels=yv.chunk(4)[r4]).loss.detach()
-    dist.all_reduce(loss, group=mesh4.get_group())
-    with torch.no_grad():
-        val_init = _fresh("block", 4, init)(xv, labels=yv).loss.item()
-    return {"val_pp2_fsdp2": val.item() / 2, "val_fsdp4": loss.item() / 4, "val_init": val_init}
+    val_fsdp4, val_init = _validate_at_fsdp(init, ckpt_dir, xv, yv)
+    return {"val_pp2_fsdp2": val.item() / 2, "val_fsdp4": val_fsdp4, "val_init": val_init}
 
 
 def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
