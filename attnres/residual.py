@@ -167,15 +167,18 @@ class Residual(nn.Module):
                 h, lse = ops.phase2(h, lse, v, state.pending_queries[k], self.eps)
             sources = state.sources
         else:
-            if state.partial is None and i % self.block_size != 0:
-                raise RuntimeError(f"sublayer {i} is inside a block but no partial summary was handed back")
-            h, lse, k = self._phase1_result(state, i, self.block_size)
+            h, lse, k = self._block_phase1_result(state, i)
             if state.partial is not None:
                 h, _ = ops.phase2(h, lse, state.partial, state.pending_queries[k], self.eps)
             sources = state.sources + ([state.partial] if state.partial is not None else [])
         if state.records is not None:
             self._record(state, i, sources)
         return h
+
+    def _block_phase1_result(self, state: ResidualState, i: int) -> tuple[Tensor, Tensor, int]:
+        if state.partial is None and i % self.block_size != 0:
+            raise RuntimeError(f"sublayer {i} is inside a block but no partial summary was handed back")
+        return self._phase1_result(state, i, self.block_size)
 
     def _phase1_result(self, state: ResidualState, i: int, group: int) -> tuple[Tensor, Tensor, int]:
         """Sublayer ``i``'s phase-1 ``(out, lse)`` and its index among the pending ones, running phase 1
@@ -197,9 +200,7 @@ class Residual(nn.Module):
         )
 
     def _merged_norm(self, state: ResidualState, i: int, norm: nn.Module) -> Tensor:
-        if state.partial is None and i % self.block_size != 0:
-            raise RuntimeError(f"sublayer {i} is inside a block but no partial summary was handed back")
-        out, lse, k = self._phase1_result(state, i, self.block_size)
+        out, lse, k = self._block_phase1_result(state, i)
         partial, query, holder = state.partial, state.pending_queries[k], state.pending_recompute
 
         def via(x: Tensor, weight: Tensor) -> Tensor:
@@ -269,7 +270,7 @@ class Residual(nn.Module):
         state.pending_first, state.pending_outs, state.pending_lse = i, list(outs), lse
         state.pending_queries = queries.unbind(0)
         state.pending_sources = len(state.sources)
-        if self.mode == "block" and self._recomputes(state):
+        if self._recomputes(state):  # (Block only)
             state.pending_recompute = _BlockRecompute(list(state.sources), queries.detach(), self.eps)
 
     def _record(self, state: ResidualState, i: int, sources: list[Tensor]) -> None:
