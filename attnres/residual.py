@@ -318,13 +318,16 @@ class _BlockRecompute:
     each takes its own and lets it go. The sources are those phase 1 read (its backward keeps them)."""
 
     def __init__(self, sources: list[Tensor], queries: Tensor, eps: float) -> None:
-        self.sources, self.queries, self.eps = sources, queries, eps
+        self.sources: list[Tensor] | None = sources
+        self.queries, self.eps = queries, eps
         self.outs: list[Tensor | None] | None = None
 
     def take(self, k: int) -> Tensor:
         if self.outs is None:
             with torch.no_grad():
                 self.outs = list(ops.phase1(self.sources, self.queries, self.eps)[0])
+            # not a saved tensor: drop it now, or it would outlive backward with any reference to the graph
+            self.sources = None
         out, self.outs[k] = self.outs[k], None
         if out is None:
             raise RuntimeError(f"the phase-1 output of query {k} was already used: backward ran twice "

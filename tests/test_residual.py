@@ -355,8 +355,14 @@ def test_recompute_mode_refuses_a_second_backward_through_the_graph():
     sublayers, norms = make_stack(4), nn.ModuleList(RMSNorm(D) for _ in range(4)).double()
     res = Residual(D, 4, "block", num_blocks=2, eps=EPS, recompute=True).double()
     emb = torch.randn(1, 2, D, dtype=torch.float64, requires_grad=True)
-    out = res.readout(_normed_run(res, emb, sublayers, norms)).sum()
+    state = res.begin(emb)
+    res.output(state, 0, sublayers[0](res.input(state, 0, norms[0])))
+    holder = state.pending_recompute
+    out = res.readout(_normed_run(res, emb, sublayers, norms, first=1, state=state)).sum()
+    assert holder is not None and len(holder.sources) == 1
     out.backward(retain_graph=True)
+    # nothing large outlives backward in the recompute state while the graph is still referenced
+    assert holder.sources is None and holder.outs == [None, None]
     with pytest.raises(RuntimeError, match="retain_graph is not supported in recompute mode"):
         out.backward()
     # without gradients (decoding) the plain path runs: nothing is kept for a backward
