@@ -269,7 +269,7 @@ class PipelineStageModule(nn.Module):
         for layer in self.layers.values():
             (ia, mixer, attn_norm), (im, mlp, mlp_norm) = layer.sublayers()
             run_sublayer(self.residual, state, ia, mixer, attn_norm)
-            _, a = run_sublayer(self.residual, state, im, mlp, mlp_norm)
+            a = run_sublayer(self.residual, state, im, mlp, mlp_norm)
             if a is not None and a.requires_grad:
                 aux = a if aux is None else aux + a
         if self.is_last:

@@ -90,15 +90,14 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(c.dim, c.mlp_dim)
 
-    def token_mixer(self, h: Tensor, cache: dict | None = None, normed: bool = False) -> Tensor:
-        """Sublayer ``2 * index``: ``[B, T, d] -> [B, T, d]`` (``normed``: ``h`` is ``attn_norm``'s
-        output)."""
-        return self.attn(h if normed else self.attn_norm(h), cache)
+    def token_mixer(self, x: Tensor, cache: dict | None = None) -> Tensor:
+        """Sublayer ``2 * index`` after its norm: ``attn_norm(h) [B, T, d] -> [B, T, d]`` (the residual path
+        applies the norm: :func:`run_sublayer`)."""
+        return self.attn(x, cache)
 
-    def channel_mixer(self, h: Tensor, normed: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Sublayer ``2 * index + 1``: ``[B, T, d] -> ([B, T, d], MoE aux loss or None)`` (``normed``: ``h``
-        is ``mlp_norm``'s output)."""
-        x = h if normed else self.mlp_norm(h)
+    def channel_mixer(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Sublayer ``2 * index + 1`` after its norm: ``mlp_norm(h) [B, T, d] -> ([B, T, d], MoE aux loss
+        or None)``."""
         if self.mlp_kind == "moe":
             return self.mlp(x)
         return self.mlp(x), None
@@ -214,8 +213,8 @@ class Decoder(nn.Module):
             layer, i = self.layers[key], int(key)
             layer_cache = cache.layers.setdefault(key, {}) if cache is not None else None
             (ia, mixer, attn_norm), (im, mlp, mlp_norm) = layer.sublayers()
-            self._sublayer(state, ia, mixer, attn_norm, stats, layer_cache)
-            aux = self._sublayer(state, im, mlp, mlp_norm, stats)
+            run_sublayer(self.residual, state, ia, mixer, attn_norm, layer_cache, stats=stats)
+            aux = run_sublayer(self.residual, state, im, mlp, mlp_norm, stats=stats)
             if aux is not None:
                 aux_loss = aux_loss + aux
                 if stats is not None:
@@ -225,20 +224,6 @@ class Decoder(nn.Module):
     def finish(self, x: Tensor) -> Tensor:
         """The read-out ``x [B, T, d]`` through the final norm and the LM head: logits ``[B, T, V]``."""
         return self.lm_head(self.norm(x))
-
-    def _sublayer(
-        self, state: ResidualState, i: int, fn, norm: RMSNorm, stats: StatsRecorder | None, *args
-    ) -> Tensor | None:
-        if stats is None:  # the residual path applies the norm (merged with its last step if it can)
-            v, extra = run_sublayer(self.residual, state, i, fn, norm, *args)
-            return extra
-        h = self.residual.input(state, i)
-        result = fn(h, *args)
-        v, extra = result if isinstance(result, tuple) else (result, None)
-        self.residual.output(state, i, v)
-        stats.in_rms.append(_rms(h))
-        stats.out_rms.append(_rms(v))
-        return extra
 
     def _depth_weights(self, state: ResidualState) -> Tensor | None:
         if self.config.residual == "standard":
@@ -341,15 +326,25 @@ def _state_device(state: ResidualState) -> torch.device:
 
 
 def run_sublayer(
-    residual: Residual, state: ResidualState, i: int, fn: Callable, norm: RMSNorm, *args
-) -> tuple[Tensor, Tensor | None]:
-    """Sublayer ``i`` on ``state``: its normed input from the residual path, ``fn`` (a
-    :class:`DecoderLayer` mixer, told its input is normed), its output handed back.
-    Returns ``(output, extra)`` (``extra``: the MoE aux loss or None)."""
-    result = fn(residual.input(state, i, norm), *args, normed=True)
+    residual: Residual, state: ResidualState, i: int, fn: Callable, norm: RMSNorm, *args,
+    stats: StatsRecorder | None = None,
+) -> Tensor | None:
+    """Sublayer ``i`` on ``state``: its input through ``norm`` from the residual path (merged with the
+    path's last step where it can), then ``fn`` (a :class:`DecoderLayer` mixer), its output handed back.
+    Returns the MoE aux loss or None. ``stats``: also record the RMS of the input (before the norm, so
+    on the plain path) and of the output."""
+    if stats is None:
+        x = residual.input(state, i, norm)
+    else:
+        h = residual.input(state, i)
+        x = norm(h)
+    result = fn(x, *args)
     v, extra = result if isinstance(result, tuple) else (result, None)
     residual.output(state, i, v)
-    return v, extra
+    if stats is not None:
+        stats.in_rms.append(_rms(h))
+        stats.out_rms.append(_rms(v))
+    return extra
 
 
 def _rms(x: Tensor) -> Tensor:
