@@ -65,12 +65,19 @@ P1_SHAPES = [
     (6, 4096, 33, 12),  # too large for the shared-memory stages: unstaged kernels
     (1000, 256, 5, 4),  # many tokens per block: the stage ring wraps around
     (700, 2048, 9, 8),
+    (1001, 2048, 17, 4),  # split backward: the last token tile is partial
+    (300, 7168, 9, 1),  # split backward: two chunks per thread in the coefficient kernel
 ]
 
 
+# The phase-1 backward has two implementations (csrc/cuda/p1_bwd*.cuh): the split kernels, taken by
+# default where they apply (aligned rows, at most 8 queries per launch), and the fused ones, forced
+# with ATTNRES_P1_BWD=fused (read per call). Both are checked on every shape.
+@pytest.mark.parametrize("p1_bwd", ["split", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("N,d,n,S", P1_SHAPES)
-def test_phase1_forward_backward_matches_reference(N, d, n, S, dtype):
+def test_phase1_forward_backward_matches_reference(N, d, n, S, dtype, p1_bwd, monkeypatch):
+    monkeypatch.setenv("ATTNRES_P1_BWD", p1_bwd)
     gen = torch.Generator().manual_seed(N * 1000 + d + n * 7 + S)
     src, q = make(n, N, d, S, dtype, gen)
     src = [s.requires_grad_() for s in src]
@@ -133,7 +140,9 @@ def test_phase1_accepts_non_contiguous_and_batched_sources():
     assert rel_err(lse, ref_lse) < 1e-4
 
 
-def test_phase1_is_deterministic():
+@pytest.mark.parametrize("p1_bwd", ["split", "fused"])
+def test_phase1_is_deterministic(p1_bwd, monkeypatch):
+    monkeypatch.setenv("ATTNRES_P1_BWD", p1_bwd)
     gen = torch.Generator().manual_seed(5)
     src, q = make(9, 300, 2048, 8, torch.bfloat16, gen)
     g_out = [torch.randn(300, 2048, generator=gen).to("cuda", torch.bfloat16) for _ in range(8)]

@@ -4,6 +4,7 @@ Each op is timed with CUDA events (median of repeats after warm-up) and credited
 *minimum* DRAM traffic (every input read once, every output written once; elements x dtype size):
 
     phase1 fwd (n + S) N d   bwd (2n + S) N d      phase2 fwd 3 N d   bwd 5 N d
+    (the phase-1 backward twice: the default kernels and, as ``phase1_bwd_fused``, the fused ones)
     direct fwd (n + 1) N d   bwd (2n + 1) N d
 
 The device-to-device copy bandwidth is measured in the same run (bytes read + written). Baselines,
@@ -23,6 +24,7 @@ import argparse
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -102,6 +104,19 @@ def _safe(fn: Callable[[], float]) -> float | None:
         return None
 
 
+def _fused_p1_bwd(fn: Callable[[], float]) -> float:
+    """fn() with the fused phase-1 backward kernels forced (ATTNRES_P1_BWD=fused, read per call)."""
+    before = os.environ.get("ATTNRES_P1_BWD")
+    os.environ["ATTNRES_P1_BWD"] = "fused"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["ATTNRES_P1_BWD"]
+        else:
+            os.environ["ATTNRES_P1_BWD"] = before
+
+
 def bench_case(
     N: int, d: int, n: int, S: int, dtype: torch.dtype, copy_gbs: float, baselines: dict, compare: bool
 ) -> dict:
@@ -127,6 +142,9 @@ def bench_case(
     t = {
         "phase1_fwd": _time(lambda k: P.phase1(src[k % sets], q, EPS)),
         "phase1_bwd": _time(lambda k: P.phase1_backward(g_out, g_lse, src[k % sets], q, lse[k % sets], EPS)),
+        "phase1_bwd_fused": _fused_p1_bwd(
+            lambda: _time(lambda k: P.phase1_backward(g_out, g_lse, src[k % sets], q, lse[k % sets], EPS))
+        ),
         "phase2_fwd": _time(
             lambda k: P.phase2(outs[k % sets][0], lse[k % sets][0], partial[k % sets], q[0], EPS)
         ),
@@ -141,6 +159,7 @@ def bench_case(
     elems = {
         "phase1_fwd": (n + S) * N * d,
         "phase1_bwd": (2 * n + S) * N * d,
+        "phase1_bwd_fused": (2 * n + S) * N * d,
         "phase2_fwd": 3 * N * d,
         "phase2_bwd": 5 * N * d,
         "direct_fwd": (n + 1) * N * d,
@@ -290,8 +309,10 @@ def _result(dev, copy_gbs: float, dtype: torch.dtype, t0: float, rows: list[dict
 
 
 def _line(r: dict) -> str:
-    ops_ = ("phase1_fwd", "phase1_bwd", "phase2_fwd", "phase2_bwd", "direct_fwd", "direct_bwd")
-    cells = " ".join(f"{r[k]['ms']:7.3f}/{r[k]['pct_copy']:3.0f}%" for k in ops_)
+    ops_ = (
+        "phase1_fwd", "phase1_bwd", "phase1_bwd_fused", "phase2_fwd", "phase2_bwd", "direct_fwd", "direct_bwd"
+    )  # fmt: skip
+    cells = " ".join(f"{r[k]['ms']:7.3f}/{r[k]['pct_copy']:3.0f}%" if k in r else " " * 12 for k in ops_)
     return f"N={r['N']:5d} d={r['d']:4d} n={r['n']:2d} S={r['S']:2d} | {cells}"
 
 
@@ -304,7 +325,7 @@ def print_table(result: dict) -> None:
     print(f"\n{result['device']}  copy {result['copy_GBps']:.0f} GB/s  dtype {result['dtype']}")
     print("ms / % of copy bandwidth at minimum traffic")
     print(
-        "     N    d  n  S |   p1 fwd      |   p1 bwd      |   p2 fwd      |   p2 bwd      "
+        "     N    d  n  S |   p1 fwd      |   p1 bwd      | p1 bwd fused  |   p2 fwd      |   p2 bwd      "
         "|  direct fwd   |  direct bwd"
     )
     for r in rows:

@@ -59,6 +59,11 @@ struct P1BwdArgs {
   bool vec;
   bool dq_in_smem;
   int stages;  // staged kernel: shared-memory ring depth
+  // split kernels (p1_bwd_split.cuh): coefficient buffer [N, n, p1_coef_stride(ST)], tokens per
+  // tile of the coefficient kernel, row stride of the padded query buffer
+  float* coef;
+  int tile;
+  int qld;
 };
 
 struct P2FwdArgs {
@@ -92,13 +97,29 @@ struct P2BwdArgs {
   bool qvec;
 };
 
+// Phase-1 backward as two kernels (coefficients, then dv and dq): aligned rows, at most 8 queries.
+// No kernel (coef.fn or apply.fn null) when the shape does not fit them.
+struct SplitPlan {
+  Plan coef;    // grid: resident blocks (the launch caps it at the number of token tiles)
+  Plan apply;   // NT threads per block; dp = slices * NT * W columns
+  int tile;     // tokens per tile of the coefficient kernel
+  int slices;   // column slices of the apply kernel (its grid.x)
+  int groups;   // token groups of the apply kernel (its grid.y; capped at N by the launch)
+  int qwidth;   // columns of the padded query buffer: max(coef.dp, apply.dp)
+  int coef_stride;  // floats per (token, source) in the coefficient buffer
+};
+
 // Each plan_* fills the launch shape; each launch_* returns cudaGetLastError() after the launch.
 Plan plan_p1_fwd(DType dt, int d, int S, int n, int N, int num_sms, bool vec);
 Plan plan_p1_bwd(DType dt, int d, int S, int n, int N, int num_sms, bool vec);
 Plan plan_p2(DType dt, int d, int N, int num_sms, bool backward);
+SplitPlan plan_p1_bwd_split(DType dt, int d, int S, int n, int num_sms);
 
 cudaError_t launch_p1_fwd(DType dt, const Plan& plan, const P1FwdArgs& args, cudaStream_t stream);
 cudaError_t launch_p1_bwd(DType dt, const Plan& plan, const P1BwdArgs& args, cudaStream_t stream);
+// args.coef must hold N * n * coef_stride floats, args.dq_part groups(N) * ST * apply.dp floats.
+cudaError_t launch_p1_bwd_split(const SplitPlan& plan, const P1BwdArgs& args, cudaStream_t stream);
+int split_groups(const SplitPlan& plan, int N);
 cudaError_t launch_p2_fwd(DType dt, const Plan& plan, const P2FwdArgs& args, cudaStream_t stream);
 cudaError_t launch_p2_bwd(DType dt, const Plan& plan, const P2BwdArgs& args, cudaStream_t stream);
 // out[r, c] = sum_g part[g, r, c] for r < rows, c < d, part being [groups, rows_alloc, dp]; a fixed

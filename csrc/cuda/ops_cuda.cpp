@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -47,32 +49,40 @@ int num_sms() {
 
 // Launch shapes depend on (op, dtype, d, S, n, alignment, device) only; the grid is capped by the
 // token count. Caching them keeps occupancy queries and attribute calls off the per-call path.
-enum class Op : int { P1Fwd, P1Bwd, P2Fwd, P2Bwd };
+enum class Op : int { P1Fwd, P1Bwd, P2Fwd, P2Bwd, P1BwdSplit };
 
-Plan cached_plan(Op op, DType dt, int d, int S, int n, bool vec, int N) {
+template <typename P, typename Make>
+P cached(Op op, DType dt, int d, int S, int n, bool vec, Make make) {
   static std::mutex mu;
-  static std::map<std::tuple<int, int, int, int, int, bool, int>, Plan> cache;
+  static std::map<std::tuple<int, int, int, int, int, bool, int>, P> cache;
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   const auto key = std::make_tuple(static_cast<int>(op), static_cast<int>(dt), d, S, n, vec, dev);
-  Plan p;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it == cache.end()) {
-      const int sms = num_sms(), big = std::numeric_limits<int>::max();
-      switch (op) {
-        case Op::P1Fwd: p = plan_p1_fwd(dt, d, S, n, big, sms, vec); break;
-        case Op::P1Bwd: p = plan_p1_bwd(dt, d, S, n, big, sms, vec); break;
-        case Op::P2Fwd: p = plan_p2(dt, d, big, sms, false); break;
-        case Op::P2Bwd: p = plan_p2(dt, d, big, sms, true); break;
-      }
-      it = cache.emplace(key, p).first;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it == cache.end()) it = cache.emplace(key, make(num_sms())).first;
+  return it->second;
+}
+
+Plan cached_plan(Op op, DType dt, int d, int S, int n, bool vec, int N) {
+  Plan p = cached<Plan>(op, dt, d, S, n, vec, [&](int sms) {
+    const int big = std::numeric_limits<int>::max();
+    switch (op) {
+      case Op::P1Fwd: return plan_p1_fwd(dt, d, S, n, big, sms, vec);
+      case Op::P1Bwd: return plan_p1_bwd(dt, d, S, n, big, sms, vec);
+      case Op::P2Fwd: return plan_p2(dt, d, big, sms, false);
+      default: return plan_p2(dt, d, big, sms, true);
     }
-    p = it->second;
-  }
+  });
   p.grid = std::min(p.grid, N);
   return p;
+}
+
+// Phase-1 backward: the split kernels (p1_bwd_split.cuh) where they apply, unless the environment
+// variable ATTNRES_P1_BWD is "fused" (read per call, so a benchmark can time both in one process).
+bool split_p1_bwd_wanted() {
+  const char* mode = std::getenv("ATTNRES_P1_BWD");
+  return mode == nullptr || std::string(mode) != "fused";
 }
 
 std::vector<Tensor> contiguous_rows(at::TensorList ts, const char* name, int64_t N, int64_t d,
@@ -193,19 +203,18 @@ std::tuple<std::vector<Tensor>, Tensor> phase1_backward_cuda(at::TensorList grad
     return {grads, grad_q};
   }
   const int vbytes = 4 * static_cast<int>(s0.element_size());
-  bool vec = d % 4 == 0;
-  for (const auto& t : src) vec = vec && aligned(t, vbytes);
-  for (const auto& t : gout) vec = vec && aligned(t, vbytes);
-  for (const auto& t : grads) vec = vec && aligned(t, vbytes);
+  bool vec = d % 4 == 0, vec16 = d % (16 / static_cast<int>(s0.element_size())) == 0;
+  for (const auto* ts : {&src, &gout, &grads})
+    for (const auto& t : *ts) {
+      vec = vec && aligned(t, vbytes);
+      vec16 = vec16 && aligned(t, 16);
+    }
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool split_wanted = vec16 && split_p1_bwd_wanted();
   // More than kMaxQueriesBwd queries: the groups' source gradients add up (in fp32).
   std::vector<Tensor> acc;
   for (int g0 = 0; g0 < S; g0 += kMaxQueriesBwd) {
     const int Sg = std::min(kMaxQueriesBwd, S - g0);
-    const Plan plan = cached_plan(Op::P1Bwd, dt, static_cast<int>(d), Sg, n, vec, static_cast<int>(N));
-    check_plan(plan, "phase1_backward", d);
-    Tensor qp = padded_queries(q.narrow(0, g0, Sg), plan.ST, plan.dp);
-    Tensor part = at::empty({plan.grid, plan.ST, plan.dp}, s0.options().dtype(at::kFloat));
     P1BwdArgs a{};
     for (int i = 0; i < n; ++i) {
       a.src[i] = src[i].data_ptr();
@@ -214,21 +223,50 @@ std::tuple<std::vector<Tensor>, Tensor> phase1_backward_cuda(at::TensorList grad
     for (int l = 0; l < Sg; ++l) a.dout[l] = gout[g0 + l].data_ptr();
     a.dlse = glse.data_ptr<float>() + static_cast<int64_t>(g0) * N;
     a.lse = lse_c.data_ptr<float>() + static_cast<int64_t>(g0) * N;
-    a.q = qp.data_ptr<float>();
-    a.dq_part = part.data_ptr<float>();
     a.lse_stride = N;
     a.n = n;
     a.S = Sg;
     a.N = static_cast<int>(N);
     a.d = static_cast<int>(d);
     a.eps = static_cast<float>(eps);
-    a.vec = vec;
-    a.dq_in_smem = plan.dq_smem;
-    a.stages = plan.stages;
-    check_cuda(launch_p1_bwd(dt, plan, a, stream), "phase1_backward launch");
-    check_cuda(launch_sum_partials(part.data_ptr<float>(), grad_q.data_ptr<float>() + static_cast<int64_t>(g0) * d,
-                                   plan.grid, Sg, plan.ST, static_cast<int>(d), plan.dp, stream),
-               "phase1_backward reduction");
+    float* grad_q_g = grad_q.data_ptr<float>() + static_cast<int64_t>(g0) * d;
+    const SplitPlan sp = split_wanted && Sg <= 8 ? cached<SplitPlan>(Op::P1BwdSplit, dt, static_cast<int>(d), Sg, n,
+                                                                     true, [&](int sms) {
+                                                                       return plan_p1_bwd_split(dt, static_cast<int>(d),
+                                                                                                Sg, n, sms);
+                                                                     })
+                                                  : SplitPlan{};
+    if (sp.coef.fn != nullptr) {
+      const int ST = sp.coef.ST, groups = split_groups(sp, static_cast<int>(N));
+      Tensor qp = padded_queries(q.narrow(0, g0, Sg), ST, sp.qwidth);
+      Tensor coef = at::empty({N * n * sp.coef_stride}, s0.options().dtype(at::kFloat));
+      Tensor part = at::empty({groups, ST, sp.apply.dp}, s0.options().dtype(at::kFloat));
+      a.q = qp.data_ptr<float>();
+      a.qld = sp.qwidth;
+      a.coef = coef.data_ptr<float>();
+      a.tile = sp.tile;
+      a.dq_part = part.data_ptr<float>();
+      a.vec = true;
+      check_cuda(launch_p1_bwd_split(sp, a, stream), "phase1_backward launch (split kernels)");
+      check_cuda(launch_sum_partials(part.data_ptr<float>(), grad_q_g, groups, Sg, ST, static_cast<int>(d),
+                                     sp.apply.dp, stream),
+                 "phase1_backward reduction");
+    } else {
+      const Plan plan = cached_plan(Op::P1Bwd, dt, static_cast<int>(d), Sg, n, vec, static_cast<int>(N));
+      check_plan(plan, "phase1_backward", d);
+      Tensor qp = padded_queries(q.narrow(0, g0, Sg), plan.ST, plan.dp);
+      Tensor part = at::empty({plan.grid, plan.ST, plan.dp}, s0.options().dtype(at::kFloat));
+      a.q = qp.data_ptr<float>();
+      a.qld = plan.dp;
+      a.dq_part = part.data_ptr<float>();
+      a.vec = vec;
+      a.dq_in_smem = plan.dq_smem;
+      a.stages = plan.stages;
+      check_cuda(launch_p1_bwd(dt, plan, a, stream), "phase1_backward launch");
+      check_cuda(launch_sum_partials(part.data_ptr<float>(), grad_q_g, plan.grid, Sg, plan.ST, static_cast<int>(d),
+                                     plan.dp, stream),
+                 "phase1_backward reduction");
+    }
     if (S > kMaxQueriesBwd) {
       if (acc.empty()) {
         for (const auto& g : grads) acc.push_back(g.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true));

@@ -1,5 +1,6 @@
 // Launch shapes and launches of the depth-attention kernels (plain pointers; see launch.h).
 #include <algorithm>
+#include <limits>
 
 #include "select.cuh"
 
@@ -162,6 +163,72 @@ Plan plan_p1_bwd(DType dt, int d, int S, int n, int N, int num_sms, bool vec) {
   }
   finish(p, N, num_sms);
   return p;
+}
+
+SplitPlan plan_p1_bwd_split(DType dt, int d, int S, int n, int num_sms) {
+  SplitPlan sp{};
+  const int ST = pad_queries(S);
+  if (ST > 8) return sp;
+  const int W = (ST <= 4 ? 16 : 8) / elem_size(dt);
+  const int chunks = div_up(d, W);
+  // coefficients: the block covers the row (C chunks per thread), tiles of TT tokens
+  Plan& c = sp.coef;
+  c.W = W;
+  c.ST = ST;
+  c.C = chunks_per_thread(chunks, 512);
+  if (c.C == 0 || c.C == 8) return SplitPlan{};
+  c.NT = std::max(32, round_up(div_up(chunks, c.C), 32));
+  c.dp = c.NT * c.C * W;
+  c.qreg = ST * c.C * W <= 32;
+  const int nw = c.NT / 32, RSB = pow2ceil(2 * ST) + 1;
+  auto smem_for = [&](int TT) {
+    return static_cast<size_t>(nw * TT * n * RSB + 3 * TT * n * ST + TT * n + 2 * TT * ST) * sizeof(float);
+  };
+  int TT = 8;
+  while (TT > 1 && smem_for(TT) > 96 * 1024) TT /= 2;
+  if (smem_for(TT) > 200 * 1024) return SplitPlan{};
+  sp.tile = TT;
+  c.smem = smem_for(TT);
+  switch (dt) {
+    case DType::F32: c.fn = reinterpret_cast<const void*>(p1_bwd_coef_select_f32(ST, c.C, c.qreg)); break;
+    case DType::BF16: c.fn = reinterpret_cast<const void*>(p1_bwd_coef_select_bf16(ST, c.C, c.qreg)); break;
+    case DType::F16: c.fn = reinterpret_cast<const void*>(p1_bwd_coef_select_f16(ST, c.C, c.qreg)); break;
+  }
+  finish(c, std::numeric_limits<int>::max(), num_sms);
+  // apply: 128 threads per column slice, as many token groups as fill the device
+  Plan& a = sp.apply;
+  a.W = W;
+  a.ST = ST;
+  a.C = 1;
+  a.NT = 128;
+  sp.slices = div_up(d, a.NT * W);
+  a.dp = sp.slices * a.NT * W;
+  switch (dt) {
+    case DType::F32: a.fn = reinterpret_cast<const void*>(p1_bwd_apply_select_f32(ST)); break;
+    case DType::BF16: a.fn = reinterpret_cast<const void*>(p1_bwd_apply_select_bf16(ST)); break;
+    case DType::F16: a.fn = reinterpret_cast<const void*>(p1_bwd_apply_select_f16(ST)); break;
+  }
+  finish(a, std::numeric_limits<int>::max(), num_sms);
+  if (c.fn == nullptr || a.fn == nullptr) return SplitPlan{};
+  sp.groups = std::max(1, a.grid / sp.slices);
+  sp.qwidth = std::max(c.dp, a.dp);
+  sp.coef_stride = p1_coef_stride(ST);
+  return sp;
+}
+
+int split_groups(const SplitPlan& sp, int N) { return std::max(1, std::min(sp.groups, N)); }
+
+cudaError_t launch_p1_bwd_split(const SplitPlan& sp, const P1BwdArgs& args, cudaStream_t stream) {
+  if (sp.coef.fn == nullptr || sp.apply.fn == nullptr) return cudaErrorInvalidConfiguration;
+  if (!raise_smem_limit(sp.coef)) return cudaGetLastError();
+  const int tiles = div_up(args.N, sp.tile);
+  const int grid = std::max(1, std::min(sp.coef.grid, tiles));
+  reinterpret_cast<P1BwdFn>(const_cast<void*>(sp.coef.fn))<<<grid, sp.coef.NT, sp.coef.smem, stream>>>(args);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const dim3 agrid(static_cast<unsigned>(sp.slices), static_cast<unsigned>(split_groups(sp, args.N)));
+  reinterpret_cast<P1BwdFn>(const_cast<void*>(sp.apply.fn))<<<agrid, sp.apply.NT, 0, stream>>>(args);
+  return cudaGetLastError();
 }
 
 Plan plan_p2(DType dt, int d, int N, int num_sms, bool backward) {

@@ -1,6 +1,7 @@
 // Choose a kernel instantiation from runtime (ST, C, qreg); the dtype files instantiate these.
 #pragma once
 #include "p1_bwd.cuh"
+#include "p1_bwd_split.cuh"
 #include "p1_fwd.cuh"
 #include "p2.cuh"
 
@@ -80,6 +81,36 @@ P1BwdFn p1_bwd_select(int ST, int C, bool qreg) {
 }
 #undef ATTNRES_SELECT_ST
 
+// Split phase-1 backward (ST in {1, 4, 8}; chunk width fixed by dtype and ST).
+template <typename T, int ST>
+P1BwdFn p1_bwd_coef_c(int C, bool qreg) {
+  constexpr int W = p1_split_width<T>(ST);
+  switch (C) {
+    case 1: return qreg ? p1_bwd_coef_kernel<T, ST, W, 1, true> : p1_bwd_coef_kernel<T, ST, W, 1, false>;
+    case 2: return qreg ? p1_bwd_coef_kernel<T, ST, W, 2, true> : p1_bwd_coef_kernel<T, ST, W, 2, false>;
+    case 4: return qreg ? p1_bwd_coef_kernel<T, ST, W, 4, true> : p1_bwd_coef_kernel<T, ST, W, 4, false>;
+    default: return nullptr;
+  }
+}
+template <typename T>
+P1BwdFn p1_bwd_coef_select(int ST, int C, bool qreg) {
+  switch (ST) {
+    case 1: return p1_bwd_coef_c<T, 1>(C, qreg);
+    case 4: return p1_bwd_coef_c<T, 4>(C, qreg);
+    case 8: return p1_bwd_coef_c<T, 8>(C, qreg);
+    default: return nullptr;
+  }
+}
+template <typename T>
+P1BwdFn p1_bwd_apply_select(int ST) {
+  switch (ST) {
+    case 1: return p1_bwd_apply_kernel<T, 1, p1_split_width<T>(1)>;
+    case 4: return p1_bwd_apply_kernel<T, 4, p1_split_width<T>(4)>;
+    case 8: return p1_bwd_apply_kernel<T, 8, p1_split_width<T>(8)>;
+    default: return nullptr;
+  }
+}
+
 template <typename T, int W>
 P2FwdFn p2_fwd_select(int C) {
   switch (C) {
@@ -114,5 +145,11 @@ P1BwdFn p1_bwd_select_f16(int ST, int C, bool qreg);
 P1BwdFn p1_bwd_staged_select_f32(int ST, int C);
 P1BwdFn p1_bwd_staged_select_bf16(int ST, int C);
 P1BwdFn p1_bwd_staged_select_f16(int ST, int C);
+P1BwdFn p1_bwd_coef_select_f32(int ST, int C, bool qreg);
+P1BwdFn p1_bwd_coef_select_bf16(int ST, int C, bool qreg);
+P1BwdFn p1_bwd_coef_select_f16(int ST, int C, bool qreg);
+P1BwdFn p1_bwd_apply_select_f32(int ST);
+P1BwdFn p1_bwd_apply_select_bf16(int ST);
+P1BwdFn p1_bwd_apply_select_f16(int ST);
 
 }  // namespace attnres_cuda

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The depth-attention kernels on a lent GPU, as ONE device command (carry .whl): the CUDA build,
+# the CUDA op tests, then `attnres bench ops` (the quick grid plus EXTRA shapes, baselines on
+# COMPARE shapes).
+#
+#     bash benchmarks/device_ops.sh [TOTAL_S]          (default 540 s for everything)
+#
+# Environment: OPS_EXTRA="N,d,n,S;..." (default: the Block AttnRes shapes of the e2e dense model,
+# 8192 tokens x 2048, 4 queries), OPS_COMPARE="N,d,n,S;..." (default none: the baselines compile
+# for minutes per shape), OPS_TESTS=0 to skip the tests. Logs and JSON go to $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/attnres_out}
+mkdir -p "$OUT"
+TOTAL=${1:-540}
+T0=$(date +%s)
+left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
+source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"
+install_wheels
+export TRITON_CACHE_DIR="$PWD/.cache/triton"
+build_extension 300 >"$OUT/build.log" 2>&1 || { echo "build failed"; tail -40 "$OUT/build.log"; exit 1; }
+echo "build done after $(( $(date +%s) - T0 )) s"
+python3 -m attnres info > "$OUT/info.txt" 2>&1
+if [[ "${OPS_TESTS:-1}" != 0 ]]; then
+  timeout $(( $(left) / 2 )) python3 -m pytest -q -rs --durations=10 tests/test_ops_cuda.py >"$OUT/ops_tests.log" 2>&1
+  echo "tests: exit $? after $(( $(date +%s) - T0 )) s"
+  grep -E "passed|failed|FAILED|Error" "$OUT/ops_tests.log" | tail -15
+fi
+slug=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+timeout $(( $(left) - 15 )) python3 - "$OUT/ops_cuda_${slug}.json" <<'PY' 2>&1 | tee "$OUT/ops_bench.log" | tail -80
+import os, sys
+from attnres.bench import ops_cuda as b
+extra = b.parse_shapes(os.environ.get("OPS_EXTRA", "8192,2048,2,4;8192,2048,5,4;8192,2048,8,4;8192,2048,9,2")) or []
+compare = b.parse_shapes(os.environ.get("OPS_COMPARE", "none"))
+b.run(cases=extra + b.grid(quick=True), compare_cases=compare, json_path=sys.argv[1])
+PY
+cp "$OUT"/ops_cuda_*.json benchmarks/results/ 2>/dev/null
+echo "done after $(( $(date +%s) - T0 )) s"
