@@ -35,4 +35,17 @@ compare = b.parse_shapes(os.environ.get("OPS_COMPARE", "none"))
 b.run(cases=extra + b.grid(quick=True), compare_cases=compare, json_path=sys.argv[1])
 PY
 cp "$OUT"/ops_cuda_*.json benchmarks/results/ 2>/dev/null
+# OPS_NCU="N,d,n,S": Nsight Compute metrics of every kernel of the ops on that shape (bf16)
+if [[ -n "${OPS_NCU:-}" ]] && command -v ncu >/dev/null && (( $(left) > 60 )); then
+  IFS=, read -r nN nd nn nS <<<"$OPS_NCU"
+  m=dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed
+  m=$m,gpu__time_duration.sum,l1tex__throughput.avg.pct_of_peak_sustained_active,launch__block_size
+  m=$m,launch__grid_size,launch__registers_per_thread,lts__throughput.avg.pct_of_peak_sustained_elapsed
+  m=$m,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active
+  m=$m,smsp__issue_active.avg.pct_of_peak_sustained_active
+  timeout $(( $(left) - 10 )) ncu --clock-control none --kernel-name regex:'p1_|p2_' --launch-skip 5 \
+    --launch-count 5 --metrics "$m" python3 benchmarks/ncu_ops_cuda.py --N "$nN" --d "$nd" --n "$nn" --S "$nS" \
+    >"$OUT/ncu.log" 2>&1
+  echo "ncu: exit $?"; grep -E "^  [a-z].*\(|time_duration|dram__throughput|issue_active|warps_active" "$OUT/ncu.log"
+fi
 echo "done after $(( $(date +%s) - T0 )) s"
