@@ -29,13 +29,6 @@ template <typename T>
 __host__ __device__ constexpr int p1_split_width(int ST) {
   return (ST <= 4 ? 16 : 8) / static_cast<int>(sizeof(T));
 }
-// The apply kernel keeps 3 x ST x W values per thread (queries, dq, output gradients): 8-byte chunks
-// leave room for more warps per SM (ncu, 16384 x 2048, 9 sources, 4 queries: with 16-byte chunks
-// 128 registers, 25 % of the warp slots active, DRAM 58 % busy).
-template <typename T>
-__host__ __device__ constexpr int p1_apply_width() {
-  return 8 / static_cast<int>(sizeof(T));
-}
 
 template <typename T, int ST, int W, int C, bool QREG>
 __global__ void __launch_bounds__(512) p1_bwd_coef_kernel(const __grid_constant__ P1BwdArgs a) {
@@ -201,7 +194,7 @@ __global__ void __launch_bounds__(512) p1_bwd_coef_kernel(const __grid_constant_
 template <typename T, int ST, int W>
 __global__ void __launch_bounds__(128) p1_bwd_apply_kernel(const __grid_constant__ P1BwdArgs a) {
   constexpr int CS = p1_coef_stride(ST);
-  constexpr int U = ST <= 4 ? 4 : 2;  // source rows in flight per thread
+  constexpr int U = 2;  // source rows in flight per thread (more spill registers at 4 queries)
   const int n = a.n, d = a.d, S = a.S, qld = a.qld;
   const int64_t N = a.N;
   const bool vec = a.vec;

@@ -197,12 +197,12 @@ SplitPlan plan_p1_bwd_split(DType dt, int d, int S, int n, int num_sms) {
   finish(c, std::numeric_limits<int>::max(), num_sms);
   // apply: 128 threads per column slice, as many token groups as fill the device
   Plan& a = sp.apply;
-  a.W = 8 / elem_size(dt);  // p1_apply_width
+  a.W = W;
   a.ST = ST;
   a.C = 1;
   a.NT = 128;
-  sp.slices = div_up(d, a.NT * a.W);
-  a.dp = sp.slices * a.NT * a.W;
+  sp.slices = div_up(d, a.NT * W);
+  a.dp = sp.slices * a.NT * W;
   switch (dt) {
     case DType::F32: a.fn = reinterpret_cast<const void*>(p1_bwd_apply_select_f32(ST)); break;
     case DType::BF16: a.fn = reinterpret_cast<const void*>(p1_bwd_apply_select_bf16(ST)); break;

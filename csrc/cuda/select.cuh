@@ -104,9 +104,9 @@ P1BwdFn p1_bwd_coef_select(int ST, int C, bool qreg) {
 template <typename T>
 P1BwdFn p1_bwd_apply_select(int ST) {
   switch (ST) {
-    case 1: return p1_bwd_apply_kernel<T, 1, p1_apply_width<T>()>;
-    case 4: return p1_bwd_apply_kernel<T, 4, p1_apply_width<T>()>;
-    case 8: return p1_bwd_apply_kernel<T, 8, p1_apply_width<T>()>;
+    case 1: return p1_bwd_apply_kernel<T, 1, p1_split_width<T>(1)>;
+    case 4: return p1_bwd_apply_kernel<T, 4, p1_split_width<T>(4)>;
+    case 8: return p1_bwd_apply_kernel<T, 8, p1_split_width<T>(8)>;
     default: return nullptr;
   }
 }
