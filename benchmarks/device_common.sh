@@ -1,5 +1,9 @@
 # Shared by the one-call device scripts (source it from the repository root): the carried wheels and
 # the CUDA build. The device machine has no network: pure-Python wheels the image lacks travel in .whl/.
+# Sourcing it also sets unbuffered Python output and creates $OUT (default /tmp/attnres_out).
+export PYTHONUNBUFFERED=1
+export OUT=${OUT:-/tmp/attnres_out}
+mkdir -p "$OUT"
 
 # install_wheels: install .whl/*.whl under /tmp/site and put it on PYTHONPATH (a warning if none).
 install_wheels() {

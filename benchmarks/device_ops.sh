@@ -9,13 +9,10 @@
 # 8192 tokens x 2048, 4 queries), OPS_COMPARE="N,d,n,S;..." (default none: the baselines compile
 # for minutes per shape), OPS_TESTS=0 to skip the tests. Logs and JSON go to $OUT.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/attnres_out}
-mkdir -p "$OUT"
+source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"  # $OUT, unbuffered output
 TOTAL=${1:-540}
 T0=$(date +%s)
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
-source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"
 install_wheels
 export TRITON_CACHE_DIR="$PWD/.cache/triton"
 build_extension 300 >"$OUT/build.log" 2>&1 || { echo "build failed"; tail -40 "$OUT/build.log"; exit 1; }

@@ -7,12 +7,9 @@
 # typeshed-client, importlib_resources, fla-core, flash-attn-res (README "Benchmarks" says how to fetch).
 # Logs go to $OUT: build.log, info.txt, gpu_tests.log (with per-test durations).
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/attnres_out}
-mkdir -p "$OUT"
+source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"  # $OUT, unbuffered output
 TESTS_TIMEOUT=${1:-420}
 T0=$(date +%s)
-source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"
 install_wheels
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 build_extension 300 >"$OUT/build.log" 2>&1
