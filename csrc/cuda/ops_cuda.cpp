@@ -8,12 +8,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -229,44 +229,40 @@ std::tuple<std::vector<Tensor>, Tensor> phase1_backward_cuda(at::TensorList grad
     a.N = static_cast<int>(N);
     a.d = static_cast<int>(d);
     a.eps = static_cast<float>(eps);
-    float* grad_q_g = grad_q.data_ptr<float>() + static_cast<int64_t>(g0) * d;
-    const SplitPlan sp = split_wanted && Sg <= 8 ? cached<SplitPlan>(Op::P1BwdSplit, dt, static_cast<int>(d), Sg, n,
-                                                                     true, [&](int sms) {
-                                                                       return plan_p1_bwd_split(dt, static_cast<int>(d),
-                                                                                                Sg, n, sms);
-                                                                     })
-                                                  : SplitPlan{};
-    if (sp.coef.fn != nullptr) {
-      const int ST = sp.coef.ST, groups = split_groups(sp, static_cast<int>(N));
-      Tensor qp = padded_queries(q.narrow(0, g0, Sg), ST, sp.qwidth);
+    // the split kernels where their plan exists (aligned rows, <= 8 queries), else the fused ones
+    SplitPlan sp{};
+    if (split_wanted)
+      sp = cached<SplitPlan>(Op::P1BwdSplit, dt, static_cast<int>(d), Sg, n, true,
+                             [&](int sms) { return plan_p1_bwd_split(dt, static_cast<int>(d), Sg, n, sms); });
+    const bool split = sp.coef.fn != nullptr;
+    Plan plan{};
+    if (!split) {
+      plan = cached_plan(Op::P1Bwd, dt, static_cast<int>(d), Sg, n, vec, static_cast<int>(N));
+      check_plan(plan, "phase1_backward", d);
+    }
+    const int ST = split ? sp.coef.ST : plan.ST;
+    const int qwidth = split ? sp.qwidth : plan.dp, dp = split ? sp.apply.dp : plan.dp;
+    const int groups = split ? split_groups(sp, static_cast<int>(N)) : plan.grid;  // dq partial sums
+    Tensor qp = padded_queries(q.narrow(0, g0, Sg), ST, qwidth);
+    Tensor part = at::empty({groups, ST, dp}, s0.options().dtype(at::kFloat));
+    a.q = qp.data_ptr<float>();
+    a.qld = qwidth;
+    a.dq_part = part.data_ptr<float>();
+    if (split) {
       Tensor coef = at::empty({N * n * sp.coef_stride}, s0.options().dtype(at::kFloat));
-      Tensor part = at::empty({groups, ST, sp.apply.dp}, s0.options().dtype(at::kFloat));
-      a.q = qp.data_ptr<float>();
-      a.qld = sp.qwidth;
       a.coef = coef.data_ptr<float>();
       a.tile = sp.tile;
-      a.dq_part = part.data_ptr<float>();
       a.vec = true;
       check_cuda(launch_p1_bwd_split(sp, a, stream), "phase1_backward launch (split kernels)");
-      check_cuda(launch_sum_partials(part.data_ptr<float>(), grad_q_g, groups, Sg, ST, static_cast<int>(d),
-                                     sp.apply.dp, stream),
-                 "phase1_backward reduction");
     } else {
-      const Plan plan = cached_plan(Op::P1Bwd, dt, static_cast<int>(d), Sg, n, vec, static_cast<int>(N));
-      check_plan(plan, "phase1_backward", d);
-      Tensor qp = padded_queries(q.narrow(0, g0, Sg), plan.ST, plan.dp);
-      Tensor part = at::empty({plan.grid, plan.ST, plan.dp}, s0.options().dtype(at::kFloat));
-      a.q = qp.data_ptr<float>();
-      a.qld = plan.dp;
-      a.dq_part = part.data_ptr<float>();
       a.vec = vec;
       a.dq_in_smem = plan.dq_smem;
       a.stages = plan.stages;
       check_cuda(launch_p1_bwd(dt, plan, a, stream), "phase1_backward launch");
-      check_cuda(launch_sum_partials(part.data_ptr<float>(), grad_q_g, plan.grid, Sg, plan.ST, static_cast<int>(d),
-                                     plan.dp, stream),
-                 "phase1_backward reduction");
     }
+    check_cuda(launch_sum_partials(part.data_ptr<float>(), grad_q.data_ptr<float>() + static_cast<int64_t>(g0) * d,
+                                   groups, Sg, ST, static_cast<int>(d), dp, stream),
+               "phase1_backward reduction");
     if (S > kMaxQueriesBwd) {
       if (acc.empty()) {
         for (const auto& g : grads) acc.push_back(g.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true));

@@ -23,11 +23,12 @@ namespace attnres_cuda {
 // Floats per (token, source) in the coefficient buffer: a [ST], c [ST], e, padded to 16 bytes.
 __host__ __device__ constexpr int p1_coef_stride(int ST) { return (2 * ST + 1 + 3) / 4 * 4; }
 
-// Elements per chunk of the split kernels: 16-byte chunks up to 4 queries, 8-byte beyond (the
-// queries, the dq accumulators and the output gradients of a chunk live in registers).
+// Bytes per chunk of the split kernels: 16 up to 4 queries, 8 beyond (the queries, the dq
+// accumulators and the output gradients of a chunk live in registers); the plan uses it too.
+__host__ __device__ constexpr int p1_split_chunk_bytes(int ST) { return ST <= 4 ? 16 : 8; }
 template <typename T>
 __host__ __device__ constexpr int p1_split_width(int ST) {
-  return (ST <= 4 ? 16 : 8) / static_cast<int>(sizeof(T));
+  return p1_split_chunk_bytes(ST) / static_cast<int>(sizeof(T));
 }
 
 template <typename T, int ST, int W, int C, bool QREG>

@@ -169,7 +169,7 @@ SplitPlan plan_p1_bwd_split(DType dt, int d, int S, int n, int num_sms) {
   SplitPlan sp{};
   const int ST = pad_queries(S);
   if (ST > 8) return sp;
-  const int W = (ST <= 4 ? 16 : 8) / elem_size(dt);
+  const int W = p1_split_chunk_bytes(ST) / elem_size(dt);  // p1_split_width of the kernels
   const int chunks = div_up(d, W);
   // coefficients: the block covers the row (C chunks per thread), tiles of TT tokens
   Plan& c = sp.coef;
