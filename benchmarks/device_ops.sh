@@ -23,7 +23,7 @@ if [[ "${OPS_TESTS:-1}" != 0 ]]; then
   echo "tests: exit $? after $(( $(date +%s) - T0 )) s"
   grep -E "passed|failed|FAILED|Error" "$OUT/ops_tests.log" | tail -15
 fi
-slug=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+slug=$(python3 -c "import torch; from attnres.bench.e2e import device_slug; print(device_slug(torch.device('cuda')))")
 timeout $(( $(left) - 15 )) python3 - "$OUT/ops_cuda_${slug}.json" <<'PY' 2>&1 | tee "$OUT/ops_bench.log" | tail -80
 import os, sys
 from attnres.bench import ops_cuda as b
