@@ -21,7 +21,7 @@ from torch import Tensor
 
 from attnres import reference
 
-__all__ = ["backend", "depth_attention", "extension_error", "phase1", "phase2"]
+__all__ = ["backend", "depth_attention", "extension_error", "fused_norm", "phase1", "phase2", "phase2_norm"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DEFAULT_EPS = 1e-6
@@ -45,6 +45,14 @@ _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 # backend() traceable by torch.compile (fullgraph), which cannot trace the dispatcher query itself.
 _HAS_KERNELS = {
     dev: extension_error is None and torch._C._dispatch_has_kernel_for_dispatch_key("attnres::phase1", key)
+    for dev, key in _DISPATCH_KEY.items()
+}
+
+
+# phase2_norm has CUDA kernels only (elsewhere phase2_norm() composes phase 2 and the norm)
+_HAS_NORM_KERNELS = {
+    dev: extension_error is None
+    and torch._C._dispatch_has_kernel_for_dispatch_key("attnres::phase2_norm", key)
     for dev, key in _DISPATCH_KEY.items()
 }
 
@@ -206,6 +214,46 @@ def phase2(
     return out.view(partial.shape), lse.view(lse_shape)
 
 
+def fused_norm(device: torch.device | str) -> bool:
+    """Whether :func:`phase2_norm` runs one fused kernel on this device type (CUDA builds)."""
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _HAS_NORM_KERNELS.get(kind, False)
+
+
+def phase2_norm(
+    partial_out: Tensor,
+    partial_lse: Tensor,
+    partial: Tensor,
+    query: Tensor,
+    weight: Tensor,
+    eps: float = DEFAULT_EPS,
+    norm_eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """:func:`phase2` and then the next sublayer's input RMSNorm (``weight [d]``, epsilon ``norm_eps``,
+    computed in fp32, returned in the partial's dtype): ``(y, lse)``. On CUDA one kernel each way, which
+    writes ``y`` but never ``h`` and keeps the phase-1 output for backward instead of ``h`` and the norm's
+    fp32 copy of it; elsewhere :func:`phase2` followed by the same norm."""
+    partial = _check_source(partial, "partial")
+    weight = _check_queries(weight, partial, "weight", single=True)
+    if not fused_norm(partial.device) or partial.dtype == torch.float64:
+        h, lse = phase2(partial_out, partial_lse, partial, query, eps)
+        y = torch.nn.functional.rms_norm(h.float(), (h.shape[-1],), weight.float(), norm_eps)
+        return y.to(h.dtype), lse
+    _check_like(partial_out, "partial_out", partial, tuple(partial.shape), "[..., d] like partial")
+    lse_shape = tuple(partial.shape[:-1])
+    _check_like(
+        partial_lse, "partial_lse", partial, lse_shape, "[...] (partial's shape without d)", dtype=False
+    )
+    query = _check_queries(query, partial, "query", single=True)
+    m = partial_lse.reshape(-1)
+    if m.dtype != torch.float32:
+        m = m.float()
+    y, lse = _call(
+        torch.ops.attnres.phase2_norm, _flat(partial_out), m, _flat(partial), query, weight, eps, norm_eps
+    )
+    return y.view(partial.shape), lse.view(lse_shape)
+
+
 def depth_attention(
     sources: Sequence[Tensor], query: Tensor, eps: float = DEFAULT_EPS
 ) -> tuple[Tensor, Tensor]:
@@ -249,6 +297,21 @@ def _register() -> None:
             partial.new_empty(partial.shape[0], dtype=acc),
             torch.empty_like(partial),
             query.new_empty(query.shape, dtype=acc),
+        )
+
+    @torch.library.register_fake(lib + "phase2_norm")
+    def _(partial_out, partial_lse, partial, query, weight, eps, norm_eps):
+        return torch.empty_like(partial), partial.new_empty(partial.shape[0], dtype=_acc_dtype(partial.dtype))
+
+    @torch.library.register_fake(lib + "phase2_norm_backward")
+    def _(grad_y, grad_lse, partial_out, partial_lse, lse, partial, query, weight, eps, norm_eps):
+        acc = _acc_dtype(partial.dtype)
+        return (
+            torch.empty_like(partial),
+            partial.new_empty(partial.shape[0], dtype=acc),
+            torch.empty_like(partial),
+            query.new_empty(query.shape, dtype=acc),
+            weight.new_empty(weight.shape, dtype=acc),
         )
 
     @torch.library.register_fake(lib + "depth_attn")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["depth_attention", "depth_weights", "logits", "phase1", "phase2", "rms"]
+__all__ = ["depth_attention", "depth_weights", "logits", "phase1", "phase2", "phase2_norm", "rms", "rms_norm"]
 
 
 def _acc(t: Tensor) -> Tensor:
@@ -78,6 +78,25 @@ def phase2(
     a_p = torch.exp(z - lse).unsqueeze(-1)
     out = a_o * _acc(partial_out) + a_p * _acc(partial)
     return out.to(partial.dtype), lse
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``x / sqrt(mean(x**2) + eps) * weight`` over the last dim, computed in fp32 (fp64 for fp64
+    inputs), returned in the dtype of ``x``: the decoder's RMSNorm."""
+    with _no_autocast(x):
+        xa = _acc(x)
+        y = xa * torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xa.dtype)
+        return y.to(x.dtype)
+
+
+def phase2_norm(
+    partial_out: Tensor, partial_lse: Tensor, partial: Tensor, query: Tensor, weight: Tensor, eps: float,
+    norm_eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Phase 2 followed by the next sublayer's input RMSNorm: ``(rms_norm(h, weight, norm_eps), lse)``
+    with ``(h, lse) = phase2(...)`` (``h`` in the partial's dtype, as phase 2 returns it)."""
+    h, lse = phase2(partial_out, partial_lse, partial, query, eps)
+    return rms_norm(h, weight, norm_eps), lse
 
 
 def depth_attention(sources: Sequence[Tensor], query: Tensor, eps: float) -> tuple[Tensor, Tensor]:

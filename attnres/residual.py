@@ -21,6 +21,7 @@ stacked per call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,6 +31,8 @@ from torch import Tensor, nn
 from attnres import ops, reference
 
 ResidualMode = Literal["standard", "full", "block"]
+# (out, lse, partial, query, norm weight) -> the next sublayer's normalised input
+_Merge = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 RESIDUAL_MODES: tuple[str, ...] = ("standard", "full", "block")
 
 
@@ -88,6 +91,10 @@ class Residual(nn.Module):
     the partial, then the norm), so that Block AttnRes keeps no more activations than the standard
     residual apart from its sources. Bit-identical gradients; eager mode only (under ``torch.compile``
     and without gradients :meth:`input` takes the plain path).
+    ``fuse_norm``: when :meth:`input` is given an RMS norm (a module with ``rms_eps``, such as
+    :class:`attnres.model.norm.RMSNorm`) and the device has the kernel (CUDA), a sublayer's last phase-2
+    step and its input norm run as one op (:func:`attnres.ops.phase2_norm`): ``h`` is never written, and
+    backward keeps the phase-1 output instead of ``h`` and the norm's fp32 copy of it.
     """
 
     def __init__(
@@ -99,6 +106,7 @@ class Residual(nn.Module):
         eps: float = 1e-6,
         full_group: int = 2,
         recompute: bool = False,
+        fuse_norm: bool = True,
     ) -> None:
         super().__init__()
         if mode not in RESIDUAL_MODES:
@@ -116,6 +124,7 @@ class Residual(nn.Module):
         self.dim = dim
         self.full_group = full_group
         self.recompute = recompute and mode == "block"
+        self.fuse_norm = fuse_norm
         self.num_sublayers = num_sublayers
         self.num_blocks = num_blocks if mode == "block" else (num_sublayers if mode == "full" else 0)
         self.block_size = {"block": num_sublayers // max(num_blocks, 1), "full": 1, "standard": 0}[mode]
@@ -156,6 +165,10 @@ class Residual(nn.Module):
         if norm is not None:
             if self._recomputes(state):
                 return self._merged_norm(state, i, norm)
+            if self.mode != "standard" and state.records is None:
+                merge = self._fused_merge(norm, state.sources[0].device)
+                if merge is not None:
+                    return self._fused_input(state, i, norm, merge)
             return norm(self.input(state, i))
         if self.mode == "standard":
             return state.hidden
@@ -174,6 +187,30 @@ class Residual(nn.Module):
         if state.records is not None:
             self._record(state, i, sources)
         return h
+
+    def _fused_input(self, state: ResidualState, i: int, norm: nn.Module, merge: _Merge) -> Tensor:
+        """``norm(h_i)`` with the last phase-2 step (if any) and the norm as the one op ``merge``."""
+        if self.mode == "full":
+            h, lse, k = self._phase1_result(state, i, self.full_group)
+            later = state.sources[state.pending_sources:]
+            for v in later[:-1]:
+                h, lse = ops.phase2(h, lse, v, state.pending_queries[k], self.eps)
+            partial = later[-1] if later else None
+        else:
+            h, lse, k = self._block_phase1_result(state, i)
+            partial = state.partial
+        if partial is None:
+            return norm(h)
+        query = state.pending_queries[k]
+        return norm(h, via=lambda x, weight: merge(x, lse, partial, query, weight))
+
+    def _fused_merge(self, norm: nn.Module, device: torch.device) -> _Merge | None:
+        """The fused phase 2 + ``norm`` as ``merge(out, lse, partial, query, weight) -> y``, or None where
+        it does not apply (``fuse_norm`` off, not an RMS norm, no kernel on this device)."""
+        norm_eps = getattr(norm, "rms_eps", None)
+        if not self.fuse_norm or norm_eps is None or not ops.fused_norm(device):
+            return None
+        return lambda o, lse, p, q, w: ops.phase2_norm(o, lse, p, q, w, self.eps, norm_eps)[0]
 
     def _block_phase1_result(self, state: ResidualState, i: int) -> tuple[Tensor, Tensor, int]:
         if state.partial is None and i % self.block_size != 0:
@@ -202,9 +239,17 @@ class Residual(nn.Module):
     def _merged_norm(self, state: ResidualState, i: int, norm: nn.Module) -> Tensor:
         out, lse, k = self._block_phase1_result(state, i)
         partial, query, holder = state.partial, state.pending_queries[k], state.pending_recompute
+        fused = self._fused_merge(norm, out.device)
+
+        def merge(o: Tensor, lse_: Tensor, p: Tensor | None, q: Tensor, w: Tensor) -> Tensor:
+            if p is None:
+                return norm.normalize(o, w)
+            if fused is not None:
+                return fused(o, lse_, p, q, w)
+            return norm.normalize(ops.phase2(o, lse_, p, q, self.eps)[0], w)
 
         def via(x: Tensor, weight: Tensor) -> Tensor:
-            return _MergedNorm.apply(x, lse, partial, query, weight, holder, k, self.eps, norm.normalize)
+            return _MergedNorm.apply(x, lse, partial, query, weight, holder, k, merge)
 
         return norm(out, via=via)
 
@@ -336,19 +381,18 @@ class _BlockRecompute:
 
 
 class _MergedNorm(torch.autograd.Function):
-    """``norm(h)`` with ``h`` = phase 2 of the block's phase-1 output ``out`` (query ``k``) and the partial
-    summary, or ``h = out`` at the block's first sublayer (no partial). Keeps the partial and small
-    tensors for backward, not ``out`` or ``h``: backward takes ``out`` again from
-    :meth:`_BlockRecompute.take` and replays phase 2 and the norm (the same ops on the same values, so
-    the gradients are those of the plain path, bit for bit)."""
+    """``merge(out, lse, partial, query, weight)``: ``norm(h)`` with ``h`` = phase 2 of the block's phase-1
+    output ``out`` (query ``k``) and the partial summary, or ``h = out`` at the block's first sublayer (no
+    partial). Keeps the partial and small tensors for backward, not ``out`` or ``h``: backward takes
+    ``out`` again from :meth:`_BlockRecompute.take` and replays ``merge`` (the same ops on the same values,
+    so the gradients are those of the path without recompute, bit for bit)."""
 
     @staticmethod
-    def forward(ctx, out, lse, partial, query, weight, holder, k, eps, normalize):
-        h = out if partial is None else ops.phase2(out, lse, partial, query, eps)[0]
-        ctx.holder, ctx.k, ctx.eps, ctx.normalize = holder, k, eps, normalize
+    def forward(ctx, out, lse, partial, query, weight, holder, k, merge):
+        ctx.holder, ctx.k, ctx.merge = holder, k, merge
         ctx.autocast = _autocast_state(out.device.type)
         ctx.save_for_backward(lse, partial, query, weight)
-        return normalize(h, weight)
+        return merge(out, lse, partial, query, weight)
 
     @staticmethod
     def backward(ctx, grad):
@@ -358,13 +402,11 @@ class _MergedNorm(torch.autograd.Function):
         wants = [t is not None and n for t, n in zip(leaves, ctx.needs_input_grad[:5])]
         device_type, enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            o, lse_, p, q, w = leaves
-            h = o if p is None else ops.phase2(o, lse_, p, q, ctx.eps)[0]
-            y = ctx.normalize(h, w)
+            y = ctx.merge(*leaves)
         inputs = [t for t, want in zip(leaves, wants) if want]
         got = iter(torch.autograd.grad(y, inputs, grad, allow_unused=True))
         grads = [next(got) if want else None for want in wants]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None)
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:

@@ -12,8 +12,9 @@
 #   serve | template | medium | eager    one of those runs alone ("eager": training eager +
 #             prefill/decode on both shapes, no compilation)
 #   core      the targets' rows on the dense shape in ~8 minutes, three runs: training eager
-#             (standard, Block, Full; then fla's Block and Full if time is left), compiled training
-#             (standard, Block), prefill and decode (standard, Block)
+#             (standard, Block, Full, Block with recompute, Block and Full unfused; then fla's Block
+#             and Full if time is left), compiled training (standard, Block, Block unfused), prefill
+#             and decode (standard, Block)
 #
 # Wheels in .whl/ (fla-core 0.6.0: the fla peer row and fla's KDA kernels; jsonargparse: the command
 # line) are installed under /tmp/site. The extension is built unless a built one is newer than csrc/.
@@ -52,9 +53,9 @@ run_serve()    { bench serve "$1" --kinds '[prefill,decode]'; }
 run_template() { bench template "$1" --shapes '[dense]' --kinds '[template]'; }
 run_medium()   { bench medium "$1" --shapes '[medium]' --kinds '[train]'; }
 run_core() {  # ~8 minutes: eager training, compiled training, then prefill/decode (each its own run)
-  bench core_eager $(( $(left) * 33 / 100 )) --shapes '[dense]' --kinds '[train]' --variants '[eager]'
+  bench core_eager $(( $(left) * 40 / 100 )) --shapes '[dense]' --kinds '[train]' --variants '[eager]'
   bench core_compile $(( $(left) * 60 / 100 )) --shapes '[dense]' --modes '[standard,block]' \
-    --kinds '[train]' --variants '[compile]' --impls '[attnres]'
+    --kinds '[train]' --variants '[compile]' --impls '[attnres,attnres-unfused]'
   bench core_serve $(( $(left) - 30 )) --shapes '[dense]' --modes '[standard,block]' \
     --kinds '[prefill,decode]' --impls '[attnres]'
 }

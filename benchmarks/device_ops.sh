@@ -7,7 +7,8 @@
 #
 # Environment: OPS_EXTRA="N,d,n,S;..." (default: the Block AttnRes shapes of the e2e dense model,
 # 8192 tokens x 2048, 4 queries), OPS_COMPARE="N,d,n,S;..." (default none: the baselines compile
-# for minutes per shape), OPS_TESTS=0 to skip the tests. Logs and JSON go to $OUT.
+# for minutes per shape), OPS_TESTS=0 to skip the tests, OPS_GRID=0 to time only the EXTRA shapes (not
+# the quick grid). Logs and JSON go to $OUT.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"  # $OUT, unbuffered output
 TOTAL=${1:-540}
@@ -29,7 +30,8 @@ import os, sys
 from attnres.bench import ops_cuda as b
 extra = b.parse_shapes(os.environ.get("OPS_EXTRA", "8192,2048,2,4;8192,2048,5,4;8192,2048,8,4;8192,2048,9,2")) or []
 compare = b.parse_shapes(os.environ.get("OPS_COMPARE", "none"))
-b.run(cases=extra + b.grid(quick=True), compare_cases=compare, json_path=sys.argv[1])
+grid = b.grid(quick=True) if os.environ.get("OPS_GRID", "1") != "0" else []
+b.run(cases=extra + grid, compare_cases=compare, json_path=sys.argv[1])
 PY
 cp "$OUT"/ops_cuda_*.json benchmarks/results/ 2>/dev/null
 # OPS_NCU="N,d,n,S": Nsight Compute metrics of every kernel of the ops on that shape (bf16)

@@ -31,6 +31,11 @@ using Phase2Op = TensorPair(const Tensor&, const Tensor&, const Tensor&, const T
 using Phase2BackwardOp = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     double);
+using Phase2NormOp = TensorPair(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                                double);
+using Phase2NormBackwardOp = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, double, double);
 using DepthAttnOp = TensorPair(at::TensorList, const Tensor&, double);
 using DepthAttnBackwardOp =
     ListAndTensor(const Tensor&, const Tensor&, at::TensorList, const Tensor&, const Tensor&, double);
@@ -145,6 +150,42 @@ TensorPair phase2_autograd(const Tensor& partial_out, const Tensor& partial_lse,
   return {out[0], out[1]};
 }
 
+// ---------------------------------------------------------------------------- phase 2 + norm
+
+class Phase2Norm : public torch::autograd::Function<Phase2Norm> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& partial_out, const Tensor& partial_lse,
+                               const Tensor& partial, const Tensor& query, const Tensor& weight, double eps,
+                               double norm_eps) {
+    static auto op = typed_op<Phase2NormOp>("attnres::phase2_norm");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, lse] = op.call(partial_out, partial_lse, partial, query, weight, eps, norm_eps);
+    // the phase-1 output, not h (which the op never writes): backward recomputes h from it
+    ctx->save_for_backward({partial_out, partial_lse, lse, partial, query, weight});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["norm_eps"] = norm_eps;
+    return {y, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = typed_op<Phase2NormBackwardOp>("attnres::phase2_norm_backward");
+    auto saved = ctx->get_saved_variables();
+    const Tensor &out = saved[0], &partial_lse = saved[1], &lse = saved[2], &partial = saved[3],
+                 &query = saved[4], &weight = saved[5];
+    auto [g_o, g_m, g_p, g_q, g_w] =
+        op.call(defined_or_zeros(grads[0], partial), defined_or_zeros(grads[1], lse), out, partial_lse, lse,
+                partial, query, weight, ctx->saved_data["eps"].toDouble(), ctx->saved_data["norm_eps"].toDouble());
+    return {g_o,     g_m.to(partial_lse.scalar_type()), g_p, g_q.to(query.scalar_type()),
+            g_w.to(weight.scalar_type()), Tensor(), Tensor()};
+  }
+};
+
+TensorPair phase2_norm_autograd(const Tensor& partial_out, const Tensor& partial_lse, const Tensor& partial,
+                                const Tensor& query, const Tensor& weight, double eps, double norm_eps) {
+  auto out = Phase2Norm::apply(partial_out, partial_lse, partial, query, weight, eps, norm_eps);
+  return {out[0], out[1]};
+}
+
 // ---------------------------------------------------------------------------- direct
 
 class DepthAttn : public torch::autograd::Function<DepthAttn> {
@@ -178,5 +219,6 @@ TensorPair depth_attn_autograd(at::TensorList sources, const Tensor& query, doub
 TORCH_LIBRARY_IMPL(attnres, Autograd, m) {
   m.impl("phase1", &phase1_autograd);
   m.impl("phase2", &phase2_autograd);
+  m.impl("phase2_norm", &phase2_norm_autograd);
   m.impl("depth_attn", &depth_attn_autograd);
 }

@@ -36,6 +36,18 @@ TORCH_LIBRARY(attnres, m) {
   m.def(
       "phase2_backward(Tensor grad_out, Tensor grad_lse, Tensor out, Tensor partial_lse, Tensor lse, "
       "Tensor partial, Tensor query, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Phase 2 with the next sublayer's input RMSNorm fused in: h as phase2 computes it (rounded to the
+  // partial's dtype), then y = h / sqrt(mean(h^2) + norm_eps) * weight in fp32 -> (y [N, d], lse [N]);
+  // h is never written. CUDA only (attnres/ops.py composes phase2 and the norm elsewhere).
+  m.def(
+      "phase2_norm(Tensor partial_out, Tensor partial_lse, Tensor partial, Tensor query, Tensor weight, "
+      "float eps, float norm_eps) -> (Tensor, Tensor)");
+  // Recomputes h from partial_out (saved instead of h) -> (grad_partial_out, grad_partial_lse,
+  // grad_partial, grad_query [d] fp32, grad_weight [d] fp32).
+  m.def(
+      "phase2_norm_backward(Tensor grad_y, Tensor grad_lse, Tensor partial_out, Tensor partial_lse, Tensor lse, "
+      "Tensor partial, Tensor query, Tensor weight, float eps, float norm_eps) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Direct softmax over depth for one query [d]: sources n x [N, d] -> (out [N, d], lse [N]).
   m.def("depth_attn(Tensor[] sources, Tensor query, float eps) -> (Tensor, Tensor)");
   m.def(

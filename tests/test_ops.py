@@ -209,6 +209,30 @@ def test_phase2_matches_reference_forward_and_backward(lead, d, dtype):
         assert (excess <= 0).all(), f"grad {name}: error exceeds the bound by up to {excess.max().item():.3g}"
 
 
+@pytest.mark.parametrize("lead,d", [((5,), 7), ((2, 3), 64)], ids=str)
+def test_phase2_norm_off_cuda_is_phase2_then_the_fp32_rmsnorm(lead, d):
+    """Without its CUDA kernel ``ops.phase2_norm`` composes phase 2 and the decoder's norm: against
+    ``reference.phase2_norm`` in fp64 (forward and every gradient, through the lse too)."""
+    gen = torch.Generator().manual_seed(d + 1)
+    o, p = _sources(2, lead, d, torch.float32, gen)
+    m = torch.randn(*lead, generator=gen)
+    q, w = _queries(1, d, gen)[0], 1 + 0.3 * torch.randn(d, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (o, m, p, q, w)]
+    y, lse = ops.phase2_norm(*leaves, EPS, 1e-5)
+    leaves64 = [t.double().requires_grad_() for t in (o, m, p, q, w)]
+    ref_y, ref_lse = reference.phase2_norm(*leaves64, EPS, 1e-5)
+    assert y.dtype == torch.float32 and y.shape == p.shape and lse.shape == lead
+    torch.testing.assert_close(y.double(), ref_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
+    g_y, g_lse = torch.randn(*lead, d, generator=gen), torch.randn(*lead, generator=gen)
+    got = torch.autograd.grad([y, lse], leaves, [g_y, g_lse])
+    want = torch.autograd.grad([ref_y, ref_lse], leaves64, [g_y.double(), g_lse.double()])
+    for name, a, b in zip("omwqg", got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=f"grad {name}")
+    with pytest.raises(ValueError, match=r"weight must have shape \[d\]"):
+        ops.phase2_norm(o, m, p, q, torch.ones(d + 1))
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_phase1_then_phase2_equals_direct_softmax_over_all_sources(dtype):

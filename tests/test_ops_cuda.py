@@ -181,6 +181,49 @@ def test_phase2_forward_backward_matches_reference(N, d, dtype):
         assert rel_err(a, b) < 3 * tol, f"grad of {name}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("N,d", [(1, 7), (1, 2048), (77, 2304), (33, 1000), (300, 2048), (16, 7168)])
+def test_phase2_norm_forward_backward_matches_reference(N, d, dtype):
+    """Phase 2 with the next sublayer's RMSNorm fused in: y and lse, and the gradients of the phase-1
+    output, its lse, the partial, the query and the norm weight (through the lse too)."""
+    gen = torch.Generator().manual_seed(N * 17 + d)
+    (o, p), q = make(2, N, d, 1, dtype, gen)
+    q = q[0].requires_grad_()
+    w = (1 + 0.5 * torch.randn(d, generator=gen)).to("cuda").requires_grad_()
+    m = (torch.randn(N, generator=gen) * 2).to("cuda").requires_grad_()
+    o, p = o.requires_grad_(), p.requires_grad_()
+    y, lse = ops.phase2_norm(o, m, p, q, w, EPS, 1e-5)
+    leaves64 = [t.detach().double().requires_grad_() for t in (o, m, p, q, w)]
+    ref_y, ref_lse = reference.phase2_norm(*leaves64, EPS, 1e-5)
+    tol = TOL[dtype]
+    assert y.dtype == dtype and lse.dtype == torch.float32
+    assert rel_err(y, ref_y) < tol and rel_err(lse, ref_lse) < max(tol, 1e-5)
+    g_y = torch.randn(N, d, generator=gen).to("cuda", dtype)
+    g_lse = torch.randn(N, generator=gen).to("cuda")
+    got = grads_of([y, lse], [o, m, p, q, w], [g_y, g_lse])
+    want = grads_of([ref_y, ref_lse], leaves64, [g_y.double(), g_lse.double()])
+    for name, a, b in zip(["o", "m", "p", "q", "w"], got, want):
+        assert a.shape == b.shape, f"grad of {name}: shape {tuple(a.shape)}"
+        assert rel_err(a, b) < 3 * tol, f"grad of {name}"
+
+
+def test_phase2_norm_equals_phase2_then_the_norm():
+    """The fused op against the two ops it replaces, on the same kernels' inputs (bf16): y within one
+    bf16 rounding, lse equal, and it is deterministic."""
+    from attnres.model.norm import rms_norm
+
+    gen = torch.Generator().manual_seed(5)
+    (o, p), q = make(2, 4096, 2048, 1, torch.bfloat16, gen)
+    w = (1 + 0.5 * torch.randn(2048, generator=gen)).to("cuda")
+    m = (torch.randn(4096, generator=gen) * 2).to("cuda")
+    y, lse = torch.ops.attnres.phase2_norm(o, m, p, q[0], w, EPS, 1e-5)
+    h, lse2 = torch.ops.attnres.phase2(o, m, p, q[0], EPS)
+    assert torch.equal(lse, lse2)
+    assert rel_err(y, rms_norm(h, w, 1e-5)) < 4e-3
+    again = torch.ops.attnres.phase2_norm(o, m, p, q[0], w, EPS, 1e-5)
+    assert torch.equal(y, again[0])
+
+
 def test_two_phases_equal_direct_softmax():
     gen = torch.Generator().manual_seed(11)
     src, q = make(6, 128, 2304, 4, torch.float32, gen)
@@ -200,6 +243,7 @@ def _opcheck_cases():
     src, q = make(3, 6, 40, 2, torch.float32, gen)
     o, p = (torch.randn(6, 40, generator=gen).to("cuda") for _ in range(2))
     m = torch.randn(6, generator=gen).to("cuda")
+    w = (1 + torch.rand(40, generator=gen)).to("cuda")
     outs, lse = torch.ops.attnres.phase1(src, q, EPS)
     h, lse2 = torch.ops.attnres.phase2(o, m, p, q[0], EPS)
     _, lse1 = torch.ops.attnres.depth_attn(src, q[0], EPS)
@@ -223,6 +267,22 @@ def _opcheck_cases():
             torch.ops.attnres.phase2_backward.default,
             (g[0], gl[0], h, m, lse2, p, q[0], EPS),
         ),
+        "phase2_norm": (
+            torch.ops.attnres.phase2_norm.default,
+            (
+                o.clone().requires_grad_(),
+                m.clone().requires_grad_(),
+                p.clone().requires_grad_(),
+                q[0].clone().requires_grad_(),
+                w.clone().requires_grad_(),
+                EPS,
+                1e-5,
+            ),
+        ),
+        "phase2_norm_backward": (
+            torch.ops.attnres.phase2_norm_backward.default,
+            (g[0], gl[0], o, m, lse2, p, q[0], w, EPS, 1e-5),
+        ),
         "depth_attn": (torch.ops.attnres.depth_attn.default, (rg, q[0].clone().requires_grad_(), EPS)),
         "depth_attn_backward": (
             torch.ops.attnres.depth_attn_backward.default,
@@ -232,7 +292,11 @@ def _opcheck_cases():
 
 
 @pytest.mark.parametrize(
-    "name", ["phase1", "phase1_backward", "phase2", "phase2_backward", "depth_attn", "depth_attn_backward"]
+    "name",
+    [
+        "phase1", "phase1_backward", "phase2", "phase2_backward", "phase2_norm", "phase2_norm_backward",
+        "depth_attn", "depth_attn_backward",
+    ],
 )
 def test_opcheck_on_cuda(name):
     op, args = _opcheck_cases()[name]
@@ -246,9 +310,11 @@ class TwoPhaseBlock(nn.Module):
     backend to use (``backend()``), which Dynamo cannot trace under ``fullgraph=True``.
     """
 
-    def __init__(self, d: int, S: int):
+    def __init__(self, d: int, S: int, fused_norm: bool = False):
         super().__init__()
         self.q = nn.Parameter(torch.randn(S, d) / d**0.5)
+        self.w = nn.Parameter(1 + torch.rand(S, d))
+        self.fused_norm = fused_norm
 
     def forward(self, summaries: list[torch.Tensor], partial: torch.Tensor) -> torch.Tensor:
         lead = partial.shape[:-1]
@@ -256,21 +322,25 @@ class TwoPhaseBlock(nn.Module):
         total = partial.reshape(-1, partial.shape[-1])
         outs, lse = torch.ops.attnres.phase1(flat, self.q, EPS)
         for j in range(self.q.shape[0]):
-            h, _ = torch.ops.attnres.phase2(outs[j], lse[j], total, self.q[j], EPS)
+            if self.fused_norm:
+                h, _ = torch.ops.attnres.phase2_norm(outs[j], lse[j], total, self.q[j], self.w[j], EPS, 1e-5)
+            else:
+                h, _ = torch.ops.attnres.phase2(outs[j], lse[j], total, self.q[j], EPS)
             total = total + torch.tanh(h)  # a stand-in sublayer
         return total.view(*lead, -1)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("fused_norm", [False, True], ids=["phase2", "phase2_norm"])
+def test_torch_compile_fullgraph_matches_eager(fused_norm):
     gen = torch.Generator().manual_seed(2)
-    mod = TwoPhaseBlock(256, 4).cuda()
+    mod = TwoPhaseBlock(256, 4, fused_norm).cuda()
     src = [torch.randn(2, 9, 256, generator=gen).to("cuda").requires_grad_() for _ in range(3)]
     partial = torch.randn(2, 9, 256, generator=gen).to("cuda").requires_grad_()
     eager = mod(src, partial)
-    g_eager = torch.autograd.grad(eager.square().sum(), [*src, partial, mod.q])
+    g_eager = torch.autograd.grad(eager.square().sum(), [*src, partial, mod.q, mod.w])
     compiled = torch.compile(mod, fullgraph=True)
     out = compiled(src, partial)
-    g_comp = torch.autograd.grad(out.square().sum(), [*src, partial, mod.q])
+    g_comp = torch.autograd.grad(out.square().sum(), [*src, partial, mod.q, mod.w])
     assert rel_err(out, eager) < 1e-6
     for a, b in zip(g_comp, g_eager):
         assert rel_err(a, b) < 1e-5
@@ -296,10 +366,9 @@ def test_alternating_shapes_that_share_a_kernel():
             assert rel_err(a, b) < 2 * TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_residual_recompute_on_cuda_gives_the_plain_gradients_and_keeps_less(dtype):
-    """Block AttnRes with ``recompute`` on the CUDA kernels: the read-out and every gradient equal the
-    plain path's bit for bit (the kernels are deterministic), and autograd keeps fewer bytes."""
+def _residual_step(dtype: torch.dtype, mode: str = "block", **residual_kwargs):
+    """One forward + backward of a residual path of 8 sublayers (Linear + tanh, each behind an RMSNorm,
+    d 1000) on CUDA: the read-out, every gradient, and the bytes autograd kept (parameters aside)."""
     from attnres.model.norm import RMSNorm
     from attnres.residual import Residual
 
@@ -308,38 +377,58 @@ def test_residual_recompute_on_cuda_gives_the_plain_gradients_and_keeps_less(dty
     sublayers = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.Tanh()) for _ in range(n_sub))
     sublayers = sublayers.cuda().to(dtype)
     norms = nn.ModuleList(RMSNorm(d) for _ in range(n_sub)).cuda().to(dtype)
-    emb = torch.randn(2, 64, d, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        for p in norms.parameters():
+            p.uniform_(0.5, 1.5)
+    x = torch.randn(2, 64, d, device="cuda", dtype=dtype).requires_grad_()
+    torch.manual_seed(1)
+    res = Residual(d, n_sub, mode, num_blocks=2, **residual_kwargs).cuda().to(dtype)
+    with torch.no_grad():
+        for p in res.parameters():
+            p.normal_(1.0, 0.5)
+    modules = [res, sublayers, norms]
+    params = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+    kept: dict[int, int] = {}
 
-    def step(recompute: bool):
-        torch.manual_seed(1)
-        res = Residual(d, n_sub, "block", num_blocks=2, recompute=recompute).cuda().to(dtype)
-        with torch.no_grad():
-            for p in res.parameters():
-                p.normal_(1.0, 0.5)
-        x = emb.clone().requires_grad_()
-        kept: dict[int, int] = {}
-        params = {p.untyped_storage().data_ptr() for p in [*res.parameters(), *sublayers.parameters()]}
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
 
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        state = res.begin(x)
+        for i in range(n_sub):
+            res.output(state, i, sublayers[i](res.input(state, i, norms[i])))
+        out = res.readout(state)
+    out.float().square().mean().backward()
+    grads = [x.grad] + [p.grad for m in modules for p in m.parameters()]
+    return out.detach(), grads, sum(kept.values()), x.numel() * x.element_size()
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            state = res.begin(x)
-            for i in range(n_sub):
-                res.output(state, i, sublayers[i](res.input(state, i, norms[i])))
-            out = res.readout(state)
-        out.float().square().mean().backward()
-        grads = [x.grad] + [p.grad for p in [*res.parameters(), *sublayers.parameters(), *norms.parameters()]]
-        for p in [*res.parameters(), *sublayers.parameters(), *norms.parameters()]:
-            p.grad = None
-        return out.detach(), grads, sum(kept.values())
 
-    out, grads, kept = step(False)
-    out_r, grads_r, kept_r = step(True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_residual_recompute_on_cuda_gives_the_plain_gradients_and_keeps_less(dtype):
+    """Block AttnRes with ``recompute`` on the CUDA kernels: the read-out and every gradient equal the
+    plain path's bit for bit (the kernels are deterministic), and autograd keeps fewer bytes."""
+    out, grads, kept, x_bytes = _residual_step(dtype, recompute=False)
+    out_r, grads_r, kept_r, _ = _residual_step(dtype, recompute=True)
     assert torch.equal(out, out_r)
     for g, g_r in zip(grads, grads_r, strict=True):
         assert torch.equal(g, g_r)
-    x_bytes = emb.numel() * emb.element_size()
-    assert kept_r <= kept - 6 * x_bytes  # the plain path keeps h and p per non-first sublayer (6 of them)
+    assert kept_r <= kept - 6 * x_bytes  # the plain path keeps o and p per non-first sublayer (6 of them)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", ["block", "full"])
+def test_fused_norm_in_the_residual_path_matches_the_separate_ops_and_keeps_less(mode, dtype):
+    """The residual path with phase 2 and the sublayer norm fused (default) against the separate ops:
+    the same read-out and gradients up to rounding (the fused backward keeps dh in fp32), and autograd
+    keeps less in bf16: per merged sublayer the phase-1 output ``o`` instead of ``h`` and the norm's fp32
+    copy of it (2 X fewer); in fp32 the norm saves ``h`` itself, so ``o`` for ``h`` is no saving."""
+    out, grads, kept, x_bytes = _residual_step(dtype, mode, fuse_norm=False)
+    out_f, grads_f, kept_f, _ = _residual_step(dtype, mode, fuse_norm=True)
+    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    assert rel_err(out_f, out) < tol
+    for g, g_f in zip(grads, grads_f, strict=True):
+        assert rel_err(g_f, g) < tol
+    merged = {"block": 6, "full": 4}[mode]  # sublayers with a phase-2 merge before their norm
+    assert kept_f <= kept - merged * x_bytes * (2 if dtype == torch.bfloat16 else 0)

@@ -373,3 +373,59 @@ def test_recompute_mode_refuses_a_second_backward_through_the_graph():
     state = res.begin(emb)
     res.input(state, 0, norms[0])
     assert state.pending_recompute is not None
+
+
+@pytest.mark.parametrize(("mode", "recompute"), [("block", False), ("block", True), ("full", False)])
+def test_fused_norm_routing_takes_the_last_merge_of_each_sublayer(mode, recompute, monkeypatch):
+    """``fuse_norm``: the residual path hands each sublayer's last phase-2 merge and its input norm to
+    ``ops.phase2_norm`` (here its reference, standing in for the CUDA kernel): the read-out and every
+    gradient equal the separate ops' (fp64), across a stage split mid-block, and the op runs once per
+    sublayer that merges (Block: all but a block's first; Full in groups of 2: every second)."""
+    from attnres import ops, reference
+    from attnres.model.norm import RMSNorm, rms_norm
+
+    calls = []
+
+    def fused(o, lse, p, q, w, eps, norm_eps):  # the model's norm computes in fp32 even for fp64 input
+        calls.append(norm_eps)
+        h, lse = reference.phase2(o, lse, p, q, eps)
+        return rms_norm(h, w, norm_eps), lse
+
+    sublayers = make_stack(8)
+    norms = nn.ModuleList(RMSNorm(D, 1e-5) for _ in range(8)).double()
+    with torch.no_grad():
+        for n in norms:
+            n.weight.uniform_(0.5, 1.5)
+    emb = torch.randn(2, 3, D, dtype=torch.float64)
+
+    def grads(fuse: bool, split: int | None):
+        res = Residual(D, 8, mode, num_blocks=2, eps=EPS, recompute=recompute, fuse_norm=fuse).double()
+        randomise_queries(res)
+        x = emb.clone().requires_grad_()
+        state = _normed_run(res, x, sublayers[:split] if split else sublayers, norms)
+        if split:
+            handed = res.begin(x)
+            handed.sources, handed.partial = list(state.sources), state.partial
+            state = _normed_run(res, x, sublayers, norms, first=split, state=handed)
+        out = res.readout(state)
+        (out * torch.linspace(-1, 1, D, dtype=out.dtype)).sum().backward()
+        params = [*res.parameters(), *sublayers.parameters(), *norms.parameters()]
+        got = [out.detach(), x.grad] + [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return got
+
+    monkeypatch.setattr(ops, "fused_norm", lambda device: True)
+    monkeypatch.setattr(ops, "phase2_norm", fused)
+    for split in (None, 2, 5):
+        calls.clear()
+        expected = grads(False, split)
+        assert calls == []
+        actual = grads(True, split)
+        assert calls and set(calls) == {1e-5}
+        # Full: a stage starting at 5 (mid group) runs phase 1 over every earlier output for it: no merge
+        forward_calls = {"block": 6, "full": 3 if split == 5 else 4}[mode]
+        # recompute: the merge runs again in backward
+        assert len(calls) == forward_calls * (2 if recompute else 1)
+        for e, a in zip(expected, actual, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)

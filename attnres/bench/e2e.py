@@ -71,7 +71,7 @@ __all__ = [
 MODES: tuple[str, ...] = ("standard", "block", "full")
 KINDS: tuple[str, ...] = ("train", "prefill", "decode", "template")
 VARIANTS: tuple[str, ...] = ("eager", "compile")
-IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "fla")
+IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "attnres-unfused", "fla")
 
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -432,7 +432,11 @@ def _guarded(
 
 def _build(shape: Shape, mode: str, impl: str, run: _Run, dtype: torch.dtype | None = None) -> Decoder:
     torch.manual_seed(0)
-    cfg = shape.config.replace(residual=mode, residual_recompute=impl == "attnres-recompute")
+    cfg = shape.config.replace(
+        residual=mode,
+        residual_recompute=impl == "attnres-recompute",
+        residual_fuse_norm=impl != "attnres-unfused",
+    )
     with torch.device(run.device):
         model = Decoder(cfg)
     model.to(dtype=dtype or run.dtype)
@@ -788,7 +792,9 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         s = std.get(key(r))
         if s is None:
             continue
-        suffix = {"fla": "(fla)", "attnres-recompute": "(recompute)"}.get(r["impl"], "")
+        suffix = {"fla": "(fla)", "attnres-recompute": "(recompute)", "attnres-unfused": "(unfused)"}.get(
+            r["impl"], ""
+        )
         what = f"{r['mode']}{suffix}/standard"
         entry = {"kind": r["kind"], "shape": r["shape"], "variant": r["variant"],
                  "optimizer": r.get("optimizer"), "batch": r.get("batch"), "what": what,
@@ -997,6 +1003,8 @@ def _run_e2e(
                 train(shape, "attnres", "eager", ours)
             if "attnres-recompute" in impls:  # a Block-only option, eager-only
                 train(shape, "attnres-recompute", "eager", [m for m in ours if m == "block"])
+            if "attnres-unfused" in impls:  # phase 2 and the sublayer norm as separate ops
+                train(shape, "attnres-unfused", "eager", [m for m in ours if m != "standard"])
         for shape in picked:
             train(shape, "fla", "eager", theirs)
     for shape in picked if serve else []:
@@ -1007,6 +1015,8 @@ def _run_e2e(
     if "train" in kinds and "compile" in variants and "attnres" in impls:
         for shape in picked:
             train(shape, "attnres", "compile", ours)
+            if "attnres-unfused" in impls:
+                train(shape, "attnres-unfused", "compile", [m for m in ours if m != "standard"])
     if "template" in kinds:
         _template_rows(run, all_shapes["dense" if "dense" in shapes else shapes[0]], template_compile,
                        template_precision, template_callbacks)
@@ -1057,7 +1067,7 @@ def bench_e2e(
     modes: list[Literal["standard", "block", "full"]] | None = None,
     kinds: list[Literal["train", "prefill", "decode", "template"]] | None = None,
     variants: list[Literal["eager", "compile"]] | None = None,
-    impls: list[Literal["attnres", "attnres-recompute", "fla"]] | None = None,
+    impls: list[Literal["attnres", "attnres-recompute", "attnres-unfused", "fla"]] | None = None,
     num_blocks: int = 8,
     graphs: bool = True,
     template_compile: bool | None = None,
@@ -1087,7 +1097,8 @@ def bench_e2e(
         variants: training variants ``eager`` and/or ``compile`` (torch.compile of the whole model).
             Default: both (``quick``: eager only; compiling on a CPU takes minutes).
         impls: ``attnres`` (ours), ``attnres-recompute`` (ours with ``residual_recompute``: Block rows,
-            eager) and/or ``fla`` (fla-core's fused_attnres in our decoder).
+            eager), ``attnres-unfused`` (ours with ``residual_fuse_norm`` off: phase 2 and the sublayer
+            norm as separate ops; AttnRes rows) and/or ``fla`` (fla-core's fused_attnres in our decoder).
         num_blocks: N of Block AttnRes.
         graphs: also time prefill and decode replayed from a CUDA graph (GPU only).
         template_compile: compile in the template comparison (default: on a GPU).

@@ -3,7 +3,7 @@
 Each op is timed with CUDA events (median of repeats after warm-up) and credited with its
 *minimum* DRAM traffic (every input read once, every output written once; elements x dtype size):
 
-    phase1 fwd (n + S) N d   bwd (2n + S) N d      phase2 fwd 3 N d   bwd 5 N d
+    phase1 fwd (n + S) N d   bwd (2n + S) N d      phase2 fwd 3 N d   bwd 5 N d (also with the norm)
     (the phase-1 backward twice: the default kernels and, as ``phase1_bwd_fused``, the fused ones)
     direct fwd (n + 1) N d   bwd (2n + 1) N d
 
@@ -36,8 +36,10 @@ from unittest import mock
 import torch
 
 from attnres import ops, reference
+from attnres.model.norm import rms_norm
 
 EPS = 1e-6
+NORM_EPS = 1e-5  # the decoder's RMSNorm epsilon (phase2_norm rows)
 DEFAULT_JSON = Path("benchmarks/results/ops_cuda.json")  # relative to the working directory (the repo root)
 GRID_TOKENS = (4096, 16384, 65536)
 GRID_DIMS = (1024, 2048, 2304, 4096, 7168)
@@ -141,6 +143,41 @@ def bench_case(
             lambda k: P.depth_attn_backward(d_out, g_lse[0], src[k % sets], q[0], lse_direct, EPS)
         ),
     }
+    # phase 2 with the sublayer's input RMSNorm fused in (the residual path's default on CUDA)
+    w = 1 + 0.1 * torch.randn(d, device="cuda")
+    _, lse_n = P.phase2_norm(outs[0][0], lse[0][0], partial[0], q[0], w, EPS, NORM_EPS)
+    t["phase2_norm_fwd"] = _time(
+        lambda k: P.phase2_norm(
+            outs[k % sets][0], lse[k % sets][0], partial[k % sets], q[0], w, EPS, NORM_EPS
+        )
+    )
+    t["phase2_norm_bwd"] = _time(
+        lambda k: P.phase2_norm_backward(
+            d_out, g_lse[0], outs[k % sets][0], d_lse, lse_n, partial[k % sets], q[0], w, EPS, NORM_EPS
+        )
+    )
+    # one sublayer's merge + norm, forward and backward through autograd: fused vs the separate ops
+    p2_leaves = [
+        [outs[k][0].detach().requires_grad_(), partial[k].detach().requires_grad_()] for k in range(sets)
+    ]
+    wl, ql0 = w.detach().requires_grad_(), q[0].detach().requires_grad_()
+
+    def merge_fb(fused: bool):
+        def go(k):
+            o, p = p2_leaves[k % sets]
+            m = lse[k % sets][0]
+            if fused:
+                y = ops.phase2_norm(o, m, p, ql0, wl, EPS, NORM_EPS)[0]
+            else:
+                y = rms_norm(ops.phase2(o, m, p, ql0, EPS)[0], wl, NORM_EPS)
+            torch.autograd.grad(y, [o, p, ql0, wl], d_out)
+
+        return go
+
+    row_extra = {
+        "merge_norm_fwd_bwd_ms": _time(merge_fb(True)),
+        "merge_then_norm_fwd_bwd_ms": _time(merge_fb(False)),
+    }
     # the fused phase-1 backward kernels, forced by the variable the extension reads per call
     with mock.patch.dict(os.environ, {"ATTNRES_P1_BWD": "fused"}):
         t["phase1_bwd_fused"] = _time(
@@ -152,6 +189,8 @@ def bench_case(
         "phase1_bwd_fused": (2 * n + S) * N * d,
         "phase2_fwd": 3 * N * d,
         "phase2_bwd": 5 * N * d,
+        "phase2_norm_fwd": 3 * N * d,
+        "phase2_norm_bwd": 5 * N * d,
         "direct_fwd": (n + 1) * N * d,
         "direct_bwd": (2 * n + 1) * N * d,
     }
@@ -159,6 +198,7 @@ def bench_case(
     for k, ms in t.items():
         gbs = elems[k] * es / ms / 1e6
         row[k] = {"ms": ms, "GBps": gbs, "pct_copy": 100 * gbs / copy_gbs}
+    row.update(row_extra)
     # a block of S sublayers: one phase 1 + S phase 2
     row["block_fwd_ms"] = t["phase1_fwd"] + S * t["phase2_fwd"]
     row["block_fwd_bwd_ms"] = row["block_fwd_ms"] + t["phase1_bwd"] + S * t["phase2_bwd"]
@@ -300,10 +340,15 @@ def _result(dev, copy_gbs: float, dtype: torch.dtype, t0: float, rows: list[dict
 
 def _line(r: dict) -> str:
     ops_ = (
-        "phase1_fwd", "phase1_bwd", "phase1_bwd_fused", "phase2_fwd", "phase2_bwd", "direct_fwd", "direct_bwd"
+        "phase1_fwd", "phase1_bwd", "phase1_bwd_fused", "phase2_fwd", "phase2_bwd", "phase2_norm_fwd",
+        "phase2_norm_bwd", "direct_fwd", "direct_bwd",
     )  # fmt: skip
     cells = " ".join(f"{r[k]['ms']:7.3f}/{r[k]['pct_copy']:3.0f}%" if k in r else " " * 12 for k in ops_)
-    return f"N={r['N']:5d} d={r['d']:4d} n={r['n']:2d} S={r['S']:2d} | {cells}"
+    merge = ""
+    if "merge_norm_fwd_bwd_ms" in r:
+        fused, apart = r["merge_norm_fwd_bwd_ms"], r["merge_then_norm_fwd_bwd_ms"]
+        merge = f" | {fused:7.3f} {apart:7.3f} {apart / fused:5.2f}x"
+    return f"N={r['N']:5d} d={r['d']:4d} n={r['n']:2d} S={r['S']:2d} | {cells}{merge}"
 
 
 def _fmt(x: float | None, nd: int = 3) -> str:
@@ -316,7 +361,8 @@ def print_table(result: dict) -> None:
     print("ms / % of copy bandwidth at minimum traffic")
     print(
         "     N    d  n  S |   p1 fwd      |   p1 bwd      | p1 bwd fused  |   p2 fwd      |   p2 bwd      "
-        "|  direct fwd   |  direct bwd"
+        "| p2+norm fwd   | p2+norm bwd   |  direct fwd   |  direct bwd   "
+        "| merge+norm fwd+bwd (autograd): fused, apart, ratio"
     )
     for r in rows:
         print(_line(r))

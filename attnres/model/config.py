@@ -63,6 +63,12 @@ class Config:
     more activations than the standard one apart from the block summaries. Eager training only (plain
     path under ``torch.compile``); ignored by the other modes."""
 
+    residual_fuse_norm: bool = True
+    """Full and Block AttnRes on CUDA: run each sublayer's last phase-2 step and its input RMSNorm as one
+    kernel each way (``attnres.ops.phase2_norm``: the sublayer input ``h`` is never written, and backward
+    keeps the phase-1 output instead of ``h`` and the norm's fp32 copy). False: the separate ops (for
+    comparisons; the results agree to rounding)."""
+
     # ---- token mixers
     token_mixer: Literal["hybrid", "kda", "mla"] = "hybrid"
     """``hybrid`` (KDA, MLA every ``full_attn_every``-th layer or at ``mla_layers``), ``kda`` or ``mla``."""

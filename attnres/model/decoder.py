@@ -119,7 +119,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(c, i) for i in range(c.num_layers)})
         self.residual = Residual(
             c.dim, c.num_sublayers, c.residual, c.num_blocks, c.residual_eps, full_group=c.full_group,
-            recompute=c.residual_recompute,
+            recompute=c.residual_recompute, fuse_norm=c.residual_fuse_norm,
         )
         self.norm = RMSNorm(c.dim, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)

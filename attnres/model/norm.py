@@ -28,6 +28,12 @@ class RMSNorm(nn.Module):
         so that FSDP has gathered ``weight``)."""
         return rms_norm(x, self.weight, self.eps) if via is None else via(x, self.weight)
 
+    @property
+    def rms_eps(self) -> float:
+        """The epsilon of this plain fp32 ``x / rms(x) * weight``: its presence tells the residual path
+        that it may fuse this norm into its last phase-2 step (:func:`attnres.ops.phase2_norm`)."""
+        return self.eps
+
     def normalize(self, x: Tensor, weight: Tensor) -> Tensor:
         """This norm with ``weight`` in place of its parameter (for code that recomputes it, such as
         the residual path's ``recompute`` mode, which differentiates with respect to ``weight``)."""

@@ -250,6 +250,12 @@ __device__ __forceinline__ float warp_reduce_scatter(float (&v)[PP], int lane) {
   return r;
 }
 
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
 template <int PP>
 __device__ __forceinline__ bool rs_writer(int lane) {
   return (lane & ((32 / PP) - 1)) == 0;

@@ -71,18 +71,19 @@ struct P2FwdArgs {
   const float* m;   // [N] phase-1 lse
   const void* p;    // [N, d] partial summary
   const float* q;   // [d] fp32, unpadded
-  void* h;          // [N, d]
+  void* h;          // [N, d]: h, or y = rmsnorm(h) * g with the norm fused (g not null)
   float* lse;       // [N]
+  const float* g;   // [d] fp32 norm weight (phase2_norm), else null
   int N, d;
-  float eps;
+  float eps, norm_eps;
   bool vec;
-  bool qvec;  // q 16-byte aligned and d % 4 == 0
+  bool qvec;  // q (and g) 16-byte aligned and d % 4 == 0
 };
 
 struct P2BwdArgs {
-  const void* dh;    // [N, d]
+  const void* dh;    // [N, d] (the norm fused: grad of y)
   const float* dlse; // [N]
-  const void* h;     // [N, d] forward output
+  const void* h;     // [N, d] forward output h (the norm fused: the phase-1 output o)
   const float* m;    // [N]
   const float* lse;  // [N]
   const void* p;     // [N, d]
@@ -90,9 +91,10 @@ struct P2BwdArgs {
   void* do_;         // [N, d] grad of the phase-1 output
   float* dm;         // [N]
   void* dp_;         // [N, d] grad of the partial summary
-  float* dq_part;    // [grid, dp]
+  float* dq_part;    // [grid, dp] (the norm fused: [grid, 2, dp], dq then dg)
+  const float* g;    // [d] fp32 norm weight (phase2_norm_backward), else null
   int N, d;
-  float eps;
+  float eps, norm_eps;
   bool vec;
   bool qvec;
 };
@@ -112,7 +114,8 @@ struct SplitPlan {
 // Each plan_* fills the launch shape; each launch_* returns cudaGetLastError() after the launch.
 Plan plan_p1_fwd(DType dt, int d, int S, int n, int N, int num_sms, bool vec);
 Plan plan_p1_bwd(DType dt, int d, int S, int n, int N, int num_sms, bool vec);
-Plan plan_p2(DType dt, int d, int N, int num_sms, bool backward);
+// norm: the kernels of phase2_norm / phase2_norm_backward (the sublayer's RMSNorm fused in).
+Plan plan_p2(DType dt, int d, int N, int num_sms, bool backward, bool norm);
 SplitPlan plan_p1_bwd_split(DType dt, int d, int S, int n, int num_sms);
 
 cudaError_t launch_p1_fwd(DType dt, const Plan& plan, const P1FwdArgs& args, cudaStream_t stream);

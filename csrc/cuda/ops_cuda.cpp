@@ -49,7 +49,7 @@ int num_sms() {
 
 // Launch shapes depend on (op, dtype, d, S, n, alignment, device) only; the grid is capped by the
 // token count. Caching them keeps occupancy queries and attribute calls off the per-call path.
-enum class Op : int { P1Fwd, P1Bwd, P2Fwd, P2Bwd, P1BwdSplit };
+enum class Op : int { P1Fwd, P1Bwd, P2Fwd, P2Bwd, P1BwdSplit, P2NormFwd, P2NormBwd };
 
 template <typename P, typename Make>
 P cached(Op op, DType dt, int d, int S, int n, bool vec, Make make) {
@@ -70,8 +70,10 @@ Plan cached_plan(Op op, DType dt, int d, int S, int n, bool vec, int N) {
     switch (op) {
       case Op::P1Fwd: return plan_p1_fwd(dt, d, S, n, big, sms, vec);
       case Op::P1Bwd: return plan_p1_bwd(dt, d, S, n, big, sms, vec);
-      case Op::P2Fwd: return plan_p2(dt, d, big, sms, false);
-      default: return plan_p2(dt, d, big, sms, true);
+      case Op::P2Fwd: return plan_p2(dt, d, big, sms, false, false);
+      case Op::P2Bwd: return plan_p2(dt, d, big, sms, true, false);
+      case Op::P2NormFwd: return plan_p2(dt, d, big, sms, false, true);
+      default: return plan_p2(dt, d, big, sms, true, true);
     }
   });
   p.grid = std::min(p.grid, N);
@@ -278,15 +280,20 @@ std::tuple<std::vector<Tensor>, Tensor> phase1_backward_cuda(at::TensorList grad
 
 // ------------------------------------------------------------------------------------------- phase 2
 
-std::tuple<Tensor, Tensor> phase2_cuda(const Tensor& partial_out, const Tensor& partial_lse, const Tensor& partial,
-                                       const Tensor& query, double eps) {
-  TORCH_CHECK(partial.is_cuda() && partial.dim() == 2, "attnres phase2: partial must be a CUDA tensor [N, d]");
+// Phase 2, and phase 2 with the sublayer's RMSNorm fused in (`weight` defined: the output is
+// y = rmsnorm(h) * weight, h itself is not written). `op` names the op in error messages.
+std::tuple<Tensor, Tensor> phase2_impl(const char* op, const Tensor& partial_out, const Tensor& partial_lse,
+                                       const Tensor& partial, const Tensor& query, const Tensor& weight, double eps,
+                                       double norm_eps) {
+  TORCH_CHECK(partial.is_cuda() && partial.dim() == 2, "attnres ", op, ": partial must be a CUDA tensor [N, d]");
   c10::cuda::CUDAGuard guard(partial.device());
   const int64_t N = partial.size(0), d = partial.size(1);
   const DType dt = dtype_of(partial);
-  TORCH_CHECK(partial_out.sizes() == partial.sizes(), "attnres phase2: partial_out must be [", N, ", ", d, "]");
-  TORCH_CHECK(partial_lse.numel() == N, "attnres phase2: partial_lse must have ", N, " elements");
-  TORCH_CHECK(query.numel() == d, "attnres phase2: query must be [", d, "]");
+  const bool norm = weight.defined();
+  TORCH_CHECK(partial_out.sizes() == partial.sizes(), "attnres ", op, ": partial_out must be [", N, ", ", d, "]");
+  TORCH_CHECK(partial_lse.numel() == N, "attnres ", op, ": partial_lse must have ", N, " elements");
+  TORCH_CHECK(query.numel() == d, "attnres ", op, ": query must be [", d, "]");
+  TORCH_CHECK(!norm || weight.numel() == d, "attnres ", op, ": weight must be [", d, "]");
   Tensor o = partial_out.to(partial.scalar_type()).contiguous();
   Tensor p = partial.contiguous();
   Tensor m = partial_lse.to(at::kFloat).reshape({N}).contiguous();
@@ -297,9 +304,11 @@ std::tuple<Tensor, Tensor> phase2_cuda(const Tensor& partial_out, const Tensor& 
     lse.copy_(at::logaddexp(m, at::zeros_like(m)));
     return {h, lse};
   }
-  const Plan plan = cached_plan(Op::P2Fwd, dt, static_cast<int>(d), 1, 1, false, static_cast<int>(N));
-  check_plan(plan, "phase2", d);
+  const Plan plan = cached_plan(norm ? Op::P2NormFwd : Op::P2Fwd, dt, static_cast<int>(d), 1, 1, false,
+                                static_cast<int>(N));
+  check_plan(plan, op, d);
   Tensor qp = query.to(partial.device(), at::kFloat).reshape({d}).contiguous();
+  Tensor gp = norm ? weight.to(partial.device(), at::kFloat).reshape({d}).contiguous() : Tensor();
   const int vbytes = 16;
   const bool vec = d % (vbytes / static_cast<int>(p.element_size())) == 0 && aligned(o, vbytes) &&
                    aligned(p, vbytes) && aligned(h, vbytes);
@@ -308,32 +317,50 @@ std::tuple<Tensor, Tensor> phase2_cuda(const Tensor& partial_out, const Tensor& 
   a.m = m.data_ptr<float>();
   a.p = p.data_ptr();
   a.q = qp.data_ptr<float>();
+  a.g = norm ? gp.data_ptr<float>() : nullptr;
   a.h = h.data_ptr();
   a.lse = lse.data_ptr<float>();
   a.N = static_cast<int>(N);
   a.d = static_cast<int>(d);
   a.eps = static_cast<float>(eps);
+  a.norm_eps = static_cast<float>(norm_eps);
   a.vec = vec;
-  a.qvec = d % 4 == 0 && aligned(qp, 16);
-  check_cuda(launch_p2_fwd(dt, plan, a, c10::cuda::getCurrentCUDAStream()), "phase2 launch");
+  a.qvec = d % 4 == 0 && aligned(qp, 16) && (!norm || aligned(gp, 16));
+  check_cuda(launch_p2_fwd(dt, plan, a, c10::cuda::getCurrentCUDAStream()), op);
   return {h, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> phase2_backward_cuda(const Tensor& grad_out, const Tensor& grad_lse,
-                                                                const Tensor& out, const Tensor& partial_lse,
-                                                                const Tensor& lse, const Tensor& partial,
-                                                                const Tensor& query, double eps) {
-  TORCH_CHECK(partial.is_cuda() && partial.dim() == 2, "attnres phase2_backward: partial must be a CUDA tensor [N, d]");
+std::tuple<Tensor, Tensor> phase2_cuda(const Tensor& partial_out, const Tensor& partial_lse, const Tensor& partial,
+                                       const Tensor& query, double eps) {
+  return phase2_impl("phase2", partial_out, partial_lse, partial, query, Tensor(), eps, 0.0);
+}
+
+std::tuple<Tensor, Tensor> phase2_norm_cuda(const Tensor& partial_out, const Tensor& partial_lse,
+                                            const Tensor& partial, const Tensor& query, const Tensor& weight,
+                                            double eps, double norm_eps) {
+  TORCH_CHECK(weight.defined(), "attnres phase2_norm: weight is undefined");
+  return phase2_impl("phase2_norm", partial_out, partial_lse, partial, query, weight, eps, norm_eps);
+}
+
+// Backward of both. Without the norm, `fwd` is the forward output h; with it (`weight` defined), `fwd`
+// is the phase-1 output o, `grad_out` the gradient of y, and a fifth result is the weight's gradient.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> phase2_backward_impl(
+    const char* op, const Tensor& grad_out, const Tensor& grad_lse, const Tensor& fwd, const Tensor& partial_lse,
+    const Tensor& lse, const Tensor& partial, const Tensor& query, const Tensor& weight, double eps,
+    double norm_eps) {
+  TORCH_CHECK(partial.is_cuda() && partial.dim() == 2, "attnres ", op, ": partial must be a CUDA tensor [N, d]");
   c10::cuda::CUDAGuard guard(partial.device());
   const int64_t N = partial.size(0), d = partial.size(1);
   const DType dt = dtype_of(partial);
-  TORCH_CHECK(grad_out.sizes() == partial.sizes() && out.sizes() == partial.sizes(),
-              "attnres phase2_backward: grad_out and out must be [", N, ", ", d, "]");
-  TORCH_CHECK(grad_lse.numel() == N && partial_lse.numel() == N && lse.numel() == N,
-              "attnres phase2_backward: grad_lse, partial_lse and lse must have ", N, " elements");
-  TORCH_CHECK(query.numel() == d, "attnres phase2_backward: query must be [", d, "]");
+  const bool norm = weight.defined();
+  TORCH_CHECK(grad_out.sizes() == partial.sizes() && fwd.sizes() == partial.sizes(), "attnres ", op,
+              ": the gradient and the saved output must be [", N, ", ", d, "]");
+  TORCH_CHECK(grad_lse.numel() == N && partial_lse.numel() == N && lse.numel() == N, "attnres ", op,
+              ": grad_lse, partial_lse and lse must have ", N, " elements");
+  TORCH_CHECK(query.numel() == d, "attnres ", op, ": query must be [", d, "]");
+  TORCH_CHECK(!norm || weight.numel() == d, "attnres ", op, ": weight must be [", d, "]");
   Tensor dh = grad_out.to(partial.scalar_type()).contiguous();
-  Tensor h = out.to(partial.scalar_type()).contiguous();
+  Tensor h = fwd.to(partial.scalar_type()).contiguous();
   Tensor p = partial.contiguous();
   Tensor m = partial_lse.to(at::kFloat).reshape({N}).contiguous();
   Tensor lse_c = lse.to(at::kFloat).reshape({N}).contiguous();
@@ -342,14 +369,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> phase2_backward_cuda(const Tensor& gr
   Tensor g_p = at::empty({N, d}, partial.options());
   Tensor g_m = at::empty({N}, partial.options().dtype(at::kFloat));
   Tensor g_q = at::zeros({d}, partial.options().dtype(at::kFloat));
+  Tensor g_w = norm ? at::zeros({d}, partial.options().dtype(at::kFloat)) : Tensor();
+  auto result = [&] { return std::make_tuple(g_o, g_m, g_p, g_q, g_w); };
   if (N == 0 || d == 0) {
-    if (N > 0) g_m.copy_(dlse * at::exp(m - lse_c));
-    return {g_o, g_m, g_p, g_q};
+    if (N > 0) {
+      g_m.copy_(dlse * at::exp(m - lse_c));
+      g_o.zero_();
+      g_p.zero_();
+    }
+    return result();
   }
-  const Plan plan = cached_plan(Op::P2Bwd, dt, static_cast<int>(d), 1, 1, false, static_cast<int>(N));
-  check_plan(plan, "phase2_backward", d);
+  const Plan plan = cached_plan(norm ? Op::P2NormBwd : Op::P2Bwd, dt, static_cast<int>(d), 1, 1, false,
+                                static_cast<int>(N));
+  check_plan(plan, op, d);
   Tensor qp = query.to(partial.device(), at::kFloat).reshape({d}).contiguous();
-  Tensor part = at::empty({plan.grid, plan.dp}, partial.options().dtype(at::kFloat));
+  Tensor gp = norm ? weight.to(partial.device(), at::kFloat).reshape({d}).contiguous() : Tensor();
+  const int rows = norm ? 2 : 1;
+  Tensor part = at::empty({plan.grid, rows, plan.dp}, partial.options().dtype(at::kFloat));
   const int vbytes = 16;
   const bool vec = d % (vbytes / static_cast<int>(p.element_size())) == 0 && aligned(dh, vbytes) &&
                    aligned(h, vbytes) && aligned(p, vbytes) && aligned(g_o, vbytes) && aligned(g_p, vbytes);
@@ -361,6 +397,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> phase2_backward_cuda(const Tensor& gr
   a.lse = lse_c.data_ptr<float>();
   a.p = p.data_ptr();
   a.q = qp.data_ptr<float>();
+  a.g = norm ? gp.data_ptr<float>() : nullptr;
   a.do_ = g_o.data_ptr();
   a.dm = g_m.data_ptr<float>();
   a.dp_ = g_p.data_ptr();
@@ -368,14 +405,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> phase2_backward_cuda(const Tensor& gr
   a.N = static_cast<int>(N);
   a.d = static_cast<int>(d);
   a.eps = static_cast<float>(eps);
+  a.norm_eps = static_cast<float>(norm_eps);
   a.vec = vec;
-  a.qvec = d % 4 == 0 && aligned(qp, 16);
+  a.qvec = d % 4 == 0 && aligned(qp, 16) && (!norm || aligned(gp, 16));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  check_cuda(launch_p2_bwd(dt, plan, a, stream), "phase2_backward launch");
-  check_cuda(launch_sum_partials(part.data_ptr<float>(), g_q.data_ptr<float>(), plan.grid, 1, 1, static_cast<int>(d),
-                                 plan.dp, stream),
-             "phase2_backward reduction");
+  check_cuda(launch_p2_bwd(dt, plan, a, stream), op);
+  // rows of part: dq, then dg (one reduction each, into separate outputs)
+  check_cuda(launch_sum_partials(part.data_ptr<float>(), g_q.data_ptr<float>(), plan.grid, 1, rows,
+                                 static_cast<int>(d), plan.dp, stream),
+             "phase2 backward reduction");
+  if (norm)
+    check_cuda(launch_sum_partials(part.data_ptr<float>() + plan.dp, g_w.data_ptr<float>(), plan.grid, 1, rows,
+                                   static_cast<int>(d), plan.dp, stream),
+               "phase2_norm backward reduction");
+  return result();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> phase2_backward_cuda(const Tensor& grad_out, const Tensor& grad_lse,
+                                                                const Tensor& out, const Tensor& partial_lse,
+                                                                const Tensor& lse, const Tensor& partial,
+                                                                const Tensor& query, double eps) {
+  auto [g_o, g_m, g_p, g_q, unused] = phase2_backward_impl("phase2_backward", grad_out, grad_lse, out, partial_lse,
+                                                           lse, partial, query, Tensor(), eps, 0.0);
   return {g_o, g_m, g_p, g_q};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> phase2_norm_backward_cuda(
+    const Tensor& grad_y, const Tensor& grad_lse, const Tensor& partial_out, const Tensor& partial_lse,
+    const Tensor& lse, const Tensor& partial, const Tensor& query, const Tensor& weight, double eps,
+    double norm_eps) {
+  TORCH_CHECK(weight.defined(), "attnres phase2_norm_backward: weight is undefined");
+  return phase2_backward_impl("phase2_norm_backward", grad_y, grad_lse, partial_out, partial_lse, lse, partial,
+                              query, weight, eps, norm_eps);
 }
 
 // ------------------------------------------------------------------------------------------- direct
@@ -408,6 +469,8 @@ TORCH_LIBRARY_IMPL(attnres, CUDA, m) {
   m.impl("phase1_backward", &attnres_cuda::phase1_backward_cuda);
   m.impl("phase2", &attnres_cuda::phase2_cuda);
   m.impl("phase2_backward", &attnres_cuda::phase2_backward_cuda);
+  m.impl("phase2_norm", &attnres_cuda::phase2_norm_cuda);
+  m.impl("phase2_norm_backward", &attnres_cuda::phase2_norm_backward_cuda);
   m.impl("depth_attn", &attnres_cuda::depth_attn_cuda);
   m.impl("depth_attn_backward", &attnres_cuda::depth_attn_backward_cuda);
 }

@@ -7,17 +7,35 @@
 
 namespace attnres_cuda {
 
-template <typename T, int W, int C>
+// h = a_o o + a_p p for one chunk, rounded to T (the value phase 2 stores, and the fused norm reads).
+template <typename T, int W>
+__device__ __forceinline__ void p2_merge(const Pack<T, W>& po, const Pack<T, W>& pp, float ao, float ap,
+                                         float (&h)[W]) {
+  float vo[W], vp[W];
+  unpack<T, W>(po, vo);
+  unpack<T, W>(pp, vp);
+#pragma unroll
+  for (int e = 0; e < W; ++e) h[e] = to_f<T>(from_f<T>(fmaf(ao, vo[e], ap * vp[e])));
+}
+
+// NORM: the sublayer's input RMSNorm fused in (op phase2_norm): h is rounded to T as phase 2 would
+// store it, then y = h * rsqrt(mean(h^2) + norm_eps) * g is written instead of h (a second reduction
+// per token; h never goes to memory).
+template <typename T, int W, int C, bool NORM>
 __global__ void __launch_bounds__(512) p2_fwd_kernel(const __grid_constant__ P2FwdArgs a) {
   const int tid = threadIdx.x, NT = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = NT >> 5;
   const int d = a.d;
   const int64_t N = a.N;
   const bool vec = a.vec;
   __shared__ float red[2][32][2];
+  __shared__ float red2[NORM ? 32 : 1];
   const float inv_d = 1.f / static_cast<float>(d);
-  float qr[C][W];
+  float qr[C][W], gr[NORM ? C : 1][W];
 #pragma unroll
-  for (int k = 0; k < C; ++k) ld_q_guarded<W>(a.q, (k * NT + tid) * W, d, a.qvec, qr[k]);
+  for (int k = 0; k < C; ++k) {
+    ld_q_guarded<W>(a.q, (k * NT + tid) * W, d, a.qvec, qr[k]);
+    if constexpr (NORM) ld_q_guarded<W>(a.g, (k * NT + tid) * W, d, a.qvec, gr[k]);
+  }
   int buf = 0;
   // software pipelining: the next token's rows are loaded before this token's reduction
   Pack<T, W> po_n[C], pp_n[C];
@@ -67,32 +85,69 @@ __global__ void __launch_bounds__(512) p2_fwd_kernel(const __grid_constant__ P2F
     const float lse = mx + __logf(__expf(m - mx) + __expf(z - mx));
     const float ao = __expf(m - lse), ap = __expf(z - lse);
     if (tid == 0) a.lse[t] = lse;
+    if constexpr (!NORM) {
 #pragma unroll
-    for (int k = 0; k < C; ++k) {
-      float vo[W], vp[W], h[W];
-      unpack<T, W>(po[k], vo);
-      unpack<T, W>(pp[k], vp);
+      for (int k = 0; k < C; ++k) {
+        float h[W];
+        p2_merge<T, W>(po[k], pp[k], ao, ap, h);
+        st_chunk<T, W>(static_cast<T*>(a.h) + off, (k * NT + tid) * W, d, vec, h);
+      }
+    } else {
+      // red2 is safe with one buffer: it is written after this token's first barrier, which no thread
+      // passes before every thread has read the previous token's red2
+      float hh = 0.f;
 #pragma unroll
-      for (int e = 0; e < W; ++e) h[e] = fmaf(ao, vo[e], ap * vp[e]);
-      st_chunk<T, W>(static_cast<T*>(a.h) + off, (k * NT + tid) * W, d, vec, h);
+      for (int k = 0; k < C; ++k) {
+        float h[W];
+        p2_merge<T, W>(po[k], pp[k], ao, ap, h);
+#pragma unroll
+        for (int e = 0; e < W; ++e) hh = fmaf(h[e], h[e], hh);
+      }
+      hh = warp_sum(hh);
+      if (lane == 0) red2[warp] = hh;
+      __syncthreads();
+      hh = 0.f;
+      for (int w = 0; w < nw; ++w) hh += red2[w];
+      const float r = rsqrtf(hh * inv_d + a.norm_eps);
+#pragma unroll
+      for (int k = 0; k < C; ++k) {
+        float h[W];
+        p2_merge<T, W>(po[k], pp[k], ao, ap, h);
+#pragma unroll
+        for (int e = 0; e < W; ++e) h[e] = h[e] * r * gr[k][e];
+        st_chunk<T, W>(static_cast<T*>(a.h) + off, (k * NT + tid) * W, d, vec, h);
+      }
     }
   }
 }
 
-template <typename T, int W, int C>
+// Backward. NORM (op phase2_norm_backward): a.dh is the gradient of the norm's output y and a.h the
+// phase-1 output o (h is recomputed bit for bit as the forward rounded it: same reductions, same
+// order); the norm's backward is folded into the dot products, so the phase-2 part needs no third
+// pass: with r = rsqrt(mean(h^2) + norm_eps), gy = g * dy and S = gy . h,
+//   dh = r gy - h r^3 S / d,  dh . h = r S - r^3 S (h . h) / d,  dh . p = r (gy . p) - r^3 S (h . p) / d,
+//   dg = sum over tokens of dy h r (a second per-block partial row next to dq's).
+template <typename T, int W, int C, bool NORM>
 __global__ void __launch_bounds__(512) p2_bwd_kernel(const __grid_constant__ P2BwdArgs a) {
   const int tid = threadIdx.x, NT = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = NT >> 5;
   const int d = a.d;
   const int64_t N = a.N;
   const bool vec = a.vec;
   __shared__ float red[2][32][4];
+  __shared__ float red2[NORM ? 32 : 1][4];
   const float inv_d = 1.f / static_cast<float>(d);
-  float qr[C][W], dq[C][W];
+  constexpr int CN = NORM ? C : 1;
+  float qr[C][W], dq[C][W], gr[CN][W], dg[CN][W];
 #pragma unroll
   for (int k = 0; k < C; ++k) {
     ld_q_guarded<W>(a.q, (k * NT + tid) * W, d, a.qvec, qr[k]);
 #pragma unroll
     for (int e = 0; e < W; ++e) dq[k][e] = 0.f;
+    if constexpr (NORM) {
+      ld_q_guarded<W>(a.g, (k * NT + tid) * W, d, a.qvec, gr[k]);
+#pragma unroll
+      for (int e = 0; e < W; ++e) dg[k][e] = 0.f;
+    }
   }
   int buf = 0;
   Pack<T, W> pdh_n[C], ph_n[C], pp_n[C];
@@ -121,34 +176,93 @@ __global__ void __launch_bounds__(512) p2_bwd_kernel(const __grid_constant__ P2B
     }
     const float m = m_n, lse = lse_n, dlse = dlse_n;
     load(t + gridDim.x);
-    float part[4] = {0.f, 0.f, 0.f, 0.f};  // dh.h, dh.p, q.p, p.p
+    float gh, gp, z, rinv, ap, ao, r = 0.f, k2 = 0.f;
+    if constexpr (!NORM) {
+      float part[4] = {0.f, 0.f, 0.f, 0.f};  // dh.h, dh.p, q.p, p.p
 #pragma unroll
-    for (int k = 0; k < C; ++k) {
-      float vdh[W], vh[W], vp[W];
-      unpack<T, W>(pdh[k], vdh);
-      unpack<T, W>(ph[k], vh);
-      unpack<T, W>(pp[k], vp);
+      for (int k = 0; k < C; ++k) {
+        float vdh[W], vh[W], vp[W];
+        unpack<T, W>(pdh[k], vdh);
+        unpack<T, W>(ph[k], vh);
+        unpack<T, W>(pp[k], vp);
 #pragma unroll
-      for (int e = 0; e < W; ++e) {
-        part[0] = fmaf(vdh[e], vh[e], part[0]);
-        part[1] = fmaf(vdh[e], vp[e], part[1]);
-        part[2] = fmaf(qr[k][e], vp[e], part[2]);
-        part[3] = fmaf(vp[e], vp[e], part[3]);
+        for (int e = 0; e < W; ++e) {
+          part[0] = fmaf(vdh[e], vh[e], part[0]);
+          part[1] = fmaf(vdh[e], vp[e], part[1]);
+          part[2] = fmaf(qr[k][e], vp[e], part[2]);
+          part[3] = fmaf(vp[e], vp[e], part[3]);
+        }
       }
+      const float r4 = warp_reduce_scatter<4>(part, lane);
+      if (rs_writer<4>(lane)) red[buf][warp][rs_index<4>(lane)] = r4;
+      __syncthreads();
+      float qp = 0.f, ss = 0.f;
+      gh = gp = 0.f;
+      for (int w = 0; w < nw; ++w) {
+        gh += red[buf][w][0];
+        gp += red[buf][w][1];
+        qp += red[buf][w][2];
+        ss += red[buf][w][3];
+      }
+      rinv = 1.f / sqrtf(ss * inv_d + a.eps);
+      z = qp * rinv;
+      ap = __expf(z - lse), ao = __expf(m - lse);
+    } else {
+      // round 1 exactly as the forward (same sums, same order): the same z, a_o, a_p, hence the same h
+      float part[2] = {0.f, 0.f};  // q.p, p.p
+#pragma unroll
+      for (int k = 0; k < C; ++k) {
+        float vp[W];
+        unpack<T, W>(pp[k], vp);
+#pragma unroll
+        for (int e = 0; e < W; ++e) {
+          part[0] = fmaf(qr[k][e], vp[e], part[0]);
+          part[1] = fmaf(vp[e], vp[e], part[1]);
+        }
+      }
+      const float r2 = warp_reduce_scatter<2>(part, lane);
+      if (rs_writer<2>(lane)) red[buf][warp][rs_index<2>(lane)] = r2;
+      __syncthreads();
+      float dot = 0.f, ss = 0.f;
+      for (int w = 0; w < nw; ++w) {
+        dot += red[buf][w][0];
+        ss += red[buf][w][1];
+      }
+      rinv = rsqrtf(ss * inv_d + a.eps);
+      z = dot * rinv;
+      ap = __expf(z - lse), ao = __expf(m - lse);
+      // round 2 (red2: one buffer, as in the forward): h.h, gy.h, gy.p, h.p
+      float part4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int k = 0; k < C; ++k) {
+        float h[W], vdy[W], vp[W];
+        p2_merge<T, W>(ph[k], pp[k], ao, ap, h);
+        unpack<T, W>(pdh[k], vdy);
+        unpack<T, W>(pp[k], vp);
+#pragma unroll
+        for (int e = 0; e < W; ++e) {
+          const float gy = gr[k][e] * vdy[e];
+          part4[0] = fmaf(h[e], h[e], part4[0]);
+          part4[1] = fmaf(gy, h[e], part4[1]);
+          part4[2] = fmaf(gy, vp[e], part4[2]);
+          part4[3] = fmaf(h[e], vp[e], part4[3]);
+        }
+      }
+      const float r4 = warp_reduce_scatter<4>(part4, lane);
+      if (rs_writer<4>(lane)) red2[warp][rs_index<4>(lane)] = r4;
+      __syncthreads();
+      float hh = 0.f, sh = 0.f, sp = 0.f, hp = 0.f;
+      for (int w = 0; w < nw; ++w) {
+        hh += red2[w][0];
+        sh += red2[w][1];
+        sp += red2[w][2];
+        hp += red2[w][3];
+      }
+      r = rsqrtf(hh * inv_d + a.norm_eps);
+      k2 = r * r * sh * inv_d;  // dh = r (gy - h k2)
+      gh = r * (sh - k2 * hh);
+      gp = r * (sp - k2 * hp);
     }
-    const float r4 = warp_reduce_scatter<4>(part, lane);
-    if (rs_writer<4>(lane)) red[buf][warp][rs_index<4>(lane)] = r4;
-    __syncthreads();
-    float gh = 0.f, gp = 0.f, qp = 0.f, ss = 0.f;
-    for (int w = 0; w < nw; ++w) {
-      gh += red[buf][w][0];
-      gp += red[buf][w][1];
-      qp += red[buf][w][2];
-      ss += red[buf][w][3];
-    }
-    const float rms = sqrtf(ss * inv_d + a.eps), rinv = 1.f / rms;
-    const float z = qp * rinv;
-    const float ap = __expf(z - lse), ao = __expf(m - lse);
     const float dz = ap * (gp - gh + dlse);
     if (tid == 0) a.dm[t] = ap * (gh - gp) + ao * dlse;
     const float c = dz * rinv;
@@ -159,6 +273,15 @@ __global__ void __launch_bounds__(512) p2_bwd_kernel(const __grid_constant__ P2B
       float vdh[W], vp[W], go[W], gpv[W];
       unpack<T, W>(pdh[k], vdh);
       unpack<T, W>(pp[k], vp);
+      if constexpr (NORM) {  // vdh: dy -> dh; dg += dy h r
+        float h[W];
+        p2_merge<T, W>(ph[k], pp[k], ao, ap, h);
+#pragma unroll
+        for (int e = 0; e < W; ++e) {
+          dg[k][e] = fmaf(vdh[e] * h[e], r, dg[k][e]);
+          vdh[e] = r * fmaf(-h[e], k2, gr[k][e] * vdh[e]);
+        }
+      }
 #pragma unroll
       for (int e = 0; e < W; ++e) {
         go[e] = ao * vdh[e];
@@ -169,11 +292,16 @@ __global__ void __launch_bounds__(512) p2_bwd_kernel(const __grid_constant__ P2B
       st_chunk<T, W>(static_cast<T*>(a.dp_) + off, col, d, vec, gpv);
     }
   }
-  float* dst = a.dq_part + static_cast<int64_t>(blockIdx.x) * NT * C * W;
+  // per-block partial rows: [grid, 1 + NORM, NT * C * W] (dq, then dg)
+  const int dpw = NT * C * W;
+  float* dst = a.dq_part + static_cast<int64_t>(blockIdx.x) * (NORM ? 2 : 1) * dpw;
 #pragma unroll
   for (int k = 0; k < C; ++k)
 #pragma unroll
-    for (int e = 0; e < W; ++e) dst[(k * NT + tid) * W + e] = dq[k][e];
+    for (int e = 0; e < W; ++e) {
+      dst[(k * NT + tid) * W + e] = dq[k][e];
+      if constexpr (NORM) dst[dpw + (k * NT + tid) * W + e] = dg[k][e];
+    }
 }
 
 }  // namespace attnres_cuda

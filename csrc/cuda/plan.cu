@@ -231,7 +231,7 @@ cudaError_t launch_p1_bwd_split(const SplitPlan& sp, const P1BwdArgs& args, cuda
   return cudaGetLastError();
 }
 
-Plan plan_p2(DType dt, int d, int N, int num_sms, bool backward) {
+Plan plan_p2(DType dt, int d, int N, int num_sms, bool backward, bool norm) {
   Plan p{};
   p.W = 16 / elem_size(dt);
   p.ST = 1;
@@ -241,22 +241,11 @@ Plan plan_p2(DType dt, int d, int N, int num_sms, bool backward) {
   p.NT = std::max(32, round_up(div_up(chunks, p.C), 32));
   p.dp = p.NT * p.C * p.W;
   p.smem = 0;
-  const void* fn = nullptr;
   switch (dt) {
-    case DType::F32:
-      fn = backward ? reinterpret_cast<const void*>(p2_bwd_select<float, 4>(p.C))
-                    : reinterpret_cast<const void*>(p2_fwd_select<float, 4>(p.C));
-      break;
-    case DType::BF16:
-      fn = backward ? reinterpret_cast<const void*>(p2_bwd_select<__nv_bfloat16, 8>(p.C))
-                    : reinterpret_cast<const void*>(p2_fwd_select<__nv_bfloat16, 8>(p.C));
-      break;
-    case DType::F16:
-      fn = backward ? reinterpret_cast<const void*>(p2_bwd_select<__half, 8>(p.C))
-                    : reinterpret_cast<const void*>(p2_fwd_select<__half, 8>(p.C));
-      break;
+    case DType::F32: p.fn = p2_select<float, 4>(p.C, backward, norm); break;
+    case DType::BF16: p.fn = p2_select<__nv_bfloat16, 8>(p.C, backward, norm); break;
+    case DType::F16: p.fn = p2_select<__half, 8>(p.C, backward, norm); break;
   }
-  p.fn = fn;
   finish(p, N, num_sms);
   return p;
 }

@@ -111,25 +111,32 @@ P1BwdFn p1_bwd_apply_select(int ST) {
   }
 }
 
-template <typename T, int W>
-P2FwdFn p2_fwd_select(int C) {
+template <typename T, int W, bool NORM>
+P2FwdFn p2_fwd_c(int C) {
   switch (C) {
-    case 1: return p2_fwd_kernel<T, W, 1>;
-    case 2: return p2_fwd_kernel<T, W, 2>;
-    case 4: return p2_fwd_kernel<T, W, 4>;
-    case 8: return p2_fwd_kernel<T, W, 8>;
+    case 1: return p2_fwd_kernel<T, W, 1, NORM>;
+    case 2: return p2_fwd_kernel<T, W, 2, NORM>;
+    case 4: return p2_fwd_kernel<T, W, 4, NORM>;
+    case 8: return p2_fwd_kernel<T, W, 8, NORM>;
     default: return nullptr;
   }
 }
-template <typename T, int W>
-P2BwdFn p2_bwd_select(int C) {
+template <typename T, int W, bool NORM>
+P2BwdFn p2_bwd_c(int C) {
   switch (C) {
-    case 1: return p2_bwd_kernel<T, W, 1>;
-    case 2: return p2_bwd_kernel<T, W, 2>;
-    case 4: return p2_bwd_kernel<T, W, 4>;
-    case 8: return p2_bwd_kernel<T, W, 8>;
+    case 1: return p2_bwd_kernel<T, W, 1, NORM>;
+    case 2: return p2_bwd_kernel<T, W, 2, NORM>;
+    case 4: return p2_bwd_kernel<T, W, 4, NORM>;
+    case 8: return p2_bwd_kernel<T, W, 8, NORM>;
     default: return nullptr;
   }
+}
+// Phase 2 forward or backward, with or without the fused norm, as an untyped pointer for the plan.
+template <typename T, int W>
+const void* p2_select(int C, bool backward, bool norm) {
+  if (backward)
+    return reinterpret_cast<const void*>(norm ? p2_bwd_c<T, W, true>(C) : p2_bwd_c<T, W, false>(C));
+  return reinterpret_cast<const void*>(norm ? p2_fwd_c<T, W, true>(C) : p2_fwd_c<T, W, false>(C));
 }
 
 // Defined in the per-dtype files (split so that the build compiles them in parallel).
