@@ -336,11 +336,12 @@ def test_torch_compile_fullgraph_matches_eager(fused_norm):
     mod = TwoPhaseBlock(256, 4, fused_norm).cuda()
     src = [torch.randn(2, 9, 256, generator=gen).to("cuda").requires_grad_() for _ in range(3)]
     partial = torch.randn(2, 9, 256, generator=gen).to("cuda").requires_grad_()
+    leaves = [*src, partial, mod.q] + ([mod.w] if fused_norm else [])
     eager = mod(src, partial)
-    g_eager = torch.autograd.grad(eager.square().sum(), [*src, partial, mod.q, mod.w])
+    g_eager = torch.autograd.grad(eager.square().sum(), leaves)
     compiled = torch.compile(mod, fullgraph=True)
     out = compiled(src, partial)
-    g_comp = torch.autograd.grad(out.square().sum(), [*src, partial, mod.q, mod.w])
+    g_comp = torch.autograd.grad(out.square().sum(), leaves)
     assert rel_err(out, eager) < 1e-6
     for a, b in zip(g_comp, g_eager):
         assert rel_err(a, b) < 1e-5
@@ -426,7 +427,9 @@ def test_fused_norm_in_the_residual_path_matches_the_separate_ops_and_keeps_less
     copy of it (2 X fewer); in fp32 the norm saves ``h`` itself, so ``o`` for ``h`` is no saving."""
     out, grads, kept, x_bytes = _residual_step(dtype, mode, fuse_norm=False)
     out_f, grads_f, kept_f, _ = _residual_step(dtype, mode, fuse_norm=True)
-    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    # the two round at different points (the separate ops round h and dh to the dtype between them),
+    # compounded over 8 sublayers; each op's own accuracy is tested against fp64 above
+    tol = {torch.float32: 1e-4, torch.bfloat16: 4e-2}[dtype]
     assert rel_err(out_f, out) < tol
     for g, g_f in zip(grads, grads_f, strict=True):
         assert rel_err(g_f, g) < tol
