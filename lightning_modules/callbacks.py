@@ -175,10 +175,15 @@ class ThroughputMonitor(L.Callback):
     device's peak from :data:`metrics.PEAK_FLOPS`) and ``train/peak_memory_gb`` (the most the caching
     allocator has reserved so far, GiB); the last two not on CPU, where they do not apply.
     Time is measured from batch start to batch end, so data loading between batches is excluded
-    and validation is not counted."""
+    and validation is not counted. On CUDA the interval is taken between two CUDA events on the
+    step's stream and read one step later (each step's numbers are logged at the end of the next, the
+    last step's at the end of training): the monitor never waits for the device, so the host keeps
+    queueing work ahead of it (a ``synchronize`` at each batch start and end cost the Lightning step
+    ~7 % against a hand-written loop on the H200)."""
 
     def __init__(self) -> None:
-        self._t0 = 0.0
+        self._t0: Any = 0.0
+        self._pending: tuple[Any, Any, torch.Size] | None = None  # a CUDA step: start, end, token ids' shape
         self.tokens_per_s = float("nan")
         self.mfu: float | None = None
         self.history: list[float] = []  # tokens/s of every step
@@ -196,24 +201,50 @@ class ThroughputMonitor(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        self._t0 = time.perf_counter()
+            self._t0 = torch.cuda.Event(enable_timing=True)
+            self._t0.record()
+        else:
+            self._t0 = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        dt = time.perf_counter() - self._t0
-        ids = batch["input_ids"]
-        tokens = ids.numel() * data_parallel_size(trainer)  # the ranks of one pipeline share a batch
+        if pl_module.device.type != "cuda":
+            dt = time.perf_counter() - self._t0
+            self._record(trainer, pl_module, batch["input_ids"].shape, dt, log=True)
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        previous, self._pending = self._pending, (self._t0, end, batch["input_ids"].shape)
+        if previous is not None:
+            self._record_events(trainer, pl_module, previous, log=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is not None:  # the last step: counted, not logged (no logging after training)
+            self._record_events(trainer, pl_module, self._pending, log=False)
+            self._pending = None
+
+    def _record_events(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, step: tuple[Any, Any, torch.Size], log: bool
+    ) -> None:
+        start, end, shape = step
+        end.synchronize()  # an earlier step: done, or about to be, while this step's work stays queued
+        self._record(trainer, pl_module, shape, start.elapsed_time(end) / 1e3, log)
+
+    def _record(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, shape: torch.Size, dt: float, log: bool
+    ) -> None:
+        tokens = shape.numel() * data_parallel_size(trainer)  # the ranks of one pipeline share a batch
         self.tokens_per_s = tokens / max(dt, 1e-9)
         self.history.append(self.tokens_per_s)
-        pl_module.log("train/tokens_per_s", self.tokens_per_s, on_step=True, on_epoch=False)
         peak = metrics.peak_flops(pl_module.device)
         if peak is not None:
-            self._mfu_per_token_s = pl_module.flops_per_token(ids.shape[1]) / (peak * trainer.world_size)
+            self._mfu_per_token_s = pl_module.flops_per_token(shape[1]) / (peak * trainer.world_size)
             self.mfu = self.tokens_per_s * self._mfu_per_token_s
+        if not log:
+            return
+        pl_module.log("train/tokens_per_s", self.tokens_per_s, on_step=True, on_epoch=False)
+        if self.mfu is not None:
             pl_module.log("train/mfu", self.mfu, on_step=True, on_epoch=False)
         if pl_module.device.type == "cuda":
             reserved = torch.cuda.max_memory_reserved(pl_module.device) / 2**30

@@ -738,7 +738,8 @@ def _template_rows(run: _Run, shape: Shape, compile: bool, precision: str, per_s
         marks.append(mark())
         return finish(marks)
 
-    def template() -> dict[str, Any]:
+    def template(guard: dict[str, Any] | None) -> dict[str, Any]:
+        """``guard``: the NaN guard's arguments (None: no per-step callbacks at all)."""
         marks: list[Any] = []
 
         class StepMarks(L.Callback):
@@ -752,10 +753,10 @@ def _template_rows(run: _Run, shape: Shape, compile: bool, precision: str, per_s
 
         module = lm()
         callbacks: list[Any] = [StepMarks()]
-        if per_step_callbacks:  # what `attnres fit` adds to every run (each syncs once or twice a step)
+        if guard is not None:  # what `attnres fit` adds to every run
             from lightning_modules.callbacks import NaNGuard, ThroughputMonitor
 
-            callbacks += [NaNGuard(), ThroughputMonitor()]
+            callbacks += [NaNGuard(**guard), ThroughputMonitor()]
         trainer = L.Trainer(
             accelerator="gpu" if run.device.type == "cuda" else "cpu", devices=1, precision=precision,
             max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -766,10 +767,19 @@ def _template_rows(run: _Run, shape: Shape, compile: bool, precision: str, per_s
         trainer.fit(module, train_dataloaders=loader)
         row = finish(marks)
         row["callbacks"] = [type(c).__name__ for c in callbacks]
+        row["nan_guard"] = guard
         return row
 
     _guarded(run, {**base, "impl": "hand-written"}, hand_written, compiles=compile, reset=compile)
-    _guarded(run, {**base, "impl": "template"}, template, compiles=compile, reset=compile)
+    # the template as `attnres fit` runs it, then (per_step_callbacks) what its per-step callbacks cost:
+    # without the NaN guard's gradient check (one host sync a step), and without any of them
+    variants = [("template", {})]
+    if per_step_callbacks:
+        variants += [("template-nogradcheck", {"check_gradients": False}), ("template-bare", None)]
+    else:
+        variants = [("template", None)]
+    for impl, guard in variants:
+        _guarded(run, {**base, "impl": impl}, lambda g=guard: template(g), compiles=compile, reset=compile)
 
 
 # ----------------------------------------------------------------------------- ratios and table
@@ -806,10 +816,12 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 entry.update(mem_target_bytes=target, mem_target_met=r["peak_mem_bytes"] <= target)
         out.append(entry)
     tmpl = {r["impl"]: r for r in ok if r.get("kind") == "template"}
-    if "template" in tmpl and "hand-written" in tmpl:
-        t, h = tmpl["template"], tmpl["hand-written"]
+    h = tmpl.get("hand-written")
+    for impl, t in tmpl.items() if h is not None else []:
+        if impl == "hand-written":
+            continue
         out.append({"kind": "template", "shape": t["shape"], "variant": t["variant"], "optimizer": "adamw",
-                    "batch": t["batch"], "what": "template/hand-written", "time_ratio": t["ms"] / h["ms"],
+                    "batch": t["batch"], "what": f"{impl}/hand-written", "time_ratio": t["ms"] / h["ms"],
                     "mem_ratio": t["peak_mem_bytes"] / h["peak_mem_bytes"] if h.get("peak_mem_bytes")
                     else None})
     return out
