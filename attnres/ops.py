@@ -285,34 +285,34 @@ def _register() -> None:
         acc = _acc_dtype(sources[0].dtype)
         return [torch.empty_like(s) for s in sources], queries.new_empty(queries.shape, dtype=acc)
 
+    def phase2_out(partial):  # (h or y, lse)
+        return torch.empty_like(partial), partial.new_empty(partial.shape[0], dtype=_acc_dtype(partial.dtype))
+
+    def phase2_grads(partial, query):  # (grad_partial_out, grad_partial_lse, grad_partial, grad_query)
+        acc = _acc_dtype(partial.dtype)
+        return (
+            torch.empty_like(partial),
+            partial.new_empty(partial.shape[0], dtype=acc),
+            torch.empty_like(partial),
+            query.new_empty(query.shape, dtype=acc),
+        )
+
     @torch.library.register_fake(lib + "phase2")
     def _(partial_out, partial_lse, partial, query, eps):
-        return torch.empty_like(partial), partial.new_empty(partial.shape[0], dtype=_acc_dtype(partial.dtype))
+        return phase2_out(partial)
 
     @torch.library.register_fake(lib + "phase2_backward")
     def _(grad_out, grad_lse, out, partial_lse, lse, partial, query, eps):
-        acc = _acc_dtype(partial.dtype)
-        return (
-            torch.empty_like(partial),
-            partial.new_empty(partial.shape[0], dtype=acc),
-            torch.empty_like(partial),
-            query.new_empty(query.shape, dtype=acc),
-        )
+        return phase2_grads(partial, query)
 
     @torch.library.register_fake(lib + "phase2_norm")
     def _(partial_out, partial_lse, partial, query, weight, eps, norm_eps):
-        return torch.empty_like(partial), partial.new_empty(partial.shape[0], dtype=_acc_dtype(partial.dtype))
+        return phase2_out(partial)
 
     @torch.library.register_fake(lib + "phase2_norm_backward")
     def _(grad_y, grad_lse, partial_out, partial_lse, lse, partial, query, weight, eps, norm_eps):
-        acc = _acc_dtype(partial.dtype)
-        return (
-            torch.empty_like(partial),
-            partial.new_empty(partial.shape[0], dtype=acc),
-            torch.empty_like(partial),
-            query.new_empty(query.shape, dtype=acc),
-            weight.new_empty(weight.shape, dtype=acc),
-        )
+        grad_weight = weight.new_empty(weight.shape, dtype=_acc_dtype(partial.dtype))
+        return (*phase2_grads(partial, query), grad_weight)
 
     @torch.library.register_fake(lib + "depth_attn")
     def _(sources, query, eps):
