@@ -5,10 +5,6 @@
 #pragma once
 #include "common.cuh"
 
-#ifndef ATTNRES_P2N_MINB
-#define ATTNRES_P2N_MINB 3
-#endif
-
 namespace attnres_cuda {
 
 // h = a_o o + a_p p for one chunk, rounded to T (the value phase 2 stores, and the fused norm reads).
@@ -131,15 +127,10 @@ __global__ void __launch_bounds__(512) p2_fwd_kernel(const __grid_constant__ P2F
 // pass: with r = rsqrt(mean(h^2) + norm_eps), gy = g * dy and S = gy . h,
 //   dh = r gy - h r^3 S / d,  dh . h = r S - r^3 S (h . h) / d,  dh . p = r (gy . p) - r^3 S (h . p) / d,
 //   dg = sum over tokens of dy h r (a second per-block partial row next to dq's).
-// With the norm and one chunk per thread: at most 256 threads (plan_p2), registers capped for MINB
-// blocks per SM (80 registers, no spills, 24 warps per SM; ptxas took 125 unbounded: 16 warps).
-template <bool NORM, int C>
-constexpr int p2_bwd_threads() { return NORM && C == 1 ? 256 : 512; }
-template <bool NORM, int C>
-constexpr int p2_bwd_min_blocks() { return NORM && C == 1 ? ATTNRES_P2N_MINB : 0; }  // 0: no minimum
-
+// (Capping the norm variant's registers at 80, for 3 blocks of 256 threads per SM instead of 2 at 125
+// registers, made it 10-13 % slower on the H200: session 9, cuda_notes.md.)
 template <typename T, int W, int C, bool NORM>
-__global__ void __launch_bounds__(p2_bwd_threads<NORM, C>(), p2_bwd_min_blocks<NORM, C>())
+__global__ void __launch_bounds__(512)
     p2_bwd_kernel(const __grid_constant__ P2BwdArgs a) {
   const int tid = threadIdx.x, NT = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = NT >> 5;
   const int d = a.d;

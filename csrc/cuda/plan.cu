@@ -238,7 +238,6 @@ Plan plan_p2(DType dt, int d, int N, int num_sms, bool backward, bool norm) {
   const int chunks = div_up(d, p.W);
   p.C = chunks_per_thread(chunks, 512);
   if (p.C == 0) return p;
-  if (backward && norm && p.C == 1 && chunks > 256) p.C = 2;  // p2_bwd_threads (p2.cuh): <= 256 at C = 1
   p.NT = std::max(32, round_up(div_up(chunks, p.C), 32));
   p.dp = p.NT * p.C * p.W;
   p.smem = 0;
