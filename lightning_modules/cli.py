@@ -238,3 +238,15 @@ def run_lightning_cli(argv: list[str]) -> None:
             raise
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(1)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down the process group the strategy made (DDP/FSDP/PP) before the interpreter exits: left
+    to interpreter shutdown, gloo's threads could abort a finished run ("terminate called without an
+    active exception", exit status -6; seen once in CI after `Trainer.fit` had completed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
