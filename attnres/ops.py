@@ -57,10 +57,13 @@ _HAS_NORM_KERNELS = {
 }
 
 
+def _device_type(device: torch.device | str) -> str:
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
+
+
 def backend(device: torch.device | str) -> str:
     """``"compiled"`` when ``attnres._C`` has kernels for this device type, else ``"reference"``."""
-    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return "compiled" if _HAS_KERNELS.get(kind, False) else "reference"
+    return "compiled" if _HAS_KERNELS.get(_device_type(device), False) else "reference"
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -199,25 +202,37 @@ def phase2(
     """Phase 2: merge ``(partial_out [..., d], partial_lse [...])`` from phase 1 with the partial
     summary ``partial [..., d]`` under ``query [d]`` (online softmax). Returns ``(h, lse)``."""
     partial = _check_source(partial, "partial")
+    query, lse_shape = _check_phase2(partial_out, partial_lse, partial, query)
+    if backend(partial.device) == "reference":
+        return reference.phase2(partial_out, partial_lse, partial, query, eps)
+    m = _flat_lse(partial_lse, partial.dtype)
+    out, lse = _call(torch.ops.attnres.phase2, _flat(partial_out), m, _flat(partial), query, eps)
+    return out.view(partial.shape), lse.view(lse_shape)
+
+
+def _check_phase2(
+    partial_out: Tensor, partial_lse: Tensor, partial: Tensor, query: Tensor
+) -> tuple[Tensor, tuple[int, ...]]:
+    """The arguments of phase 2 beside ``partial`` (already checked): ``(query, lse shape)``."""
     _check_like(partial_out, "partial_out", partial, tuple(partial.shape), "[..., d] like partial")
     lse_shape = tuple(partial.shape[:-1])
     _check_like(
         partial_lse, "partial_lse", partial, lse_shape, "[...] (partial's shape without d)", dtype=False
     )
-    query = _check_queries(query, partial, "query", single=True)
-    if backend(partial.device) == "reference":
-        return reference.phase2(partial_out, partial_lse, partial, query, eps)
-    m, acc = partial_lse.reshape(-1), _acc_dtype(partial.dtype)
+    return _check_queries(query, partial, "query", single=True), lse_shape
+
+
+def _flat_lse(partial_lse: Tensor, dtype: torch.dtype) -> Tensor:
+    """``partial_lse`` as the kernels take it: flat, in the accumulation dtype of ``dtype`` sources."""
+    m, acc = partial_lse.reshape(-1), _acc_dtype(dtype)
     if m.dtype != acc:  # skips the call of a no-op .to(): this path runs once per sublayer
         m = m.to(acc)
-    out, lse = _call(torch.ops.attnres.phase2, _flat(partial_out), m, _flat(partial), query, eps)
-    return out.view(partial.shape), lse.view(lse_shape)
+    return m
 
 
 def fused_norm(device: torch.device | str) -> bool:
     """Whether :func:`phase2_norm` runs one fused kernel on this device type (CUDA builds)."""
-    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return _HAS_NORM_KERNELS.get(kind, False)
+    return _HAS_NORM_KERNELS.get(_device_type(device), False)
 
 
 def phase2_norm(
@@ -236,18 +251,12 @@ def phase2_norm(
     partial = _check_source(partial, "partial")
     weight = _check_queries(weight, partial, "weight", single=True)
     if not fused_norm(partial.device) or partial.dtype == torch.float64:
+        from attnres.model.norm import rms_norm  # here: attnres.model imports this module
+
         h, lse = phase2(partial_out, partial_lse, partial, query, eps)
-        y = torch.nn.functional.rms_norm(h.float(), (h.shape[-1],), weight.float(), norm_eps)
-        return y.to(h.dtype), lse
-    _check_like(partial_out, "partial_out", partial, tuple(partial.shape), "[..., d] like partial")
-    lse_shape = tuple(partial.shape[:-1])
-    _check_like(
-        partial_lse, "partial_lse", partial, lse_shape, "[...] (partial's shape without d)", dtype=False
-    )
-    query = _check_queries(query, partial, "query", single=True)
-    m = partial_lse.reshape(-1)
-    if m.dtype != torch.float32:
-        m = m.float()
+        return rms_norm(h, weight, norm_eps), lse
+    query, lse_shape = _check_phase2(partial_out, partial_lse, partial, query)
+    m = _flat_lse(partial_lse, partial.dtype)
     y, lse = _call(
         torch.ops.attnres.phase2_norm, _flat(partial_out), m, _flat(partial), query, weight, eps, norm_eps
     )

@@ -172,37 +172,40 @@ class Residual(nn.Module):
             return norm(self.input(state, i))
         if self.mode == "standard":
             return state.hidden
-        if self.mode == "full":
-            # in groups: phase 1 over the outputs completed before the group (or before the first
-            # sublayer of it this module owns), then one phase-2 merge per output completed since
-            h, lse, k = self._phase1_result(state, i, self.full_group)
-            for v in state.sources[state.pending_sources:]:
-                h, lse = ops.phase2(h, lse, v, state.pending_queries[k], self.eps)
-            sources = state.sources
-        else:
-            h, lse, k = self._block_phase1_result(state, i)
-            if state.partial is not None:
-                h, _ = ops.phase2(h, lse, state.partial, state.pending_queries[k], self.eps)
-            sources = state.sources + ([state.partial] if state.partial is not None else [])
+        h, lse, last, k = self._pending_merge(state, i)
+        if last is not None:
+            h, _ = ops.phase2(h, lse, last, state.pending_queries[k], self.eps)
         if state.records is not None:
-            self._record(state, i, sources)
+            with_partial = self.mode == "block" and state.partial is not None
+            self._record(state, i, state.sources + ([state.partial] if with_partial else []))
         return h
 
-    def _fused_input(self, state: ResidualState, i: int, norm: nn.Module, merge: _Merge) -> Tensor:
-        """``norm(h_i)`` with the last phase-2 step (if any) and the norm as the one op ``merge``."""
+    def _pending_merge(self, state: ResidualState, i: int) -> tuple[Tensor, Tensor, Tensor | None, int]:
+        """Sublayer ``i``'s input short of its last phase-2 merge: ``(h, lse, last, k)``, with ``last`` the
+        source still to merge under query ``state.pending_queries[k]`` (None: ``h`` is the input)."""
+        # Block: phase 1 over the block summaries, then the partial summary. Full, in groups: phase 1 over
+        # the outputs completed before the group (or before the first sublayer of it this module owns),
+        # then one merge per output completed since.
         if self.mode == "full":
             h, lse, k = self._phase1_result(state, i, self.full_group)
             later = state.sources[state.pending_sources:]
             for v in later[:-1]:
                 h, lse = ops.phase2(h, lse, v, state.pending_queries[k], self.eps)
-            partial = later[-1] if later else None
+            last = later[-1] if later else None
         else:
-            h, lse, k = self._block_phase1_result(state, i)
-            partial = state.partial
-        if partial is None:
+            if state.partial is None and i % self.block_size != 0:
+                raise RuntimeError(f"sublayer {i} is inside a block but no partial summary was handed back")
+            h, lse, k = self._phase1_result(state, i, self.block_size)
+            last = state.partial
+        return h, lse, last, k
+
+    def _fused_input(self, state: ResidualState, i: int, norm: nn.Module, merge: _Merge) -> Tensor:
+        """``norm(h_i)`` with the last phase-2 step (if any) and the norm as the one op ``merge``."""
+        h, lse, last, k = self._pending_merge(state, i)
+        if last is None:
             return norm(h)
         query = state.pending_queries[k]
-        return norm(h, via=lambda x, weight: merge(x, lse, partial, query, weight))
+        return norm(h, via=lambda x, weight: merge(x, lse, last, query, weight))
 
     def _fused_merge(self, norm: nn.Module, device: torch.device) -> _Merge | None:
         """The fused phase 2 + ``norm`` as ``merge(out, lse, partial, query, weight) -> y``, or None where
@@ -211,11 +214,6 @@ class Residual(nn.Module):
         if not self.fuse_norm or norm_eps is None or not ops.fused_norm(device):
             return None
         return lambda o, lse, p, q, w: ops.phase2_norm(o, lse, p, q, w, self.eps, norm_eps)[0]
-
-    def _block_phase1_result(self, state: ResidualState, i: int) -> tuple[Tensor, Tensor, int]:
-        if state.partial is None and i % self.block_size != 0:
-            raise RuntimeError(f"sublayer {i} is inside a block but no partial summary was handed back")
-        return self._phase1_result(state, i, self.block_size)
 
     def _phase1_result(self, state: ResidualState, i: int, group: int) -> tuple[Tensor, Tensor, int]:
         """Sublayer ``i``'s phase-1 ``(out, lse)`` and its index among the pending ones, running phase 1
@@ -237,8 +235,8 @@ class Residual(nn.Module):
         )
 
     def _merged_norm(self, state: ResidualState, i: int, norm: nn.Module) -> Tensor:
-        out, lse, k = self._block_phase1_result(state, i)
-        partial, query, holder = state.partial, state.pending_queries[k], state.pending_recompute
+        out, lse, partial, k = self._pending_merge(state, i)  # (Block)
+        query, holder = state.pending_queries[k], state.pending_recompute
         fused = self._fused_merge(norm, out.device)
 
         def merge(o: Tensor, lse_: Tensor, p: Tensor | None, q: Tensor, w: Tensor) -> Tensor:

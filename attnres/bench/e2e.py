@@ -773,11 +773,11 @@ def _template_rows(run: _Run, shape: Shape, compile: bool, precision: str, per_s
     _guarded(run, {**base, "impl": "hand-written"}, hand_written, compiles=compile, reset=compile)
     # the template as `attnres fit` runs it, then (per_step_callbacks) what its per-step callbacks cost:
     # without the NaN guard's gradient check (one host sync a step), and without any of them
-    variants = [("template", {})]
-    if per_step_callbacks:
-        variants += [("template-nogradcheck", {"check_gradients": False}), ("template-bare", None)]
-    else:
-        variants = [("template", None)]
+    variants = (
+        [("template", {}), ("template-nogradcheck", {"check_gradients": False}), ("template-bare", None)]
+        if per_step_callbacks
+        else [("template", None)]
+    )
     for impl, guard in variants:
         _guarded(run, {**base, "impl": impl}, lambda g=guard: template(g), compiles=compile, reset=compile)
 

@@ -371,12 +371,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> phase2_backward_impl(
   Tensor g_q = at::zeros({d}, partial.options().dtype(at::kFloat));
   Tensor g_w = norm ? at::zeros({d}, partial.options().dtype(at::kFloat)) : Tensor();
   auto result = [&] { return std::make_tuple(g_o, g_m, g_p, g_q, g_w); };
-  if (N == 0 || d == 0) {
-    if (N > 0) {
-      g_m.copy_(dlse * at::exp(m - lse_c));
-      g_o.zero_();
-      g_p.zero_();
-    }
+  if (N == 0 || d == 0) {  // g_o, g_p are empty
+    if (N > 0) g_m.copy_(dlse * at::exp(m - lse_c));
     return result();
   }
   const Plan plan = cached_plan(norm ? Op::P2NormBwd : Op::P2Bwd, dt, static_cast<int>(d), 1, 1, false,
