@@ -21,9 +21,10 @@ $(VENV)/bin/python:
 
 install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)  ## create .venv, install torch if missing, build attnres._C
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	@# --no-build-isolation builds with this environment's tools (so with its torch): install them first
-	$(PY) -m pip install -q "setuptools>=70.1" wheel ninja "pybind11>=2.12"
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	@# --no-build-isolation builds with this environment's tools (so with its torch): install them first.
+	@# [test] = [dev] (CPU tools) + the independent references the CPU tests compare against (fla, triton)
+	$(PY) -m pip install -q "setuptools>=77" wheel ninja "pybind11>=2.12"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	@$(PY) -m attnres info
 
 test: install  ## install, then run the test suite
@@ -49,4 +50,4 @@ lint:  ## ruff
 	$(PY) -m ruff check .
 
 clean:  ## remove build outputs
-	rm -rf build attnres/*.so *.egg-info
+	rm -rf build dist attnres/*.so attnres/_build_info.json *.egg-info

@@ -27,27 +27,28 @@ def info(model: str | None = None) -> None:
             raise SystemExit(f"unknown preset {model!r}; valid presets: {', '.join(PRESETS)}")
         print(describe(model))
         return
-    import json
-    from pathlib import Path
-
     import torch
 
     import attnres
     from attnres import ops
+    from attnres._extension import build_info
 
+    build = build_info()
+    if ops.extension_error is None:
+        built = f"loaded (compiled against torch {build['torch']})" if build else "loaded"
+    else:
+        built = "not built: the ops run the PyTorch reference (slow); build with `pip install .`"
     rows = [
         ("attnres", attnres.__version__),
         ("python", platform.python_version()),
         ("torch", torch.__version__),
         ("torch CUDA", torch.version.cuda or "none (CPU build)"),
-        ("attnres._C", "loaded" if ops.extension_error is None else f"not built ({ops.extension_error})"),
+        ("attnres._C", built),
         ("backend cpu", ops.backend("cpu")),
     ]
-    build_file = Path(attnres.__file__).with_name("_build_info.json")
-    if build_file.exists():
-        build = json.loads(build_file.read_text())
-        arch = build["cuda_arch_list"] if build["cuda"] else "no (CPU-only build)"
-        rows.append(("_C built with CUDA", arch))
+    if build and ops.extension_error is None:
+        kernels = f"yes ({build['cuda_arch_list']})" if build["cuda"] else "no (CPU-only build)"
+        rows.append(("_C CUDA kernels", kernels))
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = torch.cuda.get_device_capability(i)

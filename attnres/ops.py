@@ -5,7 +5,8 @@ messages, registers the fake (meta) kernels for ``torch.compile`` (the autograd 
 ``csrc/autograd.cpp``), and routes a call to the compiled kernel of the tensors' device. Where there
 is none (the extension was not built, or a device without kernels) the call runs
 :mod:`attnres.reference` instead, which is the same math in plain PyTorch; a missing extension is
-reported by one warning at import.
+reported by one warning at import, and one built for another torch is an ImportError
+(:mod:`attnres._extension`).
 
 Sources are n tensors ``[..., d]`` (``[B, T, d]`` or ``[N, d]``), read where they are: no copy is
 made of the list (only non-contiguous sources are made contiguous by the kernels).
@@ -13,30 +14,22 @@ made of the list (only non-contiguous sources are made contiguous by the kernels
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from attnres import reference
+from attnres._extension import load as load_extension
 
 __all__ = ["backend", "depth_attention", "extension_error", "fused_norm", "phase1", "phase2", "phase2_norm"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DEFAULT_EPS = 1e-6
 
-try:
-    from attnres import _C  # noqa: F401  (registers torch.ops.attnres.*)
-
-    extension_error: str | None = None
-except ImportError as exc:  # pragma: no cover - exercised only without a build
-    extension_error = str(exc)
-    warnings.warn(
-        f"attnres._C is not built ({exc}); depth-attention ops fall back to the PyTorch reference. "
-        "Build it with: pip install --no-build-isolation -e .",
-        stacklevel=2,
-    )
+# None when attnres._C is loaded; "not built" (the reference fallback) when no extension was built.
+# An extension built for another torch raises ImportError here (attnres._extension says why).
+extension_error: str | None = load_extension()
 
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 

@@ -151,9 +151,11 @@ def toml_str(s: str) -> str:
 def edit_pyproject(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     where, m = "pyproject.toml", re.MULTILINE
-    description, license_, author = (toml_str(ANSWERS[k]) for k in ("description", "license", "author"))
+    description, author = (toml_str(ANSWERS[k]) for k in ("description", "author"))
     text = replace_one(text, r'^description = ".*"$', f"description = {description}", where)
-    text = replace_one(text, r"^license = .*$", f"license = {{ text = {license_} }}", where)
+    # PEP 639: an SPDX expression (a proprietary licence has no SPDX id: LicenseRef- is the escape)
+    spdx = "LicenseRef-Proprietary" if ANSWERS["license"] == "Proprietary" else ANSWERS["license"]
+    text = replace_one(text, r"^license = .*$", f"license = {toml_str(spdx)}", where)
     text = replace_one(text, r"^authors = \[.*\]$", f"authors = [{{ name = {author} }}]", where)
     # the template machinery's own entries: its extra, cookiecutter in dev, the template folder's exclude
     text = re.sub(r"^template = \[.*\]\n", "", text, flags=m)

@@ -31,6 +31,7 @@ from lightning_modules.callbacks import (
     NonFiniteLossError,
     ThroughputMonitor,
 )
+from lightning_modules.configs import resolve_args
 from lightning_modules.data import TextDataModule
 from lightning_modules.module import LanguageModel
 from lightning_modules.tokenizer import check_same_tokenizer, load_tokenizer
@@ -232,7 +233,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NonFiniteLossErro
 def run_lightning_cli(argv: list[str]) -> None:
     """Entry of ``attnres fit|validate|test|predict``."""
     try:
-        AttnResCLI(args=argv)
+        AttnResCLI(args=resolve_args(argv))
     except USER_ERRORS as exc:
         if os.environ.get("ATTNRES_DEBUG"):
             raise

@@ -147,6 +147,15 @@ def fla_available() -> bool:
     return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
 
 
+def require_fla() -> None:
+    """Raise a ModuleNotFoundError that says what to install when fla's kernels cannot be imported."""
+    if not fla_available():
+        raise ModuleNotFoundError(
+            "kda_backend='fla' needs fla's KDA kernels (fla-core==0.6.0 with triton, GPU only): "
+            "pip install 'attnres[gpu]', or set model.overrides.kda_backend to auto or torch"
+        )
+
+
 class ShortConv(nn.Module):
     """Causal depthwise convolution over time (kernel ``W``, one filter per channel) then SiLU.
 
@@ -235,6 +244,7 @@ class KimiDeltaAttention(nn.Module):
         if self.backend == "torch":
             return False
         if self.backend == "fla":
+            require_fla()
             return True
         return x.is_cuda and fla_available()
 
