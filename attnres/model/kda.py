@@ -322,7 +322,8 @@ class KimiDeltaAttention(nn.Module):
         elif self.uses_fla(x.device):
             from fla.ops.kda import chunk_kda, fused_recurrent_kda
 
-            fn = fused_recurrent_kda if T == 1 else chunk_kda
+            # fla's fused_recurrent_kda has no backward: a one-token input with gradients goes to chunk_kda
+            fn = fused_recurrent_kda if T == 1 and not torch.is_grad_enabled() else chunk_kda
             o, state = fn(q, k, v, g, beta.to(q.dtype), scale=K**-0.5, initial_state=state,
                           output_final_state=want_state)
         elif documents is not None:
