@@ -148,9 +148,8 @@ def test_mixers_refuse_documents_with_a_decoding_cache():
 def err_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
     """``||a - b|| / ||b||``: the decoder runs fp64 here, but KDA normalises q, k and computes its decay
     in fp32 (``attnres.model.kda``) as does the MoE router, so packed and alone (other chunk alignment,
-    other GEMM shapes) agree to fp32 rounding (measured: logits 1.7e-7, worst
-    parameter gradient 5.2e-7); a document that reads another is off
-    by order 1e-2 or more."""
+    other GEMM shapes) agree to fp32 rounding (measured: logits 1.7e-7, worst parameter gradient 5.2e-7);
+    a document that reads another is off by order 1e-2 or more."""
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()  # both 0: a query with one source
 
 
@@ -270,3 +269,25 @@ def test_datamodule_packing_documents_marks_every_separator(tmp_path):
     assert changes.any() and ((seg[:, 1:] - seg[:, :-1]) >= 0).all()
     with pytest.raises(ValueError, match="data.packing='rows' is invalid; valid: concat | documents"):
         TextDataModule(packing="rows", **kw)
+
+
+def test_language_model_steps_hand_the_segment_ids_to_the_model(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning_modules.module import LanguageModel
+
+    torch.manual_seed(0)
+    lm = LanguageModel(preset="tiny", moe=False)
+    monkeypatch.setattr(lm, "log", lambda *a, **k: None)
+    opt = SimpleNamespace(param_groups=[{"lr": 1e-3}])
+    monkeypatch.setattr(LanguageModel, "trainer", SimpleNamespace(optimizers=[opt]))
+    ids = _packed_ids(seed=3)
+    seg = segment_ids_from_separators(ids, SEP)
+    batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1), "segment_ids": seg}
+    with torch.no_grad():
+        packed = lm.model(ids, batch["labels"], segment_ids=batch["segment_ids"]).loss
+        mixed = lm.model(ids, batch["labels"]).loss
+        assert abs(packed - mixed) > 1e-4  # the two differ, so the step below shows which one it ran
+        torch.testing.assert_close(lm.training_step(batch, 0), packed)
+        nll = lm.predict_step(batch, 0)["nll"]
+    torch.testing.assert_close(nll.mean(), packed, atol=1e-6, rtol=1e-6)  # equal-length rows: mean of means
