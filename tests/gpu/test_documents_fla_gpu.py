@@ -128,7 +128,9 @@ def test_layer_on_fla_with_documents_equals_each_document_alone(autocast):
 @pytest.mark.parametrize("mode", ["standard", "block"])
 def test_decoder_packed_on_gpu_equals_each_document_alone(mode):
     torch.manual_seed(0)
-    cfg = get_config("tiny", residual=mode, kda_head_dim=64, kda_chunk_size=64, max_seq_len=T)
+    # dense MLPs: fla's tf32 arithmetic could flip a token's top-k experts between the packed and the
+    # alone run, a real but discontinuous difference (the CPU test covers MoE in fp64)
+    cfg = get_config("tiny", residual=mode, kda_head_dim=64, kda_chunk_size=64, max_seq_len=T, moe=False)
     model = Decoder(cfg).to(DEV)
     assert any(getattr(layer.attn, "uses_fla", lambda d: False)(torch.device(DEV))
                for layer in model.layers.values())
@@ -154,9 +156,9 @@ def test_decoder_packed_on_gpu_equals_each_document_alone(mode):
     bad = {n: err_ratio(grads[n], p.grad) for n, p in model.named_parameters()
            if p.grad is not None and p.grad.norm() > 0 and err_ratio(grads[n], p.grad) > 2e-2}
     assert not bad, bad
-    # not vacuous: without the segment ids the later documents read the earlier ones
+    # not vacuous: without the segment ids the later documents read the earlier ones (0.62 on CPU)
     with torch.no_grad():
-        assert err_ratio(model(ids).logits[0, 50:], alone[0, 50:]) > 5e-2
+        assert err_ratio(model(ids).logits[0, 50:], alone[0, 50:]) > 0.1
 
 
 def test_decoder_packed_bf16_autocast_step_is_finite():
