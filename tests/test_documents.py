@@ -291,3 +291,44 @@ def test_language_model_steps_hand_the_segment_ids_to_the_model(monkeypatch):
         torch.testing.assert_close(lm.training_step(batch, 0), packed)
         nll = lm.predict_step(batch, 0)["nll"]
     torch.testing.assert_close(nll.mean(), packed, atol=1e-6, rtol=1e-6)  # equal-length rows: mean of means
+
+
+def _fake_fla(monkeypatch, calls: list) -> None:
+    """Stand in for fla (no Triton here): ``chunk_kda`` with fla's documented varlen contract (``[1, N, ...]``
+    inputs, sequence ``i`` is ``cu_seqlens[i]:cu_seqlens[i + 1]``, each from a zero state), computed by
+    our recurrence per sequence; records each call's ``cu_seqlens``."""
+    import sys
+    import types
+
+    def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                  cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
+        calls.append(None if cu_seqlens is None else cu_seqlens.tolist())
+        if cu_seqlens is None:
+            return kda_recurrent(q, k, v, g, beta, scale, initial_state)
+        assert q.shape[0] == 1 and initial_state is None and not output_final_state
+        assert torch.equal(cu_seqlens_cpu, cu_seqlens.cpu())
+        bounds = cu_seqlens.tolist()
+        o = torch.cat([kda_recurrent(*(t[:, a:b] for t in (q, k, v, g, beta)), scale)[0]
+                       for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+        return o, None
+
+    kda_mod = types.ModuleType("fla.ops.kda")
+    kda_mod.chunk_kda, kda_mod.fused_recurrent_kda = chunk_kda, chunk_kda
+    for name, mod in (("fla", types.ModuleType("fla")), ("fla.ops", types.ModuleType("fla.ops")),
+                      ("fla.ops.kda", kda_mod)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+def test_fla_varlen_call_gets_the_flattened_batch_and_its_document_boundaries(monkeypatch):
+    calls: list = []
+    _fake_fla(monkeypatch, calls)
+    model = _decoder("block", moe=False, kda_backend="fla")
+    ids = _packed_ids(seed=4)
+    seg = segment_ids_from_separators(ids, SEP)
+    with torch.no_grad():
+        packed = model(ids, segment_ids=seg).logits
+        n_packed = len(calls)
+        for b, sl in _documents(seg):
+            assert err_ratio(packed[b, sl], model(ids[b:b + 1, sl]).logits[0]) < 2e-6
+    assert n_packed == 3  # the three KDA layers, one varlen call each, all with the batch's boundaries
+    assert calls[:3] == [[0, 7, 16, 17, 40, 56, 73, 80]] * 3
