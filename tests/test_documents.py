@@ -294,9 +294,10 @@ def test_language_model_steps_hand_the_segment_ids_to_the_model(monkeypatch):
 
 
 def _fake_fla(monkeypatch, calls: list) -> None:
-    """Stand in for fla (no Triton here): ``chunk_kda`` with fla's documented varlen contract (``[1, N, ...]``
-    inputs, sequence ``i`` is ``cu_seqlens[i]:cu_seqlens[i + 1]``, each from a zero state), computed by
-    our recurrence per sequence; records each call's ``cu_seqlens``."""
+    """Stand in for fla (no Triton here): ``chunk_kda`` and ``causal_conv1d`` with fla's documented varlen
+    contract (``[1, N, ...]`` inputs, sequence ``i`` is ``cu_seqlens[i]:cu_seqlens[i + 1]``, each from a
+    zero state), computed per sequence by our recurrence and ``F.conv1d``; records each call's
+    ``cu_seqlens``."""
     import sys
     import types
 
@@ -312,11 +313,23 @@ def _fake_fla(monkeypatch, calls: list) -> None:
                        for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
         return o, None
 
+    def causal_conv1d(x, weight, bias=None, activation=None, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
+        calls.append(("conv", cu_seqlens.tolist()))
+        assert x.shape[0] == 1 and activation == "silu" and bias is None
+        bounds, W = cu_seqlens.tolist(), weight.shape[1]
+        xt = x.transpose(1, 2)
+        pieces = [F.conv1d(F.pad(xt[..., a:b], (W - 1, 0)), weight.unsqueeze(1), groups=x.shape[2])
+                  for a, b in zip(bounds[:-1], bounds[1:])]
+        return F.silu(torch.cat(pieces, dim=-1).transpose(1, 2)), None
+
     kda_mod = types.ModuleType("fla.ops.kda")
     kda_mod.chunk_kda, kda_mod.fused_recurrent_kda = chunk_kda, chunk_kda
-    for name, mod in (("fla", types.ModuleType("fla")), ("fla.ops", types.ModuleType("fla.ops")),
-                      ("fla.ops.kda", kda_mod)):
-        monkeypatch.setitem(sys.modules, name, mod)
+    conv_mod = types.ModuleType("fla.modules.causal_conv1d")
+    conv_mod.causal_conv1d = causal_conv1d
+    for name in ("fla", "fla.ops", "fla.modules"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "fla.ops.kda", kda_mod)
+    monkeypatch.setitem(sys.modules, "fla.modules.causal_conv1d", conv_mod)
 
 
 def test_fla_varlen_call_gets_the_flattened_batch_and_its_document_boundaries(monkeypatch):
@@ -330,5 +343,6 @@ def test_fla_varlen_call_gets_the_flattened_batch_and_its_document_boundaries(mo
         n_packed = len(calls)
         for b, sl in _documents(seg):
             assert err_ratio(packed[b, sl], model(ids[b:b + 1, sl]).logits[0]) < 2e-6
-    assert n_packed == 3  # the three KDA layers, one varlen call each, all with the batch's boundaries
-    assert calls[:3] == [[0, 7, 16, 17, 40, 56, 73, 80]] * 3
+    # the three KDA layers, each three varlen convs and one varlen chunk_kda, all on the batch's boundaries
+    cu = [0, 7, 16, 17, 40, 56, 73, 80]
+    assert calls[:n_packed] == ([("conv", cu)] * 3 + [cu]) * 3

@@ -208,6 +208,17 @@ class ShortConv(nn.Module):
         y = F.conv1d(xp, self.weight.to(xt.dtype).unsqueeze(1), groups=C)
         return F.silu(y.transpose(1, 2)), new_state
 
+    def fla_varlen(self, x: Tensor, documents: DocumentMask) -> Tensor:
+        """The per-document convolution then SiLU through fla's varlen ``causal_conv1d`` (one Triton kernel
+        over ``x [B, T, C]`` flattened to ``[1, B * T, C]`` with ``documents.cu_seqlens``): ``[B, T, C]``.
+        Its ``weight [C, W]`` convention is ours (``conv1d`` with ``W - 1`` zeros on the left)."""
+        from fla.modules.causal_conv1d import causal_conv1d
+
+        B, T, C = x.shape
+        y, _ = causal_conv1d(x.reshape(1, B * T, C), self.weight, activation="silu",
+                             cu_seqlens=documents.cu_seqlens, cu_seqlens_cpu=documents.cu_seqlens_cpu)
+        return y.reshape(B, T, C)
+
     def _per_document(self, x: Tensor, segment_ids: Tensor) -> Tensor:
         """The convolution of ``x [B, T, C]`` with every tap masked to the token's own document."""
         T = x.shape[1]
@@ -230,8 +241,9 @@ class KimiDeltaAttention(nn.Module):
     ``cache``: a dict for this layer, filled and updated in place (``"state"``: ``[B, H, K, V]`` fp32,
     ``"conv"``: the three short-conv states); an empty dict starts a sequence.
     ``documents``: packed documents (:class:`attnres.model.documents.DocumentMask`): state and short
-    convs restart at each document; on fla, one varlen ``chunk_kda`` over the batch flattened to
-    ``[1, B * T]`` with the mask's ``cu_seqlens``; else our chunked code with the segment ids.
+    convs restart at each document; on fla, its varlen ``causal_conv1d`` and ``chunk_kda`` over the batch
+    flattened to ``[1, B * T]`` with the mask's ``cu_seqlens``; else our masked convs and chunked code
+    with the segment ids.
     ``backend``: ``"auto"`` (fla on CUDA when installed, else our chunked / recurrent code),
     ``"torch"`` (always ours) or ``"fla"``.
     """
@@ -295,11 +307,20 @@ class KimiDeltaAttention(nn.Module):
         if documents is not None and cache is not None:
             raise ValueError("KimiDeltaAttention: documents (packed training windows) cannot be decoded "
                              "with a cache; decode one document per sequence")
-        seg = documents.segment_ids if documents is not None else None
-        conv = cache.get("conv", (None, None, None)) if cache is not None else (None, None, None)
-        q, cq = self.q_conv(self.q_proj(x), conv[0], seg)
-        k, ck = self.k_conv(self.k_proj(x), conv[1], seg)
-        v, cv = self.v_conv(self.v_proj(x), conv[2], seg)
+        fla = self.uses_fla(x.device)
+        if documents is not None and fla:
+            if documents.cu_seqlens is None:
+                raise ValueError("KimiDeltaAttention on fla: the DocumentMask has no cu_seqlens; build it "
+                                 "with DocumentMask.build(..., varlen=True)")
+            q, k, v = (conv.fla_varlen(proj(x), documents) for conv, proj in
+                       ((self.q_conv, self.q_proj), (self.k_conv, self.k_proj), (self.v_conv, self.v_proj)))
+            cq = ck = cv = None  # no decoding state with documents
+        else:
+            seg = documents.segment_ids if documents is not None else None
+            conv = cache.get("conv", (None, None, None)) if cache is not None else (None, None, None)
+            q, cq = self.q_conv(self.q_proj(x), conv[0], seg)
+            k, ck = self.k_conv(self.k_proj(x), conv[1], seg)
+            v, cv = self.v_conv(self.v_proj(x), conv[2], seg)
         # q, k, v in the projections' dtype (bf16 under autocast, while x, the residual stream,
         # stays fp32): fla's kernels need one dtype for all three
         q = F.normalize(q.unflatten(-1, (H, K)).float(), dim=-1, eps=1e-6).to(v.dtype)
@@ -309,17 +330,14 @@ class KimiDeltaAttention(nn.Module):
         beta = torch.sigmoid(self.b_proj(x).float())
         state = cache.get("state") if cache is not None else None
         want_state = cache is not None
-        if self.uses_fla(x.device) and documents is not None:
+        if fla and documents is not None:
             from fla.ops.kda import chunk_kda
 
-            if documents.cu_seqlens is None:
-                raise ValueError("KimiDeltaAttention on fla: the DocumentMask has no cu_seqlens; build it "
-                                 "with DocumentMask.build(..., varlen=True)")
             flat = [t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, g, beta.to(q.dtype))]
             o, _ = chunk_kda(*flat, scale=K**-0.5, cu_seqlens=documents.cu_seqlens,
                              cu_seqlens_cpu=documents.cu_seqlens_cpu)
             o = o.reshape(B, T, H, K)
-        elif self.uses_fla(x.device):
+        elif fla:
             from fla.ops.kda import chunk_kda, fused_recurrent_kda
 
             # fla's fused_recurrent_kda has no backward: a one-token input with gradients goes to chunk_kda
@@ -327,7 +345,8 @@ class KimiDeltaAttention(nn.Module):
             o, state = fn(q, k, v, g, beta.to(q.dtype), scale=K**-0.5, initial_state=state,
                           output_final_state=want_state)
         elif documents is not None:
-            o, state = kda_chunked(q, k, v, g, beta, chunk_size=self.chunk_size, segment_ids=seg)
+            o, state = kda_chunked(q, k, v, g, beta, chunk_size=self.chunk_size,
+                                   segment_ids=documents.segment_ids)
         elif T == 1:
             o, state = kda_recurrent(q, k, v, g, beta, initial_state=state)
         else:

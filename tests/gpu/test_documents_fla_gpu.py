@@ -1,6 +1,6 @@
-"""GPU: packed documents through fla's varlen KDA (``chunk_kda(..., cu_seqlens=...)`` on the batch flattened
-to ``[1, B * T]``) equal each document run alone: the kernel against fla and our chunked code per
-document, the KDA layer, and the decoder (KDA on fla, MLA with the block-diagonal SDPA mask), forward and
+"""GPU: packed documents through fla's varlen KDA (``chunk_kda(..., cu_seqlens=...)`` and ``causal_conv1d``
+on the batch flattened to ``[1, B * T]``) equal each document run alone: the kernels against fla and our
+code per document, the KDA layer, and the decoder (KDA on fla, MLA with the block-diagonal SDPA mask), forward and
 gradients, fp32 and bf16 autocast.
 
 Run on a GPU machine with fla installed (``pip install fla-core==0.6.0 triton einops``)::
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from attnres.model import Decoder, get_config
 from attnres.model.documents import DocumentMask, segment_ids_from_separators
-from attnres.model.kda import KimiDeltaAttention, kda_chunked
+from attnres.model.kda import KimiDeltaAttention, ShortConv, kda_chunked
 
 pytestmark = [
     pytest.mark.cuda,
@@ -99,6 +99,27 @@ def test_varlen_chunk_kda_equals_each_document_alone(dtype, tol):
     ref = torch.autograd.grad((ours_packed * w).sum(), ref_leaves)
     for name, a, b in zip(("q", "k", "v", "g", "beta"), grads, ref):
         assert err_ratio(a, b) < tol, (name, err_ratio(a, b))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_fla_varlen_short_conv_equals_each_document_alone(dtype, tol):
+    torch.manual_seed(0)
+    conv = ShortConv(256, 4).to(DEV)
+    seg = _segments()
+    dm = DocumentMask.build(seg, attention=False, varlen=True)
+    x = torch.randn(2, T, 256, device=DEV, dtype=dtype, requires_grad=True)
+    y = conv.fla_varlen(x, dm)
+    x_ref = x.detach().float().requires_grad_()
+    y_ref, _ = conv(x_ref, segment_ids=seg)  # ours: masked taps
+    assert err_ratio(y, y_ref) < tol, err_ratio(y, y_ref)
+    with torch.no_grad():
+        for b, sl in _documents(seg):
+            alone = conv(x_ref[b:b + 1, sl])[0][0]
+            assert err_ratio(y[b, sl], alone) < tol, (b, sl)
+    w = torch.randn(y_ref.shape, device=DEV)
+    gx, gw = torch.autograd.grad((y.float() * w).sum(), (x, conv.weight))
+    gx_ref, gw_ref = torch.autograd.grad((y_ref * w).sum(), (x_ref, conv.weight))
+    assert err_ratio(gx, gx_ref) < 10 * tol and err_ratio(gw, gw_ref) < 10 * tol
 
 
 @pytest.mark.parametrize("autocast", [False, True])
