@@ -1,7 +1,7 @@
-"""GPU: packed documents through fla's varlen KDA (``chunk_kda(..., cu_seqlens=...)`` and ``causal_conv1d``
-on the batch flattened to ``[1, B * T]``) equal each document run alone: the kernels against fla and our
-code per document, the KDA layer, and the decoder (KDA on fla, MLA with the block-diagonal SDPA mask), forward and
-gradients, fp32 and bf16 autocast.
+"""GPU: packed documents through fla's varlen KDA (``chunk_kda(..., cu_seqlens=...)`` and
+``causal_conv1d`` on the batch flattened to ``[1, B * T]``) equal each document run alone: the kernels
+against fla and our code per document, the KDA layer, and the decoder (KDA on fla, MLA with the
+block-diagonal SDPA mask), forward and gradients, fp32 and bf16 autocast.
 
 Run on a GPU machine with fla installed (``pip install fla-core==0.6.0 triton einops``)::
 
