@@ -346,3 +346,13 @@ def test_fla_varlen_call_gets_the_flattened_batch_and_its_document_boundaries(mo
     # the three KDA layers, each three varlen convs and one varlen chunk_kda, all on the batch's boundaries
     cu = [0, 7, 16, 17, 40, 56, 73, 80]
     assert calls[:n_packed] == ([("conv", cu)] * 3 + [cu]) * 3
+
+
+def test_pipeline_strategy_refuses_packed_documents():
+    from types import SimpleNamespace
+
+    from lightning_modules.strategies.pipeline import PipelineParallelStrategy
+
+    batch = {"input_ids": _packed_ids(), "labels": _packed_ids(), "segment_ids": _segments()}
+    with pytest.raises(ValueError, match="packing='documents' is not supported by the pipeline"):
+        PipelineParallelStrategy._run(SimpleNamespace(pipeline=object()), batch, train=True)
