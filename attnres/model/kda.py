@@ -208,6 +208,7 @@ class ShortConv(nn.Module):
         y = F.conv1d(xp, self.weight.to(xt.dtype).unsqueeze(1), groups=C)
         return F.silu(y.transpose(1, 2)), new_state
 
+    @torch.compiler.disable  # fla's Triton autograd function is not traced (as fla does for chunk_kda)
     def fla_varlen(self, x: Tensor, documents: DocumentMask) -> Tensor:
         """The per-document convolution then SiLU through fla's varlen ``causal_conv1d`` (one Triton kernel
         over ``x [B, T, C]`` flattened to ``[1, B * T, C]`` with ``documents.cu_seqlens``): ``[B, T, C]``.
