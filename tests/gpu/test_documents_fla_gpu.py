@@ -93,7 +93,7 @@ def test_varlen_chunk_kda_equals_each_document_alone(dtype, tol):
         ours_alone[b, sl] = kda_chunked(*(t[b:b + 1, sl].detach() for t in ref_leaves), chunk_size=64)[0][0]
     assert err_ratio(o, fla_alone) < tol / 10, err_ratio(o, fla_alone)
     assert err_ratio(o, ours_alone) < tol, err_ratio(o, ours_alone)
-    assert err_ratio(ours_packed, ours_alone) < 1e-5, err_ratio(ours_packed, ours_alone)
+    assert err_ratio(ours_packed, ours_alone) < 1e-4, err_ratio(ours_packed, ours_alone)
     w = torch.randn(o.shape, device=DEV, generator=torch.Generator(device=DEV).manual_seed(1))
     grads = torch.autograd.grad((o.float() * w).sum(), leaves)
     ref = torch.autograd.grad((ours_packed * w).sum(), ref_leaves)
