@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["DocumentMask", "segment_ids_from_separators"]
+__all__ = ["DocumentMask", "segment_ids_from_separators", "segment_starts"]
 
 
 def segment_ids_from_separators(input_ids: Tensor, sep_id: int) -> Tensor:
