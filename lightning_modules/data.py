@@ -8,7 +8,9 @@ files plus ``meta.json``. ``attnres prepare`` writes them where you say; for ``s
 the DataModule writes them once into a cache directory keyed by the file list and the tokenizer.
 
 A training sample is a window of ``seq_len + 1`` tokens (``input_ids = w[:-1]``,
-``labels = w[1:]``); windows tile each shard without overlap. The sampler shuffles windows with
+``labels = w[1:]``); windows tile each shard without overlap. With ``packing: documents`` the same
+windows also carry ``segment_ids`` (a new id at each separator), and the model mixes the documents of
+a window apart (:mod:`attnres.model.documents`). The sampler shuffles windows with
 ``seed + epoch``, splits them over ranks and can start mid-epoch, so a run resumed from
 ``last.ckpt`` sees exactly the batches the uninterrupted run would have seen.
 """
@@ -33,6 +35,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from attnres.model.documents import segment_ids_from_separators
 from lightning_modules.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 
 # Lightning warns on a mid-epoch resume unless the DataLoader object itself is stateful; here the
@@ -43,6 +46,7 @@ warnings.filterwarnings(
 
 SHARD_FORMAT = "attnres-shards/1"
 SPLITS = ("train", "val", "test")
+PACKINGS = ("concat", "documents")
 
 
 # ----------------------------------------------------------------------------- corpora
@@ -268,11 +272,15 @@ class ShardSet:
 
 class TokenWindows(Dataset):
     """Non-overlapping windows of ``seq_len + 1`` tokens over a list of 1-D token arrays.
-    Item ``i`` is ``{"input_ids": [T], "labels": [T]}`` (int64; labels are the inputs shifted by one)."""
+    Item ``i`` is ``{"input_ids": [T], "labels": [T]}`` (int64; labels are the inputs shifted by one).
+    ``sep_id`` (``packing: documents``): items also carry ``"segment_ids" [T]`` (int64), a new id at
+    every separator in ``input_ids`` (the separator opens the next document:
+    :func:`attnres.model.documents.segment_ids_from_separators`); the tokens are the same."""
 
-    def __init__(self, shards: list[np.ndarray], seq_len: int) -> None:
+    def __init__(self, shards: list[np.ndarray], seq_len: int, sep_id: int | None = None) -> None:
         self.shards = [s for s in shards if (len(s) - 1) // seq_len > 0]
         self.seq_len = seq_len
+        self.sep_id = sep_id
         counts = [(len(s) - 1) // seq_len for s in self.shards]
         self.offsets = np.cumsum([0] + counts)
 
@@ -285,7 +293,10 @@ class TokenWindows(Dataset):
         s = int(np.searchsorted(self.offsets, i, side="right") - 1)
         start = (i - int(self.offsets[s])) * self.seq_len
         w = torch.from_numpy(self.shards[s][start : start + self.seq_len + 1].astype(np.int64))
-        return {"input_ids": w[:-1], "labels": w[1:]}
+        if self.sep_id is None:
+            return {"input_ids": w[:-1], "labels": w[1:]}
+        segments = segment_ids_from_separators(w[:-1], self.sep_id)
+        return {"input_ids": w[:-1], "labels": w[1:], "segment_ids": segments}
 
 
 class ResumableSampler(DistributedSampler):
@@ -366,6 +377,10 @@ class TextDataModule(L.LightningDataModule):
         seed: seed of the shuffle (epoch ``e`` uses ``seed + e``) and of the fixed validation order.
         num_workers: DataLoader worker processes.
         cache_dir: where the shards of ``stdlib``/``files`` corpora are cached.
+        packing: ``concat`` (documents joined by ``<|endoftext|>`` and cut into windows; the token
+            mixers see the whole window) or ``documents`` (the same windows, and no token mixer reads
+            across a separator: each document is modelled as if alone; the batch carries
+            ``segment_ids``). Applies to every split. Not with the pipeline strategy.
     """
 
     def __init__(
@@ -384,9 +399,12 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 1234,
         num_workers: int = 0,
         cache_dir: str = ".cache/attnres",
+        packing: Literal["concat", "documents"] = "concat",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if packing not in PACKINGS:
+            raise ValueError(f"data.packing={packing!r} is invalid; valid: {' | '.join(PACKINGS)}")
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"data.seq_len ({seq_len}) and data.batch_size ({batch_size}) must be >= 1")
         if not 0.0 < val_fraction < 1.0:
@@ -460,11 +478,12 @@ class TextDataModule(L.LightningDataModule):
         check_same_tokenizer(
             self.tokenizer.fingerprint, self.shard_set.meta["tokenizer"], str(self.shard_path)
         )
-        self.train_set = TokenWindows(self.shard_set.shards.get("train", []), self.seq_len)
-        self.val_set = TokenWindows(self.shard_set.shards.get("val", []), self.seq_len)
+        sep = self.tokenizer.eos_id if self.hparams.packing == "documents" else None
+        self.train_set = TokenWindows(self.shard_set.shards.get("train", []), self.seq_len, sep)
+        self.val_set = TokenWindows(self.shard_set.shards.get("val", []), self.seq_len, sep)
         # None: the data has no test split (test_fraction 0, or shards prepared without one)
         test = self.shard_set.shards.get("test")
-        self.test_set = None if test is None else TokenWindows(test, self.seq_len)
+        self.test_set = None if test is None else TokenWindows(test, self.seq_len, sep)
         named = [("train", self.train_set), ("val", self.val_set)]
         for name, ds in named + ([("test", self.test_set)] if self.test_set is not None else []):
             if len(ds) == 0:
@@ -557,7 +576,8 @@ class TextDataModule(L.LightningDataModule):
 
 def checkpoint_val_batch(raw: dict, num_windows: int) -> dict[str, torch.Tensor]:
     """The first ``num_windows`` validation windows of the data a checkpoint (``torch.load``-ed dict)
-    was trained on, stacked into a batch ``{"input_ids", "labels"}`` of ``[n, seq_len]``."""
+    was trained on, stacked into a batch ``{"input_ids", "labels"}`` (and ``"segment_ids"`` with
+    ``packing: documents``) of ``[n, seq_len]``."""
     import inspect
 
     accepted = inspect.signature(TextDataModule.__init__).parameters

@@ -139,9 +139,14 @@ class LanguageModel(L.LightningModule):
 
     # ------------------------------------------------------------------ model
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None, **kwargs: Any):
+    def forward(
+        self, input_ids: Tensor, labels: Tensor | None = None, segment_ids: Tensor | None = None,
+        **kwargs: Any,
+    ):
+        """The decoder on ``input_ids [B, T]`` (compiled when ``compile``, unless other keyword arguments
+        ask for the eager model); ``segment_ids [B, T]``: packed documents (``data.packing: documents``)."""
         fn = self._compiled if self._compiled is not None and not kwargs else self.model
-        return fn(input_ids, labels=labels, **kwargs)
+        return fn(input_ids, labels=labels, segment_ids=segment_ids, **kwargs)
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.config.flops_per_token(seq_len)
@@ -177,7 +182,7 @@ class LanguageModel(L.LightningModule):
     # ------------------------------------------------------------------ steps
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        out = self(batch["input_ids"], batch["labels"])
+        out = self(batch["input_ids"], batch["labels"], batch.get("segment_ids"))
         loss = out.loss + out.aux_loss
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
@@ -216,7 +221,7 @@ class LanguageModel(L.LightningModule):
         return all(p.grad is None for p in self.model.parameters())
 
     def _eval_step(self, batch: dict[str, Tensor], prefix: str, ppl: Perplexity) -> Tensor:
-        out = self(batch["input_ids"], batch["labels"])
+        out = self(batch["input_ids"], batch["labels"], batch.get("segment_ids"))
         bs = batch["input_ids"].shape[0]
         ppl.update(out.logits.float(), batch["labels"])
         self.log(f"{prefix}/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=bs)
@@ -231,7 +236,7 @@ class LanguageModel(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Per-sequence mean negative log-likelihood ``[B]`` (nats per token)."""
-        logits = self(batch["input_ids"]).logits.float()
+        logits = self(batch["input_ids"], segment_ids=batch.get("segment_ids")).logits.float()
         nll = F.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100, reduction="none")
         mask = (batch["labels"] != -100).float()
         return {"nll": (nll * mask).sum(1) / mask.sum(1).clamp_min(1)}
@@ -356,7 +361,8 @@ class LanguageModel(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            out = self.model(batch["input_ids"], labels=batch["labels"], return_stats=True)
+            out = self.model(batch["input_ids"], labels=batch["labels"], segment_ids=batch.get("segment_ids"),
+                             return_stats=True)
         finally:
             self.train(was_training)
         s = out.stats
@@ -382,7 +388,7 @@ class LanguageModel(L.LightningModule):
             stats = self.depth_stats(batch)
             self.train()
             self.model.zero_grad(set_to_none=True)
-            out = self.model(batch["input_ids"], labels=batch["labels"])
+            out = self.model(batch["input_ids"], labels=batch["labels"], segment_ids=batch.get("segment_ids"))
         out.loss.backward()
         return stats, metrics.grad_norms_by_depth(self.model.named_parameters())
 

@@ -4,6 +4,7 @@ path. Plain PyTorch: parallelism and training live elsewhere.
     from attnres.model import Decoder, get_config
     model = Decoder(get_config("tiny", residual="full"))
     out = model(input_ids, labels=labels)          # out.loss, out.aux_loss, out.logits
+    out = model(input_ids, labels=labels, segment_ids=segment_ids)  # packed documents, mixed apart
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnres.model.config import Config
+from attnres.model.documents import DocumentMask
 from attnres.model.kda import KimiDeltaAttention, ShortConv
 from attnres.model.mla import MultiHeadLatentAttention
 from attnres.model.moe import MoE, SwiGLU, output_init_std
@@ -90,10 +91,12 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(c.dim, c.mlp_dim)
 
-    def token_mixer(self, x: Tensor, cache: dict | None = None) -> Tensor:
+    def token_mixer(
+        self, x: Tensor, cache: dict | None = None, documents: DocumentMask | None = None
+    ) -> Tensor:
         """Sublayer ``2 * index`` after its norm: ``attn_norm(h) [B, T, d] -> [B, T, d]`` (the residual path
-        applies the norm: :func:`run_sublayer`)."""
-        return self.attn(x, cache)
+        applies the norm: :func:`run_sublayer`); ``documents``: packed documents, mixed apart."""
+        return self.attn(x, cache, documents)
 
     def channel_mixer(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Sublayer ``2 * index + 1`` after its norm: ``mlp_norm(h) [B, T, d] -> ([B, T, d], MoE aux loss
@@ -165,19 +168,31 @@ class Decoder(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(
-        self, input_ids: Tensor, labels: Tensor | None = None, *, cache: DecoderCache | None = None,
-        return_stats: bool = False,
+        self, input_ids: Tensor, labels: Tensor | None = None, *, segment_ids: Tensor | None = None,
+        cache: DecoderCache | None = None, return_stats: bool = False,
     ) -> ModelOutput:
         """input_ids ``[B, T]``; labels ``[B, T]`` already aligned (position ``t`` predicts
-        ``labels[t]``; ``-100`` is ignored); cache: a :class:`DecoderCache` to decode with (updated in
-        place; an empty one starts a sequence).
+        ``labels[t]``; ``-100`` is ignored); segment_ids ``[B, T]`` (int): packed documents, one
+        contiguous run of equal ids each (:mod:`attnres.model.documents`): no token mixer reads across
+        a change of id, so each document's logits are those of the document run alone; cache: a
+        :class:`DecoderCache` to decode with (updated in place; an empty one starts a sequence; not
+        with ``segment_ids``).
 
         The three steps are public so a pipeline stage (which keeps only some of ``layers``, and the
         embedding or the head only where it owns them) can run its part: :meth:`begin`,
         :meth:`run_layers`, :meth:`finish`."""
         stats = StatsRecorder() if return_stats else None
+        documents = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("Decoder: segment_ids (packed documents) and a decoding cache do not mix; "
+                                 "decode one document per sequence without segment_ids")
+            if segment_ids.shape != input_ids.shape:
+                raise ValueError(f"Decoder: segment_ids {list(segment_ids.shape)} must have input_ids' "
+                                 f"shape {list(input_ids.shape)}")
+            documents = self.document_mask(segment_ids)
         state = self.begin(input_ids, record=return_stats, cache=cache)
-        aux_loss = self.run_layers(state, cache=cache, stats=stats)
+        aux_loss = self.run_layers(state, cache=cache, stats=stats, documents=documents)
         x = self.residual.readout(state)
         logits = self.finish(x)
         if cache is not None:
@@ -203,17 +218,26 @@ class Decoder(nn.Module):
         queries = cache.residual_queries if cache is not None and not torch.is_grad_enabled() else None
         return self.residual.begin(self.embed(input_ids), record=record, query_cache=queries)
 
+    def document_mask(self, segment_ids: Tensor) -> DocumentMask:
+        """The :class:`DocumentMask` of ``segment_ids [B, T]`` with what this module's layers consume: the
+        MLA mask when it holds an MLA layer, ``cu_seqlens`` when a KDA layer runs fla on this device."""
+        mixers = [layer.attn for layer in self.layers.values()]
+        attention = any(isinstance(m, MultiHeadLatentAttention) for m in mixers)
+        varlen = any(isinstance(m, KimiDeltaAttention) and m.uses_fla(segment_ids.device) for m in mixers)
+        return DocumentMask.build(segment_ids, attention=attention, varlen=varlen)
+
     def run_layers(
-        self, state: ResidualState, cache: DecoderCache | None = None, stats: StatsRecorder | None = None
+        self, state: ResidualState, cache: DecoderCache | None = None, stats: StatsRecorder | None = None,
+        documents: DocumentMask | None = None,
     ) -> Tensor:
         """Run the layers this module holds (in index order) on ``state``; returns the sum of their MoE
-        balance losses (a 0-dim fp32 tensor)."""
+        balance losses (a 0-dim fp32 tensor). ``documents``: packed documents (:meth:`document_mask`)."""
         aux_loss = torch.zeros((), device=_state_device(state))
         for key in sorted(self.layers, key=int):
             layer, i = self.layers[key], int(key)
             layer_cache = cache.layers.setdefault(key, {}) if cache is not None else None
             (ia, mixer, attn_norm), (im, mlp, mlp_norm) = layer.sublayers()
-            run_sublayer(self.residual, state, ia, mixer, attn_norm, layer_cache, stats=stats)
+            run_sublayer(self.residual, state, ia, mixer, attn_norm, layer_cache, documents, stats=stats)
             aux = run_sublayer(self.residual, state, im, mlp, mlp_norm, stats=stats)
             if aux is not None:
                 aux_loss = aux_loss + aux

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnres.model.documents import DocumentMask
 from attnres.model.norm import RMSNorm
 
 __all__ = ["KimiDeltaAttention", "ShortConv", "kda_chunked", "kda_recurrent"]
@@ -50,18 +51,20 @@ def _compute_dtype(v: Tensor) -> torch.dtype:
 
 def kda_recurrent(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
-    scale: float | None = None, initial_state: Tensor | None = None,
+    scale: float | None = None, initial_state: Tensor | None = None, segment_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Token-by-token KDA. q, k, g: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]``;
-    g is the log decay (``<= 0``); initial_state: ``[B, H, K, V]``.
+    g is the log decay (``<= 0``); initial_state: ``[B, H, K, V]`` (the state before the first token);
+    segment_ids: ``[B, T]`` int, packed documents (:mod:`attnres.model.documents`): the state is reset
+    to zero where the id changes, so no document reads another's state.
     Returns ``(o [B, T, H, V]`` in v's dtype, ``S [B, H, K, V]`` fp32)."""
     with torch.autocast(q.device.type, enabled=False):  # autocast would run the einsums in bf16
-        return _kda_recurrent(q, k, v, g, beta, scale, initial_state)
+        return _kda_recurrent(q, k, v, g, beta, scale, initial_state, segment_ids)
 
 
 def _kda_recurrent(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float | None,
-    initial_state: Tensor | None,
+    initial_state: Tensor | None, segment_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -73,6 +76,8 @@ def _kda_recurrent(
     outs = []
     for t in range(T):
         k_t, b_t = k[:, t], beta[:, t, :, None]
+        if segment_ids is not None and t > 0:  # a document starts: forget the previous one's state
+            S = S * (segment_ids[:, t] == segment_ids[:, t - 1]).to(ct)[:, None, None, None]
         S = S * g[:, t].exp().unsqueeze(-1)  # Diag(alpha_t) S
         pred = torch.einsum("bhk,bhkv->bhv", k_t, S)  # what the state already returns for k_t
         S = S + torch.einsum("bhk,bhv->bhkv", k_t, b_t * (v[:, t] - pred))
@@ -84,16 +89,23 @@ def _kda_recurrent(
 def kda_chunked(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
     scale: float | None = None, initial_state: Tensor | None = None, chunk_size: int = 16,
+    segment_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunkwise KDA (WY representation, see the module docstring); same arguments and results as
-    :func:`kda_recurrent`. Computed in fp32; T need not be a multiple of ``chunk_size``."""
+    :func:`kda_recurrent`. Computed in fp32; T need not be a multiple of ``chunk_size``.
+
+    ``segment_ids [B, T]`` (packed documents) resets the state at each document start, inside a chunk
+    too: the pairwise terms ``A``, ``Aqk`` keep only pairs of one document, the state entering a chunk
+    reaches only the tokens of the document it belongs to (``carry``), and only the chunk's last
+    document writes the state leaving it (``to_end``). The decay cumsum ``G`` runs across boundaries,
+    but it enters only as differences within one document, so nothing is approximated."""
     with torch.autocast(q.device.type, enabled=False):  # autocast would run the matmuls in bf16
-        return _kda_chunked(q, k, v, g, beta, scale, initial_state, chunk_size)
+        return _kda_chunked(q, k, v, g, beta, scale, initial_state, chunk_size, segment_ids)
 
 
 def _kda_chunked(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float | None,
-    initial_state: Tensor | None, chunk_size: int,
+    initial_state: Tensor | None, chunk_size: int, segment_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -114,20 +126,34 @@ def _kda_chunked(
     G = g.cumsum(-2)  # [B, H, N, C, K]
     incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # s <= t
     strict = incl.tril(-1)  # s < t
+    carry = to_end = None
+    if segment_ids is not None:
+        # padded steps join the last document (they write nothing); [B, 1, N, C]: broadcast over heads
+        seg = torch.cat([segment_ids, segment_ids[:, -1:].expand(B, pad)], dim=1).reshape(B, 1, N, C)
+        same = seg.unsqueeze(-1) == seg.unsqueeze(-2)  # [B, 1, N, C(t), C(s)]
+        incl, strict = incl & same, strict & same
+        # the document of the token before each chunk (chunk 0: the initial state's, the first one)
+        before = torch.cat([seg[:, :, :1, 0], seg[:, :, :-1, -1]], dim=2).unsqueeze(-1)  # [B, 1, N, 1]
+        carry = (seg == before).to(ct).unsqueeze(-1)  # [B, 1, N, C, 1]: reached by the entering state
+        to_end = (seg == seg[..., -1:]).to(ct).unsqueeze(-1)  # in the document that leaves the chunk
     # pairwise decay e^{G_t - G_s} on s <= t, 0 elsewhere (masked before exp: no inf * 0)
-    diff = (G.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~incl[:, :, None], float("-inf"))
+    diff = (G.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~incl[..., None], float("-inf"))
     k_decayed = diff.exp() * k.unsqueeze(-3)  # [B, H, N, C(t), C(s), K]: e^{G_t - G_s} * k_s
     # k_t and q_t against every decayed k_s in one batched matmul (one pass over the [C, C, K] tensor)
     both = k_decayed @ torch.stack([k, q], dim=-2).transpose(-1, -2)  # [B, H, N, C(t), C(s), 2]
     Akk, Aqk = both[..., 0], both[..., 1]
     A = (Akk * beta.unsqueeze(-1)).masked_fill(~strict, 0.0)
     eye = torch.eye(C, dtype=A.dtype, device=A.device)
-    rhs = torch.cat([v, G.exp() * k], dim=-1) * beta.unsqueeze(-1)  # [B, H, N, C, V + K]
+    k_from_start = G.exp() * k if carry is None else G.exp() * k * carry
+    rhs = torch.cat([v, k_from_start], dim=-1) * beta.unsqueeze(-1)  # [B, H, N, C, V + K]
     sol = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
     U_tilde, W = sol[..., :V], sol[..., V:]
     q_decayed = q * G.exp()  # q_t against S_0
     k_to_end = k * (G[..., -1:, :] - G).exp()  # k_s decayed to the chunk end
     chunk_decay = G[..., -1, :].exp().unsqueeze(-1)  # [B, H, N, K, 1]
+    if carry is not None:
+        q_decayed, k_to_end = q_decayed * carry, k_to_end * to_end
+        chunk_decay = chunk_decay * carry[..., -1:, :]  # the last token's document carried S_0 in
 
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(ct)
     outs = []
@@ -159,8 +185,11 @@ def require_fla() -> None:
 class ShortConv(nn.Module):
     """Causal depthwise convolution over time (kernel ``W``, one filter per channel) then SiLU.
 
-    ``forward(x [B, T, C], state [B, C, W-1] | None) -> (y [B, T, C], new state [B, C, W-1])``: the
-    state holds the last ``W - 1`` inputs, so decoding one token at a time equals the full pass."""
+    ``forward(x [B, T, C], state [B, C, W-1] | None, segment_ids [B, T] | None) -> (y [B, T, C], new state
+    [B, C, W-1])``: the state holds the last ``W - 1`` inputs, so decoding one token at a time equals the
+    full pass. ``segment_ids`` (packed documents): each document is convolved as if zero-padded on its
+    left, i.e. ``y_t = sum_j w_j x_{t-j} [seg_{t-j} = seg_t]`` (W masked shifts instead of one
+    ``conv1d``; W = 4)."""
 
     def __init__(self, channels: int, kernel: int = 4) -> None:
         super().__init__()
@@ -172,14 +201,44 @@ class ShortConv(nn.Module):
         bound = 1.0 / math.sqrt(self.kernel)  # nn.Conv1d's default for a depthwise filter
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, state: Tensor | None = None, segment_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         B, T, C = x.shape
         xt = x.transpose(1, 2)
         if state is None:
             state = xt.new_zeros(B, C, self.kernel - 1)
+        elif segment_ids is not None:
+            raise ValueError("ShortConv: segment_ids (packed documents) need state=None (no decoding state)")
         xp = torch.cat([state.to(xt.dtype), xt], dim=-1)  # [B, C, W-1+T]
+        new_state = xp[..., xp.shape[-1] - (self.kernel - 1):].detach()
+        if segment_ids is not None:
+            return F.silu(self._per_document(x, segment_ids)), new_state
         y = F.conv1d(xp, self.weight.to(xt.dtype).unsqueeze(1), groups=C)
-        return F.silu(y.transpose(1, 2)), xp[..., xp.shape[-1] - (self.kernel - 1):].detach()
+        return F.silu(y.transpose(1, 2)), new_state
+
+    @torch.compiler.disable  # fla's Triton autograd function is not traced (as fla does for chunk_kda)
+    def fla_varlen(self, x: Tensor, documents: DocumentMask) -> Tensor:
+        """The per-document convolution then SiLU through fla's varlen ``causal_conv1d`` (one Triton kernel
+        over ``x [B, T, C]`` flattened to ``[1, B * T, C]`` with ``documents.cu_seqlens``): ``[B, T, C]``.
+        Its ``weight [C, W]`` convention is ours (``conv1d`` with ``W - 1`` zeros on the left)."""
+        from fla.modules.causal_conv1d import causal_conv1d
+
+        B, T, C = x.shape
+        y, _ = causal_conv1d(x.reshape(1, B * T, C), self.weight, activation="silu",
+                             cu_seqlens=documents.cu_seqlens, cu_seqlens_cpu=documents.cu_seqlens_cpu)
+        return y.reshape(B, T, C)
+
+    def _per_document(self, x: Tensor, segment_ids: Tensor) -> Tensor:
+        """The convolution of ``x [B, T, C]`` with every tap masked to the token's own document."""
+        T = x.shape[1]
+        w = self.weight.to(x.dtype)  # [C, W]: tap W-1 multiplies x_t, tap W-1-j multiplies x_{t-j}
+        y = x * w[:, -1]
+        for j in range(1, min(self.kernel, T)):
+            same = (segment_ids[:, j:] == segment_ids[:, :-j]).unsqueeze(-1)  # [B, T-j, 1]
+            tap = (x[:, :-j] * w[:, -1 - j]).masked_fill(~same, 0.0)
+            y = y + F.pad(tap, (0, 0, j, 0))
+        return y
 
 
 class KimiDeltaAttention(nn.Module):
@@ -191,6 +250,10 @@ class KimiDeltaAttention(nn.Module):
 
     ``cache``: a dict for this layer, filled and updated in place (``"state"``: ``[B, H, K, V]`` fp32,
     ``"conv"``: the three short-conv states); an empty dict starts a sequence.
+    ``documents``: packed documents (:class:`attnres.model.documents.DocumentMask`): state and short
+    convs restart at each document; on fla, its varlen ``causal_conv1d`` and ``chunk_kda`` over the batch
+    flattened to ``[1, B * T]`` with the mask's ``cu_seqlens``; else our masked convs and chunked code
+    with the segment ids.
     ``backend``: ``"auto"`` (fla on CUDA when installed, else our chunked / recurrent code),
     ``"torch"`` (always ours) or ``"fla"``.
     """
@@ -240,21 +303,35 @@ class KimiDeltaAttention(nn.Module):
         g = -self.A_log.float().exp().repeat_interleave(self.head_dim) * F.softplus(f)
         return g.unflatten(-1, (self.num_heads, self.head_dim))
 
-    def _use_fla(self, x: Tensor) -> bool:
+    def uses_fla(self, device: torch.device) -> bool:
+        """Whether this layer runs fla's kernels on ``device``."""
         if self.backend == "torch":
             return False
         if self.backend == "fla":
             require_fla()
             return True
-        return x.is_cuda and fla_available()
+        return device.type == "cuda" and fla_available()
 
-    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: dict | None = None, documents: DocumentMask | None = None) -> Tensor:
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
-        conv = cache.get("conv", (None, None, None)) if cache is not None else (None, None, None)
-        q, cq = self.q_conv(self.q_proj(x), conv[0])
-        k, ck = self.k_conv(self.k_proj(x), conv[1])
-        v, cv = self.v_conv(self.v_proj(x), conv[2])
+        if documents is not None and cache is not None:
+            raise ValueError("KimiDeltaAttention: documents (packed training windows) cannot be decoded "
+                             "with a cache; decode one document per sequence")
+        fla = self.uses_fla(x.device)
+        if documents is not None and fla:
+            if documents.cu_seqlens is None:
+                raise ValueError("KimiDeltaAttention on fla: the DocumentMask has no cu_seqlens; build it "
+                                 "with DocumentMask.build(..., varlen=True)")
+            q, k, v = (conv.fla_varlen(proj(x), documents) for conv, proj in
+                       ((self.q_conv, self.q_proj), (self.k_conv, self.k_proj), (self.v_conv, self.v_proj)))
+            cq = ck = cv = None  # no decoding state with documents
+        else:
+            seg = documents.segment_ids if documents is not None else None
+            conv = cache.get("conv", (None, None, None)) if cache is not None else (None, None, None)
+            q, cq = self.q_conv(self.q_proj(x), conv[0], seg)
+            k, ck = self.k_conv(self.k_proj(x), conv[1], seg)
+            v, cv = self.v_conv(self.v_proj(x), conv[2], seg)
         # q, k, v in the projections' dtype (bf16 under autocast, while x, the residual stream,
         # stays fp32): fla's kernels need one dtype for all three
         q = F.normalize(q.unflatten(-1, (H, K)).float(), dim=-1, eps=1e-6).to(v.dtype)
@@ -264,12 +341,23 @@ class KimiDeltaAttention(nn.Module):
         beta = torch.sigmoid(self.b_proj(x).float())
         state = cache.get("state") if cache is not None else None
         want_state = cache is not None
-        if self._use_fla(x):
+        if fla and documents is not None:
+            from fla.ops.kda import chunk_kda
+
+            flat = [t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, g, beta.to(q.dtype))]
+            o, _ = chunk_kda(*flat, scale=K**-0.5, cu_seqlens=documents.cu_seqlens,
+                             cu_seqlens_cpu=documents.cu_seqlens_cpu)
+            o = o.reshape(B, T, H, K)
+        elif fla:
             from fla.ops.kda import chunk_kda, fused_recurrent_kda
 
-            fn = fused_recurrent_kda if T == 1 else chunk_kda
+            # fla's fused_recurrent_kda has no backward: a one-token input with gradients goes to chunk_kda
+            fn = fused_recurrent_kda if T == 1 and not torch.is_grad_enabled() else chunk_kda
             o, state = fn(q, k, v, g, beta.to(q.dtype), scale=K**-0.5, initial_state=state,
                           output_final_state=want_state)
+        elif documents is not None:
+            o, state = kda_chunked(q, k, v, g, beta, chunk_size=self.chunk_size,
+                                   segment_ids=documents.segment_ids)
         elif T == 1:
             o, state = kda_recurrent(q, k, v, g, beta, initial_state=state)
         else:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnres.model.documents import DocumentMask
 from attnres.model.norm import RMSNorm
 
 __all__ = ["MultiHeadLatentAttention"]
@@ -26,6 +27,14 @@ class MultiHeadLatentAttention(nn.Module):
     instead of ``H * (nope + shared + v)`` (10240): the point of MLA. The price is re-expanding the
     cached latent through ``kv_b`` at every step; absorbing ``kv_b`` into the query and output
     projections would avoid it, an inference optimisation we leave out for readability.
+
+    ``documents`` (packed training windows, :class:`attnres.model.documents.DocumentMask`): attention
+    within each document only, through SDPA with the mask's block-diagonal causal boolean mask. Why not
+    flex attention: SDPA with a boolean mask runs the same code on CPU (where the tests compare against
+    documents run alone) and CUDA (the memory-efficient kernel), with and without ``torch.compile``;
+    flex attention would skip the fully masked blocks (fewer FLOPs with many short documents) but needs
+    ``torch.compile`` and a block mask built per batch. MLA is one layer in four; measure before
+    switching.
     """
 
     def __init__(
@@ -42,9 +51,12 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * v_head_dim, dim, bias=False)
         self.scale = (qk_nope_dim + qk_shared_dim) ** -0.5
 
-    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: dict | None = None, documents: DocumentMask | None = None) -> Tensor:
         B, T, _ = x.shape
         H = self.num_heads
+        if documents is not None and (cache is not None or documents.attn_mask is None):
+            raise ValueError("MultiHeadLatentAttention: documents need no cache (training windows) and a "
+                             "DocumentMask built with attention=True")
         q = self.q_proj(x).view(B, T, H, self.nope + self.shared).transpose(1, 2)  # [B, H, T, dq]
         latent, k_shared = self.kv_a_proj(x).split([self.kv_rank, self.shared], dim=-1)
         latent = self.kv_a_norm(latent)
@@ -59,7 +71,9 @@ class MultiHeadLatentAttention(nn.Module):
         kv = self.kv_b_proj(latent).view(B, S, H, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_shared.unsqueeze(1).expand(B, H, S, self.shared)], dim=-1)
-        if past == 0:
+        if documents is not None:  # [B, 1, T, T]: same document and causal
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=documents.attn_mask, scale=self.scale)
+        elif past == 0:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:  # query i sits at position past + i and sees keys 0 .. past + i
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(past)

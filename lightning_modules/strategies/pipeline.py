@@ -262,6 +262,9 @@ class PipelineParallelStrategy(ModelParallelStrategy):
 
     def _run(self, batch: dict[str, Tensor], train: bool) -> Tensor:
         assert self.pipeline is not None
+        if "segment_ids" in batch:  # the stages would silently mix the documents
+            raise ValueError("data.packing='documents' is not supported by the pipeline strategy (its stages "
+                             "take tokens only); use data.packing: concat, or DDP / FSDP2")
         plugin = self.precision_plugin
         with plugin.train_step_context() if train else plugin.val_step_context():
             loss = self.pipeline.step(batch["input_ids"], batch["labels"], train=train)
