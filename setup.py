@@ -139,7 +139,11 @@ setup(
     packages=find_packages(include=["attnres", "attnres.*", "lightning_modules", "lightning_modules.*"])
     + sorted(config_packages),
     package_dir=config_packages,
-    package_data={"attnres": ["_build_info.json", "py.typed"], **{p: ["*.yaml"] for p in config_packages}},
+    package_data={
+        "attnres": ["_build_info.json", "py.typed"],
+        "lightning_modules": ["autotune/*.tgz", "autotune/README.md"],
+        **{p: ["*.yaml"] for p in config_packages},
+    },
     install_requires=[pin, *REQUIRES],
     **kwargs,
 )

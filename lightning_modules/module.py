@@ -341,6 +341,17 @@ class LanguageModel(L.LightningModule):
             check_same_tokenizer(dm.tokenizer.fingerprint, extra["tokenizer_fingerprint"], "the checkpoint")
         self._rng_to_restore = extra.get("rng")
 
+    def on_fit_start(self) -> None:
+        """Before the first step: seed Triton's cache with the shipped KDA autotune results and say, one
+        line each, what will make the first step long (fla's autotuning, torch.compile)."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from lightning_modules.warmup import first_step_notices, seed_autotune
+
+        seeded = seed_autotune(self.device) if self.device.type == "cuda" else 0
+        for note in first_step_notices(self.model, self.device, self._compiled is not None, seeded):
+            rank_zero_info(note)
+
     def on_train_start(self) -> None:
         # restored here, after the resumed run's sanity check, i.e. right before the next step
         rng, self._rng_to_restore = self._rng_to_restore, None
