@@ -166,3 +166,20 @@ def test_quick_template_rows_time_the_lightning_step_and_the_hand_written_one(tm
     for impl in ("template", "template-nogradcheck", "template-bare"):
         (ratio,) = [q for q in result["ratios"] if q["what"] == f"{impl}/hand-written"]
         assert _positive_finite(ratio["time_ratio"])
+
+
+@pytest.mark.parametrize("name", ["s", "m"])
+def test_the_study_shapes_are_the_study_yaml_models(name):
+    import yaml
+
+    model = yaml.safe_load((e2e.STUDY_MODELS / f"{name}.yaml").read_text())["model"]
+    cfg = e2e.study_config(name)
+    assert (cfg.num_layers, cfg.dim, cfg.num_experts, cfg.top_k) == (
+        model["num_layers"], model["dim"], model["num_experts"], model["top_k"])
+    for key, value in model["overrides"].items():
+        if key != "kda_backend":
+            assert getattr(cfg, key) == value, key
+    assert cfg.kda_backend == "auto" and cfg.vocab_size == 8192
+    shapes = e2e.default_shapes(quick=False)
+    assert (shapes[name].batch, shapes[name].seq_len) == (32, 1024)
+    assert shapes["small"].config.name == "small" and shapes["small"].config.max_seq_len >= 2048

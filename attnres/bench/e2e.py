@@ -156,10 +156,30 @@ def default_shapes(quick: bool, num_blocks: int = 8) -> dict[str, Shape]:
             "medium": Shape("medium", medium, 2, 32, **small, note="quick (CPU smoke) stand-in for medium"),
         }
     medium = get_config("medium", num_blocks=num_blocks)
+    small = get_config("small", num_blocks=num_blocks, max_seq_len=2048)
     return {
         "dense": Shape("dense", dense_config(num_blocks=num_blocks), 2, 4096, note=DENSE_NOTE),
-        "medium": Shape("medium", medium, 2, 4096, note="the medium preset (Kimi-Linear style: KDA/MLA/MoE)")
+        "medium": Shape("medium", medium, 2, 4096, note="the medium preset (Kimi-Linear style: KDA/MLA/MoE)"),
+        "small": Shape("small", small, 16, 2048,
+                       note="the small preset at configs/model/small.yaml's batch (16 x 2048 tokens)"),
+        **{name: Shape(name, study_config(name, num_blocks), 32, 1024,
+                       note=f"the study's {name} (configs/study/model/{name}.yaml, vocab 8192), its batch")
+           for name in ("s", "m")},
     }
+
+
+STUDY_MODELS = Path(__file__).resolve().parents[2] / "configs" / "study" / "model"
+
+
+def study_config(name: str, num_blocks: int = 8, vocab_size: int = 8192) -> Config:
+    """The model of the study's size ``name`` (its YAML's ``model`` fields and ``overrides``) as a Config;
+    ``kda_backend`` is left to pick fla where it runs."""
+    import yaml
+
+    model = yaml.safe_load((STUDY_MODELS / f"{name}.yaml").read_text())["model"]
+    overrides = {k: v for k, v in (model.pop("overrides", None) or {}).items() if k != "kda_backend"}
+    fields = {k: v for k, v in model.items() if k not in ("preset", "lr") and v is not None}
+    return get_config(model["preset"], vocab_size=vocab_size, num_blocks=num_blocks, **fields, **overrides)
 
 
 # ----------------------------------------------------------------------------- the fla peer
@@ -1075,7 +1095,7 @@ def default_out_path(
 
 def bench_e2e(
     quick: bool = False,
-    shapes: list[Literal["dense", "medium"]] | None = None,
+    shapes: list[Literal["dense", "medium", "small", "s", "m"]] | None = None,
     modes: list[Literal["standard", "block", "full"]] | None = None,
     kinds: list[Literal["train", "prefill", "decode", "template"]] | None = None,
     variants: list[Literal["eager", "compile"]] | None = None,
@@ -1102,8 +1122,9 @@ def bench_e2e(
 
     Args:
         quick: tiny shapes (a CPU smoke run in seconds; not a measurement).
-        shapes: ``dense`` (the issue's 0.95B decoder, B 2, T 4096) and/or ``medium`` (the Kimi-Linear-style
-            preset). Default: both.
+        shapes: ``dense`` (the issue's 0.95B decoder, B 2, T 4096), ``medium`` (the Kimi-Linear-style
+            preset, B 2, T 4096), ``small`` (B 16, T 2048), the study's ``s`` and ``m`` (B 32, T 1024).
+            Default: dense and medium.
         modes: residual modes. Default: standard, block, full.
         kinds: ``train``, ``prefill``, ``decode``, ``template``. Default: all.
         variants: training variants ``eager`` and/or ``compile`` (torch.compile of the whole model).

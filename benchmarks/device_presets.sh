@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The Kimi-Linear-style presets on one GPU, as ONE device command (carry .whl, and .devbuild/.cache when
+# a previous call left them):
+#
+#     bash benchmarks/device_presets.sh SHAPES [VARIANTS] [MODES]
+#
+# SHAPES: a bench e2e shape list such as '[s,m]' or '[medium,small]'; VARIANTS default '[eager,compile]';
+# MODES default '[standard,block]'. Steps:
+#   1. the extension: taken from .devbuild/ when a previous call built it for this csrc/ (its md5 sums
+#      match), else built the way users build it, `pip wheel --no-build-isolation` (the CUDA kernels for
+#      the visible GPU, no TORCH_CUDA_ARCH_LIST), installed into /tmp/inst, `attnres info` run there,
+#      and the .so copied in place and into $OUT (carry it back as .devbuild/ next time);
+#   2. (fresh build only) the CUDA op tests, bounded by PRESETS_TEST_S (default 150 s);
+#   3. `attnres bench e2e` training rows for SHAPES, profiled (device time vs wall), within the time left;
+#   4. Triton's autotune results (fla's KDA kernels) packed into $OUT/triton_autotune.tgz.
+# Everything ends within PRESETS_TOTAL_S (default 540 s).
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"
+SHAPES=${1:?usage: device_presets.sh SHAPES [VARIANTS] [MODES]}
+VARIANTS=${2:-'[eager,compile]'}
+MODES=${3:-'[standard,block]'}
+TOTAL=${PRESETS_TOTAL_S:-540}
+T0=$(date +%s)
+left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
+export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton"
+if [[ -z $(find .cache/triton -name '*.autotune.json' -print -quit 2>/dev/null) && -f lightning_modules/autotune/kda_sm90.tgz ]]; then
+  mkdir -p .cache && tar xzf lightning_modules/autotune/kda_sm90.tgz -C .cache
+  echo "seeded .cache/triton from lightning_modules/autotune/kda_sm90.tgz"
+fi
+
+install_wheels
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+SUMS=$(cat csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h setup.py | md5sum | cut -c1-12)
+fresh=0
+if [[ -f .devbuild/sums && $(cat .devbuild/sums) == "$SUMS" ]] && compgen -G ".devbuild/_C*.so" >/dev/null; then
+  cp .devbuild/_C*.so .devbuild/_build_info.json attnres/ && echo "extension: carried build $SUMS"
+else
+  fresh=1
+  echo "extension: pip wheel --no-build-isolation (CUDA for the visible GPU)"
+  rm -rf /tmp/wh /tmp/inst
+  MAX_JOBS=${MAX_JOBS:-16} timeout 330 python3 -m pip wheel -v --no-build-isolation --no-deps . -w /tmp/wh \
+    >"$OUT/build.log" 2>&1 || { echo "build FAILED"; tail -30 "$OUT/build.log"; exit 1; }
+  grep "attnres setup:" "$OUT/build.log"
+  python3 -m pip install -q --no-deps --target /tmp/inst /tmp/wh/attnres-*.whl
+  (cd /tmp && PYTHONPATH=/tmp/inst:${PYTHONPATH:-} python3 -m attnres info) | tee "$OUT/info.txt"
+  cp /tmp/inst/attnres/_C*.so /tmp/inst/attnres/_build_info.json attnres/
+  cp /tmp/inst/attnres/_C*.so /tmp/inst/attnres/_build_info.json "$OUT/" && echo "$SUMS" >"$OUT/sums"
+  echo "built in $(( $(date +%s) - T0 )) s"
+fi
+python3 -c "from attnres import ops; print('depth ops on cuda:', ops.backend('cuda'))"
+if (( fresh )); then
+  # the GPU tests of the KDA path (fla, document packing) first, then the CUDA op tests, in one log
+  timeout "${PRESETS_TEST_S:-150}" python3 -m pytest -q -rfE tests/gpu/test_documents_fla_gpu.py \
+    tests/gpu/test_kda_fla_gpu.py tests/test_ops_cuda.py >"$OUT/tests_gpu.log" 2>&1
+  echo "GPU tests: exit $? ($(tail -1 "$OUT/tests_gpu.log"))"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests_gpu.log" | head -20
+fi
+budget=$(( $(left) - 60 ))
+echo "=== bench e2e $SHAPES $MODES $VARIANTS: budget $budget s"
+timeout --signal=INT --kill-after=10 $(( budget + 30 )) python3 benchmarks/bench_e2e.py --tag "${PRESETS_TAG:-presets}" \
+  --budget_s "$budget" --shapes "$SHAPES" --modes "$MODES" --kinds '[train]' --variants "$VARIANTS" \
+  --impls '[attnres]' --profile true
+echo "=== bench exit $?"
+cp benchmarks/results/e2e_*_"${PRESETS_TAG:-presets}".json "$OUT/" 2>/dev/null
+(cd .cache && find triton -name '*.autotune.json' -print0 | tar czf "$OUT/triton_autotune.tgz" --null -T -)
+echo "done in $(( $(date +%s) - T0 )) s"
