@@ -191,7 +191,7 @@ def _run(cmd: list[str], cwd: Path, env: dict, log: list[str], timeout: int = 90
     assert proc.returncode == 0, (
         f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     )
-    return proc.stdout
+    return proc.stdout + proc.stderr
 
 
 CHECK_OP = """
