@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from attnres.errors import UsageError
+
 DEFAULT_CONFIG = "configs/default.yaml"
 
 
@@ -26,6 +28,8 @@ def _load_checkpoint(ckpt: str, device: str = "cpu") -> tuple[Any, Any, dict]:
         raise FileNotFoundError(
             f"--ckpt {ckpt}: no such checkpoint (training writes <run dir>/checkpoints/last.ckpt)"
         )
+    check_device(device)
+    # map_location: a checkpoint written on a GPU loads on a CPU-only machine, and the other way round
     raw = torch.load(path, map_location=device, weights_only=True)
     module = LanguageModel.load_from_checkpoint(path, map_location=device)
     module.eval()
@@ -38,6 +42,48 @@ def _load_checkpoint(ckpt: str, device: str = "cpu") -> tuple[Any, Any, dict]:
             f"only {module.config.vocab_size}"
         )
     return module, tok, raw
+
+
+def check_device(device: str) -> None:
+    """``--device``: a torch device string, and CUDA only where there is a CUDA device."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {device!r}: not a device ({exc}); use cpu or cuda") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {device}: no CUDA device here (torch.cuda.is_available() is False); "
+                "use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+
+
+def check_sampling(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    greedy: bool,
+    num_samples: int,
+) -> None:
+    """The sampling arguments of :func:`generate`, checked before the checkpoint is loaded."""
+    rules = [
+        (max_new_tokens >= 1, "max_new_tokens", max_new_tokens, ">= 1"),
+        (num_samples >= 1, "num_samples", num_samples, ">= 1"),
+        (greedy or (temperature >= 0 and math.isfinite(temperature)), "temperature", temperature,
+         ">= 0 (0 or --greedy true: argmax)"),
+        (top_k is None or top_k >= 1, "top_k", top_k, ">= 1 (or null: all tokens)"),
+        (top_p is None or 0 < top_p <= 1, "top_p", top_p, "in (0, 1] (or null: off)"),
+    ]
+    for ok, name, value, rule in rules:
+        if not ok:
+            raise UsageError(f"--{name} {value}: must be {rule}")
 
 
 def generate(
@@ -64,14 +110,29 @@ def generate(
         greedy: argmax decoding.
         num_samples: independent continuations of the prompt.
         seed: sampling seed.
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu`` or ``cuda`` (a checkpoint written on either loads on either).
+
+    A prompt longer than the model's context (``max_seq_len``, the longest sequence it was trained on)
+    is cut to its last ``max_seq_len`` tokens, with a notice on stderr: the continuation depends most
+    on the end of the prompt, and refusing would make "continue this file" fail on long files.
     """
+    import sys
+
     import torch
 
+    check_sampling(max_new_tokens, temperature, top_k, top_p, greedy, num_samples)
     module, tok, _ = _load_checkpoint(ckpt, device)
-    ids = tok.encode(prompt)
+    ids = list(tok.encode(prompt))
     if len(ids) == 0:
         ids = [tok.eos_id]  # an empty prompt starts a new document
+    context = module.config.max_seq_len
+    if len(ids) > context:
+        print(
+            f"attnres generate: the prompt has {len(ids)} tokens, more than the model's context "
+            f"(max_seq_len {context}); using its last {context}",
+            file=sys.stderr,
+        )
+        ids = ids[-context:]
     x = torch.tensor([list(map(int, ids))] * num_samples, dtype=torch.long, device=device)
     torch.manual_seed(seed)
     out = module.model.generate(
