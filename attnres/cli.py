@@ -26,7 +26,10 @@ def info(model: str | None = None) -> None:
         if model not in PRESETS:
             from attnres.errors import UsageError, did_you_mean
 
-            raise UsageError(f"--model {model!r}: unknown preset{did_you_mean(model, PRESETS)}; valid: {', '.join(PRESETS)}")
+            raise UsageError(
+                f"--model {model!r}: unknown preset; valid: {', '.join(PRESETS)}"
+                + did_you_mean(model, PRESETS)
+            )
         print(describe(model))
         return
     import json
@@ -139,7 +142,7 @@ DESCRIPTIONS = {
     "tokenizer": "Train a byte-level BPE tokenizer on a corpus (attnres tokenizer train).",
     "prepare": "Pre-tokenise a corpus into memmap shards for --data.corpus shards.",
     "info": "Print versions, the attnres._C build, the op backend per device and the GPUs.",
-    "bench": "Benchmark the ops (bench ops), a training step (bench e2e) or sequence scaling (bench scaling).",
+    "bench": "Benchmark the ops (bench ops), training steps (bench e2e) or parallel scaling (bench scaling).",
 }
 NESTED = ("tokenizer", "bench")
 
@@ -204,7 +207,9 @@ def _dispatch(argv: list[str]) -> None:
     auto_cli(
         {
             "info": info,
-            "bench": {"_help": DESCRIPTIONS["bench"], "ops": bench_ops, "e2e": bench_e2e, "scaling": bench_scaling},
+            "bench": {
+                "_help": DESCRIPTIONS["bench"], "ops": bench_ops, "e2e": bench_e2e, "scaling": bench_scaling
+            },
             "generate": commands.generate,
             "plot": commands.plot,
             "compare": commands.compare,

@@ -105,7 +105,7 @@ def parse_error_message(message: str, keys: list[str], refused: dict[str, str] |
             valid = [c.strip().strip("'\"") for c in choices.group(1).split(",")]
             hint = did_you_mean(value.strip(), valid)
             return f"--{key}{value}: expected one of {', '.join(valid)}{hint}"
-        types = re.findall(r"<class '(\w+)'>", rest)
+        types = re.findall(r"<class '(\w+)'>", rest.split("Given value type")[0])
         if types and given:
             names = ", ".join("null" if t == "NoneType" else t for t in dict.fromkeys(types))
             return f"--{key}{value}: expected {names}"

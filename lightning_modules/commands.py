@@ -9,7 +9,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from attnres.errors import UsageError
 
@@ -163,6 +163,10 @@ def plot(
 
     from lightning_modules.callbacks import summary_scalars, write_plots
 
+    if batch_size < 1:
+        raise UsageError(f"--batch_size {batch_size}: must be >= 1")
+    if text_file is not None and not Path(text_file).is_file():
+        raise FileNotFoundError(f"--text_file {text_file}: no such file")
     module, tok, raw = _load_checkpoint(ckpt)
     seq_len = raw.get("attnres", {}).get("seq_len") or min(module.config.max_seq_len, 256)
     if text_file is not None:
@@ -220,6 +224,11 @@ def compare(
     bad = [m for m in modes if m not in ("standard", "full", "block")]
     if bad:
         raise ValueError(f"--modes: unknown residual mode(s) {bad}; valid: standard, full, block")
+    if max_steps is not None and max_steps < 1:
+        raise UsageError(f"--max_steps {max_steps}: must be >= 1")
+    missing = [c for c in configs if not Path(c).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--configs: no such file {missing[0]} (run from the repository root?)")
     out = Path(output_dir)
     check_writable(out, "--output_dir")
     results: dict[str, dict] = {}
@@ -312,9 +321,19 @@ def _read_metrics(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """``--val_fraction`` in (0, 1) and ``--test_fraction`` in [0, 1 - val_fraction)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"--val_fraction {val_fraction}: must be in (0, 1), e.g. 0.02")
+    if not 0.0 <= test_fraction < 1.0 - val_fraction:
+        raise UsageError(
+            f"--test_fraction {test_fraction}: must be in [0, 1 - val_fraction = {1 - val_fraction:g})"
+        )
+
+
 def tokenizer_train(
     vocab_size: int = 4096,
-    corpus: str = "stdlib",
+    corpus: Literal["stdlib", "files"] = "stdlib",
     files: list[str] | None = None,
     val_fraction: float = 0.02,
     test_fraction: float = 0.0,
@@ -334,11 +353,15 @@ def tokenizer_train(
         cache_dir: the cache directory of the DataModule.
     """
     from lightning_modules.data import _files_key, glob_files, read_text, split_files, stdlib_files
-    from lightning_modules.tokenizer import train_bpe
+    from lightning_modules.tokenizer import MIN_BPE_VOCAB, train_bpe
 
-    if corpus not in ("stdlib", "files"):
-        raise ValueError(f"--corpus {corpus!r}: use stdlib or files (shards are already tokenised)")
-    root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [])
+    check_fractions(val_fraction, test_fraction)
+    if vocab_size < MIN_BPE_VOCAB:
+        raise UsageError(
+            f"--vocab_size {vocab_size}: must be >= {MIN_BPE_VOCAB} (256 bytes, 2 specials, merges), "
+            "e.g. 4096"
+        )
+    root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [], "--files")
     train = split_files(root, found, val_fraction, test_fraction)["train"]
     key = _files_key(root, train)
     path = (
@@ -360,7 +383,7 @@ def tokenizer_train(
 
 def prepare(
     output: str,
-    corpus: str = "stdlib",
+    corpus: Literal["stdlib", "files"] = "stdlib",
     files: list[str] | None = None,
     tokenizer: str = "byte",
     val_fraction: float = 0.02,
@@ -371,7 +394,8 @@ def prepare(
     ``meta.json``) for ``--data.corpus shards --data.shards_dir <output>``.
 
     Args:
-        output: the shard directory to write (replaced if it exists).
+        output: the shard directory to write (replaced if it is one already; any other existing
+            path is refused).
         corpus: ``stdlib`` or ``files``.
         files: glob patterns for ``corpus: files`` (``**`` recurses).
         tokenizer: ``byte`` or a ``tokenizer.json`` from ``attnres tokenizer train``.
@@ -383,10 +407,17 @@ def prepare(
     from lightning_modules.data import glob_files, split_files, stdlib_files, write_shards
     from lightning_modules.tokenizer import load_tokenizer
 
-    if corpus not in ("stdlib", "files"):
-        raise ValueError(f"--corpus {corpus!r}: use stdlib or files")
+    check_fractions(val_fraction, test_fraction)
+    if shard_tokens < 1:
+        raise UsageError(f"--shard_tokens {shard_tokens}: must be >= 1")
+    out = Path(output)
+    if out.exists() and not (out / "meta.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(
+            f"--output {output}: exists and is not a shard directory (no meta.json), so it would be "
+            "replaced; choose a new path or remove it first"
+        )
     tok = load_tokenizer(tokenizer)
-    root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [])
+    root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [], "--files")
     t0 = time.perf_counter()
     splits = split_files(root, found, val_fraction, test_fraction)
     meta = write_shards(output, splits, tok, f"{corpus}:{root}", shard_tokens,
