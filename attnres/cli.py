@@ -75,10 +75,10 @@ def bench_ops(
     repeats: int | None = None,
     compare: str | None = None,
 ) -> None:
-    """Benchmark the depth-attention ops: compiled kernels vs the eager PyTorch reference (CPU), or vs
-    ``torch.compile``, flash-attn-res and fla (CUDA).
+    """Benchmark the depth-attention ops against their references and baselines.
 
-    Times phase1, phase2 and the direct op, forward and backward, and prints a table (ms, GB/s of the
+    Compiled kernels vs the eager PyTorch reference (CPU), or vs ``torch.compile``, flash-attn-res and
+    fla (CUDA). Times phase1, phase2 and the direct op, forward and backward, and prints a table (ms, GB/s of the
     minimum traffic, % of the copy bandwidth measured in the same run, speed-ups); writes JSON to
     benchmarks/results/ops_<device type>.json. On CUDA (:mod:`attnres.bench.ops_cuda`): bf16 over the
     issue's grid (``quick``: the N = 16384 sweep), then the baselines on the ``compare`` shapes

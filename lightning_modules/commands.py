@@ -149,9 +149,10 @@ def generate(
 def plot(
     ckpt: str, output_dir: str | None = None, batch_size: int = 8, text_file: str | None = None
 ) -> list[str]:
-    """Depth plots of a trained model: runs one batch with ``return_stats`` (and one backward for the
-    gradient norms) and writes the depth-attention heatmap, magnitude-vs-depth and gradient-norm-vs-depth
-    PNGs.
+    """Write the depth-attention, magnitude and gradient-norm plots of a checkpoint.
+
+    Runs one batch with ``return_stats`` (and one backward for the gradient norms) and writes the
+    depth-attention heatmap, magnitude-vs-depth and gradient-norm-vs-depth PNGs.
 
     Args:
         ckpt: a checkpoint written by ``attnres fit``.
@@ -204,8 +205,10 @@ def compare(
     seed: int = 1234,
     args: list[str] | None = None,
 ) -> dict[str, dict]:
-    """Train the same model with the standard residual, Block AttnRes and Full AttnRes (same config,
-    seed, data order and token budget); write ``loss_curves.png``, ``results.md`` and ``results.json``.
+    """Train standard, Block and Full AttnRes on the same budget and tabulate the results.
+
+    The same model with each residual (same config, seed, data order and token budget); writes
+    ``loss_curves.png``, ``results.md`` and ``results.json``.
 
     Args:
         configs: config files composed in order (``-c`` works as well). Default: configs/default.yaml.
@@ -340,8 +343,10 @@ def tokenizer_train(
     output: str | None = None,
     cache_dir: str = ".cache/attnres",
 ) -> str:
-    """Train a byte-level BPE tokenizer on the training split of a corpus (cached: an existing one
-    for the same corpus and size is reused). Use it with ``--data.tokenizer <printed path>``.
+    """Train a byte-level BPE tokenizer on the training split of a corpus.
+
+    Cached: an existing one for the same corpus and size is reused. Use it with
+    ``--data.tokenizer <printed path>``.
 
     Args:
         vocab_size: ids in total (specials ``<|endoftext|>``, ``<|pad|>`` included).
@@ -390,8 +395,10 @@ def prepare(
     test_fraction: float = 0.0,
     shard_tokens: int = 1 << 27,
 ) -> dict:
-    """Pre-tokenise a corpus into memmap shards (``{train,val,test}-NNNNN.bin`` of uint16/uint32 tokens and
-    ``meta.json``) for ``--data.corpus shards --data.shards_dir <output>``.
+    """Pre-tokenise a corpus into memmap shards for ``--data.corpus shards``.
+
+    Writes ``{train,val,test}-NNNNN.bin`` (uint16/uint32 tokens) and ``meta.json``; train on them with
+    ``--data.corpus shards --data.shards_dir <output>``.
 
     Args:
         output: the shard directory to write (replaced if it is one already; any other existing
