@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from attnres.errors import RaiseOnParseError, UsageError, debug_mode
 from lightning_modules.callbacks import (
@@ -303,9 +304,11 @@ def check_writable(directory: str | os.PathLike, flag: str) -> None:
             f"choose another with {flag}"
         ) from exc
     finally:
-        for p in created:
-            with contextlib.suppress(OSError):
-                p.rmdir()
+        # rank 0 only: DDP's other ranks start later, all at once, and must not remove each other's probe
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            for p in created:
+                with contextlib.suppress(OSError):
+                    p.rmdir()
 
 
 def run_summary(trainer: Trainer) -> str:
@@ -344,10 +347,13 @@ def run_summary(trainer: Trainer) -> str:
 
 
 def run_lightning_cli(argv: list[str]) -> None:
-    """Entry of ``attnres fit|validate|test|predict``. User errors propagate to
-    :func:`attnres.cli.main` (one line, exit 2); a NaN/inf loss stops with one line and exit 1."""
+    """Entry of ``attnres fit|validate|test|predict``. User errors (Lightning's
+    ``MisconfigurationException`` among them) propagate to :func:`attnres.cli.main` (one line, exit 2);
+    a NaN/inf loss stops with one line and exit 1."""
     try:
         AttnResCLI(args=argv)
+    except MisconfigurationException as exc:  # Lightning's word for a bad Trainer setting
+        raise UsageError(str(exc)) from exc
     except NonFiniteLossError as exc:
         if debug_mode():
             raise

@@ -68,6 +68,7 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["fit", "--trainer.max_steps", "-5"], ["--trainer.max_steps -5", "must be >= 1"]),
     (["fit", "--trainer.max_steps", "abc"], ["--trainer.max_steps abc", "expected int"]),
     (["fit", "--trainer.max_epochs", "0"], ["--trainer.max_epochs 0", "must be >= 1"]),
+    (["fit", "--trainer.devices", "0"], ["Trainer(devices='0')", "not a valid input"]),
     (["fit", "--model.lr", "-0.001"], ["--model.lr -0.001", "must be > 0"]),
     (["fit", "--model.weight_decay", "-1"], ["--model.weight_decay -1.0", "must be >= 0"]),
     (["fit", "--model.betas", "[0.9, 1.5]"], ["--model.betas [0.9, 1.5]", "in [0, 1)"]),
