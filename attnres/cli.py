@@ -78,8 +78,8 @@ def bench_ops(
     """Benchmark the depth-attention ops against their references and baselines.
 
     Compiled kernels vs the eager PyTorch reference (CPU), or vs ``torch.compile``, flash-attn-res and
-    fla (CUDA). Times phase1, phase2 and the direct op, forward and backward, and prints a table (ms, GB/s of the
-    minimum traffic, % of the copy bandwidth measured in the same run, speed-ups); writes JSON to
+    fla (CUDA). Times phase1, phase2 and the direct op, forward and backward, and prints a table (ms,
+    GB/s of the minimum traffic, % of the copy bandwidth measured in the same run, speed-ups); writes JSON to
     benchmarks/results/ops_<device type>.json. On CUDA (:mod:`attnres.bench.ops_cuda`): bf16 over the
     issue's grid (``quick``: the N = 16384 sweep), then the baselines on the ``compare`` shapes
     (flash-attn-res and fla are used where installed).

@@ -315,7 +315,9 @@ def bench_scaling(
     if device == "cuda" and not torch.cuda.is_available():
         from attnres.errors import UsageError
 
-        raise UsageError("--device cuda: no CUDA device here (torch.cuda.is_available() is False); use --device cpu")
+        raise UsageError(
+            "--device cuda: no CUDA device here (torch.cuda.is_available() is False); use --device cpu"
+        )
     gpus = torch.cuda.device_count() if device == "cuda" else None
     s = Settings(
         preset,
