@@ -215,6 +215,11 @@ def write_shards(
     all_files = [f for files in splits.values() for f in files]
     try:
         if val_fraction is not None and len(all_files) == 1:
+            print(
+                f"data: {all_files[0]} is the only document, so the splits are cut from its tokens "
+                f"(the last {val_fraction:g} of them for val); add documents to split by document",
+                file=sys.stderr,
+            )
             ids = np.concatenate(
                 [np.asarray(tokenizer.encode_batch([read_text(all_files[0])])[0]).astype(dtype),
                  np.asarray([tokenizer.eos_id], dtype=dtype)]

@@ -380,3 +380,16 @@ def test_a_single_document_goes_to_train_and_a_test_split_needs_three(tmp_path: 
         ValueError, match=r"2 document\(s\), too few for train, val and test .*test_fraction 0"
     ):
         split_files(tmp_path, two, 0.02, 0.1)
+
+
+def test_a_single_document_corpus_says_it_is_cut_by_tokens(tmp_path: Path, capsys) -> None:
+    from lightning_modules.data import ShardSet, write_shards
+    from lightning_modules.tokenizer import ByteTokenizer
+
+    doc = tmp_path / "only.txt"
+    doc.write_text("one document " * 50)
+    write_shards(tmp_path / "shards", split_files(tmp_path, [doc], 0.1), ByteTokenizer(), "t", val_fraction=0.1)
+    err = capsys.readouterr().err
+    assert f"data: {doc} is the only document, so the splits are cut from its tokens" in err
+    shards = ShardSet(tmp_path / "shards")
+    assert shards.tokens("train") > 0 and shards.tokens("val") > 0
