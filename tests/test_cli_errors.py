@@ -388,7 +388,9 @@ def test_a_single_document_corpus_says_it_is_cut_by_tokens(tmp_path: Path, capsy
 
     doc = tmp_path / "only.txt"
     doc.write_text("one document " * 50)
-    write_shards(tmp_path / "shards", split_files(tmp_path, [doc], 0.1), ByteTokenizer(), "t", val_fraction=0.1)
+    write_shards(
+        tmp_path / "shards", split_files(tmp_path, [doc], 0.1), ByteTokenizer(), "t", val_fraction=0.1
+    )
     err = capsys.readouterr().err
     assert f"data: {doc} is the only document, so the splits are cut from its tokens" in err
     shards = ShardSet(tmp_path / "shards")
