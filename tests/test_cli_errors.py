@@ -348,10 +348,23 @@ def test_a_prompt_longer_than_the_context_is_left_truncated_with_a_notice(micro_
     assert text[len(prompt) :] == short[16:]
 
 
-def test_a_checkpoint_loads_onto_the_cpu_whatever_device_wrote_it(micro_ckpt, tmp_path) -> None:
-    module, _, raw = commands._load_checkpoint(str(micro_ckpt), "cpu")
-    assert next(module.parameters()).device.type == "cpu"
-    assert all(v.device.type == "cpu" for v in raw["state_dict"].values())
+def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_only_machine(micro_ckpt, tmp_path, monkeypatch, capsys):
+    """A checkpoint whose tensors are stored as ``cuda:0`` (what ``torch.save`` writes on a GPU; the
+    location tag is forced here, so the test runs without one) generates on the CPU: without
+    ``map_location`` torch.load would refuse it on a machine without CUDA."""
+    import torch.serialization
+
+    raw = torch.load(micro_ckpt, weights_only=True)
+    gpu_written = tmp_path / "gpu.ckpt"
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(raw, gpu_written)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(gpu_written, weights_only=True)
+    (text,) = commands.generate(str(gpu_written), prompt="ab", max_new_tokens=3, greedy=True, device="cpu")
+    (same,) = commands.generate(str(micro_ckpt), prompt="ab", max_new_tokens=3, greedy=True, device="cpu")
+    assert text == same and text.startswith("ab")
 
 
 # ----------------------------------------------------------------------------- corpus
