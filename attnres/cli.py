@@ -159,13 +159,13 @@ def command_name(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry of ``attnres``: runs the subcommand; a user error (:mod:`attnres.errors`) becomes one line
     ``attnres <subcommand>: <message>`` on stderr and exit status 2 (``ATTNRES_DEBUG=1``: the traceback)."""
-    from attnres.errors import EXIT_USAGE, USER_ERRORS, debug_mode, one_line
+    from attnres.errors import EXIT_USAGE, debug_mode, is_user_error, one_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         _dispatch(argv)
-    except USER_ERRORS as exc:
-        if debug_mode():
+    except Exception as exc:
+        if debug_mode() or not is_user_error(exc):
             raise
         sys.stdout.flush()
         sys.stderr.write(f"{command_name(argv)}: {one_line(str(exc))}\n")

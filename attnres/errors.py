@@ -4,7 +4,8 @@ Validation points raise :class:`UsageError` (or ``ValueError`` / ``FileNotFoundE
 ``PermissionError``, which older checks raise with the same kind of message); the ``attnres`` entry
 point (:func:`attnres.cli.main`) prints ``attnres <subcommand>: <message>`` on one line of stderr and
 exits with status 2. ``ATTNRES_DEBUG=1`` re-raises instead, so the full traceback is shown. Any other
-exception is an internal error and keeps its traceback.
+exception is an internal error and keeps its traceback, and so does a plain ``ValueError`` raised
+outside this project's code (inside torch or Lightning, say): :func:`is_user_error`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import difflib
 import os
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class UsageError(ValueError):
@@ -20,15 +22,31 @@ class UsageError(ValueError):
     the fix, on one line."""
 
 
-# what the entry point shows as one line (exit 2) rather than as a traceback
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    UsageError,
-    ValueError,
+# about the user's files: always shown as one line (exit 2)
+FILE_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     NotADirectoryError,
     IsADirectoryError,
     PermissionError,
 )
+# the directories of this project's code: a ValueError raised there is one of its checks
+OUR_CODE = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "lightning_modules")
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether the entry point shows ``exc`` as one line: a :class:`UsageError`, a file error, or a
+    ``ValueError`` whose innermost Python frame is in this project's code (its validation points
+    predate :class:`UsageError`); a ``ValueError`` from inside a library keeps its traceback."""
+    if isinstance(exc, (UsageError, *FILE_ERRORS)):
+        return True
+    if not isinstance(exc, ValueError) or exc.__traceback__ is None:
+        return False
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    where = Path(tb.tb_frame.f_code.co_filename).resolve()
+    return any(where.is_relative_to(root) for root in OUR_CODE)
+
 
 EXIT_USAGE = 2  # argparse's status for a usage error
 

@@ -408,3 +408,27 @@ def test_a_single_document_corpus_says_it_is_cut_by_tokens(tmp_path: Path, capsy
     assert f"data: {doc} is the only document, so the splits are cut from its tokens" in err
     shards = ShardSet(tmp_path / "shards")
     assert shards.tokens("train") > 0 and shards.tokens("val") > 0
+
+
+def test_a_value_error_from_inside_a_library_keeps_its_traceback(monkeypatch) -> None:
+    """Only this project's checks become one line: torch's own ValueError (an internal error here) is
+    raised as it is, so Python prints its traceback."""
+    import attnres.cli
+
+    def broken(model: str | None = None) -> None:
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=-1.0)  # ValueError inside torch
+
+    monkeypatch.setattr(attnres.cli, "info", broken)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        main(["info"])
+    from attnres.errors import UsageError, is_user_error
+
+    with pytest.raises(UsageError) as ours:
+        commands.check_sampling(0, 1.0, None, None, False, 1)
+    assert is_user_error(ours.value)
+    with pytest.raises(ValueError) as older:  # a check of ours that raises a plain ValueError
+        split_files(Path("/r"), [Path("/r/a"), Path("/r/b")], 0.5, 0.1)
+    assert is_user_error(older.value) and not isinstance(older.value, UsageError)
+    with pytest.raises(ValueError) as theirs:
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=-1.0)
+    assert not is_user_error(theirs.value)
