@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NoReturn
 
 
 class UsageError(ValueError):
@@ -80,7 +81,7 @@ class RaiseOnParseError:
 
     refused: dict[str, str] = {}
 
-    def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         parser = getattr(ex, "subcommand_parser", None) or self
         raise ParseError(parse_error_message(message, parser_keys(parser), self.refused)) from ex
 
