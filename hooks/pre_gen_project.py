@@ -60,6 +60,18 @@ def check_package_name(name: str) -> list[str]:
     return []
 
 
+def check_project_slug(slug: str) -> list[str]:
+    """Problems with ``project_slug``: it names the project's directory and its distribution
+    (``pyproject.toml``'s ``name``), so it must be a valid distribution name without spaces."""
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?", slug):
+        fixed = re.sub(r"[^a-z0-9]+", "-", slug.lower()).strip("-") or "my-project"
+        return [
+            f"project_slug {slug!r} is not a valid directory/distribution name: use letters, digits, '-', "
+            f"'_' and '.', starting and ending with a letter or digit (for example {fixed!r})"
+        ]
+    return []
+
+
 def suggest(name: str) -> str:
     """A valid package name close to ``name``."""
     s = re.sub(r"[^a-z0-9_]+", "_", name.strip().lower()).strip("_") or "my_project"
@@ -129,7 +141,8 @@ def check_model(answers: dict) -> list[str]:
 
 
 def main() -> None:
-    problems = check_package_name(str(ANSWERS["package_name"])) + check_model(ANSWERS)
+    problems = check_project_slug(str(ANSWERS["project_slug"]))
+    problems += check_package_name(str(ANSWERS["package_name"])) + check_model(ANSWERS)
     mode = ANSWERS["residual_mode"]
     if mode not in ("block", "full", "standard"):
         problems.append(f"residual_mode {mode!r} is unknown; valid: block, full, standard")

@@ -10,6 +10,7 @@ and MFU, the depth plots (``plots.*``), CSV logs (and TensorBoard when installed
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -23,7 +24,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from attnres.errors import RaiseOnParseError, UsageError, debug_mode
 from lightning_modules.callbacks import (
     AtomicCheckpointIO,
     DepthPlots,
@@ -59,12 +62,40 @@ class FinalCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+# `trainer.max_steps` when nothing bounds the run (no max_steps, max_epochs or max_time): Lightning's own
+# fallback is 1000 epochs, days of CPU time; 1000 steps of the default tiny model on the stdlib corpus
+# is about 4M tokens (batch 16 x 256), minutes to tens of minutes on a CPU
+DEFAULT_MAX_STEPS = 1000
+# `torch_threads` when no config sets it (see default_threads): on CPU, 1 below this model width, else
+# at most this many threads
+SMALL_DIM = 512
+MAX_DEFAULT_THREADS = 4
+
+
+class AttnResParser(RaiseOnParseError, LightningArgumentParser):
+    """The LightningCLI parser whose errors are one-line :class:`attnres.errors.ParseError`s."""
+
+    refused = {
+        "optimizer": "the model builds AdamW with weight-decay groups itself; set --model.lr, "
+        "--model.weight_decay, --model.betas or --model.decay_embeddings",
+        "lr_scheduler": "the model builds its warmup + decay schedule itself; set --model.schedule "
+        "(cosine, wsd, constant), --model.warmup_steps, --model.min_lr_ratio or --model.schedule_steps",
+    }
+
+
 class AttnResCLI(LightningCLI):
-    """LightningCLI with the attnres defaults and start-up checks (see the module docstring)."""
+    """LightningCLI with the attnres defaults and start-up checks (see the module docstring).
+
+    ``--optimizer``/``--lr_scheduler`` are not offered (``auto_configure_optimizers=False``):
+    :meth:`LanguageModel.configure_optimizers` builds AdamW with per-parameter weight-decay groups and
+    the warmup/cosine/WSD schedule, which a replacement would silently drop; set them with
+    ``--model.lr``, ``--model.weight_decay``, ``--model.betas``, ``--model.schedule`` and friends."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 1234)
+        kwargs.setdefault("parser_class", AttnResParser)
+        kwargs.setdefault("auto_configure_optimizers", False)
         trainer_defaults = {"default_root_dir": "runs"}
         super().__init__(
             LanguageModel, TextDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
@@ -88,7 +119,9 @@ class AttnResCLI(LightningCLI):
             type=int | None,
             default=None,
             help="intra-op CPU threads (torch.set_num_threads); 1 avoids OpenMP spin-waiting "
-            "on a busy machine, where small models otherwise slow down many times over",
+            "on a busy machine, where small models otherwise slow down many times over. Default: "
+            f"1 on CPU for models narrower than {SMALL_DIM}, else min(physical cores, "
+            f"{MAX_DEFAULT_THREADS}); torch's own on GPU",
         )
         parser.add_lightning_class_args(NaNGuard, "nan_guard")  # before the plots: it drops bad gradients
         parser.add_lightning_class_args(FinalCheckpoint, "checkpoint")
@@ -104,10 +137,17 @@ class AttnResCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._sub()
-        if cfg.get("torch_threads"):
-            import torch
+        check_trainer_args(cfg.trainer)
+        self._bounded = self.subcommand in (None, "fit") and bound_the_run(cfg.trainer)
+        import torch
 
-            torch.set_num_threads(cfg.torch_threads)
+        from attnres.model import get_config
+
+        threads = cfg.get("torch_threads")
+        if not threads:
+            dim = cfg.model.get("dim") or get_config(cfg.model.preset).dim
+            threads = default_threads(cfg.trainer.get("accelerator"), dim)
+        torch.set_num_threads(threads)
         # the model's vocabulary follows the tokenizer unless set explicitly
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = load_tokenizer(cfg.data.tokenizer).vocab_size
@@ -149,6 +189,13 @@ class AttnResCLI(LightningCLI):
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
+    def before_fit(self) -> None:
+        if getattr(self, "_bounded", False) and self.trainer.is_global_zero:
+            sys.stderr.write(
+                f"attnres fit: no trainer.max_steps, max_epochs or max_time given: stopping after "
+                f"{DEFAULT_MAX_STEPS} steps (set --trainer.max_steps)\n"
+            )
+
     # ------------------------------------------------------------------ after fit
 
     def after_fit(self) -> None:
@@ -168,6 +215,72 @@ class AttnResCLI(LightningCLI):
             )
 
 
+def check_trainer_args(trainer: Any) -> None:
+    """Trainer settings Lightning would reject late, with a long message, or not at all: step and epoch
+    limits, and a GPU accelerator on a machine without CUDA."""
+    import torch
+
+    for key in ("max_steps", "max_epochs", "min_steps", "min_epochs"):
+        value = trainer.get(key)
+        if value is not None and value != -1 and value < 1 and not (key.startswith("min") and value == 0):
+            raise UsageError(
+                f"--trainer.{key} {value}: must be >= 1 (or -1: no limit); e.g. --trainer.{key} 100"
+            )
+    for key in ("val_check_interval", "log_every_n_steps", "accumulate_grad_batches"):
+        value = trainer.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise UsageError(f"--trainer.{key} {value}: must be >= 1")
+    accelerator = trainer.get("accelerator")
+    if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"trainer.accelerator is {accelerator!r} but this machine has no CUDA device "
+            "(torch.cuda.is_available() is False); drop -c configs/trainer/gpu.yaml (or the like) "
+            "or pass --trainer.accelerator cpu"
+        )
+
+
+def bound_the_run(trainer: Any) -> bool:
+    """Set ``trainer.max_steps`` to :data:`DEFAULT_MAX_STEPS` when nothing else ends the run (Lightning
+    would run 1000 epochs); True if it did."""
+    unbounded = trainer.get("max_steps", -1) in (-1, None) and trainer.get("max_epochs") in (None, -1)
+    if unbounded and not trainer.get("max_time"):
+        trainer.max_steps = DEFAULT_MAX_STEPS
+        return True
+    return False
+
+
+def default_threads(accelerator: Any, dim: int) -> int:
+    """``torch_threads`` when none is given. On CPU (and ``auto`` without CUDA): 1 for models narrower
+    than :data:`SMALL_DIM` (their matmuls are too small to split, and OpenMP spin-waiting on a busy
+    machine makes them slower: 12 steps of ``default.yaml`` (tiny preset) ran at 3,552 tokens/s on 1
+    thread vs 1,071 on 2, on a loaded 2-core box), else ``min(physical cores, MAX_DEFAULT_THREADS)``.
+    On a GPU torch's own setting (the CPU only feeds the device)."""
+    import torch
+
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and torch.cuda.is_available())
+    if on_gpu:
+        return torch.get_num_threads()
+    if dim < SMALL_DIM:
+        return 1
+    return max(1, min(physical_cores(), MAX_DEFAULT_THREADS))
+
+
+def physical_cores() -> int:
+    """Physical CPU cores available to this process (hyper-threads counted once), from
+    ``/proc/cpuinfo`` on Linux; the logical count elsewhere."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return logical
+    cores = {
+        (block.split("physical id")[1].split("\n")[0], block.split("core id")[1].split("\n")[0])
+        for block in text.split("\n\n")
+        if "core id" in block and "physical id" in block
+    }
+    return min(logical, len(cores)) if cores else logical
+
+
 def check_checkpoint_tokenizer(ckpt_path: str, fingerprint: dict) -> None:
     """Refuse a checkpoint trained with another tokenizer than ``--data.tokenizer``."""
     import torch
@@ -178,8 +291,10 @@ def check_checkpoint_tokenizer(ckpt_path: str, fingerprint: dict) -> None:
 
 
 def check_writable(directory: str | os.PathLike, flag: str) -> None:
-    """Create ``directory`` if needed and write a probe file into it, or raise naming ``flag``."""
+    """Write a probe file into ``directory`` (creating it, then removing what was created, so a run
+    stopped by a later check leaves nothing behind), or raise naming ``flag``."""
     path = Path(directory)
+    created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -189,6 +304,12 @@ def check_writable(directory: str | os.PathLike, flag: str) -> None:
             f"output directory {str(path)!r} is not writable ({exc.strerror or exc}); "
             f"choose another with {flag}"
         ) from exc
+    finally:
+        # rank 0 only: DDP's other ranks start later, all at once, and must not remove each other's probe
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            for p in created:
+                with contextlib.suppress(OSError):
+                    p.rmdir()
 
 
 def run_summary(trainer: Trainer) -> str:
@@ -226,18 +347,18 @@ def run_summary(trainer: Trainer) -> str:
     return "\n".join(lines)
 
 
-# errors that are the user's to fix: shown as one message, not a traceback (ATTNRES_DEBUG=1 shows it)
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NonFiniteLossError)
-
-
 def run_lightning_cli(argv: list[str]) -> None:
-    """Entry of ``attnres fit|validate|test|predict``."""
+    """Entry of ``attnres fit|validate|test|predict``. User errors (Lightning's
+    ``MisconfigurationException`` among them) propagate to :func:`attnres.cli.main` (one line, exit 2);
+    a NaN/inf loss stops with one line and exit 1."""
     try:
         AttnResCLI(args=resolve_args(argv))
-    except USER_ERRORS as exc:
-        if os.environ.get("ATTNRES_DEBUG"):
+    except MisconfigurationException as exc:  # Lightning's word for a bad Trainer setting
+        raise UsageError(str(exc)) from exc
+    except NonFiniteLossError as exc:
+        if debug_mode():
             raise
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"attnres {argv[0]}: {exc}\n")
         sys.exit(1)
     finally:
         _close_process_group()

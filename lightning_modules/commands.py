@@ -9,7 +9,9 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from attnres.errors import UsageError
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -26,6 +28,8 @@ def _load_checkpoint(ckpt: str, device: str = "cpu") -> tuple[Any, Any, dict]:
         raise FileNotFoundError(
             f"--ckpt {ckpt}: no such checkpoint (training writes <run dir>/checkpoints/last.ckpt)"
         )
+    check_device(device)
+    # map_location: a checkpoint written on a GPU loads on a CPU-only machine, and the other way round
     raw = torch.load(path, map_location=device, weights_only=True)
     module = LanguageModel.load_from_checkpoint(path, map_location=device)
     module.eval()
@@ -38,6 +42,48 @@ def _load_checkpoint(ckpt: str, device: str = "cpu") -> tuple[Any, Any, dict]:
             f"only {module.config.vocab_size}"
         )
     return module, tok, raw
+
+
+def check_device(device: str) -> None:
+    """``--device``: a torch device string, and CUDA only where there is a CUDA device."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {device!r}: not a device ({exc}); use cpu or cuda") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {device}: no CUDA device here (torch.cuda.is_available() is False); "
+                "use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+
+
+def check_sampling(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    greedy: bool,
+    num_samples: int,
+) -> None:
+    """The sampling arguments of :func:`generate`, checked before the checkpoint is loaded."""
+    rules = [
+        (max_new_tokens >= 1, "max_new_tokens", max_new_tokens, ">= 1"),
+        (num_samples >= 1, "num_samples", num_samples, ">= 1"),
+        (greedy or (temperature >= 0 and math.isfinite(temperature)), "temperature", temperature,
+         ">= 0 (0 or --greedy true: argmax)"),
+        (top_k is None or top_k >= 1, "top_k", top_k, ">= 1 (or null: all tokens)"),
+        (top_p is None or 0 < top_p <= 1, "top_p", top_p, "in (0, 1] (or null: off)"),
+    ]
+    for ok, name, value, rule in rules:
+        if not ok:
+            raise UsageError(f"--{name} {value}: must be {rule}")
 
 
 def generate(
@@ -64,14 +110,29 @@ def generate(
         greedy: argmax decoding.
         num_samples: independent continuations of the prompt.
         seed: sampling seed.
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu`` or ``cuda`` (a checkpoint written on either loads on either).
+
+    A prompt longer than the model's context (``max_seq_len``, the longest sequence it was trained on)
+    is cut to its last ``max_seq_len`` tokens, with a notice on stderr: the continuation depends most
+    on the end of the prompt, and refusing would make "continue this file" fail on long files.
     """
+    import sys
+
     import torch
 
+    check_sampling(max_new_tokens, temperature, top_k, top_p, greedy, num_samples)
     module, tok, _ = _load_checkpoint(ckpt, device)
-    ids = tok.encode(prompt)
+    ids = list(tok.encode(prompt))
     if len(ids) == 0:
         ids = [tok.eos_id]  # an empty prompt starts a new document
+    context = module.config.max_seq_len
+    if len(ids) > context:
+        print(
+            f"attnres generate: the prompt has {len(ids)} tokens, more than the model's context "
+            f"(max_seq_len {context}); using its last {context}",
+            file=sys.stderr,
+        )
+        ids = ids[-context:]
     x = torch.tensor([list(map(int, ids))] * num_samples, dtype=torch.long, device=device)
     torch.manual_seed(seed)
     out = module.model.generate(
@@ -88,9 +149,10 @@ def generate(
 def plot(
     ckpt: str, output_dir: str | None = None, batch_size: int = 8, text_file: str | None = None
 ) -> list[str]:
-    """Depth plots of a trained model: runs one batch with ``return_stats`` (and one backward for the
-    gradient norms) and writes the depth-attention heatmap, magnitude-vs-depth and gradient-norm-vs-depth
-    PNGs.
+    """Write the depth-attention, magnitude and gradient-norm plots of a checkpoint.
+
+    Runs one batch with ``return_stats`` (and one backward for the gradient norms) and writes the
+    depth-attention heatmap, magnitude-vs-depth and gradient-norm-vs-depth PNGs.
 
     Args:
         ckpt: a checkpoint written by ``attnres fit``.
@@ -102,6 +164,10 @@ def plot(
 
     from lightning_modules.callbacks import summary_scalars, write_plots
 
+    if batch_size < 1:
+        raise UsageError(f"--batch_size {batch_size}: must be >= 1")
+    if text_file is not None and not Path(text_file).is_file():
+        raise FileNotFoundError(f"--text_file {text_file}: no such file")
     module, tok, raw = _load_checkpoint(ckpt)
     seq_len = raw.get("attnres", {}).get("seq_len") or min(module.config.max_seq_len, 256)
     if text_file is not None:
@@ -139,8 +205,10 @@ def compare(
     seed: int = 1234,
     args: list[str] | None = None,
 ) -> dict[str, dict]:
-    """Train the same model with the standard residual, Block AttnRes and Full AttnRes (same config,
-    seed, data order and token budget); write ``loss_curves.png``, ``results.md`` and ``results.json``.
+    """Train standard, Block and Full AttnRes on the same budget and tabulate the results.
+
+    The same model with each residual (same config, seed, data order and token budget); writes
+    ``loss_curves.png``, ``results.md`` and ``results.json``.
 
     Args:
         configs: config files composed in order (``-c`` works as well). Default: configs/default.yaml.
@@ -159,6 +227,11 @@ def compare(
     bad = [m for m in modes if m not in ("standard", "full", "block")]
     if bad:
         raise ValueError(f"--modes: unknown residual mode(s) {bad}; valid: standard, full, block")
+    if max_steps is not None and max_steps < 1:
+        raise UsageError(f"--max_steps {max_steps}: must be >= 1")
+    missing = [c for c in configs if not Path(c).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--configs: no such file {missing[0]} (run from the repository root?)")
     out = Path(output_dir)
     check_writable(out, "--output_dir")
     results: dict[str, dict] = {}
@@ -251,17 +324,29 @@ def _read_metrics(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """``--val_fraction`` in (0, 1) and ``--test_fraction`` in [0, 1 - val_fraction)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"--val_fraction {val_fraction}: must be in (0, 1), e.g. 0.02")
+    if not 0.0 <= test_fraction < 1.0 - val_fraction:
+        raise UsageError(
+            f"--test_fraction {test_fraction}: must be in [0, 1 - val_fraction = {1 - val_fraction:g})"
+        )
+
+
 def tokenizer_train(
     vocab_size: int = 4096,
-    corpus: str = "stdlib",
+    corpus: Literal["stdlib", "files"] = "stdlib",
     files: list[str] | None = None,
     val_fraction: float = 0.02,
     test_fraction: float = 0.0,
     output: str | None = None,
     cache_dir: str = ".cache/attnres",
 ) -> str:
-    """Train a byte-level BPE tokenizer on the training split of a corpus (cached: an existing one
-    for the same corpus and size is reused). Use it with ``--data.tokenizer <printed path>``.
+    """Train a byte-level BPE tokenizer on the training split of a corpus.
+
+    Cached: an existing one for the same corpus and size is reused. Use it with
+    ``--data.tokenizer <printed path>``.
 
     Args:
         vocab_size: ids in total (specials ``<|endoftext|>``, ``<|pad|>`` included).
@@ -273,11 +358,15 @@ def tokenizer_train(
         cache_dir: the cache directory of the DataModule.
     """
     from lightning_modules.data import _files_key, glob_files, read_text, split_files, stdlib_files
-    from lightning_modules.tokenizer import train_bpe
+    from lightning_modules.tokenizer import MIN_BPE_VOCAB, train_bpe
 
-    if corpus not in ("stdlib", "files"):
-        raise ValueError(f"--corpus {corpus!r}: use stdlib or files (shards are already tokenised)")
-    root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [])
+    check_fractions(val_fraction, test_fraction)
+    if vocab_size < MIN_BPE_VOCAB:
+        raise UsageError(
+            f"--vocab_size {vocab_size}: must be >= {MIN_BPE_VOCAB} (256 bytes, 2 specials, merges), "
+            "e.g. 4096"
+        )
+    root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [], "--files")
     train = split_files(root, found, val_fraction, test_fraction)["train"]
     key = _files_key(root, train)
     path = (
@@ -299,18 +388,21 @@ def tokenizer_train(
 
 def prepare(
     output: str,
-    corpus: str = "stdlib",
+    corpus: Literal["stdlib", "files"] = "stdlib",
     files: list[str] | None = None,
     tokenizer: str = "byte",
     val_fraction: float = 0.02,
     test_fraction: float = 0.0,
     shard_tokens: int = 1 << 27,
 ) -> dict:
-    """Pre-tokenise a corpus into memmap shards (``{train,val,test}-NNNNN.bin`` of uint16/uint32 tokens and
-    ``meta.json``) for ``--data.corpus shards --data.shards_dir <output>``.
+    """Pre-tokenise a corpus into memmap shards for ``--data.corpus shards``.
+
+    Writes ``{train,val,test}-NNNNN.bin`` (uint16/uint32 tokens) and ``meta.json``; train on them with
+    ``--data.corpus shards --data.shards_dir <output>``.
 
     Args:
-        output: the shard directory to write (replaced if it exists).
+        output: the shard directory to write (replaced if it is one already; any other existing
+            path is refused).
         corpus: ``stdlib`` or ``files``.
         files: glob patterns for ``corpus: files`` (``**`` recurses).
         tokenizer: ``byte`` or a ``tokenizer.json`` from ``attnres tokenizer train``.
@@ -322,10 +414,17 @@ def prepare(
     from lightning_modules.data import glob_files, split_files, stdlib_files, write_shards
     from lightning_modules.tokenizer import load_tokenizer
 
-    if corpus not in ("stdlib", "files"):
-        raise ValueError(f"--corpus {corpus!r}: use stdlib or files")
+    check_fractions(val_fraction, test_fraction)
+    if shard_tokens < 1:
+        raise UsageError(f"--shard_tokens {shard_tokens}: must be >= 1")
+    out = Path(output)
+    if out.exists() and not (out / "meta.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(
+            f"--output {output}: exists and is not a shard directory (no meta.json), so it would be "
+            "replaced; choose a new path or remove it first"
+        )
     tok = load_tokenizer(tokenizer)
-    root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [])
+    root, found = stdlib_files() if corpus == "stdlib" else glob_files(files or [], "--files")
     t0 = time.perf_counter()
     splits = split_files(root, found, val_fraction, test_fraction)
     meta = write_shards(output, splits, tok, f"{corpus}:{root}", shard_tokens,

@@ -17,10 +17,12 @@ a window apart (:mod:`attnres.model.documents`). The sampler shuffles windows wi
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
 import shutil
+import sys
 import sysconfig
 import tempfile
 import warnings
@@ -65,11 +67,14 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def glob_files(patterns: list[str]) -> tuple[Path, list[Path]]:
-    """Files matching the glob patterns (``**`` recurses), sorted; the root is their common parent."""
+def glob_files(patterns: list[str], arg: str = "--data.files") -> tuple[Path, list[Path]]:
+    """Text files matching the glob patterns (``**`` recurses), sorted; the root is their common parent.
+    Binary files (:func:`is_text` false) are skipped, with their count on stderr. ``arg`` is the
+    option the patterns came from, for the messages."""
+    corpus_arg = arg.replace("files", "corpus")
     if not patterns:
         raise ValueError(
-            "data.files is empty: give one or more glob patterns, e.g. --data.files 'texts/**/*.txt'"
+            f"{arg} is empty: give one or more glob patterns, e.g. {arg} 'texts/**/*.txt'"
         )
     files: set[Path] = set()
     for pattern in patterns:
@@ -77,15 +82,46 @@ def glob_files(patterns: list[str]) -> tuple[Path, list[Path]]:
         matched = [p for p in matched if p.is_file()]
         if not matched:
             raise FileNotFoundError(
-                f"data.files: no file matches {pattern!r} (relative to {os.getcwd()}); "
-                "fix the pattern or use --data.corpus stdlib"
+                f"{arg}: no file matches {pattern!r} (relative to {os.getcwd()}); "
+                f"fix the pattern or use {corpus_arg} stdlib"
             )
         files.update(matched)
     ordered = sorted(files)
+    binary = [p for p in ordered if not is_text(p)]
+    if binary:
+        if len(binary) == len(ordered):
+            raise ValueError(
+                f"{arg}: the {len(ordered)} file(s) matched by {patterns} are all binary (NUL bytes or not "
+                f"UTF-8 in their first {TEXT_PROBE_BYTES // 1024} KB); match text files, e.g. '**/*.txt'"
+            )
+        names = ", ".join(p.name for p in binary[:3]) + (", ..." if len(binary) > 3 else "")
+        print(
+            f"{arg}: skipped {len(binary)} binary file(s) of {len(ordered)} ({names}): NUL bytes or not "
+            f"UTF-8 in their first {TEXT_PROBE_BYTES // 1024} KB",
+            file=sys.stderr,
+        )
+        ordered = [p for p in ordered if p not in set(binary)]
     if all(p.stat().st_size == 0 for p in ordered):
-        raise ValueError(f"data.files: the {len(ordered)} file(s) matched by {patterns} are all empty")
+        raise ValueError(f"{arg}: the {len(ordered)} file(s) matched by {patterns} are all empty")
     root = Path(os.path.commonpath([str(p.parent) for p in ordered]))
     return root, ordered
+
+
+TEXT_PROBE_BYTES = 8192
+
+
+def is_text(path: Path, probe: int = TEXT_PROBE_BYTES) -> bool:
+    """Whether ``path`` looks like text: its first ``probe`` bytes hold no NUL byte and decode as UTF-8
+    (a character cut by the end of the probe is fine)."""
+    with open(path, "rb") as fh:
+        head = fh.read(probe)
+    if b"\0" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def split_of(relpath: str, val_fraction: float, test_fraction: float = 0.0) -> str:
@@ -106,7 +142,18 @@ def split_files(
     """Split files by the hash of their path relative to ``root`` (:func:`split_of`); a ``"test"`` key
     only when ``test_fraction > 0``. A split that would be empty (too few files) takes the files with
     the lowest hashes (val) or the highest (test) so every split exists: val and train from the files
-    outside the test band, then test from train's highest."""
+    outside the test band, then test from train's highest.
+
+    A single document goes to train (:func:`write_shards` cuts it by tokens). With ``test_fraction > 0``
+    and fewer than 3 documents there is none left for test: that raises, naming the corpus and the fix.
+    """
+    if len(files) == 1:
+        return {"train": list(files), "val": []} | ({"test": []} if test_fraction > 0 else {})
+    if test_fraction > 0 and len(files) < 3:
+        raise ValueError(
+            f"the corpus under {root} has {len(files)} document(s), too few for train, val and test "
+            f"splits (test_fraction {test_fraction:g}); add documents or set test_fraction 0"
+        )
     out: dict[str, list[Path]] = {"train": [], "val": []}
     if test_fraction > 0:
         out["test"] = []
@@ -172,6 +219,11 @@ def write_shards(
     all_files = [f for files in splits.values() for f in files]
     try:
         if val_fraction is not None and len(all_files) == 1:
+            print(
+                f"data: {all_files[0]} is the only document, so the splits are cut from its tokens "
+                f"(the last {val_fraction:g} of them for val); add documents to split by document",
+                file=sys.stderr,
+            )
             ids = np.concatenate(
                 [np.asarray(tokenizer.encode_batch([read_text(all_files[0])])[0]).astype(dtype),
                  np.asarray([tokenizer.eos_id], dtype=dtype)]

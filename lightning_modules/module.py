@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 from torchmetrics.text import Perplexity
 
+from attnres.errors import UsageError
 from attnres.model import PRESETS, Config, Decoder, get_config
 from lightning_modules.tokenizer import check_same_tokenizer
 
@@ -114,6 +115,9 @@ class LanguageModel(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        check_optimizer_args(
+            lr, weight_decay, betas, warmup_steps, min_lr_ratio, decay_fraction, schedule_steps
+        )
         self.save_hyperparameters()
         typed = dict(
             residual=residual,
@@ -418,6 +422,31 @@ def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
 
 def _numpy_state_from_tensors(d: dict[str, Any]) -> tuple:
     return (d["kind"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+def check_optimizer_args(
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    warmup_steps: int,
+    min_lr_ratio: float,
+    decay_fraction: float,
+    schedule_steps: int | None,
+) -> None:
+    """The optimizer and schedule arguments, checked before the model is built (AdamW would only reject
+    some of them at the first step, without naming the argument)."""
+    rules = [
+        (lr > 0 and math.isfinite(lr), "model.lr", lr, "> 0 (e.g. 3e-3)"),
+        (weight_decay >= 0, "model.weight_decay", weight_decay, ">= 0 (0: no decay)"),
+        (all(0 <= b < 1 for b in betas), "model.betas", list(betas), "in [0, 1) (e.g. [0.9, 0.95])"),
+        (warmup_steps >= 0, "model.warmup_steps", warmup_steps, ">= 0"),
+        (0 <= min_lr_ratio <= 1, "model.min_lr_ratio", min_lr_ratio, "in [0, 1]"),
+        (0 < decay_fraction <= 1, "model.decay_fraction", decay_fraction, "in (0, 1]"),
+        (schedule_steps is None or schedule_steps >= 1, "model.schedule_steps", schedule_steps, ">= 1"),
+    ]
+    for ok, key, value, rule in rules:
+        if not ok:
+            raise UsageError(f"--{key} {value}: must be {rule}")
 
 
 def build_config(preset: str, **overrides: Any) -> Config:

@@ -124,12 +124,17 @@ def check_same_tokenizer(expected: dict, found: dict, what: str) -> None:
         )
 
 
+MIN_BPE_VOCAB = 258 + 2  # the 256 bytes and the 2 specials, plus room for merges
+
+
 def train_bpe(texts: Iterator[str], vocab_size: int, output: str | Path) -> Path:
     """Train a byte-level BPE of ``vocab_size`` ids (specials included) on ``texts``; write its JSON."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 258 + 2:
-        raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE (need > 260)")
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for a byte-level BPE (need >= {MIN_BPE_VOCAB})"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

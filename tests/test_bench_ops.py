@@ -10,6 +10,7 @@ import torch
 
 from attnres import cli
 from attnres.bench.ops_cuda import parse_shapes
+from attnres.errors import UsageError
 
 
 def test_compare_shapes_parse_and_bad_ones_name_the_format():
@@ -21,12 +22,12 @@ def test_compare_shapes_parse_and_bad_ones_name_the_format():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_route_without_a_gpu_says_so():
-    with pytest.raises(SystemExit, match="no CUDA device here"):
+    with pytest.raises(UsageError, match="no CUDA device here"):
         cli.bench_ops(device="cuda")
 
 
 def test_compare_is_refused_on_cpu():
-    with pytest.raises(SystemExit, match="--compare is for --device cuda"):
+    with pytest.raises(UsageError, match="--compare is for --device cuda"):
         cli.bench_ops(device="cpu", compare="16384,2048,9,8")
 
 

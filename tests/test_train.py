@@ -118,11 +118,14 @@ def is_png(path: Path) -> bool:
 
 
 def fail_message(argv: list[str], capsys) -> str:
-    """Run ``attnres <argv>`` in-process, expect exit status 1, return what it wrote to stderr."""
+    """Run ``attnres <argv>`` in-process, expect exit status 2 (a user error), return what it wrote to
+    stderr: one line, ``attnres <subcommand>: <message>``."""
     with pytest.raises(SystemExit) as exc:
-        run_lightning_cli(argv)
-    assert exc.value.code == 1
-    return capsys.readouterr().err
+        attnres_main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"attnres {argv[0]}: ") and err.count("\n") == 1, err
+    return err
 
 
 # ----------------------------------------------------------------------------- fit

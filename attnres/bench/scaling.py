@@ -313,7 +313,11 @@ def bench_scaling(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("attnres bench scaling --device cuda: no CUDA device here; use --device cpu (gloo)")
+        from attnres.errors import UsageError
+
+        raise UsageError(
+            "--device cuda: no CUDA device here (torch.cuda.is_available() is False); use --device cpu"
+        )
     gpus = torch.cuda.device_count() if device == "cuda" else None
     s = Settings(
         preset,
