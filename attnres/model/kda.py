@@ -170,7 +170,10 @@ def _kda_chunked(
 
 def fla_available() -> bool:
     """Whether fla's KDA kernels can be imported (fla-core and triton installed)."""
-    return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
+    except ValueError:  # an already imported module object without a spec (a test's stand-in for fla)
+        return True
 
 
 def require_fla() -> None:
