@@ -26,7 +26,6 @@ from attnres.bench.peer_fla_model import (
     fla_kda_num_params,
     fla_model_kwargs,
     fla_model_status,
-    kda_dense_config,
 )
 from attnres.model import Decoder
 
@@ -51,8 +50,9 @@ pytestmark = [
 @pytest.mark.parametrize("mode", ["standard", "block", "full"])
 def test_flas_model_has_the_analytic_parameter_count_and_trains_one_step(mode):
     assert fla_model_status() is None, fla_model_status()
-    cfg = kda_dense_config(dim=256, num_layers=4, heads=4, head_dim=64, mlp_dim=512, vocab_size=1000,
-                           seq_len=256, num_blocks=4, residual=mode)
+    # the quick kda-dense shape (4 KDA heads of 64, as the shipped autotune results) at a longer sequence
+    cfg = e2e.default_shapes(quick=True)["kda-dense"].config.replace(residual=mode, vocab_size=1000)
+    assert (cfg.dim, cfg.num_layers, cfg.kda_heads, cfg.kda_head_dim, cfg.num_blocks) == (256, 4, 4, 64, 4)
     model = build_fla_model(cfg, "cuda", torch.bfloat16)
     fla = model.model
     expected = {"standard": None, "block": 2, "full": 1}[mode]  # 8 sublayers in 4 blocks: 2 sublayers each
