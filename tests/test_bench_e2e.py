@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from attnres import ops
 from attnres.bench import e2e
+from attnres.bench import peer_fla_model as peer
 from attnres.model import Decoder
 
 ROW_STATUSES = {"ok", "oom", "error", "skipped"}
@@ -183,3 +184,153 @@ def test_the_study_shapes_are_the_study_yaml_models(name):
     shapes = e2e.default_shapes(quick=False)
     assert (shapes[name].batch, shapes[name].seq_len) == (32, 1024)
     assert shapes["small"].config.name == "small" and shapes["small"].config.max_seq_len >= 2048
+
+
+# ----------------------------------------------------------------------------- fla's KDAForCausalLM peer
+
+
+def test_kda_dense_maps_to_flas_kda_config_layer_for_layer():
+    cfg = e2e.default_shapes(quick=False)["kda-dense"].config
+    assert cfg.layer_kinds() == [("kda", "dense")] * 16
+    for mode, block_size in (("standard", None), ("block", 4), ("full", 1)):
+        kw = peer.fla_model_kwargs(cfg.replace(residual=mode))
+        shape = (kw["hidden_size"], kw["num_hidden_layers"], kw["num_heads"], kw["head_dim"])
+        assert shape == (2048, 16, 16, 128)
+        assert (cfg.dim, cfg.num_layers, cfg.kda_heads, cfg.kda_head_dim) == (2048, 16, 16, 128)
+        assert kw["expand_v"] == 1.0 and kw["num_v_heads"] is None  # value heads = key heads, V = K (ours)
+        assert kw["intermediate_size"] == cfg.mlp_dim == 5632 and kw["hidden_act"] == "swish"
+        assert kw["vocab_size"] == cfg.vocab_size == 32000 and kw["tie_word_embeddings"] is False
+        assert kw["conv_size"] == cfg.kda_conv_size == 4 and kw["use_short_conv"] is True
+        assert kw["attn"] is None and kw["norm_eps"] == cfg.rms_norm_eps
+        assert kw["attnres_block_size"] == block_size, mode
+    # fla's default KDAConfig (hidden_ratio 4 -> intermediate 5632) at 16 layers is this shape
+    defaults = dict(hidden_size=2048, num_hidden_layers=16, num_heads=16, head_dim=128, conv_size=4,
+                    vocab_size=32000, hidden_ratio=4)
+    assert peer.fla_kda_num_params(defaults) == cfg.num_params() == 970_985_728
+
+
+@pytest.mark.parametrize("num_layers", [4, 12, 16])
+def test_flas_block_size_puts_the_block_boundaries_where_ours_are(num_layers):
+    """fla: sublayer j starts a block when j % attnres_block_size == 0 (even, or 1 = Full); ours: blocks of
+    num_sublayers / num_blocks sublayers, so every sublayer reads the same sources on both sides."""
+    from attnres.model import valid_num_blocks
+    from attnres.residual import Residual
+
+    base = peer.kda_dense_config(dim=64, num_layers=num_layers, heads=2, head_dim=32, mlp_dim=128,
+                                 vocab_size=264, chunk_size=16)
+    L2 = 2 * num_layers
+    for n in valid_num_blocks(L2):
+        cfg = base.replace(residual="block", num_blocks=n)
+        size = peer.fla_block_size(cfg)
+        assert size >= 2 and size % 2 == 0  # fla's validate_attnres_config
+        ours = Residual(cfg.dim, L2, "block", n)
+        assert [j % size == 0 for j in range(L2)] == [j % ours.block_size == 0 for j in range(L2)], n
+        assert L2 // size == n
+    assert peer.fla_block_size(base.replace(residual="full")) == 1 == Residual(64, L2, "full").block_size
+    assert peer.fla_block_size(base.replace(residual="standard")) is None
+
+
+@pytest.mark.parametrize("mode", ["standard", "block", "full"])
+def test_our_decoder_at_the_peer_shape_has_flas_analytic_parameter_count(mode):
+    quick = e2e.default_shapes(quick=True)["kda-dense"].config.replace(residual=mode)
+    model = Decoder(quick)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == quick.num_params() == peer.fla_kda_num_params(peer.fla_model_kwargs(quick))
+    full = e2e.default_shapes(quick=False)["kda-dense"].config.replace(residual=mode)
+    with torch.device("meta"):  # the 0.97B model, counted without memory
+        big = Decoder(full)
+    n = sum(p.numel() for p in big.parameters())
+    assert n == full.num_params() == peer.fla_kda_num_params(peer.fla_model_kwargs(full))
+    described = e2e.default_shapes(quick=False)["kda-dense"].describe()["fla_model"][mode]
+    assert described["params_analytic"] == described["ours_params"] == n
+    assert described["kda_config"]["attnres_block_size"] == peer.fla_block_size(full)
+
+
+def test_peer_shapes_without_a_fla_model_say_why():
+    shapes = e2e.default_shapes(quick=False)
+    assert "MLA" in peer.fla_model_mismatch(shapes["dense"].config)
+    assert peer.fla_model_mismatch(shapes["medium"].config)
+    assert peer.fla_model_mismatch(shapes["kda-dense"].config) is None
+    assert "fla_model" not in shapes["dense"].describe()
+    with pytest.raises(ValueError, match="moe"):
+        peer.fla_model_kwargs(shapes["kda-dense"].config.replace(moe=True))
+
+
+def test_quick_run_has_the_fla_model_rows_skipped_with_the_reason_on_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the fla-model rows run (tests/gpu/test_fla_model_gpu.py)")
+    e2e.run_e2e_benchmark(
+        quick=True, shapes=["kda-dense", "dense"], modes=["standard", "block"], kinds=["train"],
+        variants=["eager"], impls=["attnres", "fla-model"], warmup=1, repeat=1, profile=False, device="cpu",
+        out=tmp_path / "e2e_peer.json",
+    )
+    data = json.loads((tmp_path / "e2e_peer.json").read_text())
+    assert data["fla_model"] == {"available": False, "reason": peer.fla_model_status()}
+    rows = data["rows"]
+    ours = [r for r in rows if r["impl"] == "attnres" and r["shape"] == "kda-dense"]
+    assert {(r["mode"], r["optimizer"]) for r in ours if r["status"] == "ok"} == {
+        ("standard", "none"), ("standard", "adamw"), ("block", "none"), ("block", "adamw")}
+    described = data["shapes"]["kda-dense"]["fla_model"]
+    assert all(r["params"] == described[r["mode"]]["ours_params"] for r in ours)
+    theirs = [r for r in rows if r["impl"] == "fla-model" and r["shape"] == "kda-dense"]
+    assert {(r["mode"], r["optimizer"]) for r in theirs} == {
+        ("standard", "none"), ("standard", "adamw"), ("block", "none"), ("block", "adamw")}
+    assert all(r["status"] == "skipped" and "CUDA" in r["reason"] for r in theirs), theirs
+    (other,) = [r for r in rows if r["impl"] == "fla-model" and r["shape"] == "dense"]
+    assert other["status"] == "skipped" and "token_mixer=kda" in other["reason"]
+    assert described["block"]["kda_config"]["attnres_block_size"] == 2  # quick: 8 sublayers, 4 blocks
+    assert "FusedLinearCrossEntropyLoss" in described["note"]
+
+
+class _FakeKDAForCausalLM(torch.nn.Module):
+    """transformers-style stand-in for fla's model on a CPU: ``(input_ids=, labels=, use_cache=) -> .loss``
+    (our decoder inside, so the step does real work)."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.decoder = Decoder(cfg)
+
+    def forward(self, input_ids, labels=None, use_cache=None):
+        assert use_cache is False
+        return type("Out", (), {"loss": self.decoder(input_ids, labels=labels).loss})()
+
+
+def test_fla_model_rows_time_the_wrapped_model_and_give_the_peer_ratios(tmp_path, monkeypatch):
+    """The whole fla-model path on a CPU, fla's model replaced by a transformers-style stand-in: rows ok,
+    ours/fla's ratios per mode (with the <= 1 verdict) and fla's block against its own standard."""
+    built = []
+
+    def fake_build(cfg, device, dtype):
+        built.append(cfg.residual)
+        return peer.FlaModel(_FakeKDAForCausalLM(cfg)).to(device=device, dtype=dtype)
+
+    monkeypatch.setattr(e2e, "build_fla_model", fake_build)
+    monkeypatch.setattr(e2e, "fla_model_status", lambda: None)
+    result = e2e.run_e2e_benchmark(
+        quick=True, shapes=["kda-dense"], modes=["standard", "block"], kinds=["train"], variants=["eager"],
+        impls=["attnres", "fla-model"], warmup=1, repeat=2, profile=False, device="cpu",
+        out=tmp_path / "e2e_peer.json",
+    )
+    assert built == ["standard", "block"]
+    rows = [r for r in result["rows"] if r["impl"] == "fla-model"]
+    assert len(rows) == 4 and all(r["status"] == "ok" and _positive_finite(r["ms"]) for r in rows), rows
+    assert all(r["ops_backend"] == "fla" and (r["source_bytes"] > 0) == (r["mode"] == "block") for r in rows)
+    whats = {(q["what"], q["optimizer"]): q for q in result["ratios"]}
+    for mode in ("standard", "block"):
+        for opt in ("none", "adamw"):
+            q = whats[(f"attnres/fla-model {mode}", opt)]
+            assert _positive_finite(q["time_ratio"]) and q["time_target_met"] == (q["time_ratio"] <= 1)
+    assert ("block(fla-model)/standard(fla-model)", "none") in whats
+    assert [q for q in result["ratios"] if q["what"] == "block/standard"]  # ours, unchanged
+    assert len([q for q in result["ratios"] if q["what"] == "block/standard"]) == 2  # not fla's rows too
+    assert "attnres/fla-model block" in e2e.format_table(result) and "target <= 1" in e2e.format_table(result)
+
+
+def test_fla_model_wrapper_returns_the_loss_and_a_zero_balance_loss():
+    cfg = e2e.default_shapes(quick=True)["kda-dense"].config
+    inner = _FakeKDAForCausalLM(cfg)
+    wrapped = peer.FlaModel(inner)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    out = wrapped(ids, labels=ids)
+    torch.testing.assert_close(out.loss, inner.decoder(ids, labels=ids).loss)
+    assert out.aux_loss.item() == 0.0 and out.aux_loss.dtype == out.loss.dtype

@@ -10,6 +10,9 @@ For the standard residual, Block AttnRes and Full AttnRes in the same model and 
   caches, batch 1 and 64; eager and captured in a CUDA graph);
 * the **fla peer row**: ``fla.ops.attnres.fused_attnres`` (fla-core 0.6.0) plugged into our decoder's
   residual path (:class:`FlaResidual`), one direct softmax over every source per sublayer;
+* the **fla model peer row** (``fla-model``, shape ``kda-dense``): fla's own ``KDAForCausalLM`` at our
+  decoder's shape, with and without its ``attnres_block_size`` (:mod:`attnres.bench.peer_fla_model`),
+  against our model in each residual mode (ratio ``attnres/fla-model``; the target is ``<= 1``);
 * **template vs hand-written**: the ``LanguageModel`` training step driven by a Lightning ``Trainer``
   (bf16-mixed, compiled) against a hand-written compiled step of the same model (same precision, same
   AdamW, same data) in the same process.
@@ -17,8 +20,10 @@ For the standard residual, Block AttnRes and Full AttnRes in the same model and 
 Shapes: ``dense`` is the 0.95B Llama-like decoder of the issue (d 2048, 16 layers, 16 heads of 128,
 SwiGLU 5632, vocab 32000, B 2, T 4096) built from our :class:`~attnres.model.Config` (see
 :func:`dense_config` for how close our NoPE MLA comes to plain multi-head attention); ``medium`` is the
-Kimi-Linear-style preset (KDA + MLA + MoE). ``quick=True`` swaps them for tiny shapes that run on a
-CPU in seconds (a smoke test of every code path, not a measurement).
+Kimi-Linear-style preset (KDA + MLA + MoE); ``kda-dense`` is the all-KDA dense decoder at fla's
+``KDAForCausalLM`` shape (0.97B: 16 layers, d 2048, 16 KDA heads of 128, SwiGLU 5632, B 2, T 4096).
+``quick=True`` swaps them for tiny shapes that run on a CPU in seconds (a smoke test of every code path,
+not a measurement).
 
 Timing: CUDA events around each repeat after warm-up (which includes compilation), median of the
 repeats; peak memory from ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. Every
@@ -51,6 +56,13 @@ import torch
 from torch import Tensor, nn
 
 from attnres import ops
+from attnres.bench.peer_fla_model import (
+    build_fla_model,
+    describe_fla_model,
+    fla_model_mismatch,
+    fla_model_status,
+    kda_dense_config,
+)
 from attnres.hardware import PEAK_BF16_FLOPS, peak_flops
 from attnres.model import Config, Decoder, DecoderCache, get_config, valid_num_blocks
 from attnres.residual import Residual, ResidualState
@@ -71,7 +83,7 @@ __all__ = [
 MODES: tuple[str, ...] = ("standard", "block", "full")
 KINDS: tuple[str, ...] = ("train", "prefill", "decode", "template")
 VARIANTS: tuple[str, ...] = ("eager", "compile")
-IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "attnres-unfused", "fla")
+IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "attnres-unfused", "fla", "fla-model")
 
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -137,6 +149,9 @@ class Shape:
         d["params"] = self.config.num_params()
         d["active_params"] = self.config.num_params(active=True)
         d["flops_per_token"] = self.config.flops_per_token(self.seq_len)
+        peer = describe_fla_model(self.config)
+        if peer is not None:  # fla's KDAForCausalLM at this shape: its KDAConfig and parameter count
+            d["fla_model"] = peer
         return d
 
 
@@ -150,16 +165,24 @@ def default_shapes(quick: bool, num_blocks: int = 8) -> dict[str, Shape]:
         medium = get_config("tiny", num_blocks=n, max_seq_len=32, dim=64, kda_head_dim=16,
                             mla_v_head_dim=16, mla_qk_nope_dim=16, mla_qk_shared_dim=8, mla_kv_rank=32,
                             expert_dim=32, mlp_dim=128)
+        # 4 KDA heads of 64: fla's kernels have autotune results for it in the shipped archive
+        # (lightning_modules/autotune), so the GPU test of this shape starts fast
+        kda = kda_dense_config(dim=256, num_layers=4, heads=4, head_dim=64, mlp_dim=512, vocab_size=264,
+                               seq_len=32, num_blocks=n, chunk_size=16)
         small = dict(decode_context=8, prefill_len=16, decode_batches=(1, 4))
         return {
             "dense": Shape("dense", dense, 2, 32, **small, note="quick (CPU smoke) stand-in for dense"),
             "medium": Shape("medium", medium, 2, 32, **small, note="quick (CPU smoke) stand-in for medium"),
+            "kda-dense": Shape("kda-dense", kda, 2, 32, **small,
+                               note="quick (CPU smoke) stand-in for kda-dense"),
         }
     medium = get_config("medium", num_blocks=num_blocks)
     small = get_config("small", num_blocks=num_blocks, max_seq_len=2048)
     return {
         "dense": Shape("dense", dense_config(num_blocks=num_blocks), 2, 4096, note=DENSE_NOTE),
         "medium": Shape("medium", medium, 2, 4096, note="the medium preset (Kimi-Linear style: KDA/MLA/MoE)"),
+        "kda-dense": Shape("kda-dense", kda_dense_config(num_blocks=num_blocks), 2, 4096,
+                           note="all-KDA dense decoder at fla's KDAForCausalLM shape (peer impl fla-model)"),
         "small": Shape("small", small, 16, 2048,
                        note="the small preset at configs/model/small.yaml's batch (16 x 2048 tokens)"),
         **{name: Shape(name, study_config(name, num_blocks), 32, 1024,
@@ -450,8 +473,10 @@ def _guarded(
     return run.add(row)
 
 
-def _build(shape: Shape, mode: str, impl: str, run: _Run, dtype: torch.dtype | None = None) -> Decoder:
+def _build(shape: Shape, mode: str, impl: str, run: _Run, dtype: torch.dtype | None = None) -> nn.Module:
     torch.manual_seed(0)
+    if impl == "fla-model":  # fla's KDAForCausalLM; called like our Decoder for training
+        return build_fla_model(shape.config.replace(residual=mode), run.device, dtype or run.dtype)
     cfg = shape.config.replace(
         residual=mode,
         residual_recompute=impl == "attnres-recompute",
@@ -553,7 +578,13 @@ def _train_rows(run: _Run, shape: Shape, mode: str, impl: str, variant: str) -> 
         resident = torch.cuda.memory_allocated(run.device) if run.device.type == "cuda" else None
         _reset_memory(run.device)
         t0 = time.perf_counter()
-        step()  # first call: compilation (compiled variant) and lazy state
+        try:
+            step()  # first call: compilation (compiled variant) and lazy state
+        except Exception as exc:  # a peer that torch.compile cannot take is skipped, with the reason
+            if impl != "fla-model" or variant != "compile" or isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            msg = f"torch.compile of fla's KDAForCausalLM failed: {type(exc).__name__}: {exc}"
+            return {"status": "skipped", "reason": msg.replace("\n", " ")[:400]}
         _sync(run.device)
         first_s = time.perf_counter() - t0
         ms = time_ms(step, run.device, max(run.warmup - 1, 0), run.repeat)
@@ -564,7 +595,8 @@ def _train_rows(run: _Run, shape: Shape, mode: str, impl: str, variant: str) -> 
             peak_mem_bytes=_peak_memory(run.device), resident_bytes_before=resident,
             source_bytes=traffic["source_bytes"], saved_partial_bytes=traffic["saved_partial_bytes"],
             residual_calls_per_step=traffic["calls_per_step"], residual_step_bytes=traffic["step_bytes"],
-            ops_backend=ops.backend(run.device) if impl != "fla" else "fla",
+            ops_backend=ops.backend(run.device) if not impl.startswith("fla") else "fla",
+            params=sum(p.numel() for p in model.parameters()),
         )
         bandwidth = (run.result.get("ceilings") or {}).get("copy_gbps")
         if bandwidth:  # the residual path's bytes at the measured copy bandwidth: no kernel does better
@@ -807,25 +839,26 @@ def _template_rows(run: _Run, shape: Shape, compile: bool, precision: str, per_s
 
 def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Block/standard, Full/standard (ours and fla's, against our standard row of the same kind, shape,
-    variant, optimizer and batch) and template/hand-written, from rows of this run, on step time and
-    (train) on peak memory, with the memory target ``standard + 1.1 x source bytes``."""
+    variant, optimizer and batch; fla's model against its own standard row), ours/fla's model per mode
+    (``attnres/fla-model``, target ``<= 1``) and template/hand-written, from rows of this run, on step
+    time and (train) on peak memory, with the memory target ``standard + 1.1 x source bytes``."""
     def key(r: dict[str, Any]) -> tuple:
         return (r.get("kind"), r.get("shape"), r.get("variant"), r.get("optimizer"), r.get("batch"))
 
     ok = [r for r in rows if r.get("status") == "ok"]
-    std = {key(r): r for r in ok if r.get("mode") == "standard" and r.get("impl") == "attnres"
-           and r.get("kind") != "template"}
+    std = {(key(r), r["impl"]): r for r in ok if r.get("mode") == "standard"
+           and r.get("impl") in ("attnres", "fla-model") and r.get("kind") != "template"}
     out = []
     for r in ok:
         if r.get("kind") == "template" or r.get("mode") == "standard":
             continue
-        s = std.get(key(r))
+        own = r["impl"] == "fla-model"  # fla's model: AttnRes against its own standard residual
+        s = std.get((key(r), "fla-model" if own else "attnres"))
         if s is None:
             continue
-        suffix = {"fla": "(fla)", "attnres-recompute": "(recompute)", "attnres-unfused": "(unfused)"}.get(
-            r["impl"], ""
-        )
-        what = f"{r['mode']}{suffix}/standard"
+        suffix = {"fla": "(fla)", "attnres-recompute": "(recompute)", "attnres-unfused": "(unfused)",
+                  "fla-model": "(fla-model)"}.get(r["impl"], "")
+        what = f"{r['mode']}{suffix}/standard{suffix if own else ''}"
         entry = {"kind": r["kind"], "shape": r["shape"], "variant": r["variant"],
                  "optimizer": r.get("optimizer"), "batch": r.get("batch"), "what": what,
                  "time_ratio": r["ms"] / s["ms"]}
@@ -834,6 +867,18 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             if r["kind"] == "train" and r.get("source_bytes"):
                 target = s["peak_mem_bytes"] + 1.1 * r["source_bytes"]
                 entry.update(mem_target_bytes=target, mem_target_met=r["peak_mem_bytes"] <= target)
+        out.append(entry)
+    peer = {(key(r), r.get("mode")): r for r in ok if r.get("impl") == "fla-model"}
+    for r in ok:  # our model against fla's KDAForCausalLM in the same mode: the target is <= 1
+        p = peer.get((key(r), r.get("mode"))) if r.get("impl") == "attnres" else None
+        if p is None:
+            continue
+        entry = {"kind": r["kind"], "shape": r["shape"], "variant": r["variant"],
+                 "optimizer": r.get("optimizer"), "batch": r.get("batch"),
+                 "what": f"attnres/fla-model {r['mode']}", "time_ratio": r["ms"] / p["ms"],
+                 "time_target_met": r["ms"] <= p["ms"]}
+        if r.get("peak_mem_bytes") and p.get("peak_mem_bytes"):
+            entry["mem_ratio"] = r["peak_mem_bytes"] / p["peak_mem_bytes"]
         out.append(entry)
     tmpl = {r["impl"]: r for r in ok if r.get("kind") == "template"}
     h = tmpl.get("hand-written")
@@ -879,8 +924,11 @@ def format_table(result: dict[str, Any]) -> str:
             if "mem_target_met" in q:
                 verdict = "met" if q["mem_target_met"] else "MISSED"
                 mem += f" (target {_fmt_bytes(q['mem_target_bytes'])}: {verdict})"
+            target = ""
+            if "time_target_met" in q:
+                target = f" (target <= 1: {'met' if q['time_target_met'] else 'MISSED'})"
             out.append(f"  {q['kind']:<8} {q['shape']:<7} {q['variant']:<8} {q.get('optimizer') or '':<6} "
-                       f"B={q.get('batch')!s:<3} {q['what']:<25} time {q['time_ratio']:.3f}x{mem}")
+                       f"B={q.get('batch')!s:<3} {q['what']:<25} time {q['time_ratio']:.3f}x{target}{mem}")
     env = result.get("ceilings") or {}
     if env:
         out.append(f"\nmeasured: matmul {env['matmul_tflops']:.3g} TFLOP/s "
@@ -1006,6 +1054,8 @@ def _run_e2e(
                Path(out) if out is not None else None, result, profile=profile)
     fla_why = fla_status() if "fla" in impls else None
     result["fla"] = {"available": fla_why is None, "reason": fla_why}
+    fla_model_why = fla_model_status() if "fla-model" in impls else None
+    result["fla_model"] = {"available": fla_model_why is None, "reason": fla_model_why}
     try:
         result["ceilings"] = measure_ceilings(dev, quick)
     except Exception as exc:
@@ -1017,12 +1067,17 @@ def _run_e2e(
     theirs = [m for m in modes if m != "standard"] if "fla" in impls else []
 
     def train(shape: Shape, impl: str, variant: str, ms: list[str]) -> None:
+        if impl == "fla-model" and fla_model_mismatch(shape.config) is not None:  # one row says why
+            run.add({"kind": "train", "shape": shape.name, "impl": impl, "variant": variant,
+                     "status": "skipped", "reason": fla_model_mismatch(shape.config)})
+            return
+        why = {"fla": fla_why, "fla-model": fla_model_why}.get(impl)
         for m in ms:
-            if impl == "fla" and fla_why is not None:
+            if why is not None:
                 for opt in ("none", "adamw"):
-                    run.add({"kind": "train", "shape": shape.name, "mode": m, "impl": "fla",
+                    run.add({"kind": "train", "shape": shape.name, "mode": m, "impl": impl,
                              "variant": variant, "optimizer": opt, "batch": shape.batch, "status": "skipped",
-                             "reason": fla_why})
+                             "reason": why})
                 continue
             _train_rows(run, shape, m, impl, variant)
 
@@ -1039,6 +1094,8 @@ def _run_e2e(
                 train(shape, "attnres-unfused", "eager", [m for m in ours if m != "standard"])
         for shape in picked:
             train(shape, "fla", "eager", theirs)
+            if "fla-model" in impls:  # fla's own model, every mode (standard: attnres_block_size None)
+                train(shape, "fla-model", "eager", ours)
     for shape in picked if serve else []:
         for m in ours if "attnres" in impls else []:
             _serve_rows(run, shape, m, "attnres", serve, graphs and dev.type == "cuda")
@@ -1055,6 +1112,8 @@ def _run_e2e(
     if "train" in kinds and "compile" in variants:
         for shape in picked:
             train(shape, "fla", "compile", theirs)
+            if "fla-model" in impls:
+                train(shape, "fla-model", "compile", ours)
     run.flush()
     result.pop("_t0", None)
     return result
@@ -1095,11 +1154,11 @@ def default_out_path(
 
 def bench_e2e(
     quick: bool = False,
-    shapes: list[Literal["dense", "medium", "small", "s", "m"]] | None = None,
+    shapes: list[Literal["dense", "medium", "kda-dense", "small", "s", "m"]] | None = None,
     modes: list[Literal["standard", "block", "full"]] | None = None,
     kinds: list[Literal["train", "prefill", "decode", "template"]] | None = None,
     variants: list[Literal["eager", "compile"]] | None = None,
-    impls: list[Literal["attnres", "attnres-recompute", "attnres-unfused", "fla"]] | None = None,
+    impls: list[Literal["attnres", "attnres-recompute", "attnres-unfused", "fla", "fla-model"]] | None = None,
     num_blocks: int = 8,
     graphs: bool = True,
     template_compile: bool | None = None,
@@ -1123,7 +1182,8 @@ def bench_e2e(
     Args:
         quick: tiny shapes (a CPU smoke run in seconds; not a measurement).
         shapes: ``dense`` (the issue's 0.95B decoder, B 2, T 4096), ``medium`` (the Kimi-Linear-style
-            preset, B 2, T 4096), ``small`` (B 16, T 2048), the study's ``s`` and ``m`` (B 32, T 1024).
+            preset, B 2, T 4096), ``kda-dense`` (all KDA, dense MLPs: fla's KDAForCausalLM shape, 0.97B,
+            B 2, T 4096), ``small`` (B 16, T 2048), the study's ``s`` and ``m`` (B 32, T 1024).
             Default: dense and medium.
         modes: residual modes. Default: standard, block, full.
         kinds: ``train``, ``prefill``, ``decode``, ``template``. Default: all.
@@ -1131,7 +1191,10 @@ def bench_e2e(
             Default: both (``quick``: eager only; compiling on a CPU takes minutes).
         impls: ``attnres`` (ours), ``attnres-recompute`` (ours with ``residual_recompute``: Block rows,
             eager), ``attnres-unfused`` (ours with ``residual_fuse_norm`` off: phase 2 and the sublayer
-            norm as separate ops; AttnRes rows) and/or ``fla`` (fla-core's fused_attnres in our decoder).
+            norm as separate ops; AttnRes rows), ``fla`` (fla-core's fused_attnres in our decoder) and/or
+            ``fla-model`` (fla's own KDAForCausalLM, flash-linear-attention 0.6 + transformers, at the
+            ``kda-dense`` shape: ``attnres_block_size`` None / ``2 L / num_blocks`` / 1 for standard /
+            block / full; other shapes get one skipped row saying why).
         num_blocks: N of Block AttnRes.
         graphs: also time prefill and decode replayed from a CUDA graph (GPU only).
         template_compile: compile in the template comparison (default: on a GPU).

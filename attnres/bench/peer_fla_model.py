@@ -1,0 +1,198 @@
+"""A peer from outside the project for ``attnres bench e2e`` (issue 24, item 2): fla's own
+``KDAForCausalLM`` (flash-linear-attention 0.6, transformers) at the shape of our decoder, with and
+without its ``attnres_block_size``, timed in the same process as our ``Decoder``.
+
+The matching shape (``kda-dense``, :func:`kda_dense_config`): every layer KDA, dense SwiGLU MLPs. fla's
+model mixes in attention layers only through ``KDAConfig.attn``, which builds fla's ``Attention`` (RoPE
+MHA/GQA, not MLA) on ``flash_attn``, which our GPU image does not have; so the peer is pure KDA
+(``attn=None``) and so is our side (``token_mixer="kda"``, ``moe=False``). At d 2048, 16 heads of 128,
+conv 4, vocab 32000 this is fla's default ``KDAConfig`` (whose ``hidden_ratio`` 4 gives intermediate 5632)
+at 16 layers instead of 24.
+
+Block size. fla's ``attnres_block_size`` counts sublayers (two per layer): sublayer ``j`` (``2 i`` the
+attention of layer ``i``, ``2 i + 1`` its MLP) starts a new block when ``j % attnres_block_size == 0``,
+and 1 is Full AttnRes. Ours: ``num_blocks`` blocks over the ``2 L`` sublayers, so
+``attnres_block_size = 2 L / num_blocks`` (an even integer: our ``valid_num_blocks``); ``full`` is 1.
+Both then see the same sources at every sublayer (the embedding, the completed block sums, the partial
+sum of the current block) and read out over the embedding and the block sums.
+
+Parameters. :func:`fla_kda_num_params` counts fla's model from its modeling code; at the matching shape it
+equals our ``Config.num_params()`` exactly (the KDA layer has the same projections, low-rank gate
+and decay of rank ``head_dim``, gate bias, per-head output norm, bias-free short convs; two PreNorm
+weights per layer; an untied head; per AttnRes query a projection and a key-norm weight).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnres.model import Config
+
+__all__ = [
+    "FLA_MODEL_NOTE",
+    "FlaModel",
+    "build_fla_model",
+    "describe_fla_model",
+    "fla_block_size",
+    "fla_kda_num_params",
+    "fla_model_kwargs",
+    "fla_model_mismatch",
+    "fla_model_status",
+    "kda_dense_config",
+]
+
+FLA_MODEL_NOTE = (
+    "kda-dense vs fla's KDAForCausalLM (flash-linear-attention 0.6): same layers, hidden size, KDA heads x "
+    "head dim, short-conv size, MLP width, vocab, untied head; parameter counts equal. Not matched: "
+    "fla's KDAConfig.attn layers (RoPE MHA on flash-attn, not installed, and not MLA): pure KDA both sides; "
+    "fla computes the decay gate, q/k L2 norm and beta sigmoid inside chunk_kda, ours in PyTorch before "
+    "chunk_kda; fla's short convs run its Triton causal_conv1d, ours F.conv1d; fla's output norm is "
+    "FusedRMSNormGated (norm x sigmoid gate in one kernel), ours RMSNorm then the gate in fp32; fla's "
+    "defaults fuse_norm (residual add + RMSNorm), fuse_swiglu (SwiGLU + down projection) and, in training, "
+    "fuse_cross_entropy -> FusedLinearCrossEntropyLoss (no [B, T, V] logits), ours materialises fp32 logits; "
+    "fla shifts labels inside (T - 1 targets per row), ours takes aligned labels (T); fla's AttnRes is one "
+    "fused_attnres softmax over the explicit sources per sublayer with the PreNorm folded in, ours two-phase "
+    "(phase 1 per block, phase 2 merge + norm); fla's depth-key RMSNorm eps is its norm_eps (set to our "
+    "rms_norm_eps), ours residual_eps; init differs (fla: normal 0.02 everywhere, ours scales output "
+    "projections by 1/sqrt(2L)): no effect on step time."
+)
+
+
+def kda_dense_config(
+    dim: int = 2048, num_layers: int = 16, heads: int = 16, head_dim: int = 128, mlp_dim: int = 5632,
+    vocab_size: int = 32000, seq_len: int = 4096, num_blocks: int = 8, conv_size: int = 4,
+    chunk_size: int = 64, residual: str = "standard",
+) -> Config:
+    """Our decoder at fla's ``KDAForCausalLM`` shape: every layer KDA (``heads x head_dim``, short convs of
+    ``conv_size``), dense SwiGLU of ``mlp_dim``, untied head; ``chunk_size`` is our CPU path's only."""
+    return Config(
+        name="kda-dense", vocab_size=vocab_size, max_seq_len=seq_len, dim=dim, num_layers=num_layers,
+        residual=residual, num_blocks=num_blocks, token_mixer="kda", moe=False, mlp_dim=mlp_dim,
+        kda_head_dim=head_dim, kda_num_heads=heads, kda_conv_size=conv_size, kda_chunk_size=chunk_size,
+        first_dense_layers=0, tie_embeddings=False,
+    )
+
+
+def fla_model_mismatch(cfg: Config) -> str | None:
+    """None when fla's ``KDAForCausalLM`` can be built at ``cfg``'s shape, else why not."""
+    if cfg.token_mixer != "kda":
+        return (f"fla's KDAForCausalLM has no MLA layers (its attention layers are RoPE MHA on flash-attn): "
+                f"needs token_mixer=kda, shape has {cfg.token_mixer}")
+    if cfg.moe:
+        return "fla's KDAForCausalLM has dense MLPs only: needs moe=false"
+    return None
+
+
+def fla_block_size(cfg: Config) -> int | None:
+    """fla's ``attnres_block_size`` for ``cfg.residual``: None (standard), 1 (full), or the sublayers per
+    block, ``2 * num_layers / num_blocks`` (block)."""
+    if cfg.residual == "standard":
+        return None
+    if cfg.residual == "full":
+        return 1
+    return cfg.num_sublayers // cfg.num_blocks
+
+
+def fla_model_kwargs(cfg: Config) -> dict[str, Any]:
+    """The ``fla.models.KDAConfig`` arguments of ``cfg``'s shape (residual mode included). fla's fusion
+    switches are left at its defaults (on), as its users run it."""
+    why = fla_model_mismatch(cfg)
+    if why is not None:
+        raise ValueError(why)
+    return dict(
+        hidden_size=cfg.dim, num_hidden_layers=cfg.num_layers, num_heads=cfg.kda_heads,
+        head_dim=cfg.kda_head_dim, expand_v=1.0, num_v_heads=None, use_short_conv=True,
+        conv_size=cfg.kda_conv_size, intermediate_size=cfg.mlp_dim, hidden_act="swish",
+        vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, norm_eps=cfg.rms_norm_eps,
+        initializer_range=cfg.init_std, max_position_embeddings=cfg.max_seq_len, attn=None,
+        attn_mode="chunk", attnres_block_size=fla_block_size(cfg), use_cache=False,
+    )
+
+
+def fla_kda_num_params(kw: Mapping[str, Any]) -> int:
+    """Parameters of fla 0.6's ``KDAForCausalLM(KDAConfig(**kw))``, counted from its modeling code
+    (``fla/models/kda/modeling_kda.py``, ``fla/layers/kda.py``, ``fla/modules/mlp.py``)."""
+    d, L, H, K = kw["hidden_size"], kw["num_hidden_layers"], kw.get("num_heads", 16), kw.get("head_dim", 128)
+    HV = kw.get("num_v_heads") or H
+    V = int(K * kw.get("expand_v", 1.0))  # head_v_dim
+    key, value, gate = H * K, HV * V, HV * K
+    conv = kw.get("conv_size", 4) if kw.get("use_short_conv", True) else 0
+    kda = (
+        2 * d * key + d * value  # q_proj, k_proj, v_proj
+        + (2 * key + value) * conv  # q/k/v ShortConvolution: depthwise nn.Conv1d, conv_bias=False
+        + d * V + V * gate  # f_proj: Linear(d, head_v_dim), Linear(head_v_dim, gate_dim)
+        + d * HV + HV + gate  # b_proj, A_log [HV], dt_bias [gate_dim]
+        + d * V + V * value + value  # g_proj: Linear(d, head_v_dim), Linear(head_v_dim, value_dim, bias)
+        + V  # o_norm: FusedRMSNormGated(head_v_dim) weight
+        + value * d  # o_proj
+    )
+    inter = kw.get("intermediate_size")
+    if inter is None:  # GatedMLP's rule: 2/3 of hidden_ratio * d, up to a multiple of 256
+        inter = int(d * (kw.get("hidden_ratio") or 4) * 2 / 3)
+        inter = 256 * ((inter + 255) // 256)
+    layer = kda + 3 * d * inter + 2 * d  # + attn_norm, mlp_norm
+    # per layer attn_res_proj, attn_res_norm, mlp_res_proj, mlp_res_norm; the model's res_proj, res_norm
+    attnres = (4 * d * L + 2 * d) if kw.get("attnres_block_size") is not None else 0
+    vocab = kw.get("vocab_size", 32000) * d
+    return L * layer + attnres + d + vocab * (1 if kw.get("tie_word_embeddings", False) else 2)
+
+
+def describe_fla_model(cfg: Config, modes: tuple[str, ...] = ("standard", "block", "full")) -> dict | None:
+    """For a shape's JSON: per residual mode fla's ``KDAConfig`` arguments, its parameter count (analytic,
+    :func:`fla_kda_num_params`) and ours (``Config.num_params``); None when no fla model matches."""
+    if fla_model_mismatch(cfg) is not None:
+        return None
+    out: dict[str, Any] = {"note": FLA_MODEL_NOTE}
+    for mode in modes:
+        c = cfg.replace(residual=mode)
+        kw = fla_model_kwargs(c)
+        out[mode] = {"kda_config": kw, "params_analytic": fla_kda_num_params(kw),
+                     "ours_params": c.num_params()}
+    return out
+
+
+def fla_model_status() -> str | None:
+    """None when fla's ``KDAForCausalLM`` can run here, else why not."""
+    if not torch.cuda.is_available():
+        return "fla's KDAForCausalLM runs fla's Triton kernels: needs CUDA"
+    try:
+        from fla.models.kda import KDAConfig, KDAForCausalLM  # noqa: F401
+    except Exception as exc:  # not installed, or transformers missing / of another major version
+        return (f"fla.models not importable (needs flash-linear-attention 0.6 and transformers): "
+                f"{type(exc).__name__}: {exc}")[:300]
+    return None
+
+
+@dataclass
+class PeerOutput:
+    """What the benchmark's training step reads from a model: ``loss`` and ``aux_loss`` (scalars)."""
+
+    loss: Tensor
+    aux_loss: Tensor
+
+
+class FlaModel(nn.Module):
+    """fla's ``KDAForCausalLM`` behind our ``Decoder``'s training call: ``forward(input_ids [B, T],
+    labels [B, T]) -> .loss, .aux_loss`` (fla's transformers-style ``.loss``; no balance loss: 0)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> PeerOutput:
+        loss = self.model(input_ids=input_ids, labels=labels, use_cache=False).loss
+        return PeerOutput(loss=loss, aux_loss=torch.zeros((), device=loss.device, dtype=loss.dtype))
+
+
+def build_fla_model(cfg: Config, device: torch.device | str, dtype: torch.dtype) -> FlaModel:
+    """fla's ``KDAForCausalLM`` at ``cfg``'s shape and residual mode, built on ``device`` in ``dtype``."""
+    from fla.models.kda import KDAConfig, KDAForCausalLM
+
+    with torch.device(device):
+        model = KDAForCausalLM(KDAConfig(**fla_model_kwargs(cfg)))
+    return FlaModel(model.to(dtype=dtype))
