@@ -50,7 +50,7 @@ fi
 python3 -c "from attnres import ops; print('depth ops on cuda:', ops.backend('cuda'))"
 if (( fresh )); then
   # the GPU tests of the KDA path (fla, document packing) first, then the CUDA op tests, in one log
-  timeout "${PRESETS_TEST_S:-150}" python3 -m pytest -q -rfE tests/gpu/test_documents_fla_gpu.py \
+  timeout "${PRESETS_TEST_S:-150}" python3 -m pytest -q -rfE tests/gpu/test_documents_fla_gpu.py tests/gpu/test_fla_model_gpu.py \
     tests/gpu/test_kda_fla_gpu.py tests/test_ops_cuda.py >"$OUT/tests_gpu.log" 2>&1
   echo "GPU tests: exit $? ($(tail -1 "$OUT/tests_gpu.log"))"
   grep -E "^(FAILED|ERROR)" "$OUT/tests_gpu.log" | head -20
