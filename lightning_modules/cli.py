@@ -243,10 +243,12 @@ def run_lightning_cli(argv: list[str]) -> None:
 
 
 def _close_process_group() -> None:
-    """Tear down the process group the strategy made (DDP/FSDP/PP) before the interpreter exits: left
-    to interpreter shutdown, gloo's threads could abort a finished run ("terminate called without an
-    active exception", exit status -6; seen once in CI after `Trainer.fit` had completed)."""
+    """Tear down the process group the strategy made (DDP/FSDP/PP) before the interpreter exits
+    (:func:`attnres.parallel.close_process_groups` says why: a gloo thread left to interpreter shutdown
+    aborts a finished run, "terminate called without an active exception")."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        from attnres.parallel import close_process_groups
+
+        close_process_groups()
