@@ -5,6 +5,7 @@ Heavy imports (torch, Lightning) happen inside the functions so ``attnres info``
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -15,20 +16,24 @@ DEFAULT_CONFIG = "configs/default.yaml"
 
 
 def _load_checkpoint(ckpt: str, device: str = "cpu") -> tuple[Any, Any, dict]:
-    """(LanguageModel in eval mode, tokenizer, raw checkpoint dict) from a Lightning checkpoint."""
-    import torch
-
+    """(LanguageModel in eval mode, tokenizer, raw checkpoint dict) from a Lightning checkpoint, read
+    once and checked against its checksums (:func:`lightning_modules.checkpoint.load_checkpoint`)."""
+    from lightning_modules.checkpoint import CheckpointError, load_checkpoint
     from lightning_modules.module import LanguageModel
     from lightning_modules.tokenizer import ByteTokenizer, tokenizer_from_dict
 
-    path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"--ckpt {ckpt}: no such checkpoint (training writes <run dir>/checkpoints/last.ckpt)"
+    raw = load_checkpoint(ckpt, map_location=device)
+    if "state_dict" not in raw or "hyper_parameters" not in raw:
+        raise CheckpointError(
+            f"checkpoint {ckpt} has no model weights and hyperparameters (keys: {sorted(raw)[:6]}); "
+            "give a checkpoint written by attnres fit"
         )
-    raw = torch.load(path, map_location=device, weights_only=True)
-    module = LanguageModel.load_from_checkpoint(path, map_location=device)
-    module.eval()
+    # what LanguageModel.load_from_checkpoint does, from the dict already loaded and checked
+    init_args = inspect.signature(LanguageModel.__init__).parameters  # not LightningCLI's _instantiator
+    module = LanguageModel(**{k: v for k, v in raw["hyper_parameters"].items() if k in init_args})
+    module.on_load_checkpoint(raw)
+    module.load_state_dict(raw["state_dict"])
+    module.to(device).eval()
     extra = raw.get("attnres", {})
     tok = tokenizer_from_dict(extra["tokenizer"]) if "tokenizer" in extra else ByteTokenizer()
     if tok.vocab_size > module.config.vocab_size:
@@ -94,7 +99,9 @@ def plot(
 
     Args:
         ckpt: a checkpoint written by ``attnres fit``.
-        output_dir: where to write (default: ``plots/`` next to the checkpoint's ``checkpoints/`` folder).
+        output_dir: where to write (default: ``plot_<checkpoint>_step<N>/`` beside the run's own
+            ``plots/`` folder, i.e. next to the checkpoint's ``checkpoints/`` folder; the training's
+            plots are left as they are).
         batch_size: sequences in the batch.
         text_file: take the batch from this text file instead of the checkpoint's validation data.
     """
@@ -120,8 +127,9 @@ def plot(
 
         batch = checkpoint_val_batch(raw, batch_size)
     stats, grads = module.depth_diagnostics(batch)
-    out_dir = Path(output_dir) if output_dir else Path(ckpt).resolve().parent.parent / "plots"
     step = raw.get("global_step", 0)
+    run_dir = Path(ckpt).resolve().parent.parent
+    out_dir = Path(output_dir) if output_dir else run_dir / f"plot_{Path(ckpt).stem}_step{step:06d}"
     written = write_plots(stats, grads, out_dir, f"{Path(ckpt).name} (step {step})")
     for k, v in summary_scalars(stats).items():
         print(f"{k}: {v:.4f}")
