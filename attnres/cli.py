@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             "bench": {"ops": bench_ops, "e2e": bench_e2e, "scaling": bench_scaling},
             "generate": commands.generate,
             "plot": commands.plot,
+            "export": commands.export,
             "compare": commands.compare,
             "tokenizer": {"train": commands.tokenizer_train},
             "prepare": commands.prepare,

@@ -1,4 +1,4 @@
-"""The typed functions behind ``attnres generate | plot | compare | tokenizer train | prepare``.
+"""The typed functions behind ``attnres generate | plot | export | compare | tokenizer train | prepare``.
 
 Heavy imports (torch, Lightning) happen inside the functions so ``attnres info`` stays fast.
 """
@@ -137,6 +137,38 @@ def plot(
     for p in written:
         print(p)
     return [str(p) for p in written]
+
+
+def export(ckpt: str, output: str) -> str:
+    """Take the weights out of a checkpoint: ``model.safetensors`` and ``config.json`` (the model's
+    ``Config`` fields and its tokenizer; a BPE tokenizer also as ``tokenizer.json``) in ``output``,
+    loadable without Lightning: ``attnres.model.Decoder.from_pretrained(output)``.
+
+    Args:
+        ckpt: a checkpoint written by ``attnres fit`` (checked against its checksums).
+        output: the folder to write (created; files of the same names are replaced).
+    """
+    import attnres
+
+    module, tok, raw = _load_checkpoint(ckpt)
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {output} is a file; give a folder to write the weights into")
+    extra: dict[str, Any] = {"attnres_version": attnres.__version__, "global_step": raw.get("global_step", 0),
+                             "source_checkpoint": str(Path(ckpt).resolve())}
+    spec = raw.get("attnres", {}).get("tokenizer") or {"kind": "byte"}
+    if spec["kind"] == "bpe":  # the tokenizers library's own file: tokenizers.Tokenizer.from_file
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tokenizer.json").write_text(spec["json"], encoding="utf-8")
+        extra["tokenizer"] = {"kind": "bpe", "file": "tokenizer.json", "vocab_size": tok.vocab_size}
+    else:
+        extra["tokenizer"] = {"kind": spec["kind"], "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
+    module.model.save_pretrained(out, extra)
+    params = module.model.num_parameters()
+    print(f"exported {params:,} parameters (step {extra['global_step']}) to {out}: model.safetensors, "
+          f"config.json{', tokenizer.json' if spec['kind'] == 'bpe' else ''}")
+    print(f"load it without Lightning: attnres.model.Decoder.from_pretrained({str(out)!r})")
+    return str(out)
 
 
 def compare(
