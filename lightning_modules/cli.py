@@ -52,6 +52,15 @@ class FinalCheckpoint(ModelCheckpoint):
     the start of ``fit`` removes the temporary files of saves that a kill interrupted (one line says
     which)."""
 
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        # resuming this directory's last.ckpt (a run moved or copied: the restored state's dirpath
+        # differs, so Lightning forgets its last_model_path and would write last-v1.ckpt beside it)
+        own = os.path.join(self.dirpath or "", self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        ckpt = trainer.ckpt_path
+        if ckpt and self.dirpath and not self.last_model_path and Path(ckpt).resolve() == Path(own).resolve():
+            self.last_model_path = own
+
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit" or not trainer.is_global_zero or not self.dirpath or "://" in str(self.dirpath):
