@@ -422,3 +422,16 @@ def test_license_is_the_chosen_licences_full_text(tmp_path: Path, license_: str)
         assert hashlib.md5(body.encode()).hexdigest() == CANONICAL_MD5[license_]
     else:
         assert all(phrase in text for phrase in LICENSE_PHRASES[license_]), text[:300]
+
+
+@pytest.mark.slow
+def test_generated_small_moe_project_passes_its_own_make_test(tmp_path: Path) -> None:
+    """The whole `make test` of a project generated with a GPU preset (small, MoE), on this CPU: install
+    (builds its extension), then its full suite. Long: about 25-40 minutes on a busy 2-core machine."""
+    project = generate(tmp_path / "gen", {"package_name": "smalllab", "model_preset": "small", "moe": "yes"})
+    python = venv_python(tmp_path)
+    path = f"{python.parent}{os.pathsep}{os.environ['PATH']}"
+    env = {"VIRTUAL_ENV": str(python.parent.parent), "PATH": path}  # make's $(PY) is then this venv's python
+    out = run(["make", "test", "PYTEST_ARGS=-p no:cacheprovider -m 'not cuda'"], project, 4 * 3600, env)
+    summary = re.search(r"^(\d+ (passed|failed).*) in [\d.]+s", out, flags=re.M)
+    assert summary and "failed" not in summary.group(1) and "error" not in summary.group(1), out[-3000:]
