@@ -22,7 +22,7 @@ def _load_checkpoint(ckpt: str, device: str = "cpu") -> tuple[Any, Any, dict]:
     from lightning_modules.module import LanguageModel
     from lightning_modules.tokenizer import ByteTokenizer, tokenizer_from_dict
 
-    raw = load_checkpoint(ckpt, map_location=device)
+    raw = load_checkpoint(ckpt, map_location="cpu")  # checked on the host; the module moves below
     if "state_dict" not in raw or "hyper_parameters" not in raw:
         raise CheckpointError(
             f"checkpoint {ckpt} has no model weights and hyperparameters (keys: {sorted(raw)[:6]}); "
