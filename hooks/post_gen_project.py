@@ -1,7 +1,7 @@
 """Cookiecutter post-generation hook: derive the new project from the template repository's own files.
 
 The repository is a working project at its root; the template folder holds only what is
-template-only (the README head, the LICENSE). This hook copies the root files into the generated
+template-only (the README head). This hook copies the root files into the generated
 project (what git tracks or would track, so build outputs, virtual environments and logs stay
 behind; without git, a walk that skips them), leaving out the template machinery itself, then:
 
