@@ -142,7 +142,7 @@ def test_package_extension_ops_and_console_script_carry_the_new_name(project: Pa
     assert f"{PKG}*" in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     makefile = (project / "Makefile").read_text()
     assert f"-m {PKG} fit" in makefile and f"{PKG}/*.so" in makefile
-    assert (project / "LICENSE").read_text().startswith("SPDX-License-Identifier: MIT")
+    assert (project / "LICENSE").read_text().startswith("MIT License\n\nCopyright (c) ")  # the full text
     assert "Ada Lovelace" in (project / "LICENSE").read_text()
 
 
