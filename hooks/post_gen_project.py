@@ -382,7 +382,8 @@ def main() -> None:
     except HookError as exc:
         sys.exit(f"error: generating from {TEMPLATE_ROOT}: {exc}")
     where = "" if MODEL_ANSWERS["preset"] in CPU_PRESETS else " (on a machine with a CUDA GPU)"
-    print(f"{ANSWERS['project_name']} (package {PKG}) is in {dst}\nquick start: cd {dst} && make train{where}")
+    print(f"{ANSWERS['project_name']} (package {PKG}) is in {dst}")
+    print(f"quick start: cd {dst} && make train{where}")
 
 
 if __name__ == "__main__":
