@@ -425,9 +425,14 @@ def test_license_is_the_chosen_licences_full_text(tmp_path: Path, license_: str)
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ATTNRES_TEMPLATE_MAKE_TEST"),
+                    reason="the generated project's whole suite, ~14 min: ATTNRES_TEMPLATE_MAKE_TEST=1")
 def test_generated_small_moe_project_passes_its_own_make_test(tmp_path: Path) -> None:
     """The whole `make test` of a project generated with a GPU preset (small, MoE), on this CPU: install
-    (builds its extension), then its full suite. Long: about 25-40 minutes on a busy 2-core machine."""
+    (builds its extension), then its full suite: 14 minutes on a busy 2-core machine, so CI's
+    `make test` (the repository's own suite, within ~15 minutes) skips it unless
+    ``ATTNRES_TEMPLATE_MAKE_TEST=1``; the quick check that runs everywhere is
+    ``test_generated_training_tests_build_their_model_whatever_the_preset``."""
     project = generate(tmp_path / "gen", {"package_name": "smalllab", "model_preset": "small", "moe": "yes"})
     python = venv_python(tmp_path)
     path = f"{python.parent}{os.pathsep}{os.environ['PATH']}"
