@@ -213,6 +213,7 @@ def _dispatch(argv: list[str]) -> None:
             },
             "generate": commands.generate,
             "plot": commands.plot,
+            "export": commands.export,
             "compare": commands.compare,
             "tokenizer": {"_help": DESCRIPTIONS["tokenizer"], "train": commands.tokenizer_train},
             "prepare": commands.prepare,

@@ -1,7 +1,7 @@
 """Cookiecutter post-generation hook: derive the new project from the template repository's own files.
 
 The repository is a working project at its root; the template folder holds only what is
-template-only (the README head, the LICENSE). This hook copies the root files into the generated
+template-only (the README head). This hook copies the root files into the generated
 project (what git tracks or would track, so build outputs, virtual environments and logs stay
 behind; without git, a walk that skips them), leaving out the template machinery itself, then:
 
@@ -12,7 +12,12 @@ behind; without git, a walk that skips them), leaving out the template machinery
 * writes the answers into ``pyproject.toml`` (description, author, license), ``setup.py`` (the
   CUDA build default), ``configs/default.yaml`` (preset, residual mode, num_blocks, MoE) and the
   per-preset ``configs/model/*.yaml`` (residual mode and MoE; num_blocks in the chosen preset's);
-* appends the template README's sections (renamed) to the generated README's quick start.
+* appends the template README's sections (renamed) to the generated README's quick start;
+* writes the chosen licence's full text into ``LICENSE`` (from ``hooks/licenses/<answer>.txt``);
+* for a preset that needs a GPU (any but ``tiny``), makes ``make train`` compose the preset's model
+  config and the GPU trainer config, so it trains in bf16 on the GPUs, or on a machine without one
+  stops at once (Lightning: no GPU for ``trainer.accelerator: gpu``) instead of running the model in
+  fp32 on the CPU for hours.
 
 Every edit of a file it expects to find fails loudly (exit 1, message on stderr) when the text it
 edits is missing, so a change at the template's root that the hook does not follow is caught by
@@ -21,6 +26,7 @@ edits is missing, so a change at the template's root that the hook does not foll
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -47,6 +53,8 @@ SKIP_ANYWHERE = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff
                  ".ipynb_checkpoints"}
 SKIP_TOP = {"build", "dist", "runs", "lightning_logs", ".cache", ".whl", ".gl", ".eggs"}
 SKIP_SUFFIXES = {".so", ".pyd", ".pyc", ".pyo", ".o", ".ckpt", ".egg-info"}
+# Presets a CPU trains in minutes; the others get the GPU set-up for ``make train``.
+CPU_PRESETS = {"tiny"}
 # README sections of the template that a generated project does not inherit (it has its own).
 README_OWN_SECTIONS = {"quick start", "start your own project"}
 
@@ -327,6 +335,39 @@ def compose_readme(path: Path, template_readme: str) -> None:
     path.write_text("\n".join([head, *kept]), encoding="utf-8")
 
 
+def write_license(path: Path) -> None:
+    """``LICENSE``: the full text of the chosen licence (``hooks/licenses/<answer>.txt``), with this
+    year and the author in its copyright line (MIT, BSD-3-Clause, Proprietary) or one put before it
+    (Apache-2.0 and the GPL, whose texts are reproduced verbatim)."""
+    source = TEMPLATE_ROOT / "hooks" / "licenses" / f"{ANSWERS['license']}.txt"
+    if not source.is_file():
+        raise HookError(f"no licence text for license={ANSWERS['license']!r} (expected {source})")
+    text = source.read_text(encoding="utf-8")
+    year, holder = str(datetime.datetime.now(datetime.timezone.utc).year), str(ANSWERS["author"])
+    if "{holder}" in text:
+        text = text.replace("{year}", year).replace("{holder}", holder)
+    else:
+        text = f"Copyright (c) {year} {holder}\n\n{text}"
+    path.write_text(text, encoding="utf-8")
+
+
+def gpu_train_config(makefile: Path, configs: Path) -> None:
+    """``make train`` of a GPU preset: the default config, the preset's model config (its sequence
+    length and batch) and the GPU trainer config (bf16 on every GPU of the host, compiled)."""
+    preset = MODEL_ANSWERS["preset"]
+    model_yaml, gpu_yaml = f"configs/model/{preset}.yaml", "configs/trainer/gpu.yaml"
+    for rel in (model_yaml, gpu_yaml):
+        if not (configs.parent / rel).is_file():
+            raise HookError(f"{rel} not found (make train of the {preset} preset composes it)")
+    text = makefile.read_text(encoding="utf-8")
+    composed = f"configs/default.yaml -c {model_yaml} -c {gpu_yaml}"
+    note = f"# the {preset} preset needs a GPU: bf16 on every GPU of the host (CONFIG=... to change)\n"
+    text = replace_one(text, r"^CONFIG \?= configs/default\.yaml$", f"{note}CONFIG ?= {composed}", "Makefile")
+    text = replace_one(text, r"^(train: .*## install, then train) configs/default\.yaml",
+                       rf"\1 the {preset} preset on the GPUs", "Makefile")
+    makefile.write_text(text, encoding="utf-8")
+
+
 def main() -> None:
     dst = Path.cwd()
     try:
@@ -337,9 +378,14 @@ def main() -> None:
         edit_setup(dst / "setup.py")
         edit_configs(dst / "configs")
         compose_readme(dst / "README.md", readme)
+        write_license(dst / "LICENSE")
+        if MODEL_ANSWERS["preset"] not in CPU_PRESETS:
+            gpu_train_config(dst / "Makefile", dst / "configs")
     except HookError as exc:
         sys.exit(f"error: generating from {TEMPLATE_ROOT}: {exc}")
-    print(f"{ANSWERS['project_name']} (package {PKG}) is in {dst}\nquick start: cd {dst} && make train")
+    where = "" if MODEL_ANSWERS["preset"] in CPU_PRESETS else " (on a machine with a CUDA GPU)"
+    print(f"{ANSWERS['project_name']} (package {PKG}) is in {dst}")
+    print(f"quick start: cd {dst} && make train{where}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,9 @@
-"""Callbacks and the checkpoint plugin: atomic checkpoints, the NaN guard, throughput/MFU and the
-depth plots."""
+"""Callbacks: the NaN guard, throughput/MFU and the depth plots (the checkpoint plugin,
+:class:`AtomicCheckpointIO`, is in :mod:`lightning_modules.checkpoint`)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,42 +12,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_modules import metrics, plots
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to a temporary file in the target's directory, ``fsync``, then ``os.replace``:
-    a crash or a full disk mid-write leaves the previous ``last.ckpt`` whole."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
-    ) -> None:
-        if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO takes no storage_options")
-        if "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)  # remote: no rename semantics
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from lightning_modules.checkpoint import AtomicCheckpointIO  # noqa: F401  (imported from here too)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -23,17 +23,15 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from attnres.errors import RaiseOnParseError, UsageError, debug_mode
-from lightning_modules.callbacks import (
-    AtomicCheckpointIO,
-    DepthPlots,
-    NaNGuard,
-    NonFiniteLossError,
-    ThroughputMonitor,
-)
+from lightning_modules.callbacks import DepthPlots, NaNGuard, NonFiniteLossError, ThroughputMonitor
+from lightning_modules.checkpoint import AtomicCheckpointIO, load_checkpoint, stale_temp_files
 from lightning_modules.configs import resolve_args
 from lightning_modules.data import TextDataModule
 from lightning_modules.module import LanguageModel
@@ -54,7 +52,32 @@ def _tensorboard_available() -> bool:
 
 class FinalCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends between two
-    ``every_n_train_steps`` (e.g. at ``max_steps``), so the last state is always resumable."""
+    ``every_n_train_steps`` (e.g. at ``max_steps``), so the last state is always resumable, and at
+    the start of ``fit`` removes the temporary files of saves that a kill interrupted (one line says
+    which)."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        # resuming this directory's last.ckpt (a run moved or copied: the restored state's dirpath
+        # differs, so Lightning forgets its last_model_path and would write last-v1.ckpt beside it)
+        own = os.path.join(self.dirpath or "", self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        ckpt = trainer.ckpt_path
+        if ckpt and self.dirpath and not self.last_model_path and Path(ckpt).resolve() == Path(own).resolve():
+            self.last_model_path = own
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or not trainer.is_global_zero or not self.dirpath or "://" in str(self.dirpath):
+            return
+        stale = stale_temp_files(self.dirpath)
+        if stale:
+            size = sum(p.stat().st_size for p in stale)
+            for p in stale:
+                p.unlink(missing_ok=True)
+            rank_zero_info(
+                f"removed {len(stale)} temporary checkpoint file(s) of an interrupted save "
+                f"({size / 2**20:.1f} MiB) from {self.dirpath}: {', '.join(p.name for p in stale)}"
+            )
 
     def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
@@ -96,6 +119,7 @@ class AttnResCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 1234)
         kwargs.setdefault("parser_class", AttnResParser)
         kwargs.setdefault("auto_configure_optimizers", False)
+        self.resume: Resume | None = None  # fit --ckpt_path of a run under default_root_dir/run_name
         trainer_defaults = {"default_root_dir": "runs"}
         super().__init__(
             LanguageModel, TextDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
@@ -151,9 +175,20 @@ class AttnResCLI(LightningCLI):
         # the model's vocabulary follows the tokenizer unless set explicitly
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = load_tokenizer(cfg.data.tokenizer).vocab_size
+        root, run_name = cfg.trainer.default_root_dir or "runs", cfg.run_name
+        if cfg.get("ckpt_path") == "last":  # Lightning's "last" looks in the new run's empty version dir
+            cfg.ckpt_path = str(latest_checkpoint(root, run_name, cfg.checkpoint.dirpath))
         ckpt_path = cfg.get("ckpt_path")
-        if ckpt_path and Path(ckpt_path).is_file():  # before any data is prepared
-            check_checkpoint_tokenizer(ckpt_path, load_tokenizer(cfg.data.tokenizer).fingerprint)
+        if ckpt_path and ckpt_path not in ("best", "hpc", "registry") and "://" not in ckpt_path and not (
+            Path(ckpt_path).is_dir()  # a sharded (DCP) checkpoint: the strategy checks it
+        ):  # before any data is prepared: a damaged or wrong checkpoint stops here, in one line
+            raw = load_checkpoint(ckpt_path)
+            check_checkpoint_tokenizer(raw, ckpt_path, load_tokenizer(cfg.data.tokenizer).fingerprint)
+            if self.subcommand in (None, "fit"):
+                step = int(raw.get("global_step", 0))
+                check_steps_left(ckpt_path, step, cfg.trainer.max_steps)
+                self.resume = Resume.of(ckpt_path, step, root, run_name)
+            del raw
         if self.subcommand in (None, "fit"):
             check_writable(cfg.trainer.default_root_dir or ".", "--trainer.default_root_dir")
             if cfg.checkpoint.dirpath:
@@ -164,7 +199,8 @@ class AttnResCLI(LightningCLI):
         if cfg.get("logger") in (None, True):
             root = cfg.get("default_root_dir") or "runs"
             name = self._get(self.config, "run_name")
-            csv = CSVLogger(root, name=name)
+            # a resumed run logs on in its own version directory: one curve, one metrics.csv
+            csv = ContinuedCSVLogger(root, name, self.resume) if self.resume else CSVLogger(root, name=name)
             loggers: list = [csv]
             if _tensorboard_available():
                 loggers.append(
@@ -281,13 +317,101 @@ def physical_cores() -> int:
     return min(logical, len(cores)) if cores else logical
 
 
-def check_checkpoint_tokenizer(ckpt_path: str, fingerprint: dict) -> None:
+def check_checkpoint_tokenizer(checkpoint: dict, ckpt_path: str, fingerprint: dict) -> None:
     """Refuse a checkpoint trained with another tokenizer than ``--data.tokenizer``."""
-    import torch
-
-    extra = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("attnres", {})
+    extra = checkpoint.get("attnres", {})
     if "tokenizer_fingerprint" in extra:
         check_same_tokenizer(fingerprint, extra["tokenizer_fingerprint"], f"the checkpoint {ckpt_path}")
+
+
+def latest_checkpoint(root: str, run_name: str, dirpath: str | None = None) -> Path:
+    """What ``--ckpt_path last`` means: the newest ``last.ckpt`` of the run ``<root>/<run_name>``
+    (any ``version_<n>``), or ``<dirpath>/last.ckpt`` when ``--checkpoint.dirpath`` is set."""
+    if dirpath:
+        candidates = [Path(dirpath) / "last.ckpt"]
+        where = f"{dirpath}/last.ckpt (--checkpoint.dirpath)"
+    else:
+        candidates = list(Path(root, run_name).glob("version_*/checkpoints/last.ckpt"))
+        where = f"{Path(root, run_name)}/version_*/checkpoints/last.ckpt"
+    found = [c for c in candidates if c.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"--ckpt_path last: no checkpoint at {where}; train first, or check --run_name and "
+            "--trainer.default_root_dir (or give the checkpoint's path)"
+        )
+    return max(found, key=lambda c: c.stat().st_mtime)
+
+
+def check_steps_left(ckpt_path: str, step: int, max_steps: int | None) -> None:
+    """Refuse to resume a checkpoint that has already reached ``trainer.max_steps`` (Lightning would
+    load it, run nothing and exit 0)."""
+    if max_steps is not None and max_steps >= 0 and step >= max_steps:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is at step {step} and --trainer.max_steps is {max_steps}: nothing "
+            f"left to train; raise --trainer.max_steps (e.g. {max(2 * step, step + 1)}) to continue"
+        )
+
+
+class Resume:
+    """``fit --ckpt_path`` of a checkpoint under ``<root>/<run_name>/version_<n>/checkpoints``: the
+    run goes on in ``version_<n>`` from ``step``."""
+
+    def __init__(self, version: int, step: int) -> None:
+        self.version, self.step = version, step
+
+    @classmethod
+    def of(cls, ckpt_path: str, step: int, root: str, run_name: str) -> Resume | None:
+        """The run of ``ckpt_path`` when it is one of this root and run name (else None: a new version)."""
+        ckpt = Path(ckpt_path).resolve()
+        run_dir = Path(root, run_name).resolve()
+        if ckpt.parent.name != "checkpoints" or ckpt.parent.parent.parent != run_dir:
+            return None
+        version = ckpt.parent.parent.name
+        if not version.startswith("version_") or not version[len("version_") :].isdigit():
+            return None
+        # resuming writes into that version's checkpoints/ again: not the mistake Lightning warns of
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        return cls(int(version[len("version_") :]), step)
+
+
+class ContinuedCSVLogger(CSVLogger):
+    """``CSVLogger`` of a resumed run: logs on into the run's ``version_<n>/metrics.csv``, keeping the
+    rows before the resumed step and dropping those at or after it (logged by the interrupted run after
+    its last checkpoint, for weights that no longer exist), so the file holds one curve. (Lightning's
+    writer deletes an existing ``metrics.csv``.)"""
+
+    def __init__(self, root: str, name: str, resume: Resume) -> None:
+        super().__init__(root, name=name, version=resume.version)
+        self.resume = resume
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedWriter(self.log_dir, self.resume.step)
+        return self._experiment
+
+
+class _ContinuedWriter(ExperimentWriter):
+    def __init__(self, log_dir: str, resume_step: int) -> None:
+        self.resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # instead of deleting metrics.csv: keep rows < resume_step
+        import csv
+
+        if not os.path.isfile(self.metrics_file_path):
+            return
+        with open(self.metrics_file_path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) < self.resume_step]
+        with open(self.metrics_file_path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = fields
 
 
 def check_writable(directory: str | os.PathLike, flag: str) -> None:
@@ -365,10 +489,12 @@ def run_lightning_cli(argv: list[str]) -> None:
 
 
 def _close_process_group() -> None:
-    """Tear down the process group the strategy made (DDP/FSDP/PP) before the interpreter exits: left
-    to interpreter shutdown, gloo's threads could abort a finished run ("terminate called without an
-    active exception", exit status -6; seen once in CI after `Trainer.fit` had completed)."""
+    """Tear down the process group the strategy made (DDP/FSDP/PP) before the interpreter exits
+    (:func:`attnres.parallel.close_process_groups` says why: a gloo thread left to interpreter shutdown
+    aborts a finished run, "terminate called without an active exception")."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        from attnres.parallel import close_process_groups
+
+        close_process_groups()

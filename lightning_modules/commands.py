@@ -1,10 +1,11 @@
-"""The typed functions behind ``attnres generate | plot | compare | tokenizer train | prepare``.
+"""The typed functions behind ``attnres generate | plot | export | compare | tokenizer train | prepare``.
 
 Heavy imports (torch, Lightning) happen inside the functions so ``attnres info`` stays fast.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -17,22 +18,25 @@ DEFAULT_CONFIG = "configs/default.yaml"
 
 
 def _load_checkpoint(ckpt: str, device: str = "cpu") -> tuple[Any, Any, dict]:
-    """(LanguageModel in eval mode, tokenizer, raw checkpoint dict) from a Lightning checkpoint."""
-    import torch
-
+    """(LanguageModel in eval mode, tokenizer, raw checkpoint dict) from a Lightning checkpoint, read
+    once and checked against its checksums (:func:`lightning_modules.checkpoint.load_checkpoint`)."""
+    from lightning_modules.checkpoint import CheckpointError, load_checkpoint
     from lightning_modules.module import LanguageModel
     from lightning_modules.tokenizer import ByteTokenizer, tokenizer_from_dict
 
-    path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"--ckpt {ckpt}: no such checkpoint (training writes <run dir>/checkpoints/last.ckpt)"
-        )
     check_device(device)
-    # map_location: a checkpoint written on a GPU loads on a CPU-only machine, and the other way round
-    raw = torch.load(path, map_location=device, weights_only=True)
-    module = LanguageModel.load_from_checkpoint(path, map_location=device)
-    module.eval()
+    raw = load_checkpoint(ckpt, map_location="cpu")  # checked on the host; the module moves below
+    if "state_dict" not in raw or "hyper_parameters" not in raw:
+        raise CheckpointError(
+            f"checkpoint {ckpt} has no model weights and hyperparameters (keys: {sorted(raw)[:6]}); "
+            "give a checkpoint written by attnres fit"
+        )
+    # what LanguageModel.load_from_checkpoint does, from the dict already loaded and checked
+    init_args = inspect.signature(LanguageModel.__init__).parameters  # not LightningCLI's _instantiator
+    module = LanguageModel(**{k: v for k, v in raw["hyper_parameters"].items() if k in init_args})
+    module.on_load_checkpoint(raw)
+    module.load_state_dict(raw["state_dict"])
+    module.to(device).eval()
     extra = raw.get("attnres", {})
     tok = tokenizer_from_dict(extra["tokenizer"]) if "tokenizer" in extra else ByteTokenizer()
     if tok.vocab_size > module.config.vocab_size:
@@ -156,7 +160,9 @@ def plot(
 
     Args:
         ckpt: a checkpoint written by ``attnres fit``.
-        output_dir: where to write (default: ``plots/`` next to the checkpoint's ``checkpoints/`` folder).
+        output_dir: where to write (default: ``plot_<checkpoint>_step<N>/`` beside the run's own
+            ``plots/`` folder, i.e. next to the checkpoint's ``checkpoints/`` folder; the training's
+            plots are left as they are).
         batch_size: sequences in the batch.
         text_file: take the batch from this text file instead of the checkpoint's validation data.
     """
@@ -186,8 +192,9 @@ def plot(
 
         batch = checkpoint_val_batch(raw, batch_size)
     stats, grads = module.depth_diagnostics(batch)
-    out_dir = Path(output_dir) if output_dir else Path(ckpt).resolve().parent.parent / "plots"
     step = raw.get("global_step", 0)
+    run_dir = Path(ckpt).resolve().parent.parent
+    out_dir = Path(output_dir) if output_dir else run_dir / f"plot_{Path(ckpt).stem}_step{step:06d}"
     written = write_plots(stats, grads, out_dir, f"{Path(ckpt).name} (step {step})")
     for k, v in summary_scalars(stats).items():
         print(f"{k}: {v:.4f}")
@@ -195,6 +202,38 @@ def plot(
     for p in written:
         print(p)
     return [str(p) for p in written]
+
+
+def export(ckpt: str, output: str) -> str:
+    """Take the weights out of a checkpoint: ``model.safetensors`` and ``config.json`` (the model's
+    ``Config`` fields and its tokenizer; a BPE tokenizer also as ``tokenizer.json``) in ``output``,
+    loadable without Lightning: ``attnres.model.Decoder.from_pretrained(output)``.
+
+    Args:
+        ckpt: a checkpoint written by ``attnres fit`` (checked against its checksums).
+        output: the folder to write (created; files of the same names are replaced).
+    """
+    import attnres
+
+    module, tok, raw = _load_checkpoint(ckpt)
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {output} is a file; give a folder to write the weights into")
+    extra: dict[str, Any] = {"attnres_version": attnres.__version__, "global_step": raw.get("global_step", 0),
+                             "source_checkpoint": str(Path(ckpt).resolve())}
+    spec = raw.get("attnres", {}).get("tokenizer") or {"kind": "byte"}
+    if spec["kind"] == "bpe":  # the tokenizers library's own file: tokenizers.Tokenizer.from_file
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tokenizer.json").write_text(spec["json"], encoding="utf-8")
+        extra["tokenizer"] = {"kind": "bpe", "file": "tokenizer.json", "vocab_size": tok.vocab_size}
+    else:
+        extra["tokenizer"] = {"kind": spec["kind"], "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
+    module.model.save_pretrained(out, extra)
+    params = module.model.num_parameters()
+    print(f"exported {params:,} parameters (step {extra['global_step']}) to {out}: model.safetensors, "
+          f"config.json{', tokenizer.json' if spec['kind'] == 'bpe' else ''}")
+    print(f"load it without Lightning: attnres.model.Decoder.from_pretrained({str(out)!r})")
+    return str(out)
 
 
 def compare(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import traceback
 from pathlib import Path
 
 import pytest
@@ -228,59 +229,69 @@ def _checkpoint_pp2_fsdp2_case(ref, ckpt_dir: str):
 
 
 def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    from attnres.parallel import close_process_groups
+
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    results: dict = {}
+    try:
+        _cases(world, out_dir, results)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # the failed case's models must not outlive the groups
+        raise
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        close_process_groups()  # the cases' models and meshes are out of scope: their groups go too
+
+
+def _cases(world: int, out_dir: str, results: dict) -> None:
+    """Every case of a ``world``-rank run, into ``results`` (kept as far as it got if one fails)."""
     from attnres.parallel import init_mesh
 
     ref = _Reference()
-    results: dict = {}
     group = dist.group.WORLD
-    try:
-        if world == 2:
-            for residual in ("block", "standard"):
-                for schedule in ("gpipe", "1f1b"):
-                    results[f"pp2_{schedule}_{residual}"] = _pipeline_case(
-                        ref, group, residual, 4, schedule, 1
-                    )
-                results[f"pp2_interleaved_{residual}"] = _pipeline_case(
-                    ref, group, residual, 4, "interleaved_1f1b", 2
+    if world == 2:
+        for residual in ("block", "standard"):
+            for schedule in ("gpipe", "1f1b"):
+                results[f"pp2_{schedule}_{residual}"] = _pipeline_case(
+                    ref, group, residual, 4, schedule, 1
                 )
-            results["pp2_interleaved_block_nocache"] = _pipeline_case(
-                ref, group, "block", 4, "interleaved_1f1b", 2, caching=False
+            results[f"pp2_interleaved_{residual}"] = _pipeline_case(
+                ref, group, residual, 4, "interleaved_1f1b", 2
             )
-            results["pp2_1f1b_full"] = _pipeline_case(ref, group, "full", 4, "1f1b", 1)
-            results["pp2_1f1b_block_recompute"] = _pipeline_case(ref, group, "block_recompute", 4, "1f1b", 1)
-            mesh = init_mesh(1, 2)["dp"]
-            for residual in ("block", "standard", "block_recompute"):
-                results[f"fsdp2_{residual}"] = _fsdp_case(ref, mesh, residual, 4)
-            results["checkpoint"] = _checkpoint_case(ref, os.path.join(out_dir, "ckpt"))
-        else:
-            for residual in ("block", "standard"):
-                results[f"pp4_1f1b_{residual}"] = _pipeline_case(ref, group, residual, 4, "1f1b", 1)
-                results[f"pp4_interleaved_{residual}"] = _pipeline_case(
-                    ref, group, residual, 8, "interleaved_1f1b", 2
-                )
-            results["pp4_interleaved_block_nocache"] = _pipeline_case(
-                ref, group, "block", 8, "interleaved_1f1b", 2, caching=False
+        results["pp2_interleaved_block_nocache"] = _pipeline_case(
+            ref, group, "block", 4, "interleaved_1f1b", 2, caching=False
+        )
+        results["pp2_1f1b_full"] = _pipeline_case(ref, group, "full", 4, "1f1b", 1)
+        results["pp2_1f1b_block_recompute"] = _pipeline_case(ref, group, "block_recompute", 4, "1f1b", 1)
+        mesh = init_mesh(1, 2)["dp"]
+        for residual in ("block", "standard", "block_recompute"):
+            results[f"fsdp2_{residual}"] = _fsdp_case(ref, mesh, residual, 4)
+        results["checkpoint"] = _checkpoint_case(ref, os.path.join(out_dir, "ckpt"))
+    else:
+        for residual in ("block", "standard"):
+            results[f"pp4_1f1b_{residual}"] = _pipeline_case(ref, group, residual, 4, "1f1b", 1)
+            results[f"pp4_interleaved_{residual}"] = _pipeline_case(
+                ref, group, residual, 8, "interleaved_1f1b", 2
             )
-            mesh = init_mesh(2, 2)
-            results["pp2_fsdp2_block"] = _pipeline_case(
-                ref,
-                mesh["pp"].get_group(),
-                "block",
-                4,
-                "1f1b",
-                1,
-                n_mb=2,
-                dp_mesh=mesh["dp"],
-                dp=2,
-                dp_rank=mesh["dp"].get_local_rank(),
-            )
-            results["checkpoint_pp2_fsdp2"] = _checkpoint_pp2_fsdp2_case(ref, os.path.join(out_dir, "ckpt4"))
-    finally:
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.destroy_process_group()
+        results["pp4_interleaved_block_nocache"] = _pipeline_case(
+            ref, group, "block", 8, "interleaved_1f1b", 2, caching=False
+        )
+        mesh = init_mesh(2, 2)
+        results["pp2_fsdp2_block"] = _pipeline_case(
+            ref,
+            mesh["pp"].get_group(),
+            "block",
+            4,
+            "1f1b",
+            1,
+            n_mb=2,
+            dp_mesh=mesh["dp"],
+            dp=2,
+            dp_rank=mesh["dp"].get_local_rank(),
+        )
+        results["checkpoint_pp2_fsdp2"] = _checkpoint_pp2_fsdp2_case(ref, os.path.join(out_dir, "ckpt4"))
 
 
 def _run(world: int) -> list[dict]:

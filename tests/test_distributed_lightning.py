@@ -10,6 +10,7 @@ import math
 import os
 import socket
 import tempfile
+import traceback
 from pathlib import Path
 
 import pytest
@@ -91,36 +92,47 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         OMP_NUM_THREADS="1",
     )  # fmt: skip
     torch.set_num_threads(1)
-    from lightning_modules.strategies import FSDP2Strategy, PipelineParallelStrategy
+    from attnres.parallel import close_process_groups
 
     result: dict = {}
     try:
-        ckpt = os.path.join(out_dir, "pp2.ckpt")
-        model, (dm, _, _) = _module(), _data(8)
-        rec = _Losses()
-        trainer = _trainer(PipelineParallelStrategy(pipeline_parallel_size=2, n_microbatches=4), [rec.cb])
-        trainer.fit(model, dm)
-        result["train_losses"] = rec.cb.losses
-        result["bytes_fwd"] = float(trainer.callback_metrics["pp/bytes_fwd_per_microbatch"])
-        result["val_pp2"] = trainer.validate(model, dm, verbose=False)[0]["val/loss"]
-        trainer.save_checkpoint(ckpt)
-        result["num_params_rank"] = sum(p.numel() for p in model.model.parameters())
-
-        reloaded = _module()
-        trainer = _trainer(PipelineParallelStrategy(pipeline_parallel_size=2, n_microbatches=2))
-        result["val_pp2_reloaded"] = trainer.validate(reloaded, dm, ckpt_path=ckpt, verbose=False)[0][
-            "val/loss"
-        ]
-
-        fsdp_model, (dm4, _, _) = _module(), _data(4)
-        with torch.no_grad():  # a different start: the checkpoint must overwrite it
-            for p in fsdp_model.parameters():
-                p.add_(0.1)
-        trainer = _trainer(FSDP2Strategy(data_parallel_size=2), use_distributed_sampler=True)
-        result["val_fsdp2"] = trainer.validate(fsdp_model, dm4, ckpt_path=ckpt, verbose=False)[0]["val/loss"]
-        result["guard"] = _guard_runs(rank)
+        _runs(rank, out_dir, result)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # the failed run's trainer must not outlive the group
+        raise
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        close_process_groups()  # the group Lightning made; the trainers and models are out of scope
+
+
+def _runs(rank: int, out_dir: str, result: dict) -> None:
+    """The PP=2 and FSDP=2 runs of this rank, into ``result``."""
+    from lightning_modules.strategies import FSDP2Strategy, PipelineParallelStrategy
+
+    ckpt = os.path.join(out_dir, "pp2.ckpt")
+    model, (dm, _, _) = _module(), _data(8)
+    rec = _Losses()
+    trainer = _trainer(PipelineParallelStrategy(pipeline_parallel_size=2, n_microbatches=4), [rec.cb])
+    trainer.fit(model, dm)
+    result["train_losses"] = rec.cb.losses
+    result["bytes_fwd"] = float(trainer.callback_metrics["pp/bytes_fwd_per_microbatch"])
+    result["val_pp2"] = trainer.validate(model, dm, verbose=False)[0]["val/loss"]
+    trainer.save_checkpoint(ckpt)
+    result["num_params_rank"] = sum(p.numel() for p in model.model.parameters())
+
+    reloaded = _module()
+    trainer = _trainer(PipelineParallelStrategy(pipeline_parallel_size=2, n_microbatches=2))
+    result["val_pp2_reloaded"] = trainer.validate(reloaded, dm, ckpt_path=ckpt, verbose=False)[0][
+        "val/loss"
+    ]
+
+    fsdp_model, (dm4, _, _) = _module(), _data(4)
+    with torch.no_grad():  # a different start: the checkpoint must overwrite it
+        for p in fsdp_model.parameters():
+            p.add_(0.1)
+    trainer = _trainer(FSDP2Strategy(data_parallel_size=2), use_distributed_sampler=True)
+    result["val_fsdp2"] = trainer.validate(fsdp_model, dm4, ckpt_path=ckpt, verbose=False)[0]["val/loss"]
+    result["guard"] = _guard_runs(rank)
 
 
 def _guard_runs(rank: int) -> dict:

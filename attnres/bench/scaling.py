@@ -28,6 +28,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -112,7 +113,7 @@ def _model(s: Settings):
 def _worker(rank: int, layout: Layout, caching: bool, s: Settings, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    from attnres.parallel import apply_fsdp, build_pipeline, init_mesh, payload_bytes
+    from attnres.parallel import close_process_groups
 
     cuda = s.device == "cuda"
     if cuda:
@@ -122,116 +123,129 @@ def _worker(rank: int, layout: Layout, caching: bool, s: Settings, store: str, o
     dist.init_process_group(
         "nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=layout.world
     )
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
     row: dict[str, Any] = {}
-    t_start = time.perf_counter()
     try:
-        mesh = init_mesh(layout.pp, layout.dp, device.type)
-        dp_rank = mesh["dp"].get_local_rank()
-        model = _model(s)
-        config = model.config
-        batch = s.batch_per_gpu * layout.pp  # one pipeline replica's share of the global batch
-        pipe = None
-        if layout.pp == 1:
-            model = model.to(device)
-            if layout.dp > 1:
-                apply_fsdp(model, mesh["dp"], param_dtype=dtype if cuda else None)
-            params = list(model.parameters())
-        else:
-            if batch % s.microbatch_size:
-                raise ValueError(f"batch {batch} does not split into microbatches of {s.microbatch_size}")
-            looped = s.schedule == "interleaved_1f1b"
-            pipe = build_pipeline(
-                model,
-                mesh["pp"].get_group(),
-                s.schedule,
-                batch // s.microbatch_size,
-                virtual_stages=2 if looped else 1,
-                caching=caching,
-                device=device,
-                dtype=dtype,
-                dp_mesh=mesh["dp"] if layout.dp > 1 else None,
-                fsdp_param_dtype=dtype if cuda and layout.dp > 1 else None,
-            )
-            params = list(pipe.model.parameters())
-        opt = torch.optim.AdamW(params, lr=s.lr, fused=cuda)
-        gen = torch.Generator().manual_seed(1000 + dp_rank)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-
-        def step() -> torch.Tensor:
-            ids = torch.randint(0, config.vocab_size, (batch, s.seq_len + 1), generator=gen)
-            x, y = ids[:, :-1], ids[:, 1:]
-            with autocast:
-                if pipe is None:
-                    o = model(x.to(device), labels=y.to(device))
-                    (o.loss + o.aux_loss).backward()
-                    loss = o.loss.detach()
-                else:
-                    pipe.cache.reset_counts()  # the bytes reported are those of the last step
-                    loss = pipe.step(x, y)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
-        def synced() -> None:
-            if cuda:
-                torch.cuda.synchronize(device)
-            dist.barrier()
-
-        def progress(what: str) -> None:  # rank 0: where a slow layout spends its time (fla autotunes)
-            if rank == 0:
-                print(f"[scaling] {layout.name}: {what} ({time.perf_counter() - t_start:.1f} s)", flush=True)
-
-        progress("model built")
-        for k in range(s.warmup):
-            step()
-            progress(f"warm-up step {k + 1}/{s.warmup}")
-        synced()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        for _ in range(s.steps):
-            loss = step()
-        synced()
-        elapsed = time.perf_counter() - t0
-        progress(f"{s.steps} timed steps")
-        loss = loss.float()
-        dist.all_reduce(loss)  # the mean over ranks (every pipeline rank holds its replica's loss)
-        peak = torch.cuda.max_memory_allocated(device) if cuda else None
-        peaks: list[Any] = [None] * layout.world
-        dist.all_gather_object(peaks, peak)
-        tokens = s.batch_per_gpu * layout.world * s.seq_len * s.steps
-        row = {
-            "layout": layout.name,
-            "pp": layout.pp,
-            "dp": layout.dp,
-            "devices": layout.world,
-            "parallelism": layout.describe(),
-            "caching": caching if layout.pp > 1 else None,
-            "schedule": s.schedule if layout.pp > 1 else None,
-            "global_batch": s.batch_per_gpu * layout.world,
-            "step_ms": 1e3 * elapsed / s.steps,
-            "tokens_per_s": tokens / elapsed,
-            "peak_memory_bytes": peaks,
-            "loss": loss.item() / layout.world,
-            "params": config.num_params(),
-        }
-        if pipe is not None:
-            measured = pipe.bytes_per_microbatch()
-            row["boundary_bytes_per_microbatch"] = measured
-            row["boundary_bytes_analytic"] = payload_bytes(
-                pipe.cache, s.microbatch_size, s.seq_len, config.dim, dtype
-            )
-            row["max_crossings"] = pipe.max_crossings()
-        row["status"] = "ok"
+        row = _measure(rank, layout, caching, s)
     except Exception as exc:  # reported in the row, the other layouts still run
         row = {"layout": layout.name, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        traceback.clear_frames(exc.__traceback__)  # _measure's locals (model, mesh) go before the groups
         raise
     finally:
         if rank == 0 or row.get("status") == "error":
             Path(out, f"row{rank}.json").write_text(json.dumps(row))
-        dist.destroy_process_group()
+        # the model, mesh and pipeline of _measure are out of scope: their groups go with them
+        close_process_groups()
+
+
+def _measure(rank: int, layout: Layout, caching: bool, s: Settings) -> dict[str, Any]:
+    """One layout's timed steps on this rank (the process group is up); rank 0's row."""
+    import torch.distributed as dist
+
+    from attnres.parallel import apply_fsdp, build_pipeline, init_mesh, payload_bytes
+
+    cuda = s.device == "cuda"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    t_start = time.perf_counter()
+    mesh = init_mesh(layout.pp, layout.dp, device.type)
+    dp_rank = mesh["dp"].get_local_rank()
+    model = _model(s)
+    config = model.config
+    batch = s.batch_per_gpu * layout.pp  # one pipeline replica's share of the global batch
+    pipe = None
+    if layout.pp == 1:
+        model = model.to(device)
+        if layout.dp > 1:
+            apply_fsdp(model, mesh["dp"], param_dtype=dtype if cuda else None)
+        params = list(model.parameters())
+    else:
+        if batch % s.microbatch_size:
+            raise ValueError(f"batch {batch} does not split into microbatches of {s.microbatch_size}")
+        looped = s.schedule == "interleaved_1f1b"
+        pipe = build_pipeline(
+            model,
+            mesh["pp"].get_group(),
+            s.schedule,
+            batch // s.microbatch_size,
+            virtual_stages=2 if looped else 1,
+            caching=caching,
+            device=device,
+            dtype=dtype,
+            dp_mesh=mesh["dp"] if layout.dp > 1 else None,
+            fsdp_param_dtype=dtype if cuda and layout.dp > 1 else None,
+        )
+        params = list(pipe.model.parameters())
+    opt = torch.optim.AdamW(params, lr=s.lr, fused=cuda)
+    gen = torch.Generator().manual_seed(1000 + dp_rank)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+
+    def step() -> torch.Tensor:
+        ids = torch.randint(0, config.vocab_size, (batch, s.seq_len + 1), generator=gen)
+        x, y = ids[:, :-1], ids[:, 1:]
+        with autocast:
+            if pipe is None:
+                o = model(x.to(device), labels=y.to(device))
+                (o.loss + o.aux_loss).backward()
+                loss = o.loss.detach()
+            else:
+                pipe.cache.reset_counts()  # the bytes reported are those of the last step
+                loss = pipe.step(x, y)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def synced() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+        dist.barrier()
+
+    def progress(what: str) -> None:  # rank 0: where a slow layout spends its time (fla autotunes)
+        if rank == 0:
+            print(f"[scaling] {layout.name}: {what} ({time.perf_counter() - t_start:.1f} s)", flush=True)
+
+    progress("model built")
+    for k in range(s.warmup):
+        step()
+        progress(f"warm-up step {k + 1}/{s.warmup}")
+    synced()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(s.steps):
+        loss = step()
+    synced()
+    elapsed = time.perf_counter() - t0
+    progress(f"{s.steps} timed steps")
+    loss = loss.float()
+    dist.all_reduce(loss)  # the mean over ranks (every pipeline rank holds its replica's loss)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    peaks: list[Any] = [None] * layout.world
+    dist.all_gather_object(peaks, peak)
+    tokens = s.batch_per_gpu * layout.world * s.seq_len * s.steps
+    row = {
+        "layout": layout.name,
+        "pp": layout.pp,
+        "dp": layout.dp,
+        "devices": layout.world,
+        "parallelism": layout.describe(),
+        "caching": caching if layout.pp > 1 else None,
+        "schedule": s.schedule if layout.pp > 1 else None,
+        "global_batch": s.batch_per_gpu * layout.world,
+        "step_ms": 1e3 * elapsed / s.steps,
+        "tokens_per_s": tokens / elapsed,
+        "peak_memory_bytes": peaks,
+        "loss": loss.item() / layout.world,
+        "params": config.num_params(),
+    }
+    if pipe is not None:
+        measured = pipe.bytes_per_microbatch()
+        row["boundary_bytes_per_microbatch"] = measured
+        row["boundary_bytes_analytic"] = payload_bytes(
+            pipe.cache, s.microbatch_size, s.seq_len, config.dim, dtype
+        )
+        row["max_crossings"] = pipe.max_crossings()
+    row["status"] = "ok"
+    return row
 
 
 def run_layout(layout: Layout, caching: bool, s: Settings, timeout_s: float) -> dict[str, Any]:

@@ -12,8 +12,13 @@ or parallelism.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,10 @@ from attnres.model.norm import RMSNorm
 from attnres.residual import DepthQuery, Residual, ResidualState
 
 __all__ = ["Decoder", "DecoderCache", "DecoderLayer", "KimiLinear", "ModelOutput"]
+
+# ``attnres export`` / :meth:`Decoder.save_pretrained`: a folder of these two files
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+PRETRAINED_FORMAT = "attnres-decoder-v1"
 
 
 @dataclass
@@ -285,6 +294,49 @@ class Decoder(nn.Module):
     def layer_plan(self) -> str:
         """The per-layer table (token mixer, channel mixer) of this module's layers."""
         return self.config.layer_plan([int(k) for k in self.layers])
+
+    # ------------------------------------------------------------------ weights on disk
+
+    def save_pretrained(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``model.safetensors`` (every parameter and persistent buffer, a tied embedding once)
+        and ``config.json`` (``{"format", "config": the Config fields, **extra}``) into ``directory``
+        (created); :meth:`from_pretrained` reads them back. Returns the directory."""
+        from safetensors.torch import save_model
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        meta = {"format": PRETRAINED_FORMAT, "config": dataclasses.asdict(self.config), **(extra or {})}
+        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> Decoder:
+        """The decoder of a folder written by ``attnres export`` (:meth:`save_pretrained`):
+        ``config.json`` gives the :class:`Config`, ``model.safetensors`` the weights (every key must
+        match). Plain PyTorch and safetensors: no Lightning. Returns the model in eval mode on
+        ``device``; ``model(input_ids [B, T]).logits [B, T, V]``."""
+        from safetensors.torch import load_model
+
+        d = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (d / name).is_file():
+                raise FileNotFoundError(
+                    f"{d / name} not found: from_pretrained reads a folder written by "
+                    f"`attnres export --ckpt <checkpoint> --output {d}`"
+                )
+        meta = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+        fields = {f.name for f in dataclasses.fields(Config)}
+        unknown = sorted(set(meta.get("config", {})) - fields)
+        if meta.get("format") != PRETRAINED_FORMAT or unknown:
+            why = f"unknown Config field(s) {unknown}" if unknown else f"format {meta.get('format')!r}"
+            raise ValueError(
+                f"{d / CONFIG_FILE}: {why}, expected format {PRETRAINED_FORMAT!r} with Config fields; "
+                "export it again with this version's `attnres export`"
+            )
+        model = cls(Config(**meta["config"]))
+        load_model(model, str(d / WEIGHTS_FILE), strict=True, device=str(device))
+        return model.to(device).eval()
 
     # ------------------------------------------------------------------ generation
 
