@@ -139,6 +139,7 @@ DESCRIPTIONS = {
     "predict": "Score each validation (or test) sequence of a checkpoint: per-sequence NLL (--ckpt_path).",
     "generate": "Continue a prompt with a trained checkpoint (cached decoding, sampling or greedy).",
     "plot": "Write the depth-attention, magnitude and gradient-norm plots of a checkpoint.",
+    "export": "Write a checkpoint's weights as safetensors plus config.json, for Decoder.from_pretrained.",
     "compare": "Train standard, Block and Full AttnRes on the same budget and tabulate the results.",
     "tokenizer": "Train a byte-level BPE tokenizer on a corpus (attnres tokenizer train).",
     "prepare": "Pre-tokenise a corpus into memmap shards for --data.corpus shards.",

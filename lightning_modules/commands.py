@@ -24,6 +24,10 @@ def _load_checkpoint(ckpt: str, device: str = "cpu") -> tuple[Any, Any, dict]:
     from lightning_modules.module import LanguageModel
     from lightning_modules.tokenizer import ByteTokenizer, tokenizer_from_dict
 
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(
+            f"--ckpt {ckpt}: no such checkpoint (training writes <run dir>/checkpoints/last.ckpt)"
+        )
     check_device(device)
     raw = load_checkpoint(ckpt, map_location="cpu")  # checked on the host; the module moves below
     if "state_dict" not in raw or "hyper_parameters" not in raw:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from attnres.cli import main
 from attnres.model import Decoder, get_config
 from lightning_modules import commands
 from lightning_modules.checkpoint import (
@@ -161,10 +162,10 @@ def test_damaged_checkpoints_are_refused_by_generate_plot_export_and_the_resume_
 
 def test_fit_resume_from_a_corrupted_checkpoint_stops_in_one_line(run, bad, capsys):
     with pytest.raises(SystemExit) as exc:
-        run_lightning_cli([*run["args"], "--ckpt_path", str(bad["corrupted"]), "--trainer.max_steps", "5"])
-    assert exc.value.code != 0
+        main([*run["args"], "--ckpt_path", str(bad["corrupted"]), "--trainer.max_steps", "5"])
+    assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: checkpoint ") and "is corrupted or truncated (tensor " in err
+    assert err.startswith("attnres fit: checkpoint ") and "is corrupted or truncated (tensor " in err
     assert len(err.splitlines()) == 1 and "NaN" not in err
 
 
@@ -207,8 +208,8 @@ def test_ckpt_path_last_resumes_in_the_same_run_with_one_curve_and_removes_stale
 
 def test_resuming_a_finished_run_says_there_is_nothing_left(run, capsys):
     with pytest.raises(SystemExit) as exc:
-        run_lightning_cli([*run["args"], "--ckpt_path", str(run["ckpt"])])  # max_steps 3, at step 3
-    assert exc.value.code != 0
+        main([*run["args"], "--ckpt_path", str(run["ckpt"])])  # max_steps 3, at step 3
+    assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "is at step 3 and --trainer.max_steps is 3: nothing left to train" in err
     assert "--trainer.max_steps (e.g. 6)" in err and len(err.splitlines()) == 1
@@ -216,8 +217,9 @@ def test_resuming_a_finished_run_says_there_is_nothing_left(run, capsys):
 
 def test_ckpt_path_last_without_a_run_says_where_it_looked(run, tmp_path, capsys):
     args = fit_args(run["tmp"], tmp_path / "empty")
-    with pytest.raises(SystemExit):
-        run_lightning_cli([*args, "--ckpt_path", "last"])
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--ckpt_path", "last"])
+    assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert f"--ckpt_path last: no checkpoint at {tmp_path / 'empty' / 'micro'}/version_*/checkpoints/" in err
     assert not (tmp_path / "empty" / "micro").exists()  # nothing trained from scratch

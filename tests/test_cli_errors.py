@@ -277,6 +277,7 @@ def test_help_lists_every_subcommand_on_one_full_line(capsys: pytest.CaptureFixt
         "predict",
         "generate",
         "plot",
+        "export",
         "compare",
         "tokenizer",
         "prepare",
