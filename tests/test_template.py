@@ -127,7 +127,8 @@ def test_package_extension_ops_and_console_script_carry_the_new_name(project: Pa
     up = PKG.upper()
     assert f"TORCH_LIBRARY({PKG}, m)" in (project / "csrc" / "ops.cpp").read_text()
     ops = (project / PKG / "ops.py").read_text()
-    assert f"torch.ops.{PKG}.phase1" in ops and f'"{PKG}::"' in ops and f"from {PKG} import _C" in ops
+    assert f"torch.ops.{PKG}.phase1" in ops and f'"{PKG}::"' in ops
+    assert f'import_module("{PKG}._C")' in (project / PKG / "_extension.py").read_text()
     setup = (project / "setup.py").read_text()
     assert f'"{PKG}._C"' in setup and f"-D{up}_WITH_CUDA" in setup
     assert f'os.environ.get("{up}_CUDA", "0")' in setup, "cuda_kernels=no must make CPU-only the default"
@@ -136,10 +137,10 @@ def test_package_extension_ops_and_console_script_carry_the_new_name(project: Pa
     assert meta["name"] == PKG
     assert meta["scripts"] == {PKG: f"{PKG}.cli:main"}
     assert meta["description"] == ANSWERS["description"]
-    assert meta["license"] == {"text": "MIT"} and meta["authors"] == [{"name": "Ada Lovelace"}]
+    assert meta["license"] == "MIT" and meta["authors"] == [{"name": "Ada Lovelace"}]  # PEP 639
     assert "template" not in meta["optional-dependencies"]
     assert not [d for d in meta["optional-dependencies"]["dev"] if d.startswith("cookiecutter")]
-    assert f"{PKG}*" in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert f'include=["{PKG}", "{PKG}.*", "lightning_modules"' in setup and f'"{PKG}_configs"' in setup
     makefile = (project / "Makefile").read_text()
     assert f"-m {PKG} fit" in makefile and f"{PKG}/*.so" in makefile
     assert (project / "LICENSE").read_text().startswith("MIT License\n\nCopyright (c) ")  # the full text
