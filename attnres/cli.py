@@ -143,6 +143,7 @@ DESCRIPTIONS = {
     "compare": "Train standard, Block and Full AttnRes on the same budget and tabulate the results.",
     "tokenizer": "Train a byte-level BPE tokenizer on a corpus (attnres tokenizer train).",
     "prepare": "Pre-tokenise a corpus into memmap shards for --data.corpus shards.",
+    "new": "Start a new project from this repository's cookiecutter template, with checked answers.",
     "info": "Print versions, the attnres._C build, the op backend per device and the GPUs.",
     "bench": "Benchmark the ops (bench ops), training steps (bench e2e) or parallel scaling (bench scaling).",
 }
@@ -213,6 +214,7 @@ def _dispatch(argv: list[str]) -> None:
                 "_help": DESCRIPTIONS["bench"], "ops": bench_ops, "e2e": bench_e2e, "scaling": bench_scaling
             },
             "generate": commands.generate,
+            "new": commands.new,
             "plot": commands.plot,
             "export": commands.export,
             "compare": commands.compare,

@@ -482,3 +482,78 @@ def prepare(
         f"--data.corpus shards --data.shards_dir {output} --data.tokenizer {tokenizer}"
     )
     return meta
+
+
+TEMPLATE_ROOT = Path(__file__).resolve().parent.parent  # the checkout: the repository is the template
+
+
+def new(
+    project_name: str,
+    output_dir: str = ".",
+    project_slug: str | None = None,
+    package_name: str | None = None,
+    description: str | None = None,
+    author: str | None = None,
+    license: Literal["Apache-2.0", "MIT", "BSD-3-Clause", "GPL-3.0-or-later", "Proprietary"] = "Apache-2.0",
+    model_preset: Literal["tiny", "small", "medium"] = "tiny",
+    residual_mode: Literal["block", "full", "standard"] = "block",
+    num_blocks: int | None = None,
+    moe: bool = True,
+    cuda_kernels: Literal["auto", "yes", "no"] = "auto",
+) -> str:
+    """Start a new project from this repository (a cookiecutter template), answers checked first.
+
+    The same as ``cookiecutter <this checkout> --no-input key=value ...``, with typed answers (a wrong
+    choice is one line, not a traceback) and the template's own checks (slug, package name, blocks).
+
+    Args:
+        project_name: the project's name (e.g. "My AttnRes LM").
+        output_dir: where the project directory is created.
+        project_slug: directory and distribution name (default: the name, slugified).
+        package_name: Python package, extension, console script and op namespace (default: the slug
+            with ``_``).
+        description: one-line description.
+        author: author.
+        license: the licence; its full text is written to LICENSE.
+        model_preset: the default model preset (tiny trains on CPU; small/medium get the GPU set-up).
+        residual_mode: ``block`` (Block AttnRes), ``full`` or ``standard``.
+        num_blocks: Block AttnRes blocks (default: the preset's).
+        moe: MoE channel mixers (False: dense SwiGLU).
+        cuda_kernels: build the CUDA kernels: ``auto``, ``yes`` or ``no``.
+    """
+    try:
+        from cookiecutter.exceptions import (
+            CookiecutterException,
+            FailedHookException,
+            OutputDirExistsException,
+        )
+        from cookiecutter.main import cookiecutter
+    except ImportError:
+        raise UsageError("attnres new needs cookiecutter: pip install 'attnres[template]'") from None
+    if not (TEMPLATE_ROOT / "cookiecutter.json").is_file() or not (TEMPLATE_ROOT / "hooks").is_dir():
+        raise UsageError(
+            f"attnres new needs a checkout of attnres (the repository is the template; none at "
+            f"{TEMPLATE_ROOT}): "
+            "clone it and run `attnres new` from that checkout's environment"
+        )
+    out = Path(output_dir)
+    if not out.is_dir():
+        raise UsageError(f"--output_dir {output_dir}: no such directory")
+    answers = {"project_name": project_name, "license": license, "model_preset": model_preset,
+               "residual_mode": residual_mode, "moe": moe, "cuda_kernels": cuda_kernels}
+    optional = {"project_slug": project_slug, "package_name": package_name, "description": description,
+                "author": author, "num_blocks": num_blocks}
+    answers.update({k: v for k, v in optional.items() if v is not None})
+    import logging
+
+    # cookiecutter logs a failed hook with its traceback (logger.exception); the hook's lines say it all
+    logging.getLogger("cookiecutter").setLevel(logging.CRITICAL)
+    try:
+        path = cookiecutter(str(TEMPLATE_ROOT), no_input=True, extra_context=answers, output_dir=str(out))
+    except FailedHookException:
+        raise SystemExit(2) from None  # the hook printed what is wrong with the answers, one line each
+    except OutputDirExistsException as exc:
+        raise UsageError(f"{exc}: choose another --project_name/--project_slug or --output_dir") from None
+    except CookiecutterException as exc:
+        raise UsageError(f"the template could not be rendered: {exc}") from exc
+    return path
