@@ -45,9 +45,9 @@ def main() -> None:
             return forward(self, *a, **k)
 
         kda.KimiDeltaAttention.forward = broken
-    cfg = get_config("tiny", residual=args.mode, num_layers=args.layers, num_blocks=4, dim=64, kda_head_dim=16,
-                     mla_v_head_dim=16, mla_qk_nope_dim=16, mla_qk_shared_dim=8, mla_kv_rank=32,
-                     expert_dim=32, mlp_dim=128, moe=False)
+    cfg = get_config("tiny", residual=args.mode, num_layers=args.layers, num_blocks=4, dim=64,
+                     kda_head_dim=16, mla_v_head_dim=16, mla_qk_nope_dim=16, mla_qk_shared_dim=8,
+                     mla_kv_rank=32, expert_dim=32, mlp_dim=128, moe=False)
     model = torch.compile(Decoder(cfg), backend="eager")
     x = torch.randint(0, cfg.vocab_size, (2, 32))
     for _ in range(2):
