@@ -271,6 +271,8 @@ class KimiDeltaAttention(nn.Module):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.chunk_size = chunk_size
         self.backend = backend
+        # looked up once: a module search (~40 us) per layer and forward would be host time on the hot path
+        self.fla_installed = backend != "torch" and fla_available()
         hk = num_heads * head_dim
         self.q_proj = nn.Linear(dim, hk, bias=False)
         self.k_proj = nn.Linear(dim, hk, bias=False)
@@ -311,9 +313,10 @@ class KimiDeltaAttention(nn.Module):
         if self.backend == "torch":
             return False
         if self.backend == "fla":
-            require_fla()
+            if not self.fla_installed:
+                require_fla()  # raises, saying what to install
             return True
-        return device.type == "cuda" and fla_available()
+        return device.type == "cuda" and self.fla_installed
 
     def forward(self, x: Tensor, cache: dict | None = None, documents: DocumentMask | None = None) -> Tensor:
         B, T, _ = x.shape
