@@ -367,16 +367,6 @@ def _read_metrics(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def check_fractions(val_fraction: float, test_fraction: float) -> None:
-    """``--val_fraction`` in (0, 1) and ``--test_fraction`` in [0, 1 - val_fraction)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise UsageError(f"--val_fraction {val_fraction}: must be in (0, 1), e.g. 0.02")
-    if not 0.0 <= test_fraction < 1.0 - val_fraction:
-        raise UsageError(
-            f"--test_fraction {test_fraction}: must be in [0, 1 - val_fraction = {1 - val_fraction:g})"
-        )
-
-
 def tokenizer_train(
     vocab_size: int = 4096,
     corpus: Literal["stdlib", "files"] = "stdlib",
@@ -400,7 +390,14 @@ def tokenizer_train(
         output: where to write the ``tokenizer.json`` (default: under ``cache_dir/tokenizers``).
         cache_dir: the cache directory of the DataModule.
     """
-    from lightning_modules.data import _files_key, glob_files, read_text, split_files, stdlib_files
+    from lightning_modules.data import (
+        _files_key,
+        check_fractions,
+        glob_files,
+        read_text,
+        split_files,
+        stdlib_files,
+    )
     from lightning_modules.tokenizer import MIN_BPE_VOCAB, train_bpe
 
     check_fractions(val_fraction, test_fraction)
@@ -454,7 +451,7 @@ def prepare(
             val's (the other end of the hash range; see ``data.split_of``).
         shard_tokens: tokens per shard file at most.
     """
-    from lightning_modules.data import glob_files, split_files, stdlib_files, write_shards
+    from lightning_modules.data import check_fractions, glob_files, split_files, stdlib_files, write_shards
     from lightning_modules.tokenizer import load_tokenizer
 
     check_fractions(val_fraction, test_fraction)

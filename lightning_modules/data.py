@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from attnres.errors import UsageError
 from attnres.model.documents import segment_ids_from_separators
 from lightning_modules.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 
@@ -87,7 +88,8 @@ def glob_files(patterns: list[str], arg: str = "--data.files") -> tuple[Path, li
             )
         files.update(matched)
     ordered = sorted(files)
-    binary = [p for p in ordered if not is_text(p)]
+    is_text_file = {p: is_text(p) for p in ordered}
+    binary = [p for p in ordered if not is_text_file[p]]
     if binary:
         if len(binary) == len(ordered):
             raise ValueError(
@@ -100,7 +102,7 @@ def glob_files(patterns: list[str], arg: str = "--data.files") -> tuple[Path, li
             f"UTF-8 in their first {TEXT_PROBE_BYTES // 1024} KB",
             file=sys.stderr,
         )
-        ordered = [p for p in ordered if p not in set(binary)]
+        ordered = [p for p in ordered if is_text_file[p]]
     if all(p.stat().st_size == 0 for p in ordered):
         raise ValueError(f"{arg}: the {len(ordered)} file(s) matched by {patterns} are all empty")
     root = Path(os.path.commonpath([str(p.parent) for p in ordered]))
@@ -122,6 +124,18 @@ def is_text(path: Path, probe: int = TEXT_PROBE_BYTES) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def check_fractions(val_fraction: float, test_fraction: float, prefix: str = "") -> None:
+    """``val_fraction`` in (0, 1) and ``test_fraction`` in [0, 1 - val_fraction); the messages name the
+    options as ``--<prefix>val_fraction`` (``data.`` for the DataModule's)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"--{prefix}val_fraction {val_fraction}: must be in (0, 1), e.g. 0.02")
+    if not 0.0 <= test_fraction < 1.0 - val_fraction:
+        raise UsageError(
+            f"--{prefix}test_fraction {test_fraction}: must be in "
+            f"[0, 1 - {prefix}val_fraction = {1 - val_fraction:g})"
+        )
 
 
 def split_of(relpath: str, val_fraction: float, test_fraction: float = 0.0) -> str:
@@ -459,13 +473,7 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.packing={packing!r} is invalid; valid: {' | '.join(PACKINGS)}")
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"data.seq_len ({seq_len}) and data.batch_size ({batch_size}) must be >= 1")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        if not 0.0 <= test_fraction < 1.0 - val_fraction:
-            raise ValueError(
-                f"data.test_fraction must be in [0, 1 - data.val_fraction = {1 - val_fraction:g}), got "
-                f"{test_fraction}"
-            )
+        check_fractions(val_fraction, test_fraction, "data.")
         if predict_split not in ("val", "test"):
             raise ValueError(f"data.predict_split must be 'val' or 'test', got {predict_split!r}")
         self.corpus = corpus

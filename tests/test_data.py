@@ -319,7 +319,8 @@ def test_test_dataloader_reads_the_held_out_test_split(tmp_path):
     no_test.setup("predict")
     with pytest.raises(ValueError, match="predict_split is 'test'"):
         no_test.predict_dataloader()
-    with pytest.raises(ValueError, match="data.test_fraction must be in"):
+    fraction = r"--data\.test_fraction 0\.8: must be in \[0, 1 - data\.val_fraction"
+    with pytest.raises(ValueError, match=fraction):
         TextDataModule(**kw, test_fraction=0.8)
 
 
