@@ -10,6 +10,8 @@ from __future__ import annotations
 import platform
 import sys
 
+from attnres.errors import UsageError
+
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -24,7 +26,7 @@ def info(model: str | None = None) -> None:
         from attnres.model import PRESETS, describe
 
         if model not in PRESETS:
-            from attnres.errors import UsageError, did_you_mean
+            from attnres.errors import did_you_mean
 
             raise UsageError(
                 f"--model {model!r}: unknown preset; valid: {', '.join(PRESETS)}"
@@ -103,8 +105,6 @@ def bench_ops(
         from attnres.bench.ops_cuda import DEFAULT_JSON, parse_shapes, run
 
         if not torch.cuda.is_available():
-            from attnres.errors import UsageError
-
             raise UsageError(
                 "--device cuda: no CUDA device here (torch.cuda.is_available()"
                 " is False); run it on a GPU machine, or use --device cpu"
@@ -114,8 +114,6 @@ def bench_ops(
         run(quick=quick, json_path=out or DEFAULT_JSON, compare_cases=parse_shapes(compare))
         return
     if compare is not None:
-        from attnres.errors import UsageError
-
         raise UsageError(
             "--compare is for --device cuda (the CPU baseline is --compile_reference true)"
         )

@@ -352,7 +352,7 @@ class LanguageModel(L.LightningModule):
 
         from lightning_modules.warmup import first_step_notices, seed_autotune
 
-        seeded = seed_autotune(self.device) if self.device.type == "cuda" else 0
+        seeded = seed_autotune(self.device)  # 0 off CUDA
         for note in first_step_notices(self.model, self.device, self._compiled is not None, seeded):
             rank_zero_info(note)
 
