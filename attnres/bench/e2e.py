@@ -845,6 +845,15 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     def key(r: dict[str, Any]) -> tuple:
         return (r.get("kind"), r.get("shape"), r.get("variant"), r.get("optimizer"), r.get("batch"))
 
+    def ratio(r: dict[str, Any], base: dict[str, Any], what: str) -> dict[str, Any]:
+        """Row ``r`` against row ``base`` (same kind, shape, variant, optimizer and batch)."""
+        entry = {"kind": r["kind"], "shape": r["shape"], "variant": r["variant"],
+                 "optimizer": r.get("optimizer"), "batch": r.get("batch"), "what": what,
+                 "time_ratio": r["ms"] / base["ms"]}
+        if r.get("peak_mem_bytes") and base.get("peak_mem_bytes"):
+            entry["mem_ratio"] = r["peak_mem_bytes"] / base["peak_mem_bytes"]
+        return entry
+
     ok = [r for r in rows if r.get("status") == "ok"]
     std = {(key(r), r["impl"]): r for r in ok if r.get("mode") == "standard"
            and r.get("impl") in ("attnres", "fla-model") and r.get("kind") != "template"}
@@ -859,27 +868,17 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         suffix = {"fla": "(fla)", "attnres-recompute": "(recompute)", "attnres-unfused": "(unfused)",
                   "fla-model": "(fla-model)"}.get(r["impl"], "")
         what = f"{r['mode']}{suffix}/standard{suffix if own else ''}"
-        entry = {"kind": r["kind"], "shape": r["shape"], "variant": r["variant"],
-                 "optimizer": r.get("optimizer"), "batch": r.get("batch"), "what": what,
-                 "time_ratio": r["ms"] / s["ms"]}
-        if r.get("peak_mem_bytes") and s.get("peak_mem_bytes"):
-            entry["mem_ratio"] = r["peak_mem_bytes"] / s["peak_mem_bytes"]
-            if r["kind"] == "train" and r.get("source_bytes"):
-                target = s["peak_mem_bytes"] + 1.1 * r["source_bytes"]
-                entry.update(mem_target_bytes=target, mem_target_met=r["peak_mem_bytes"] <= target)
+        entry = ratio(r, s, what)
+        if "mem_ratio" in entry and r["kind"] == "train" and r.get("source_bytes"):
+            target = s["peak_mem_bytes"] + 1.1 * r["source_bytes"]
+            entry.update(mem_target_bytes=target, mem_target_met=r["peak_mem_bytes"] <= target)
         out.append(entry)
     peer = {(key(r), r.get("mode")): r for r in ok if r.get("impl") == "fla-model"}
     for r in ok:  # our model against fla's KDAForCausalLM in the same mode: the target is <= 1
         p = peer.get((key(r), r.get("mode"))) if r.get("impl") == "attnres" else None
         if p is None:
             continue
-        entry = {"kind": r["kind"], "shape": r["shape"], "variant": r["variant"],
-                 "optimizer": r.get("optimizer"), "batch": r.get("batch"),
-                 "what": f"attnres/fla-model {r['mode']}", "time_ratio": r["ms"] / p["ms"],
-                 "time_target_met": r["ms"] <= p["ms"]}
-        if r.get("peak_mem_bytes") and p.get("peak_mem_bytes"):
-            entry["mem_ratio"] = r["peak_mem_bytes"] / p["peak_mem_bytes"]
-        out.append(entry)
+        out.append({**ratio(r, p, f"attnres/fla-model {r['mode']}"), "time_target_met": r["ms"] <= p["ms"]})
     tmpl = {r["impl"]: r for r in ok if r.get("kind") == "template"}
     h = tmpl.get("hand-written")
     for impl, t in tmpl.items() if h is not None else []:
@@ -1067,9 +1066,10 @@ def _run_e2e(
     theirs = [m for m in modes if m != "standard"] if "fla" in impls else []
 
     def train(shape: Shape, impl: str, variant: str, ms: list[str]) -> None:
-        if impl == "fla-model" and fla_model_mismatch(shape.config) is not None:  # one row says why
+        mismatch = fla_model_mismatch(shape.config) if impl == "fla-model" else None
+        if mismatch is not None:  # one row says why
             run.add({"kind": "train", "shape": shape.name, "impl": impl, "variant": variant,
-                     "status": "skipped", "reason": fla_model_mismatch(shape.config)})
+                     "status": "skipped", "reason": mismatch})
             return
         why = {"fla": fla_why, "fla-model": fla_model_why}.get(impl)
         for m in ms:
