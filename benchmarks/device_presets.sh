@@ -5,11 +5,12 @@
 #     bash benchmarks/device_presets.sh SHAPES [VARIANTS] [MODES]
 #
 # SHAPES: a bench e2e shape list such as '[s,m]' or '[medium,small]'; VARIANTS default '[eager,compile]';
-# MODES default '[standard,block]'. Steps:
+# MODES default '[standard,block]'. PRESETS_TESTS: the GPU test paths/ids to run (default: the KDA/fla, documents
+# and CUDA op tests). Steps:
 #   1. the extension: taken from .devbuild/ when a previous call built it for this csrc/ (its md5 sums
 #      match), else built the way users build it, `pip wheel --no-build-isolation` (the CUDA kernels for
 #      the visible GPU, no TORCH_CUDA_ARCH_LIST), installed into /tmp/inst, `attnres info` run there,
-#      and the .so copied in place and into $OUT (carry it back as .devbuild/ next time);
+#      and the .so copied in place and, xz-compressed, into $OUT (carry it back as .devbuild/ next time);
 #   2. (fresh build only) the CUDA op tests, bounded by PRESETS_TEST_S (default 150 s);
 #   3. `attnres bench e2e` training rows for SHAPES, profiled (device time vs wall), within the time left;
 #   4. Triton's autotune results (fla's KDA kernels) packed into $OUT/triton_autotune.tgz.
@@ -32,8 +33,9 @@ install_wheels
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 SUMS=$(cat csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h setup.py | md5sum | cut -c1-12)
 fresh=0
-if [[ -f .devbuild/sums && $(cat .devbuild/sums) == "$SUMS" ]] && compgen -G ".devbuild/_C*.so" >/dev/null; then
-  cp .devbuild/_C*.so .devbuild/_build_info.json attnres/ && echo "extension: carried build $SUMS"
+if [[ -f .devbuild/sums && $(cat .devbuild/sums) == "$SUMS" ]] && compgen -G ".devbuild/_C*.so*" >/dev/null; then
+  if [[ -f .devbuild/_C.abi3.so.xz ]]; then xz -dc .devbuild/_C.abi3.so.xz >attnres/_C.abi3.so; else cp .devbuild/_C*.so attnres/; fi
+  cp .devbuild/_build_info.json attnres/ && echo "extension: carried build $SUMS"
 else
   fresh=1
   echo "extension: pip wheel --no-build-isolation (CUDA for the visible GPU)"
@@ -44,14 +46,16 @@ else
   python3 -m pip install -q --no-deps --target /tmp/inst /tmp/wh/attnres-*.whl
   (cd /tmp && PYTHONPATH=/tmp/inst:${PYTHONPATH:-} python3 -m attnres info) | tee "$OUT/info.txt"
   cp /tmp/inst/attnres/_C*.so /tmp/inst/attnres/_build_info.json attnres/
-  cp /tmp/inst/attnres/_C*.so /tmp/inst/attnres/_build_info.json "$OUT/" && echo "$SUMS" >"$OUT/sums"
+  # the .so is over the 16 MiB a returned file may have: xz (~4.5x) brings it back, to carry as .devbuild/
+  xz -T0 -6 -c /tmp/inst/attnres/_C*.so >"$OUT/_C.abi3.so.xz" && cp /tmp/inst/attnres/_build_info.json "$OUT/" \
+    && echo "$SUMS" >"$OUT/sums"
   echo "built in $(( $(date +%s) - T0 )) s"
 fi
 python3 -c "from attnres import ops; print('depth ops on cuda:', ops.backend('cuda'))"
 if (( fresh )); then
   # the GPU tests of the KDA path (fla, document packing) first, then the CUDA op tests, in one log
-  timeout "${PRESETS_TEST_S:-150}" python3 -m pytest -q -rfE tests/gpu/test_documents_fla_gpu.py tests/gpu/test_fla_model_gpu.py \
-    tests/gpu/test_kda_fla_gpu.py tests/test_ops_cuda.py >"$OUT/tests_gpu.log" 2>&1
+  timeout "${PRESETS_TEST_S:-150}" python3 -m pytest -q -rfE ${PRESETS_TESTS:-tests/gpu/test_documents_fla_gpu.py \
+    tests/gpu/test_fla_model_gpu.py tests/gpu/test_kda_fla_gpu.py tests/test_ops_cuda.py} >"$OUT/tests_gpu.log" 2>&1
   echo "GPU tests: exit $? ($(tail -1 "$OUT/tests_gpu.log"))"
   grep -E "^(FAILED|ERROR)" "$OUT/tests_gpu.log" | head -20
 fi

@@ -196,3 +196,46 @@ def test_preset_trains_one_bf16_step_on_gpu(name):
     assert not bad, bad
     model.update_router_bias()
     assert all(m.score_bias.dtype == torch.float32 for m in model.moe_layers().values())
+
+
+def test_compiled_layer_runs_fla_as_an_opaque_op_and_matches_eager_fla():
+    """Under torch.compile the fla path goes through attnres.model.fla_ops (fla's forward and backward
+    kernels as custom ops): one graph (fullgraph would raise at a break), and the numbers of fla's own
+    autograd function in eager mode (same kernels; Inductor fuses the glue around them differently)."""
+    torch.manual_seed(0)
+    eager = KimiDeltaAttention(dim=256, num_heads=4, head_dim=64, chunk_size=64, backend="fla").to(DEV)
+    layer = copy.deepcopy(eager)
+    x = torch.randn(2, 200, 256, device=DEV)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_ref, y = eager(x), compiled(x)
+    assert err_ratio(y, y_ref) < 1e-2, err_ratio(y, y_ref)
+    y_ref.float().square().mean().backward()
+    y.float().square().mean().backward()
+    for (name, p), p_ref in zip(layer.named_parameters(), eager.parameters()):
+        assert err_ratio(p.grad, p_ref.grad) < 2e-2, (name, err_ratio(p.grad, p_ref.grad))
+
+
+@pytest.mark.parametrize("residual", ["standard", "block"])
+def test_decoder_with_fla_and_moe_compiles_to_one_graph(residual):
+    """The whole Kimi-Linear-style decoder (fla KDA, MLA, grouped-GEMM MoE) under bf16 autocast compiles
+    with fullgraph=True: no graph break anywhere in the training forward and backward."""
+    if not SM90:
+        pytest.skip("the MoE's grouped GEMM path (no host sync) needs sm90+")
+    torch.manual_seed(0)
+    # the study's s shapes (KDA 4 x 64, whose fla autotuning the shipped archive holds), 4 layers
+    cfg = get_config("small", residual=residual, num_layers=4, num_blocks=2, dim=256, vocab_size=8192,
+                     kda_head_dim=64, kda_backend="fla", mla_num_heads=4, mla_qk_nope_dim=64,
+                     mla_qk_shared_dim=32, mla_v_head_dim=64, mla_kv_rank=128, mlp_dim=768, expert_dim=256,
+                     num_experts=8, top_k=2)
+    model = Decoder(cfg).to(DEV)
+    ids = torch.randint(0, cfg.vocab_size, (2, 128), device=DEV)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = compiled(ids[:, :-1], labels=ids[:, 1:])
+        ref = model(ids[:, :-1], labels=ids[:, 1:])
+    assert torch.isfinite(out.loss) and abs(out.loss.item() - ref.loss.item()) < 2e-2
+    (out.loss + out.aux_loss).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -1,0 +1,133 @@
+"""fla's chunked KDA as ``torch.library`` custom ops: opaque to ``torch.compile``.
+
+fla 0.6 marks its ``chunk_kda`` ``@torch.compiler.disable``, so under ``torch.compile`` every KDA layer is
+a graph break. Dynamo then runs the decoder's layer loop eagerly and compiles only the pieces between
+breaks (``benchmarks/compile_breaks.py`` reproduces it on a CPU; on an H100 the compiled study model ran
+mostly eager and compiled Block AttnRes hit the recompile limit, ``benchmarks/e2e_notes.md`` session 10).
+As custom ops with fake kernels the kernels stay fla's Triton kernels, and everything around them (the
+projections, gates, norms, the residual path, the MoE) compiles into one graph.
+
+The pair mirrors fla's own autograd function in its default mode (``disable_recompute=False``): the
+forward keeps the chunk-local cumulative gate and the two intra-chunk matrices ``Aqk``, ``Akk``; the
+backward (fla's ``chunk_kda_bwd``) recomputes ``w``, ``u`` and the chunk states from them. Training only:
+no initial or final state (decoding keeps fla's functions, where a graph break does not matter).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["chunk_kda"]
+
+CHUNK = 64  # fla's KDA chunk size (its intra-chunk kernels take 32 or 64; chunk_kda uses 64)
+
+
+def _chunk_indices(cu_seqlens: Tensor | None, cu_seqlens_cpu: Tensor | None) -> Tensor | None:
+    if cu_seqlens is None:
+        return None
+    from fla.ops.utils.index import prepare_chunk_indices
+
+    return prepare_chunk_indices(cu_seqlens, CHUNK, cu_seqlens_cpu=cu_seqlens_cpu)
+
+
+def _fla_forward(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
+    cu_seqlens: Tensor | None, cu_seqlens_cpu: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from fla.ops.kda.chunk_fwd import chunk_kda_fwd
+
+    with torch.cuda.device(q.device):
+        o, _, g_cumsum, Aqk, Akk, *_ = chunk_kda_fwd(
+            q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=None, output_final_state=False,
+            cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu,
+            chunk_indices=_chunk_indices(cu_seqlens, cu_seqlens_cpu), chunk_size=CHUNK,
+        )
+    return o.to(q.dtype), g_cumsum, Aqk, Akk
+
+
+def _fla_backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g_cumsum: Tensor, Aqk: Tensor, Akk: Tensor,
+    scale: float, cu_seqlens: Tensor | None, cu_seqlens_cpu: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from fla.ops.kda.chunk_bwd import chunk_kda_bwd
+
+    with torch.cuda.device(q.device):
+        dq, dk, dv, db, dg, *_ = chunk_kda_bwd(
+            q=q, k=k, v=v, beta=beta, Aqk=Aqk, Akk=Akk, scale=scale, initial_state=None, do=do, dht=None,
+            g=g_cumsum, cu_seqlens=cu_seqlens, chunk_indices=_chunk_indices(cu_seqlens, cu_seqlens_cpu),
+            chunk_size=CHUNK,
+        )
+    return dq, dk, dv, dg, db
+
+
+# The implementations the ops call, looked up at call time: a CPU test swaps in a PyTorch reference to
+# check the registration, the fake kernels and the autograd wiring without a GPU.
+IMPL: dict[str, Any] = {"forward": _fla_forward, "backward": _fla_backward}
+
+
+@torch.library.custom_op("attnres::fla_chunk_kda_fwd", mutates_args=())
+def _forward(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
+    cu_seqlens: Tensor | None, cu_seqlens_cpu: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
+    return tuple(t.contiguous() for t in IMPL["forward"](q, k, v, g, beta, scale, cu_seqlens, cu_seqlens_cpu))
+
+
+@_forward.register_fake
+def _(q, k, v, g, beta, scale, cu_seqlens, cu_seqlens_cpu):
+    B, T, H, _ = v.shape
+    o = v.new_empty(v.shape, dtype=q.dtype)
+    g_cumsum = g.new_empty(g.shape, dtype=torch.float32)  # fla's chunk-local cumsum is fp32
+    Aqk = k.new_empty(B, T, H, CHUNK)
+    return o, g_cumsum, Aqk, k.new_empty(B, T, H, CHUNK)
+
+
+@torch.library.custom_op("attnres::fla_chunk_kda_bwd", mutates_args=())
+def _backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g_cumsum: Tensor, Aqk: Tensor, Akk: Tensor,
+    scale: float, cu_seqlens: Tensor | None, cu_seqlens_cpu: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dg, db = IMPL["backward"](
+        do.contiguous(), q, k, v, beta, g_cumsum, Aqk, Akk, scale, cu_seqlens, cu_seqlens_cpu)
+    # in the inputs' dtypes (fla's function does the same; g is fp32, beta in q's dtype), contiguous as the
+    # fake kernel says (fla's are: no copy)
+    grads = zip((dq, dk, dv, dg, db), (q, k, v, g_cumsum, beta))
+    return tuple(t.to(ref.dtype).contiguous() for t, ref in grads)
+
+
+@_backward.register_fake
+def _(do, q, k, v, beta, g_cumsum, Aqk, Akk, scale, cu_seqlens, cu_seqlens_cpu):
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, g_cumsum, beta))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, _g, beta, scale, cu_seqlens, cu_seqlens_cpu = inputs
+    _o, g_cumsum, Aqk, Akk = output
+    ctx.mark_non_differentiable(g_cumsum, Aqk, Akk)  # saved for backward, never used downstream
+    ctx.save_for_backward(q, k, v, beta, g_cumsum, Aqk, Akk)
+    ctx.scale, ctx.cu_seqlens, ctx.cu_seqlens_cpu = scale, cu_seqlens, cu_seqlens_cpu
+
+
+def _grad(ctx, do, *_unused):
+    q, k, v, beta, g_cumsum, Aqk, Akk = ctx.saved_tensors
+    dq, dk, dv, dg, db = torch.ops.attnres.fla_chunk_kda_bwd(
+        do, q, k, v, beta, g_cumsum, Aqk, Akk, ctx.scale, ctx.cu_seqlens, ctx.cu_seqlens_cpu)
+    return dq, dk, dv, dg, db, None, None, None
+
+
+_forward.register_autograd(_grad, setup_context=_setup_context)
+
+
+def chunk_kda(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
+    cu_seqlens: Tensor | None = None, cu_seqlens_cpu: Tensor | None = None,
+) -> Tensor:
+    """fla's chunked KDA, traced by ``torch.compile`` as one opaque op: q, k ``[B, T, H, K]``,
+    v ``[B, T, H, V]`` (one dtype), g ``[B, T, H, K]`` fp32 log decay, beta ``[B, T, H]`` in q's dtype;
+    ``cu_seqlens`` (and its CPU copy, to avoid a host sync) for packed documents with ``B = 1``.
+    Returns o ``[B, T, H, V]``."""
+    return torch.ops.attnres.fla_chunk_kda_fwd(q, k, v, g, beta, scale, cu_seqlens, cu_seqlens_cpu)[0]

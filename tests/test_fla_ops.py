@@ -1,0 +1,103 @@
+"""fla's KDA as torch.library custom ops (attnres.model.fla_ops), checked on a CPU: the op's real body is
+fla's Triton kernels (GPU only; tests/gpu/test_kda_fla_gpu.py compares them with fla's own function), so
+here the implementations behind the ops are swapped for our chunked KDA. What is checked is everything
+around the kernels: the schema and fake kernels (opcheck), the autograd wiring (gradients equal those of
+the reference) and that a KDA layer on the fla path compiles as one graph with the op inside."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnres.model import fla_ops
+from attnres.model.kda import KimiDeltaAttention, kda_chunked
+
+C = fla_ops.CHUNK
+
+
+def _cumsum_per_chunk(g: torch.Tensor) -> torch.Tensor:
+    B, T, H, K = g.shape
+    pad = (-T) % C
+    gc = F.pad(g, (0, 0, 0, 0, 0, pad)).reshape(B, -1, C, H, K).cumsum(2).reshape(B, -1, H, K)
+    return gc[:, :T]
+
+
+def _g_from_cumsum(gc: torch.Tensor) -> torch.Tensor:
+    prev = torch.cat([torch.zeros_like(gc[:, :1]), gc[:, :-1]], 1)
+    first = (torch.arange(gc.shape[1], device=gc.device) % C == 0)[None, :, None, None]
+    return torch.where(first, gc, gc - prev)
+
+
+def _ref_forward(q, k, v, g, beta, scale, cu_seqlens, cu_seqlens_cpu):
+    assert cu_seqlens is None
+    o, _ = kda_chunked(q, k, v, g, beta, scale=scale)
+    B, T, H, _ = k.shape
+    # stand-ins of fla's saved intra-chunk matrices (shape, dtype): the reference backward ignores them
+    gc = _cumsum_per_chunk(g.float()).contiguous()
+    return o.to(q.dtype).contiguous(), gc, k.new_zeros(B, T, H, C), k.new_zeros(B, T, H, C)
+
+
+def _ref_backward(do, q, k, v, beta, g_cumsum, Aqk, Akk, scale, cu_seqlens, cu_seqlens_cpu):
+    # torch.func, not torch.autograd: a custom op's body runs below the autograd dispatch key
+    g = _g_from_cumsum(g_cumsum).to(q.dtype)
+    _, vjp = torch.func.vjp(lambda *t: kda_chunked(*t, scale=scale)[0], q, k, v, g, beta)
+    return vjp(do)
+
+
+@pytest.fixture
+def reference_impl(monkeypatch):
+    monkeypatch.setitem(fla_ops.IMPL, "forward", _ref_forward)
+    monkeypatch.setitem(fla_ops.IMPL, "backward", _ref_backward)
+
+
+def _inputs(B=2, T=40, H=2, K=8, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=dtype), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=dtype), dim=-1)
+    v = torch.randn(B, T, H, K, generator=gen, dtype=dtype)
+    g = -F.softplus(torch.randn(B, T, H, K, generator=gen, dtype=dtype))
+    beta = torch.rand(B, T, H, generator=gen, dtype=dtype)
+    return q, k, v, g, beta
+
+
+def test_op_schema_fake_and_autograd_pass_opcheck(reference_impl):
+    q, k, v, g, beta = (t.requires_grad_() for t in _inputs())
+    # test_aot_dispatch_dynamic is left out: it backpropagates through every output, and three of them are
+    # saved-for-backward intermediates marked non-differentiable; the compile test below covers AOT tracing
+    torch.library.opcheck(torch.ops.attnres.fla_chunk_kda_fwd.default, (q, k, v, g, beta, 0.3, None, None),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_op_gradients_are_the_reference_gradients(reference_impl):
+    inputs = [t.requires_grad_() for t in _inputs()]
+    o = fla_ops.chunk_kda(*inputs, scale=0.3)
+    ref, _ = kda_chunked(*[t.detach().requires_grad_() for t in inputs[:4]], inputs[4].detach(), scale=0.3)
+    torch.testing.assert_close(o, ref, rtol=1e-12, atol=1e-12)
+    do = torch.randn_like(o)
+    got = torch.autograd.grad(o, inputs, do)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    want = torch.autograd.grad(kda_chunked(*leaves, scale=0.3)[0], leaves, do)
+    # the backward reads g back from the saved chunk-local cumsum, which is fp32 (as fla's): fp32 accuracy
+    for a, b, name in zip(got, want, ["q", "k", "v", "g", "beta"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="the fla path needs fla installed")
+def test_kda_layer_on_the_fla_path_compiles_to_one_graph_with_the_op(reference_impl):
+    torch.manual_seed(0)
+    layer = KimiDeltaAttention(dim=32, num_heads=2, head_dim=16, backend="fla")
+    ref = KimiDeltaAttention(dim=32, num_heads=2, head_dim=16, backend="torch")
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 70, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # fullgraph: a break would raise
+    y = compiled(x)
+    y_ref = ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
