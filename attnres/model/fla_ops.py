@@ -91,6 +91,7 @@ def _backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g_cumsum: Tensor, Aqk: Tensor, Akk: Tensor,
     scale: float, cu_seqlens: Tensor | None, cu_seqlens_cpu: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, v, beta, g_cumsum, Aqk, Akk = (t.contiguous() for t in (q, k, v, beta, g_cumsum, Aqk, Akk))
     dq, dk, dv, dg, db = IMPL["backward"](
         do.contiguous(), q, k, v, beta, g_cumsum, Aqk, Akk, scale, cu_seqlens, cu_seqlens_cpu)
     # in the inputs' dtypes (fla's function does the same; g is fp32, beta in q's dtype), contiguous as the
@@ -104,22 +105,27 @@ def _(do, q, k, v, beta, g_cumsum, Aqk, Akk, scale, cu_seqlens, cu_seqlens_cpu):
     return tuple(t.new_empty(t.shape) for t in (q, k, v, g_cumsum, beta))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, _g, beta, scale, cu_seqlens, cu_seqlens_cpu = inputs
-    _o, g_cumsum, Aqk, Akk = output
-    ctx.mark_non_differentiable(g_cumsum, Aqk, Akk)  # saved for backward, never used downstream
-    ctx.save_for_backward(q, k, v, beta, g_cumsum, Aqk, Akk)
-    ctx.scale, ctx.cu_seqlens, ctx.cu_seqlens_cpu = scale, cu_seqlens, cu_seqlens_cpu
+class _ChunkKDA(torch.autograd.Function):
+    """The two ops under one autograd function (flash-attn's pattern): Dynamo traces its forward and
+    backward, each a single opaque op."""
 
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, cu_seqlens, cu_seqlens_cpu):
+        # fla's kernels index contiguous memory; v comes from the short conv as a transposed view, and the
+        # saved copies must be the contiguous ones too (backward reads them)
+        q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
+        o, g_cumsum, Aqk, Akk = torch.ops.attnres.fla_chunk_kda_fwd(q, k, v, g, beta, scale, cu_seqlens,
+                                                                    cu_seqlens_cpu)
+        ctx.save_for_backward(q, k, v, beta, g_cumsum, Aqk, Akk)
+        ctx.scale, ctx.cu_seqlens, ctx.cu_seqlens_cpu = scale, cu_seqlens, cu_seqlens_cpu
+        return o
 
-def _grad(ctx, do, *_unused):
-    q, k, v, beta, g_cumsum, Aqk, Akk = ctx.saved_tensors
-    dq, dk, dv, dg, db = torch.ops.attnres.fla_chunk_kda_bwd(
-        do, q, k, v, beta, g_cumsum, Aqk, Akk, ctx.scale, ctx.cu_seqlens, ctx.cu_seqlens_cpu)
-    return dq, dk, dv, dg, db, None, None, None
-
-
-_forward.register_autograd(_grad, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, beta, g_cumsum, Aqk, Akk = ctx.saved_tensors
+        dq, dk, dv, dg, db = torch.ops.attnres.fla_chunk_kda_bwd(
+            do, q, k, v, beta, g_cumsum, Aqk, Akk, ctx.scale, ctx.cu_seqlens, ctx.cu_seqlens_cpu)
+        return dq, dk, dv, dg, db, None, None, None
 
 
 def chunk_kda(
@@ -130,4 +136,4 @@ def chunk_kda(
     v ``[B, T, H, V]`` (one dtype), g ``[B, T, H, K]`` fp32 log decay, beta ``[B, T, H]`` in q's dtype;
     ``cu_seqlens`` (and its CPU copy, to avoid a host sync) for packed documents with ``B = 1``.
     Returns o ``[B, T, H, V]``."""
-    return torch.ops.attnres.fla_chunk_kda_fwd(q, k, v, g, beta, scale, cu_seqlens, cu_seqlens_cpu)[0]
+    return _ChunkKDA.apply(q, k, v, g, beta, scale, cu_seqlens, cu_seqlens_cpu)
