@@ -1,12 +1,13 @@
-"""Typed wrappers of the depth-attention ops in ``attnres._C``.
+"""Typed wrappers of the ops in ``attnres._C``: the depth-attention ops, and ``pack`` / ``unpack`` (the
+one-message send buffer of a pipeline-stage boundary).
 
 The schemas live in ``csrc/ops.cpp``; this module checks shapes, dtypes and devices with clear
-messages, registers the fake (meta) kernels for ``torch.compile`` (the autograd formulas are C++:
-``csrc/autograd.cpp``), and routes a call to the compiled kernel of the tensors' device. Where there
-is none (the extension was not built, or a device without kernels) the call runs
-:mod:`attnres.reference` instead, which is the same math in plain PyTorch; a missing extension is
-reported by one warning at import, and one built for another torch is an ImportError
-(:mod:`attnres._extension`).
+messages, registers the fake (meta) kernels for ``torch.compile`` (the depth ops' autograd formulas
+are C++: ``csrc/autograd.cpp``; pack/unpack's are registered here, :func:`_register_pack` says why),
+and routes a call to the compiled kernel of the tensors' device. Where there is none (the extension
+was not built, or a device without kernels) the call runs :mod:`attnres.reference` instead, which is
+the same math in plain PyTorch; a missing extension is reported by one warning at import, and one
+built for another torch is an ImportError (:mod:`attnres._extension`).
 
 Sources are n tensors ``[..., d]`` (``[B, T, d]`` or ``[N, d]``), read where they are: no copy is
 made of the list (only non-contiguous sources are made contiguous by the kernels).
@@ -14,6 +15,7 @@ made of the list (only non-contiguous sources are made contiguous by the kernels
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -22,7 +24,17 @@ from torch import Tensor
 from attnres import reference
 from attnres._extension import load as load_extension
 
-__all__ = ["backend", "depth_attention", "extension_error", "fused_norm", "phase1", "phase2", "phase2_norm"]
+__all__ = [
+    "backend",
+    "depth_attention",
+    "extension_error",
+    "fused_norm",
+    "pack",
+    "phase1",
+    "phase2",
+    "phase2_norm",
+    "unpack",
+]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DEFAULT_EPS = 1e-6
@@ -331,3 +343,88 @@ def _register() -> None:
 
 if extension_error is None:
     _register()
+
+
+# ----------------------------------------------------------------------------- pack / unpack
+
+
+def pack(tensors: Sequence[Tensor]) -> Tensor:
+    """Pack k tensors (one dtype and device, any shapes) into one contiguous 1-D buffer of
+    ``sum(t.numel())`` elements, in order: one point-to-point message per pipeline-stage boundary.
+    Differentiable: the gradient is unpacked. Without a kernel for the device: ``torch.cat``."""
+    if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError(f"tensors must be a list of tensors, got {type(tensors).__name__}")
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("pack needs at least one tensor")
+    first = tensors[0]
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"tensors[{i}] has dtype {t.dtype} but tensors[0] has {first.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"tensors[{i}] is on {t.device} but tensors[0] is on {first.device}")
+    if backend(first.device) == "reference":
+        return torch.cat([t.reshape(-1) for t in tensors])
+    return torch.ops.attnres.pack(tensors)
+
+
+def unpack(buffer: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
+    """Split a 1-D ``buffer`` into new tensors of the given shapes (copies, not views: a receiver may keep
+    them while the buffer is reused); ``sum(prod(shape))`` must equal ``buffer.numel()``.
+    Differentiable: the gradients are packed."""
+    if not isinstance(buffer, Tensor):
+        raise TypeError(f"buffer must be a torch.Tensor, got {type(buffer).__name__}")
+    if buffer.dim() != 1:
+        raise ValueError(f"buffer must be 1-D, got shape {list(buffer.shape)}")
+    shapes = [[int(s) for s in shape] for shape in shapes]
+    if not shapes:
+        raise ValueError("unpack needs at least one shape")
+    total = sum(math.prod(s) for s in shapes)
+    if total != buffer.numel():
+        raise ValueError(f"the shapes {shapes} hold {total} elements but the buffer has {buffer.numel()}")
+    if backend(buffer.device) == "reference":
+        return [c.reshape(s).clone() for c, s in zip(buffer.split([math.prod(s) for s in shapes]), shapes)]
+    return list(torch.ops.attnres.unpack(buffer, shapes))
+
+
+def _register_pack() -> None:
+    @torch.library.register_fake("attnres::pack")
+    def _(tensors):
+        return tensors[0].new_empty(sum(t.numel() for t in tensors))
+
+    @torch.library.register_fake("attnres::unpack")
+    def _(buffer, shapes):
+        return [buffer.new_empty(s) for s in shapes]
+
+    # Autograd here, not in csrc/autograd.cpp like the depth ops': unpack's ``SymInt[][] shapes`` has no
+    # IValue conversion in torch's C++ API, so a typed C++ call of it (backward of pack) does not
+    # compile; a C++ version would need a flattened schema. The host cost it would save is small here:
+    # two calls per stage boundary and microbatch, beside a point-to-point send of the whole payload.
+    def pack_setup(ctx, inputs, output):
+        (tensors,) = inputs
+        ctx.shapes = [list(t.shape) for t in tensors]
+
+    def pack_backward(ctx, grad):
+        return (list(torch.ops.attnres.unpack(grad.contiguous(), ctx.shapes)),)
+
+    torch.library.register_autograd("attnres::pack", pack_backward, setup_context=pack_setup)
+
+    def unpack_setup(ctx, inputs, output):
+        buffer, shapes = inputs
+        ctx.shapes = shapes
+        ctx.like = buffer.new_empty(0)
+
+    def unpack_backward(ctx, grads):
+        grads = [
+            torch.zeros(s, dtype=ctx.like.dtype, device=ctx.like.device) if g is None else g
+            for g, s in zip(grads, ctx.shapes)
+        ]
+        return torch.ops.attnres.pack(grads), None
+
+    torch.library.register_autograd("attnres::unpack", unpack_backward, setup_context=unpack_setup)
+
+
+if extension_error is None:
+    _register_pack()

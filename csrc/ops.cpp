@@ -1,7 +1,7 @@
 // The op schemas of attnres, declared once. Each backend registers its kernels in its own file
-// (cpu/*.cpp: TORCH_LIBRARY_IMPL(attnres, CPU, m); cuda/*.cu: TORCH_LIBRARY_IMPL(attnres, CUDA, m)).
-// attnres/ops.py holds the typed Python wrappers and the fake (meta) kernels; csrc/autograd.cpp the autograd;
-// attnres/reference.py is the ground truth every kernel is tested against.
+// (cpu/*.cpp: TORCH_LIBRARY_IMPL(attnres, CPU, m); cuda/*.cu and cuda/*.cpp: TORCH_LIBRARY_IMPL(attnres,
+// CUDA, m)). attnres/ops.py holds the typed Python wrappers and the fake (meta) kernels; csrc/autograd.cpp
+// the autograd; attnres/reference.py is the ground truth every depth kernel is tested against.
 //
 // Notation (SPEC §1-2): a source v is a row of d values of one token; rms(v) = sqrt(mean(v^2) + eps);
 // a query q is the product w * g of a sublayer's pseudo-query and its RMSNorm weight, so the logit
@@ -53,4 +53,14 @@ TORCH_LIBRARY(attnres, m) {
   m.def(
       "depth_attn_backward(Tensor grad_out, Tensor grad_lse, Tensor[] sources, Tensor query, Tensor lse, "
       "float eps) -> (Tensor[], Tensor)");
+
+  // Pipeline-stage messages (kernels: cpu/pack_cpu.cpp, cuda/pack_cuda.cpp): several residual sources
+  // into one contiguous send buffer, so a stage boundary is one point-to-point message instead of one
+  // per source, and back. Each is the other's backward.
+  // tensors: k tensors of one dtype and device, any shapes -> one 1-D buffer of sum(numel) elements,
+  // the tensors' elements in order (each flattened in row-major order).
+  m.def("pack(Tensor[] tensors) -> Tensor");
+  // buffer: 1-D with exactly sum(prod(shape)) elements -> k new tensors of the given shapes (copies,
+  // not views of the buffer: the receiver keeps them in its cache while the buffer is reused).
+  m.def("unpack(Tensor buffer, SymInt[][] shapes) -> Tensor[]");
 }

@@ -156,12 +156,19 @@ class LanguageModel(L.LightningModule):
         return self.config.flops_per_token(seq_len)
 
     def configure_model(self) -> None:
-        """Parallelism is applied from outside the model (``lightning_modules/strategies``): FSDP2
-        under ``ModelParallelStrategy`` / ``FSDP2Strategy``; ``PipelineParallelStrategy`` splits the
-        stages itself."""
-        from lightning_modules.strategies import configure_model_parallelism
+        """Parallelism is applied from outside the model, by the strategy's ``parallelize(model)``
+        (``lightning_modules/strategies``: ``FSDP2Strategy`` shards, ``PipelineParallelStrategy`` splits
+        the stages in its ``setup`` instead); Lightning's own ``ModelParallelStrategy``, which has no such
+        method, gets FSDP2 with its defaults. Other strategies: nothing."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
 
-        configure_model_parallelism(self)
+        from lightning_modules.strategies import shard_data_parallel
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if hasattr(strategy, "parallelize"):
+            strategy.parallelize(self.model)
+        elif isinstance(strategy, ModelParallelStrategy):
+            shard_data_parallel(self.model, strategy.device_mesh)
 
     def setup(self, stage: str) -> None:
         """Start-up checks against the data (before any step): sequence length and vocabulary."""
@@ -188,12 +195,17 @@ class LanguageModel(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self(batch["input_ids"], batch["labels"], batch.get("segment_ids"))
         loss = out.loss + out.aux_loss
-        bs = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
-        if self.config.moe and self.config.aux_loss_coef > 0:
-            self.log("train/aux_loss", out.aux_loss, batch_size=bs)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        self.log_train_step(out.loss, out.aux_loss, batch["input_ids"].shape[0])
         return loss
+
+    def log_train_step(self, loss: Tensor, aux_loss: Tensor, batch_size: int) -> None:
+        """Log one training step: ``train/loss`` (the language-model loss, a 0-dim tensor),
+        ``train/aux_loss`` (the MoE balance loss, when it is on) and ``train/lr``. Also called by a
+        strategy that runs the step itself (``PipelineParallelStrategy``)."""
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if self.config.moe and self.config.aux_loss_coef > 0:
+            self.log("train/aux_loss", aux_loss, batch_size=batch_size)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         moes = self.model.moe_layers()

@@ -82,7 +82,7 @@ class _Reference:
             out = model(x, labels=y)
             (out.loss + out.aux_loss).backward()
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-            self._cache[key] = (init, out.loss.item(), grads)
+            self._cache[key] = (init, out.loss.item(), grads, out.aux_loss.item())
         return self._cache[key]
 
 
@@ -109,7 +109,7 @@ def _pipeline_case(
 ):
     from attnres.parallel import build_pipeline, payload_bytes
 
-    init, ref_loss, ref_grads = ref(residual, num_layers)
+    init, ref_loss, ref_grads, ref_aux = ref(residual, num_layers)
     model = _fresh(residual, num_layers, init)
     x, y = batch()
     x, y = x.chunk(dp)[dp_rank], y.chunk(dp)[dp_rank]
@@ -117,10 +117,11 @@ def _pipeline_case(
     pipe = build_pipeline(
         model, group, schedule, n_mb, virtual_stages=virtual, caching=caching, dp_mesh=dp_mesh
     )
-    loss = pipe.step(x, y)
+    loss, aux = pipe.step(x, y, return_aux=True)
     if dp > 1:
-        dist.all_reduce(loss, group=dp_mesh.get_group())
-        loss /= dp
+        for t in (loss, aux):
+            dist.all_reduce(t, group=dp_mesh.get_group())
+            t /= dp
     from lightning_modules.strategies.pipeline import clip_grad_norm_across_stages
 
     # the gradient norm over all stages (and FSDP shards), as the strategy clips with
@@ -130,6 +131,8 @@ def _pipeline_case(
         "ref_norm": torch.nn.utils.get_total_norm(list(ref_grads.values())).item(),
         "loss": loss.item(),
         "ref_loss": ref_loss,
+        "aux": aux.item(),
+        "ref_aux": ref_aux,
         "grad_err": _compare(pipe.model.named_parameters(), ref_grads),
         "bytes": pipe.bytes_per_microbatch(),
         "max_crossings": pipe.max_crossings(),
@@ -141,7 +144,7 @@ def _pipeline_case(
 def _fsdp_case(ref, mesh, residual, num_layers):
     from attnres.parallel import apply_fsdp
 
-    init, ref_loss, ref_grads = ref(residual, num_layers)
+    init, ref_loss, ref_grads, _ = ref(residual, num_layers)
     model = apply_fsdp(_fresh(residual, num_layers, init), mesh)
     dp, r = mesh.size(), mesh.get_local_rank()
     x, y = batch()
@@ -162,7 +165,7 @@ def _checkpoint_case(ref, ckpt_dir: str):
 
     from attnres.parallel import build_pipeline
 
-    init, _, _ = ref("block", 4)
+    init, _, _, _ = ref("block", 4)
     xv, yv = batch(seed=7)
     pipe = build_pipeline(_fresh("block", 4, init), dist.group.WORLD, "1f1b", 4)
     x, y = batch()
@@ -212,7 +215,7 @@ def _checkpoint_pp2_fsdp2_case(ref, ckpt_dir: str):
 
     from attnres.parallel import build_pipeline, init_mesh
 
-    init, _, _ = ref("block", 4)
+    init, _, _, _ = ref("block", 4)
     xv, yv = batch(seed=7)
     mesh = init_mesh(2, 2)
     dp, r = mesh["dp"], mesh["dp"].get_local_rank()
@@ -321,6 +324,9 @@ def _check_equal(per_rank: list[dict], name: str) -> dict:
 
 
 def _check_bytes(case: dict) -> None:
+    # the MoE balance loss the pipeline reports (summed over stages, mean over microbatches) is the
+    # one-process aux_loss: it is a mean over sequences
+    assert case["aux"] == pytest.approx(case["ref_aux"], rel=LOSS_RTOL, abs=1e-7)
     assert case["norm"] == pytest.approx(case["ref_norm"], rel=1e-5)
     assert case["bytes"]["forward"] == case["analytic"] == case["bytes"]["backward"]
     assert case["max_crossings"] <= 1

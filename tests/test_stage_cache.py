@@ -7,9 +7,19 @@ import pytest
 import torch
 
 from attnres import ops
-from attnres.stage_cache import StageCache, StageLayout, pack, unpack
+from attnres.ops import pack, unpack
+from attnres.parallel.stage_cache import StageCache, StageLayout
 
 needs_ext = pytest.mark.skipif(ops.extension_error is not None, reason="attnres._C is not built")
+
+
+@needs_ext
+@pytest.mark.parametrize("device,key", [("cpu", "CPU"), ("cuda", "CUDA")])
+def test_pack_kernels_are_where_the_depth_kernels_are(device, key):
+    # one kernel-presence table (ops.backend) serves every op: pack/unpack are built with the depth ops
+    for op in ("attnres::pack", "attnres::unpack"):
+        has = torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+        assert has == (ops.backend(device) == "compiled"), (op, device)
 
 
 def _tensors(dtype=torch.float32, requires_grad=False):

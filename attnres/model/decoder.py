@@ -32,7 +32,7 @@ from attnres.model.moe import MoE, SwiGLU, output_init_std
 from attnres.model.norm import RMSNorm
 from attnres.residual import DepthQuery, Residual, ResidualState
 
-__all__ = ["Decoder", "DecoderCache", "DecoderLayer", "KimiLinear", "ModelOutput"]
+__all__ = ["Decoder", "DecoderCache", "DecoderLayer", "KimiLinear", "ModelOutput", "lm_loss"]
 
 # ``attnres export`` / :meth:`Decoder.save_pretrained`: a folder of these two files
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -53,19 +53,23 @@ class DecoderCache:
 
 @dataclass
 class ModelOutput:
-    """logits ``[B, T, V]``; loss: mean cross-entropy over ``labels != -100`` (when labels are given;
+    """logits ``[B, T, V]`` (None for a decoder without a head: a pipeline stage before the last);
+    loss: mean cross-entropy over ``labels != -100`` (:func:`lm_loss`; when labels are given;
     the MoE balance loss is *not* included); aux_loss: sum of the MoE sequence balance losses (0 when
-    off); cache: the updated :class:`DecoderCache` (when one was passed); stats (``return_stats``):
+    off); state: the :class:`ResidualState` after the last layer, for a decoder without a head (what it
+    hands to the next pipeline stage), else None; cache: the updated :class:`DecoderCache` (when one
+    was passed); stats (``return_stats``):
     ``depth_weights [sources, sublayers + 1]`` (NaN where a sublayer does not see a source; None for
     the standard residual), ``output_rms [L]`` (RMS of each sublayer output ``v_i``), ``hidden_rms
     [L + 1]`` (RMS of each sublayer input ``h_i`` and, last, the read-out), ``router_load``
     ``{layer: [E]}`` (fraction of routed slots per expert)."""
 
-    logits: Tensor
+    logits: Tensor | None
     loss: Tensor | None = None
     aux_loss: Tensor | None = None
     cache: DecoderCache | None = None
     stats: dict | None = None
+    state: ResidualState | None = None
 
 
 @dataclass
@@ -177,44 +181,52 @@ class Decoder(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(
-        self, input_ids: Tensor, labels: Tensor | None = None, *, segment_ids: Tensor | None = None,
+        self, x: Tensor | ResidualState, labels: Tensor | None = None, *, segment_ids: Tensor | None = None,
         cache: DecoderCache | None = None, return_stats: bool = False,
     ) -> ModelOutput:
-        """input_ids ``[B, T]``; labels ``[B, T]`` already aligned (position ``t`` predicts
-        ``labels[t]``; ``-100`` is ignored); segment_ids ``[B, T]`` (int): packed documents, one
-        contiguous run of equal ids each (:mod:`attnres.model.documents`): no token mixer reads across
+        """x: ``input_ids [B, T]``, or, for a decoder pruned to a later pipeline stage (no ``embed``), the
+        :class:`ResidualState` the previous stage handed on. labels ``[B, T]`` already aligned (position
+        ``t`` predicts ``labels[t]``; ``-100`` is ignored); segment_ids ``[B, T]`` (int): packed documents,
+        one contiguous run of equal ids each (:mod:`attnres.model.documents`): no token mixer reads across
         a change of id, so each document's logits are those of the document run alone; cache: a
         :class:`DecoderCache` to decode with (updated in place; an empty one starts a sequence; not
         with ``segment_ids``).
 
-        The three steps are public so a pipeline stage (which keeps only some of ``layers``, and the
-        embedding or the head only where it owns them) can run its part: :meth:`begin`,
-        :meth:`run_layers`, :meth:`finish`."""
+        A decoder pruned to some of its ``layers`` (``attnres.parallel.keep_layers``) runs its part: it
+        starts from ``x`` as given when it has no embedding, and without a head (``lm_head`` None) it
+        stops after its layers and returns the state (``ModelOutput.state``, ``logits`` None)."""
         stats = StatsRecorder() if return_stats else None
+        handed = isinstance(x, ResidualState)
+        if handed and (cache is not None or return_stats):
+            raise ValueError("Decoder: a ResidualState input (a pipeline stage) takes no decoding cache "
+                             "and no return_stats; run the whole decoder on input_ids for those")
+        if handed == (self.embed is not None):
+            raise ValueError("Decoder: pass input_ids [B, T] to a decoder with its embedding, and the "
+                             "ResidualState of the previous pipeline stage to one without (keep_layers)")
         documents = None
         if segment_ids is not None:
             if cache is not None:
                 raise ValueError("Decoder: segment_ids (packed documents) and a decoding cache do not mix; "
                                  "decode one document per sequence without segment_ids")
-            if segment_ids.shape != input_ids.shape:
+            if not handed and segment_ids.shape != x.shape:
                 raise ValueError(f"Decoder: segment_ids {list(segment_ids.shape)} must have input_ids' "
-                                 f"shape {list(input_ids.shape)}")
+                                 f"shape {list(x.shape)}")
             documents = self.document_mask(segment_ids)
-        state = self.begin(input_ids, record=return_stats, cache=cache)
+        state = x if handed else self.begin(x, record=return_stats, cache=cache)
         aux_loss = self.run_layers(state, cache=cache, stats=stats, documents=documents)
-        x = self.residual.readout(state)
-        logits = self.finish(x)
+        if self.lm_head is None:
+            return ModelOutput(logits=None, aux_loss=aux_loss, state=state)
+        h = self.residual.readout(state)
+        logits = self.finish(h)
         if cache is not None:
-            cache.seq_len += input_ids.shape[1]
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            cache.seq_len += x.shape[1]
+        loss = lm_loss(logits, labels) if labels is not None else None
         report = None
         if stats is not None:
             report = {
                 "depth_weights": self._depth_weights(state),
                 "output_rms": torch.stack(stats.out_rms).cpu(),
-                "hidden_rms": torch.stack(stats.in_rms + [_rms(x)]).cpu(),
+                "hidden_rms": torch.stack(stats.in_rms + [_rms(h)]).cpu(),
                 "router_load": stats.loads,
             }
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, cache=cache, stats=report)
@@ -223,7 +235,8 @@ class Decoder(nn.Module):
         self, input_ids: Tensor, record: bool = False, cache: DecoderCache | None = None
     ) -> ResidualState:
         """Embed ``input_ids [B, T]`` and start the residual path (``record``: keep depth weights;
-        ``cache``: decoding, whose depth queries are reused while gradients are off)."""
+        ``cache``: decoding, whose depth queries are reused while gradients are off). The first of
+        :meth:`forward`'s three steps (then :meth:`run_layers`, :meth:`finish`)."""
         queries = cache.residual_queries if cache is not None and not torch.is_grad_enabled() else None
         return self.residual.begin(self.embed(input_ids), record=record, query_cache=queries)
 
@@ -255,7 +268,8 @@ class Decoder(nn.Module):
         return aux_loss
 
     def finish(self, x: Tensor) -> Tensor:
-        """The read-out ``x [B, T, d]`` through the final norm and the LM head: logits ``[B, T, V]``."""
+        """The read-out ``x [B, T, d]`` (``residual.readout(state)``) through the final norm and the LM
+        head: logits ``[B, T, V]``."""
         return self.lm_head(self.norm(x))
 
     def _depth_weights(self, state: ResidualState) -> Tensor | None:
@@ -373,6 +387,12 @@ class Decoder(nn.Module):
 
 
 KimiLinear = Decoder
+
+
+def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy (in fp32) of ``logits [B, T, V]`` against ``labels [B, T]`` over
+    ``labels != -100``: the decoder's loss, and the pipeline's loss function on its last stage."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 def sample(

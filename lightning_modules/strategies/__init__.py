@@ -7,15 +7,20 @@
   1F1B, Interleaved1F1B), optionally x FSDP2 on a ``["pp", "dp"]`` mesh, with cross-stage caching of
   the AttnRes block summaries (``configs/trainer/pipeline.yaml``).
 
-:func:`configure_model_parallelism` is what ``LanguageModel.configure_model`` calls.
+``LanguageModel.configure_model`` calls the strategy's ``parallelize(model)``: FSDP2 shards there, the
+pipeline splits in its ``setup`` instead. :mod:`~lightning_modules.strategies.common` holds what both share.
 """
 
-from lightning_modules.strategies.fsdp import FSDP2Strategy, configure_model_parallelism
+from lightning_modules.strategies.common import DTypeName, log_peak_memory, to_dtype
+from lightning_modules.strategies.fsdp import FSDP2Strategy, shard_data_parallel
 from lightning_modules.strategies.pipeline import PipelineParallelStrategy, clip_grad_norm_across_stages
 
 __all__ = [
+    "DTypeName",
     "FSDP2Strategy",
     "PipelineParallelStrategy",
     "clip_grad_norm_across_stages",
-    "configure_model_parallelism",
+    "log_peak_memory",
+    "shard_data_parallel",
+    "to_dtype",
 ]

@@ -3,7 +3,8 @@
 ``ModelParallelStrategy`` brings the process group, the device mesh, sharded DCP checkpoints (a
 folder: one file per rank plus Lightning's metadata; loadable at any other world size or layout,
 since the parameter names are those of the full model) and the distributed sampler. The sharding
-itself happens in ``LanguageModel.configure_model`` -> :func:`configure_model_parallelism`.
+itself happens when ``LanguageModel.configure_model`` calls :meth:`FSDP2Strategy.parallelize`
+(:func:`shard_data_parallel`, which Lightning's own ``ModelParallelStrategy`` gets with its defaults).
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ from typing import Any, Literal
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from attnres.parallel import apply_fsdp
-
-DTypeName = Literal["float32", "bfloat16", "float16"]
-
-
-def _dtype(name: str | None) -> torch.dtype | None:
-    return None if name is None else getattr(torch, name)
+from lightning_modules.strategies.common import DTypeName, log_peak_memory, to_dtype
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -59,6 +57,17 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.reduce_dtype = reduce_dtype
         self.reshard_after_forward = reshard_after_forward
 
+    def parallelize(self, model: nn.Module) -> None:
+        """Shard ``model`` with this strategy's settings (:func:`shard_data_parallel`); called by
+        ``LanguageModel.configure_model``."""
+        shard_data_parallel(
+            model,
+            self.device_mesh,
+            param_dtype=to_dtype(self.param_dtype),
+            reduce_dtype=to_dtype(self.reduce_dtype),
+            reshard_after_forward=self.reshard_after_forward,
+        )
+
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         out = super().training_step(*args, **kwargs)
         log_peak_memory(self)
@@ -70,41 +79,29 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
 
-def log_peak_memory(strategy: Any) -> None:
-    """Log ``train/peak_mem_gib``: the most CUDA memory this rank has allocated so far (CUDA only)."""
-    if strategy.root_device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(strategy.root_device) / 2**30
-        strategy.lightning_module.log(
-            "train/peak_mem_gib", peak, on_step=True, on_epoch=False, reduce_fx="max"
-        )
-
-
-def configure_model_parallelism(module: Any) -> None:
-    """Apply the strategy's parallelism to ``module.model`` (a :class:`attnres.model.Decoder`); called
-    from ``LanguageModel.configure_model``. Under a ``ModelParallelStrategy`` (and :class:`FSDP2Strategy`)
-    each sublayer (PreNorm + mixer) becomes a ``fully_shard`` unit over the data-parallel mesh; a
-    pipeline strategy splits the model itself (in its ``setup``); otherwise nothing happens. Idempotent."""
+def shard_data_parallel(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    reshard_after_forward: bool = True,
+) -> None:
+    """Shard ``model`` (a :class:`attnres.model.Decoder`) over the ``"data_parallel"`` dimension of a
+    ``ModelParallelStrategy``'s ``mesh``: each sublayer (PreNorm + mixer) becomes a ``fully_shard`` unit
+    (:func:`attnres.parallel.apply_fsdp`). Idempotent (``configure_model`` may run more than once)."""
     from torch.distributed.fsdp import FSDPModule
 
-    from lightning_modules.strategies.pipeline import PipelineParallelStrategy
-
-    trainer = module._trainer
-    strategy = trainer.strategy if trainer is not None else None
-    if not isinstance(strategy, ModelParallelStrategy) or isinstance(strategy, PipelineParallelStrategy):
+    if isinstance(model, FSDPModule):
         return
-    if isinstance(module.model, FSDPModule):
-        return
-    mesh = strategy.device_mesh
     if mesh["tensor_parallel"].size() != 1:
         raise ValueError(
             f"tensor_parallel_size={mesh['tensor_parallel'].size()}: attnres has no tensor parallelism; "
             "use tensor_parallel_size=1 (or FSDP2Strategy) and put every rank into data_parallel_size"
         )
-    fsdp = strategy if isinstance(strategy, FSDP2Strategy) else None
     apply_fsdp(
-        module.model,
+        model,
         mesh["data_parallel"],
-        param_dtype=_dtype(fsdp.param_dtype) if fsdp else None,
-        reduce_dtype=_dtype(fsdp.reduce_dtype) if fsdp else torch.float32,
-        reshard_after_forward=fsdp.reshard_after_forward if fsdp else True,
+        param_dtype=param_dtype,
+        reduce_dtype=reduce_dtype,
+        reshard_after_forward=reshard_after_forward,
     )

@@ -5,11 +5,12 @@ The strategy builds a 2-D mesh ``["pp", "dp"]``, splits ``LanguageModel.model`` 
 ``setup`` (:func:`attnres.parallel.build_pipeline`: the rank keeps the layers of its stages, parameter
 names unchanged) and runs each batch through a ``torch.distributed.pipelining`` schedule in place of
 ``training_step`` / ``validation_step``: the schedule does forward and backward at once, so
-``backward`` is a no-op here. The loss lives on the last stage and is broadcast to every rank (and
-averaged over ``dp``) for logging; each rank's optimizer steps its own stages' parameters; gradient
-clipping (``trainer.gradient_clip_val``) uses the norm over all stages; checkpoints are sharded DCP
-folders (from ``ModelParallelStrategy``) whose keys are the full model's, so they load at any other
-layout (PP, FSDP, one process).
+``backward`` only puts back the gradients the schedule made. The loss lives on the last stage and is
+broadcast to every rank (and averaged over ``dp``); the MoE balance loss is summed over the stages; the
+module logs both (``LanguageModel.log_train_step``), as in one process. Each rank's optimizer steps its
+own stages' parameters; gradient clipping (``trainer.gradient_clip_val``) uses the norm over all stages;
+checkpoints are sharded DCP folders (from ``ModelParallelStrategy``) whose keys are the full model's, so
+they load at any other layout (PP, FSDP, one process).
 
 Lightning's backward hooks (``on_before_backward`` with the broadcast loss, ``on_after_backward``) and
 ``on_before_optimizer_step`` run as in any strategy, so :class:`~lightning_modules.callbacks.NaNGuard`
@@ -37,7 +38,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 
 from attnres.parallel import SCHEDULES, Pipeline, ScheduleName, build_pipeline, init_mesh
-from lightning_modules.strategies.fsdp import DTypeName, _dtype, log_peak_memory
+from lightning_modules.strategies.common import DTypeName, log_peak_memory, to_dtype
 
 
 def clip_grad_norm_across_stages(
@@ -174,6 +175,10 @@ class PipelineParallelStrategy(ModelParallelStrategy):
 
     # ------------------------------------------------------------------ model
 
+    def parallelize(self, model: torch.nn.Module) -> None:
+        """Nothing: ``LanguageModel.configure_model`` calls this before :meth:`setup`, which splits the
+        model into this rank's stages (and shards each with FSDP2 when ``data_parallel_size > 1``)."""
+
     def setup(self, trainer: Any) -> None:
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
@@ -200,10 +205,15 @@ class PipelineParallelStrategy(ModelParallelStrategy):
                 device=self.root_device,
                 dtype=self._activation_dtype(trainer),
                 dp_mesh=mesh["dp"] if dp > 1 else None,
-                fsdp_param_dtype=_dtype(self.param_dtype),
+                fsdp_param_dtype=to_dtype(self.param_dtype),
             )
             module.model = self.pipeline.model  # this rank's layers; names as in the full model
         super().setup(trainer)
+        # Clipping must take the norm over every stage. Lightning runs it inside the precision plugin
+        # (Precision.clip_grad_by_norm, reached from LightningModule.configure_gradient_clipping); its
+        # Strategy has no clipping hook, and the plugin is built from trainer.precision, not by us. The
+        # supported alternatives would move pipeline knowledge into the LightningModule or make every
+        # config name a custom plugin, so the plugin instance's method is replaced here.
         plugin, group = self.precision_plugin, self.device_mesh["pp"].get_group()
 
         def clip_grad_by_norm(optimizer: Any, clip_val: float) -> None:
@@ -251,42 +261,46 @@ class PipelineParallelStrategy(ModelParallelStrategy):
 
     def _activation_dtype(self, trainer: Any) -> torch.dtype:
         if self.activation_dtype is not None:
-            return _dtype(self.activation_dtype)
+            return to_dtype(self.activation_dtype)
         if self.param_dtype is not None and self.data_parallel_size > 1:
-            return _dtype(self.param_dtype)
+            return to_dtype(self.param_dtype)
         return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(
             str(trainer.precision), torch.float32
         )
 
     # ------------------------------------------------------------------ steps
 
-    def _run(self, batch: dict[str, Tensor], train: bool) -> Tensor:
+    def _run(self, batch: dict[str, Tensor], train: bool) -> tuple[Tensor, Tensor]:
+        """The batch through the pipeline: ``(loss, MoE aux loss)``, each the mean over microbatches (and
+        over the data-parallel replicas), the same on every rank."""
         assert self.pipeline is not None
         if "segment_ids" in batch:  # the stages would silently mix the documents
             raise ValueError("data.packing='documents' is not supported by the pipeline strategy (its stages "
                              "take tokens only); use data.packing: concat, or DDP / FSDP2")
         plugin = self.precision_plugin
         with plugin.train_step_context() if train else plugin.val_step_context():
-            loss = self.pipeline.step(batch["input_ids"], batch["labels"], train=train)
+            loss, aux = self.pipeline.step(batch["input_ids"], batch["labels"], train=train, return_aux=True)
         if self.data_parallel_size > 1:
             loss = self.reduce(loss, reduce_op="mean")
-        return loss
+            aux = self.reduce(aux, reduce_op="mean")
+        return loss, aux
 
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
         batch = args[0] if args else kwargs["batch"]
         module = self.lightning_module
         for p in module.parameters():  # Lightning's zero_grad comes after training_step: too late here
             p.grad = None
-        loss = self._run(batch, train=True)
+        loss, aux = self._run(batch, train=True)
         # Lightning zeroes the gradients between training_step and backward (its closure runs
         # step -> zero_grad -> backward), but the schedule has already run the backward passes:
-        # keep this step's gradients aside until `backward` puts them back
+        # keep this step's gradients aside until `backward` puts them back. No strategy hook can skip
+        # that zero_grad (it is the LightningModule's optimizer_zero_grad), and the schedule cannot
+        # move into `backward`: training_step must return the loss that on_before_backward checks.
         self._grads = [(p, p.grad) for p in module.parameters() if p.grad is not None]
         for p, _ in self._grads:
             p.grad = None
         bs = batch["input_ids"].shape[0]
-        module.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        module.log("train/lr", module.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        module.log_train_step(loss, aux, bs)
         if self.log_bytes:
             sent = self.pipeline.bytes_per_microbatch()
             module.log("pp/bytes_fwd_per_microbatch", sent["forward"], batch_size=bs)
@@ -312,7 +326,7 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         return self._eval(args[0] if args else kwargs["batch"], "test")
 
     def _eval(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
-        loss = self._run(batch, train=False)
+        loss, _ = self._run(batch, train=False)
         self.pipeline.cache.reset_counts()
         self.lightning_module.log(
             f"{prefix}/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0]

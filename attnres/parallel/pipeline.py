@@ -1,19 +1,23 @@
-"""Parallelism applied from outside the model (torchtitan style): pipeline stages and FSDP2.
+"""Pipeline parallelism applied from outside the model (torchtitan style). Plain PyTorch (no Lightning).
 
-Plain PyTorch (no Lightning). The decoder (:class:`attnres.model.Decoder`) knows nothing of this:
+A stage *is* the pruned decoder (:class:`attnres.model.Decoder`, which skips a missing embedding or
+head and then hands back its :class:`~attnres.residual.ResidualState`); this module only adapts it to
+``torch.distributed.pipelining``:
 
-* :func:`split_decoder` keeps the layers a rank (or stage) owns by deleting the others from a deep
-  copy, with the matching ``residual.queries`` entries; the embedding stays on the first stage, the final
-  norm, the LM head and the read-out query on the last. Layers are a ``ModuleDict`` keyed by index, so
-  parameter names (and DCP checkpoints) are those of the full model whatever the layout.
-* :class:`PipelineStageModule` is one stage: ``forward(payload) -> payload``. Its payload is the token ids
-  on the first stage, the logits out of the last; in between the residual stream: the hidden state
-  ``[B, T, d]`` (standard residual) or, for AttnRes, the sources the receiving rank lacks plus the
-  partial summary, packed into one 1-D buffer (one message per boundary; SPEC §3). The sources a
-  rank already holds for a microbatch come from its :class:`~attnres.stage_cache.StageCache`.
+* :func:`keep_layers` is the one pruning function: it keeps the layers a rank (or stage) owns, with their
+  ``residual.queries`` entries, the embedding on the first stage, the final norm, the LM head and the
+  read-out query on the last. A deep copy for the rank's model (what gets checkpointed), a shared view of
+  it per stage. Layers are a ``ModuleDict`` keyed by index, so parameter names (and DCP checkpoints) are
+  those of the full model whatever the layout.
+* :class:`PipelineStageModule` is one stage: ``forward(payload) -> payload``, i.e. unpack the received
+  buffer and add what the rank's :class:`~attnres.parallel.stage_cache.StageCache` holds, run the pruned
+  decoder, pack what the next stage lacks. Its payload is the token ids on the first stage, the logits
+  out of the last; in between the residual stream: the hidden state ``[B, T, d]`` (standard residual)
+  or, for AttnRes, the sources the receiving rank lacks plus the partial summary, packed into one 1-D
+  buffer (one message per boundary: :func:`attnres.ops.pack`).
 * :func:`build_pipeline` runs the stages with ``torch.distributed.pipelining`` (GPipe, 1F1B,
-  Interleaved1F1B with virtual stages); :func:`apply_fsdp` shards each sublayer with FSDP2
-  (``fully_shard``); :func:`init_mesh` builds the 2-D ``["pp", "dp"]`` DeviceMesh.
+  Interleaved1F1B with virtual stages), optionally each sharded with FSDP2
+  (:func:`attnres.parallel.fsdp.apply_fsdp`).
 
 Shapes stay static under caching: what stage ``k`` sends is fixed per stage (the summaries completed
 since the receiver's last visit, plus the partial), so each stage declares its input and output once.
@@ -23,16 +27,14 @@ chunk id the schedule passes to ``forward_one_chunk``).
 
 from __future__ import annotations
 
-import copy
-import gc
+import copy as _copy
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -40,21 +42,21 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 
-from attnres.model.decoder import run_sublayer
+from attnres.model.decoder import lm_loss
+from attnres.ops import pack, unpack
+from attnres.parallel.fsdp import apply_fsdp
+from attnres.parallel.stage_cache import StageCache, StageLayout
 from attnres.residual import ResidualState
-from attnres.stage_cache import StageCache, StageLayout, pack, unpack
 
 __all__ = [
     "SCHEDULES",
     "CachingPipelineStage",
     "Pipeline",
     "PipelineStageModule",
-    "apply_fsdp",
+    "ScheduleName",
     "build_pipeline",
-    "close_process_groups",
-    "init_mesh",
-    "lm_loss",
-    "split_decoder",
+    "keep_layers",
+    "payload_bytes",
     "split_layers",
 ]
 
@@ -64,73 +66,6 @@ SCHEDULES: dict[str, type] = {
     "1f1b": Schedule1F1B,
     "interleaved_1f1b": ScheduleInterleaved1F1B,
 }
-
-
-# ----------------------------------------------------------------------------- process groups
-
-
-def close_process_groups() -> None:
-    """Destroy every process group of this process and free them now, while the interpreter is alive.
-
-    Call it last in every process that made a group, after the objects that hold one (models under
-    FSDP, meshes, pipelines, trainers) are out of scope. ``destroy_process_group`` only unregisters
-    the groups; a gloo group lives on while a Python object still references it, and its worker
-    threads each drop their last finished collective *after* ``wait()`` has returned. Left to
-    interpreter shutdown, such a thread must take the GIL to free the collective's tensors, the
-    finalizing interpreter makes it exit instead, and the forced unwind through gloo's noexcept loop
-    aborts the process ("terminate called without an active exception", SIGABRT; seen in about 1 of
-    5 FSDP runs on a busy 2-core machine, the backtrace in ``AsyncAllgatherWork::~AsyncAllgatherWork``
-    under ``PyThread_exit_thread``). Collecting the groups here runs their destructors, which join
-    those threads (torch releases the GIL while destroying a group)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    gc.collect()
-
-
-# ----------------------------------------------------------------------------- meshes and FSDP2
-
-
-def init_mesh(pp: int, dp: int, device_type: str = "cpu") -> DeviceMesh:
-    """The 2-D mesh ``["pp", "dp"]`` over ``pp * dp`` ranks (rank = pp_rank * dp + dp_rank: the
-    data-parallel replicas of one stage are neighbours, so FSDP's collectives stay inside a node)."""
-    if pp * dp != dist.get_world_size():
-        raise ValueError(f"pp={pp} x dp={dp} = {pp * dp} ranks, but the world has {dist.get_world_size()}")
-    return init_device_mesh(device_type, (pp, dp), mesh_dim_names=("pp", "dp"))
-
-
-def apply_fsdp(
-    model: nn.Module,
-    mesh: DeviceMesh,
-    param_dtype: torch.dtype | None = None,
-    reduce_dtype: torch.dtype | None = torch.float32,
-    reshard_after_forward: bool = True,
-) -> nn.Module:
-    """Shard ``model`` (a :class:`Decoder`, a pruned one, or a :class:`PipelineStageModule`) with FSDP2:
-    one ``fully_shard`` unit per sublayer (its PreNorm and its token or channel mixer, grouped), and one
-    for the rest (embedding, depth queries, final norm, head) at the root. Per sublayer rather than per
-    decoder layer because the decoder calls the two sublayers of a layer separately: a per-layer unit
-    would be gathered twice per forward (and per backward). ``mesh``: the 1-D data-parallel mesh
-    (``mesh["dp"]`` of the 2-D mesh). ``param_dtype``: mixed-precision compute dtype (e.g. bf16; None:
-    the parameters' own), gradients reduced in ``reduce_dtype``. In place; returns ``model``."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    layers = getattr(model, "layers", None)
-    if not isinstance(layers, nn.ModuleDict):
-        raise TypeError(f"apply_fsdp needs decoder layers in .layers, got a {type(model).__name__}")
-    for layer in layers.values():
-        groups = [("attn_norm", "attn"), ("mlp_norm", "mlp")]
-        if all(hasattr(layer, n) for g in groups for n in g):
-            for g in groups:
-                fully_shard([getattr(layer, n) for n in g], **kw)
-        else:  # another layer type: one unit, gathered around whatever the decoder calls
-            fully_shard(layer, **kw)
-            for name in ("token_mixer", "channel_mixer"):
-                if hasattr(layer, name):
-                    register_fsdp_forward_method(layer, name)
-    fully_shard(model, **kw)
-    return model
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -149,10 +84,14 @@ def split_layers(num_layers: int, num_stages: int) -> list[list[int]]:
     return out
 
 
-def split_decoder(model: nn.Module, layers: Sequence[int], first: bool, last: bool) -> nn.Module:
-    """A deep copy of the decoder that keeps only ``layers`` (and their depth queries), the embedding
-    if ``first``, the final norm, LM head and read-out query if ``last``. The deleted attributes are set
-    to None; parameter names of what remains are those of the full model."""
+def keep_layers(model: nn.Module, layers: Sequence[int], first: bool, last: bool, copy: bool) -> nn.Module:
+    """The decoder ``model`` pruned to ``layers`` (and their depth queries), the embedding if ``first``,
+    the final norm, LM head and read-out query if ``last``; the deleted attributes are set to None and
+    the parameter names of what remains are those of the full model.
+
+    ``copy=True``: a deep copy (the rank's own model, whose parameters it trains and checkpoints);
+    ``copy=False``: a view that shares every kept module with ``model`` (one pipeline stage of a rank's
+    model; ``model`` itself is left whole)."""
     if getattr(model.config, "tie_embeddings", False) and not (first and last):
         raise ValueError(
             "tie_embeddings=True shares the embedding and the LM head, which a pipeline split "
@@ -161,23 +100,44 @@ def split_decoder(model: nn.Module, layers: Sequence[int], first: bool, last: bo
     keep = {str(i) for i in layers}
     unknown = keep - set(model.layers.keys())
     if unknown:
-        raise ValueError(f"layers {sorted(unknown, key=int)} are not in the model ({list(model.layers)})")
-    part = copy.deepcopy(model)
+        held = [int(k) for k in model.layers]
+        raise ValueError(f"layers {sorted(int(k) for k in unknown)} are not in the model (it holds {held})")
+    part = _copy.deepcopy(model) if copy else _view(model)
     for key in list(part.layers.keys()):
         if key not in keep:
             del part.layers[key]
-    res = part.residual
-    if hasattr(res, "queries"):
+    queries = getattr(part.residual, "queries", None)
+    if queries is not None:
         owned = {str(2 * i + j) for i in layers for j in (0, 1)} | ({"out"} if last else set())
-        for key in list(res.queries.keys()):
+        for key in list(queries.keys()):
             if key not in owned:
-                del res.queries[key]
+                del queries[key]
     if not first:
         part.embed = None
     if not last:
         part.norm = None
         part.lm_head = None
     return part
+
+
+def _view(model: nn.Module) -> nn.Module:
+    """A shallow copy of the decoder ``model`` with registries of its own (its ``layers`` and its
+    residual's ``queries`` new ``ModuleDict`` s holding the same modules), so that deleting from the
+    copy leaves ``model`` whole while every parameter stays shared."""
+    part = _shallow(model)
+    part.layers = nn.ModuleDict(dict(model.layers.items()))
+    part.residual = _shallow(model.residual)
+    if getattr(model.residual, "queries", None) is not None:
+        part.residual.queries = nn.ModuleDict(dict(model.residual.queries.items()))
+    return part
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    out = _copy.copy(module)
+    out._modules = dict(module._modules)
+    out._parameters = dict(module._parameters)
+    out._buffers = dict(module._buffers)
+    return out
 
 
 # ----------------------------------------------------------------------------- autograd glue
@@ -241,63 +201,59 @@ class _AddAuxGrad(torch.autograd.Function):
 
 
 class PipelineStageModule(nn.Module):
-    """Stage ``stage_index`` of ``num_stages``: the layers ``layers`` of the (pruned) decoder ``model``.
+    """Stage ``stage_index`` of ``num_stages``: an adapter around ``decoder``, the rank's model pruned to
+    this stage (:func:`keep_layers` with ``copy=False``; it shares the rank model's modules).
 
-    Registers only its own pieces (shared with ``model``, names as in the full decoder): ``layers``,
-    ``residual`` (a shallow copy holding only this stage's queries), ``embed`` on the first stage,
-    ``norm`` and ``lm_head`` on the last. ``forward``: first stage ``input_ids [b, T] ->`` payload;
-    middle ``payload -> payload``; last ``payload -> logits [b, T, V]``. The payload is the hidden state
-    ``[b, T, d]`` for the standard residual, else a 1-D buffer of ``cache.payload_sources(k)`` tensors
-    ``[b, T, d]``: the sources the next rank lacks (ids ``cache.send_ids(k)``), then the partial summary.
+    ``forward``: first stage ``input_ids [b, T] ->`` payload; middle ``payload -> payload``; last
+    ``payload -> logits [b, T, V]``. The payload is the hidden state ``[b, T, d]`` for the standard
+    residual, else a 1-D buffer of ``cache.payload_sources(k)`` tensors ``[b, T, d]``: the sources the next
+    rank lacks (ids ``cache.send_ids(k)``), then the partial summary. The stage's MoE balance loss gets
+    its gradient here (:class:`_AddAuxGrad`); its value, detached, is kept in ``aux_losses`` (one per
+    forward) for the pipeline to report.
     """
 
-    def __init__(
-        self, model: nn.Module, stage_index: int, num_stages: int, layers: Sequence[int], cache: StageCache
-    ) -> None:
+    def __init__(self, decoder: nn.Module, stage_index: int, num_stages: int, cache: StageCache) -> None:
         super().__init__()
         self.stage_index, self.num_stages = stage_index, num_stages
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
-        self.config = model.config
-        self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layers})
-        res = copy.copy(model.residual)  # same settings, own ModuleDict of queries
-        res._modules = dict(res._modules)
-        if hasattr(model.residual, "queries"):
-            owned = [str(2 * i + j) for i in layers for j in (0, 1)] + (["out"] if self.is_last else [])
-            res.queries = nn.ModuleDict({q: model.residual.queries[q] for q in owned})
-        self.residual = res
-        if self.is_first:
-            self.embed = model.embed
-        if self.is_last:
-            self.norm, self.lm_head = model.norm, model.lm_head
+        if (decoder.embed is not None) != self.is_first or (decoder.lm_head is not None) != self.is_last:
+            raise ValueError(
+                f"stage {stage_index} of {num_stages} needs a decoder with the embedding only on the first "
+                "stage and the head only on the last (keep_layers(..., first, last, copy=False))"
+            )
+        self.config = decoder.config
+        self.decoder = decoder
         self.cache = cache
         self.microbatch = 0  # set by CachingPipelineStage before each forward
         self.source_shape: list[int] = []  # [b, T, d] of one payload tensor, set by Pipeline.step
         self.payload_dtype: torch.dtype | None = None  # declared by io_shapes
+        self.aux_losses: list[Tensor] = []  # detached MoE balance loss per forward; Pipeline.step clears it
 
     def forward(self, x: Tensor) -> Tensor:
-        k, mb, cache, res = self.stage_index, self.microbatch, self.cache, self.residual
-        if self.is_first:
-            state = res.begin(self.embed(x))
-        else:
-            n_recv = len(cache.recv_ids(k))
-            partial = self.num_stages > 1 and cache.layout.partial_after[k - 1]
-            n = cache.payload_sources(k - 1)
-            parts = _Receive.apply(x, [self.source_shape] * n, cache, mb, k)
-            if cache.layout.hidden:
-                state = ResidualState(hidden=parts[0])
-            else:
-                sources = cache.get(mb, cache.cached_ids(k)) + list(parts[:n_recv])
-                state = ResidualState(sources=sources, partial=parts[-1] if partial else None)
-        aux = None
-        for layer in self.layers.values():
-            (ia, mixer, attn_norm), (im, mlp, mlp_norm) = layer.sublayers()
-            run_sublayer(self.residual, state, ia, mixer, attn_norm)
-            a = run_sublayer(self.residual, state, im, mlp, mlp_norm)
-            if a is not None and a.requires_grad:
-                aux = a if aux is None else aux + a
-        if self.is_last:
-            out = self.lm_head(self.norm(res.readout(state)))
-        elif cache.layout.hidden:
+        out = self.decoder(x if self.is_first else self._receive(x))
+        y = out.logits if self.is_last else self._send(out.state)
+        aux = out.aux_loss
+        self.aux_losses.append(aux.detach())
+        if aux.requires_grad and torch.is_grad_enabled():
+            y = _AddAuxGrad.apply(y, aux)
+        return y
+
+    def _receive(self, buffer: Tensor) -> ResidualState:
+        """The state this stage starts from: the received buffer's tensors and the cached sources."""
+        k, mb, cache = self.stage_index, self.microbatch, self.cache
+        n = cache.payload_sources(k - 1)
+        parts = _Receive.apply(buffer, [self.source_shape] * n, cache, mb, k)
+        if cache.layout.hidden:
+            return ResidualState(hidden=parts[0])
+        sources = cache.get(mb, cache.cached_ids(k)) + list(parts[: len(cache.recv_ids(k))])
+        partial = parts[-1] if cache.layout.partial_after[k - 1] else None
+        return ResidualState(sources=sources, partial=partial)
+
+    def _send(self, state: ResidualState) -> Tensor:
+        """The payload for the next stage (counted); the sources a later stage of this rank reads are
+        put in the cache."""
+        k, mb, cache = self.stage_index, self.microbatch, self.cache
+        if cache.layout.hidden:
             out = _SendAndKeep.apply(cache, mb, [], 1, state.hidden)
         else:
             send = [state.sources[i] for i in cache.send_ids(k)]
@@ -307,15 +263,12 @@ class PipelineStageModule(nn.Module):
             keep = [state.sources[i] for i in keep_ids]
             cache.put(mb, keep_ids, keep)
             out = _SendAndKeep.apply(cache, mb, keep_ids, len(send), *send, *keep)
-        if not self.is_last:
-            if self.payload_dtype is not None and out.dtype != self.payload_dtype:
-                raise TypeError(
-                    f"stage {k} produced {out.dtype} activations but the pipeline declared "
-                    f"{self.payload_dtype}: build it with dtype={out.dtype} (strategy: activation_dtype)"
-                )
-            cache.count(mb, "forward", k, out.numel() * out.element_size())
-        if aux is not None and torch.is_grad_enabled():
-            out = _AddAuxGrad.apply(out, aux)
+        if self.payload_dtype is not None and out.dtype != self.payload_dtype:
+            raise TypeError(
+                f"stage {k} produced {out.dtype} activations but the pipeline declared "
+                f"{self.payload_dtype}: build it with dtype={out.dtype} (strategy: activation_dtype)"
+            )
+        cache.count(mb, "forward", k, out.numel() * out.element_size())
         return out
 
     def io_shapes(self, microbatch_size: int, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -356,11 +309,6 @@ class CachingPipelineStage(PipelineStage):
 
     def _stage_module(self) -> PipelineStageModule:
         return self.submod
-
-
-def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over ``labels != -100`` (the decoder's loss)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -429,14 +377,19 @@ class Pipeline:
             )
         return self._schedules[key]
 
-    def step(self, input_ids: Tensor, labels: Tensor, train: bool = True) -> Tensor:
+    def step(
+        self, input_ids: Tensor, labels: Tensor, train: bool = True, return_aux: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Run one batch ``input_ids, labels [B, T]`` (the same on every rank of the pipeline: the first
         stage reads the ids, the last the labels) through the schedule. ``train``: forward and backward
         (gradients accumulate in ``.grad``, scaled to the mean over microbatches), else forward only.
-        Returns the mean loss over the microbatches, on every rank of the pipeline group."""
+        Returns the mean loss over the microbatches, on every rank of the pipeline group; with
+        ``return_aux``, ``(loss, aux_loss)``: also the MoE balance loss summed over the stages (the
+        decoder's ``aux_loss``), mean over the microbatches (one more all-reduce)."""
         sched = self.schedule(*labels.shape)
         for mod in self.modules:
             mod.source_shape = [labels.shape[0] // self.n_microbatches, labels.shape[1], mod.config.dim]
+            mod.aux_losses.clear()
         self.cache.clear()
         losses: list[Tensor] = []
         args = (input_ids.to(self.device),) if self.has_first else ()
@@ -451,7 +404,16 @@ class Pipeline:
         if losses:
             loss = torch.stack([x.detach().float() for x in losses]).mean()
         dist.broadcast(loss, src=self.last_rank, group=self.group)
-        return loss
+        if not return_aux:
+            return loss
+        aux = torch.zeros((), dtype=torch.float32, device=self.device)
+        for mod in self.modules:
+            for a in mod.aux_losses:
+                aux = aux + a.float()
+            mod.aux_losses.clear()
+        aux = aux / self.n_microbatches
+        dist.all_reduce(aux, group=self.group)
+        return loss, aux
 
     def bytes_per_microbatch(self) -> dict[str, float]:
         """Bytes sent per microbatch and direction, summed over the pipeline ranks (collective)."""
@@ -496,19 +458,31 @@ def build_pipeline(
     num_stages = pp * virtual_stages
     per_stage = split_layers(model.config.num_layers, num_stages)
     stage_rank = [k % pp for k in range(num_stages)]
-    layout = StageLayout.build([2 * len(ls) for ls in per_stage], model.residual.block_size, stage_rank)
+    layout = StageLayout.build([2 * len(ls) for ls in per_stage], block_size(model.config), stage_rank)
     cache = StageCache(layout, rank, enabled=caching)
     mine = [k for k in range(num_stages) if stage_rank[k] == rank]
     owned = [i for k in mine for i in per_stage[k]]
     device = torch.device(device)
-    rank_model = split_decoder(model, owned, first=0 in mine, last=num_stages - 1 in mine).to(device)
+    rank_model = keep_layers(model, owned, first=0 in mine, last=num_stages - 1 in mine, copy=True).to(device)
     modules = []
     for k in mine:
-        mod = PipelineStageModule(rank_model, k, num_stages, per_stage[k], cache)
-        if dp_mesh is not None:
-            apply_fsdp(mod, dp_mesh, param_dtype=fsdp_param_dtype)
+        first, last = k == 0, k == num_stages - 1
+        stage = keep_layers(rank_model, per_stage[k], first=first, last=last, copy=False)
+        mod = PipelineStageModule(stage, k, num_stages, cache)
+        if dp_mesh is not None:  # the stage is the root unit: the schedule drives FSDP through it
+            apply_fsdp(mod, dp_mesh, param_dtype=fsdp_param_dtype, layers=stage.layers)
         modules.append(mod)
     return Pipeline(rank_model, modules, cache, group, schedule, n_microbatches, device, dtype, loss_fn)
+
+
+def block_size(config) -> int:
+    """Sublayers per block of ``config``'s residual, as :class:`StageLayout` counts them: 0 for the
+    standard residual (its payload is the hidden state), 1 for Full AttnRes."""
+    if config.residual == "standard":
+        return 0
+    if config.residual == "full":
+        return 1
+    return config.num_sublayers // config.num_blocks
 
 
 def payload_bytes(cache: StageCache, microbatch_size: int, seq_len: int, dim: int, dtype: torch.dtype) -> int:

@@ -1,4 +1,4 @@
-// CUDA kernels of attnres::pack / attnres::unpack (schemas in ../stage_cache.cpp). Pure ATen: pack is
+// CUDA kernels of attnres::pack / attnres::unpack (schemas in ../ops.cpp). Pure ATen: pack is
 // one batched concatenation kernel (at::cat of the flattened tensors) on the current stream, unpack
 // one copy per tensor out of the received buffer. No hand-written kernel pays for itself here: both
 // are bandwidth-bound copies that ATen already does at full bandwidth.

@@ -1,4 +1,4 @@
-"""Cross-stage caching of block summaries under pipeline parallelism (SPEC §3).
+"""Cross-stage caching of residual sources under pipeline parallelism: the layout and the cache.
 
 Under pipeline parallelism with Block (or Full) AttnRes every stage needs every block summary
 produced before it, so the payload of a stage boundary is the summaries so far plus the partial
@@ -9,15 +9,15 @@ per rank this is everything, so plain 1F1B sends the same with or without the ca
 
 This module holds
 
-* :func:`pack` / :func:`unpack`: typed wrappers of ``attnres::pack`` / ``attnres::unpack``
-  (``csrc/stage_cache*.cpp``) that put several tensors into one contiguous 1-D send buffer (one
-  point-to-point message per boundary) and back; each is the other's backward;
 * :class:`StageLayout`: where the summaries are produced (per stage: the sources completed after it,
   whether a partial summary crosses its output boundary, the rank it runs on);
 * :class:`StageCache`: one rank's per-microbatch cache: which summary ids a stage takes from the cache,
   receives, sends and keeps; the kept tensors (autograd leaves whose ``.grad`` accumulates over the later
   stages that read them); and the byte counts per microbatch and direction, with the invariant check
   "each summary crosses each link at most once per microbatch and direction".
+
+The tensors of one boundary travel as one buffer (:func:`attnres.ops.pack` / :func:`attnres.ops.unpack`;
+:mod:`attnres.parallel.pipeline` does that).
 
 Gradients: a later stage reads a cached summary through a leaf, so its gradient accumulates locally
 in ``leaf.grad``; the stage that put it there adds that gradient in its own backward (which the
@@ -27,111 +27,16 @@ the earlier boundaries once, as part of that stage's input gradient.
 
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from attnres import ops as _ops  # noqa: F401  (loads attnres._C, which registers the schemas)
-
-__all__ = ["Direction", "StageCache", "StageLayout", "pack", "unpack"]
+__all__ = ["Direction", "StageCache", "StageLayout"]
 
 Direction = str  # "forward" (activations, stage k -> k+1) or "backward" (gradients, k+1 -> k)
 DIRECTIONS: tuple[str, ...] = ("forward", "backward")
-
-
-# device types with a compiled pack/unpack kernel; looked up once so torch.compile traces no query
-_KERNEL_DEVICES = frozenset(
-    dev
-    for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-    if _ops.extension_error is None and torch._C._dispatch_has_kernel_for_dispatch_key("attnres::pack", key)
-)
-
-
-def _has_kernel(device: torch.device) -> bool:
-    return device.type in _KERNEL_DEVICES
-
-
-# ----------------------------------------------------------------------------- pack / unpack
-
-
-def pack(tensors: Sequence[Tensor]) -> Tensor:
-    """Pack k tensors (one dtype and device, any shapes) into one contiguous 1-D buffer of
-    ``sum(t.numel())`` elements, in order. Differentiable: the gradient is unpacked."""
-    if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
-        raise TypeError(f"tensors must be a list of tensors, got {type(tensors).__name__}")
-    tensors = list(tensors)
-    if not tensors:
-        raise ValueError("pack needs at least one tensor")
-    first = tensors[0]
-    for i, t in enumerate(tensors):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != first.dtype:
-            raise TypeError(f"tensors[{i}] has dtype {t.dtype} but tensors[0] has {first.dtype}")
-        if t.device != first.device:
-            raise ValueError(f"tensors[{i}] is on {t.device} but tensors[0] is on {first.device}")
-    if not _has_kernel(first.device):
-        return torch.cat([t.reshape(-1) for t in tensors])
-    return torch.ops.attnres.pack(tensors)
-
-
-def unpack(buffer: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
-    """Split a 1-D ``buffer`` into new tensors of the given shapes (copies, not views);
-    ``sum(prod(shape))`` must equal ``buffer.numel()``. Differentiable: the gradients are packed."""
-    if not isinstance(buffer, Tensor):
-        raise TypeError(f"buffer must be a torch.Tensor, got {type(buffer).__name__}")
-    if buffer.dim() != 1:
-        raise ValueError(f"buffer must be 1-D, got shape {list(buffer.shape)}")
-    shapes = [[int(s) for s in shape] for shape in shapes]
-    if not shapes:
-        raise ValueError("unpack needs at least one shape")
-    total = sum(math.prod(s) for s in shapes)
-    if total != buffer.numel():
-        raise ValueError(f"the shapes {shapes} hold {total} elements but the buffer has {buffer.numel()}")
-    if not _has_kernel(buffer.device):
-        return [c.reshape(s).clone() for c, s in zip(buffer.split([math.prod(s) for s in shapes]), shapes)]
-    return list(torch.ops.attnres.unpack(buffer, shapes))
-
-
-def _register() -> None:
-    @torch.library.register_fake("attnres::pack")
-    def _(tensors):
-        return tensors[0].new_empty(sum(t.numel() for t in tensors))
-
-    @torch.library.register_fake("attnres::unpack")
-    def _(buffer, shapes):
-        return [buffer.new_empty(s) for s in shapes]
-
-    def pack_setup(ctx, inputs, output):
-        (tensors,) = inputs
-        ctx.shapes = [list(t.shape) for t in tensors]
-
-    def pack_backward(ctx, grad):
-        return (list(torch.ops.attnres.unpack(grad.contiguous(), ctx.shapes)),)
-
-    torch.library.register_autograd("attnres::pack", pack_backward, setup_context=pack_setup)
-
-    def unpack_setup(ctx, inputs, output):
-        buffer, shapes = inputs
-        ctx.shapes = shapes
-        ctx.like = buffer.new_empty(0)
-
-    def unpack_backward(ctx, grads):
-        grads = [
-            torch.zeros(s, dtype=ctx.like.dtype, device=ctx.like.device) if g is None else g
-            for g, s in zip(grads, ctx.shapes)
-        ]
-        return torch.ops.attnres.pack(grads), None
-
-    torch.library.register_autograd("attnres::unpack", unpack_backward, setup_context=unpack_setup)
-
-
-if _ops.extension_error is None and hasattr(torch.ops.attnres, "pack"):
-    _register()
 
 
 # ----------------------------------------------------------------------------- the layout

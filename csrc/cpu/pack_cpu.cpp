@@ -1,4 +1,4 @@
-// CPU kernels of attnres::pack / attnres::unpack (schemas in stage_cache.cpp): plain memcpy of
+// CPU kernels of attnres::pack / attnres::unpack (schemas in ../ops.cpp): plain memcpy of
 // contiguous byte ranges, split over threads by bytes so one large summary is copied in parallel too.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
