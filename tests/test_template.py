@@ -298,8 +298,10 @@ def venv_python(tmp: Path) -> Path:
 
 def run(cmd: list, cwd: Path, timeout: int, env: dict | None = None) -> str:
     start = time.perf_counter()
+    # the generated project's own packages, not a PYTHONPATH that points at this checkout's
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "MAX_JOBS": "2", **(env or {})})
+                            env={**base, "MAX_JOBS": "2", **(env or {})})
     shown = " ".join(map(str, cmd))
     print(f"[{time.perf_counter() - start:6.1f} s] {shown}")  # shown by pytest -s or on failure
     assert result.returncode == 0, f"{shown} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
