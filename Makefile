@@ -1,4 +1,5 @@
-# The single entry point: set-up, training, tests, benchmarks.
+# The single entry point: set-up, training, tests, benchmarks. The commands run the `attnres` console
+# script's code as `python -m lightning_modules` (the library's own `python -m attnres` serves `info`).
 # Inside an active virtual environment it uses that; otherwise it creates .venv with
 # --system-site-packages so a machine's own torch (CPU or CUDA) is reused.
 SHELL := /bin/bash
@@ -35,16 +36,16 @@ test-gpu: install  ## rebuild with the CUDA kernels (ATTNRES_CUDA=1), then run t
 	$(PY) -m pytest -q tests/test_ops_cuda.py tests/gpu $(PYTEST_ARGS)
 
 train: install  ## install, then train configs/default.yaml (CONFIG=... to change)
-	$(PY) -m attnres fit -c $(CONFIG)
+	$(PY) -m lightning_modules fit -c $(CONFIG)
 
 bench-ops: install  ## depth-attention op benchmark: table + JSON under benchmarks/results/
-	$(PY) -m attnres bench ops
+	$(PY) -m lightning_modules bench ops
 
 bench: install  ## end-to-end benchmark (GPU): table + JSON under benchmarks/results/
-	$(PY) -m attnres bench e2e
+	$(PY) -m lightning_modules bench e2e
 
 bench-scaling: install  ## weak scaling over FSDP / PP x FSDP layouts (every GPU here): table + JSON
-	$(PY) -m attnres bench scaling
+	$(PY) -m lightning_modules bench scaling
 
 lint:  ## ruff
 	$(PY) -m ruff check .

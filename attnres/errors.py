@@ -2,7 +2,7 @@
 
 Validation points raise :class:`UsageError` (or ``ValueError`` / ``FileNotFoundError`` /
 ``PermissionError``, which older checks raise with the same kind of message); the ``attnres`` entry
-point (:func:`attnres.cli.main`) prints ``attnres <subcommand>: <message>`` on one line of stderr and
+point (``lightning_modules.main``) prints ``attnres <subcommand>: <message>`` on one line of stderr and
 exits with status 2. ``ATTNRES_DEBUG=1`` re-raises instead, so the full traceback is shown. Any other
 exception is an internal error and keeps its traceback, and so does a plain ``ValueError`` raised
 outside this project's code (inside torch or Lightning, say): :func:`is_user_error`.

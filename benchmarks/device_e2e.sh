@@ -45,7 +45,7 @@ bench() {
   if (( budget < 30 || hard < 30 )); then echo "=== run $tag: no time left"; return; fi
   echo "=== run $tag: budget $budget s, hard limit $hard s"
   timeout --signal=INT --kill-after=10 "$hard" \
-    python3 benchmarks/bench_e2e.py --tag "$tag" --budget_s "$budget" "$@"
+    python3 -m lightning_modules bench e2e --tag "$tag" --budget_s "$budget" "$@"
   echo "=== run $tag: exit status $? (124: timed out; the JSON keeps every row finished before)"
 }
 run_dense()    { bench dense "$1" --shapes '[dense]' --kinds '[train]'; }
@@ -95,7 +95,8 @@ for mod in ("fla.ops.attnres", "fla.ops.kda", "jsonargparse", "lightning", "ligh
   python3 -c '
 import glob, os, shutil
 import torch
-from attnres.bench.e2e import device_slug, format_table, merge_results
+from attnres.bench.report import format_table, merge_results
+from attnres.bench.timing import device_slug
 slug = device_slug(torch.device("cuda"))
 parts = sorted(p for p in glob.glob(f"benchmarks/results/e2e_{slug}_*.json") if not p.endswith("_quick.json"))
 if not parts:

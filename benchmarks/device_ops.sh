@@ -24,14 +24,14 @@ if [[ "${OPS_TESTS:-1}" != 0 ]]; then
   echo "tests: exit $? after $(( $(date +%s) - T0 )) s"
   grep -E "passed|failed|FAILED|Error" "$OUT/ops_tests.log" | tail -15
 fi
-slug=$(python3 -c "import torch; from attnres.bench.e2e import device_slug; print(device_slug(torch.device('cuda')))")
+slug=$(python3 -c "import torch; from attnres.bench.timing import device_slug; print(device_slug(torch.device('cuda')))")
 timeout $(( $(left) - 15 )) python3 - "$OUT/ops_cuda_${slug}.json" <<'PY' 2>&1 | tee "$OUT/ops_bench.log" | tail -80
 import os, sys
-from attnres.bench import ops_cuda as b
+from attnres.bench import ops as b
 extra = b.parse_shapes(os.environ.get("OPS_EXTRA", "8192,2048,2,4;8192,2048,5,4;8192,2048,8,4;8192,2048,9,2")) or []
 compare = b.parse_shapes(os.environ.get("OPS_COMPARE", "none"))
-grid = b.grid(quick=True) if os.environ.get("OPS_GRID", "1") != "0" else []
-b.run(cases=extra + grid, compare_cases=compare, json_path=sys.argv[1])
+grid = b.cuda_grid(quick=True) if os.environ.get("OPS_GRID", "1") != "0" else []
+b.run_ops_benchmark("cuda", shapes=extra + grid, compare=compare, out=sys.argv[1])
 PY
 cp "$OUT"/ops_cuda_*.json benchmarks/results/ 2>/dev/null
 # OPS_NCU="N,d,n,S": Nsight Compute metrics of every kernel of the ops on that shape (bf16)

@@ -61,7 +61,7 @@ if (( fresh )); then
 fi
 budget=$(( $(left) - 60 ))
 echo "=== bench e2e $SHAPES $MODES $VARIANTS: budget $budget s"
-timeout --signal=INT --kill-after=10 $(( budget + 30 )) python3 benchmarks/bench_e2e.py --tag "${PRESETS_TAG:-presets}" \
+timeout --signal=INT --kill-after=10 $(( budget + 30 )) python3 -m lightning_modules bench e2e --tag "${PRESETS_TAG:-presets}" \
   --budget_s "$budget" --shapes "$SHAPES" --modes "$MODES" --kinds '[train]' --variants "$VARIANTS" \
   --impls '[attnres]' --profile true
 echo "=== bench exit $?"

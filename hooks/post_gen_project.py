@@ -12,7 +12,9 @@ behind; without git, a walk that skips them), leaving out the template machinery
 * writes the answers into ``pyproject.toml`` (description, author, license), ``setup.py`` (the
   CUDA build default), ``configs/default.yaml`` (preset, residual mode, num_blocks, MoE) and the
   per-preset ``configs/model/*.yaml`` (residual mode and MoE; num_blocks in the chosen preset's);
-* appends the template README's sections (renamed) to the generated README's quick start;
+* appends the template README's sections (renamed) to the generated README's quick start, without the
+  blocks between ``<!-- template-only -->`` and ``<!-- /template-only -->`` (the template's own measured
+  results);
 * writes the chosen licence's full text into ``LICENSE`` (from ``hooks/licenses/<answer>.txt``);
 * for a preset that needs a GPU (any but ``tiny``), makes ``make train`` compose the preset's model
   config and the GPU trainer config, so it trains in bf16 on the GPUs, or on a machine without one
@@ -46,8 +48,14 @@ OLD = "attnres"
 PKG = str(ANSWERS["package_name"])
 CUDA_DEFAULT = {"auto": "auto", "yes": "1", "no": "0"}[ANSWERS["cuda_kernels"]]
 
-# The template machinery: not part of a generated project.
-TEMPLATE_ONLY = {"cookiecutter.json", "hooks", "tests/test_template.py", "docs/template.md"}
+# Not part of a generated project: the template machinery, and the template's own results (its committed
+# benchmark results, the study that produced docs/results.md, and the study's test). configs/study stays:
+# `attnres bench e2e` times its model files (shapes s and m).
+TEMPLATE_ONLY = {"cookiecutter.json", "hooks", "tests/test_template.py", "docs/template.md",
+                 "benchmarks/results", "benchmarks/study", "tests/test_study.py", "docs/results.md",
+                 "docs/study_plan.md", "docs/images/study"}
+# README.md: lines from a START to its END marker line are the template's own (its results).
+TEMPLATE_ONLY_START, TEMPLATE_ONLY_END = "<!-- template-only -->", "<!-- /template-only -->"
 # Build outputs, environments, caches and logs, for the walk without git (and as a safety net).
 SKIP_ANYWHERE = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache",
                  ".ipynb_checkpoints"}
@@ -81,7 +89,8 @@ def rename(text: str) -> str:
 
 def is_copied(rel: PurePosixPath) -> bool:
     parts = rel.parts
-    if str(rel) in TEMPLATE_ONLY or parts[0] in TEMPLATE_ONLY or parts[0].startswith("{{"):
+    template_only = any("/".join(parts[:k]) in TEMPLATE_ONLY for k in range(1, len(parts) + 1))
+    if template_only or parts[0].startswith("{{"):
         return False
     if parts[0] in SKIP_TOP or any(p in SKIP_ANYWHERE or p.endswith(".egg-info") for p in parts):
         return False
@@ -175,7 +184,7 @@ def edit_pyproject(path: Path) -> None:
     except ImportError:  # Python 3.10: the edits above are still checked by their exact match
         return
     project = tomllib.loads(text)["project"]
-    if project["scripts"].get(PKG) != f"{PKG}.cli:main" or project["name"] != PKG:
+    if project["scripts"].get(PKG) != "lightning_modules.main:main" or project["name"] != PKG:
         raise HookError(f"{where}: the project name or console script is not {PKG!r}: {project}")
 
 
@@ -317,12 +326,35 @@ def describe_model(text: str) -> str:
     return "".join([head, *kept, *lines[n:]])
 
 
+def strip_template_only(text: str) -> str:
+    """``text`` without its template-only blocks (each from a ``TEMPLATE_ONLY_START`` line to the next
+    ``TEMPLATE_ONLY_END`` line, both included); an unclosed or stray marker is an error."""
+    out: list[str] = []
+    inside = False
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+        marker = line.strip()
+        if marker == TEMPLATE_ONLY_START:
+            if inside:
+                raise HookError(f"README.md:{number}: {TEMPLATE_ONLY_START} inside another such block")
+            inside = True
+        elif marker == TEMPLATE_ONLY_END:
+            if not inside:
+                raise HookError(f"README.md:{number}: {TEMPLATE_ONLY_END} without a {TEMPLATE_ONLY_START}")
+            inside = False
+        elif not inside:
+            out.append(line)
+    if inside:
+        raise HookError(f"README.md: a {TEMPLATE_ONLY_START} block is not closed")
+    return "".join(out)
+
+
 def compose_readme(path: Path, template_readme: str) -> None:
     """Append the template README's sections (from its first ``##`` heading, without the title, the
-    intro and the sections a generated project has its own of) to the rendered README head."""
+    intro, the sections a generated project has its own of and the template-only blocks) to the
+    rendered README head."""
     sections: list[list[str]] = []
     fenced = False
-    for line in template_readme.splitlines(keepends=True):
+    for line in strip_template_only(template_readme).splitlines(keepends=True):
         if line.lstrip().startswith("```"):
             fenced = not fenced
         if line.startswith("## ") and not fenced:

@@ -1,6 +1,7 @@
-"""Lightning training for attnres: ``LanguageModel``, ``TextDataModule`` and the ``attnres`` LightningCLI.
+"""Lightning training for attnres: ``LanguageModel``, ``TextDataModule``, the ``attnres`` command
+(:mod:`lightning_modules.main`, also ``python -m lightning_modules``) and its LightningCLI.
 
-Imported lazily, so ``import lightning_modules.commands`` (what ``attnres info`` pulls in) stays light.
+Imported lazily, so ``import lightning_modules.main`` (what ``attnres info`` pulls in) stays light.
 """
 
 from __future__ import annotations

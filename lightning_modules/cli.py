@@ -473,8 +473,8 @@ def run_summary(trainer: Trainer) -> str:
 
 def run_lightning_cli(argv: list[str]) -> None:
     """Entry of ``attnres fit|validate|test|predict``. User errors (Lightning's
-    ``MisconfigurationException`` among them) propagate to :func:`attnres.cli.main` (one line, exit 2);
-    a NaN/inf loss stops with one line and exit 1."""
+    ``MisconfigurationException`` among them) propagate to :func:`lightning_modules.main.main` (one line,
+    exit 2); a NaN/inf loss stops with one line and exit 1."""
     try:
         AttnResCLI(args=resolve_args(argv))
     except MisconfigurationException as exc:  # Lightning's word for a bad Trainer setting

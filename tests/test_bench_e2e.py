@@ -1,19 +1,23 @@
-"""The end-to-end benchmark (``attnres.bench.e2e``): its quick CPU mode runs and writes well-formed JSON
-with positive, finite numbers (no timing assertions), and its pieces compute what they claim."""
+"""The end-to-end benchmark (``attnres.bench.e2e``, the template rows of
+``lightning_modules.bench_template``): its quick CPU mode runs and writes well-formed JSON with positive,
+finite numbers (no timing assertions), its pieces compute what they claim, and the ratios stored in the
+committed results are what :func:`attnres.bench.report.compute_ratios` computes from their rows."""
 
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from attnres import ops
-from attnres.bench import e2e
-from attnres.bench import peer_fla_model as peer
+from attnres.bench import e2e, report
+from attnres.bench import peers as peer
+from attnres.bench.shapes import STUDY_MODELS, default_shapes, dense_config, residual_traffic, study_config
 from attnres.model import Decoder
 
 ROW_STATUSES = {"ok", "oom", "error", "skipped"}
@@ -76,9 +80,9 @@ def test_quick_run_writes_json_with_every_row_and_positive_finite_numbers(tmp_pa
     assert all(_positive_finite(q["time_ratio"]) for q in data["ratios"])
     if any(r["kind"] == "template" and r["status"] == "ok" for r in rows):
         assert ("template", "dense", "template/hand-written") in whats
-    assert "ratios (same run)" in e2e.format_table(data)
+    assert "ratios (same run)" in report.format_table(data)
 
-    merged = e2e.merge_results([path], tmp_path / "merged.json")
+    merged = report.merge_results([path], tmp_path / "merged.json")
     assert json.loads((tmp_path / "merged.json").read_text())["rows"] == merged["rows"]
     assert len(merged["rows"]) == len(rows) and {r["run"] for r in merged["rows"]} == {"e2e_cpu"}
     assert merged["runs"][0]["command"] == data["command"] and len(merged["ratios"]) == len(data["ratios"])
@@ -97,7 +101,7 @@ def _naive_fla_attnres(
 
 @pytest.mark.parametrize("mode", ["block", "full"])
 def test_fla_residual_computes_the_same_loss_and_gradients_as_ours(mode):
-    cfg = e2e.default_shapes(quick=True)["dense"].config.replace(residual=mode)
+    cfg = default_shapes(quick=True)["dense"].config.replace(residual=mode)
     torch.manual_seed(0)
     ours = Decoder(cfg).double()
     with torch.no_grad():  # non-zero pseudo-queries, so the softmax is not uniform
@@ -106,8 +110,8 @@ def test_fla_residual_computes_the_same_loss_and_gradients_as_ours(mode):
             q.norm_weight.uniform_(0.5, 1.5)
     theirs = Decoder(cfg).double()
     theirs.load_state_dict(ours.state_dict())
-    e2e.use_fla_residual(theirs, attnres_fn=_naive_fla_attnres)
-    assert isinstance(theirs.residual, e2e.FlaResidual)
+    peer.use_fla_residual(theirs, attnres_fn=_naive_fla_attnres)
+    assert isinstance(theirs.residual, peer.FlaResidual)
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     a, b = ours(ids, labels=ids).loss, theirs(ids, labels=ids).loss
     a.backward()
@@ -120,7 +124,7 @@ def test_fla_residual_computes_the_same_loss_and_gradients_as_ours(mode):
 
 @pytest.mark.parametrize("mode", ["standard", "block", "full"])
 def test_residual_traffic_counts_the_depth_ops_the_residual_path_calls(mode, monkeypatch):
-    cfg = e2e.default_shapes(quick=True)["dense"].config.replace(residual=mode)
+    cfg = default_shapes(quick=True)["dense"].config.replace(residual=mode)
     counts = {"phase1": 0, "phase2": 0, "readout": 0}
     for name, key in (("phase1", "phase1"), ("phase2", "phase2"), ("depth_attention", "readout")):
         fn = getattr(ops, name)
@@ -132,7 +136,7 @@ def test_residual_traffic_counts_the_depth_ops_the_residual_path_calls(mode, mon
         monkeypatch.setattr(ops, name, counted)
     model = Decoder(cfg)
     model(torch.randint(0, cfg.vocab_size, (1, 8)))
-    expected = e2e.residual_traffic(cfg, 1, 8)["calls_per_forward"]
+    expected = residual_traffic(cfg, 1, 8)["calls_per_forward"]
     if mode == "standard":
         assert counts == {"phase1": 0, "phase2": 0, "readout": 0} and expected == {"add": cfg.num_sublayers}
     else:
@@ -142,17 +146,18 @@ def test_residual_traffic_counts_the_depth_ops_the_residual_path_calls(mode, mon
 def test_dense_config_has_the_parameters_of_the_issues_mha_model():
     d, layers, mlp, vocab = 2048, 16, 5632, 32000
     mha = layers * (4 * d * d + 3 * d * mlp + 2 * d) + 2 * vocab * d + d  # + PreNorms, final norm
-    cfg = e2e.dense_config()
+    cfg = dense_config()
     assert cfg.mla_heads == 16 and cfg.mla_qk_nope_dim == 128 and cfg.mla_v_head_dim == 128
     assert abs(cfg.num_params() - mha) / mha < 0.005
     assert cfg.replace(residual="block").num_blocks == 8
 
 
 def test_quick_template_rows_time_the_lightning_step_and_the_hand_written_one(tmp_path):
-    pytest.importorskip("lightning_modules.module")
+    from lightning_modules.bench_template import template_rows
+
     result = e2e.run_e2e_benchmark(
         quick=True, shapes=["dense"], kinds=["template"], warmup=1, repeat=2, profile=False, device="cpu",
-        out=tmp_path / "e2e_template.json",
+        out=tmp_path / "e2e_template.json", template_rows=template_rows,
     )
     rows = {r["impl"]: r for r in result["rows"]}
     # the template as `attnres fit` runs it, without the NaN guard's gradient check, without callbacks
@@ -173,15 +178,15 @@ def test_quick_template_rows_time_the_lightning_step_and_the_hand_written_one(tm
 def test_the_study_shapes_are_the_study_yaml_models(name):
     import yaml
 
-    model = yaml.safe_load((e2e.STUDY_MODELS / f"{name}.yaml").read_text())["model"]
-    cfg = e2e.study_config(name)
+    model = yaml.safe_load((STUDY_MODELS / f"{name}.yaml").read_text())["model"]
+    cfg = study_config(name)
     assert (cfg.num_layers, cfg.dim, cfg.num_experts, cfg.top_k) == (
         model["num_layers"], model["dim"], model["num_experts"], model["top_k"])
     for key, value in model["overrides"].items():
         if key != "kda_backend":
             assert getattr(cfg, key) == value, key
     assert cfg.kda_backend == "auto" and cfg.vocab_size == 8192
-    shapes = e2e.default_shapes(quick=False)
+    shapes = default_shapes(quick=False)
     assert (shapes[name].batch, shapes[name].seq_len) == (32, 1024)
     assert shapes["small"].config.name == "small" and shapes["small"].config.max_seq_len >= 2048
 
@@ -190,7 +195,7 @@ def test_the_study_shapes_are_the_study_yaml_models(name):
 
 
 def test_kda_dense_maps_to_flas_kda_config_layer_for_layer():
-    cfg = e2e.default_shapes(quick=False)["kda-dense"].config
+    cfg = default_shapes(quick=False)["kda-dense"].config
     assert cfg.layer_kinds() == [("kda", "dense")] * 16
     for mode, block_size in (("standard", None), ("block", 4), ("full", 1)):
         kw = peer.fla_model_kwargs(cfg.replace(residual=mode))
@@ -232,22 +237,22 @@ def test_flas_block_size_puts_the_block_boundaries_where_ours_are(num_layers):
 
 @pytest.mark.parametrize("mode", ["standard", "block", "full"])
 def test_our_decoder_at_the_peer_shape_has_flas_analytic_parameter_count(mode):
-    quick = e2e.default_shapes(quick=True)["kda-dense"].config.replace(residual=mode)
+    quick = default_shapes(quick=True)["kda-dense"].config.replace(residual=mode)
     model = Decoder(quick)
     n = sum(p.numel() for p in model.parameters())
     assert n == quick.num_params() == peer.fla_kda_num_params(peer.fla_model_kwargs(quick))
-    full = e2e.default_shapes(quick=False)["kda-dense"].config.replace(residual=mode)
+    full = default_shapes(quick=False)["kda-dense"].config.replace(residual=mode)
     with torch.device("meta"):  # the 0.97B model, counted without memory
         big = Decoder(full)
     n = sum(p.numel() for p in big.parameters())
     assert n == full.num_params() == peer.fla_kda_num_params(peer.fla_model_kwargs(full))
-    described = e2e.default_shapes(quick=False)["kda-dense"].describe()["fla_model"][mode]
+    described = default_shapes(quick=False)["kda-dense"].describe()["fla_model"][mode]
     assert described["params_analytic"] == described["ours_params"] == n
     assert described["kda_config"]["attnres_block_size"] == peer.fla_block_size(full)
 
 
 def test_peer_shapes_without_a_fla_model_say_why():
-    shapes = e2e.default_shapes(quick=False)
+    shapes = default_shapes(quick=False)
     assert "MLA" in peer.fla_model_mismatch(shapes["dense"].config)
     assert peer.fla_model_mismatch(shapes["medium"].config)
     assert peer.fla_model_mismatch(shapes["kda-dense"].config) is None
@@ -323,14 +328,41 @@ def test_fla_model_rows_time_the_wrapped_model_and_give_the_peer_ratios(tmp_path
     assert ("block(fla-model)/standard(fla-model)", "none") in whats
     assert [q for q in result["ratios"] if q["what"] == "block/standard"]  # ours, unchanged
     assert len([q for q in result["ratios"] if q["what"] == "block/standard"]) == 2  # not fla's rows too
-    assert "attnres/fla-model block" in e2e.format_table(result) and "target <= 1" in e2e.format_table(result)
+    table = report.format_table(result)
+    assert "attnres/fla-model block" in table and "target <= 1" in table
 
 
 def test_fla_model_wrapper_returns_the_loss_and_a_zero_balance_loss():
-    cfg = e2e.default_shapes(quick=True)["kda-dense"].config
+    cfg = default_shapes(quick=True)["kda-dense"].config
     inner = _FakeKDAForCausalLM(cfg)
     wrapped = peer.FlaModel(inner)
     ids = torch.randint(0, cfg.vocab_size, (2, 8))
     out = wrapped(ids, labels=ids)
     torch.testing.assert_close(out.loss, inner.decoder(ids, labels=ids).loss)
     assert out.aux_loss.item() == 0.0 and out.aux_loss.dtype == out.loss.dtype
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+@pytest.mark.skipif(not RESULTS.is_dir(), reason="no committed results (a generated project leaves them out)")
+def test_committed_ratios_are_what_compute_ratios_gives_from_their_rows():
+    """Every committed e2e JSON: the ratios stored are recomputed from its rows. A merged file
+    (``merge_results``: rows and ratios tagged with their ``run``) is checked run by run, for the runs whose
+    tag is unique in it (two parts with one tag share a name, so their rows cannot be told apart)."""
+    checked = 0
+    for path in sorted(RESULTS.glob("e2e_*.json")):
+        data = json.loads(path.read_text())
+        if "ratios" not in data:
+            continue
+        if "runs" not in data:
+            assert report.compute_ratios(data["rows"]) == data["ratios"], path.name
+            checked += 1
+            continue
+        names = [r["run"] for r in data["runs"]]
+        for name in (n for n in names if names.count(n) == 1):
+            rows = [{k: v for k, v in r.items() if k != "run"} for r in data["rows"] if r["run"] == name]
+            stored = [q for q in data["ratios"] if q["run"] == name]
+            assert [{**q, "run": name} for q in report.compute_ratios(rows)] == stored, (path.name, name)
+            checked += 1
+    assert checked >= 10

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from attnres import cli
-from attnres.bench.ops_cuda import parse_shapes
+from attnres.bench.ops import parse_shapes
 from attnres.errors import UsageError
+from lightning_modules.main import bench_ops
 
 
 def test_compare_shapes_parse_and_bad_ones_name_the_format():
@@ -23,12 +23,12 @@ def test_compare_shapes_parse_and_bad_ones_name_the_format():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_route_without_a_gpu_says_so():
     with pytest.raises(UsageError, match="no CUDA device here"):
-        cli.bench_ops(device="cuda")
+        bench_ops(device="cuda")
 
 
 def test_compare_is_refused_on_cpu():
     with pytest.raises(UsageError, match="--compare is for --device cuda"):
-        cli.bench_ops(device="cpu", compare="16384,2048,9,8")
+        bench_ops(device="cpu", compare="16384,2048,9,8")
 
 
 def test_quick_cpu_run_writes_rows_with_speedups(tmp_path, monkeypatch):
@@ -37,7 +37,39 @@ def test_quick_cpu_run_writes_rows_with_speedups(tmp_path, monkeypatch):
     small = dict(dtypes=("fp32",), tokens=(64,), dims=(32,), sources=(3,), queries=(2,))
     monkeypatch.setitem(bench.GRIDS["cpu"], True, small)
     out = tmp_path / "ops.json"
-    cli.bench_ops(device="cpu", quick=True, out=str(out), threads=1, repeats=1)
+    bench_ops(device="cpu", quick=True, out=str(out), threads=1, repeats=1)
     rows = json.loads(out.read_text())["results"]
     assert {(r["op"], r["mode"]) for r in rows} == {(o, m) for o in bench.OPS for m in bench.MODES}
     assert all(r["kernel_ms"] > 0 and r["reference_ms"] > 0 and r["speedup"] > 0 for r in rows)
+
+
+def test_cuda_rows_have_every_op_when_run_on_the_cpu(monkeypatch):
+    """The CUDA benchmark's row (``bench_case``: every op forward and backward, the fused phase-2 norm,
+    merge + norm fused vs apart, the block sums) built on a CPU at a tiny shape, without baselines. The
+    fused phase-2 norm has CUDA kernels only: here it is phase 2 then the norm, with the same signature."""
+    from attnres import ops
+    from attnres.bench import report
+    from attnres.bench.ops import bench_case, cuda_grid
+    from attnres.model.norm import rms_norm
+
+    if ops.backend("cpu") != "compiled":
+        pytest.skip("calls torch.ops.attnres directly: needs the built extension")
+
+    def phase2_norm(o, m, p, q, w, eps, norm_eps):
+        h, lse = ops.phase2(o, m, p, q, eps)
+        return rms_norm(h, w, norm_eps), lse
+
+    def phase2_norm_backward(d_out, d_lse, o, m, lse, p, q, w, eps, norm_eps):
+        return torch.ops.attnres.phase2_backward(d_out, d_lse, o, m, lse, p, q, eps)
+
+    monkeypatch.setattr(ops, "phase2_norm", phase2_norm)
+    monkeypatch.setattr(torch.ops.attnres, "phase2_norm", phase2_norm, raising=False)
+    monkeypatch.setattr(torch.ops.attnres, "phase2_norm_backward", phase2_norm_backward, raising=False)
+    row = bench_case(64, 32, 3, 2, torch.float32, 10.0, {"far": None, "fla": None}, False, device="cpu")
+    for key in ("phase1_fwd", "phase1_bwd", "phase1_bwd_fused", "phase2_fwd", "phase2_bwd", "phase2_norm_fwd",
+                "phase2_norm_bwd", "direct_fwd", "direct_bwd"):
+        assert row[key]["ms"] > 0 and row[key]["GBps"] > 0 and row[key]["pct_copy"] > 0, key
+    assert row["block_fwd_ms"] == row["phase1_fwd"]["ms"] + 2 * row["phase2_fwd"]["ms"]
+    assert row["merge_norm_fwd_bwd_ms"] > 0 and row["merge_then_norm_fwd_bwd_ms"] > 0
+    assert "N=   64 d=  32 n= 3 S= 2" in report.ops_row_line(row)
+    assert (16384, 2048, 9, 8) in cuda_grid(quick=True) and len(cuda_grid(quick=False)) == 3 * 5 * 6 * 4

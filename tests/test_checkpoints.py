@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnres.cli import main
 from attnres.model import Decoder, get_config
 from lightning_modules import commands
 from lightning_modules.checkpoint import (
@@ -27,6 +26,7 @@ from lightning_modules.checkpoint import (
     stale_temp_files,
 )
 from lightning_modules.cli import run_lightning_cli
+from lightning_modules.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,9 +73,9 @@ def fit_args(tmp: Path, root: Path) -> list[str]:
 
 
 def attnres(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """``python -m attnres <args>`` as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "attnres", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    """``python -m lightning_modules <args>`` (the ``attnres`` command) as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "lightning_modules", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

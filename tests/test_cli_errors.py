@@ -1,6 +1,6 @@
 """User errors of every ``attnres`` subcommand: one line on stderr that names the argument, exit
 status 2, no traceback (unless ``ATTNRES_DEBUG=1``) and nothing written. Each bad input fails
-before a model is built, in-process through :func:`attnres.cli.main`; a few run as the real command
+before a model is built, in-process through :func:`lightning_modules.main.main`; a few run as the real command
 in a subprocess, and the template's bad answers through the real ``cookiecutter``. Also: ``attnres
 --help``, the defaults without a config, ``generate``'s long prompts and the corpus checks."""
 
@@ -15,11 +15,11 @@ import lightning
 import pytest
 import torch
 
-from attnres.cli import DESCRIPTIONS, main
 from attnres.errors import parse_error_message
 from lightning_modules import commands
 from lightning_modules.cli import DEFAULT_MAX_STEPS, AttnResCLI
 from lightning_modules.data import glob_files, is_text, split_files
+from lightning_modules.main import DESCRIPTIONS, main
 from lightning_modules.module import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +198,7 @@ def test_the_real_command_prints_one_line_and_attnres_debug_the_traceback(workdi
     env.pop("ATTNRES_DEBUG", None)
     argv = ["generate", "--ckpt", "missing.ckpt"]
     proc = subprocess.run(
-        [sys.executable, "-m", "attnres", *argv],
+        [sys.executable, "-m", "lightning_modules", *argv],
         cwd=workdir,
         capture_output=True,
         text=True,
@@ -414,12 +414,12 @@ def test_a_single_document_corpus_says_it_is_cut_by_tokens(tmp_path: Path, capsy
 def test_a_value_error_from_inside_a_library_keeps_its_traceback(monkeypatch) -> None:
     """Only this project's checks become one line: torch's own ValueError (an internal error here) is
     raised as it is, so Python prints its traceback."""
-    import attnres.cli
+    import lightning_modules.main
 
     def broken(model: str | None = None) -> None:
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=-1.0)  # ValueError inside torch
 
-    monkeypatch.setattr(attnres.cli, "info", broken)
+    monkeypatch.setattr(lightning_modules.main, "info", broken)
     with pytest.raises(ValueError, match="Invalid learning rate"):
         main(["info"])
     from attnres.errors import UsageError, is_user_error
@@ -433,3 +433,26 @@ def test_a_value_error_from_inside_a_library_keeps_its_traceback(monkeypatch) ->
     with pytest.raises(ValueError) as theirs:
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=-1.0)
     assert not is_user_error(theirs.value)
+
+
+def test_python_m_attnres_serves_info_and_names_the_command_for_the_rest(capsys) -> None:
+    """The library's ``python -m attnres`` runs ``info`` without Lightning; the application's commands
+    are refused in one line that names the command to run instead (exit status 2)."""
+    from attnres.__main__ import main as library_main
+
+    library_main(["info"])
+    assert "attnres._C" in capsys.readouterr().out
+    for argv, expected in (
+        (["fit", "-c", "a.yaml"],
+         "run `attnres fit -c a.yaml` (the console script) or `python -m lightning_modules fit -c a.yaml`"),
+        (["info", "--model", "tinyy"], "--model 'tinyy': unknown preset"),
+        ([], "give a subcommand: info"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            library_main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and expected in err, err
+    proc = subprocess.run([sys.executable, "-m", "attnres", "info", "--model", "tiny"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "tiny" in proc.stdout, proc.stderr

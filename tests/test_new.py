@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("cookiecutter")
 
-from attnres.cli import main  # noqa: E402
+from lightning_modules.main import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

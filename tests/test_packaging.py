@@ -100,7 +100,7 @@ def test_without_a_build_the_ops_fall_back_to_the_reference_with_one_warning(tmp
     path = _package_copy(tmp_path, False, None)
     proc = _python(
         "import warnings\nwarnings.simplefilter('always')\nimport attnres\n"
-        "print(attnres.backend('cpu'))\nfrom attnres.cli import info\ninfo()",
+        "print(attnres.backend('cpu'))\nfrom attnres.__main__ import info\ninfo()",
         path,
     )
     assert proc.returncode == 0, proc.stderr

@@ -95,7 +95,8 @@ def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
     # a run cut after 2 of its 4 steps (as the device's time limit would): the runner resumes it
     argv = run.fit_argv(runs[0], work)
     argv[argv.index("--trainer.max_steps") + 1] = "2"
-    subprocess.run([sys.executable, "-m", "attnres", *argv], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "lightning_modules", *argv], cwd=ROOT, check=True,
+                   capture_output=True)
     assert run.checkpoint_step(run.last_checkpoint(work, runs[0].id)) == 2
 
     records = run.run_sweep(  # both runs at once (the device shares its GPU the same way)
@@ -184,7 +185,8 @@ def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
         assert (figs / name).stat().st_size > 5000, name
     tables = (figs / "tables.md").read_text()
     ratio = 0.98 ** (1 / -0.05)  # block4 = standard at 0.98**(1/b) times the compute
-    assert f"{ratio:.3f}" in tables and "tiny-block4-seed3" in tables and "python -m attnres fit" in tables
+    assert f"{ratio:.3f}" in tables and "tiny-block4-seed3" in tables
+    assert "python -m lightning_modules fit" in tables
     lr = base["config"]["model"]["lr"]
     at2, final = base["val_curve"][0][2], base["val_loss"]
     assert f"| tiny | standard | {lr / 2:g} | 3 | partial | 2 | – | 9.7000 | 2 |" in tables

@@ -96,6 +96,12 @@ def test_project_is_the_root_files_renamed_without_template_machinery(project: P
     assert not (project / OLD).exists()
     for rel in ("cookiecutter.json", "hooks", "tests/test_template.py", "docs/template.md"):
         assert not (project / rel).exists(), f"template machinery {rel} leaked into the project"
+    # the template's own results: its committed benchmark results, the study and what it wrote
+    for rel in ("benchmarks/results", "benchmarks/study", "tests/test_study.py", "docs/results.md",
+                "docs/study_plan.md", "docs/images/study"):
+        assert (ROOT / rel).exists(), f"{rel} is no longer in the template: update TEMPLATE_ONLY"
+        assert not (project / rel).exists(), f"the template's own {rel} leaked into the project"
+    assert (project / "benchmarks" / "device_e2e.sh").is_file() and (project / "configs/study/model").is_dir()
     names = [p.relative_to(project) for p in project.rglob("*")]
     assert not [n for n in names if "{{" in str(n)], "the template folder leaked into the project"
     outputs = [n for n in names if n.suffix in (".so", ".pyc", ".ckpt") or
@@ -135,14 +141,15 @@ def test_package_extension_ops_and_console_script_carry_the_new_name(project: Pa
     pyproject = tomllib.loads((project / "pyproject.toml").read_text())
     meta = pyproject["project"]
     assert meta["name"] == PKG
-    assert meta["scripts"] == {PKG: f"{PKG}.cli:main"}
+    assert meta["scripts"] == {PKG: "lightning_modules.main:main"}
     assert meta["description"] == ANSWERS["description"]
     assert meta["license"] == "MIT" and meta["authors"] == [{"name": "Ada Lovelace"}]  # PEP 639
     assert "template" not in meta["optional-dependencies"]
     assert not [d for d in meta["optional-dependencies"]["dev"] if d.startswith("cookiecutter")]
     assert f'include=["{PKG}", "{PKG}.*", "lightning_modules"' in setup and f'"{PKG}_configs"' in setup
     makefile = (project / "Makefile").read_text()
-    assert f"-m {PKG} fit" in makefile and f"{PKG}/*.so" in makefile
+    assert "-m lightning_modules fit" in makefile and f"-m {PKG} info" in makefile
+    assert f"{PKG}/*.so" in makefile
     assert (project / "LICENSE").read_text().startswith("MIT License\n\nCopyright (c) ")  # the full text
     assert "Ada Lovelace" in (project / "LICENSE").read_text()
 
@@ -155,6 +162,11 @@ def test_readme_has_its_own_name_and_quick_start(project: Path) -> None:
     assert readme.count("## Quick start") == 1, "the template's own quick start must not be appended"
     assert "Start your own project" not in readme
     assert "Full AttnRes" in readme and "dense SwiGLU" in readme and f"{PKG.upper()}_CUDA=0" in readme
+    # the template's own results are left out (its README marks them), the benchmark commands stay
+    template = (ROOT / "README.md").read_text()
+    assert "## Results: the paper's claims" in template and "Measured on one" in template
+    assert "## Results" not in readme and "Measured on one" not in readme and "docs/results.md" not in readme
+    assert "template-only" not in readme and "## Benchmarks" in readme and f"{PKG} bench e2e" in readme
 
 
 @pytest.mark.parametrize(
@@ -286,8 +298,10 @@ def venv_python(tmp: Path) -> Path:
 
 def run(cmd: list, cwd: Path, timeout: int, env: dict | None = None) -> str:
     start = time.perf_counter()
+    # the generated project's own packages, not a PYTHONPATH that points at this checkout's
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "MAX_JOBS": "2", **(env or {})})
+                            env={**base, "MAX_JOBS": "2", **(env or {})})
     shown = " ".join(map(str, cmd))
     print(f"[{time.perf_counter() - start:6.1f} s] {shown}")  # shown by pytest -s or on failure
     assert result.returncode == 0, f"{shown} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
@@ -320,9 +334,9 @@ def test_generated_project_installs_passes_its_tests_and_trains(project: Path, t
         out = run([python, "-m", "pytest", *args, *(["-k", select] if select else [])], project, 300)
         assert re.search(r"\d+ passed", out) and "failed" not in out, out
     runs, cache = tmp_path / "runs", tmp_path / "cache"
-    out = run([python, "-m", PKG, "fit", "-c", "configs/default.yaml", "--trainer.max_steps", "5",
-               "--trainer.default_root_dir", runs, "--data.cache_dir", cache, "--trainer.enable_progress_bar",
-               "false"], project, 400)
+    out = run([python, "-m", "lightning_modules", "fit", "-c", "configs/default.yaml", "--trainer.max_steps",
+               "5", "--trainer.default_root_dir", runs, "--data.cache_dir", cache,
+               "--trainer.enable_progress_bar", "false"], project, 400)
     assert f"{PKG}: training finished" in out and "(step 5)" in out, out[-3000:]
     (ckpt,) = runs.rglob("last.ckpt")
     import torch
@@ -378,7 +392,8 @@ def test_gpu_presets_train_on_the_gpu_config_and_say_so(tmp_path: Path, preset: 
     make = (project / "Makefile").read_text()
     composed = f"configs/default.yaml -c configs/model/{preset}.yaml -c configs/trainer/gpu.yaml"
     assert f"\nCONFIG ?= {composed}\n" in make
-    assert re.search(r"^train: install .*\n\t\$\(PY\) -m gpulab fit -c \$\(CONFIG\)$", make, flags=re.M)
+    train = r"^train: install .*\n\t\$\(PY\) -m lightning_modules fit -c \$\(CONFIG\)$"
+    assert re.search(train, make, flags=re.M)
     # what `make train` runs parses, and trains the preset on the GPU in bf16 (so a CPU-only machine
     # stops at once instead of running the model in fp32 for hours)
     with pytest.raises(SystemExit):

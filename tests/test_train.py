@@ -20,7 +20,6 @@ import lightning as L
 import pytest
 import torch
 
-from attnres.cli import main as attnres_main
 from lightning_modules import commands, metrics
 from lightning_modules.callbacks import (
     AtomicCheckpointIO,
@@ -29,6 +28,7 @@ from lightning_modules.callbacks import (
     NonFiniteLossError,
 )
 from lightning_modules.cli import AttnResCLI, run_lightning_cli
+from lightning_modules.main import main as attnres_main
 from lightning_modules.module import LanguageModel, LRSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def trained(micro, tmp_path_factory) -> dict:
         [
             sys.executable,
             "-m",
-            "attnres",
+            "lightning_modules",
             "fit",
             *micro,
             "--trainer.default_root_dir",
@@ -671,7 +671,7 @@ def test_fit_with_two_ddp_ranks_on_cpu(micro, tmp_path):
         [
             sys.executable,
             "-m",
-            "attnres",
+            "lightning_modules",
             "fit",
             *micro,
             "--trainer.devices",

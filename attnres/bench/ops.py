@@ -1,51 +1,128 @@
-"""Op benchmark: the compiled depth-attention kernels against the eager PyTorch reference.
+"""Op benchmark of the depth-attention kernels, on CPU or CUDA (``device`` is a parameter of
+:func:`run_ops_benchmark`, the code behind ``attnres bench ops``).
 
-For every case (op x mode x dtype x shape) it reports the median time over several repeats after
-warm-up, the bandwidth of the op's *minimum* memory traffic (every input and output element read or
-written once), that bandwidth as a share of the device's copy bandwidth (a large copy into a preallocated
-buffer, bytes read + written, measured in the same run) and the speed-up over the reference
-(optionally also over ``torch.compile`` of the reference). Results go to a table on stdout and to
-``benchmarks/results/ops_<device>.json``.
-
-Minimum traffic in elements, for n sources, S queries, N tokens, width d:
+Every op is credited with its *minimum* memory traffic (every input and output element read or written
+once; elements x dtype size) and reported as GB/s and as a share of the device's copy bandwidth (a
+large copy into a preallocated buffer, bytes read + written, measured in the same run). Minimum traffic
+in elements, for n sources, S queries, N tokens, width d:
 
 ==========  ==============  =================
 op          forward         backward
 ==========  ==============  =================
 phase1      (n + S) N d     (2n + S) N d
-phase2      3 N d           5 N d
+phase2      3 N d           5 N d (also with the fused norm, ``phase2_norm``)
 direct      (n + 1) N d     (2n + 1) N d
 ==========  ==============  =================
 
-``fwd+bwd`` rows count both. The small lse and query tensors are left out.
+``fwd+bwd`` rows count both. The small lse and query tensors are left out. Times come from the one
+:class:`~attnres.bench.timing.Timer` (CUDA events on a GPU, the host clock on a CPU).
 
-To add a device type: a :class:`Timer` for it in :func:`make_timer` and a grid in :data:`GRIDS`.
+* **CPU**: each case (op x mode x dtype x shape of :data:`GRIDS`) through ``attnres.ops`` against the
+  eager reference (optionally also ``torch.compile`` of the reference): median of repeats after warm-up,
+  speed-ups; JSON rows of :class:`Case` + :class:`Result`.
+* **CUDA**: bf16 over the issue's grid (:func:`cuda_grid`; ``quick``: the N = 16384 sweep), every op
+  forward and backward called directly (``torch.ops.attnres``) on input sets rotated so that L2 cannot
+  hold them (median of 3 samples of several calls), the phase-1 backward twice (the default kernels
+  and, as ``phase1_bwd_fused``, the fused ones), phase 2 with the norm fused in and one sublayer's merge
+  + norm through autograd fused vs apart. Then, on the ``compare`` shapes, the baselines where
+  installed (:func:`attnres.bench.peers.op_baselines`): ``torch.compile`` of ``attnres.reference``,
+  flash-attn-res 0.1.12 phase 1 (bf16 only; its sources pre-stacked outside the timing), and fla's
+  ``fused_attnres`` per block (S calls over the n sources + the partial summary, against one phase 1 +
+  S phase 2 here).
+
+The JSON (``benchmarks/results/ops_<device type>.json`` by default) holds the device, versions and the
+command. To add a device type: a grid for it and its rows here.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
+import math
 import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import torch
 from torch import Tensor
 
 from attnres import ops, reference
+from attnres.bench.peers import op_baselines
+from attnres.bench.report import ops_row_line, print_cpu_ops_table, print_cuda_ops_table
+from attnres.bench.timing import Timer, command_line, copy_bandwidth, device_name, versions
+from attnres.model.norm import rms_norm
 
-__all__ = ["GRIDS", "Case", "Result", "copy_bandwidth", "make_timer", "run_ops_benchmark"]
+__all__ = ["GRIDS", "Case", "Result", "bench_case", "cuda_grid", "parse_shapes", "run_ops_benchmark"]
 
 OPS = ("phase1", "phase2", "direct")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 EPS = ops.DEFAULT_EPS
+NORM_EPS = 1e-5  # the decoder's RMSNorm epsilon (phase2_norm rows)
+RESULTS_DIR = Path("benchmarks/results")  # relative to the working directory (the repo root)
+# CUDA: the issue's grid, and the shapes timed against the baselines by default
+GRID_TOKENS = (4096, 16384, 65536)
+GRID_DIMS = (1024, 2048, 2304, 4096, 7168)
+GRID_SOURCES = (2, 3, 5, 9, 17, 33)
+GRID_QUERIES = (1, 4, 8, 12)
+DEFAULT_COMPARE = [(16384, 2048, 9, 8), (16384, 2304, 9, 8)]
+
+
+def run_ops_benchmark(
+    device: str = "cpu",
+    quick: bool = False,
+    out: str | os.PathLike | None = None,
+    compile_reference: bool = False,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    threads: int | None = None,
+    which: Sequence[str] = OPS,
+    shapes: Sequence[tuple[int, int, int, int]] | None = None,
+    compare: Sequence[tuple[int, int, int, int]] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, Any]:
+    """Time the ops on ``device``, print a table and write JSON to ``out`` (default
+    ``benchmarks/results/ops_<device type>.json``); returns what was written.
+
+    CPU: each op of ``which`` (fwd and fwd+bwd) for the compiled kernel against the eager reference
+    (and ``torch.compile`` of it with ``compile_reference``) on the CPU grid (``quick``: the small one);
+    ``warmup`` / ``repeats`` per case (default 1 / 3 quick, 2 / 5 full); ``threads``: set first.
+    CUDA: the ``shapes`` ``(N, d, n, S)`` (default :func:`cuda_grid` of ``quick``) in ``dtype``, then the
+    baselines on the ``compare`` shapes (default ``16384,2048,9,8`` and ``16384,2304,9,8``; ``[]``: none);
+    the JSON is rewritten after every row, so a run cut short keeps what it measured.
+    """
+    dev = torch.device(device)
+    path = Path(out) if out is not None else RESULTS_DIR / f"ops_{dev.type}.json"
+    if dev.type == "cuda":
+        return _run_cuda(list(shapes) if shapes is not None else cuda_grid(quick), dtype,
+                         DEFAULT_COMPARE if compare is None else list(compare), path)
+    return _run_cpu(dev, quick, path, compile_reference, warmup, repeats, threads, which)
+
+
+def parse_shapes(text: str | None) -> list[tuple[int, int, int, int]] | None:
+    """``"N,d,n,S;N,d,n,S"`` -> shapes; None -> None (the default shapes); ``"none"`` or ``""`` -> []."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("", "none"):
+        return []
+    shapes = []
+    for part in text.split(";"):
+        fields = part.split(",")
+        if len(fields) != 4 or not all(f.strip().isdigit() for f in fields):
+            raise ValueError(
+                f"compare shape {part!r} is not N,d,n,S (four positive integers), e.g. 16384,2048,9,8"
+            )
+        shapes.append(tuple(int(f) for f in fields))
+    return shapes
+
+
+# ----------------------------------------------------------------------------- CPU: against the reference
 
 
 @dataclass(frozen=True)
@@ -114,81 +191,6 @@ def cases_for(grid: dict, which: Sequence[str] = OPS, modes: Sequence[str] = MOD
     return out
 
 
-# ----------------------------------------------------------------------------- timing
-
-
-class Timer:
-    """Median wall time of ``fn()`` in ms over ``repeats`` runs after ``warmup`` runs."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def sync(self) -> None:
-        pass
-
-    def elapsed_ms(self, fn: Callable[[], object]) -> float:
-        self.sync()
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        return (time.perf_counter() - t0) * 1e3
-
-    def __call__(self, fn: Callable[[], object], warmup: int, repeats: int) -> float:
-        for _ in range(warmup):
-            fn()
-        return statistics.median(self.elapsed_ms(fn) for _ in range(repeats))
-
-
-class CudaTimer(Timer):
-    """CUDA events around the call, so that the time is the device's, not the launch's."""
-
-    def sync(self) -> None:
-        torch.cuda.synchronize(self.device)
-
-    def elapsed_ms(self, fn: Callable[[], object]) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self.sync()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-
-
-def make_timer(device: torch.device) -> Timer:
-    return CudaTimer(device) if device.type == "cuda" else Timer(device)
-
-
-def copy_bandwidth(
-    device: torch.device, timer: Timer, nbytes: int, warmup: int = 2, repeats: int = 5
-) -> float:
-    """GB/s of copying an ``nbytes`` buffer into a preallocated one, counting bytes read + written.
-
-    Into a preallocated destination: ``clone`` would also time the page faults of a fresh CPU
-    allocation, which understates the memory system's bandwidth several times over."""
-    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    y = torch.empty_like(x).fill_(1.0)  # touched once, so its pages exist before timing
-    ms = timer(lambda: y.copy_(x), warmup, repeats)
-    return 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or platform.machine()
-    return str(device)
-
-
-# ----------------------------------------------------------------------------- one case
-
-
 def _inputs(case: Case, device: torch.device, gen: torch.Generator) -> list:
     """The op's positional arguments (without eps)."""
     dtype = DTYPES[case.dtype]
@@ -252,13 +254,13 @@ def measure(
     args = _inputs(case, device, gen)
     kernel, ref = _fns(case.op)
     # the copy bandwidth again just before the case: on a shared machine the available bandwidth drifts
-    copy_now = copy_bandwidth(device, timer, 64 << 20 if device.type == "cpu" else 1 << 30, 1, repeats)
-    kernel_ms = timer(_runner(kernel, args, case.mode), warmup, repeats)
-    ref_ms = timer(_runner(ref, args, case.mode), warmup, repeats)
+    copy_now = copy_bandwidth(device, 64 << 20 if device.type == "cpu" else 1 << 30, 1, repeats)
+    kernel_ms = timer.median_ms(_runner(kernel, args, case.mode), warmup, repeats)
+    ref_ms = timer.median_ms(_runner(ref, args, case.mode), warmup, repeats)
     compiled_ms = None
     if compile_reference:
         compiled = torch.compile(ref, dynamic=False)
-        compiled_ms = timer(_runner(compiled, args, case.mode), warmup + 1, repeats)
+        compiled_ms = timer.median_ms(_runner(compiled, args, case.mode), warmup + 1, repeats)
     nbytes = case.traffic_elements() * torch.empty((), dtype=DTYPES[case.dtype]).element_size()
     gbps = nbytes / (kernel_ms * 1e-3) / 1e9
     return Result(
@@ -274,67 +276,11 @@ def measure(
     )
 
 
-# ----------------------------------------------------------------------------- report
-
-
-def _table(results: list[Result], meta: dict) -> None:
-    compiled = any(r.compiled_reference_ms is not None for r in results)
-    head = ["op", "mode", "dtype", "N", "d", "n", "S", "kernel ms", "GB/s", "copy GB/s", "% copy", "ref ms"]
-    head.append("speed-up")
-    if compiled:
-        head += ["compiled ref ms", "vs compiled"]
-    rows = []
-    for r in results:
-        c = r.case
-        row = [c.op, c.mode, c.dtype, str(c.N), str(c.d), str(c.n) if c.op != "phase2" else "-"]
-        row += [
-            str(c.S) if c.op == "phase1" else "-",
-            f"{r.kernel_ms:.2f}",
-            f"{r.gbps:.1f}",
-            f"{r.copy_gbps:.1f}",
-            f"{r.pct_copy:.0f}%",
-        ]
-        row += [f"{r.reference_ms:.2f}", f"{r.speedup:.2f}x"]
-        if compiled:
-            cm = r.compiled_reference_ms
-            row += ["-" if cm is None else f"{cm:.2f}", "-" if cm is None else f"{r.speedup_compiled:.2f}x"]
-        rows.append(row)
-    title = (
-        f"attnres ops on {meta['device_name']} ({meta['device']}, backend {meta['backend']}, "
-        f"{meta['threads']} threads, torch {meta['torch']}); "
-        f"copy bandwidth at start {meta['copy_gbps']:.1f} GB/s"
-    )
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-        print(title)
-        for line in [head, *rows]:
-            print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
-        return
-    table = Table(title=title)
-    for i, h in enumerate(head):
-        table.add_column(h, justify="left" if i < 3 else "right")
-    for row in rows:
-        table.add_row(*row)
-    Console(width=max(160, len(title) + 4)).print(table)
-
-
-def run_ops_benchmark(
-    device: str = "cpu",
-    quick: bool = False,
-    out: str | os.PathLike | None = None,
-    compile_reference: bool = False,
-    warmup: int | None = None,
-    repeats: int | None = None,
-    threads: int | None = None,
-    which: Sequence[str] = OPS,
-) -> list[Result]:
-    """Time each op (phase1 / phase2 / direct, fwd and fwd+bwd) for the compiled kernel against the
-    eager reference on the grid of ``device``; print a table and write JSON to ``out`` (default
-    ``benchmarks/results/ops_<device type>.json``). Returns the results."""
-    dev = torch.device(device)
+def _run_cpu(
+    dev: torch.device, quick: bool, path: Path, compile_reference: bool, warmup: int | None,
+    repeats: int | None, threads: int | None, which: Sequence[str],
+) -> dict[str, Any]:
+    """The CPU benchmark of :func:`run_ops_benchmark`."""
     if dev.type not in GRIDS:
         raise ValueError(
             f"no benchmark grid for device type {dev.type!r}; add one to GRIDS (have {list(GRIDS)})"
@@ -346,8 +292,8 @@ def run_ops_benchmark(
         torch.set_num_threads(threads)
     repeats = repeats if repeats is not None else (3 if quick else 5)
     warmup = warmup if warmup is not None else (1 if quick else 2)
-    timer = make_timer(dev)
-    copy_gbps = copy_bandwidth(dev, timer, 256 << 20 if dev.type == "cpu" else 1 << 30)
+    timer = Timer(dev)
+    copy_gbps = copy_bandwidth(dev, 256 << 20 if dev.type == "cpu" else 1 << 30)
     meta = {
         "device": str(dev),
         "device_name": device_name(dev),
@@ -355,7 +301,7 @@ def run_ops_benchmark(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "copy_gbps": copy_gbps,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command_line(),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "quick": quick,
         "warmup": warmup,
@@ -367,10 +313,263 @@ def run_ops_benchmark(
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {case}", file=sys.stderr, flush=True)
         results.append(measure(case, dev, timer, warmup, repeats, compile_reference))
-    _table(results, meta)
-    path = Path(out) if out is not None else Path("benchmarks/results") / f"ops_{dev.type}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{**asdict(r.case), **{k: v for k, v in asdict(r).items() if k != "case"}} for r in results]
-    path.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    print_cpu_ops_table(rows, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = {**meta, "results": rows}
+    path.write_text(json.dumps(written, indent=2) + "\n")
     print(f"wrote {path}")
-    return results
+    return written
+
+
+# ----------------------------------------------------------------------------- CUDA: kernels, baselines
+
+
+def _rotating_ms(timer: Timer, fn: Callable[[int], object], reps: int = 10) -> float:
+    """Median ms per call of ``fn(k)`` (``k`` counts the calls, so ``fn`` can rotate over input sets):
+    3 warm-up calls, then 3 samples of ``reps`` calls each."""
+    k = itertools.count()
+    return timer.median_ms(lambda: fn(next(k)), warmup=3, repeats=3, calls=reps)
+
+
+def _safe(fn: Callable[[], float]) -> float | None:
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - a baseline that fails on a shape is reported as missing
+        print(f"    (baseline failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]})", flush=True)
+        return None
+
+
+def bench_case(
+    N: int, d: int, n: int, S: int, dtype: torch.dtype, copy_gbs: float, baselines: dict, compare: bool,
+    device: str = "cuda",
+) -> dict:
+    """Time every op on one shape (``[N, d]`` tensors, n sources, S queries); compare: also time the
+    baselines (slow: they compile). ``device``: where (the CUDA benchmark's; a CPU runs the same rows)."""
+    timer = Timer(device)
+
+    def _time(fn: Callable[[int], object], reps: int = 10) -> float:
+        return _rotating_ms(timer, fn, reps)
+
+    es = torch.finfo(dtype).bits // 8
+    gen_bytes = (n + S + 3) * N * d * es
+    sets = max(1, min(4, math.ceil(400e6 / gen_bytes)))  # rotate inputs so that L2 (50 MB) cannot hold them
+    src = [[torch.randn(N, d, device=device, dtype=dtype) for _ in range(n)] for _ in range(sets)]
+    q = torch.randn(S, d, device=device) / d**0.5
+    partial = [torch.randn(N, d, device=device, dtype=dtype) for _ in range(sets)]
+    outs, lse = [], []
+    for k in range(sets):
+        o, m = torch.ops.attnres.phase1(src[k], q, EPS)
+        outs.append(o)
+        lse.append(m)
+    g_out = [torch.randn(N, d, device=device, dtype=dtype) for _ in range(S)]
+    g_lse = torch.randn(S, N, device=device)
+    h2, lse2 = torch.ops.attnres.phase2(outs[0][0], lse[0][0], partial[0], q[0], EPS)
+    d_lse, d_out = lse[0][0].clone(), g_out[0]
+    _, lse_direct = torch.ops.attnres.depth_attn(src[0], q[0], EPS)
+
+    P = torch.ops.attnres
+    t = {
+        "phase1_fwd": _time(lambda k: P.phase1(src[k % sets], q, EPS)),
+        "phase1_bwd": _time(lambda k: P.phase1_backward(g_out, g_lse, src[k % sets], q, lse[k % sets], EPS)),
+        "phase2_fwd": _time(
+            lambda k: P.phase2(outs[k % sets][0], lse[k % sets][0], partial[k % sets], q[0], EPS)
+        ),
+        "phase2_bwd": _time(
+            lambda k: P.phase2_backward(d_out, g_lse[0], h2, d_lse, lse2, partial[k % sets], q[0], EPS)
+        ),
+        "direct_fwd": _time(lambda k: P.depth_attn(src[k % sets], q[0], EPS)),
+        "direct_bwd": _time(
+            lambda k: P.depth_attn_backward(d_out, g_lse[0], src[k % sets], q[0], lse_direct, EPS)
+        ),
+    }
+    # phase 2 with the sublayer's input RMSNorm fused in (the residual path's default on CUDA)
+    w = 1 + 0.1 * torch.randn(d, device=device)
+    _, lse_n = P.phase2_norm(outs[0][0], lse[0][0], partial[0], q[0], w, EPS, NORM_EPS)
+    t["phase2_norm_fwd"] = _time(
+        lambda k: P.phase2_norm(
+            outs[k % sets][0], lse[k % sets][0], partial[k % sets], q[0], w, EPS, NORM_EPS
+        )
+    )
+    t["phase2_norm_bwd"] = _time(
+        lambda k: P.phase2_norm_backward(
+            d_out, g_lse[0], outs[k % sets][0], d_lse, lse_n, partial[k % sets], q[0], w, EPS, NORM_EPS
+        )
+    )
+    # one sublayer's merge + norm, forward and backward through autograd: fused vs the separate ops
+    p2_leaves = [
+        [outs[k][0].detach().requires_grad_(), partial[k].detach().requires_grad_()] for k in range(sets)
+    ]
+    wl, ql0 = w.detach().requires_grad_(), q[0].detach().requires_grad_()
+
+    def merge_fb(fused: bool):
+        def go(k):
+            o, p = p2_leaves[k % sets]
+            m = lse[k % sets][0]
+            if fused:
+                y = ops.phase2_norm(o, m, p, ql0, wl, EPS, NORM_EPS)[0]
+            else:
+                y = rms_norm(ops.phase2(o, m, p, ql0, EPS)[0], wl, NORM_EPS)
+            torch.autograd.grad(y, [o, p, ql0, wl], d_out)
+
+        return go
+
+    row_extra = {
+        "merge_norm_fwd_bwd_ms": _time(merge_fb(True)),
+        "merge_then_norm_fwd_bwd_ms": _time(merge_fb(False)),
+    }
+    # the fused phase-1 backward kernels, forced by the variable the extension reads per call
+    with mock.patch.dict(os.environ, {"ATTNRES_P1_BWD": "fused"}):
+        t["phase1_bwd_fused"] = _time(
+            lambda k: P.phase1_backward(g_out, g_lse, src[k % sets], q, lse[k % sets], EPS)
+        )
+    elems = {
+        "phase1_fwd": (n + S) * N * d,
+        "phase1_bwd": (2 * n + S) * N * d,
+        "phase1_bwd_fused": (2 * n + S) * N * d,
+        "phase2_fwd": 3 * N * d,
+        "phase2_bwd": 5 * N * d,
+        "phase2_norm_fwd": 3 * N * d,
+        "phase2_norm_bwd": 5 * N * d,
+        "direct_fwd": (n + 1) * N * d,
+        "direct_bwd": (2 * n + 1) * N * d,
+    }
+    row: dict = {"N": N, "d": d, "n": n, "S": S, "dtype": str(dtype).removeprefix("torch."), "sets": sets}
+    for k, ms in t.items():
+        gbs = elems[k] * es / ms / 1e6
+        row[k] = {"ms": ms, "GBps": gbs, "pct_copy": 100 * gbs / copy_gbs}
+    row.update(row_extra)
+    # a block of S sublayers: one phase 1 + S phase 2
+    row["block_fwd_ms"] = t["phase1_fwd"] + S * t["phase2_fwd"]
+    row["block_fwd_bwd_ms"] = row["block_fwd_ms"] + t["phase1_bwd"] + S * t["phase2_bwd"]
+
+    if compare:
+        leaves = [s.detach().requires_grad_() for s in src[0]]
+        ql = q.detach().requires_grad_()
+
+        def fwd_bwd(f):
+            def go(k):
+                o, m = f(leaves, ql, EPS)
+                torch.autograd.backward([o, m], [torch.stack(g_out), g_lse])
+
+            return go
+
+        def ours_go(k):
+            o, m = ops.phase1(leaves, ql, EPS)
+            torch.autograd.backward(list(o) + [m], g_out + [g_lse])
+
+        row["phase1_fwd_bwd_ms"] = _time(ours_go, reps=5)
+        torch._dynamo.reset()
+        comp = torch.compile(reference.phase1)
+        row["compile_phase1_fwd_ms"] = _safe(lambda: _time(lambda k: comp(src[k % sets], q, EPS), reps=5))
+        row["compile_phase1_fwd_bwd_ms"] = _safe(lambda: _time(fwd_bwd(comp), reps=5))
+        if baselines["far"] is not None and dtype == torch.bfloat16:
+            far = baselines["far"]
+            stacked = torch.stack(src[0]).view(n, 1, N, d)
+            stacked_l = stacked.detach().requires_grad_()
+
+            def far_fb(k):
+                o, m = far(stacked_l, ql, EPS)
+                torch.autograd.backward([o, m], [torch.stack(g_out).view(S, 1, N, d), g_lse.view(S, 1, N)])
+
+            row["far_phase1_fwd_ms"] = _safe(lambda: _time(lambda k: far(stacked, q, EPS), reps=5))
+            row["far_phase1_fwd_bwd_ms"] = _safe(lambda: _time(far_fb, reps=5))
+        if baselines["fla"] is not None:
+            fla = baselines["fla"]
+            ones = torch.ones(d, device=device, dtype=dtype)
+            qd = q.to(dtype)
+            row["fla_block_fwd_ms"] = _safe(
+                lambda: _time(
+                    lambda k: [
+                        fla(qd[j], src[k % sets] + [partial[k % sets]], ones, rms_eps=EPS) for j in range(S)
+                    ],
+                    reps=3,
+                )
+            )
+            fl_leaves = [s.detach().requires_grad_() for s in src[0] + [partial[0]]]
+
+            def fla_fb(k):
+                for j in range(S):
+                    o = fla(qd[j], fl_leaves, ones, rms_eps=EPS)
+                    o.backward(g_out[j])
+
+            row["fla_block_fwd_bwd_ms"] = _safe(lambda: _time(fla_fb, reps=3))
+
+            p_l = partial[0].detach().requires_grad_()
+
+            def ours_block_fb(k):
+                o, m = ops.phase1(leaves, ql, EPS)
+                hs = [ops.phase2(o[j], m[j], p_l, ql[j], EPS)[0] for j in range(S)]
+                torch.autograd.backward(hs, g_out)
+
+            row["block_fwd_bwd_autograd_ms"] = _time(ours_block_fb, reps=3)
+    return row
+
+
+def cuda_grid(quick: bool) -> list[tuple[int, int, int, int]]:
+    """The CUDA grid ``(N, d, n, S)``: ``quick`` the N = 16384 sweep (plus a few other token counts),
+    else every combination of the issue's tokens, widths, sources and queries."""
+    if quick:
+        cases = [(16384, d, n, S) for d in GRID_DIMS for n in (3, 9, 33) for S in (1, 4, 8, 12)]
+        cases += [(N, d, 9, 8) for N in (4096, 65536) for d in (2048, 7168)]
+    else:
+        cases = [
+            (N, d, n, S) for N in GRID_TOKENS for d in GRID_DIMS for n in GRID_SOURCES for S in GRID_QUERIES
+        ]
+    return cases
+
+
+def fits(N: int, d: int, n: int, S: int, es: int, free: int) -> bool:
+    """Whether a shape fits in ``free`` bytes of device memory (elements of ``es`` bytes)."""
+    need = (2 * n + 2 * S + 8) * N * d * es  # one input set plus outputs, gradients and slack
+    return need < 0.6 * free
+
+
+def _run_cuda(
+    cases: list[tuple[int, int, int, int]], dtype: torch.dtype,
+    compare_cases: list[tuple[int, int, int, int]], json_path: Path,
+) -> dict[str, Any]:
+    """The CUDA benchmark of :func:`run_ops_benchmark`: ``cases`` (N, d, n, S), then the baselines on
+    ``compare_cases``; returns (and writes) the results."""
+    if not torch.cuda.is_available() or ops.backend("cuda") != "compiled":
+        raise RuntimeError("the CUDA op benchmark needs a CUDA device and attnres._C built with CUDA")
+    # the grid first (fast), then the shapes compared with the baselines (slow: they compile)
+    plan = [(c, False) for c in cases] + [(c, True) for c in compare_cases]
+    copy_gbs = copy_bandwidth("cuda", 1 << 30, warmup=3, repeats=3, calls=20)
+    dev = torch.cuda.get_device_properties(0)
+    print(f"device {dev.name}, {dev.multi_processor_count} SMs; copy {copy_gbs:.0f} GB/s", flush=True)
+    baselines = op_baselines()
+    es = torch.finfo(dtype).bits // 8
+    rows = []
+    t0 = time.time()
+    for (N, d, n, S), compare in plan:
+        free = torch.cuda.mem_get_info()[0]
+        if not fits(N, d, n, S, es, free):
+            print(f"skip N={N} d={d} n={n} S={S}: does not fit", flush=True)
+            continue
+        row = bench_case(N, d, n, S, dtype, copy_gbs, baselines, compare)
+        rows.append(row)
+        print(ops_row_line(row), flush=True)
+        _write(json_path, _result(dev, copy_gbs, dtype, t0, rows))  # a run cut short keeps its rows
+    result = _result(dev, copy_gbs, dtype, t0, rows)
+    _write(json_path, result)
+    print_cuda_ops_table(result)
+    return result
+
+
+def _write(path: Path | str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1))
+
+
+def _result(dev: Any, copy_gbs: float, dtype: torch.dtype, t0: float, rows: list[dict]) -> dict[str, Any]:
+    return {
+        "device": dev.name,
+        "sms": dev.multi_processor_count,
+        "copy_GBps": copy_gbs,
+        "versions": versions(("triton", "flash-attn-res", "fla-core"), missing="not installed"),
+        "command": " ".join(sys.argv),
+        "dtype": str(dtype),
+        "seconds": time.time() - t0,
+        "rows": rows,
+    }

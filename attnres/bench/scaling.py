@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 import traceback
@@ -141,6 +140,7 @@ def _measure(rank: int, layout: Layout, caching: bool, s: Settings) -> dict[str,
     """One layout's timed steps on this rank (the process group is up); rank 0's row."""
     import torch.distributed as dist
 
+    from attnres.bench.timing import peak_memory, reset_peak_memory
     from attnres.parallel import apply_fsdp, build_pipeline, init_mesh, payload_bytes
 
     cuda = s.device == "cuda"
@@ -208,8 +208,8 @@ def _measure(rank: int, layout: Layout, caching: bool, s: Settings) -> dict[str,
         step()
         progress(f"warm-up step {k + 1}/{s.warmup}")
     synced()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
+    # the host clock between barriers, not the one Timer: a step ends when every rank has finished it
     t0 = time.perf_counter()
     for _ in range(s.steps):
         loss = step()
@@ -218,7 +218,7 @@ def _measure(rank: int, layout: Layout, caching: bool, s: Settings) -> dict[str,
     progress(f"{s.steps} timed steps")
     loss = loss.float()
     dist.all_reduce(loss)  # the mean over ranks (every pipeline rank holds its replica's loss)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    peak = peak_memory(device)
     peaks: list[Any] = [None] * layout.world
     dist.all_gather_object(peaks, peak)
     tokens = s.batch_per_gpu * layout.world * s.seq_len * s.steps
@@ -322,7 +322,7 @@ def bench_scaling(
         timeout_s: seconds per layout before its processes are killed.
         out: JSON path (default ``benchmarks/results/scaling_<device>.json``).
     """
-    from attnres.bench.e2e import _versions, device_slug
+    from attnres.bench.timing import command_line, device_slug, versions
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -354,8 +354,8 @@ def bench_scaling(
         "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
         "device_slug": device_slug(dev0),
         "gpus": gpus,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
-        "versions": _versions(),
+        "command": command_line(),
+        "versions": versions(("triton", "fla-core", "lightning", "attnres"), commit=True),
         "settings": asdict(s),
         "model": {
             "params": _model_check.config.num_params(),

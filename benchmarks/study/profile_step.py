@@ -7,7 +7,8 @@
 One step = the study's batch (32 x 1024 tokens of random ids) through ``LanguageModel`` under bf16
 autocast, backward, ``clip_grad_norm_`` 1.0, fused AdamW, the router-bias update: what
 ``configs/study/base.yaml`` makes Lightning do, minus its hooks. Prints ms/step and tokens/s per
-variant (3 warm-up steps, then the mean of ``--steps``), and with ``--profile LABEL`` the
+variant (3 warm-up steps, then the mean of ``--steps``, timed by the benchmarks' one timer:
+:class:`attnres.bench.timing.Timer`, CUDA events), and with ``--profile LABEL`` the
 ``torch.profiler`` tables (self CUDA time, self CPU time) of that variant. The first step of a model
 shape pays fla's Triton autotuning (minutes on a fresh machine; ``TRITON_CACHE_DIR`` keeps it).
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from attnres.bench.timing import Timer
 from lightning_modules.module import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,14 +71,9 @@ def step(lm: LanguageModel, opt: torch.optim.Optimizer, ids: torch.Tensor) -> No
 
 
 def time_steps(lm: LanguageModel, opt: torch.optim.Optimizer, ids: torch.Tensor, n: int) -> float:
-    for _ in range(3):
-        step(lm, opt, ids)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        step(lm, opt, ids)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
+    """Milliseconds per step: the mean of ``n`` back-to-back steps after 3 warm-up steps."""
+    (ms,) = Timer("cuda").samples_ms(lambda: step(lm, opt, ids), warmup=3, repeats=1, calls=n)
+    return ms
 
 
 def profile(lm: LanguageModel, opt: torch.optim.Optimizer, ids: torch.Tensor) -> None:

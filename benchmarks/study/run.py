@@ -5,7 +5,7 @@
     python -m benchmarks.study.run --sweep scaling --list             # the run ids, and which are done
     python -m benchmarks.study.run --describe                         # parameters / FLOPs of the models
 
-Each run is one ``python -m attnres fit`` process (``-c`` the sweep's configs and the model's file,
+Each run is one ``python -m lightning_modules fit`` process (``-c`` the sweep's configs and the model's file,
 the residual mode, ``--seed_everything``/``--data.seed`` = the seed, the step count) writing to
 ``<work>/<run id>/version_<n>/``. A run that was cut (the device's 10-minute limit, ``--budget_s``)
 resumes from its ``last.ckpt`` the next time; a run whose JSON says ``complete`` is skipped. After
@@ -315,7 +315,7 @@ def train(run: Run, work: Path, timeout_s: float, log: Path | None, concurrent: 
     returned."""
     ckpt = last_checkpoint(work, run.id)
     argv = fit_argv(run, work, ckpt)
-    cmd = [sys.executable, "-m", "attnres", *argv]
+    cmd = [sys.executable, "-m", "lightning_modules", *argv]
     print(f"[study] {run.id}: {'resume from ' + str(ckpt) if ckpt else 'start'} (timeout {timeout_s:.0f} s)")
     print("[study]   " + " ".join(cmd), flush=True)
     t0 = time.time()
@@ -341,7 +341,7 @@ def train(run: Run, work: Path, timeout_s: float, log: Path | None, concurrent: 
     ledger = json.loads(path.read_text()) if path.is_file() else []
     ledger.append(
         {
-            "argv": ["python", "-m", "attnres", *argv],
+            "argv": ["python", "-m", "lightning_modules", *argv],
             "wall_s": wall,
             "returncode": rc,
             "status": status,

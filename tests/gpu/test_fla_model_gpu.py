@@ -1,6 +1,6 @@
 """GPU: fla's own ``KDAForCausalLM``, the peer of ``attnres bench e2e --impls '[fla-model]'``, at small
 all-KDA dense shapes: built by the benchmark's builder, it has the parameter count that
-:func:`attnres.bench.peer_fla_model.fla_kda_num_params` derives from fla's modeling code (and our
+:func:`attnres.bench.peers.fla_kda_num_params` derives from fla's modeling code (and our
 decoder's), its ``attnres_block_size`` is the one mapped from our ``num_blocks``, and one forward +
 backward runs in bf16; then the benchmark's quick ``kda-dense`` rows run for both models.
 
@@ -20,13 +20,14 @@ import pytest
 import torch
 
 from attnres.bench import e2e
-from attnres.bench.peer_fla_model import (
+from attnres.bench.peers import (
     build_fla_model,
     fla_block_size,
     fla_kda_num_params,
     fla_model_kwargs,
     fla_model_status,
 )
+from attnres.bench.shapes import default_shapes
 from attnres.model import Decoder
 
 
@@ -51,7 +52,7 @@ pytestmark = [
 def test_flas_model_has_the_analytic_parameter_count_and_trains_one_step(mode):
     assert fla_model_status() is None, fla_model_status()
     # the quick kda-dense shape (4 KDA heads of 64, as the shipped autotune results) at a longer sequence
-    cfg = e2e.default_shapes(quick=True)["kda-dense"].config.replace(residual=mode, vocab_size=1000)
+    cfg = default_shapes(quick=True)["kda-dense"].config.replace(residual=mode, vocab_size=1000)
     assert (cfg.dim, cfg.num_layers, cfg.kda_heads, cfg.kda_head_dim, cfg.num_blocks) == (256, 4, 4, 64, 4)
     model = build_fla_model(cfg, "cuda", torch.bfloat16)
     fla = model.model

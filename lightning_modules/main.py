@@ -1,72 +1,21 @@
-"""The ``attnres`` command.
+"""The ``attnres`` command (the console script, and ``python -m lightning_modules``).
 
-``attnres fit|validate|test|predict -c configs/...yaml`` run the LightningCLI; the other
-subcommands (``info``, ``bench``, ...) are typed functions exposed through jsonargparse, so every
-one has ``--help``.
+``attnres fit|validate|test|predict -c configs/...yaml`` run the LightningCLI (:mod:`lightning_modules.cli`);
+the other subcommands (``info``, ``bench``, ...) are typed functions exposed through jsonargparse, so every
+one has ``--help``. The library's own ``python -m attnres`` serves only the commands that need no
+Lightning (``info``).
 """
 
 from __future__ import annotations
 
-import platform
 import sys
 
+import torch
+
+from attnres.__main__ import info
 from attnres.errors import UsageError
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-def info(model: str | None = None) -> None:
-    """Print versions, whether attnres._C is loaded, the op backend per device and the CUDA arch.
-
-    Args:
-        model: a model preset (e.g. tiny, small, medium, kimi-linear-48b-a3b): print its total and
-            active (per-token) parameter counts and its layer plan instead.
-    """
-    if model is not None:
-        from attnres.model import PRESETS, describe
-
-        if model not in PRESETS:
-            from attnres.errors import did_you_mean
-
-            raise UsageError(
-                f"--model {model!r}: unknown preset; valid: {', '.join(PRESETS)}"
-                + did_you_mean(model, PRESETS)
-            )
-        print(describe(model))
-        return
-    import torch
-
-    import attnres
-    from attnres import ops
-    from attnres._extension import build_info
-
-    build = build_info()
-    if ops.extension_error is None:
-        built = f"loaded (compiled against torch {build['torch']})" if build else "loaded"
-    else:
-        built = "not built: the ops run the PyTorch reference (slow); build with `pip install .`"
-    rows = [
-        ("attnres", attnres.__version__),
-        ("python", platform.python_version()),
-        ("torch", torch.__version__),
-        ("torch CUDA", torch.version.cuda or "none (CPU build)"),
-        ("attnres._C", built),
-        ("backend cpu", ops.backend("cpu")),
-    ]
-    if build and ops.extension_error is None:
-        kernels = f"yes ({build['cuda_arch_list']})" if build["cuda"] else "no (CPU-only build)"
-        rows.append(("_C CUDA kernels", kernels))
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            cap = torch.cuda.get_device_capability(i)
-            rows.append((f"cuda:{i}", f"{torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})"))
-        rows.append(("backend cuda", ops.backend("cuda")))
-        rows.append(("built arch list", " ".join(torch.cuda.get_arch_list())))
-    else:
-        rows.append(("cuda", "not available"))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
 
 
 def bench_ops(
@@ -83,9 +32,9 @@ def bench_ops(
     Compiled kernels vs the eager PyTorch reference (CPU), or vs ``torch.compile``, flash-attn-res and
     fla (CUDA). Times phase1, phase2 and the direct op, forward and backward, and prints a table (ms,
     GB/s of the minimum traffic, % of the copy bandwidth measured in the same run, speed-ups); writes JSON to
-    benchmarks/results/ops_<device type>.json. On CUDA (:mod:`attnres.bench.ops_cuda`): bf16 over the
-    issue's grid (``quick``: the N = 16384 sweep), then the baselines on the ``compare`` shapes
-    (flash-attn-res and fla are used where installed).
+    benchmarks/results/ops_<device type>.json. On CUDA: bf16 over the issue's grid (``quick``: the
+    N = 16384 sweep), then the baselines on the ``compare`` shapes (flash-attn-res and fla are used where
+    installed).
 
     Args:
         device: ``cpu`` or ``cuda`` (``cuda:1``...).
@@ -99,11 +48,9 @@ def bench_ops(
             (default ``16384,2048,9,8;16384,2304,9,8``; ``none``: no baselines). Each compiles and
             autotunes the baselines: minutes per shape.
     """
-    import torch
+    from attnres.bench.ops import parse_shapes, run_ops_benchmark
 
     if torch.device(device).type == "cuda":
-        from attnres.bench.ops_cuda import DEFAULT_JSON, parse_shapes, run
-
         if not torch.cuda.is_available():
             raise UsageError(
                 "--device cuda: no CUDA device here (torch.cuda.is_available()"
@@ -111,22 +58,14 @@ def bench_ops(
             )
         if device != "cuda":
             torch.cuda.set_device(torch.device(device))
-        run(quick=quick, json_path=out or DEFAULT_JSON, compare_cases=parse_shapes(compare))
+        run_ops_benchmark("cuda", quick=quick, out=out, compare=parse_shapes(compare))
         return
     if compare is not None:
         raise UsageError(
             "--compare is for --device cuda (the CPU baseline is --compile_reference true)"
         )
-    from attnres.bench.ops import run_ops_benchmark
-
-    run_ops_benchmark(
-        device=device,
-        quick=quick,
-        out=out,
-        compile_reference=compile_reference,
-        threads=threads,
-        repeats=repeats,
-    )
+    run_ops_benchmark(device, quick=quick, out=out, compile_reference=compile_reference, threads=threads,
+                      repeats=repeats)
 
 
 # `attnres --help` lists these, one line each (the Lightning ones are parsed by LightningCLI)
@@ -195,10 +134,10 @@ def _dispatch(argv: list[str]) -> None:
         )
     from jsonargparse import ArgumentParser, auto_cli
 
-    from attnres.bench.e2e import bench_e2e
     from attnres.bench.scaling import bench_scaling
     from attnres.errors import RaiseOnParseError
     from lightning_modules import commands
+    from lightning_modules.bench_template import bench_e2e
 
     class Parser(RaiseOnParseError, ArgumentParser):
         pass

@@ -1,6 +1,13 @@
-"""A peer from outside the project for ``attnres bench e2e`` (issue 24, item 2): fla's own
-``KDAForCausalLM`` (flash-linear-attention 0.6, transformers) at the shape of our decoder, with and
-without its ``attnres_block_size``, timed in the same process as our ``Decoder``.
+"""The peers from outside the project that the benchmarks time ours against, in the same process.
+
+* **fla's op in our decoder** (:class:`FlaResidual`, :func:`use_fla_residual`): fla-core 0.6.0's
+  ``fla.ops.attnres.fused_attnres`` in place of our two-phase ops, one direct softmax over every source
+  per sublayer (``attnres bench e2e``, impl ``fla``);
+* **the op baselines** (:func:`op_baselines`): flash-attn-res 0.1.12's phase 1 and fla's
+  ``fused_attnres`` per block (``attnres bench ops --device cuda``);
+* **fla's own model** (issue 24, item 2): ``KDAForCausalLM`` (flash-linear-attention 0.6,
+  transformers) at the shape of our decoder, with and without its ``attnres_block_size``
+  (``attnres bench e2e``, impl ``fla-model``).
 
 The matching shape (``kda-dense``, :func:`kda_dense_config`): every layer KDA, dense SwiGLU MLPs. fla's
 model mixes in attention layers only through ``KDAConfig.attn``, which builds fla's ``Attention`` (RoPE
@@ -24,18 +31,20 @@ weights per layer; an untied head; per AttnRes query a projection and a key-norm
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from attnres.model import Config
+from attnres.model import Config, Decoder
+from attnres.residual import Residual, ResidualState
 
 __all__ = [
     "FLA_MODEL_NOTE",
     "FlaModel",
+    "FlaResidual",
     "build_fla_model",
     "describe_fla_model",
     "fla_block_size",
@@ -43,7 +52,10 @@ __all__ = [
     "fla_model_kwargs",
     "fla_model_mismatch",
     "fla_model_status",
+    "fla_status",
     "kda_dense_config",
+    "op_baselines",
+    "use_fla_residual",
 ]
 
 FLA_MODEL_NOTE = (
@@ -196,3 +208,88 @@ def build_fla_model(cfg: Config, device: torch.device | str, dtype: torch.dtype)
     with torch.device(device):
         model = KDAForCausalLM(KDAConfig(**fla_model_kwargs(cfg)))
     return FlaModel(model.to(dtype=dtype))
+
+
+# ----------------------------------------------------------------------------- fla's op in our decoder
+
+
+class FlaResidual(Residual):
+    """The residual path with fla's ``fused_attnres`` in place of our two-phase ops: each sublayer input
+    (and the read-out) is one direct softmax over the explicit list of its sources — Full: every earlier
+    output; Block: the block summaries plus the partial summary. Same parameters (``queries``), same
+    math: fla's logit is ``w . RMSNorm_g(v)`` = ``(w * g) . v / rms(v)``.
+
+    ``attnres_fn``: a function with ``fla.ops.attnres.fused_attnres``'s signature
+    ``(query [d], residuals: list of [..., d], rms_weight [d], rms_eps=...) -> [..., d]``; default fla's.
+    """
+
+    def __init__(self, *args: Any, attnres_fn: Callable[..., Tensor] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if attnres_fn is None:
+            from fla.ops.attnres import fused_attnres as attnres_fn
+        self.attnres_fn = attnres_fn
+
+    def _mix(self, sources: list[Tensor], name: str) -> Tensor:
+        q = self.queries[name]
+        return self.attnres_fn(q.weight, sources, q.norm_weight, rms_eps=self.eps)
+
+    def input(self, state: ResidualState, i: int, norm: nn.Module | None = None) -> Tensor:
+        if self.mode == "standard":
+            return super().input(state, i, norm)
+        sources = state.sources + ([state.partial] if state.partial is not None else [])
+        h = self._mix(sources, str(i))
+        return h if norm is None else norm(h)
+
+    def readout(self, state: ResidualState) -> Tensor:
+        if self.mode == "standard":
+            return super().readout(state)
+        if state.partial is not None:
+            raise RuntimeError("readout called in the middle of a block: hand back every sublayer's output")
+        return self._mix(state.sources, "out")
+
+
+def use_fla_residual(model: Decoder, attnres_fn: Callable[..., Tensor] | None = None) -> Decoder:
+    """Replace ``model.residual`` in place by a :class:`FlaResidual` with the same parameters."""
+    old = model.residual
+    new = FlaResidual(old.dim, old.num_sublayers, old.mode, old.num_blocks if old.mode == "block" else 8,
+                      old.eps, attnres_fn=attnres_fn)
+    p = next(old.parameters(), None)
+    if p is not None:
+        new.to(device=p.device, dtype=p.dtype)
+    new.load_state_dict(old.state_dict())
+    model.residual = new
+    return model
+
+
+def fla_status() -> str | None:
+    """None when fla's ``fused_attnres`` can run here, else why not."""
+    if not torch.cuda.is_available():
+        return "fla's fused_attnres is a Triton kernel: needs CUDA"
+    try:
+        from fla.ops.attnres import fused_attnres  # noqa: F401
+    except Exception as exc:  # ImportError, or a Triton/torch mismatch inside fla
+        return f"fla.ops.attnres not importable: {type(exc).__name__}: {exc}"[:300]
+    return None
+
+
+# ----------------------------------------------------------------------------- the op baselines
+
+
+def op_baselines() -> dict[str, Callable | None]:
+    """The installed op baselines: ``far`` (flash-attn-res's ``phase_1_batched_attention_triton_op``:
+    sources stacked ``[n, B, T, d]``, queries ``[S, d]``) and ``fla`` (``fused_attnres``, one query);
+    None for one that is not installed (or does not import)."""
+    found: dict[str, Callable | None] = {"far": None, "fla": None}
+    try:
+        from flash_attn_res import phase_1_batched_attention_triton_op
+
+        found["far"] = phase_1_batched_attention_triton_op
+    except Exception:  # noqa: BLE001 - optional benchmark dependency
+        pass
+    try:
+        from fla.ops.attnres import fused_attnres
+
+        found["fla"] = fused_attnres
+    except Exception:  # noqa: BLE001
+        pass
+    return found
