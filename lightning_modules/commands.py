@@ -390,14 +390,8 @@ def tokenizer_train(
         output: where to write the ``tokenizer.json`` (default: under ``cache_dir/tokenizers``).
         cache_dir: the cache directory of the DataModule.
     """
-    from lightning_modules.data import (
-        _files_key,
-        check_fractions,
-        glob_files,
-        read_text,
-        split_files,
-        stdlib_files,
-    )
+    from lightning_modules.data import _files_key
+    from lightning_modules.shards import check_fractions, glob_files, read_text, split_files, stdlib_files
     from lightning_modules.tokenizer import MIN_BPE_VOCAB, train_bpe
 
     check_fractions(val_fraction, test_fraction)
@@ -448,10 +442,10 @@ def prepare(
         tokenizer: ``byte`` or a ``tokenizer.json`` from ``attnres tokenizer train``.
         val_fraction: share of files (by a hash of their path) held out for validation.
         test_fraction: share of files held out for ``attnres test`` (0: no test split), disjoint from
-            val's (the other end of the hash range; see ``data.split_of``).
+            val's (the other end of the hash range; see ``shards.split_of``).
         shard_tokens: tokens per shard file at most.
     """
-    from lightning_modules.data import check_fractions, glob_files, split_files, stdlib_files, write_shards
+    from lightning_modules.shards import check_fractions, glob_files, split_files, stdlib_files, write_shards
     from lightning_modules.tokenizer import load_tokenizer
 
     check_fractions(val_fraction, test_fraction)

@@ -18,9 +18,9 @@ import torch
 from attnres.errors import parse_error_message
 from lightning_modules import commands
 from lightning_modules.cli import DEFAULT_MAX_STEPS, AttnResCLI
-from lightning_modules.data import glob_files, is_text, split_files
 from lightning_modules.main import DESCRIPTIONS, main
 from lightning_modules.module import LanguageModel
+from lightning_modules.shards import glob_files, is_text, split_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "configs/default.yaml")
@@ -397,7 +397,7 @@ def test_a_single_document_goes_to_train_and_a_test_split_needs_three(tmp_path: 
 
 
 def test_a_single_document_corpus_says_it_is_cut_by_tokens(tmp_path: Path, capsys) -> None:
-    from lightning_modules.data import ShardSet, write_shards
+    from lightning_modules.shards import ShardSet, write_shards
     from lightning_modules.tokenizer import ByteTokenizer
 
     doc = tmp_path / "only.txt"

@@ -11,16 +11,8 @@ import pytest
 import torch
 
 from lightning_modules import commands
-from lightning_modules.data import (
-    ResumableSampler,
-    ShardSet,
-    TextDataModule,
-    TokenWindows,
-    split_files,
-    split_of,
-    stdlib_files,
-    write_shards,
-)
+from lightning_modules.data import ResumableSampler, TextDataModule, TokenWindows
+from lightning_modules.shards import ShardSet, split_files, split_of, stdlib_files, write_shards
 from lightning_modules.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 
 TEXT = "def f(x):\n    return x * 2  # é ünïcödé\n"
