@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -34,12 +35,15 @@ from lightning_modules.callbacks import DepthPlots, NaNGuard, NonFiniteLossError
 from lightning_modules.checkpoint import AtomicCheckpointIO, load_checkpoint, stale_temp_files
 from lightning_modules.configs import resolve_args
 from lightning_modules.data import TextDataModule
-from lightning_modules.module import LanguageModel
+from lightning_modules.module import LanguageModel, as_config
 from lightning_modules.tokenizer import check_same_tokenizer, load_tokenizer
 
 # `attnres fit ...` passes sys.argv[1:] as `args` (sys.argv itself must stay as it is: DDP re-launches
 # the command from it), which LightningCLI would warn about
 warnings.filterwarnings("ignore", message="LightningCLI.s args parameter is intended")
+# `--help` shows each `model.config.<field>`'s attribute docstring (attnres.model.Config documents its
+# fields that way, not in an Args: section)
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 def _tensorboard_available() -> bool:
@@ -153,6 +157,9 @@ class AttnResCLI(LightningCLI):
             {"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 100}
         )
         parser.add_lightning_class_args(DepthPlots, "plots")
+        # the model's vocabulary is the tokenizer's: a preset's own vocab_size (32768 for small) would
+        # not match the data, so it is derived, not set
+        parser.link_arguments("data.tokenizer", "model.config.vocab_size", compute_fn=tokenizer_vocab_size)
 
     # ------------------------------------------------------------------ start-up checks
 
@@ -162,19 +169,16 @@ class AttnResCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self._sub()
         check_trainer_args(cfg.trainer)
+        # the Config is built (and its fields checked) here, so a bad field stops before any data is
+        # prepared, named as it is set: model.config.<field>
+        as_config(cfg.model.config.as_dict())
         self._bounded = self.subcommand in (None, "fit") and bound_the_run(cfg.trainer)
         import torch
 
-        from attnres.model import get_config
-
         threads = cfg.get("torch_threads")
         if not threads:
-            dim = cfg.model.get("dim") or get_config(cfg.model.preset).dim
-            threads = default_threads(cfg.trainer.get("accelerator"), dim)
+            threads = default_threads(cfg.trainer.get("accelerator"), cfg.model.config.dim)
         torch.set_num_threads(threads)
-        # the model's vocabulary follows the tokenizer unless set explicitly
-        if cfg.model.vocab_size is None:
-            cfg.model.vocab_size = load_tokenizer(cfg.data.tokenizer).vocab_size
         root, run_name = cfg.trainer.default_root_dir or "runs", cfg.run_name
         if cfg.get("ckpt_path") == "last":  # Lightning's "last" looks in the new run's empty version dir
             cfg.ckpt_path = str(latest_checkpoint(root, run_name, cfg.checkpoint.dirpath))
@@ -249,6 +253,11 @@ class AttnResCLI(LightningCLI):
                 f"predict: {len(nll)} sequences, mean NLL {nll.mean():.4f} nats/token "
                 f"({nll.mean() / math.log(2):.4f} bits/token), min {nll.min():.4f}, max {nll.max():.4f}"
             )
+
+
+def tokenizer_vocab_size(tokenizer: str) -> int:
+    """``model.config.vocab_size`` from ``data.tokenizer`` (``byte`` or a ``tokenizer.json`` path)."""
+    return load_tokenizer(tokenizer).vocab_size
 
 
 def check_trainer_args(trainer: Any) -> None:
