@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from attnres.errors import RaiseOnParseError, UsageError, debug_mode
 from lightning_modules.callbacks import DepthPlots, NaNGuard, NonFiniteLossError, ThroughputMonitor
 from lightning_modules.checkpoint import AtomicCheckpointIO, load_checkpoint, stale_temp_files
-from lightning_modules.configs import resolve_args
+from lightning_modules.configs import CONFIG_FLAGS, available, resolve_args
 from lightning_modules.data import TextDataModule
 from lightning_modules.module import LanguageModel, as_config
 from lightning_modules.tokenizer import check_same_tokenizer, load_tokenizer
@@ -480,12 +480,27 @@ def run_summary(trainer: Trainer) -> str:
     return "\n".join(lines)
 
 
+def check_model_configs(argv: list[str]) -> list[str]:
+    """``argv`` as it is, after checking that each ``-c model/<preset>`` names a file: a preset is picked
+    by its config (``configs/model/<preset>.yaml``), so a wrong name says which presets there are."""
+    values = [b for a, b in zip(argv, argv[1:]) if a in CONFIG_FLAGS]
+    values += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for value in values:
+        if value.removeprefix("configs/").startswith("model/") and not Path(value).is_file():
+            presets = [name for name in available() if name.startswith("model/")]
+            raise UsageError(
+                f"--config {value}: the file does not exist; the model presets are: {', '.join(presets)} "
+                "(configs/model/<preset>.yaml)"
+            )
+    return argv
+
+
 def run_lightning_cli(argv: list[str]) -> None:
     """Entry of ``attnres fit|validate|test|predict``. User errors (Lightning's
     ``MisconfigurationException`` among them) propagate to :func:`attnres.cli.main` (one line, exit 2);
     a NaN/inf loss stops with one line and exit 1."""
     try:
-        AttnResCLI(args=resolve_args(argv))
+        AttnResCLI(args=check_model_configs(resolve_args(argv)))
     except MisconfigurationException as exc:  # Lightning's word for a bad Trainer setting
         raise UsageError(str(exc)) from exc
     except NonFiniteLossError as exc:
