@@ -89,8 +89,8 @@ def test_composed_config_prints_and_validates_without_a_gpu(case, capsys, monkey
 def test_one_field_changes_from_the_command_line_or_a_later_yaml(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["attnres"])
     (tmp_path / "full.yaml").write_text("model:\n  config:\n    residual: full\n")
-    argv = ["fit", "-c", "default", "-c", "model/small", "-c", str(tmp_path / "full.yaml"),
-            "--model.config.full_group", "1", "--print_config"]
+    argv = ["fit", "-c", str(ROOT / "configs/default.yaml"), "-c", str(ROOT / "configs/model/small.yaml"),
+            "-c", str(tmp_path / "full.yaml"), "--model.config.full_group", "1", "--print_config"]
     with pytest.raises(SystemExit):
         run_lightning_cli(argv)
     config = as_config(yaml.safe_load(capsys.readouterr().out)["model"]["config"])
@@ -103,4 +103,5 @@ def test_the_vocabulary_is_linked_to_the_tokenizer(capsys, monkeypatch):
     from attnres.errors import ParseError
 
     with pytest.raises(ParseError, match="model.config.vocab_size.*data.tokenizer"):
-        run_lightning_cli(["fit", "-c", "default", "--model.config.vocab_size", "300"])
+        run_lightning_cli(["fit", "-c", str(ROOT / "configs/default.yaml"),
+                           "--model.config.vocab_size", "300"])
