@@ -251,14 +251,20 @@ def _indent_of(line: str) -> int | None:
     return len(line) - len(line.lstrip())
 
 
-# The model answers, as init args of the LightningModule: ``model.<key>`` in configs/default.yaml
-# (``model.init_args.<key>`` when the config names the model's class_path).
+# The model answers: the preset (whose configs/model/<preset>.yaml block becomes default.yaml's) and
+# Config fields, ``model.config.<key>`` in the configs (``model.init_args.config.<key>`` when the config
+# names the model's class_path). num_blocks "preset": the preset's own.
+PRESET = str(ANSWERS["model_preset"])
+_PRESET_FILE = TEMPLATE_ROOT / "configs" / "model" / f"{PRESET}.yaml"
+_PRESET_CONFIG = yaml.safe_load(_PRESET_FILE.read_text(encoding="utf-8"))["model"]["config"]
+_NUM_BLOCKS = str(ANSWERS["num_blocks"]).strip()
 MODEL_ANSWERS = {
-    "preset": str(ANSWERS["model_preset"]),
     "residual": str(ANSWERS["residual_mode"]),
-    "num_blocks": int(str(ANSWERS["num_blocks"]).strip()),
+    "num_blocks": int(_PRESET_CONFIG["num_blocks"] if _NUM_BLOCKS == "preset" else _NUM_BLOCKS),
     "moe": bool(ANSWERS["moe"]),
 }
+# `model:`'s `config:` key and the lines of its body (deeper, or comments/blank lines among them)
+CONFIG_BLOCK = re.compile(r"^(  config:\n)((?:    .*\n|\s*\n)*)", re.MULTILINE)
 
 
 def load_yaml(text: str, where: str) -> dict:
@@ -271,14 +277,23 @@ def load_yaml(text: str, where: str) -> dict:
     return data
 
 
-def edit_config(path: Path, answers: dict[str, object], describe: bool = False) -> None:
-    """Write ``answers`` as the model's init args of the config at ``path`` and read them back."""
+def edit_config(
+    path: Path, answers: dict[str, object], describe: bool = False, block: str | None = None
+) -> None:
+    """Write ``answers`` as ``model.config`` fields of the config at ``path`` (after replacing the body of
+    its ``model.config`` with ``block``, when given) and read them back."""
     where = path.relative_to(Path.cwd()).as_posix()
     if not path.is_file():
         raise HookError(f"{where} not found")
     text = path.read_text(encoding="utf-8")
+    if block is not None:
+        match = CONFIG_BLOCK.search(text)
+        if match is None:
+            raise HookError(f"{where}: no `  config:` block under `model:` to write the {PRESET} preset into")
+        text = text[: match.start(2)] + block + text[match.end(2) :]
     model = load_yaml(text, where).get("model")
     base = ("model", "init_args") if isinstance(model, dict) and "init_args" in model else ("model",)
+    base = (*base, "config")
     for key, value in answers.items():
         text = set_yaml_key(text, (*base, key), value)
     if describe:
@@ -297,14 +312,15 @@ def edit_configs(configs: Path) -> None:
     """``default.yaml`` gets every model answer. The per-preset model configs (``model/*.yaml``, composed
     on top of it) get the project-wide ones, residual mode and MoE, so that composing one does not
     switch them back; the chosen preset's own file gets its ``num_blocks`` too."""
-    edit_config(configs / "default.yaml", MODEL_ANSWERS, describe=True)
+    match = CONFIG_BLOCK.search((configs / "model" / f"{PRESET}.yaml").read_text(encoding="utf-8"))
+    if match is None:
+        raise HookError(f"configs/model/{PRESET}.yaml: no `  config:` block under `model:`")
+    edit_config(configs / "default.yaml", MODEL_ANSWERS, describe=True, block=match.group(2))
     for path in sorted((configs / "model").glob("*.y*ml")):
         model = load_yaml(path.read_text(encoding="utf-8"), path.name).get("model")
         if not isinstance(model, dict):
             continue
-        args = model.get("init_args", model)
-        keys = ("residual", "moe", "num_blocks") if args.get("preset") == MODEL_ANSWERS["preset"] else (
-            "residual", "moe")
+        keys = ("residual", "moe", "num_blocks") if path.stem == PRESET else ("residual", "moe")
         edit_config(path, {k: MODEL_ANSWERS[k] for k in keys})
 
 
@@ -313,7 +329,7 @@ def model_summary() -> str:
     residual = {"block": f"Block AttnRes ({MODEL_ANSWERS['num_blocks']} blocks)", "full": "Full AttnRes",
                 "standard": "the standard residual"}[MODEL_ANSWERS["residual"]]
     mlp = "MoE" if MODEL_ANSWERS["moe"] else "dense SwiGLU"
-    return f"the {MODEL_ANSWERS['preset']} preset with {residual} and {mlp} channel mixers"
+    return f"the {PRESET} preset with {residual} and {mlp} channel mixers"
 
 
 def describe_model(text: str) -> str:
@@ -386,7 +402,7 @@ def write_license(path: Path) -> None:
 def gpu_train_config(makefile: Path, configs: Path) -> None:
     """``make train`` of a GPU preset: the default config, the preset's model config (its sequence
     length and batch) and the GPU trainer config (bf16 on every GPU of the host, compiled)."""
-    preset = MODEL_ANSWERS["preset"]
+    preset = PRESET
     model_yaml, gpu_yaml = f"configs/model/{preset}.yaml", "configs/trainer/gpu.yaml"
     for rel in (model_yaml, gpu_yaml):
         if not (configs.parent / rel).is_file():
@@ -411,11 +427,11 @@ def main() -> None:
         edit_configs(dst / "configs")
         compose_readme(dst / "README.md", readme)
         write_license(dst / "LICENSE")
-        if MODEL_ANSWERS["preset"] not in CPU_PRESETS:
+        if PRESET not in CPU_PRESETS:
             gpu_train_config(dst / "Makefile", dst / "configs")
     except HookError as exc:
         sys.exit(f"error: generating from {TEMPLATE_ROOT}: {exc}")
-    where = "" if MODEL_ANSWERS["preset"] in CPU_PRESETS else " (on a machine with a CUDA GPU)"
+    where = "" if PRESET in CPU_PRESETS else " (on a machine with a CUDA GPU)"
     print(f"{ANSWERS['project_name']} (package {PKG}) is in {dst}")
     print(f"quick start: cd {dst} && make train{where}")
 

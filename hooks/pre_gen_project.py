@@ -2,19 +2,20 @@
 
 A bad answer stops generation with one line per problem on stderr (and exit status 1), so a typo
 never turns into a project that fails later at build or training time. The hook needs only the
-standard library (cookiecutter may run from its own environment, without torch): the model presets
-are read from the template's ``attnres/model/config.py`` with ``ast``, not imported.
+standard library and PyYAML (a dependency of cookiecutter itself, which may run from its own
+environment, without torch): the model presets are read from the template's ``configs/model/*.yaml``,
+which ``python -m lightning_modules.presets`` writes from ``attnres.model.PRESETS``.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import keyword
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
+
+import yaml  # a dependency of cookiecutter itself
 
 # Rendered by cookiecutter: the answers, and the template's root (see hooks/template_source.py).
 ANSWERS = json.loads(r"""{{ cookiecutter | jsonify }}""")
@@ -22,7 +23,9 @@ TEMPLATE_ROOT = Path(r"""{{ template_root }}""")
 
 # {% raw %} (cookiecutter renders this file with Jinja; nothing below is templated)
 OLD_PACKAGE = "attnres"
-CONFIG_PY = Path(OLD_PACKAGE, "model", "config.py")
+PRESET_CONFIGS = Path("configs", "model")
+# `num_blocks` answer that keeps the preset's own (cookiecutter.json's default)
+PRESET_DEFAULT = "preset"
 # Names a new package must not take besides the standard library: what the project imports or
 # builds with, and torch's own op namespaces (the package name is also the TORCH_LIBRARY namespace).
 TAKEN = {
@@ -78,58 +81,45 @@ def suggest(name: str) -> str:
     return f"_{s}" if s[0].isdigit() else s
 
 
-def read_presets(config_py: Path) -> tuple[dict[str, int], Callable[[int], list[int]]]:
-    """``({preset: num_layers}, valid_num_blocks)`` from the model's config registry, by parsing it.
+def read_presets(configs: Path) -> dict[str, dict]:
+    """``{preset: its model.config fields}`` from the template's ``configs/model/<preset>.yaml``."""
+    presets: dict[str, dict] = {}
+    for path in sorted(configs.glob("*.yaml")):
+        try:
+            config = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model", {}).get("config")
+        except yaml.YAMLError as exc:
+            sys.exit(f"error: the template's {path} is not valid YAML: {exc}")
+        if not isinstance(config, dict) or "num_layers" not in config:
+            sys.exit(f"error: the template's {path} has no model.config block with num_layers")
+        presets[path.stem] = config
+    if not presets:
+        sys.exit(f"error: the template has no model preset configs in {configs}")
+    return presets
 
-    ``PRESETS`` is a dict of ``dict(...)`` calls (or dict literals) of literal keyword values;
-    a preset without ``num_layers`` takes the ``Config`` default. ``valid_num_blocks(num_sublayers)``
-    is the model's own rule, compiled from its source alone (it is pure Python).
-    """
-    if not config_py.is_file():
-        sys.exit(f"error: the template has no model preset registry at {config_py}")
-    tree = ast.parse(config_py.read_text(encoding="utf-8"), str(config_py))
-    presets_node = rule_node = None
-    default_layers: int | None = None
-    for node in tree.body:
-        targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
-        if any(getattr(t, "id", None) == "PRESETS" for t in targets):
-            presets_node = node.value
-        elif isinstance(node, ast.FunctionDef) and node.name == "valid_num_blocks":
-            rule_node = node
-        elif isinstance(node, ast.ClassDef) and node.name == "Config":
-            for item in node.body:
-                if isinstance(item, ast.AnnAssign) and getattr(item.target, "id", None) == "num_layers":
-                    default_layers = ast.literal_eval(item.value)
-    if not isinstance(presets_node, ast.Dict) or rule_node is None:
-        sys.exit(f"error: cannot read PRESETS (a dict) and valid_num_blocks() from {config_py}")
-    depths: dict[str, int] = {}
-    for key, value in zip(presets_node.keys, presets_node.values):
-        if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "dict":
-            fields = {kw.arg: kw.value for kw in value.keywords}
-        elif isinstance(value, ast.Dict):
-            fields = {ast.literal_eval(k): v for k, v in zip(value.keys, value.values)}
-        else:
-            sys.exit(f"error: preset {ast.unparse(key)} in {config_py} is not dict(...) or a dict literal")
-        layers = ast.literal_eval(fields["num_layers"]) if "num_layers" in fields else default_layers
-        depths[ast.literal_eval(key)] = int(layers)
-    namespace: dict[str, object] = {}
-    exec(compile(ast.Module(body=[rule_node], type_ignores=[]), str(config_py), "exec"), namespace)
-    return depths, namespace["valid_num_blocks"]  # type: ignore[return-value]
+
+def valid_num_blocks(num_sublayers: int) -> list[int]:
+    """Block counts that divide ``num_sublayers`` into blocks of an even size (whole decoder layers):
+    ``attnres.model.config.valid_num_blocks``, which this hook cannot import (no torch here);
+    ``tests/test_template.py`` holds the two equal."""
+    return [n for n in range(1, num_sublayers + 1) if num_sublayers % n == 0 and num_sublayers // n % 2 == 0]
 
 
 def check_model(answers: dict) -> list[str]:
-    """Problems with the model answers: the preset exists and ``num_blocks`` splits its depth into
-    blocks of whole decoder layers (checked whatever the residual mode, since it goes into the config)."""
-    depths, valid_num_blocks = read_presets(TEMPLATE_ROOT / CONFIG_PY)
+    """Problems with the model answers: the preset exists and ``num_blocks`` (``preset``: the preset's
+    own) splits its depth into blocks of whole decoder layers (checked whatever the residual mode, since
+    it goes into the config)."""
+    presets = read_presets(TEMPLATE_ROOT / PRESET_CONFIGS)
     preset = answers["model_preset"]
-    if preset not in depths:
-        return [f"model_preset {preset!r} is unknown; the presets are: {', '.join(depths)}"]
+    if preset not in presets:
+        return [f"model_preset {preset!r} is unknown; the presets are: {', '.join(presets)}"]
     raw = str(answers["num_blocks"]).strip()
+    if raw == PRESET_DEFAULT:
+        return []
     try:
         num_blocks = int(raw)
     except ValueError:
-        return [f"num_blocks {raw!r} is not an integer"]
-    layers = depths[preset]
+        return [f"num_blocks {raw!r} is not an integer (or {PRESET_DEFAULT!r}: the preset's own)"]
+    layers = int(presets[preset]["num_layers"])
     valid = valid_num_blocks(2 * layers)
     if num_blocks not in valid:
         return [

@@ -9,7 +9,6 @@ order, in the same process as the other rows.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +47,6 @@ def template_rows(run: Run, shape: Shape, compile: bool, precision: str, per_ste
     the Trainer also runs the callbacks ``attnres fit`` always adds (NaN guard, throughput/MFU)."""
     base = template_base(shape, compile, precision)
     cfg = shape.config.replace(residual="standard")
-    fields = {f: v for f, v in dataclasses.asdict(cfg).items() if f != "name"}
     steps = max(run.warmup, 1) + run.repeat + 1
     batch = {"input_ids": random_tokens(shape, shape.batch, shape.seq_len, torch.device("cpu")),
              "labels": random_tokens(shape, shape.batch, shape.seq_len, torch.device("cpu"), seed=2)}
@@ -59,7 +57,7 @@ def template_rows(run: Run, shape: Shape, compile: bool, precision: str, per_ste
 
     def lm() -> Any:  # the LanguageModel of this shape: the preset's fields all overridden
         torch.manual_seed(0)
-        return LanguageModel(preset="tiny", overrides=fields, compile=compile, lr=1e-4, warmup_steps=1,
+        return LanguageModel(cfg, compile=compile, lr=1e-4, warmup_steps=1,
                              schedule="constant")
 
     timer = run.timer

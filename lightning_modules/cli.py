@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -32,14 +33,17 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from attnres.errors import RaiseOnParseError, UsageError, debug_mode
 from lightning_modules.callbacks import DepthPlots, NaNGuard, NonFiniteLossError, ThroughputMonitor
 from lightning_modules.checkpoint import AtomicCheckpointIO, load_checkpoint, stale_temp_files
-from lightning_modules.configs import resolve_args
+from lightning_modules.configs import CONFIG_FLAGS, available, resolve_args
 from lightning_modules.data import TextDataModule
-from lightning_modules.module import LanguageModel
+from lightning_modules.module import LanguageModel, as_config
 from lightning_modules.tokenizer import check_same_tokenizer, load_tokenizer
 
 # `attnres fit ...` passes sys.argv[1:] as `args` (sys.argv itself must stay as it is: DDP re-launches
 # the command from it), which LightningCLI would warn about
 warnings.filterwarnings("ignore", message="LightningCLI.s args parameter is intended")
+# `--help` shows each `model.config.<field>`'s attribute docstring (attnres.model.Config documents its
+# fields that way, not in an Args: section)
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 def _tensorboard_available() -> bool:
@@ -153,6 +157,9 @@ class AttnResCLI(LightningCLI):
             {"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 100}
         )
         parser.add_lightning_class_args(DepthPlots, "plots")
+        # the model's vocabulary is the tokenizer's: a preset's own vocab_size (32768 for small) would
+        # not match the data, so it is derived, not set
+        parser.link_arguments("data.tokenizer", "model.config.vocab_size", compute_fn=tokenizer_vocab_size)
 
     # ------------------------------------------------------------------ start-up checks
 
@@ -162,19 +169,16 @@ class AttnResCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self._sub()
         check_trainer_args(cfg.trainer)
+        # the Config is built (and its fields checked) here, so a bad field stops before any data is
+        # prepared, named as it is set: model.config.<field>
+        as_config(cfg.model.config.as_dict())
         self._bounded = self.subcommand in (None, "fit") and bound_the_run(cfg.trainer)
         import torch
 
-        from attnres.model import get_config
-
         threads = cfg.get("torch_threads")
         if not threads:
-            dim = cfg.model.get("dim") or get_config(cfg.model.preset).dim
-            threads = default_threads(cfg.trainer.get("accelerator"), dim)
+            threads = default_threads(cfg.trainer.get("accelerator"), cfg.model.config.dim)
         torch.set_num_threads(threads)
-        # the model's vocabulary follows the tokenizer unless set explicitly
-        if cfg.model.vocab_size is None:
-            cfg.model.vocab_size = load_tokenizer(cfg.data.tokenizer).vocab_size
         root, run_name = cfg.trainer.default_root_dir or "runs", cfg.run_name
         if cfg.get("ckpt_path") == "last":  # Lightning's "last" looks in the new run's empty version dir
             cfg.ckpt_path = str(latest_checkpoint(root, run_name, cfg.checkpoint.dirpath))
@@ -249,6 +253,11 @@ class AttnResCLI(LightningCLI):
                 f"predict: {len(nll)} sequences, mean NLL {nll.mean():.4f} nats/token "
                 f"({nll.mean() / math.log(2):.4f} bits/token), min {nll.min():.4f}, max {nll.max():.4f}"
             )
+
+
+def tokenizer_vocab_size(tokenizer: str) -> int:
+    """``model.config.vocab_size`` from ``data.tokenizer`` (``byte`` or a ``tokenizer.json`` path)."""
+    return load_tokenizer(tokenizer).vocab_size
 
 
 def check_trainer_args(trainer: Any) -> None:
@@ -471,12 +480,27 @@ def run_summary(trainer: Trainer) -> str:
     return "\n".join(lines)
 
 
+def check_model_configs(argv: list[str]) -> list[str]:
+    """``argv`` as it is, after checking that each ``-c model/<preset>`` names a file: a preset is picked
+    by its config (``configs/model/<preset>.yaml``), so a wrong name says which presets there are."""
+    values = [b for a, b in zip(argv, argv[1:]) if a in CONFIG_FLAGS]
+    values += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for value in values:
+        if value.removeprefix("configs/").startswith("model/") and not Path(value).is_file():
+            presets = [name for name in available() if name.startswith("model/")]
+            raise UsageError(
+                f"--config {value}: the file does not exist; the model presets are: {', '.join(presets)} "
+                "(configs/model/<preset>.yaml)"
+            )
+    return argv
+
+
 def run_lightning_cli(argv: list[str]) -> None:
     """Entry of ``attnres fit|validate|test|predict``. User errors (Lightning's
     ``MisconfigurationException`` among them) propagate to :func:`lightning_modules.main.main` (one line,
     exit 2); a NaN/inf loss stops with one line and exit 1."""
     try:
-        AttnResCLI(args=resolve_args(argv))
+        AttnResCLI(args=check_model_configs(resolve_args(argv)))
     except MisconfigurationException as exc:  # Lightning's word for a bad Trainer setting
         raise UsageError(str(exc)) from exc
     except NonFiniteLossError as exc:

@@ -15,6 +15,10 @@ from typing import Any, Literal
 from attnres.errors import UsageError
 
 DEFAULT_CONFIG = "configs/default.yaml"
+# LanguageModel's model arguments before the whole Config became one argument (model.config): what an
+# old checkpoint's hyperparameters hold instead of "config"
+OLD_MODEL_KNOBS = ("preset", "residual", "num_blocks", "num_layers", "dim", "token_mixer", "moe",
+                   "num_experts", "top_k", "max_seq_len", "vocab_size", "overrides")
 
 
 def _load_checkpoint(ckpt: str, device: str = "cpu") -> tuple[Any, Any, dict]:
@@ -35,9 +39,17 @@ def _load_checkpoint(ckpt: str, device: str = "cpu") -> tuple[Any, Any, dict]:
             f"checkpoint {ckpt} has no model weights and hyperparameters (keys: {sorted(raw)[:6]}); "
             "give a checkpoint written by attnres fit"
         )
+    hparams = raw["hyper_parameters"]
+    if "config" not in hparams:  # hyperparameters of the layout before model.config (preset, overrides)
+        raise CheckpointError(
+            f"checkpoint {ckpt} predates model.config: its hyperparameters name a preset and knobs "
+            f"({', '.join(sorted(k for k in hparams if k in OLD_MODEL_KNOBS)) or 'no config'}) instead of "
+            "the model's whole Config; this version cannot rebuild its model: train it again (or load it "
+            "with the attnres release that wrote it)"
+        )
     # what LanguageModel.load_from_checkpoint does, from the dict already loaded and checked
     init_args = inspect.signature(LanguageModel.__init__).parameters  # not LightningCLI's _instantiator
-    module = LanguageModel(**{k: v for k, v in raw["hyper_parameters"].items() if k in init_args})
+    module = LanguageModel(**{k: v for k, v in hparams.items() if k in init_args})
     module.on_load_checkpoint(raw)
     module.load_state_dict(raw["state_dict"])
     module.to(device).eval()
@@ -282,7 +294,7 @@ def compare(
     for mode in modes:
         argv = ["fit"] + [x for c in configs for x in ("-c", c)]
         argv += [
-            "--model.residual",
+            "--model.config.residual",
             mode,
             "--seed_everything",
             str(seed),

@@ -1,13 +1,15 @@
 """``LanguageModel``: the Lightning side of the decoder (optimizer, schedule, metrics, checkpoints).
 
-The model itself (:class:`attnres.model.Decoder`) is plain PyTorch; this module builds it from a
-preset plus typed overrides, so ``--model.residual full`` or ``model: {num_blocks: 2}`` in a YAML
-file change the architecture and ``attnres fit --help`` lists every knob.
+The model itself (:class:`attnres.model.Decoder`) is plain PyTorch; this module builds it from one
+typed :class:`attnres.model.Config`, so ``--model.config.residual full`` or ``model: {config:
+{num_blocks: 2}}`` in a YAML file change the architecture and ``attnres fit --help`` lists every field
+with its docstring.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from torch import Tensor
 from torchmetrics.text import Perplexity
 
 from attnres.errors import UsageError
-from attnres.model import PRESETS, Config, Decoder, get_config
+from attnres.model import Config, Decoder, get_config
 from lightning_modules.tokenizer import check_same_tokenizer
 
 
@@ -59,21 +61,10 @@ class LanguageModel(L.LightningModule):
     """A Kimi-Linear-style MoE decoder with standard, Full or Block AttnRes residuals.
 
     Args:
-        preset: model size: ``tiny`` (CPU, ~1M params), ``small``, ``medium``, ``kimi-linear-48b-a3b``.
-        residual: residual path: ``standard`` (baseline), ``full`` (Full AttnRes) or ``block``
-            (Block AttnRes). Default: the preset's (``block``).
-        num_blocks: blocks of Block AttnRes; must split the ``2 * num_layers`` sublayers into
-            even-sized blocks. Default: the preset's.
-        num_layers: decoder layers (each = token mixer + channel mixer). Default: the preset's.
-        dim: hidden size. Default: the preset's.
-        token_mixer: ``hybrid`` (3 KDA : 1 MLA), ``kda`` or ``mla``. Default: the preset's.
-        moe: MoE channel mixers (False: dense SwiGLU). Default: the preset's.
-        num_experts: routed experts per MoE layer. Default: the preset's.
-        top_k: routed experts per token. Default: the preset's.
-        max_seq_len: longest sequence the model is trained on (``data.seq_len`` must not exceed it).
-        vocab_size: vocabulary size; set from the data's tokenizer by ``attnres fit``.
-        overrides: any other :class:`attnres.model.Config` field, e.g.
-            ``{expert_dim: 64, aux_loss_coef: 0.001}``.
+        config: the decoder (:class:`attnres.model.Config`, or a dict of its fields as checkpoints
+            store it); on the command line each field is ``--model.config.<field>``.
+            ``configs/model/<preset>.yaml`` hold every preset as a whole ``model.config`` block, so
+            ``-c model/small`` picks a size; in Python, ``LanguageModel(get_config("small"))``.
         lr: peak learning rate (AdamW).
         weight_decay: AdamW weight decay, applied to matrices only (not to norms, biases,
             pseudo-queries or, unless ``decay_embeddings``, the embedding). With ``tie_embeddings``
@@ -91,18 +82,7 @@ class LanguageModel(L.LightningModule):
 
     def __init__(
         self,
-        preset: str = "tiny",
-        residual: str | None = None,
-        num_blocks: int | None = None,
-        num_layers: int | None = None,
-        dim: int | None = None,
-        token_mixer: str | None = None,
-        moe: bool | None = None,
-        num_experts: int | None = None,
-        top_k: int | None = None,
-        max_seq_len: int | None = None,
-        vocab_size: int | None = None,
-        overrides: dict[str, Any] | None = None,
+        config: Config,
         lr: float = 3e-3,
         weight_decay: float = 0.1,
         decay_embeddings: bool = False,
@@ -118,22 +98,11 @@ class LanguageModel(L.LightningModule):
         check_optimizer_args(
             lr, weight_decay, betas, warmup_steps, min_lr_ratio, decay_fraction, schedule_steps
         )
-        self.save_hyperparameters()
-        typed = dict(
-            residual=residual,
-            num_blocks=num_blocks,
-            num_layers=num_layers,
-            dim=dim,
-            token_mixer=token_mixer,
-            moe=moe,
-            num_experts=num_experts,
-            top_k=top_k,
-            max_seq_len=max_seq_len,
-            vocab_size=vocab_size,
-        )
-        self.config = build_config(
-            preset, **{**(overrides or {}), **{k: v for k, v in typed.items() if v is not None}}
-        )
+        self.config = as_config(config)
+        # the config as a dict of its fields: checkpoints stay loadable with
+        # torch.load(weights_only=True), and `hparams.yaml` reads like `model.config` in a YAML
+        self.save_hyperparameters(ignore=["config"])
+        self.save_hyperparameters({"config": dataclasses.asdict(self.config), **self.hparams})
         self.model = Decoder(self.config)
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)
@@ -179,15 +148,14 @@ class LanguageModel(L.LightningModule):
         if seq_len is not None and seq_len > self.config.max_seq_len:
             raise ValueError(
                 f"data.seq_len={seq_len} is above the model's max_seq_len={self.config.max_seq_len} "
-                f"(preset {self.config.name}); lower --data.seq_len or raise --model.max_seq_len"
+                f"(preset {self.config.name}); lower --data.seq_len or raise --model.config.max_seq_len"
             )
         tok = getattr(dm, "tokenizer", None)
         if tok is not None and tok.vocab_size > self.config.vocab_size:
             raise ValueError(
                 f"tokenizer/vocabulary mismatch: the tokenizer has {tok.vocab_size} ids but the model's "
-                f"vocab_size is {self.config.vocab_size}; set --model.vocab_size {tok.vocab_size} "
-                "(or leave it "
-                "unset: `attnres fit` sets it from the tokenizer)"
+                f"vocab_size is {self.config.vocab_size}; build it with Config(vocab_size={tok.vocab_size}) "
+                "(`attnres fit` sets model.config.vocab_size from data.tokenizer)"
             )
 
     # ------------------------------------------------------------------ steps
@@ -461,20 +429,26 @@ def check_optimizer_args(
             raise UsageError(f"--{key} {value}: must be {rule}")
 
 
-def build_config(preset: str, **overrides: Any) -> Config:
-    """``get_config(preset, **overrides)`` with ``None`` overrides dropped and messages that name the
-    command-line flag to fix."""
-    if preset not in PRESETS:
-        raise ValueError(f"model.preset={preset!r} is unknown; valid: {', '.join(PRESETS)}")
-    fields = set(Config.__dataclass_fields__) - {"name"}
-    unknown = sorted(k for k in overrides if k not in fields)
+def as_config(config: Config | dict[str, Any] | None) -> Config:
+    """The model's :class:`Config` from what ``LanguageModel(config=...)`` was given: a ``Config``, a
+    dict of its fields (a checkpoint's ``hyper_parameters["config"]``, a YAML ``model.config`` block
+    read by hand), or ``None`` (the ``tiny`` preset). A bad field raises ``ValueError`` naming
+    ``model.config.<field>`` and the valid values."""
+    if config is None:
+        return get_config("tiny")
+    if isinstance(config, Config):
+        return config
+    fields = [f.name for f in dataclasses.fields(Config)]
+    unknown = sorted(k for k in config if k not in fields)
     if unknown:
-        raise ValueError(
-            f"model.overrides: unknown Config field(s) {unknown}; valid: {', '.join(sorted(fields))}"
-        )
-    kw = {k: v for k, v in overrides.items() if v is not None}
+        raise ValueError(f"model.config: unknown Config field(s) {unknown}; valid: {', '.join(fields)}")
     try:
-        return get_config(preset, **kw)
+        return Config(**config)
     except ValueError as exc:
-        msg = str(exc).replace("Config.", "model.")
-        raise ValueError(f"{msg} (set it with --model.<field> or in the model: section of the YAML)") from exc
+        raise ValueError(config_error(exc)) from exc
+
+
+def config_error(exc: ValueError) -> str:
+    """A :class:`Config` validation message (``Config.num_blocks=3 is invalid; ...``) as the key a user
+    sets it with: ``model.config.num_blocks``."""
+    return str(exc).replace("Config.", "model.config.", 1)

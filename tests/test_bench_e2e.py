@@ -178,11 +178,11 @@ def test_quick_template_rows_time_the_lightning_step_and_the_hand_written_one(tm
 def test_the_study_shapes_are_the_study_yaml_models(name):
     import yaml
 
-    model = yaml.safe_load((STUDY_MODELS / f"{name}.yaml").read_text())["model"]
+    model = yaml.safe_load((STUDY_MODELS / f"{name}.yaml").read_text())["model"]["config"]
     cfg = study_config(name)
     assert (cfg.num_layers, cfg.dim, cfg.num_experts, cfg.top_k) == (
         model["num_layers"], model["dim"], model["num_experts"], model["top_k"])
-    for key, value in model["overrides"].items():
+    for key, value in model.items():
         if key != "kda_backend":
             assert getattr(cfg, key) == value, key
     assert cfg.kda_backend == "auto" and cfg.vocab_size == 8192

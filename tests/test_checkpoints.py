@@ -30,7 +30,7 @@ from lightning_modules.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# a micro model of its own preset (so the file passes whatever preset configs/default.yaml names)
+# a micro model on the tiny preset's config (so the file passes whatever preset configs/default.yaml names)
 MICRO = """\
 run_name: micro
 progress_bar: tqdm
@@ -43,13 +43,19 @@ trainer:
   enable_model_summary: false
   enable_progress_bar: false
 model:
-  preset: tiny
-  num_layers: 2
-  num_blocks: 2
-  dim: 64
+  config:
+    num_layers: 2
+    num_blocks: 2
+    dim: 64
+    full_attn_every: 2
+    mla_qk_nope_dim: 16
+    mla_qk_shared_dim: 8
+    mla_kv_rank: 32
+    num_experts: 4
+    expert_dim: 32
+    mlp_dim: 128
+    router_bias_update_rate: 0.001  # the preset's (configs/model/tiny.yaml sets 0.01)
   warmup_steps: 2
-  overrides: {{full_attn_every: 2, mla_qk_nope_dim: 16, mla_qk_shared_dim: 8, mla_kv_rank: 32,
-              num_experts: 4, expert_dim: 32, mlp_dim: 128}}
 data:
   seq_len: 32
   batch_size: 2
@@ -68,7 +74,8 @@ def _one_thread(one_thread):
 
 def fit_args(tmp: Path, root: Path) -> list[str]:
     (tmp / "micro.yaml").write_text(MICRO.format(cache=tmp / "cache"))
-    return ["fit", "-c", str(ROOT / "configs/default.yaml"), "-c", str(tmp / "micro.yaml"),
+    return ["fit", "-c", str(ROOT / "configs/default.yaml"), "-c", str(ROOT / "configs/model/tiny.yaml"),
+            "-c", str(tmp / "micro.yaml"),
             "--trainer.default_root_dir", str(root)]
 
 
@@ -179,6 +186,22 @@ def test_a_checkpoint_without_checksums_still_loads(tmp_path):
     path = tmp_path / "old.ckpt"
     torch.save({"state_dict": {"w": torch.ones(3)}}, path)
     assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+
+
+def test_a_checkpoint_from_before_model_config_is_refused_in_one_line(tmp_path, capsys):
+    """Hyperparameters of the old layout (a preset name and knobs, no ``config``): generate and export
+    say what the checkpoint is and what to do, instead of a TypeError from the constructor."""
+    path = tmp_path / "old.ckpt"
+    old = {"preset": "tiny", "residual": "block", "num_blocks": 4, "overrides": None, "lr": 0.003}
+    torch.save({"state_dict": {"model.embed.weight": torch.zeros(264, 128)}, "hyper_parameters": old}, path)
+    export = ["export", "--ckpt", str(path), "--output", str(tmp_path / "x")]
+    for argv in (["generate", "--ckpt", str(path)], export):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "predates model.config" in err
+        assert "num_blocks, overrides, preset" in err
 
 
 # ----------------------------------------------------------------------------- resume

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from attnres.errors import parse_error_message
+from attnres.model import get_config
 from lightning_modules import commands
 from lightning_modules.cli import DEFAULT_MAX_STEPS, AttnResCLI
 from lightning_modules.main import DESCRIPTIONS, main
@@ -72,12 +73,16 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["fit", "--model.lr", "-0.001"], ["--model.lr -0.001", "must be > 0"]),
     (["fit", "--model.weight_decay", "-1"], ["--model.weight_decay -1.0", "must be >= 0"]),
     (["fit", "--model.betas", "[0.9, 1.5]"], ["--model.betas [0.9, 1.5]", "in [0, 1)"]),
-    (["fit", "--model.residul", "full"], ["--model.residul", "did you mean '--model.residual'?"]),
     (
-        ["fit", "--model.residual", "sideways"],
-        ["model.residual='sideways'", "valid: standard | full | block"],
+        ["fit", "--model.config.residul", "full"],
+        ["--model.config.residul", "did you mean '--model.config.residual'?"],
     ),
-    (["fit", "--model.preset", "huge"], ["'huge'", "valid: tiny, small"]),
+    (
+        ["fit", "--model.config.residual", "sideways"],
+        ["--model.config.residual sideways", "expected one of standard, full, block"],
+    ),
+    (["fit", "--model.config.num_blocks", "3"], ["model.config.num_blocks=3", "valid: [1, 2, 4]"]),
+    (["fit", "-c", "model/huge"], ["model/huge", "does not exist", "model/small, model/tiny"]),
     (["fit", "--optimizer", "Adam"], ["--optimizer is not supported", "--model.lr", "--model.weight_decay"]),
     (["fit", "--lr_scheduler", "StepLR"], ["--lr_scheduler is not supported", "--model.schedule"]),
     (["fit", "--data.corpus", "filez"], ["--data.corpus filez", "did you mean 'files'?"]),
@@ -312,7 +317,8 @@ def test_without_a_config_the_run_is_bounded_and_cpu_threads_are_set(tmp_path: P
 def micro_ckpt(tmp_path_factory) -> Path:
     """A checkpoint of an untrained 1-layer model with a 16-token context (no training needed)."""
     torch.manual_seed(0)
-    module = LanguageModel(
+    config = get_config(
+        "tiny",
         num_layers=1,
         num_blocks=1,
         dim=32,
@@ -320,8 +326,12 @@ def micro_ckpt(tmp_path_factory) -> Path:
         token_mixer="mla",
         max_seq_len=16,
         vocab_size=264,
-        overrides={"mla_qk_nope_dim": 8, "mla_qk_shared_dim": 8, "mla_kv_rank": 16, "mlp_dim": 64},
+        mla_qk_nope_dim=8,
+        mla_qk_shared_dim=8,
+        mla_kv_rank=16,
+        mlp_dim=64,
     )
+    module = LanguageModel(config)
     path = tmp_path_factory.mktemp("ckpt") / "micro.ckpt"
     torch.save(
         {

@@ -24,16 +24,16 @@ SEQ, VOCAB, STEPS, CLIP = 16, 64, 3, 0.05
 
 
 def _module():
+    from attnres.model import get_config
     from lightning_modules.module import LanguageModel
 
     torch.manual_seed(0)
-    return LanguageModel(
-        preset="tiny", residual="block", num_layers=4, num_blocks=2, dim=32, vocab_size=VOCAB,
-        max_seq_len=SEQ, overrides=dict(kda_head_dim=16, mla_v_head_dim=16, mla_qk_nope_dim=16,
-                                        mla_qk_shared_dim=8, mla_kv_rank=16, mlp_dim=64, expert_dim=32),
-        num_experts=4,
-        lr=1e-2, warmup_steps=1, schedule="constant",
+    config = get_config(
+        "tiny", residual="block", num_layers=4, num_blocks=2, dim=32, vocab_size=VOCAB, max_seq_len=SEQ,
+        kda_head_dim=16, mla_v_head_dim=16, mla_qk_nope_dim=16, mla_qk_shared_dim=8, mla_kv_rank=16,
+        mlp_dim=64, expert_dim=32, num_experts=4,
     )  # fmt: skip
+    return LanguageModel(config, lr=1e-2, warmup_steps=1, schedule="constant")
 
 
 def _data(batch_size: int):

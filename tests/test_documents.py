@@ -277,7 +277,7 @@ def test_language_model_steps_hand_the_segment_ids_to_the_model(monkeypatch):
     from lightning_modules.module import LanguageModel
 
     torch.manual_seed(0)
-    lm = LanguageModel(preset="tiny", moe=False)
+    lm = LanguageModel(get_config("tiny", moe=False))
     monkeypatch.setattr(lm, "log", lambda *a, **k: None)
     opt = SimpleNamespace(param_groups=[{"lr": 1e-3}])
     monkeypatch.setattr(LanguageModel, "trainer", SimpleNamespace(optimizers=[opt]))

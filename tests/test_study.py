@@ -115,7 +115,8 @@ def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
         assert saved["status"] == "complete" and saved["steps"] == 4 and saved["seed"] == 3
         assert saved["tokens"] == 4 * 2 * 32 and saved["compute_flops"] == saved["flops_per_token"] * 256
         assert saved["device"]["device"] == "cpu" and saved["device"]["torch"]
-        assert saved["config"]["model"]["residual"] == ("standard" if "standard" in r.id else "block")
+        residual = saved["config"]["model"]["config"]["residual"]
+        assert residual == ("standard" if "standard" in r.id else "block")
         assert saved["config"]["seed_everything"] == 3 and saved["config"]["data"]["seed"] == 3
         assert [p[0] for p in saved["val_curve"]] == [2, 4] and saved["val_loss"] == saved["val_curve"][-1][2]
         assert math.isfinite(saved["val_loss"]) and saved["wall_s"] > 0

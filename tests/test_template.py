@@ -184,30 +184,47 @@ def test_readme_has_its_own_name_and_quick_start(project: Path) -> None:
 def test_config_reflects_the_answers(tmp_path: Path, answers: dict, expected: dict) -> None:
     project = generate(tmp_path, answers)
     config = yaml.safe_load((project / "configs" / "default.yaml").read_text())
-    args = config["model"].get("init_args", config["model"])  # the LightningModule's init args
+    model = config["model"].get("init_args", config["model"])  # the LightningModule's init args
+    args = {"preset": model["config"]["name"], **model["config"]}  # the chosen preset's whole block
     assert {k: args[k] for k in expected} == expected
     assert f"the {expected['preset']} preset with" in (project / "configs" / "default.yaml").read_text()
+    preset = yaml.safe_load((ROOT / "configs" / "model" / f"{expected['preset']}.yaml").read_text())
+    changed = ("residual", "num_blocks", "moe")
+    assert {k: v for k, v in args.items() if k not in (*changed, "preset")} == {
+        k: v for k, v in preset["model"]["config"].items() if k not in changed}
     # the per-preset configs composed on top keep the project-wide answers (and the preset's num_blocks)
     for path in sorted((project / "configs" / "model").glob("*.yaml")):
-        model = yaml.safe_load(path.read_text())["model"]
-        assert (model["residual"], model["moe"]) == (expected["residual"], expected["moe"]), path.name
-        if model["preset"] == expected["preset"]:
-            assert model["num_blocks"] == expected["num_blocks"], path.name
+        fields = yaml.safe_load(path.read_text())["model"]["config"]
+        assert (fields["residual"], fields["moe"]) == (expected["residual"], expected["moe"]), path.name
+        if fields["name"] == expected["preset"]:
+            assert fields["num_blocks"] == expected["num_blocks"], path.name
     cuda = {"auto": "auto", "yes": "1", "no": "0"}[answers.get("cuda_kernels", "auto")]
     setup = (project / "setup.py").read_text()
     assert f'os.environ.get("{answers["package_name"].upper()}_CUDA", "{cuda}")' in setup
 
 
 def test_preset_choices_and_num_blocks_defaults_follow_the_model_registry() -> None:
+    """The presets offered exist, the num_blocks default is the preset's own (read from its YAML by
+    the hooks), and the pre-generation hook's copy of the num_blocks rule is the model's."""
+    import ast
+
     from attnres.model.config import PRESETS, valid_num_blocks
 
     spec = json.loads((ROOT / "cookiecutter.json").read_text())
     assert set(spec["model_preset"]) <= set(PRESETS), "cookiecutter.json offers a preset that PRESETS lacks"
-    table = spec["num_blocks"]
+    assert spec["num_blocks"] == "preset"
     for name in spec["model_preset"]:
         preset = PRESETS[name]
-        assert f"'{name}': {preset['num_blocks']}" in table, f"num_blocks default of {name} != PRESETS"
+        config = yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())["model"]["config"]
+        assert config["num_blocks"] == preset["num_blocks"], f"num_blocks of {name}.yaml != PRESETS"
+        assert config["num_layers"] == preset["num_layers"], f"num_layers of {name}.yaml != PRESETS"
         assert preset["num_blocks"] in valid_num_blocks(2 * preset["num_layers"])
+    # the hook is a Jinja template (not importable): its function, compiled alone
+    tree = ast.parse((ROOT / "hooks" / "pre_gen_project.py").read_text())
+    (rule,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "valid_num_blocks"]
+    namespace: dict = {}
+    exec(compile(ast.Module(body=[rule], type_ignores=[]), "pre_gen_project.py", "exec"), namespace)
+    assert all(namespace["valid_num_blocks"](n) == valid_num_blocks(n) for n in range(1, 130))
 
 
 def test_generates_from_a_relative_path_and_from_a_git_url(tmp_path: Path) -> None:
@@ -341,16 +358,17 @@ def test_generated_project_installs_passes_its_tests_and_trains(project: Path, t
     (ckpt,) = runs.rglob("last.ckpt")
     import torch
 
-    hparams = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]
-    assert {k: hparams[k] for k in ("preset", "residual", "num_blocks", "moe")} == {
-        "preset": "tiny", "residual": "full", "num_blocks": 2, "moe": False}
+    config = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["config"]
+    assert {k: config[k] for k in ("name", "residual", "num_blocks", "moe")} == {
+        "name": "tiny", "residual": "full", "num_blocks": 2, "moe": False}
 
 
 # ----------------------------------------------------------------------------- every preset, licences
 
 
 def micro_configs(project: Path, tmp: Path) -> list[Path]:
-    """The micro configs the generated project's training tests put on top of its default.yaml."""
+    """The micro configs the generated project's training tests put on top of its default.yaml and its
+    configs/model/tiny.yaml."""
     out = []
     for test in ("test_train.py", "test_checkpoints.py"):
         source = (project / "tests" / test).read_text()
@@ -375,10 +393,11 @@ def test_generated_training_tests_build_their_model_whatever_the_preset(
 
     project = generate(tmp_path, {"package_name": f"p{preset}{moe}", "model_preset": preset, "moe": moe})
     default = project / "configs" / "default.yaml"
-    assert yaml.safe_load(default.read_text())["model"]["preset"] == preset
+    assert yaml.safe_load(default.read_text())["model"]["config"]["name"] == preset
+    tiny = project / "configs" / "model" / "tiny.yaml"
     for micro in micro_configs(project, tmp_path):
-        cli = AttnResCLI(args=["-c", str(default), "-c", str(micro), "--trainer.default_root_dir",
-                               str(tmp_path / "runs")], run=False)
+        cli = AttnResCLI(args=["-c", str(default), "-c", str(tiny), "-c", str(micro),
+                               "--trainer.default_root_dir", str(tmp_path / "runs")], run=False)
         config = cli.model.config
         assert (config.name, config.dim, config.num_layers) == ("tiny", 64, 2), micro.name
         assert cli.trainer.accelerator.__class__.__name__ == "CPUAccelerator"
@@ -400,7 +419,7 @@ def test_gpu_presets_train_on_the_gpu_config_and_say_so(tmp_path: Path, preset: 
         run_lightning_cli(["fit", *" ".join(["-c", composed]).replace("configs/", f"{project}/configs/")
                            .split(), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["preset"] == preset
+    assert printed["model"]["config"]["name"] == preset
     assert (printed["trainer"]["accelerator"], printed["trainer"]["precision"]) == ("gpu", "bf16-mixed")
     quick = (project / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
     assert "GPU" in quick and "configs/trainer/gpu.yaml" in quick and "configs/model/tiny.yaml" in quick

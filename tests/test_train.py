@@ -2,9 +2,10 @@
 errors, the NaN guard, atomic checkpoints, generation and ``attnres compare``.
 
 Every run uses ``configs/default.yaml`` with a micro model (2 layers of width 64, seq 32, batch 2) on
-top, so the whole file takes well under a minute of compute on 2 cores. The micro model names its
-preset (``tiny``): in a project generated with another default preset (``small``: KDA heads of 128)
-its dimensions would not fit that preset's, and these tests must not depend on the chosen one."""
+top, so the whole file takes well under a minute of compute on 2 cores. The micro model is composed on
+the ``tiny`` preset's config (``configs/model/tiny.yaml``): in a project generated with another default
+preset (``small``: KDA heads of 128) its dimensions would not fit that preset's, and these tests must
+not depend on the chosen one."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 
+from attnres.model import get_config
 from lightning_modules import commands, metrics
 from lightning_modules.callbacks import (
     AtomicCheckpointIO,
@@ -44,15 +47,21 @@ trainer:
   log_every_n_steps: 1
   enable_model_summary: false
 model:
-  preset: tiny
-  residual: block
-  moe: true
-  num_layers: 2
-  num_blocks: 2
-  dim: 64
+  config:
+    residual: block
+    moe: true
+    num_layers: 2
+    num_blocks: 2
+    dim: 64
+    full_attn_every: 2
+    mla_qk_nope_dim: 16
+    mla_qk_shared_dim: 8
+    mla_kv_rank: 32
+    num_experts: 4
+    expert_dim: 32
+    mlp_dim: 128
+    router_bias_update_rate: 0.001  # the preset's (configs/model/tiny.yaml sets 0.01)
   warmup_steps: 2
-  overrides: {{full_attn_every: 2, mla_qk_nope_dim: 16, mla_qk_shared_dim: 8, mla_kv_rank: 32,
-              num_experts: 4, expert_dim: 32, mlp_dim: 128}}
 data:
   seq_len: 32
   batch_size: 2
@@ -76,10 +85,11 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory) -> list[str]:
-    """``-c`` arguments: the default config with the micro model on top."""
+    """``-c`` arguments: the default config, the tiny preset and the micro model on top."""
     d = tmp_path_factory.mktemp("cfg")
     (d / "micro.yaml").write_text(MICRO.format(cache=d / "cache"))
-    return ["-c", str(ROOT / "configs/default.yaml"), "-c", str(d / "micro.yaml")]
+    tiny = str(ROOT / "configs/model/tiny.yaml")
+    return ["-c", str(ROOT / "configs/default.yaml"), "-c", tiny, "-c", str(d / "micro.yaml")]
 
 
 @pytest.fixture(scope="module")
@@ -223,13 +233,13 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(micro, tmp_path):
 
 
 def test_unknown_residual_mode(micro, capsys):
-    err = fail_message(["fit", *micro, "--model.residual", "sideways"], capsys)
-    assert "model.residual='sideways' is invalid; valid: standard | full | block" in err
+    err = fail_message(["fit", *micro, "--model.config.residual", "sideways"], capsys)
+    assert "--model.config.residual sideways: expected one of standard, full, block" in err
 
 
 def test_num_blocks_must_divide_the_depth(micro, capsys):
-    err = fail_message(["fit", *micro, "--model.num_blocks", "3"], capsys)
-    assert "model.num_blocks=3 is invalid; valid: [1, 2]" in err
+    err = fail_message(["fit", *micro, "--model.config.num_blocks", "3"], capsys)
+    assert "model.config.num_blocks=3 is invalid; valid: [1, 2]" in err
 
 
 def test_missing_data_path(micro, capsys, tmp_path):
@@ -251,7 +261,8 @@ def test_sequence_longer_than_the_model_max(micro, capsys, tmp_path):
     err = fail_message(
         ["fit", *micro, "--data.seq_len", "512", "--trainer.default_root_dir", str(tmp_path)], capsys
     )
-    assert "data.seq_len=512 is above the model's max_seq_len=256" in err and "--model.max_seq_len" in err
+    assert "data.seq_len=512 is above the model's max_seq_len=256" in err
+    assert "--model.config.max_seq_len" in err
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))  # no step ran
 
 
@@ -356,14 +367,12 @@ def test_atomic_checkpoint_io_leaves_the_old_file_whole(tmp_path, monkeypatch):
 
 def _micro_module(**kw) -> LanguageModel:
     torch.manual_seed(0)
-    return LanguageModel(
-        preset="tiny", num_layers=2, num_blocks=2, dim=32, vocab_size=64, max_seq_len=16, moe=True,
-        num_experts=4, top_k=2, warmup_steps=1, schedule="constant",
-        overrides=dict(full_attn_every=2, kda_head_dim=16, mla_v_head_dim=16, mla_qk_nope_dim=16,
-                       mla_qk_shared_dim=8, mla_kv_rank=16, mlp_dim=64, expert_dim=16,
-                       router_bias_update_rate=0.01),
-        **kw,
+    config = get_config(
+        "tiny", num_layers=2, num_blocks=2, dim=32, vocab_size=64, max_seq_len=16, moe=True,
+        num_experts=4, top_k=2, full_attn_every=2, kda_head_dim=16, mla_v_head_dim=16, mla_qk_nope_dim=16,
+        mla_qk_shared_dim=8, mla_kv_rank=16, mlp_dim=64, expert_dim=16, router_bias_update_rate=0.01,
     )  # fmt: skip
+    return LanguageModel(config, warmup_steps=1, schedule="constant", **kw)
 
 
 def _micro_loader(n: int = 8, batch_size: int = 2) -> torch.utils.data.DataLoader:
@@ -567,7 +576,7 @@ def test_lr_schedule_warmup_cosine_wsd():
 
 
 def test_no_weight_decay_on_norms_biases_queries_and_embedding():
-    m = LanguageModel(preset="tiny", num_layers=2, num_blocks=2, dim=64)
+    m = LanguageModel(get_config("tiny", num_layers=2, num_blocks=2, dim=64))
     names = {id(p): n for n, p in m.model.named_parameters()}
     decay, no_decay = m.param_groups()
     assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
@@ -580,10 +589,8 @@ def test_no_weight_decay_on_norms_biases_queries_and_embedding():
 
 def test_tied_embedding_is_decayed_like_the_untied_lm_head_and_listed_once():
     for decay_embeddings in (False, True):
-        m = LanguageModel(
-            preset="tiny", num_layers=2, num_blocks=2, dim=64, decay_embeddings=decay_embeddings,
-            overrides={"tie_embeddings": True},
-        )  # fmt: skip
+        config = get_config("tiny", num_layers=2, num_blocks=2, dim=64, tie_embeddings=True)
+        m = LanguageModel(config, decay_embeddings=decay_embeddings)
         tied = m.model.lm_head.weight
         assert tied is m.model.embed.weight
         decay, no_decay = m.param_groups()
@@ -612,7 +619,10 @@ def test_depth_entropy_load_balance_and_peak_flops():
 def test_help_and_print_config_compose(micro, capsys):
     with pytest.raises(SystemExit) as exc:
         run_lightning_cli(["fit", "--help"])
-    assert exc.value.code == 0 and "--model.residual" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # every Config field is an argument, with its attribute docstring as help
+    assert exc.value.code == 0 and "--model.config.residual" in out and "--model.config.kda_backend" in out
+    assert "Blocks of Block AttnRes; must divide" in " ".join(out.split())
     with pytest.raises(SystemExit):
         run_lightning_cli(
             [
@@ -621,11 +631,17 @@ def test_help_and_print_config_compose(micro, capsys):
                 str(ROOT / "configs/default.yaml"),
                 "-c",
                 str(ROOT / "configs/model/small.yaml"),
+                "--model.config.num_blocks",
+                "4",
                 "--print_config",
             ]
         )
     out = capsys.readouterr().out
-    assert "preset: small" in out and "corpus: stdlib" in out
+    assert "name: small" in out and "corpus: stdlib" in out
+    printed = yaml.safe_load(out)["model"]["config"]
+    # small's whole block replaced tiny's; one field changed from the command line
+    assert printed["dim"] == 768 and printed["num_blocks"] == 4
+    assert printed["router_bias_update_rate"] == 0.001
 
 
 def test_generate_returns_text(trained, capsys):

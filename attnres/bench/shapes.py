@@ -129,14 +129,13 @@ STUDY_MODELS = Path(__file__).resolve().parents[2] / "configs" / "study" / "mode
 
 
 def study_config(name: str, num_blocks: int = 8, vocab_size: int = 8192) -> Config:
-    """The model of the study's size ``name`` (its YAML's ``model`` fields and ``overrides``) as a Config;
+    """The model of the study's size ``name`` (its YAML's ``model.config`` fields) as a Config;
     ``kda_backend`` is left to pick fla where it runs."""
     import yaml
 
-    model = yaml.safe_load((STUDY_MODELS / f"{name}.yaml").read_text())["model"]
-    overrides = {k: v for k, v in (model.pop("overrides", None) or {}).items() if k != "kda_backend"}
-    fields = {k: v for k, v in model.items() if k not in ("preset", "lr") and v is not None}
-    return get_config(model["preset"], vocab_size=vocab_size, num_blocks=num_blocks, **fields, **overrides)
+    fields = yaml.safe_load((STUDY_MODELS / f"{name}.yaml").read_text())["model"]["config"]
+    fields = {k: v for k, v in fields.items() if k != "kda_backend"}
+    return Config(**{**fields, "vocab_size": vocab_size, "num_blocks": num_blocks})
 
 
 def residual_traffic(config: Config, batch: int, seq_len: int, itemsize: int = 2) -> dict[str, Any]:

@@ -31,6 +31,9 @@ class Config:
 
     Each decoder layer holds two sublayers (token mixer, channel mixer), so the residual path has
     ``2 * num_layers`` sublayers.
+
+    Each field's docstring is also its help in ``attnres fit --help`` (``--model.config.<field>``);
+    ``configs/model/<preset>.yaml`` hold :data:`PRESETS` as whole ``model.config`` blocks.
     """
 
     # ---- identity and sizes

@@ -182,7 +182,7 @@ def require_fla() -> None:
     if not fla_available():
         raise ModuleNotFoundError(
             "kda_backend='fla' needs fla's KDA kernels (fla-core==0.6.0 with triton, GPU only): "
-            "pip install 'attnres[gpu]', or set model.overrides.kda_backend to auto or torch"
+            "pip install 'attnres[gpu]', or set model.config.kda_backend to auto or torch"
         )
 
 

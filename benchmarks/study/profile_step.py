@@ -24,11 +24,12 @@ import torch
 import yaml
 
 from attnres.bench.timing import Timer
+from attnres.model import Config
 from lightning_modules.module import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[2]
-TORCH_KDA = {"overrides": {"kda_backend": "torch"}}
-# label -> (model file, LanguageModel arguments over the model file's)
+TORCH_KDA = {"kda_backend": "torch"}
+# label -> (model file, model.config fields over the model file's)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "s standard kda-torch": ("s", dict(residual="standard", **TORCH_KDA)),
     "s block8 kda-torch": ("s", dict(residual="block", num_blocks=8, **TORCH_KDA)),
@@ -46,11 +47,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 
 
 def model_kwargs(name: str, over: dict) -> dict:
-    """The model file's ``model:`` section with ``over`` on top (``overrides`` merged key by key)."""
+    """``LanguageModel`` arguments of the model file's ``model:`` section, with ``over`` on top of its
+    ``config`` fields (vocabulary 8192: the study's BPE tokenizer)."""
     m = yaml.safe_load((ROOT / f"configs/study/model/{name}.yaml").read_text())["model"]
-    over = dict(over)
-    m["overrides"] = {**m["overrides"], **over.pop("overrides", {})}
-    return {**m, "vocab_size": 8192, **over}
+    return {**m, "config": Config(**{**m["config"], "vocab_size": 8192, **over})}
 
 
 def build(name: str, over: dict) -> tuple[LanguageModel, torch.optim.Optimizer]:

@@ -127,7 +127,7 @@ def fit_argv(run: Run, work: Path, ckpt: Path | None = None) -> list[str]:
     """The ``attnres fit`` arguments of ``run`` (resuming from ``ckpt`` when given)."""
     argv = ["fit"] + [x for c in run.configs for x in ("-c", c)]
     for k, v in run.model_args.items():
-        argv += [f"--model.{k}", str(v)]
+        argv += [f"--model.config.{k}", str(v)]
     argv += [
         "--seed_everything",
         str(run.seed),
@@ -628,23 +628,21 @@ def _expected_wall(results: Path, run: Run) -> float | None:
 def _num_layers(run: Run) -> int | None:
     """The layer count set by the run's model file (its last config), if any."""
     cfg = yaml.safe_load((ROOT / run.configs[-1]).read_text()) if (ROOT / run.configs[-1]).is_file() else None
-    return (cfg or {}).get("model", {}).get("num_layers")
+    return ((cfg or {}).get("model", {}).get("config") or {}).get("num_layers")
 
 
 def model_config(plan: dict[str, Any], model: str, residual_args: dict[str, Any] | None = None) -> Any:
     """The ``attnres.model.Config`` a run of ``model`` gets (vocabulary from the plan's tokenizer when
     it exists, else 8192), validated as ``attnres fit`` validates it at start-up."""
-    from lightning_modules.module import build_config
+    from lightning_modules.module import as_config
     from lightning_modules.tokenizer import load_tokenizer
 
-    cfg = yaml.safe_load((ROOT / plan["models"][model]).read_text())["model"]
+    fields = yaml.safe_load((ROOT / plan["models"][model]).read_text())["model"]["config"]
     base = yaml.safe_load((ROOT / plan["configs"][0]).read_text())
     tok = base.get("data", {}).get("tokenizer")
     vocab = load_tokenizer(str(ROOT / tok)).vocab_size if tok and (ROOT / tok).is_file() else 8192
-    keys = ("num_layers", "dim", "max_seq_len", "token_mixer", "moe", "num_experts", "top_k")
-    kw = {k: cfg[k] for k in keys if cfg.get(k) is not None}
     args = residual_args or {"residual": "block", "num_blocks": 8}
-    return build_config(cfg["preset"], **{**(cfg.get("overrides") or {}), **kw, "vocab_size": vocab, **args})
+    return as_config({**fields, "vocab_size": vocab, **args})
 
 
 def describe(plan_path: str | Path) -> str:

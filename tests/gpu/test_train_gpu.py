@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 
+from attnres.model import get_config
 from lightning_modules.module import LanguageModel
 
 pytestmark = [
@@ -31,12 +32,13 @@ class Record(L.Callback):
 @pytest.mark.parametrize("residual", ["standard", "block", "full"])
 def test_fit_bf16_mixed_with_clipping_on_gpu(residual):
     torch.manual_seed(0)
-    model = LanguageModel(
-        preset="tiny", residual=residual, num_blocks=2, num_layers=4, dim=256, vocab_size=256,
-        max_seq_len=128, moe=True, num_experts=4, top_k=2, warmup_steps=1, lr=3e-3,
+    config = get_config(
+        "tiny", residual=residual, num_blocks=2, num_layers=4, dim=256, vocab_size=256,
+        max_seq_len=128, moe=True, num_experts=4, top_k=2,
         # 4 KDA heads of 64 (the study's s shape: fla's autotuning may be cached in .cache/triton)
-        overrides=dict(kda_head_dim=64, kda_backend="fla", full_attn_every=4, expert_dim=64, mlp_dim=256),
+        kda_head_dim=64, kda_backend="fla", full_attn_every=4, expert_dim=64, mlp_dim=256,
     )  # fmt: skip
+    model = LanguageModel(config, warmup_steps=1, lr=3e-3)
     tokens = torch.randint(0, 256, (16, 129), generator=torch.Generator().manual_seed(1))
     rows = [{"input_ids": t[:-1], "labels": t[1:]} for t in tokens]
     rec = Record()
