@@ -86,15 +86,12 @@ class _AttnRes(Residual):
             return self._recorded_input(state, i)
         recompute = self._recomputes()
         out, lse, last, k = self._merge_all_but_last(state, i, recompute)
-        pending = state._pending
-        if recompute:
-            fused = self.fuse_norm and ops.fused_norm(out.device)
-            return DepthInput(out, lse, last, pending.queries[k], self.eps, fused, pending.recompute, k)
-        if last is None:
-            return out
-        if self.fuse_norm and ops.fused_norm(out.device):
-            return DepthInput(out, lse, last, pending.queries[k], self.eps, fused=True)
-        return ops.phase2(out, lse, last, pending.queries[k], self.eps)[0]
+        fused = self.fuse_norm and ops.fused_norm(out.device)
+        query = state._pending.queries[k]
+        if recompute or (fused and last is not None):
+            holder = state._pending.recompute if recompute else None
+            return DepthInput(out, lse, last, query, self.eps, fused, holder, k)
+        return out if last is None else ops.phase2(out, lse, last, query, self.eps)[0]
 
     def readout(self, state: ResidualState) -> Tensor:
         if state.partial is not None:
