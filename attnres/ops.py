@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnres import reference
@@ -33,6 +34,7 @@ __all__ = [
     "phase1",
     "phase2",
     "phase2_norm",
+    "rms_norm",
     "unpack",
 ]
 
@@ -235,6 +237,13 @@ def _flat_lse(partial_lse: Tensor, dtype: torch.dtype) -> Tensor:
     return m
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The decoder's RMSNorm: ``x / rms(x) * weight`` over the last dim of ``x [..., d]`` (``weight [d]``),
+    computed in fp32 (also for fp64 input, where :func:`attnres.reference.rms_norm` keeps fp64) and
+    returned in the dtype of ``x``."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
 def fused_norm(device: torch.device | str) -> bool:
     """Whether :func:`phase2_norm` runs one fused kernel on this device type (CUDA builds)."""
     return _HAS_NORM_KERNELS.get(_device_type(device), False)
@@ -256,8 +265,6 @@ def phase2_norm(
     partial = _check_source(partial, "partial")
     weight = _check_queries(weight, partial, "weight", single=True)
     if not fused_norm(partial.device) or partial.dtype == torch.float64:
-        from attnres.model.norm import rms_norm  # here: attnres.model imports this module
-
         h, lse = phase2(partial_out, partial_lse, partial, query, eps)
         return rms_norm(h, weight, norm_eps), lse
     query, lse_shape = _check_phase2(partial_out, partial_lse, partial, query)

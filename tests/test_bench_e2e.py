@@ -219,7 +219,7 @@ def test_flas_block_size_puts_the_block_boundaries_where_ours_are(num_layers):
     """fla: sublayer j starts a block when j % attnres_block_size == 0 (even, or 1 = Full); ours: blocks of
     num_sublayers / num_blocks sublayers, so every sublayer reads the same sources on both sides."""
     from attnres.model import valid_num_blocks
-    from attnres.residual import Residual
+    from attnres.residual import make_residual
 
     base = peer.kda_dense_config(dim=64, num_layers=num_layers, heads=2, head_dim=32, mlp_dim=128,
                                  vocab_size=264, chunk_size=16)
@@ -228,10 +228,10 @@ def test_flas_block_size_puts_the_block_boundaries_where_ours_are(num_layers):
         cfg = base.replace(residual="block", num_blocks=n)
         size = peer.fla_block_size(cfg)
         assert size >= 2 and size % 2 == 0  # fla's validate_attnres_config
-        ours = Residual(cfg.dim, L2, "block", n)
+        ours = make_residual("block", cfg.dim, L2, n)
         assert [j % size == 0 for j in range(L2)] == [j % ours.block_size == 0 for j in range(L2)], n
         assert L2 // size == n
-    assert peer.fla_block_size(base.replace(residual="full")) == 1 == Residual(64, L2, "full").block_size
+    assert peer.fla_block_size(base.replace(residual="full")) == 1 == make_residual("full", 64, L2).block_size
     assert peer.fla_block_size(base.replace(residual="standard")) is None
 
 

@@ -50,7 +50,7 @@ def test_cuda_rows_have_every_op_when_run_on_the_cpu(monkeypatch):
     from attnres import ops
     from attnres.bench import report
     from attnres.bench.ops import bench_case, cuda_grid
-    from attnres.model.norm import rms_norm
+    from attnres.ops import rms_norm
 
     if ops.backend("cpu") != "compiled":
         pytest.skip("calls torch.ops.attnres directly: needs the built extension")

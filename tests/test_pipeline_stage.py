@@ -102,7 +102,7 @@ def test_split_layers_is_contiguous_and_even():
 def test_configure_model_hands_the_model_to_the_strategys_parallelize():
     from lightning_modules.module import LanguageModel
 
-    module = LanguageModel()
+    module = LanguageModel(get_config("tiny"))
     seen: list = []
     module._trainer = SimpleNamespace(strategy=SimpleNamespace(parallelize=seen.append))
     module.configure_model()

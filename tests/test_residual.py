@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnres.residual import Residual, block_counts
+from attnres.model import valid_num_blocks
+from attnres.residual import DepthInput, Residual, ResidualState, depth_weight_matrix, make_residual
 
 D = 24
 EPS = 1e-6
@@ -84,7 +85,7 @@ def test_two_phase_path_equals_direct_softmax_forward_and_backward(
     # Full in groups (phase 1 per group, a phase-2 merge per output of the group so far; 7 sublayers in
     # groups of 3 end with a short group) is the direct softmax per sublayer of the spec
     sublayers = make_stack(num_sublayers)
-    res = Residual(D, num_sublayers, mode, max(num_blocks, 1), EPS, full_group=full_group).double()
+    res = make_residual(mode, D, num_sublayers, max(num_blocks, 1), EPS, full_group=full_group).double()
     if mode != "standard":
         randomise_queries(res)
     block_size = num_sublayers // num_blocks if mode == "block" else 1
@@ -107,9 +108,9 @@ def test_two_phase_path_equals_direct_softmax_forward_and_backward(
 
 def test_block_with_one_sublayer_per_block_equals_full():
     sublayers = make_stack(6)
-    full = Residual(D, 6, "full", eps=EPS).double()
+    full = make_residual("full", D, 6, eps=EPS).double()
     randomise_queries(full)
-    block = Residual(D, 6, "block", num_blocks=6, eps=EPS).double()
+    block = make_residual("block", D, 6, num_blocks=6, eps=EPS).double()
     block.load_state_dict(full.state_dict())
     emb = torch.randn(3, 4, D, dtype=torch.float64)
     out_full, _ = run(full, emb, sublayers)
@@ -125,7 +126,7 @@ def test_block_with_one_sublayer_per_block_equals_full():
 @pytest.mark.parametrize(("mode", "num_blocks"), [("full", 0), ("block", 2)])
 def test_zero_queries_give_uniform_weights(mode, num_blocks):
     sublayers = make_stack(8)
-    res = Residual(D, 8, mode, num_blocks=max(num_blocks, 1), eps=EPS).double()
+    res = make_residual(mode, D, 8, num_blocks=max(num_blocks, 1), eps=EPS).double()
     emb = torch.randn(2, 3, D, dtype=torch.float64)
     _, state = run(res, emb, sublayers, record=True)
     assert len(state.records) == 9  # 8 sublayers and the read-out
@@ -139,10 +140,10 @@ def test_zero_queries_give_uniform_weights(mode, num_blocks):
 
 def test_depth_weight_matrix_places_block_sources_and_partial():
     sublayers = make_stack(8)
-    res = Residual(D, 8, "block", num_blocks=2, eps=EPS).double()
+    res = make_residual("block", D, 8, num_blocks=2, eps=EPS).double()
     randomise_queries(res)
     _, state = run(res, torch.randn(2, 3, D, dtype=torch.float64), sublayers, record=True)
-    m = res.depth_weight_matrix(state.records)
+    m = depth_weight_matrix(res, state.records)
     assert m.shape == (4, 9)  # b_0, b_1, b_2, partial x (8 sublayers + read-out)
     assert torch.isnan(m[1:, 0]).all() and torch.isnan(m[-1, 4])  # sublayer 0 sees b_0 only; 4 starts block 2
     torch.testing.assert_close(m.nansum(0), torch.ones(9, dtype=m.dtype))
@@ -150,7 +151,7 @@ def test_depth_weight_matrix_places_block_sources_and_partial():
 
 def test_standard_mode_is_the_plain_sum():
     sublayers = make_stack(4)
-    res = Residual(D, 4, "standard")
+    res = make_residual("standard", D, 4)
     emb = torch.randn(1, 2, D, dtype=torch.float64)
     state = res.begin(emb)
     total = emb
@@ -170,7 +171,7 @@ def test_toy_stack_of_mlp_sublayers_trains(mode, num_blocks):
     sublayers = nn.ModuleList(
         nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D)) for _ in range(8)
     )
-    res = Residual(D, 8, mode, num_blocks=num_blocks)
+    res = make_residual(mode, D, 8, num_blocks=num_blocks)
     head = nn.Linear(D, 1)
     params = [*sublayers.parameters(), *res.parameters(), *head.parameters()]
     opt = torch.optim.Adam(params, lr=3e-3)
@@ -193,14 +194,14 @@ def test_bad_configuration_names_the_field_and_valid_values():
     with pytest.raises(
         ValueError, match=r"residual mode 'dense' is unknown; valid modes: standard, full, block"
     ):
-        Residual(D, 8, "dense")
+        make_residual("dense", D, 8)
     with pytest.raises(ValueError, match=r"num_blocks=3 must divide the 8 sublayers \(valid: 1, 2, 4, 8\)"):
-        Residual(D, 8, "block", num_blocks=3)
-    assert block_counts(12, even=True) == [1, 2, 3, 6]
+        make_residual("block", D, 8, num_blocks=3)
+    assert valid_num_blocks(12) == [1, 2, 3, 6]
 
 
 def test_readout_in_the_middle_of_a_block_is_an_error():
-    res = Residual(D, 4, "block", num_blocks=1)
+    res = make_residual("block", D, 4, num_blocks=1)
     state = res.begin(torch.randn(1, 2, D))
     res.output(state, 0, res.input(state, 0))
     with pytest.raises(RuntimeError, match="middle of a block"):
@@ -213,12 +214,12 @@ def test_stage_starting_mid_block_runs_phase1_for_its_own_sublayers(mode):
     3-sublayer phase-1 group (Full), given the sources and the partial, computes the same inputs as
     the unsplit module."""
     sublayers = make_stack(8)
-    whole = Residual(D, 8, mode, num_blocks=2, eps=EPS, full_group=3).double()
+    whole = make_residual(mode, D, 8, num_blocks=2, eps=EPS, full_group=3).double()
     randomise_queries(whole)
     emb = torch.randn(2, 3, D, dtype=torch.float64)
     out_whole, _ = run(whole, emb, sublayers)
 
-    stage = Residual(D, 8, mode, num_blocks=2, eps=EPS, full_group=3).double()
+    stage = make_residual(mode, D, 8, num_blocks=2, eps=EPS, full_group=3).double()
     stage.load_state_dict(whole.state_dict())
     state = stage.begin(emb)
     for i in range(2):
@@ -239,7 +240,7 @@ def test_mixed_precision_autocast_keeps_the_stream_in_the_embedding_dtype(mode, 
     must accept that (as the standard residual's promotion does) and match the fp32 run closely."""
     torch.manual_seed(0)
     sublayers = nn.ModuleList(nn.Linear(D, D) for _ in range(8))
-    res = Residual(D, 8, mode, num_blocks=num_blocks)
+    res = make_residual(mode, D, 8, num_blocks=num_blocks)
     if mode != "standard":
         randomise_queries(res)
     emb = torch.randn(2, 3, D, requires_grad=True)
@@ -254,7 +255,7 @@ def test_mixed_precision_autocast_keeps_the_stream_in_the_embedding_dtype(mode, 
 @pytest.mark.parametrize("mode,num_blocks", [("full", 6), ("block", 2)])
 def test_query_cache_computes_each_query_once_and_changes_nothing(mode, num_blocks):
     torch.manual_seed(0)
-    res = Residual(16, 6, mode, num_blocks)
+    res = make_residual(mode, 16, 6, num_blocks)
     with torch.no_grad():
         for q in res.queries.values():
             q.weight.normal_()
@@ -300,10 +301,11 @@ def test_ops_skip_autograd_only_when_no_gradient_can_flow():
 
 
 def _normed_run(res: Residual, emb, sublayers, norms, first: int = 0, state=None):
-    """The stack with each sublayer's input norm given to the residual path (as the decoder runs it)."""
+    """The stack with each sublayer's input through its norm, which finishes the residual path's last
+    step (as the decoder runs it)."""
     state = res.begin(emb) if state is None else state
     for i in range(first, len(sublayers)):
-        res.output(state, i, sublayers[i](res.input(state, i, norms[i])))
+        res.output(state, i, sublayers[i](norms[i](res.input(state, i))))
     return state
 
 
@@ -319,9 +321,9 @@ def test_recompute_mode_gives_the_plain_gradients_bit_for_bit_across_a_mid_block
     with torch.no_grad():
         for n in norms:
             n.weight.uniform_(0.5, 1.5)
-    plain = Residual(D, 8, "block", num_blocks=2, eps=EPS).to(dtype)
+    plain = make_residual("block", D, 8, num_blocks=2, eps=EPS).to(dtype)
     randomise_queries(plain)
-    lean = Residual(D, 8, "block", num_blocks=2, eps=EPS, recompute=True).to(dtype)
+    lean = make_residual("block", D, 8, num_blocks=2, eps=EPS, recompute=True).to(dtype)
     lean.load_state_dict(plain.state_dict())
     emb = torch.randn(2, 3, D, dtype=dtype)
     params = [*sublayers.parameters(), *norms.parameters()]
@@ -346,18 +348,18 @@ def test_recompute_mode_gives_the_plain_gradients_bit_for_bit_across_a_mid_block
         for e, a in zip(expected, actual):
             assert torch.equal(e, a)
     assert "recompute=True" in repr(lean)
-    assert not Residual(D, 8, "full", recompute=True).recompute  # a Block-only option
+    assert not make_residual("full", D, 8, recompute=True).recompute  # a Block-only option
 
 
 def test_recompute_mode_refuses_a_second_backward_through_the_graph():
     from attnres.model.norm import RMSNorm
 
     sublayers, norms = make_stack(4), nn.ModuleList(RMSNorm(D) for _ in range(4)).double()
-    res = Residual(D, 4, "block", num_blocks=2, eps=EPS, recompute=True).double()
+    res = make_residual("block", D, 4, num_blocks=2, eps=EPS, recompute=True).double()
     emb = torch.randn(1, 2, D, dtype=torch.float64, requires_grad=True)
     state = res.begin(emb)
-    res.output(state, 0, sublayers[0](res.input(state, 0, norms[0])))
-    holder = state.pending_recompute
+    res.output(state, 0, sublayers[0](norms[0](res.input(state, 0))))
+    holder = state._pending.recompute
     out = res.readout(_normed_run(res, emb, sublayers, norms, first=1, state=state)).sum()
     assert holder is not None and len(holder.sources) == 1
     out.backward(retain_graph=True)
@@ -368,11 +370,11 @@ def test_recompute_mode_refuses_a_second_backward_through_the_graph():
     # without gradients (decoding) the plain path runs: nothing is kept for a backward
     with torch.no_grad():
         state = res.begin(emb)
-        res.input(state, 0, norms[0])
-    assert state.pending_recompute is None
+        norms[0](res.input(state, 0))
+    assert state._pending.recompute is None
     state = res.begin(emb)
-    res.input(state, 0, norms[0])
-    assert state.pending_recompute is not None
+    norms[0](res.input(state, 0))
+    assert state._pending.recompute is not None
 
 
 @pytest.mark.parametrize(("mode", "recompute"), [("block", False), ("block", True), ("full", False)])
@@ -382,7 +384,8 @@ def test_fused_norm_routing_takes_the_last_merge_of_each_sublayer(mode, recomput
     gradient equal the separate ops' (fp64), across a stage split mid-block, and the op runs once per
     sublayer that merges (Block: all but a block's first; Full in groups of 2: every second)."""
     from attnres import ops, reference
-    from attnres.model.norm import RMSNorm, rms_norm
+    from attnres.model.norm import RMSNorm
+    from attnres.ops import rms_norm
 
     calls = []
 
@@ -399,7 +402,7 @@ def test_fused_norm_routing_takes_the_last_merge_of_each_sublayer(mode, recomput
     emb = torch.randn(2, 3, D, dtype=torch.float64)
 
     def grads(fuse: bool, split: int | None):
-        res = Residual(D, 8, mode, num_blocks=2, eps=EPS, recompute=recompute, fuse_norm=fuse).double()
+        res = make_residual(mode, D, 8, num_blocks=2, eps=EPS, recompute=recompute, fuse_norm=fuse).double()
         randomise_queries(res)
         x = emb.clone().requires_grad_()
         state = _normed_run(res, x, sublayers[:split] if split else sublayers, norms)
@@ -429,3 +432,83 @@ def test_fused_norm_routing_takes_the_last_merge_of_each_sublayer(mode, recomput
         assert len(calls) == forward_calls * (2 if recompute else 1)
         for e, a in zip(expected, actual, strict=True):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the structure
+
+
+def test_make_residual_builds_the_class_named_for_each_mode_with_the_checkpoint_names():
+    from attnres.residual import BlockAttnRes, FullAttnRes, StandardResidual
+
+    kinds = {"standard": StandardResidual, "full": FullAttnRes, "block": BlockAttnRes}
+    for mode, cls in kinds.items():
+        res = make_residual(mode, D, 4, num_blocks=2)
+        assert type(res) is cls and res.mode == mode
+        # checkpoints (DCP, safetensors) name the depth queries by sublayer index: the layout's names
+        names = [] if mode == "standard" else [f"queries.{n}.{p}" for n in [*"0123", "out"]
+                                                 for p in ("weight", "norm_weight")]
+        assert list(res.state_dict()) == names
+    assert (make_residual("block", D, 8, 2).block_size, make_residual("full", D, 8).block_size) == (4, 1)
+    with pytest.raises(TypeError):
+        Residual(D, 4, 0, 0)  # the interface alone computes nothing
+
+
+def test_a_state_built_by_keyword_starts_a_stage_and_knows_its_device():
+    # a pipeline stage builds the state it receives from the handed-over fields alone
+    emb = torch.randn(1, 2, D)
+    assert ResidualState(hidden=emb).device == emb.device
+    state = ResidualState(sources=[emb], partial=None)
+    assert state.device == emb.device and state.records is None and state._pending is None
+    assert ResidualState(partial=emb).device == emb.device
+
+
+@pytest.mark.parametrize(("mode", "recompute"), [("block", False), ("block", True), ("full", False)])
+def test_rmsnorm_of_a_depth_input_equals_the_norm_of_its_tensor(mode, recompute, monkeypatch):
+    """A :class:`DepthInput` (the input left for the norm to finish: fused here through the reference
+    standing in for the CUDA kernel, or recomputed) normalises to the same bits as its plain ``h``."""
+    from attnres import ops, reference
+    from attnres.model.norm import RMSNorm
+
+    def fused(o, lse, p, q, w, eps, norm_eps):
+        h, lse = reference.phase2(o, lse, p, q, eps)
+        return ops.rms_norm(h, w, norm_eps), lse
+
+    monkeypatch.setattr(ops, "fused_norm", lambda device: True)
+    monkeypatch.setattr(ops, "phase2_norm", fused)
+    res = make_residual(mode, D, 4, num_blocks=1, eps=EPS, recompute=recompute).double()
+    randomise_queries(res)
+    norm = RMSNorm(D).double()
+    sublayers = make_stack(4)
+    state = res.begin(torch.randn(2, 3, D, dtype=torch.float64, requires_grad=True))
+    lazy = 0
+    for i, f in enumerate(sublayers):
+        h = res.input(state, i)
+        if isinstance(h, DepthInput):
+            lazy += 1
+            assert torch.equal(norm(h), norm(h.tensor()))
+            h = h.tensor()
+        res.output(state, i, f(h))
+    # recompute: every input is lazy (phase 1 again in backward); fused: those with a merge left
+    assert lazy == {("block", True): 4, ("block", False): 3, ("full", False): 2}[mode, recompute]
+    with torch.no_grad():  # without gradients nothing is kept for a recompute: plain tensors
+        state = res.begin(torch.randn(2, 3, D, dtype=torch.float64))
+        assert isinstance(res.input(state, 0), torch.Tensor)
+
+
+def test_the_op_layer_and_the_residual_path_import_nothing_from_the_model():
+    """csrc <- ops, reference <- residual <- model: no import upward, at module level or in a function."""
+    import ast
+    from pathlib import Path
+
+    import attnres
+
+    root = Path(attnres.__file__).parent
+    for path in [root / "ops.py", root / "reference.py", *sorted((root / "residual").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n.startswith(("attnres.model", "lightning", "jsonargparse")) for n in names), path

@@ -125,7 +125,8 @@ def test_no_leftover_old_package_name(project: Path) -> None:
                    for m in re.finditer(OLD, line, flags=re.IGNORECASE)):
                 leftovers.append(f"{rel}:{lineno}: {line.strip()}")
     assert not leftovers, "old package name left in:\n" + "\n".join(leftovers[:20])
-    assert "AttnRes" in (project / PKG / "residual.py").read_text(), "the method's name must not be renamed"
+    block = (project / PKG / "residual" / "block.py").read_text()
+    assert "BlockAttnRes" in block, "the method's name must not be renamed"
 
 
 def test_package_extension_ops_and_console_script_carry_the_new_name(project: Path) -> None:

@@ -56,7 +56,7 @@ from attnres import ops, reference
 from attnres.bench.peers import op_baselines
 from attnres.bench.report import ops_row_line, print_cpu_ops_table, print_cuda_ops_table
 from attnres.bench.timing import Timer, command_line, copy_bandwidth, device_name, versions
-from attnres.model.norm import rms_norm
+from attnres.ops import rms_norm
 
 __all__ = ["GRIDS", "Case", "Result", "bench_case", "cuda_grid", "parse_shapes", "run_ops_benchmark"]
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from attnres.model import Config, Decoder
-from attnres.residual import Residual, ResidualState
+from attnres.residual import BlockAttnRes, FullAttnRes, ResidualState
 
 __all__ = [
     "FLA_MODEL_NOTE",
@@ -213,8 +213,9 @@ def build_fla_model(cfg: Config, device: torch.device | str, dtype: torch.dtype)
 # ----------------------------------------------------------------------------- fla's op in our decoder
 
 
-class FlaResidual(Residual):
-    """The residual path with fla's ``fused_attnres`` in place of our two-phase ops: each sublayer input
+class FlaResidual:
+    """The residual path with fla's ``fused_attnres`` in place of our two-phase ops, mixed into
+    :class:`FullAttnRes` / :class:`BlockAttnRes` (:func:`use_fla_residual` picks): each sublayer input
     (and the read-out) is one direct softmax over the explicit list of its sources — Full: every earlier
     output; Block: the block summaries plus the partial summary. Same parameters (``queries``), same
     math: fla's logit is ``w . RMSNorm_g(v)`` = ``(w * g) . v / rms(v)``.
@@ -233,26 +234,34 @@ class FlaResidual(Residual):
         q = self.queries[name]
         return self.attnres_fn(q.weight, sources, q.norm_weight, rms_eps=self.eps)
 
-    def input(self, state: ResidualState, i: int, norm: nn.Module | None = None) -> Tensor:
-        if self.mode == "standard":
-            return super().input(state, i, norm)
+    def input(self, state: ResidualState, i: int) -> Tensor:
         sources = state.sources + ([state.partial] if state.partial is not None else [])
-        h = self._mix(sources, str(i))
-        return h if norm is None else norm(h)
+        return self._mix(sources, str(i))
 
     def readout(self, state: ResidualState) -> Tensor:
-        if self.mode == "standard":
-            return super().readout(state)
         if state.partial is not None:
             raise RuntimeError("readout called in the middle of a block: hand back every sublayer's output")
         return self._mix(state.sources, "out")
 
 
+class _FlaFullAttnRes(FlaResidual, FullAttnRes):
+    pass
+
+
+class _FlaBlockAttnRes(FlaResidual, BlockAttnRes):
+    pass
+
+
 def use_fla_residual(model: Decoder, attnres_fn: Callable[..., Tensor] | None = None) -> Decoder:
-    """Replace ``model.residual`` in place by a :class:`FlaResidual` with the same parameters."""
+    """Replace ``model.residual`` in place by a :class:`FlaResidual` with the same parameters (the
+    standard residual, which has none of fla's ops, stays)."""
     old = model.residual
-    new = FlaResidual(old.dim, old.num_sublayers, old.mode, old.num_blocks if old.mode == "block" else 8,
-                      old.eps, attnres_fn=attnres_fn)
+    if old.mode == "standard":
+        return model
+    if old.mode == "full":
+        new = _FlaFullAttnRes(old.dim, old.num_sublayers, old.eps, attnres_fn=attnres_fn)
+    else:
+        new = _FlaBlockAttnRes(old.dim, old.num_sublayers, old.num_blocks, old.eps, attnres_fn=attnres_fn)
     p = next(old.parameters(), None)
     if p is not None:
         new.to(device=p.device, dtype=p.dtype)

@@ -10,14 +10,13 @@ path. Plain PyTorch: parallelism and training live elsewhere.
 from __future__ import annotations
 
 from attnres.model.config import PRESETS, Config, _human, get_config, valid_num_blocks
-from attnres.model.decoder import Decoder, DecoderCache, KimiLinear, ModelOutput
+from attnres.model.decoder import Decoder, DecoderCache, ModelOutput
 
 __all__ = [
     "PRESETS",
     "Config",
     "Decoder",
     "DecoderCache",
-    "KimiLinear",
     "ModelOutput",
     "describe",
     "get_config",

@@ -2,8 +2,11 @@
 
 ``embedding -> layers -> residual read-out -> final RMSNorm -> LM head``. Each decoder layer holds two
 sublayers, a PreNorm token mixer (KDA or MLA) and a PreNorm channel mixer (dense SwiGLU or MoE);
-sublayer ``2l`` and ``2l + 1`` of :class:`attnres.residual.Residual`, which decides what each sublayer
-reads (the standard running sum, Full AttnRes or Block AttnRes).
+sublayer ``2l`` and ``2l + 1`` of the residual path (:func:`attnres.residual.make_residual`), which
+decides what each sublayer reads (the standard running sum, Full AttnRes or Block AttnRes)::
+
+    v = mixer(norm(residual.input(state, i)))   # the norm finishes the residual path's last step
+    residual.output(state, i, v)
 
 Layers live in an ``nn.ModuleDict`` keyed by ``str(index)``: a pipeline stage deletes the layers it
 does not own and parameter names stay those of the full model. Nothing here knows about Lightning
@@ -30,9 +33,16 @@ from attnres.model.kda import KimiDeltaAttention, ShortConv
 from attnres.model.mla import MultiHeadLatentAttention
 from attnres.model.moe import MoE, SwiGLU, output_init_std
 from attnres.model.norm import RMSNorm
-from attnres.residual import DepthQuery, Residual, ResidualState
+from attnres.residual import (
+    DepthInput,
+    DepthQuery,
+    Residual,
+    ResidualState,
+    depth_weight_matrix,
+    make_residual,
+)
 
-__all__ = ["Decoder", "DecoderCache", "DecoderLayer", "KimiLinear", "ModelOutput", "lm_loss"]
+__all__ = ["Decoder", "DecoderCache", "DecoderLayer", "ModelOutput", "lm_loss"]
 
 # ``attnres export`` / :meth:`Decoder.save_pretrained`: a folder of these two files
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -80,6 +90,12 @@ class StatsRecorder:
     out_rms: list[Tensor] = field(default_factory=list)
     loads: dict[int, Tensor] = field(default_factory=dict)
 
+    def add(self, h: Tensor | DepthInput, v: Tensor) -> None:
+        """The RMS of a sublayer's input ``h`` (before its norm) and of its output ``v``, ``[B, T, d]``
+        each (a forward that records gets ``h`` itself from the residual path, never a DepthInput)."""
+        self.in_rms.append(_rms(h if isinstance(h, Tensor) else h.tensor()))
+        self.out_rms.append(_rms(v))
+
 
 class DecoderLayer(nn.Module):
     """PreNorm token mixer + PreNorm channel mixer (two sublayers of the residual path)."""
@@ -107,8 +123,8 @@ class DecoderLayer(nn.Module):
     def token_mixer(
         self, x: Tensor, cache: dict | None = None, documents: DocumentMask | None = None
     ) -> Tensor:
-        """Sublayer ``2 * index`` after its norm: ``attn_norm(h) [B, T, d] -> [B, T, d]`` (the residual path
-        applies the norm: :func:`run_sublayer`); ``documents``: packed documents, mixed apart."""
+        """Sublayer ``2 * index`` after its norm: ``attn_norm(h) [B, T, d] -> [B, T, d]``
+        (:func:`run_sublayer` applies the norm); ``documents``: packed documents, mixed apart."""
         return self.attn(x, cache, documents)
 
     def channel_mixer(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -133,8 +149,8 @@ class Decoder(nn.Module):
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(c, i) for i in range(c.num_layers)})
-        self.residual = Residual(
-            c.dim, c.num_sublayers, c.residual, c.num_blocks, c.residual_eps, full_group=c.full_group,
+        self.residual = make_residual(
+            c.residual, c.dim, c.num_sublayers, c.num_blocks, c.residual_eps, full_group=c.full_group,
             recompute=c.residual_recompute, fuse_norm=c.residual_fuse_norm,
         )
         self.norm = RMSNorm(c.dim, c.rms_norm_eps)
@@ -254,7 +270,7 @@ class Decoder(nn.Module):
     ) -> Tensor:
         """Run the layers this module holds (in index order) on ``state``; returns the sum of their MoE
         balance losses (a 0-dim fp32 tensor). ``documents``: packed documents (:meth:`document_mask`)."""
-        aux_loss = torch.zeros((), device=_state_device(state))
+        aux_loss = torch.zeros((), device=state.device)
         for key in sorted(self.layers, key=int):
             layer, i = self.layers[key], int(key)
             layer_cache = cache.layers.setdefault(key, {}) if cache is not None else None
@@ -275,7 +291,7 @@ class Decoder(nn.Module):
     def _depth_weights(self, state: ResidualState) -> Tensor | None:
         if self.config.residual == "standard":
             return None
-        return self.residual.depth_weight_matrix(state.records)
+        return depth_weight_matrix(self.residual, state.records)
 
     # ------------------------------------------------------------------ MoE balancing
 
@@ -386,9 +402,6 @@ class Decoder(nn.Module):
             self.train(was_training)
 
 
-KimiLinear = Decoder
-
-
 def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean next-token cross-entropy (in fp32) of ``logits [B, T, V]`` against ``labels [B, T]`` over
     ``labels != -100``: the decoder's loss, and the pipeline's loss function on its last stage."""
@@ -415,31 +428,20 @@ def sample(
     return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
 
 
-def _state_device(state: ResidualState) -> torch.device:
-    if state.hidden is not None:
-        return state.hidden.device
-    return (state.sources[0] if state.sources else state.partial).device
-
-
 def run_sublayer(
     residual: Residual, state: ResidualState, i: int, fn: Callable, norm: RMSNorm, *args,
     stats: StatsRecorder | None = None,
 ) -> Tensor | None:
-    """Sublayer ``i`` on ``state``: its input through ``norm`` from the residual path (merged with the
-    path's last step where it can), then ``fn`` (a :class:`DecoderLayer` mixer), its output handed back.
-    Returns the MoE aux loss or None. ``stats``: also record the RMS of the input (before the norm, so
-    on the plain path) and of the output."""
-    if stats is None:
-        x = residual.input(state, i, norm)
-    else:
-        h = residual.input(state, i)
-        x = norm(h)
-    result = fn(x, *args)
+    """Sublayer ``i`` on ``state``: ``fn(norm(h_i), *args)`` (``fn``: a :class:`DecoderLayer` mixer) with
+    ``h_i`` from the residual path (which may leave its last step to ``norm``), its output ``[B, T, d]``
+    handed back. Returns the MoE aux loss or None. ``stats``: also record the RMS of ``h_i`` and of the
+    output."""
+    h = residual.input(state, i)
+    result = fn(norm(h), *args)
     v, extra = result if isinstance(result, tuple) else (result, None)
     residual.output(state, i, v)
     if stats is not None:
-        stats.in_rms.append(_rms(h))
-        stats.out_rms.append(_rms(v))
+        stats.add(h, v)
     return extra
 
 
