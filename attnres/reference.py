@@ -1,12 +1,13 @@
 """Reference math for depth attention: plain PyTorch, the ground truth for every op in ``csrc/``.
 
-Notation (``shared/SPEC.md`` §1-2). A *source* ``v`` is a tensor ``[..., d]`` (``[B, T, d]`` or
-``[N, d]``); all sources of one call share shape and dtype. ``rms(v) = sqrt(mean(v**2) + eps)``
-over the last dim. A *query* is the product ``q = w * g`` of a sublayer's pseudo-query ``w`` and
-its RMSNorm weight ``g``: the logit of source ``v`` is ``z = q . v / rms(v)``, so only the product
-enters (the gradient splits by the chain rule: ``dw = dq * g``, ``dg = dq * w``).
-Keys are normalised, values are the raw sources. Softmax and sums run in fp32; outputs come back
-in the sources' dtype, log-sum-exps in fp32 (fp64 inputs compute and return fp64 throughout).
+Notation (the Attention Residuals paper, Kimi Team 2026: Full and Block AttnRes). A *source* ``v`` is
+a tensor ``[..., d]`` (``[B, T, d]`` or ``[N, d]``); all sources of one call share shape and dtype.
+``rms(v) = sqrt(mean(v**2) + eps)`` over the last dim. A *query* is the product ``q = w * g`` of a
+sublayer's pseudo-query ``w`` and its RMSNorm weight ``g``: the logit of source ``v`` is
+``z = q . v / rms(v)``, so only the product enters (the gradient splits by the chain rule:
+``dw = dq * g``, ``dg = dq * w``). Keys are normalised, values are the raw sources. Softmax and sums
+run in fp32; outputs come back in the sources' dtype, log-sum-exps in fp32 (fp64 inputs compute and
+return fp64 throughout).
 
 Differentiable through autograd: these functions are also the backward reference.
 """

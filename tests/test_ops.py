@@ -236,7 +236,7 @@ def test_phase2_norm_off_cuda_is_phase2_then_the_fp32_rmsnorm(lead, d):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_phase1_then_phase2_equals_direct_softmax_over_all_sources(dtype):
-    # SPEC §2: the two-phase result is the direct softmax over the n + 1 sources
+    # the paper's two-phase computation: result is the direct softmax over the n + 1 sources
     gen = torch.Generator().manual_seed(7)
     sources = _sources(5, (3, 4), 64, dtype, gen)
     partial = _sources(1, (3, 4), 64, dtype, gen)[0]

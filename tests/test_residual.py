@@ -1,4 +1,5 @@
-"""The residual modules against a naive transcription of SPEC §1 (direct softmax, no two phases)."""
+"""The residual modules against a naive transcription of the paper's definition (direct softmax, no two
+phases)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def attend(sources: list[torch.Tensor], w: torch.Tensor, g: torch.Tensor) -> tor
 
 
 def naive_forward(mode: str, emb, sublayers, res: Residual, block_size: int = 1):
-    """Run the stack the way SPEC §1 describes it, sublayer by sublayer."""
+    """Run the stack the way the paper defines it, sublayer by sublayer."""
     q = {k: (m.weight, m.norm_weight) for k, m in res.queries.items()} if mode != "standard" else {}
     if mode == "standard":
         h = emb

@@ -1,4 +1,4 @@
-"""Cross-stage caching primitives (SPEC §3): pack/unpack against torch.cat/split, opcheck, the
+"""The paper's cross-stage caching: pack/unpack against torch.cat/split, opcheck, the
 StageCache plan and its invariant, and the analytic byte counts with and without the cache."""
 
 from __future__ import annotations

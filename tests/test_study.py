@@ -208,7 +208,7 @@ def test_compute_equivalence_recovers_the_compute_multiplier():
     a, b, k = 1.891, -0.057, 1.25
     for c in (1e17, 1e19, 1e21):
         assert analyze.compute_equivalence(a * (k * c) ** b, c, (a, b)) == pytest.approx(k, rel=1e-9)
-    # the paper's fits (SPEC §5), Block 1.870 C^-0.058 vs baseline 1.891 C^-0.057, at C = 1 of the paper's
+    # the paper's fitted laws, Block 1.870 C^-0.058 vs baseline 1.891 C^-0.057, at C = 1 of the paper's
     # compute unit: (1.870 / 1.891) ** (1 / -0.057) = 1.217 (the ratio moves with C as the exponents differ)
     assert analyze.compute_equivalence(1.870, 1.0, (1.891, -0.057)) == pytest.approx(1.2164, abs=1e-4)
     # the ratio at a given physical compute does not depend on the unit the laws are fitted in

@@ -27,7 +27,8 @@ def valid_num_blocks(num_sublayers: int) -> list[int]:
 @dataclass
 class Config:
     """A Kimi-Linear-style decoder: KDA / MLA token mixers, dense or MoE SwiGLU channel mixers, and a
-    pluggable residual path (standard, Full AttnRes, Block AttnRes). See ``shared/KIMI_LINEAR.md``.
+    pluggable residual path (standard, Full AttnRes, Block AttnRes).
+    See Kimi Linear (Kimi Team 2025) and its released config (moonshotai/Kimi-Linear-48B-A3B).
 
     Each decoder layer holds two sublayers (token mixer, channel mixer), so the residual path has
     ``2 * num_layers`` sublayers.

@@ -246,7 +246,7 @@ class ShortConv(nn.Module):
 
 
 class KimiDeltaAttention(nn.Module):
-    """The KDA token mixer (``shared/KIMI_LINEAR.md``): ``[B, T, dim] -> [B, T, dim]``.
+    """The KDA token mixer of Kimi Linear: ``[B, T, dim] -> [B, T, dim]``.
 
     q/k/v projections + short conv + SiLU, L2-normed q and k; decay
     ``g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)`` (low rank, rank = head dim); ``beta =

@@ -19,7 +19,7 @@ precision (a GradScaler) is refused: the schedule runs the backward passes on th
 
 Under Block/Full AttnRes, bytes sent per microbatch and direction are logged as
 ``pp/bytes_fwd_per_microbatch`` and ``pp/bytes_bwd_per_microbatch`` (with ``caching``, a boundary
-sends only the block summaries the receiving rank lacks; SPEC §3).
+sends only the block summaries the receiving rank lacks; the paper's cross-stage caching).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class PipelineParallelStrategy(ModelParallelStrategy):
             instead of ``trainer.accumulate_grad_batches``.
         virtual_stages: stages per rank (``interleaved_1f1b`` only); ``pp * virtual_stages`` must not
             exceed the number of decoder layers.
-        caching: cross-stage caching of the AttnRes block summaries (SPEC §3).
+        caching: cross-stage caching of the AttnRes block summaries (the paper's cross-stage caching).
         activation_dtype: dtype of what crosses a stage boundary: the model's compute dtype (None: from
             ``param_dtype`` when set, else from ``trainer.precision``: bf16 for ``bf16-true``, fp16 for
             ``16-true``, else fp32).
