@@ -74,20 +74,40 @@ def kda_shapes(model: nn.Module) -> set[tuple[int, int]]:
     return shapes
 
 
+# fla's intra-chunk KDA kernel, autotuned once per shape: its key starts (H, HV, K, ...) (fla 0.6)
+_SHAPE_KERNEL = "chunk_kda_fwd_kernel_inter_solve_fused.autotune.json"
+
+
+def tuned_kda_shapes(cache: Path) -> set[tuple[int, int]]:
+    """The (heads, head dim) whose fla KDA autotune results Triton's cache ``cache`` holds (read from the
+    key of fla's intra-chunk kernel, ``[H, HV, K, ...]``)."""
+    import json
+
+    shapes = set()
+    for path in cache.glob(f"*/{_SHAPE_KERNEL}") if cache.is_dir() else ():
+        try:
+            key = json.loads(path.read_text(encoding="utf-8"))["key"]
+            shapes.add((int(key[0]), int(key[2])))
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            continue  # a result of another fla version or a damaged file: it tells us nothing
+    return shapes
+
+
 def first_step_notices(model: nn.Module, device: torch.device, compiled: bool, seeded: int = 0) -> list[str]:
-    """One line for each long first-step wait ahead: fla's autotuning (when Triton's cache holds no result
-    for its KDA kernels) and ``torch.compile``."""
+    """One line for each long first-step wait ahead: fla's autotuning of the KDA shapes Triton's cache holds
+    no results for, and ``torch.compile``."""
     notes = []
     shapes = kda_shapes(model) if device.type == "cuda" else set()
     if shapes:
         cache = triton_cache_dir()
-        known = any(cache.glob("*/*kda*.autotune.json")) if cache.is_dir() else False
-        if not known:
-            lo, hi = (len(shapes) * s for s in AUTOTUNE_S_PER_SHAPE)
+        untuned = sorted(shapes - tuned_kda_shapes(cache))
+        if untuned:
+            lo, hi = (len(untuned) * s for s in AUTOTUNE_S_PER_SHAPE)
+            names = ", ".join(f"{h} heads x {k}" for h, k in untuned)
             notes.append(
-                f"first use of fla's KDA kernels on this GPU: Triton autotunes them before the first step "
-                f"(~{lo}-{hi} s for {len(shapes)} KDA shape(s), measured on an H200); the results are cached "
-                f"in {cache} for later runs"
+                f"first use of fla's KDA kernels at {names} on this GPU: Triton autotunes them before the "
+                f"first step (~{lo}-{hi} s, measured on an H100/H200); the results are cached in {cache} "
+                "for later runs"
             )
         elif seeded:
             notes.append(f"fla's KDA autotuning: {seeded} shipped result(s) put into {cache} (no tuning)")

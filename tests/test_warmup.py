@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -50,6 +51,15 @@ def test_the_shipped_archive_holds_only_kda_autotune_results():
     assert any("kda" in n for n in names)
 
 
+def test_the_shipped_archive_covers_the_small_preset_and_the_study_sizes(tmp_path):
+    with tarfile.open(SHIPPED) as tar:
+        tar.extractall(tmp_path, filter="data")
+    tuned = warmup.tuned_kda_shapes(tmp_path / "triton")
+    small = get_config("small")
+    assert (small.dim // small.kda_head_dim, small.kda_head_dim) in tuned  # 6 heads x 128
+    assert {(4, 64), (6, 64), (8, 64)} <= tuned  # the study's s, m, l (KDA heads of 64)
+
+
 def test_notices_name_the_autotuning_only_while_the_cache_lacks_kda_results(tmp_path, monkeypatch):
     import attnres.model.kda as kda
 
@@ -59,9 +69,17 @@ def test_notices_name_the_autotuning_only_while_the_cache_lacks_kda_results(tmp_
                                mla_qk_shared_dim=8, mla_kv_rank=32, expert_dim=32, mlp_dim=128))
     cuda = torch.device("cuda")
     (note,) = warmup.first_step_notices(model, cuda, compiled=False)
-    assert "autotunes" in note and "1 KDA shape(s)" in note and str(tmp_path) in note
+    assert "autotunes" in note and "4 heads x 16" in note and "~150-245 s" in note and str(tmp_path) in note
+    # a result for another shape (the study's 4 x 64) leaves this one untuned; a damaged file is passed over
+    (tmp_path / "A").mkdir()
+    (tmp_path / "A" / warmup._SHAPE_KERNEL).write_text(json.dumps({"key": [4, 4, 64, 64, 16, 4]}))
+    (tmp_path / "B").mkdir()
+    (tmp_path / "B" / warmup._SHAPE_KERNEL).write_text("{")
+    assert warmup.tuned_kda_shapes(tmp_path) == {(4, 64)}
+    assert "4 heads x 16" in warmup.first_step_notices(model, cuda, compiled=False)[0]
     (tmp_path / "K").mkdir()
-    (tmp_path / "K" / "chunk_kda_fwd_kernel.autotune.json").write_text("{}")
+    key = [4, 4, 16, 16, 16, 4, "torch.float32"]
+    (tmp_path / "K" / warmup._SHAPE_KERNEL).write_text(json.dumps({"key": key}))
     assert warmup.first_step_notices(model, cuda, compiled=False) == []
     assert "3 shipped" in warmup.first_step_notices(model, cuda, compiled=False, seeded=3)[0]
     compiled = warmup.first_step_notices(model, torch.device("cpu"), compiled=True)
