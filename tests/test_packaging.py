@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from attnres import _extension
+from attnres.model import get_config
 from lightning_modules import configs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,5 +295,9 @@ def test_isolated_builds_of_the_wheel_and_the_sdist_install_and_run_in_a_fresh_v
     printed = _run(
         [str(venv / "bin" / "attnres"), "fit", "-c", "default", "--print_config"], elsewhere, env, log
     )
-    assert "preset: tiny" in printed
+    # the shipped default config, found by name outside a checkout: the tiny preset's model block
+    model = yaml.safe_load(printed)["model"]
+    model = model.get("init_args", model)["config"]
+    tiny = get_config("tiny")
+    assert (model["dim"], model["num_layers"], model["residual"]) == (tiny.dim, tiny.num_layers, "block")
     print("\n".join(log))
