@@ -138,6 +138,7 @@ def _dispatch(argv: list[str]) -> None:
     from attnres.errors import RaiseOnParseError
     from lightning_modules import commands
     from lightning_modules.bench_template import bench_e2e
+    from lightning_modules.compare import compare
 
     class Parser(RaiseOnParseError, ArgumentParser):
         pass
@@ -154,7 +155,7 @@ def _dispatch(argv: list[str]) -> None:
             "new": commands.new,
             "plot": commands.plot,
             "export": commands.export,
-            "compare": commands.compare,
+            "compare": compare,
             "tokenizer": {"_help": DESCRIPTIONS["tokenizer"], "train": commands.tokenizer_train},
             "prepare": commands.prepare,
         },

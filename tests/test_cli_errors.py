@@ -159,6 +159,7 @@ CASES: list[tuple[list[str], list[str]]] = [
     ),
     (["compare", "--modes", "[standard, sideways]"], ["--modes", "valid: standard, full, block"]),
     (["compare", "--max_steps", "0"], ["--max_steps 0", "must be >= 1"]),
+    (["compare", "--seeds", "0"], ["--seeds 0", "must be >= 1"]),
     (["compare", "-c", "missing.yaml"], ["--configs", "missing.yaml"]),
     (["compare", "-c", DEFAULT, "--output_dir", "a_file/out"], ["--output_dir", "not writable"]),
     (["info", "--model", "tinyy"], ["--model 'tinyy'", "did you mean 'tiny'?"]),

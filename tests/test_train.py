@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -677,6 +678,22 @@ def test_compare_trains_three_modes_on_the_same_budget(micro, tmp_path, capsys):
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n") == 5 and "| block (N=2) |" in table
     assert is_png(tmp_path / "loss_curves.png")
+
+
+def test_compare_over_seeds_reports_the_mean_and_sample_std_of_each_mode(micro, tmp_path):
+    attnres_main(
+        ["compare", *micro, "--modes", "[block]", "--seeds", "2", "--max_steps", "2", "--output_dir",
+         str(tmp_path), "--args", '["--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"]']
+    )
+    (block,) = json.loads((tmp_path / "results.json").read_text()).values()
+    assert block["seeds"] == [1234, 1235] and [r["seed"] for r in block["runs"]] == [1234, 1235]
+    losses = np.array([r["val_loss"] for r in block["runs"]])
+    assert losses[0] != losses[1]  # another seed: another init and data order
+    assert block["val_loss"] == pytest.approx(losses.mean(), rel=1e-12)
+    assert block["val_loss_std"] == pytest.approx(losses.std(ddof=1), rel=1e-12)
+    assert {Path(r["run_dir"]).parent.name for r in block["runs"]} == {"block-seed1234", "block-seed1235"}
+    row = (tmp_path / "results.md").read_text().splitlines()[2]
+    assert row.startswith("| block (N=2) |") and f"{losses.mean():.4f} ± {losses.std(ddof=1):.4f}" in row
 
 
 @pytest.mark.slow
