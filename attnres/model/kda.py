@@ -348,15 +348,11 @@ class KimiDeltaAttention(nn.Module):
         beta = torch.sigmoid(self.b_proj(x).float())
         state = cache.get("state") if cache is not None else None
         want_state = cache is not None
-        if fla and state is None and not want_state and torch.compiler.is_compiling():
+        if fla and documents is None and state is None and not want_state and torch.compiler.is_compiling():
             # training under torch.compile: fla's kernels as opaque custom ops (fla_ops), so Dynamo traces
-            # the whole layer instead of breaking the graph at fla's compiler.disable
-            if documents is not None:
-                flat = [t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, g, beta.to(q.dtype))]
-                o = fla_ops.chunk_kda(*flat, scale=K**-0.5, cu_seqlens=documents.cu_seqlens,
-                                      cu_seqlens_cpu=documents.cu_seqlens_cpu).reshape(B, T, H, K)
-            else:
-                o = fla_ops.chunk_kda(q, k, v, g, beta.to(q.dtype), scale=K**-0.5)
+            # the whole layer instead of breaking the graph at fla's compiler.disable. (Packed documents keep
+            # fla's own varlen function and its graph break: the ops' varlen path has not run on a GPU yet.)
+            o = fla_ops.chunk_kda(q, k, v, g, beta.to(q.dtype), scale=K**-0.5)
         elif fla and documents is not None:
             from fla.ops.kda import chunk_kda
 
