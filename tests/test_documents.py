@@ -15,6 +15,7 @@ from attnres.model.documents import DocumentMask, segment_ids_from_separators
 from attnres.model.kda import KimiDeltaAttention, ShortConv, kda_chunked, kda_recurrent
 from attnres.model.mla import MultiHeadLatentAttention
 from lightning_modules.data import TextDataModule, TokenWindows
+from tests.helpers import documents_of, packed_and_alone
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -27,16 +28,6 @@ T = 40
 
 def _segments(lengths: tuple[list[int], ...] = LENGTHS) -> torch.Tensor:
     return torch.stack([torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls)) for ls in lengths])
-
-
-def _documents(segment_ids: torch.Tensor) -> list[tuple[int, slice]]:
-    """``(row, slice)`` of every document (contiguous run of one id)."""
-    out = []
-    for b, row in enumerate(segment_ids):
-        for s in row.unique():
-            idx = (row == s).nonzero().flatten()
-            out.append((b, slice(int(idx[0]), int(idx[-1]) + 1)))
-    return out
 
 
 def _packed_ids(vocab: int = SEP, seed: int = 0) -> torch.Tensor:
@@ -97,7 +88,7 @@ def test_kda_with_segments_equals_each_document_alone(chunk):
     o_chunk, _ = kda_chunked(*leaves, chunk_size=chunk, segment_ids=seg)
     o_rec, _ = kda_recurrent(*leaves, segment_ids=seg)
     parts = []
-    for b, sl in _documents(seg):
+    for b, sl in documents_of(seg):
         o, _ = kda_recurrent(*(t[b:b + 1, sl] for t in leaves))
         parts.append((b, sl, o[0]))
     o_alone = torch.zeros_like(o_rec)
@@ -127,7 +118,7 @@ def test_short_conv_with_segments_equals_each_document_alone():
     x = torch.randn(2, T, 6, dtype=torch.float64)
     seg = _segments()
     y, _ = conv(x, segment_ids=seg)
-    for b, sl in _documents(seg):
+    for b, sl in documents_of(seg):
         torch.testing.assert_close(y[b, sl], conv(x[b:b + 1, sl])[0][0], atol=1e-14, rtol=0)
     with pytest.raises(ValueError, match="state=None"):
         conv(x, state=torch.zeros(2, 6, 3, dtype=torch.float64), segment_ids=seg)
@@ -166,19 +157,8 @@ def test_packed_window_equals_each_document_run_alone(mode):
     seg = segment_ids_from_separators(ids, SEP)
     w = torch.randn(2, T, model.config.vocab_size, generator=torch.Generator().manual_seed(1)).double()
 
-    packed = model(ids, segment_ids=seg).logits
-    (packed * w).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-
-    alone = torch.zeros_like(packed)
-    total = 0.0
-    for b, sl in _documents(seg):
-        logits = model(ids[b:b + 1, sl]).logits[0]
-        alone[b, sl] = logits.detach()
-        total = total + (logits * w[b, sl]).sum()
-    total.backward()
-    assert err_ratio(packed.detach(), alone) < 2e-6
+    packed, alone, grads = packed_and_alone(model, ids, seg, w)
+    assert err_ratio(packed, alone) < 2e-6
     for n, p in model.named_parameters():
         assert err_ratio(grads[n], p.grad) < 2e-6, n
     # without the segment ids the documents after the first do see their predecessors
@@ -193,7 +173,7 @@ def test_packed_window_equals_documents_alone_with_one_mixer_kind(mixer):
     seg = segment_ids_from_separators(ids, SEP)
     with torch.no_grad():
         packed = model(ids, segment_ids=seg).logits
-        for b, sl in _documents(seg):
+        for b, sl in documents_of(seg):
             assert err_ratio(packed[b, sl], model(ids[b:b + 1, sl]).logits[0]) < 2e-6
 
 
@@ -208,7 +188,7 @@ def test_loss_keeps_every_label_and_none_reads_across_documents():
     with torch.no_grad():
         loss = model(ids, labels, segment_ids=seg).loss
         nll = torch.cat([F.cross_entropy(model(ids[b:b + 1, sl]).logits[0], labels[b, sl], reduction="none")
-                         for b, sl in _documents(seg)])
+                         for b, sl in documents_of(seg)])
     assert nll.numel() == 2 * T
     torch.testing.assert_close(loss, nll.mean().float(), atol=1e-6, rtol=1e-6)  # the loss is fp32
 
@@ -341,7 +321,7 @@ def test_fla_varlen_call_gets_the_flattened_batch_and_its_document_boundaries(mo
     with torch.no_grad():
         packed = model(ids, segment_ids=seg).logits
         n_packed = len(calls)
-        for b, sl in _documents(seg):
+        for b, sl in documents_of(seg):
             assert err_ratio(packed[b, sl], model(ids[b:b + 1, sl]).logits[0]) < 2e-6
     # the three KDA layers, each three varlen convs and one varlen chunk_kda, all on the batch's boundaries
     cu = [0, 7, 16, 17, 40, 56, 73, 80]

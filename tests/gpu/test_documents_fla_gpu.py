@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from attnres.model import Decoder, get_config
 from attnres.model.documents import DocumentMask, segment_ids_from_separators
 from attnres.model.kda import KimiDeltaAttention, ShortConv, kda_chunked
+from tests.helpers import documents_of, packed_and_alone
 
 pytestmark = [
     pytest.mark.cuda,
@@ -49,15 +50,6 @@ def err_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
 def _segments() -> torch.Tensor:
     rows = [torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls)) for ls in LENGTHS]
     return torch.stack(rows).to(DEV)
-
-
-def _documents(seg: torch.Tensor) -> list[tuple[int, slice]]:
-    out = []
-    for b, row in enumerate(seg.cpu()):
-        for s in row.unique():
-            idx = (row == s).nonzero().flatten()
-            out.append((b, slice(int(idx[0]), int(idx[-1]) + 1)))
-    return out
 
 
 def _kda_inputs(B=2, H=4, K=64, V=64, dtype=torch.float32, seed=0):
@@ -87,7 +79,7 @@ def test_varlen_chunk_kda_equals_each_document_alone(dtype, tol):
     fla_alone = torch.zeros_like(o)
     ours_alone = torch.zeros(o.shape, device=DEV)
     ours_packed, _ = kda_chunked(*ref_leaves, chunk_size=64, segment_ids=seg)
-    for b, sl in _documents(seg):
+    for b, sl in documents_of(seg):
         piece = [t[b:b + 1, sl] for t in leaves]
         fla_alone[b, sl] = chunk_kda(*piece)[0][0].detach()
         ours_alone[b, sl] = kda_chunked(*(t[b:b + 1, sl].detach() for t in ref_leaves), chunk_size=64)[0][0]
@@ -113,7 +105,7 @@ def test_fla_varlen_short_conv_equals_each_document_alone(dtype, tol):
     y_ref, _ = conv(x_ref, segment_ids=seg)  # ours: masked taps
     assert err_ratio(y, y_ref) < tol, err_ratio(y, y_ref)
     with torch.no_grad():
-        for b, sl in _documents(seg):
+        for b, sl in documents_of(seg):
             alone = conv(x_ref[b:b + 1, sl])[0][0]
             assert err_ratio(y[b, sl], alone) < tol, (b, sl)
     w = torch.randn(y_ref.shape, device=DEV)
@@ -137,7 +129,7 @@ def test_layer_on_fla_with_documents_equals_each_document_alone(autocast):
     tol = 3e-2 if autocast else 1e-2
     assert err_ratio(y, y_ref) < tol, err_ratio(y, y_ref)
     with torch.no_grad(), ctx:
-        for b, sl in _documents(seg):
+        for b, sl in documents_of(seg):
             alone = theirs(x[b:b + 1, sl])[0]
             assert err_ratio(y[b, sl], alone) < tol, (b, sl, err_ratio(y[b, sl], alone))
     y.float().square().mean().backward()
@@ -162,17 +154,7 @@ def test_decoder_packed_on_gpu_equals_each_document_alone(mode):
     from_ids = segment_ids_from_separators(ids, SEP)
     assert torch.equal(from_ids - from_ids[:, :1], seg)
     w = torch.randn(2, T, cfg.vocab_size, device=DEV, generator=torch.Generator(device=DEV).manual_seed(1))
-    packed = model(ids, segment_ids=seg).logits
-    (packed * w).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    alone = torch.zeros_like(packed)
-    total = 0.0
-    for b, sl in _documents(seg):
-        logits = model(ids[b:b + 1, sl]).logits[0]
-        alone[b, sl] = logits.detach()
-        total = total + (logits * w[b, sl]).sum()
-    total.backward()
+    packed, alone, grads = packed_and_alone(model, ids, seg, w)
     assert err_ratio(packed, alone) < 1e-2, err_ratio(packed, alone)
     bad = {n: err_ratio(grads[n], p.grad) for n, p in model.named_parameters()
            if p.grad is not None and p.grad.norm() > 0 and err_ratio(grads[n], p.grad) > 2e-2}
