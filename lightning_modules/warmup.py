@@ -14,6 +14,7 @@ they run, and ``torch.compile`` compiles the model. Neither prints anything by i
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -81,8 +82,6 @@ _SHAPE_KERNEL = "chunk_kda_fwd_kernel_inter_solve_fused.autotune.json"
 def tuned_kda_shapes(cache: Path) -> set[tuple[int, int]]:
     """The (heads, head dim) whose fla KDA autotune results Triton's cache ``cache`` holds (read from the
     key of fla's intra-chunk kernel, ``[H, HV, K, ...]``)."""
-    import json
-
     shapes = set()
     for path in cache.glob(f"*/{_SHAPE_KERNEL}") if cache.is_dir() else ():
         try:
