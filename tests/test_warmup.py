@@ -51,12 +51,13 @@ def test_the_shipped_archive_holds_only_kda_autotune_results():
     assert any("kda" in n for n in names)
 
 
-def test_the_shipped_archive_covers_the_small_preset_and_the_study_sizes(tmp_path):
+def test_the_shipped_archive_covers_the_small_and_medium_presets_and_the_study_sizes(tmp_path):
     with tarfile.open(SHIPPED) as tar:
         tar.extractall(tmp_path, filter="data")
     tuned = warmup.tuned_kda_shapes(tmp_path / "triton")
-    small = get_config("small")
-    assert (small.dim // small.kda_head_dim, small.kda_head_dim) in tuned  # 6 heads x 128
+    for preset in ("small", "medium"):  # 6 and 8 heads x 128
+        config = get_config(preset)
+        assert (config.dim // config.kda_head_dim, config.kda_head_dim) in tuned, preset
     assert {(4, 64), (6, 64), (8, 64)} <= tuned  # the study's s, m, l (KDA heads of 64)
 
 
