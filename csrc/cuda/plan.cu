@@ -250,32 +250,28 @@ Plan plan_p2(DType dt, int d, int N, int num_sms, bool backward, bool norm) {
   return p;
 }
 
+namespace {
+// One persistent-grid launch of the plan's kernel (Args: the kernel's by-value argument struct).
+template <typename Args>
+cudaError_t launch_plan(const Plan& p, const Args& args, cudaStream_t stream) {
+  if (p.fn == nullptr || p.grid == 0) return cudaErrorInvalidConfiguration;
+  if (!raise_smem_limit(p)) return cudaGetLastError();
+  reinterpret_cast<void (*)(const Args)>(const_cast<void*>(p.fn))<<<p.grid, p.NT, p.smem, stream>>>(args);
+  return cudaGetLastError();
+}
+}  // namespace
+
 cudaError_t launch_p1_fwd(DType, const Plan& p, const P1FwdArgs& args, cudaStream_t stream) {
-  if (p.fn == nullptr || p.grid == 0) return cudaErrorInvalidConfiguration;
-  if (!raise_smem_limit(p)) return cudaGetLastError();
-  reinterpret_cast<P1FwdFn>(const_cast<void*>(p.fn))<<<p.grid, p.NT, p.smem, stream>>>(args);
-  return cudaGetLastError();
+  return launch_plan(p, args, stream);
 }
-
 cudaError_t launch_p1_bwd(DType, const Plan& p, const P1BwdArgs& args, cudaStream_t stream) {
-  if (p.fn == nullptr || p.grid == 0) return cudaErrorInvalidConfiguration;
-  if (!raise_smem_limit(p)) return cudaGetLastError();
-  reinterpret_cast<P1BwdFn>(const_cast<void*>(p.fn))<<<p.grid, p.NT, p.smem, stream>>>(args);
-  return cudaGetLastError();
+  return launch_plan(p, args, stream);
 }
-
 cudaError_t launch_p2_fwd(DType, const Plan& p, const P2FwdArgs& args, cudaStream_t stream) {
-  if (p.fn == nullptr || p.grid == 0) return cudaErrorInvalidConfiguration;
-  if (!raise_smem_limit(p)) return cudaGetLastError();
-  reinterpret_cast<P2FwdFn>(const_cast<void*>(p.fn))<<<p.grid, p.NT, p.smem, stream>>>(args);
-  return cudaGetLastError();
+  return launch_plan(p, args, stream);
 }
-
 cudaError_t launch_p2_bwd(DType, const Plan& p, const P2BwdArgs& args, cudaStream_t stream) {
-  if (p.fn == nullptr || p.grid == 0) return cudaErrorInvalidConfiguration;
-  if (!raise_smem_limit(p)) return cudaGetLastError();
-  reinterpret_cast<P2BwdFn>(const_cast<void*>(p.fn))<<<p.grid, p.NT, p.smem, stream>>>(args);
-  return cudaGetLastError();
+  return launch_plan(p, args, stream);
 }
 
 namespace {

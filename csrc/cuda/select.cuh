@@ -111,26 +111,23 @@ P1BwdFn p1_bwd_apply_select(int ST) {
   }
 }
 
+#define ATTNRES_SELECT_P2_C(KERNEL)          \
+  switch (C) {                               \
+    case 1: return KERNEL<T, W, 1, NORM>;    \
+    case 2: return KERNEL<T, W, 2, NORM>;    \
+    case 4: return KERNEL<T, W, 4, NORM>;    \
+    case 8: return KERNEL<T, W, 8, NORM>;    \
+    default: return nullptr;                 \
+  }
 template <typename T, int W, bool NORM>
 P2FwdFn p2_fwd_c(int C) {
-  switch (C) {
-    case 1: return p2_fwd_kernel<T, W, 1, NORM>;
-    case 2: return p2_fwd_kernel<T, W, 2, NORM>;
-    case 4: return p2_fwd_kernel<T, W, 4, NORM>;
-    case 8: return p2_fwd_kernel<T, W, 8, NORM>;
-    default: return nullptr;
-  }
+  ATTNRES_SELECT_P2_C(p2_fwd_kernel)
 }
 template <typename T, int W, bool NORM>
 P2BwdFn p2_bwd_c(int C) {
-  switch (C) {
-    case 1: return p2_bwd_kernel<T, W, 1, NORM>;
-    case 2: return p2_bwd_kernel<T, W, 2, NORM>;
-    case 4: return p2_bwd_kernel<T, W, 4, NORM>;
-    case 8: return p2_bwd_kernel<T, W, 8, NORM>;
-    default: return nullptr;
-  }
+  ATTNRES_SELECT_P2_C(p2_bwd_kernel)
 }
+#undef ATTNRES_SELECT_P2_C
 // Phase 2 forward or backward, with or without the fused norm, as an untyped pointer for the plan.
 template <typename T, int W>
 const void* p2_select(int C, bool backward, bool norm) {
