@@ -37,6 +37,12 @@ struct Pack {
   uint32_t w[NW];
 };
 
+template <typename T, int W>
+__device__ __forceinline__ void zero(Pack<T, W>& p) {
+#pragma unroll
+  for (int j = 0; j < Pack<T, W>::NW; ++j) p.w[j] = 0u;
+}
+
 template <typename T>
 __device__ __forceinline__ uint32_t bits16(T x) {
   return static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(&x));
@@ -62,8 +68,7 @@ __device__ __forceinline__ Pack<T, W> ld_chunk(const T* __restrict__ row, int co
   Pack<T, W> p;
   if (vec) {
     if (col < d) return ld_vec<T, W>(row + col);
-#pragma unroll
-    for (int j = 0; j < Pack<T, W>::NW; ++j) p.w[j] = 0u;
+    zero(p);
     return p;
   }
   if constexpr (sizeof(T) == 4) {
@@ -259,6 +264,399 @@ __device__ __forceinline__ bool rs_writer(int lane) {
 template <int PP>
 __device__ __forceinline__ int rs_index(int lane) {
   return lane / (32 / PP);
+}
+
+// ---- Blocks shared by the kernel bodies (see the note at the top of this file). Each keeps the
+// arithmetic, the order of operations and the index expressions of the code it replaced.
+
+template <int P>
+__device__ __forceinline__ void zero(float (&x)[P]) {
+#pragma unroll
+  for (int p = 0; p < P; ++p) x[p] = 0.f;
+}
+template <int R, int W>
+__device__ __forceinline__ void zero(float (&x)[R][W]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) zero(x[r]);
+}
+
+// Column of chunk k of a thread that owns the chunks k NT + tid (k < C) of a row.
+template <int W>
+__device__ __forceinline__ int chunk_col(int k, int NT, int tid) {
+  return (k * NT + tid) * W;
+}
+
+// The chunks of rows i0 .. i0 + U - 1 (rows[i] + off: [d], dtype T) that the thread reads: its C
+// chunks (ld_rows), or the one at column col (ld_rows_at). Rows at or past n are not read.
+template <typename T, int W, int U, int C>
+__device__ __forceinline__ void ld_rows(Pack<T, W> (&x)[U][C], const void* const* rows, int i0, int n, int64_t off,
+                                        int NT, int tid, int d, bool vec) {
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int k = 0; k < C; ++k)
+      if (i0 + u < n)
+        x[u][k] = ld_chunk<T, W>(static_cast<const T*>(rows[i0 + u]) + off, chunk_col<W>(k, NT, tid), d, vec);
+}
+template <typename T, int W, int U>
+__device__ __forceinline__ void ld_rows_at(Pack<T, W> (&x)[U], const void* const* rows, int i0, int n, int64_t off,
+                                           int col, int d, bool vec) {
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (i0 + u < n) x[u] = ld_chunk<T, W>(static_cast<const T*>(rows[i0 + u]) + off, col, d, vec);
+}
+
+// One pass over the token's n source rows for the reduce-scattered dot products: U rows loaded at a
+// time (each thread its C chunks, ld_rows), and for each row i < n, body(i, x) with x its chunks.
+template <typename T, int W, int U, int C, typename Body>
+__device__ __forceinline__ void for_source_rows(const void* const* rows, int n, int64_t off, int NT, int tid, int d,
+                                                bool vec, Body&& body) {
+  for (int i0 = 0; i0 < n; i0 += U) {
+    Pack<T, W> x[U][C];
+    ld_rows(x, rows, i0, n, off, NT, tid, d, vec);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (i0 + u < n) body(i0 + u, x[u]);
+  }
+}
+
+// s[l] for l < L - 1, and s[L - 1] from slot ss: the sums over the block's nw warps of row i's
+// reduce-scattered partials (red: [nw][rows][stride]), each summed in warp order.
+template <int L>
+__device__ __forceinline__ void sum_warp_partials(float (&s)[L], const float* red, int nw, int rows, int i, int stride,
+                                                  int ss) {
+  zero(s);
+  for (int w = 0; w < nw; ++w) {
+    const float* slot = red + (w * rows + i) * stride;
+#pragma unroll
+    for (int l = 0; l < L - 1; ++l) s[l] += slot[l];
+    s[L - 1] += slot[ss];
+  }
+}
+
+// The thread's C chunks of the token's output gradients dO_l (dout[l] + off: [d]) for l < S, zeros
+// for the padded queries.
+template <typename T, int W, int ST, int C>
+__device__ __forceinline__ void ld_grads(Pack<T, W> (&go)[ST][C], const void* const* dout, int S, int64_t off, int NT,
+                                         int tid, int d, bool vec) {
+#pragma unroll
+  for (int l = 0; l < ST; ++l)
+#pragma unroll
+    for (int k = 0; k < C; ++k) {
+      if (l < S) {
+        go[l][k] = ld_chunk<T, W>(static_cast<const T*>(dout[l]) + off, chunk_col<W>(k, NT, tid), d, vec);
+      } else {
+        zero(go[l][k]);
+      }
+    }
+}
+
+// Query l's chunk k: from the registers qr (QREG) or from the buffer q ([., ld], through L1).
+template <bool QREG, int W, int R, int RC>
+__device__ __forceinline__ void q_chunk(const float (&qr)[R][RC][W], const float* q, int ld, int l, int k, int NT,
+                                        int tid, float (&qv)[W]) {
+  if constexpr (QREG) {
+#pragma unroll
+    for (int e = 0; e < W; ++e) qv[e] = qr[l][k][e];
+  } else {
+    ld_q<W>(q + l * ld + chunk_col<W>(k, NT, tid), qv);
+  }
+}
+
+// acc += a . b over one chunk (FMAs in column order).
+template <int W>
+__device__ __forceinline__ void fma_dot(const float (&a)[W], const float (&b)[W], float& acc) {
+#pragma unroll
+  for (int e = 0; e < W; ++e) acc = fmaf(a[e], b[e], acc);
+}
+// acc_q += q . v and acc_g += g . v over one chunk, interleaved column by column.
+template <int W>
+__device__ __forceinline__ void fma_dot2(const float (&q)[W], const float (&g)[W], const float (&v)[W], float& acc_q,
+                                         float& acc_g) {
+#pragma unroll
+  for (int e = 0; e < W; ++e) {
+    acc_q = fmaf(q[e], v[e], acc_q);
+    acc_g = fmaf(g[e], v[e], acc_g);
+  }
+}
+
+// y = a x over one chunk.
+template <int W>
+__device__ __forceinline__ void scale(float (&y)[W], float a, const float (&x)[W]) {
+#pragma unroll
+  for (int e = 0; e < W; ++e) y[e] = a * x[e];
+}
+
+// acc[j] += wrow[j] v for j < G (one chunk of G weighted sums).
+template <int G, int W>
+__device__ __forceinline__ void fma_rows(float (&acc)[G][W], const float* wrow, const float (&v)[W]) {
+#pragma unroll
+  for (int j = 0; j < G; ++j) {
+    const float wj = wrow[j];
+#pragma unroll
+    for (int e = 0; e < W; ++e) acc[j][e] = fmaf(wj, v[e], acc[j][e]);
+  }
+}
+
+// Store chunk `col` of out[g0 + j] + off (dtype T), j < G, for the rows g0 + j < S.
+template <typename T, int W, int G>
+__device__ __forceinline__ void st_rows(const float (&acc)[G][W], void* const* out, int g0, int S, int64_t off, int col,
+                                        int d, bool vec) {
+#pragma unroll
+  for (int j = 0; j < G; ++j)
+    if (g0 + j < S) st_chunk<T, W>(static_cast<T*>(out[g0 + j]) + off, col, d, vec, acc[j]);
+}
+
+// The thread's C chunks of R fp32 rows of width ld (x: [R, ld]) set to zero, or copied from src.
+template <int R, int C, int W>
+__device__ __forceinline__ void zero_rows(float* x, int ld, int NT, int tid) {
+#pragma unroll
+  for (int k = 0; k < C; ++k)
+#pragma unroll
+    for (int l = 0; l < R; ++l)
+#pragma unroll
+      for (int e = 0; e < W; ++e) x[l * ld + chunk_col<W>(k, NT, tid) + e] = 0.f;
+}
+template <int R, int C, int W>
+__device__ __forceinline__ void copy_rows(float* dst, const float* src, int ld, int NT, int tid) {
+#pragma unroll
+  for (int k = 0; k < C; ++k)
+#pragma unroll
+    for (int l = 0; l < R; ++l)
+#pragma unroll
+      for (int e = 0; e < W; ++e)
+        dst[l * ld + chunk_col<W>(k, NT, tid) + e] = src[l * ld + chunk_col<W>(k, NT, tid) + e];
+}
+// x[l, col + e] += v[l][e].
+template <int R, int W>
+__device__ __forceinline__ void add_rows(float* x, int ld, int col, const float (&v)[R][W]) {
+#pragma unroll
+  for (int l = 0; l < R; ++l)
+#pragma unroll
+    for (int e = 0; e < W; ++e) x[l * ld + col + e] += v[l][e];
+}
+
+// ---- cp.async staging of a token's rows (the staged phase-1 kernels)
+
+// The thread's C chunks of one row (d valid elements, dtype T) into the shared-memory row dst;
+// chunks at or past d are zero-filled. CB: bytes per chunk.
+template <int CB, typename T, int W, int C>
+__device__ __forceinline__ void stage_row(T* dst, const T* row, int NT, int tid, int d) {
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const int col = chunk_col<W>(k, NT, tid);
+    cp_async<CB>(dst + col, row + (col < d ? col : 0), col < d);
+  }
+}
+
+// Wait for token t's stage in a ring of K stages filled K - 1 tokens ahead (K = 1: issue it now).
+template <typename Issue>
+__device__ __forceinline__ void stage_wait(int K, int64_t t, const Issue& issue) {
+  if (K == 1) {
+    issue(t, 0);
+    cp_async_wait<0>();
+  } else if (K == 2) {
+    cp_async_wait<0>();
+  } else if (K == 3) {
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<2>();
+  }
+}
+
+// ---- phase-1 forward: the per-token scalar steps
+
+// Logits of source i from its sums s over the warps (the ST dot products, then the sum of squares):
+// z_il = s_l / rms into zb [n][ST].
+template <int ST>
+__device__ __forceinline__ void p1_fwd_logits(const float (&s)[ST + 1], float inv_d, float eps, float* zb, int i) {
+  const float rinv = rsqrtf(s[ST] * inv_d + eps);
+#pragma unroll
+  for (int l = 0; l < ST; ++l) zb[i * ST + l] = s[l] * rinv;
+}
+
+// Softmax over the n sources, one thread per query l = tid < ST, between two barriers: zb [n][ST]
+// holds the logits and gets the weights (zeros for the padded queries l >= S); lse[l * lse_stride + t]
+// gets the log-sum-exp.
+template <int ST>
+__device__ __forceinline__ void p1_fwd_softmax(float* zb, int n, int S, int tid, float* lse, int64_t lse_stride,
+                                               int64_t t) {
+  __syncthreads();
+  if (tid < ST) {
+    const int l = tid;
+    if (l < S) {
+      float mx = -INFINITY;
+      for (int i = 0; i < n; ++i) mx = fmaxf(mx, zb[i * ST + l]);
+      float sum = 0.f;
+      for (int i = 0; i < n; ++i) sum += __expf(zb[i * ST + l] - mx);
+      const float m = mx + __logf(sum);
+      lse[l * lse_stride + t] = m;
+      for (int i = 0; i < n; ++i) zb[i * ST + l] = __expf(zb[i * ST + l] - m);
+    } else {
+      for (int i = 0; i < n; ++i) zb[i * ST + l] = 0.f;
+    }
+  }
+  __syncthreads();
+}
+
+// ---- phase-1 backward (fused, staged and split kernels): per-token steps
+
+// The token's lse_l and d lse_l (row stride lse_stride, column t) into shared memory, zeros for l >= S.
+template <int ST>
+__device__ __forceinline__ void p1_bwd_ld_lse(float* lse_s, float* dm_s, const float* lse, const float* dlse,
+                                              int64_t lse_stride, int64_t t, int S, int tid) {
+  if (tid < ST) {
+    lse_s[tid] = tid < S ? lse[tid * lse_stride + t] : 0.f;
+    dm_s[tid] = tid < S ? dlse[tid * lse_stride + t] : 0.f;
+  }
+}
+
+// Pass A for one source row (the thread's C chunks x): q_l . v into part[l], dO_l . v into
+// part[ST + l], v . v into ss.
+template <typename T, int W, int ST, int C, bool QREG, int PP, int R, int RC>
+__device__ __forceinline__ void p1_bwd_dots(const Pack<T, W> (&x)[C], const Pack<T, W> (&go)[ST][C],
+                                            const float (&qr)[R][RC][W], const float* q, int qld, int NT, int tid,
+                                            float (&part)[PP], float& ss) {
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    float v[W];
+    unpack<T, W>(x[k], v);
+    fma_dot(v, v, ss);
+#pragma unroll
+    for (int l = 0; l < ST; ++l) {
+      float qv[W], gv[W];
+      q_chunk<QREG>(qr, q, qld, l, k, NT, tid, qv);
+      unpack<T, W>(go[l][k], gv);
+      fma_dot2(qv, gv, v, part[l], part[ST + l]);
+    }
+  }
+}
+
+// Row i of the (token, source) tables from its sums s over the warps (q.v at [0, ST), dO.v at
+// [ST, 2 ST), v.v at 2 ST): the rms r (rr[i]), the logits z_l (zz), the softmax weights a_l (za; lse:
+// the token's [ST], zero for l >= S) and g_l = dO_l . v (zc); zz, za, zc: [., ST].
+template <int ST>
+__device__ __forceinline__ void p1_bwd_source(const float (&s)[2 * ST + 1], float inv_d, float eps, int S,
+                                              const float* lse, int i, float* rr, float* zz, float* za, float* zc) {
+  const float r = sqrtf(s[2 * ST] * inv_d + eps);
+  const float rinv = 1.f / r;
+  rr[i] = r;
+#pragma unroll
+  for (int l = 0; l < ST; ++l) {
+    const float z = s[l] * rinv;
+    zz[i * ST + l] = z;
+    za[i * ST + l] = l < S ? __expf(z - lse[l]) : 0.f;
+    zc[i * ST + l] = s[ST + l];
+  }
+}
+
+// One (token, query) l: D = sum_i a_il g_il, then zc_il = dz_il = a_il (g_il - D + dm) over the n
+// sources (za, zc: [n][ST] from the token's first row).
+template <int ST>
+__device__ __forceinline__ void p1_bwd_dz(const float* za, float* zc, int l, int n, float dm) {
+  float D = 0.f;
+  for (int i = 0; i < n; ++i) D = fmaf(za[i * ST + l], zc[i * ST + l], D);
+  for (int i = 0; i < n; ++i) zc[i * ST + l] = za[i * ST + l] * (zc[i * ST + l] - D + dm);
+}
+
+// The fused kernels' steps between the per-source tables and pass B, each after a barrier: per query
+// l = tid < ST, dz (p1_bwd_dz); per source i, zc_il = dz_il / r_i (in place) and the coefficient of v_i
+// in dv_i, ee[i] = -(sum_l dz_il z_il) / (d r_i^2). Ends with a barrier.
+template <int ST>
+__device__ __forceinline__ void p1_bwd_coefs(float* za, float* zc, const float* zz, const float* rr, float* ee,
+                                             const float* dm_s, int n, int tid, int NT, float inv_d) {
+  __syncthreads();
+  if (tid < ST) p1_bwd_dz<ST>(za, zc, tid, n, dm_s[tid]);
+  __syncthreads();
+  for (int i = tid; i < n; i += NT) {
+    const float r = rr[i], rinv = 1.f / r;
+    float e = 0.f;
+#pragma unroll
+    for (int l = 0; l < ST; ++l) {
+      const float dz = zc[i * ST + l];
+      e = fmaf(dz, zz[i * ST + l], e);
+      zc[i * ST + l] = dz * rinv;
+    }
+    ee[i] = -e * inv_d * rinv * rinv;
+  }
+  __syncthreads();
+}
+
+// Per source (one thread each): the sums of the warps' partials of row i (red: [nw][n][stride], the
+// sum of squares at slot ss), then its rms, logits and weights; then per query D_l and dz, and per
+// source the coefficients of q_l and v_i in dv_i (p1_bwd_coefs).
+template <int ST>
+__device__ __forceinline__ void p1_bwd_weights(const float* red, int nw, int stride, int ss, float inv_d, float eps,
+                                               int S, const float* lse_s, const float* dm_s, int n, int tid, int NT,
+                                               float* rr, float* zz, float* za, float* zc, float* ee) {
+  for (int i = tid; i < n; i += NT) {
+    float s[2 * ST + 1];
+    sum_warp_partials(s, red, nw, n, i, stride, ss);
+    p1_bwd_source<ST>(s, inv_d, eps, S, lse_s, i, rr, zz, za, zc);
+  }
+  p1_bwd_coefs<ST>(za, zc, zz, rr, ee, dm_s, n, tid, NT, inv_d);
+}
+
+// The thread's chunk (W floats at column tid W) of each of the ST queries, kept in registers when QREG.
+template <bool QREG, int ST, int W>
+__device__ __forceinline__ void ld_q_regs(float (&qr)[QREG ? ST : 1][1][W], const float* q, int dp, int tid) {
+  if constexpr (QREG) {
+#pragma unroll
+    for (int l = 0; l < ST; ++l) ld_q<W>(q + l * dp + tid * W, qr[l][0]);
+  }
+}
+
+// One chunk of pass B for query l: dv += a_l dO_l, then dv += c_l q_l; dq_l += c_l v.
+template <int W>
+__device__ __forceinline__ void p1_bwd_dv(float al, float cl, const float (&gv)[W], const float (&qv)[W],
+                                          const float (&v)[W], float (&dv)[W], float (&dq)[W]) {
+#pragma unroll
+  for (int e = 0; e < W; ++e) {
+    dv[e] = fmaf(al, gv[e], dv[e]);
+    dv[e] = fmaf(cl, qv[e], dv[e]);
+    dq[e] = fmaf(cl, v[e], dq[e]);
+  }
+}
+
+// ---- phase 2 (forward, and the backward of the norm-fused op, which recomputes h bit for bit)
+
+// h = a_o o + a_p p for one chunk, rounded to T (the value phase 2 stores, and the fused norm reads).
+template <typename T, int W>
+__device__ __forceinline__ void p2_merge(const Pack<T, W>& po, const Pack<T, W>& pp, float ao, float ap,
+                                         float (&h)[W]) {
+  float vo[W], vp[W];
+  unpack<T, W>(po, vo);
+  unpack<T, W>(pp, vp);
+#pragma unroll
+  for (int e = 0; e < W; ++e) h[e] = to_f<T>(from_f<T>(fmaf(ao, vo[e], ap * vp[e])));
+}
+
+// The logit z = q . p / rms(p) of the token (rinv = 1 / rms(p)): the thread's partial sums over its C
+// chunks, a warp reduce-scatter into red[warp][0, 2), one barrier, then the sums over the nw warps.
+template <typename T, int W, int C, int RW>
+__device__ __forceinline__ float p2_logit(const Pack<T, W> (&pp)[C], const float (&qr)[C][W], float (&red)[32][RW],
+                                          int lane, int warp, int nw, float inv_d, float eps, float& rinv) {
+  float part[2] = {0.f, 0.f};  // q.p, p.p
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    float vp[W];
+    unpack<T, W>(pp[k], vp);
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      part[0] = fmaf(qr[k][e], vp[e], part[0]);
+      part[1] = fmaf(vp[e], vp[e], part[1]);
+    }
+  }
+  const float r = warp_reduce_scatter<2>(part, lane);
+  if (rs_writer<2>(lane)) red[warp][rs_index<2>(lane)] = r;
+  __syncthreads();
+  float dot = 0.f, ss = 0.f;
+  for (int w = 0; w < nw; ++w) {
+    dot += red[w][0];
+    ss += red[w][1];
+  }
+  rinv = rsqrtf(ss * inv_d + eps);
+  return dot * rinv;
 }
 
 }  // namespace attnres_cuda

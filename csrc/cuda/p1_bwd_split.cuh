@@ -73,98 +73,32 @@ __global__ void __launch_bounds__(512) p1_bwd_coef_kernel(const __grid_constant_
     for (int j = 0; j < tt; ++j) {
       const int64_t off = (t0 + j) * d;
       Pack<T, W> go[ST][C];
-#pragma unroll
-      for (int l = 0; l < ST; ++l)
-#pragma unroll
-        for (int k = 0; k < C; ++k) {
-          if (l < S) {
-            go[l][k] = ld_chunk<T, W>(static_cast<const T*>(a.dout[l]) + off, (k * NT + tid) * W, d, vec);
-          } else {
-#pragma unroll
-            for (int w = 0; w < Pack<T, W>::NW; ++w) go[l][k].w[w] = 0u;
-          }
-        }
-      for (int i0 = 0; i0 < n; i0 += U) {
-        Pack<T, W> x[U][C];
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-#pragma unroll
-          for (int k = 0; k < C; ++k)
-            if (i0 + u < n)
-              x[u][k] = ld_chunk<T, W>(static_cast<const T*>(a.src[i0 + u]) + off, (k * NT + tid) * W, d, vec);
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          if (i0 + u < n) {
-            float part[PP];
-            float ss = 0.f;
-#pragma unroll
-            for (int p = 0; p < PP; ++p) part[p] = 0.f;
-#pragma unroll
-            for (int k = 0; k < C; ++k) {
-              float v[W];
-              unpack<T, W>(x[u][k], v);
-#pragma unroll
-              for (int e = 0; e < W; ++e) ss = fmaf(v[e], v[e], ss);
-#pragma unroll
-              for (int l = 0; l < ST; ++l) {
-                float qv[W], gv[W];
-                if constexpr (QREG) {
-#pragma unroll
-                  for (int e = 0; e < W; ++e) qv[e] = qr[l][k][e];
-                } else {
-                  ld_q<W>(a.q + l * qld + (k * NT + tid) * W, qv);
-                }
-                unpack<T, W>(go[l][k], gv);
-#pragma unroll
-                for (int e = 0; e < W; ++e) {
-                  part[l] = fmaf(qv[e], v[e], part[l]);
-                  part[ST + l] = fmaf(gv[e], v[e], part[ST + l]);
-                }
-              }
-            }
-            const float r = warp_reduce_scatter<PP>(part, lane);
-            float* slot = red + (warp * TN + j * n + i0 + u) * RSB;
-            if (rs_writer<PP>(lane)) slot[rs_index<PP>(lane)] = r;
-#pragma unroll
-            for (int o = 16; o >= 1; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-            if (lane == 0) slot[PP] = ss;
-          }
-        }
-      }
+      ld_grads(go, a.dout, S, off, NT, tid, d, vec);
+      for_source_rows<T, W, U, C>(a.src, n, off, NT, tid, d, vec, [&](int i, const Pack<T, W>(&x)[C]) {
+        float part[PP];
+        float ss = 0.f;
+        zero(part);
+        p1_bwd_dots<T, W, ST, C, QREG>(x, go, qr, a.q, qld, NT, tid, part, ss);
+        const float r = warp_reduce_scatter<PP>(part, lane);
+        float* slot = red + (warp * TN + j * n + i) * RSB;
+        if (rs_writer<PP>(lane)) slot[rs_index<PP>(lane)] = r;
+        ss = warp_sum(ss);
+        if (lane == 0) slot[PP] = ss;
+      });
     }
     __syncthreads();
     // ---- per (token, source): rms, logits, softmax weights
     for (int idx = tid; idx < tt * n; idx += NT) {
       const int j = idx / n;
       float sm[2 * ST + 1];
-#pragma unroll
-      for (int l = 0; l <= 2 * ST; ++l) sm[l] = 0.f;
-      for (int w = 0; w < nw; ++w) {
-        const float* slot = red + (w * TN + idx) * RSB;
-#pragma unroll
-        for (int l = 0; l < 2 * ST; ++l) sm[l] += slot[l];
-        sm[2 * ST] += slot[PP];
-      }
-      const float r = sqrtf(sm[2 * ST] * inv_d + a.eps);
-      const float rinv = 1.f / r;
-      rr[idx] = r;
-#pragma unroll
-      for (int l = 0; l < ST; ++l) {
-        const float z = sm[l] * rinv;
-        zz[idx * ST + l] = z;
-        za[idx * ST + l] = l < S ? __expf(z - lse_s[j * ST + l]) : 0.f;
-        zc[idx * ST + l] = sm[ST + l];
-      }
+      sum_warp_partials(sm, red, nw, TN, idx, RSB, PP);
+      p1_bwd_source<ST>(sm, inv_d, a.eps, S, lse_s + j * ST, idx, rr, zz, za, zc);
     }
     __syncthreads();
     // ---- per (token, query): D_l = sum_i a_li g_li, dz_li = a_li (g_li - D_l + dm_l)
     for (int idx = tid; idx < tt * ST; idx += NT) {
       const int j = idx / ST, l = idx % ST;
-      const int base = j * n * ST + l;
-      float D = 0.f;
-      for (int i = 0; i < n; ++i) D = fmaf(za[base + i * ST], zc[base + i * ST], D);
-      const float dm = dm_s[idx];
-      for (int i = 0; i < n; ++i) zc[base + i * ST] = za[base + i * ST] * (zc[base + i * ST] - D + dm);
+      p1_bwd_dz<ST>(za, zc, j * n * ST + l, n, dm_s[idx]);
     }
     __syncthreads();
     // ---- per (token, source): the coefficients of dv, out to global memory (16-byte stores)
@@ -200,7 +134,9 @@ __global__ void __launch_bounds__(128) p1_bwd_apply_kernel(const __grid_constant
   const int64_t N = a.N;
   const bool vec = a.vec;
   const int dp = gridDim.x * blockDim.x * W;
-  const int col = (blockIdx.x * blockDim.x + threadIdx.x) * W;
+  // one chunk per thread, at chunk index gtid of the row (chunk_col<W>(0, ., gtid) = col)
+  const int gtid = blockIdx.x * blockDim.x + threadIdx.x;
+  const int col = gtid * W;
   float qr[ST][W], dq[ST][W];
 #pragma unroll
   for (int l = 0; l < ST; ++l) {
@@ -211,22 +147,12 @@ __global__ void __launch_bounds__(128) p1_bwd_apply_kernel(const __grid_constant
   if (col < d) {
     for (int64_t t = blockIdx.y; t < N; t += gridDim.y) {
       const int64_t off = t * d;
-      Pack<T, W> go[ST];
-#pragma unroll
-      for (int l = 0; l < ST; ++l) {
-        if (l < S) {
-          go[l] = ld_chunk<T, W>(static_cast<const T*>(a.dout[l]) + off, col, d, vec);
-        } else {
-#pragma unroll
-          for (int w = 0; w < Pack<T, W>::NW; ++w) go[l].w[w] = 0u;
-        }
-      }
+      Pack<T, W> go[ST][1];
+      ld_grads(go, a.dout, S, off, 0, gtid, d, vec);
       const float4* cft = reinterpret_cast<const float4*>(a.coef + t * n * CS);
       for (int i0 = 0; i0 < n; i0 += U) {
         Pack<T, W> x[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-          if (i0 + u < n) x[u] = ld_chunk<T, W>(static_cast<const T*>(a.src[i0 + u]) + off, col, d, vec);
+        ld_rows_at(x, a.src, i0, n, off, col, d, vec);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int i = i0 + u;
@@ -239,20 +165,13 @@ __global__ void __launch_bounds__(128) p1_bwd_apply_kernel(const __grid_constant
             }
             float v[W], dv[W];
             unpack<T, W>(x[u], v);
-#pragma unroll
-            for (int e = 0; e < W; ++e) dv[e] = cf[2 * ST] * v[e];
+            scale(dv, cf[2 * ST], v);
 #pragma unroll
             for (int l = 0; l < ST; ++l) {
               if (l < S) {
                 float gv[W];
-                unpack<T, W>(go[l], gv);
-                const float al = cf[l], cl = cf[ST + l];
-#pragma unroll
-                for (int e = 0; e < W; ++e) {
-                  dv[e] = fmaf(al, gv[e], dv[e]);
-                  dv[e] = fmaf(cl, qr[l][e], dv[e]);
-                  dq[l][e] = fmaf(cl, v[e], dq[l][e]);
-                }
+                unpack<T, W>(go[l][0], gv);
+                p1_bwd_dv(cf[l], cf[ST + l], gv, qr[l], v, dv, dq[l]);
               }
             }
             st_chunk<T, W>(static_cast<T*>(a.dsrc[i]) + off, col, d, vec, dv);

@@ -27,81 +27,36 @@ __global__ void __launch_bounds__(QREG ? 384 : 512) p1_fwd_kernel(const __grid_c
 
   for (int64_t t = blockIdx.x; t < N; t += gridDim.x) {
     const int64_t off = t * d;
-    float qr[QREG ? ST : 1][QREG ? W : 1];
-    if constexpr (QREG) {
-#pragma unroll
-      for (int l = 0; l < ST; ++l) ld_q<W>(a.q + l * dp + tid * W, qr[l]);
-    }
+    float qr[QREG ? ST : 1][1][W];
+    ld_q_regs<QREG, ST, W>(qr, a.q, dp, tid);
     // ---- pass 1: logits
-    for (int i0 = 0; i0 < n; i0 += U) {
-      Pack<T, W> x[U][C];
+    for_source_rows<T, W, U, C>(a.src, n, off, NT, tid, d, vec, [&](int i, const Pack<T, W>(&x)[C]) {
+      float part[PP];
+      zero(part);
 #pragma unroll
-      for (int u = 0; u < U; ++u)
+      for (int k = 0; k < C; ++k) {
+        float v[W];
+        unpack<T, W>(x[k], v);
+        fma_dot(v, v, part[ST]);
 #pragma unroll
-        for (int k = 0; k < C; ++k)
-          if (i0 + u < n)
-            x[u][k] = ld_chunk<T, W>(static_cast<const T*>(a.src[i0 + u]) + off, (k * NT + tid) * W, d, vec);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (i0 + u < n) {
-          float part[PP];
-#pragma unroll
-          for (int s = 0; s < PP; ++s) part[s] = 0.f;
-#pragma unroll
-          for (int k = 0; k < C; ++k) {
-            float v[W];
-            unpack<T, W>(x[u][k], v);
-#pragma unroll
-            for (int e = 0; e < W; ++e) part[ST] = fmaf(v[e], v[e], part[ST]);
-#pragma unroll
-            for (int l = 0; l < ST; ++l) {
-              float qv[W];
-              if constexpr (QREG) {
-#pragma unroll
-                for (int e = 0; e < W; ++e) qv[e] = qr[l][e];
-              } else {
-                ld_q<W>(a.q + l * dp + (k * NT + tid) * W, qv);
-              }
-#pragma unroll
-              for (int e = 0; e < W; ++e) part[l] = fmaf(qv[e], v[e], part[l]);
-            }
-          }
-          const float r = warp_reduce_scatter<PP>(part, lane);
-          if (rs_writer<PP>(lane)) red[(warp * n + i0 + u) * PP + rs_index<PP>(lane)] = r;
+        for (int l = 0; l < ST; ++l) {
+          float qv[W];
+          q_chunk<QREG>(qr, a.q, dp, l, k, NT, tid, qv);
+          fma_dot(qv, v, part[l]);
         }
       }
-    }
+      const float r = warp_reduce_scatter<PP>(part, lane);
+      if (rs_writer<PP>(lane)) red[(warp * n + i) * PP + rs_index<PP>(lane)] = r;
+    });
     __syncthreads();
     // ---- finish the sums: one thread per source
     for (int i = tid; i < n; i += NT) {
       float s[ST + 1];
-#pragma unroll
-      for (int l = 0; l <= ST; ++l) s[l] = 0.f;
-      for (int w = 0; w < nw; ++w) {
-#pragma unroll
-        for (int l = 0; l <= ST; ++l) s[l] += red[(w * n + i) * PP + l];
-      }
-      const float rinv = rsqrtf(s[ST] * inv_d + a.eps);
-#pragma unroll
-      for (int l = 0; l < ST; ++l) zb[i * ST + l] = s[l] * rinv;
+      sum_warp_partials(s, red, nw, n, i, PP, ST);
+      p1_fwd_logits<ST>(s, inv_d, a.eps, zb, i);
     }
-    __syncthreads();
     // ---- softmax over the sources: one thread per query
-    if (tid < ST) {
-      const int l = tid;
-      if (l < S) {
-        float mx = -INFINITY;
-        for (int i = 0; i < n; ++i) mx = fmaxf(mx, zb[i * ST + l]);
-        float sum = 0.f;
-        for (int i = 0; i < n; ++i) sum += __expf(zb[i * ST + l] - mx);
-        const float lse = mx + __logf(sum);
-        a.lse[l * a.lse_stride + t] = lse;
-        for (int i = 0; i < n; ++i) zb[i * ST + l] = __expf(zb[i * ST + l] - lse);
-      } else {
-        for (int i = 0; i < n; ++i) zb[i * ST + l] = 0.f;
-      }
-    }
-    __syncthreads();
+    p1_fwd_softmax<ST>(zb, n, S, tid, a.lse, a.lse_stride, t);
     // ---- pass 2: weighted sums (the next token's pass 1 writes only `red`; its first barrier
     // orders this pass's reads of `zb` before the next writes)
 #pragma unroll
@@ -109,33 +64,20 @@ __global__ void __launch_bounds__(QREG ? 384 : 512) p1_fwd_kernel(const __grid_c
       const int col = (k * NT + tid) * W;
       for (int g0 = 0; g0 < S; g0 += G2) {
         float acc[G2][W];
-#pragma unroll
-        for (int j = 0; j < G2; ++j)
-#pragma unroll
-          for (int e = 0; e < W; ++e) acc[j][e] = 0.f;
+        zero(acc);
         for (int i0 = 0; i0 < n; i0 += U) {
           Pack<T, W> x[U];
-#pragma unroll
-          for (int u = 0; u < U; ++u)
-            if (i0 + u < n) x[u] = ld_chunk<T, W>(static_cast<const T*>(a.src[i0 + u]) + off, col, d, vec);
+          ld_rows_at(x, a.src, i0, n, off, col, d, vec);
 #pragma unroll
           for (int u = 0; u < U; ++u) {
             if (i0 + u < n) {
               float v[W];
               unpack<T, W>(x[u], v);
-              const float* wrow = zb + (i0 + u) * ST + g0;
-#pragma unroll
-              for (int j = 0; j < G2; ++j) {
-                const float wj = wrow[j];
-#pragma unroll
-                for (int e = 0; e < W; ++e) acc[j][e] = fmaf(wj, v[e], acc[j][e]);
-              }
+              fma_rows(acc, zb + (i0 + u) * ST + g0, v);
             }
           }
         }
-#pragma unroll
-        for (int j = 0; j < G2; ++j)
-          if (g0 + j < S) st_chunk<T, W>(static_cast<T*>(a.out[g0 + j]) + off, col, d, vec, acc[j]);
+        st_rows<T>(acc, a.out, g0, S, off, col, d, vec);
       }
     }
   }
@@ -172,11 +114,7 @@ __global__ void __launch_bounds__(512, 1) p1_fwd_staged_kernel(const __grid_cons
       T* dst = stage0 + static_cast<size_t>(s) * n * dpad;
       for (int i = 0; i < n; ++i) {
         const T* row = static_cast<const T*>(a.src[i]) + t * d;
-#pragma unroll
-        for (int k = 0; k < C; ++k) {
-          const int col = (k * NT + tid) * W;
-          cp_async16(dst + i * dpad + col, row + (col < d ? col : 0), col < d);
-        }
+        stage_row<16, T, W, C>(dst + i * dpad, row, NT, tid, d);
       }
     }
     cp_async_commit();
@@ -186,16 +124,7 @@ __global__ void __launch_bounds__(512, 1) p1_fwd_staged_kernel(const __grid_cons
   int it = 0;
   for (int64_t t = blockIdx.x; t < N; t += G, ++it) {
     const int s = it % K;
-    if (K == 1) {
-      issue(t, 0);
-      cp_async_wait<0>();
-    } else if (K == 2) {
-      cp_async_wait<0>();
-    } else if (K == 3) {
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<2>();
-    }
+    stage_wait(K, t, issue);
     __syncthreads();  // this token's rows are in; every thread is done with the previous token
     if (K > 1) issue(t + (K - 1) * G, (it + K - 1) % K);
     const T* rows = stage0 + static_cast<size_t>(s) * n * dpad;
@@ -210,18 +139,14 @@ __global__ void __launch_bounds__(512, 1) p1_fwd_staged_kernel(const __grid_cons
         for (int k = 0; k < C; ++k) ld_q<W>(a.q + (g * QG + j) * dpad + (k * NT + tid) * W, qr[j][k]);
       for (int i = 0; i < n; ++i) {
         float part[PG];
-#pragma unroll
-        for (int p = 0; p < PG; ++p) part[p] = 0.f;
+        zero(part);
 #pragma unroll
         for (int k = 0; k < C; ++k) {
           float v[W];
-          unpack<T, W>(ld_vec<T, W>(rows + i * dpad + (k * NT + tid) * W), v);
+          unpack<T, W>(ld_vec<T, W>(rows + i * dpad + chunk_col<W>(k, NT, tid)), v);
+          fma_dot(v, v, part[QG]);
 #pragma unroll
-          for (int e = 0; e < W; ++e) part[QG] = fmaf(v[e], v[e], part[QG]);
-#pragma unroll
-          for (int j = 0; j < QG; ++j)
-#pragma unroll
-            for (int e = 0; e < W; ++e) part[j] = fmaf(qr[j][k][e], v[e], part[j]);
+          for (int j = 0; j < QG; ++j) fma_dot(qr[j][k], v, part[j]);
         }
         const float r = warp_reduce_scatter<PG>(part, lane);
         if (rs_writer<PG>(lane)) red[(warp * n + i) * RS + g * PG + rs_index<PG>(lane)] = r;
@@ -230,34 +155,16 @@ __global__ void __launch_bounds__(512, 1) p1_fwd_staged_kernel(const __grid_cons
     __syncthreads();
     for (int i = tid; i < n; i += NT) {
       float acc[ST + 1];
-#pragma unroll
-      for (int l = 0; l <= ST; ++l) acc[l] = 0.f;
+      zero(acc);
       for (int w = 0; w < nw; ++w) {
         const float* rw = red + (w * n + i) * RS;
 #pragma unroll
         for (int l = 0; l < ST; ++l) acc[l] += rw[(l / QG) * PG + l % QG];
         acc[ST] += rw[QG];
       }
-      const float rinv = rsqrtf(acc[ST] * inv_d + a.eps);
-#pragma unroll
-      for (int l = 0; l < ST; ++l) zb[i * ST + l] = acc[l] * rinv;
+      p1_fwd_logits<ST>(acc, inv_d, a.eps, zb, i);
     }
-    __syncthreads();
-    if (tid < ST) {
-      const int l = tid;
-      if (l < S) {
-        float mx = -INFINITY;
-        for (int i = 0; i < n; ++i) mx = fmaxf(mx, zb[i * ST + l]);
-        float sum = 0.f;
-        for (int i = 0; i < n; ++i) sum += __expf(zb[i * ST + l] - mx);
-        const float lse = mx + __logf(sum);
-        a.lse[l * a.lse_stride + t] = lse;
-        for (int i = 0; i < n; ++i) zb[i * ST + l] = __expf(zb[i * ST + l] - lse);
-      } else {
-        for (int i = 0; i < n; ++i) zb[i * ST + l] = 0.f;
-      }
-    }
-    __syncthreads();
+    p1_fwd_softmax<ST>(zb, n, S, tid, a.lse, a.lse_stride, t);
     // ---- pass 2: weighted sums from the staged rows
 #pragma unroll
     for (int k = 0; k < C; ++k) {
@@ -266,24 +173,13 @@ __global__ void __launch_bounds__(512, 1) p1_fwd_staged_kernel(const __grid_cons
       for (int g = 0; g < NG; ++g) {
         if (g * QG < S) {
           float acc[QG][W];
-#pragma unroll
-          for (int j = 0; j < QG; ++j)
-#pragma unroll
-            for (int e = 0; e < W; ++e) acc[j][e] = 0.f;
+          zero(acc);
           for (int i = 0; i < n; ++i) {
             float v[W];
             unpack<T, W>(ld_vec<T, W>(rows + i * dpad + col), v);
-            const float* wrow = zb + i * ST + g * QG;
-#pragma unroll
-            for (int j = 0; j < QG; ++j) {
-              const float wj = wrow[j];
-#pragma unroll
-              for (int e = 0; e < W; ++e) acc[j][e] = fmaf(wj, v[e], acc[j][e]);
-            }
+            fma_rows(acc, zb + i * ST + g * QG, v);
           }
-#pragma unroll
-          for (int j = 0; j < QG; ++j)
-            if (g * QG + j < S) st_chunk<T, W>(static_cast<T*>(a.out[g * QG + j]) + off, col, d, true, acc[j]);
+          st_rows<T>(acc, a.out, g * QG, S, off, col, d, true);
         }
       }
     }

@@ -7,17 +7,6 @@
 
 namespace attnres_cuda {
 
-// h = a_o o + a_p p for one chunk, rounded to T (the value phase 2 stores, and the fused norm reads).
-template <typename T, int W>
-__device__ __forceinline__ void p2_merge(const Pack<T, W>& po, const Pack<T, W>& pp, float ao, float ap,
-                                         float (&h)[W]) {
-  float vo[W], vp[W];
-  unpack<T, W>(po, vo);
-  unpack<T, W>(pp, vp);
-#pragma unroll
-  for (int e = 0; e < W; ++e) h[e] = to_f<T>(from_f<T>(fmaf(ao, vo[e], ap * vp[e])));
-}
-
 // NORM: the sublayer's input RMSNorm fused in (op phase2_norm): h is rounded to T as phase 2 would
 // store it, then y = h * rsqrt(mean(h^2) + norm_eps) * g is written instead of h (a second reduction
 // per token; h never goes to memory).
@@ -61,26 +50,8 @@ __global__ void __launch_bounds__(512) p2_fwd_kernel(const __grid_constant__ P2F
     }
     const float m = m_n;
     load(t + gridDim.x);
-    float part[2] = {0.f, 0.f};
-#pragma unroll
-    for (int k = 0; k < C; ++k) {
-      float v[W];
-      unpack<T, W>(pp[k], v);
-#pragma unroll
-      for (int e = 0; e < W; ++e) {
-        part[0] = fmaf(qr[k][e], v[e], part[0]);
-        part[1] = fmaf(v[e], v[e], part[1]);
-      }
-    }
-    const float r = warp_reduce_scatter<2>(part, lane);
-    if (rs_writer<2>(lane)) red[buf][warp][rs_index<2>(lane)] = r;
-    __syncthreads();
-    float dot = 0.f, ss = 0.f;
-    for (int w = 0; w < nw; ++w) {
-      dot += red[buf][w][0];
-      ss += red[buf][w][1];
-    }
-    const float z = dot * rsqrtf(ss * inv_d + a.eps);
+    float rinv;
+    const float z = p2_logit(pp, qr, red[buf], lane, warp, nw, inv_d, a.eps, rinv);
     const float mx = fmaxf(m, z);
     const float lse = mx + __logf(__expf(m - mx) + __expf(z - mx));
     const float ao = __expf(m - lse), ap = __expf(z - lse);
@@ -212,27 +183,7 @@ __global__ void __launch_bounds__(512)
       ap = __expf(z - lse), ao = __expf(m - lse);
     } else {
       // round 1 exactly as the forward (same sums, same order): the same z, a_o, a_p, hence the same h
-      float part[2] = {0.f, 0.f};  // q.p, p.p
-#pragma unroll
-      for (int k = 0; k < C; ++k) {
-        float vp[W];
-        unpack<T, W>(pp[k], vp);
-#pragma unroll
-        for (int e = 0; e < W; ++e) {
-          part[0] = fmaf(qr[k][e], vp[e], part[0]);
-          part[1] = fmaf(vp[e], vp[e], part[1]);
-        }
-      }
-      const float r2 = warp_reduce_scatter<2>(part, lane);
-      if (rs_writer<2>(lane)) red[buf][warp][rs_index<2>(lane)] = r2;
-      __syncthreads();
-      float dot = 0.f, ss = 0.f;
-      for (int w = 0; w < nw; ++w) {
-        dot += red[buf][w][0];
-        ss += red[buf][w][1];
-      }
-      rinv = rsqrtf(ss * inv_d + a.eps);
-      z = dot * rinv;
+      z = p2_logit(pp, qr, red[buf], lane, warp, nw, inv_d, a.eps, rinv);
       ap = __expf(z - lse), ao = __expf(m - lse);
       // round 2 (red2: one buffer, as in the forward): h.h, gy.h, gy.p, h.p
       float part4[4] = {0.f, 0.f, 0.f, 0.f};
