@@ -31,26 +31,8 @@ fi
 
 install_wheels
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
-SUMS=$(cat csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h setup.py | md5sum | cut -c1-12)
 fresh=0
-if [[ -f .devbuild/sums && $(cat .devbuild/sums) == "$SUMS" ]] && compgen -G ".devbuild/_C*.so*" >/dev/null; then
-  if [[ -f .devbuild/_C.abi3.so.xz ]]; then xz -dc .devbuild/_C.abi3.so.xz >attnres/_C.abi3.so; else cp .devbuild/_C*.so attnres/; fi
-  cp .devbuild/_build_info.json attnres/ && echo "extension: carried build $SUMS"
-else
-  fresh=1
-  echo "extension: pip wheel --no-build-isolation (CUDA for the visible GPU)"
-  rm -rf /tmp/wh /tmp/inst
-  MAX_JOBS=${MAX_JOBS:-16} timeout 330 python3 -m pip wheel -v --no-build-isolation --no-deps . -w /tmp/wh \
-    >"$OUT/build.log" 2>&1 || { echo "build FAILED"; tail -30 "$OUT/build.log"; exit 1; }
-  grep "attnres setup:" "$OUT/build.log"
-  python3 -m pip install -q --no-deps --target /tmp/inst /tmp/wh/attnres-*.whl
-  (cd /tmp && PYTHONPATH=/tmp/inst:${PYTHONPATH:-} python3 -m attnres info) | tee "$OUT/info.txt"
-  cp /tmp/inst/attnres/_C*.so /tmp/inst/attnres/_build_info.json attnres/
-  # the .so is over the 16 MiB a returned file may have: xz (~4.5x) brings it back, to carry as .devbuild/
-  xz -T0 -6 -c /tmp/inst/attnres/_C*.so >"$OUT/_C.abi3.so.xz" && cp /tmp/inst/attnres/_build_info.json "$OUT/" \
-    && echo "$SUMS" >"$OUT/sums"
-  echo "built in $(( $(date +%s) - T0 )) s"
-fi
+extension_carried_or_wheel || exit 1
 python3 -c "from attnres import ops; print('depth ops on cuda:', ops.backend('cuda'))"
 if (( fresh )); then
   # the GPU tests of the KDA path (fla, document packing) first, then the CUDA op tests, in one log

@@ -73,3 +73,21 @@ def test_cuda_rows_have_every_op_when_run_on_the_cpu(monkeypatch):
     assert row["merge_norm_fwd_bwd_ms"] > 0 and row["merge_then_norm_fwd_bwd_ms"] > 0
     assert "N=   64 d=  32 n= 3 S= 2" in report.ops_row_line(row)
     assert (16384, 2048, 9, 8) in cuda_grid(quick=True) and len(cuda_grid(quick=False)) == 3 * 5 * 6 * 4
+
+
+def test_two_builds_compare_by_median_round_and_geometric_mean(tmp_path, capsys):
+    from attnres.bench.report import compare_ops_runs
+
+    def run(name, p1, p2):
+        rows = [{"N": 16, "d": 8, "n": 3, "S": 1, "dtype": "bfloat16", "phase1_fwd": {"ms": p1, "GBps": 1.0},
+                 "phase2_fwd": {"ms": p2}, "block_fwd_ms": 9.0}]
+        (tmp_path / name).write_text(json.dumps({"rows": rows}))
+        return tmp_path / name
+
+    base = [run("a1", 1.0, 4.0), run("a2", 3.0, 4.0), run("a3", 2.0, 4.0)]  # medians 2.0, 4.0
+    new = [run("b1", 1.0, 2.0)]
+    out = compare_ops_runs(base, new)
+    ratios = {r["op"]: r["ratio"] for r in out["rows"]}
+    assert ratios == pytest.approx({"phase1_fwd": 0.5, "phase2_fwd": 0.5})  # plain numbers are not ops
+    assert out["geomean"] == pytest.approx({"phase1_fwd": 0.5, "phase2_fwd": 0.5})
+    assert "phase1_fwd" in capsys.readouterr().out

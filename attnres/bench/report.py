@@ -8,14 +8,15 @@ tabulated, and its ratios recomputed, without running anything.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["compute_ratios", "format_table", "json_default", "merge_results", "ops_row_line",
-           "print_cpu_ops_table", "print_cuda_ops_table"]
+__all__ = ["compare_ops_runs", "compute_ratios", "format_table", "json_default", "merge_results",
+           "ops_row_line", "print_cpu_ops_table", "print_cuda_ops_table"]
 
 
 # ----------------------------------------------------------------------------- the op tables
@@ -242,6 +243,36 @@ def merge_results(paths: Sequence[str | Path], out: str | Path | None = None) ->
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(merged, indent=1, default=json_default))
     return merged
+
+
+def compare_ops_runs(base: Sequence[str | Path], new: Sequence[str | Path]) -> dict[str, Any]:
+    """Two builds' CUDA op-benchmark JSON, each timed in one or more rounds on one device: per shape and
+    op, the median time over each build's rounds and the ratio new / base; per op, the geometric mean of
+    the ratios over the shapes both builds timed. Printed as a table and returned."""
+    def medians(paths: Sequence[str | Path]) -> dict[tuple, dict[str, float]]:
+        times: dict[tuple, dict[str, list[float]]] = {}
+        for path in paths:
+            for r in json.loads(Path(path).read_text())["rows"]:
+                key = (r["N"], r["d"], r["n"], r["S"], r["dtype"])
+                for op, v in r.items():
+                    if isinstance(v, dict) and isinstance(v.get("ms"), int | float):
+                        times.setdefault(key, {}).setdefault(op, []).append(float(v["ms"]))
+        return {k: {op: float(torch.tensor(v).median()) for op, v in ops.items()} for k, ops in times.items()}
+
+    a, b = medians(base), medians(new)
+    rows, logs = [], {}
+    for key in sorted(a.keys() & b.keys()):
+        for op in sorted(a[key].keys() & b[key].keys()):
+            ratio = b[key][op] / a[key][op]
+            rows.append({"shape": list(key), "op": op, "base_ms": a[key][op], "new_ms": b[key][op], "ratio": ratio})
+            logs.setdefault(op, []).append(math.log(ratio))
+    geomean = {op: math.exp(sum(v) / len(v)) for op, v in logs.items()}
+    print(f"{'N':>6} {'d':>5} {'n':>3} {'S':>2} {'op':<11} {'base ms':>9} {'new ms':>9} {'new/base':>8}")
+    for r in rows:
+        N, d, n, S, _ = r["shape"]
+        print(f"{N:>6} {d:>5} {n:>3} {S:>2} {r['op']:<11} {r['base_ms']:>9.4f} {r['new_ms']:>9.4f} {r['ratio']:>8.3f}")
+    print("geometric mean new/base: " + ", ".join(f"{op} {g:.3f}" for op, g in sorted(geomean.items())))
+    return {"rows": rows, "geomean": geomean, "base": [str(p) for p in base], "new": [str(p) for p in new]}
 
 
 def json_default(o: Any) -> Any:

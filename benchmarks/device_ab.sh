@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Two builds of the extension side by side on one GPU, as ONE device command: the checkout's own (the
+# "new" build) against an older checkout in .old/ with its build in .devbuild_old/ (the "base"). Carry
+# .whl, .old, .devbuild_old, and .devbuild when a previous call built this csrc/.
+#
+#     bash benchmarks/device_ab.sh [ROUNDS] [E2E_SHAPES]
+#
+# Make the base: `git archive REV | tar -x -C .old` and its build (a previous call's _C.abi3.so.xz,
+# _build_info.json) in .devbuild_old/. Steps, all within AB_TOTAL_S (default 560 s):
+#   1. the new build (carried or built, see device_common.sh), then the CUDA op tests (AB_TESTS=0 skips);
+#   2. the CUDA op grid (AB_QUICK=1: the quick N = 16384 sweep, ~1 min a round on an H100; else the full
+#      grid, over 2 min), ROUNDS (default 2) rounds alternating base and new, each in its own process;
+#      the table of new/base per shape and op (median of the rounds), JSON in $OUT/ab/;
+#   3. E2E_SHAPES given (e.g. '[small]'): `bench e2e` eager training rows, standard and Block, base then new.
+# $OUT/ab.tgz holds the JSON of every round.
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"
+ROUNDS=${1:-2}
+E2E=${2:-}
+TOTAL=${AB_TOTAL_S:-560}
+T0=$(date +%s)
+left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
+[[ -d .old/attnres && -f .devbuild_old/_C.abi3.so.xz ]] || { echo "no base: .old/ and .devbuild_old/ are needed"; exit 2; }
+install_wheels
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton"
+if [[ -z $(find .cache/triton -name '*.autotune.json' -print -quit 2>/dev/null) ]]; then
+  mkdir -p .cache && tar xzf lightning_modules/autotune/kda_sm90.tgz -C .cache
+fi
+fresh=0
+extension_carried_or_wheel || exit 1
+xz -dc .devbuild_old/_C.abi3.so.xz >.old/attnres/_C.abi3.so && cp .devbuild_old/_build_info.json .old/attnres/
+(cd .old && python3 -c "from attnres import ops; print('base: depth ops on cuda:', ops.backend('cuda'))")
+python3 -c "from attnres import ops; print('new:  depth ops on cuda:', ops.backend('cuda'))"
+if [[ "${AB_TESTS:-1}" != 0 ]]; then
+  timeout "${AB_TEST_S:-200}" python3 -m pytest -q -p no:logging -rfE tests/test_ops_cuda.py >"$OUT/tests_ops_cuda.log" 2>&1
+  echo "CUDA op tests: exit $? ($(tail -1 "$OUT/tests_ops_cuda.log"))"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests_ops_cuda.log" | head -20
+fi
+mkdir -p "$OUT/ab"
+# $OUT returns at most 8 files: everything of the A/B goes back as one archive, also when time runs out
+trap '(cd "$OUT" && tar czf ab.tgz ab && rm -rf ab)' EXIT
+quick=false; [[ "${AB_QUICK:-0}" != 0 ]] && quick=true
+cap() { local t=$(( $(left) - 20 )); echo $(( t < $1 ? t : $1 )); }
+for r in $(seq 1 "$ROUNDS"); do
+  (( $(left) > 120 )) || { echo "round $r: out of time"; break; }
+  (cd .old && timeout "$(cap 200)" python3 -m attnres bench ops --device cuda --quick $quick --compare none --out "$OUT/ab/base_$r.json" \
+    >"$OUT/ab/base_$r.log" 2>&1) || echo "base round $r: exit $?"
+  timeout "$(cap 200)" python3 -m lightning_modules bench ops --device cuda --quick $quick --compare none --out "$OUT/ab/new_$r.json" \
+    >"$OUT/ab/new_$r.log" 2>&1 || echo "new round $r: exit $?"
+  echo "round $r done after $(( $(date +%s) - T0 )) s"
+done
+python3 - "$OUT/ab" <<'PY' | tee "$OUT/ab/compare.txt" | tail -60
+import glob, json, sys
+from attnres.bench.report import compare_ops_runs
+d = sys.argv[1]
+res = compare_ops_runs(sorted(glob.glob(f"{d}/base_*.json")), sorted(glob.glob(f"{d}/new_*.json")))
+json.dump(res, open(f"{d}/compare.json", "w"), indent=1)
+PY
+if [[ -n "$E2E" ]]; then
+  for side in base new; do
+    div=1; [[ $side == base ]] && div=2
+    budget=$(( ($(left) - 30) / div ))
+    (( budget > 60 )) || { echo "e2e $side: out of time"; continue; }
+    dir=.; [[ $side == base ]] && dir=.old
+    mod=lightning_modules; [[ $side == base ]] && mod=attnres
+    (cd $dir && timeout --signal=INT --kill-after=10 $(( budget + 20 )) python3 -m $mod bench e2e --tag "ab_$side" \
+      --budget_s "$budget" --shapes "$E2E" --modes '[standard,block]' --kinds '[train]' --variants '[eager]' \
+      --impls '[attnres]' --out "$OUT/ab/e2e_$side.json" >"$OUT/ab/e2e_$side.log" 2>&1) || echo "e2e $side: exit $?"
+    grep -E "train|step" "$OUT/ab/e2e_$side.log" | grep -v DEBUG | tail -6
+  done
+fi
+echo "done in $(( $(date +%s) - T0 )) s"
