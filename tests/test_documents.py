@@ -294,10 +294,14 @@ def _fake_fla(monkeypatch, calls: list) -> None:
         return o, None
 
     def causal_conv1d(x, weight, bias=None, activation=None, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
-        calls.append(("conv", cu_seqlens.tolist()))
-        assert x.shape[0] == 1 and activation == "silu" and bias is None
-        bounds, W = cu_seqlens.tolist(), weight.shape[1]
-        xt = x.transpose(1, 2)
+        calls.append(("conv", None if cu_seqlens is None else cu_seqlens.tolist()))
+        assert activation == "silu" and bias is None
+        W, xt = weight.shape[1], x.transpose(1, 2)
+        if cu_seqlens is None:  # every row of [B, T, C] from zeros
+            y = F.conv1d(F.pad(xt, (W - 1, 0)), weight.unsqueeze(1), groups=x.shape[2])
+            return F.silu(y.transpose(1, 2)), None
+        assert x.shape[0] == 1
+        bounds = cu_seqlens.tolist()
         pieces = [F.conv1d(F.pad(xt[..., a:b], (W - 1, 0)), weight.unsqueeze(1), groups=x.shape[2])
                   for a, b in zip(bounds[:-1], bounds[1:])]
         return F.silu(torch.cat(pieces, dim=-1).transpose(1, 2)), None
@@ -323,9 +327,11 @@ def test_fla_varlen_call_gets_the_flattened_batch_and_its_document_boundaries(mo
         n_packed = len(calls)
         for b, sl in documents_of(seg):
             assert err_ratio(packed[b, sl], model(ids[b:b + 1, sl]).logits[0]) < 2e-6
-    # the three KDA layers, each three varlen convs and one varlen chunk_kda, all on the batch's boundaries
+    # the three KDA layers, each three varlen convs and one varlen chunk_kda, all on the batch's boundaries;
+    # each document alone: fla's dense conv and chunk_kda
     cu = [0, 7, 16, 17, 40, 56, 73, 80]
     assert calls[:n_packed] == ([("conv", cu)] * 3 + [cu]) * 3
+    assert calls[n_packed:n_packed + 4] == [("conv", None)] * 3 + [None]
 
 
 def test_pipeline_strategy_refuses_packed_documents():

@@ -139,3 +139,29 @@ def test_recurrence_runs_in_fp32_under_autocast(fn):
         o2, S2 = fn(q, k, v, g, beta)
     torch.testing.assert_close(o2, o, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(S2, S, atol=1e-5, rtol=1e-5)
+
+
+def test_short_conv_shifted_products_and_compiled_pass_equal_conv1d():
+    torch.manual_seed(0)
+    conv = ShortConv(6, 4).double()
+    x = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    ref, _ = conv(x)  # eager: conv1d
+    torch.testing.assert_close(F.silu(conv._shifted(x)), ref, atol=1e-14, rtol=0)
+    # compiled, the shifted products run (Inductor): the values and gradients of conv1d's pass
+    w = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * w).sum(), (x, conv.weight))
+    compiled = torch.compile(conv, fullgraph=True, backend="inductor")
+    y, state = compiled(x)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(state, x.detach()[:, -3:].transpose(1, 2))
+    for a, b in zip(torch.autograd.grad((y * w).sum(), (x, conv.weight)), g_ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_short_conv_state_after_a_short_input_keeps_the_earlier_inputs():
+    conv = ShortConv(3, 4)
+    x = torch.randn(1, 5, 3)
+    s2 = conv.next_state(x[:, :2])  # zeros, then x0, x1
+    torch.testing.assert_close(s2, torch.cat([torch.zeros(1, 3, 1), x[:, :2].transpose(1, 2)], -1))
+    s3 = conv.next_state(x[:, 2:4], s2)  # x0 .. x3: the last three
+    torch.testing.assert_close(s3, x[:, 1:4].transpose(1, 2))

@@ -193,7 +193,8 @@ class ShortConv(nn.Module):
     [B, C, W-1])``: the state holds the last ``W - 1`` inputs, so decoding one token at a time equals the
     full pass. ``segment_ids`` (packed documents): each document is convolved as if zero-padded on its
     left, i.e. ``y_t = sum_j w_j x_{t-j} [seg_{t-j} = seg_t]`` (W masked shifts instead of one
-    ``conv1d``; W = 4)."""
+    ``conv1d``; W = 4). Under ``torch.compile`` without a state the same W shifted products (unmasked)
+    replace ``conv1d``, so that Inductor fuses them; eager on fla, the KDA layer calls ``fla_dense``."""
 
     def __init__(self, channels: int, kernel: int = 4) -> None:
         super().__init__()
@@ -208,18 +209,41 @@ class ShortConv(nn.Module):
     def forward(
         self, x: Tensor, state: Tensor | None = None, segment_ids: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
+        if state is not None and segment_ids is not None:
+            raise ValueError("ShortConv: segment_ids (packed documents) need state=None (no decoding state)")
+        new_state = self.next_state(x, state)
+        if segment_ids is not None:
+            return F.silu(self._shifted(x, segment_ids)), new_state
+        if state is None and torch.compiler.is_compiling():
+            # W shifted products that Inductor fuses with the SiLU into one pass over x (and one for the
+            # backward), instead of a depthwise conv1d kernel and the transposed copies around it
+            return F.silu(self._shifted(x)), new_state
         B, T, C = x.shape
         xt = x.transpose(1, 2)
         if state is None:
             state = xt.new_zeros(B, C, self.kernel - 1)
-        elif segment_ids is not None:
-            raise ValueError("ShortConv: segment_ids (packed documents) need state=None (no decoding state)")
         xp = torch.cat([state.to(xt.dtype), xt], dim=-1)  # [B, C, W-1+T]
-        new_state = xp[..., xp.shape[-1] - (self.kernel - 1):].detach()
-        if segment_ids is not None:
-            return F.silu(self._per_document(x, segment_ids)), new_state
         y = F.conv1d(xp, self.weight.to(xt.dtype).unsqueeze(1), groups=C)
         return F.silu(y.transpose(1, 2)), new_state
+
+    def next_state(self, x: Tensor, state: Tensor | None = None) -> Tensor:
+        """The decoding state after ``x [B, T, C]`` (from ``state [B, C, W-1]``, zeros if None): the last
+        ``W - 1`` inputs, ``[B, C, W-1]``, detached. Reads only those inputs, not the whole of ``x``."""
+        B, T, C = x.shape
+        keep = self.kernel - 1
+        tail = x[:, max(T - keep, 0):].transpose(1, 2)
+        if tail.shape[-1] < keep:  # a short input: the rest comes from the state before it
+            past = state.to(x.dtype) if state is not None else x.new_zeros(B, C, keep)
+            tail = torch.cat([past, tail], dim=-1)[..., -keep:]
+        return tail.detach()
+
+    @torch.compiler.disable  # fla's Triton autograd function is not traced (as fla does for chunk_kda)
+    def fla_dense(self, x: Tensor) -> Tensor:
+        """The convolution then SiLU of ``x [B, T, C]`` (zeros before the start, no state) through fla's
+        Triton ``causal_conv1d``, which reads ``[B, T, C]`` as it is: ``[B, T, C]``."""
+        from fla.modules.causal_conv1d import causal_conv1d
+
+        return causal_conv1d(x, self.weight, activation="silu")[0]
 
     @torch.compiler.disable  # fla's Triton autograd function is not traced (as fla does for chunk_kda)
     def fla_varlen(self, x: Tensor, documents: DocumentMask) -> Tensor:
@@ -233,14 +257,17 @@ class ShortConv(nn.Module):
                              cu_seqlens=documents.cu_seqlens, cu_seqlens_cpu=documents.cu_seqlens_cpu)
         return y.reshape(B, T, C)
 
-    def _per_document(self, x: Tensor, segment_ids: Tensor) -> Tensor:
-        """The convolution of ``x [B, T, C]`` with every tap masked to the token's own document."""
+    def _shifted(self, x: Tensor, segment_ids: Tensor | None = None) -> Tensor:
+        """The convolution of ``x [B, T, C]`` (zeros before the start) as ``W`` shifted products; with
+        ``segment_ids [B, T]``, every tap masked to the token's own document."""
         T = x.shape[1]
         w = self.weight.to(x.dtype)  # [C, W]: tap W-1 multiplies x_t, tap W-1-j multiplies x_{t-j}
         y = x * w[:, -1]
         for j in range(1, min(self.kernel, T)):
-            same = (segment_ids[:, j:] == segment_ids[:, :-j]).unsqueeze(-1)  # [B, T-j, 1]
-            tap = (x[:, :-j] * w[:, -1 - j]).masked_fill(~same, 0.0)
+            tap = x[:, :-j] * w[:, -1 - j]
+            if segment_ids is not None:
+                same = (segment_ids[:, j:] == segment_ids[:, :-j]).unsqueeze(-1)  # [B, T-j, 1]
+                tap = tap.masked_fill(~same, 0.0)
             y = y + F.pad(tap, (0, 0, j, 0))
         return y
 
@@ -333,6 +360,11 @@ class KimiDeltaAttention(nn.Module):
             q, k, v = (conv.fla_varlen(proj(x), documents) for conv, proj in
                        ((self.q_conv, self.q_proj), (self.k_conv, self.k_proj), (self.v_conv, self.v_proj)))
             cq = ck = cv = None  # no decoding state with documents
+        elif fla and cache is None and not torch.compiler.is_compiling():
+            # eager on fla: its Triton short conv (under compile, ShortConv's shifted products fuse instead)
+            q, k, v = (conv.fla_dense(proj(x)) for conv, proj in
+                       ((self.q_conv, self.q_proj), (self.k_conv, self.k_proj), (self.v_conv, self.v_proj)))
+            cq = ck = cv = None  # no decoding state without a cache
         else:
             seg = documents.segment_ids if documents is not None else None
             conv = cache.get("conv", (None, None, None)) if cache is not None else (None, None, None)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from attnres.model import Decoder, DecoderCache, get_config
-from attnres.model.kda import KimiDeltaAttention, kda_chunked, kda_recurrent
+from attnres.model.kda import KimiDeltaAttention, ShortConv, kda_chunked, kda_recurrent
 from attnres.model.moe import grouped_swiglu
 
 pytestmark = [
@@ -88,6 +88,21 @@ def test_fused_recurrent_step_matches_recurrent():
     o, s = fused_recurrent_kda(q, k, v, g, beta, initial_state=s0.clone(), output_final_state=True)
     o_ref, s_ref = kda_recurrent(q, k, v, g, beta, initial_state=s0)
     assert err_ratio(o, o_ref) < 5e-3 and err_ratio(s, s_ref) < 5e-3
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_fla_dense_short_conv_matches_conv1d(dtype, tol):
+    torch.manual_seed(0)
+    conv = ShortConv(768, 4).to(DEV)
+    x = torch.randn(3, 300, 768, device=DEV, dtype=dtype, requires_grad=True)
+    y = conv.fla_dense(x)
+    x_ref = x.detach().float().requires_grad_()
+    y_ref, _ = conv(x_ref)  # eager: conv1d
+    assert err_ratio(y, y_ref) < tol, err_ratio(y, y_ref)
+    w = torch.randn(y_ref.shape, device=DEV)
+    gx, gw = torch.autograd.grad((y.float() * w).sum(), (x, conv.weight))
+    gx_ref, gw_ref = torch.autograd.grad((y_ref * w).sum(), (x_ref, conv.weight))
+    assert err_ratio(gx, gx_ref) < 10 * tol and err_ratio(gw, gw_ref) < 10 * tol
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-2), (torch.bfloat16, 3e-2)])
