@@ -264,13 +264,15 @@ def compare_ops_runs(base: Sequence[str | Path], new: Sequence[str | Path]) -> d
     for key in sorted(a.keys() & b.keys()):
         for op in sorted(a[key].keys() & b[key].keys()):
             ratio = b[key][op] / a[key][op]
-            rows.append({"shape": list(key), "op": op, "base_ms": a[key][op], "new_ms": b[key][op], "ratio": ratio})
+            rows.append({"shape": list(key), "op": op, "base_ms": a[key][op], "new_ms": b[key][op],
+                         "ratio": ratio})
             logs.setdefault(op, []).append(math.log(ratio))
     geomean = {op: math.exp(sum(v) / len(v)) for op, v in logs.items()}
     print(f"{'N':>6} {'d':>5} {'n':>3} {'S':>2} {'op':<11} {'base ms':>9} {'new ms':>9} {'new/base':>8}")
     for r in rows:
         N, d, n, S, _ = r["shape"]
-        print(f"{N:>6} {d:>5} {n:>3} {S:>2} {r['op']:<11} {r['base_ms']:>9.4f} {r['new_ms']:>9.4f} {r['ratio']:>8.3f}")
+        print(f"{N:>6} {d:>5} {n:>3} {S:>2} {r['op']:<11} {r['base_ms']:>9.4f} {r['new_ms']:>9.4f} "
+              f"{r['ratio']:>8.3f}")
     print("geometric mean new/base: " + ", ".join(f"{op} {g:.3f}" for op, g in sorted(geomean.items())))
     return {"rows": rows, "geomean": geomean, "base": [str(p) for p in base], "new": [str(p) for p in new]}
 

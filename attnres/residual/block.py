@@ -22,8 +22,7 @@ from torch import Tensor, nn
 from attnres import ops
 from attnres.residual import diagnostics
 from attnres.residual.base import Residual
-from attnres.residual.recompute import _BlockRecompute
-from attnres.residual.state import DepthInput, ResidualState
+from attnres.residual.state import DepthInput, ResidualState, _BlockRecompute
 
 
 class DepthQuery(nn.Module):
@@ -223,7 +222,7 @@ class BlockAttnRes(_AttnRes):
     RMSNorm run as one op (:func:`attnres.ops.phase2_norm`): ``h`` is never written, and backward keeps
     the phase-1 output instead of ``h`` and the norm's fp32 copy of it.
     ``recompute``: keep only the partial summary of each sublayer for backward and run phase 1 again
-    once per block in backward (:mod:`attnres.residual.recompute`), so that Block AttnRes keeps no more
+    once per block in backward (:mod:`attnres.residual.state`), so that Block AttnRes keeps no more
     activations than the standard residual apart from its sources. Bit-identical gradients; eager mode
     only (under ``torch.compile``, without gradients or while recording, :meth:`input` takes the plain
     path).

@@ -1,4 +1,11 @@
-"""What flows along depth: the state of one forward pass, and the lazy input a sublayer's norm finishes."""
+"""What flows along depth: the state of one forward pass, the lazy input a sublayer's norm finishes, and
+the fused last merge + norm with Block AttnRes' ``recompute`` mode.
+
+``recompute`` keeps only the partial summary of each sublayer for backward (not its input ``h``, nor
+the norm's fp32 copy of it) and runs phase 1 once per block again in backward, so that Block AttnRes
+keeps no more activations than the standard residual apart from its sources. The gradients are those
+of the path without recompute, bit for bit: backward replays the same ops on the same values.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,6 @@ import torch
 from torch import Tensor
 
 from attnres import ops
-from attnres.residual.recompute import _BlockRecompute, _MergedNorm, merge_and_norm
 
 if TYPE_CHECKING:
     from attnres.residual.block import _Pending
@@ -84,3 +90,78 @@ class DepthInput:
         if self.last is None:
             return self.out
         return ops.phase2(self.out, self.lse, self.last, self.query, self.eps)[0]
+
+
+# --------------------------------------------------------------- the fused last merge + norm, and recompute
+def merge_and_norm(
+    out: Tensor, lse: Tensor, last: Tensor | None, query: Tensor, weight: Tensor, eps: float,
+    norm_eps: float, fused: bool,
+) -> Tensor:
+    """``rms_norm(h, weight [d], norm_eps) [..., d]`` with ``h`` the phase-2 merge of ``(out [..., d],
+    lse [...])`` and ``last [..., d]`` under ``query [d]`` (``h = out`` when ``last`` is None); ``fused``:
+    as the one op :func:`attnres.ops.phase2_norm`, else :func:`attnres.ops.phase2` and then the norm."""
+    if last is None:
+        return ops.rms_norm(out, weight, norm_eps)
+    if fused:
+        return ops.phase2_norm(out, lse, last, query, weight, eps, norm_eps)[0]
+    return ops.rms_norm(ops.phase2(out, lse, last, query, eps)[0], weight, norm_eps)
+
+
+class _BlockRecompute:
+    """Phase 1 of one block again in backward, once, for the :class:`_MergedNorm` of its sublayers:
+    the first of them to run backward (the block's last sublayer) recomputes every query's output, and
+    each takes its own and lets it go. The sources are those phase 1 read (its backward keeps them)."""
+
+    def __init__(self, sources: list[Tensor], queries: Tensor, eps: float) -> None:
+        self.sources: list[Tensor] | None = sources
+        self.queries, self.eps = queries, eps
+        self.outs: list[Tensor | None] | None = None
+
+    def take(self, k: int) -> Tensor:
+        """The phase-1 output ``[..., d]`` of query ``k``, recomputed (for every query) at the first call."""
+        if self.outs is None:
+            with torch.no_grad():
+                self.outs = list(ops.phase1(self.sources, self.queries, self.eps)[0])
+            # not a saved tensor: drop it now, or it would outlive backward with any reference to the graph
+            self.sources = None
+        out, self.outs[k] = self.outs[k], None
+        if out is None:
+            raise RuntimeError(f"the phase-1 output of query {k} was already used: backward ran twice "
+                               "through the graph (retain_graph is not supported in recompute mode)")
+        return out
+
+
+class _MergedNorm(torch.autograd.Function):
+    """:func:`merge_and_norm` of ``(out, lse, partial, query, weight)`` that keeps the partial and small
+    tensors for backward, not ``out`` or ``h``: backward takes ``out`` again from
+    :meth:`_BlockRecompute.take` and replays :func:`merge_and_norm` (the same ops on the same values, so
+    the gradients are those of the path without recompute, bit for bit)."""
+
+    @staticmethod
+    def forward(ctx, out, lse, partial, query, weight, holder, k, eps, norm_eps, fused):
+        ctx.holder, ctx.k, ctx.settings = holder, k, (eps, norm_eps, fused)
+        ctx.autocast = _autocast_state(out.device.type)
+        ctx.save_for_backward(lse, partial, query, weight)
+        return merge_and_norm(out, lse, partial, query, weight, eps, norm_eps, fused)
+
+    @staticmethod
+    def backward(ctx, grad):
+        lse, partial, query, weight = ctx.saved_tensors
+        out = ctx.holder.take(ctx.k)
+        leaves = [t if t is None else t.detach().requires_grad_() for t in (out, lse, partial, query, weight)]
+        wants = [t is not None and n for t, n in zip(leaves, ctx.needs_input_grad[:5])]
+        device_type, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            y = merge_and_norm(*leaves, *ctx.settings)
+        inputs = [t for t, want in zip(leaves, wants) if want]
+        got = iter(torch.autograd.grad(y, inputs, grad, allow_unused=True))
+        grads = [next(got) if want else None for want in wants]
+        return (*grads, None, None, None, None, None)
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    return (
+        device_type,
+        torch.is_autocast_enabled(device_type),
+        torch.get_autocast_dtype(device_type),
+    )
