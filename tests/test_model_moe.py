@@ -155,3 +155,44 @@ def test_router_stays_fp32_under_autocast():
         idx, w, scores = moe.route(x)
     assert scores.dtype == torch.float32 and w.dtype == torch.float32
     torch.testing.assert_close(scores, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_gather_dispatch_and_combine_equal_the_index_add_formulation_and_its_gradients():
+    # the scatter formulation the gathers replace: x[order // k] in, index_add_ of the weighted rows out
+    torch.manual_seed(0)
+    moe = _moe().double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    y, _ = moe(x)
+    flat = x.reshape(-1, 16)
+    idx, w, _ = moe.route(flat)
+    order = torch.argsort(idx.flatten(), stable=True)
+    token = order // moe.top_k
+    counts = torch.bincount(idx.flatten(), minlength=moe.num_experts)
+    e = grouped_swiglu(flat[token], counts, moe.w_gate, moe.w_up, moe.w_down) * w.flatten()[order, None]
+    ref = torch.zeros_like(flat).index_add_(0, token, e) + moe.shared(flat)
+    torch.testing.assert_close(y.reshape(-1, 16), ref, atol=1e-12, rtol=0)
+    g = torch.randn_like(ref)
+    leaves = [x, moe.w_gate, moe.w_down, moe.router.weight]
+    got = torch.autograd.grad((y.reshape(-1, 16) * g).sum(), leaves, retain_graph=True)
+    want = torch.autograd.grad((ref * g).sum(), leaves)
+    for name, a, b in zip(("x", "w_gate", "w_down", "router"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=name)
+
+
+def test_dispatch_and_combine_compile_to_one_graph_and_keep_their_gradients():
+    from attnres.model.moe import _Combine, _Dispatch
+
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 4, requires_grad=True), torch.rand(5, 2, requires_grad=True)
+    order = torch.randperm(10)
+    inv = torch.argsort(order)
+
+    def f(x, w):
+        return _Combine.apply(_Dispatch.apply(x, order, inv, 2).sin(), w, order, inv)
+
+    want = torch.autograd.grad(f(x, w).square().sum(), (x, w))
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x, w).square().sum(), (x, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    # and they are what they say: out[t] = sum_s w[t, s] sin(x[t]) here, every slot of a token its own row
+    torch.testing.assert_close(f(x, w), w.sum(1, keepdim=True) * x.sin())

@@ -10,7 +10,9 @@ sequence-level balance loss (DeepSeek-V3's ``L_Bal``).
 Expert compute: the ``T * k`` (token, expert) pairs are sorted by expert so that each expert's
 tokens are one contiguous slice; the experts' weights are stacked ``[E, ...]``. On CUDA in bf16 one
 ``torch._grouped_mm`` per projection runs all experts; elsewhere a loop over experts (never over
-tokens) runs one GEMM per non-empty slice.
+tokens) runs one GEMM per non-empty slice. Into and out of that order only gathers run (``_Dispatch``,
+``_Combine``, both ways), through the sort's permutation and its inverse: no ``index_add_``, whose
+atomics serialise the k slots of a token and make the sum's order (in bf16) vary from run to run.
 """
 
 from __future__ import annotations
@@ -74,6 +76,48 @@ def grouped_swiglu(
         if xe.shape[0]:
             pieces.append((F.silu(xe @ gates[e].t()) * (xe @ ups[e].t())) @ downs[e].t())
     return torch.cat(pieces) if pieces else x.new_zeros(x.shape)
+
+
+class _Dispatch(torch.autograd.Function):
+    """``x [N, d]`` -> each token's ``k`` copies in the expert-sorted order ``[N k, d]`` (row ``r`` is token
+    ``order[r] // k``). Backward gathers each token's ``k`` gradient rows back through ``inv`` (the inverse
+    of ``order``) and sums them: no scatter."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, order: Tensor, inv: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (inv,) = ctx.saved_tensors
+        return grad[inv].unflatten(0, (-1, ctx.k)).sum(1), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """Expert outputs in the sorted order ``y [N k, d]`` and the routing weights ``w [N, k]`` (fp32) ->
+    ``out [N, d] = sum_s w[t, s] y[inv[t k + s]]``, summed in fp32 (fp64 for fp64), in ``y``'s dtype.
+    Backward: ``dy`` gathered through ``order``, ``dw`` from the rows gathered again."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, w: Tensor, order: Tensor, inv: Tensor) -> Tensor:
+        ctx.save_for_backward(y, w, order, inv)
+        acc = torch.promote_types(y.dtype, torch.float32)
+        rows = y[inv].unflatten(0, w.shape)  # [N, k, d]
+        return torch.einsum("nkd,nk->nd", rows.to(acc), w.to(acc)).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        y, w, order, inv = ctx.saved_tensors
+        acc = torch.promote_types(y.dtype, torch.float32)
+        dy = dw = None
+        if ctx.needs_input_grad[0]:
+            dy = (grad.to(acc).unsqueeze(1) * w.to(acc).unsqueeze(-1)).flatten(0, 1)[order].to(y.dtype)
+        if ctx.needs_input_grad[1]:
+            rows = y[inv].unflatten(0, w.shape)
+            dw = torch.einsum("nkd,nd->nk", rows.to(acc), grad.to(acc)).to(w.dtype)
+        return dy, dw, None, None
 
 
 class MoE(nn.Module):
@@ -149,10 +193,10 @@ class MoE(nn.Module):
                 self.tokens_per_expert += counts.float()
         # sort the (token, slot) pairs by expert: each expert's tokens become one contiguous slice
         order = torch.argsort(flat_idx, stable=True)
-        token = order // self.top_k
-        y = grouped_swiglu(flat[token], counts, self.w_gate, self.w_up, self.w_down)
-        y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
-        out = flat.new_zeros(flat.shape, dtype=y.dtype).index_add_(0, token, y)  # y is bf16 under autocast
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        y = grouped_swiglu(_Dispatch.apply(flat, order, inv, self.top_k), counts, self.w_gate, self.w_up,
+                           self.w_down)
+        out = _Combine.apply(y, weights, order, inv)  # y (and out) are bf16 under autocast
         if self.shared is not None:
             out = out + self.shared(flat)
         aux = self.sequence_aux_loss(idx.view(B, T, -1), scores.view(B, T, -1)) if self.aux_loss_coef > 0 \
