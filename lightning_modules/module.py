@@ -326,14 +326,21 @@ class LanguageModel(L.LightningModule):
         self._rng_to_restore = extra.get("rng")
 
     def on_fit_start(self) -> None:
-        """Before the first step: seed Triton's cache with the shipped KDA autotune results and say, one
-        line each, what will make the first step long (fla's autotuning, torch.compile)."""
+        """Before the first step: seed Triton's cache with the shipped KDA autotune results, give shapes they
+        do not cover the nearest tuned configurations, and say, one line each, what will make the first step
+        long (fla's autotuning, torch.compile)."""
         from lightning.pytorch.utilities import rank_zero_info
 
-        from lightning_modules.warmup import first_step_notices, seed_autotune
+        from lightning_modules.warmup import (
+            first_step_notices,
+            pin_untuned_kda,
+            seed_autotune,
+            untuned_kda_shapes,
+        )
 
         seeded = seed_autotune(self.device)  # 0 off CUDA
-        for note in first_step_notices(self.model, self.device, self._compiled is not None, seeded):
+        pinned = bool(untuned_kda_shapes(self.model, self.device) and pin_untuned_kda())
+        for note in first_step_notices(self.model, self.device, self._compiled is not None, seeded, pinned):
             rank_zero_info(note)
 
     def on_train_start(self) -> None:

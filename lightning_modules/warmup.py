@@ -9,15 +9,23 @@ they run, and ``torch.compile`` compiles the model. Neither prints anything by i
   ``autotune/README.md``) into Triton's cache directory, so the kernels skip the benchmarking. Triton
   keys each result by its kernel source, its own version and the GPU target; entries that do not match
   (other versions) are simply not used;
+* :func:`pin_untuned_kda`: for a KDA shape those results do not cover, fla's autotuned kernels take the
+  fastest configuration of the nearest tuned shape (same head dim first) instead of benchmarking, so the
+  first step of any preset starts within seconds; ``ATTNRES_KDA_AUTOTUNE=1`` autotunes instead;
 * :func:`first_step_notices` says, in one line each, what is about to take long and about how long.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
+import math
 import os
+import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +33,9 @@ from torch import nn
 AUTOTUNE_DIR = Path(__file__).with_name("autotune")
 # measured on one H200 (session 9 notes, issue 24): a fresh GPU's autotuning per KDA shape
 AUTOTUNE_S_PER_SHAPE = (150, 245)
+# the versions the shipped results were made with (autotune/README.md): their configurations are reused
+# for other shapes only with the same kernels
+PIN_VERSIONS = {"fla-core": "0.6.0", "triton": "3.6"}
 
 
 def triton_cache_dir() -> Path:
@@ -92,17 +103,31 @@ def tuned_kda_shapes(cache: Path) -> set[tuple[int, int]]:
     return shapes
 
 
-def first_step_notices(model: nn.Module, device: torch.device, compiled: bool, seeded: int = 0) -> list[str]:
+def untuned_kda_shapes(model: nn.Module, device: torch.device) -> list[tuple[int, int]]:
+    """The model's fla KDA shapes (heads, head dim) that Triton's cache holds no autotune results for."""
+    shapes = kda_shapes(model) if device.type == "cuda" else set()
+    return sorted(shapes - tuned_kda_shapes(triton_cache_dir())) if shapes else []
+
+
+def first_step_notices(model: nn.Module, device: torch.device, compiled: bool, seeded: int = 0,
+                       pinned: bool = False) -> list[str]:
     """One line for each long first-step wait ahead: fla's autotuning of the KDA shapes Triton's cache holds
-    no results for, and ``torch.compile``."""
+    no results for (or, ``pinned``, that they take the nearest tuned shape's configurations), and
+    ``torch.compile``."""
     notes = []
     shapes = kda_shapes(model) if device.type == "cuda" else set()
     if shapes:
         cache = triton_cache_dir()
-        untuned = sorted(shapes - tuned_kda_shapes(cache))
-        if untuned:
+        untuned = untuned_kda_shapes(model, device)
+        names = ", ".join(f"{h} heads x {k}" for h, k in untuned)
+        lo_s, hi_s = AUTOTUNE_S_PER_SHAPE
+        if untuned and pinned:
+            notes.append(
+                f"fla's KDA kernels at {names}: no autotune results for this shape on this GPU; they take "
+                "the configurations tuned for the nearest shipped shape (no autotuning; "
+                f"ATTNRES_KDA_AUTOTUNE=1 tunes them instead, ~{lo_s}-{hi_s} s once)")
+        elif untuned:
             lo, hi = (len(untuned) * s for s in AUTOTUNE_S_PER_SHAPE)
-            names = ", ".join(f"{h} heads x {k}" for h, k in untuned)
             notes.append(
                 f"first use of fla's KDA kernels at {names} on this GPU: Triton autotunes them before the "
                 f"first step (~{lo}-{hi} s, measured on an H100/H200); the results are cached in {cache} "
@@ -116,3 +141,112 @@ def first_step_notices(model: nn.Module, device: torch.device, compiled: bool, s
             f"cached in {os.environ.get('TORCHINDUCTOR_CACHE_DIR') or 'the Inductor cache'} for later runs)"
         )
     return notes
+
+
+def best_configs(cache: Path) -> dict[str, list[tuple[tuple, dict[str, Any]]]]:
+    """Per kernel name, every autotune result in Triton's cache ``cache``: (its key, the fields of its
+    fastest configuration). Unreadable files are skipped."""
+    found: dict[str, list[tuple[tuple, dict[str, Any]]]] = {}
+    for path in cache.glob("*/*.autotune.json") if cache.is_dir() else ():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            key, timings = (ast.literal_eval(v) if isinstance(v, str) else v
+                            for v in (data["key"], data["configs_timings"]))
+            config, _ = min(timings, key=lambda ct: ct[1][0] if isinstance(ct[1], list | tuple) else ct[1])
+        except (OSError, ValueError, SyntaxError, KeyError, TypeError, IndexError):
+            continue
+        found.setdefault(path.name.removesuffix(".autotune.json"), []).append((tuple(key), config))
+    return found
+
+
+def nearest_config(entries: list[tuple[tuple, dict[str, Any]]], key: tuple) -> dict[str, Any] | None:
+    """The configuration of the entry whose key is nearest ``key``: the same length and the same
+    non-numeric fields (the dtypes), then the least sum of ``|log2(a / b)|`` over the numeric fields (a
+    head dim that matches outweighs a head count that differs by less than 2x). None if none fits."""
+    def numeric(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    def distance(other: tuple) -> float:
+        if len(other) != len(key) or any(numeric(a) != numeric(b) or (not numeric(a) and a != b)
+                                         for a, b in zip(other, key)):
+            return math.inf
+        return sum(abs(math.log2(max(a, 1) / max(b, 1))) for a, b in zip(other, key) if numeric(a))
+
+    best = min(entries, key=lambda e: distance(e[0]), default=None)
+    return best[1] if best is not None and distance(best[0]) < math.inf else None
+
+
+def _version_ok() -> bool:
+    try:
+        fla = importlib.metadata.version("fla-core")
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return fla == PIN_VERSIONS["fla-core"] and triton.startswith(PIN_VERSIONS["triton"] + ".")
+
+
+def _autotuners(modules: list) -> list:
+    """The Triton autotuners defined in ``modules`` (also under ``triton.heuristics`` wrappers)."""
+    from triton.runtime.autotuner import Autotuner
+
+    found = []
+    for module in modules:
+        for obj in list(vars(module).values()):
+            while obj is not None and not isinstance(obj, Autotuner) and hasattr(obj, "fn"):
+                obj = obj.fn
+            if isinstance(obj, Autotuner) and all(obj is not f for f in found):
+                found.append(obj)
+    return found
+
+
+def _kernel_name(tuner: Any) -> str:
+    fn = tuner.fn
+    while hasattr(fn, "fn") and not hasattr(fn, "arg_names"):
+        fn = fn.fn
+    return fn.__name__
+
+
+def pin_untuned_kda(cache: Path | None = None, modules: list | None = None) -> list[str]:
+    """Make fla's autotuned kernels take, for a key Triton holds no result for, the fastest configuration
+    of the nearest key in ``cache`` (default: Triton's cache, after :func:`seed_autotune`) instead of
+    benchmarking every configuration. Only with the fla and Triton versions the shipped results were
+    made with, and not when ``ATTNRES_KDA_AUTOTUNE=1``. ``modules``: where the kernels are (default: every
+    loaded ``fla.ops`` module, after importing ``fla.ops.kda``). Returns the names of the kernels pinned."""
+    if os.environ.get("ATTNRES_KDA_AUTOTUNE") == "1" or (modules is None and not _version_ok()):
+        return []
+    tuned = best_configs(triton_cache_dir() if cache is None else cache)
+    if modules is None:
+        import fla.ops.kda  # noqa: F401  (loads the KDA kernels and the common ones they use)
+
+        modules = [m for name, m in list(sys.modules.items()) if name.startswith("fla.ops") and m is not None]
+    pinned = []
+    for tuner in _autotuners(modules):
+        name = _kernel_name(tuner)
+        if name not in tuned or getattr(tuner, "_attnres_pinned", False):
+            continue
+        _pin(tuner, tuned[name])
+        pinned.append(name)
+    return sorted(pinned)
+
+
+def _pin(tuner: Any, entries: list[tuple[tuple, dict[str, Any]]]) -> None:
+    import triton
+
+    run = tuner.run
+
+    def pinned_run(*args: Any, **kwargs: Any) -> Any:
+        # Triton's own key (triton.runtime.autotuner.Autotuner.run): the key arguments, then every dtype
+        named = {**dict(zip(tuner.arg_names, args)), **kwargs}
+        named = {k: v for k, v in named.items() if k in tuner.arg_names}
+        key = tuple([named[k] for k in tuner.keys if k in named]
+                    + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
+        if key not in tuner.cache:
+            fields = nearest_config(entries, key)
+            if fields is not None and set(fields.get("kwargs", {})) <= set(tuner.arg_names):
+                tuner.cache[key] = triton.Config(
+                    fields["kwargs"], num_warps=fields["num_warps"], num_stages=fields["num_stages"],
+                    num_ctas=fields.get("num_ctas", 1), maxnreg=fields.get("maxnreg"))
+        return run(*args, **kwargs)
+
+    tuner.run = pinned_run
+    tuner._attnres_pinned = True

@@ -191,7 +191,8 @@ def test_dispatch_and_combine_compile_to_one_graph_and_keep_their_gradients():
         return _Combine.apply(_Dispatch.apply(x, order, inv, 2).sin(), w, order, inv)
 
     want = torch.autograd.grad(f(x, w).square().sum(), (x, w))
-    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x, w).square().sum(), (x, w))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, w).square().sum(), (x, w))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
     # and they are what they say: out[t] = sum_s w[t, s] sin(x[t]) here, every slot of a token its own row

@@ -87,3 +87,72 @@ def test_notices_name_the_autotuning_only_while_the_cache_lacks_kda_results(tmp_
     assert len(compiled) == 1 and compiled[0].startswith("torch.compile compiles the model")
     monkeypatch.setattr(kda, "fla_available", lambda: False)
     assert warmup.first_step_notices(model, cuda, compiled=False) == []  # the torch KDA does not autotune
+
+
+def _result(key: list, timings: list) -> str:
+    """A Triton autotune result as Triton writes it (the key and the timings as Python reprs)."""
+    return json.dumps({"key": repr(key), "configs_timings": repr(timings)})
+
+
+def _cfg(bk: int, warps: int) -> dict:
+    return {"kwargs": {"BK": bk}, "num_warps": warps, "num_ctas": 1, "num_stages": 2, "maxnreg": None,
+            "pre_hook": None, "ir_override": None}
+
+
+def test_best_configs_and_the_nearest_key(tmp_path):
+    bf = "torch.bfloat16"
+    for i, (key, timings) in enumerate([
+        ([6, 6, 128, bf], [[_cfg(32, 4), [0.5, 0.4, 0.6]], [_cfg(64, 8), [0.3, 0.2, 0.4]]]),  # fastest: 64/8
+        ([8, 8, 64, bf], [[_cfg(16, 2), [0.1, 0.1, 0.1]]]),
+        ([9, 9, 128, "torch.float32"], [[_cfg(128, 4), [0.1, 0.1, 0.1]]]),
+    ]):
+        (tmp_path / f"K{i}").mkdir()
+        (tmp_path / f"K{i}" / "kern.autotune.json").write_text(_result(key, timings))
+    (tmp_path / "K9").mkdir()
+    (tmp_path / "K9" / "kern.autotune.json").write_text("not json")  # skipped
+    entries = warmup.best_configs(tmp_path)["kern"]
+    assert len(entries) == 3
+    nearest = warmup.nearest_config
+    assert nearest(entries, (7, 7, 128, bf)) == _cfg(64, 8)  # the same head dim beats a closer head count
+    assert nearest(entries, (8, 8, 64, bf)) == _cfg(16, 2)  # an exact key: its own result
+    assert nearest(entries, (7, 7, 128, "torch.float16")) is None  # no result for that dtype
+    assert nearest(entries, (7, 128, bf)) is None  # another key layout
+
+
+def test_pinned_kernel_takes_the_nearest_tuned_config_instead_of_benchmarking(tmp_path, monkeypatch):
+    import types
+
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=[triton.Config({"BK": 16}), triton.Config({"BK": 32})], key=["H", "K"])
+    @triton.jit
+    def kern(x, H, K, BK: tl.constexpr):
+        pass
+
+    (tmp_path / "A").mkdir()
+    (tmp_path / "A" / "kern.autotune.json").write_text(
+        _result([6, 128, "torch.bfloat16"], [[_cfg(32, 4), [0.2]], [_cfg(16, 4), [0.3]]]))
+    launched = []
+    kern.run = lambda *args, **kwargs: launched.append(kwargs)  # Triton's run, which would benchmark
+    module = types.SimpleNamespace(kern=kern)
+    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
+    assert warmup.pin_untuned_kda(tmp_path, modules=[module]) == ["kern"]
+    x = torch.zeros(4, dtype=torch.bfloat16)
+    kern[(1,)](x, 8, 128)
+    config = kern.cache[(8, 128, "torch.bfloat16")]
+    assert config.kwargs == {"BK": 32} and config.num_warps == 4 and config.num_stages == 2
+    assert len(launched) == 1
+    assert warmup.pin_untuned_kda(tmp_path, modules=[module]) == []  # pinned once
+    monkeypatch.setenv("ATTNRES_KDA_AUTOTUNE", "1")
+    assert warmup.pin_untuned_kda(tmp_path, modules=[module]) == []
+
+
+def test_the_shipped_results_give_an_untuned_preset_shape_a_config_of_its_head_dim(tmp_path):
+    with tarfile.open(SHIPPED) as tar:
+        tar.extractall(tmp_path, filter="data")
+    entries = warmup.best_configs(tmp_path / "triton")["chunk_kda_fwd_kernel_inter_solve_fused"]
+    key = next(k for k, _ in entries if k[0] == 8 and k[2] == 128)  # medium's: 8 heads x 128
+    wanted = (7, 7, *key[2:])  # 7 heads x 128: shipped for no preset
+    chosen = warmup.nearest_config(entries, wanted)
+    assert chosen is not None and any(c == chosen for k, c in entries if k[2] == 128)

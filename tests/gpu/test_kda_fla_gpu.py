@@ -254,3 +254,36 @@ def test_decoder_with_fla_and_moe_compiles_to_one_graph(residual):
     assert torch.isfinite(out.loss) and abs(out.loss.item() - ref.loss.item()) < 2e-2
     (out.loss + out.aux_loss).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_an_unshipped_kda_shape_runs_on_pinned_configs_without_benchmarking(tmp_path, monkeypatch):
+    # 7 heads x 128 is shipped for no preset: with the shipped results seeded and the kernels pinned, fla's
+    # autotuners take the nearest shape's configs (no benchmark: configs_timings stays as it was) and the
+    # results are right (our chunked KDA in fp32)
+    from fla.ops.kda import chunk_kda
+
+    from lightning_modules import warmup
+
+    # Triton reads its cache directory when it looks for a result: set before the first launch here
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
+    assert warmup.seed_autotune(torch.device(DEV)) > 0
+    pinned = warmup.pin_untuned_kda()
+    assert "chunk_kda_fwd_kernel_inter_solve_fused" in pinned, pinned
+    import sys
+
+    tuners = warmup._autotuners([m for n, m in list(sys.modules.items()) if n.startswith("fla.ops") and m])
+    before = {id(t): id(getattr(t, "configs_timings", None)) for t in tuners}
+    leaves = [t.detach().clone().requires_grad_() for t in _inputs(H=7, K=128, V=128, dtype=torch.bfloat16)]
+    o, _ = chunk_kda(*leaves[:5], initial_state=leaves[5], output_final_state=True)
+    grads = torch.autograd.grad(o.float().square().sum(), leaves[:3])
+    torch.cuda.synchronize()
+    benchmarked = [warmup._kernel_name(t) for t in tuners
+                   if id(getattr(t, "configs_timings", None)) != before[id(t)]]
+    assert not benchmarked, benchmarked
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    o_ref, _ = kda_chunked(*ref_leaves[:5], initial_state=ref_leaves[5], chunk_size=64)
+    assert err_ratio(o, o_ref) < 3e-2, err_ratio(o, o_ref)
+    ref = torch.autograd.grad(o_ref.square().sum(), ref_leaves[:3])
+    for a, b in zip(grads, ref):
+        assert err_ratio(a, b) < 3e-2
