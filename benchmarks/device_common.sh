@@ -45,6 +45,16 @@ extension_carried_or_wheel() {
   echo "built in $(( $(date +%s) - t0 )) s"
 }
 
+# unpack_xz_shards: carried corpora travel with their token shards xz-compressed (a call carries at most
+# 64 MiB; the package corpus's training shard is 81 MB, 28 MB as xz): .cache/*/shards/*.bin.xz -> *.bin.
+unpack_xz_shards() {
+  local f
+  for f in .cache/*/shards/*.bin.xz; do
+    [[ -f $f && ! -f ${f%.xz} ]] && xz -T0 -dc "$f" >"${f%.xz}.tmp" && mv "${f%.xz}.tmp" "${f%.xz}"
+  done
+  return 0
+}
+
 # build_extension [TIMEOUT_S]: build attnres._C with the CUDA kernels, unless a build newer than every
 # file of csrc/ and setup.py is already there (a warm machine keeps it). Returns the build's status.
 build_extension() {

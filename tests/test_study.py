@@ -86,6 +86,23 @@ def test_study_plan_expands_to_valid_runs():
     assert "| m | 16 | 384 |" in run.describe(ROOT / "configs/study/sweeps.yaml")
 
 
+def test_package_corpus_sweeps_compose_the_data_config_and_scale_each_models_lr():
+    plan = run.load_plan(ROOT / "configs/study/sweeps.yaml")
+    lrs = {}
+    for sweep, scale in (("pk_lr0.5", 0.5), ("pk", 1.0), ("pk_lr2", 2.0)):
+        for r in run.expand(plan, sweep):
+            assert r.configs == [*plan["configs"], "configs/data/packages.yaml", plan["models"][r.model]]
+            argv = run.fit_argv(r, Path("/tmp/w"))
+            lr = float(next(a for a in argv if a.startswith("--model.lr=")).split("=")[1])
+            file_lr = yaml.safe_load((ROOT / plan["models"][r.model]).read_text())["model"]["lr"]
+            assert lr == pytest.approx(file_lr * scale)
+            assert argv.index("configs/data/packages.yaml") < argv.index(plan["models"][r.model])
+            lrs.setdefault(r.id.split("-pk")[0], []).append(lr)
+    # three log-spaced points per (size, mode): x0.5, x1, x2 of the model file's rate
+    assert len(lrs) == 6 and all(v[1] / v[0] == pytest.approx(2) and v[2] / v[1] == pytest.approx(2)
+                                 for v in lrs.values())
+
+
 def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
     plan_path = micro_plan(tmp_path)
     results, work, figs = tmp_path / "results", tmp_path / "work", tmp_path / "figs"

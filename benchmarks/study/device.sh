@@ -8,7 +8,8 @@
 # K runs at once on the one GPU (default 1); STUDY_START_ALL=1 starts runs that cannot finish in this
 # call (the next call on the same warm machine resumes them); STUDY_MEMORY_GB=G lets the concurrent
 # runs' memory_gb (configs/study/sweeps.yaml) add up to G GiB (default 97 % of the GPU). Installs the wheels of
-# .whl/ under /tmp/site, builds attnres._C unless a built one is newer than csrc/, runs the sweep with
+# .whl/ under /tmp/site, unpacks xz-compressed shards (.cache/corpus), takes attnres._C from .devbuild/
+# when carried for this csrc/ (else builds it and returns it in $OUT), runs the sweep with
 # benchmarks/study/run.py (runs stop at the budget and resume from their checkpoint on the next call
 # while the machine stays warm), then packs benchmarks/results/study/ and the logs into
 # $OUT/study_<sweep>.tgz (one file: the device returns at most 8) and copies the console log, and
@@ -38,9 +39,11 @@ left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 main() {
   install_wheels
   nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,driver_version --format=csv
-  [[ -f .cache/study/bpe8192.json && -f .cache/study/shards/meta.json ]] \
-    || { echo "ERROR: .cache/study (tokenizer and shards) missing: carry it (docs/study_plan.md, Data)"; exit 2; }
-  build_extension 300 || echo "WARNING: the build failed; the depth-attention ops run the PyTorch reference path"
+  unpack_xz_shards
+  [[ -f .cache/study/shards/meta.json || -f .cache/corpus/shards/meta.json ]] \
+    || { echo "ERROR: no corpus: carry .cache/study or .cache/corpus (docs/study_plan.md, Data)"; exit 2; }
+  fresh=0
+  extension_carried_or_wheel || echo "WARNING: the build failed; the depth-attention ops run the PyTorch reference path"
   python3 -m attnres info
   local budget=$(( $(left) - 25 ))
   echo "=== sweep $SWEEP ${RUNS:+(runs $RUNS) }budget $budget s"

@@ -76,11 +76,15 @@ def load_plan(path: str | Path) -> dict[str, Any]:
 
 
 def expand(plan: dict[str, Any], sweep: str) -> list[Run]:
-    """The runs of ``sweep`` in order: each grid of the sweep is the product model x residual x seed."""
+    """The runs of ``sweep`` in order: each grid of the sweep is the product model x residual x seed. A
+    sweep may add ``configs`` (composed after the plan's, before the model file), ``args``, a ``tag`` (the
+    runs' id suffix), ``steps`` / ``batch_size`` / ``seq_len``, and ``lr_scale`` (the model file's
+    ``model.lr`` times it)."""
     if sweep not in plan["sweeps"]:
         raise ValueError(f"unknown sweep {sweep!r}; valid: {', '.join(plan['sweeps'])}")
     spec = plan["sweeps"][sweep]
     tag = spec.get("tag")
+    lr_scale = spec.get("lr_scale")
     runs: list[Run] = []
     for grid in spec["grid"]:
         for model, residual, seed in itertools.product(grid["model"], grid["residual"], grid["seed"]):
@@ -95,6 +99,9 @@ def expand(plan: dict[str, Any], sweep: str) -> list[Run]:
             rid = f"{model}-{residual}-seed{seed}" + (f"-{tag}" if tag else "")
             if any(r.id == rid for r in runs):
                 continue
+            args = list(plan.get("args", [])) + list(spec.get("args", []))
+            if lr_scale is not None:  # the model file's learning rate times lr_scale
+                args.append(f"--model.lr={model_lr(plan, model) * float(lr_scale):.6g}")
             runs.append(
                 Run(
                     id=rid,
@@ -104,13 +111,21 @@ def expand(plan: dict[str, Any], sweep: str) -> list[Run]:
                     steps=int(spec.get("steps", plan["steps"])),
                     batch_size=int(spec.get("batch_size", plan["batch_size"])),
                     seq_len=int(spec.get("seq_len", plan["seq_len"])),
-                    configs=list(plan["configs"]) + [plan["models"][model]],
+                    configs=list(plan["configs"]) + list(spec.get("configs", [])) + [plan["models"][model]],
                     model_args=dict(plan["residuals"][residual]),
-                    args=list(plan.get("args", [])) + list(spec.get("args", [])),
+                    args=args,
                     tag=tag,
                 )
             )
     return runs
+
+
+def model_lr(plan: dict[str, Any], model: str) -> float:
+    """The learning rate ``model``'s file sets (``model.lr``)."""
+    lr = (yaml.safe_load((ROOT / plan["models"][model]).read_text()).get("model") or {}).get("lr")
+    if lr is None:
+        raise ValueError(f"{plan['models'][model]}: no model.lr to scale (lr_scale)")
+    return float(lr)
 
 
 def expand_sweeps(plan: dict[str, Any], sweeps: str) -> list[tuple[Run, str]]:
