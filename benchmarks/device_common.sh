@@ -13,6 +13,12 @@ install_wheels() {
   else
     echo "WARNING: no .whl/ (carry it): jsonargparse and fla are needed"
   fi
+  # fast-attnres (a benchmark peer) installs a package named attnres too: into a directory of its own,
+  # which the benchmarks load as fast_attnres (attnres/bench/peers.py); carry its wheel in .whl_peers/
+  if compgen -G ".whl_peers/fast_attnres-*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fast_attnres .whl_peers/fast_attnres-*.whl \
+      && export ATTNRES_FAST_ATTNRES_DIR=/tmp/fast_attnres
+  fi
 }
 
 # extension_carried_or_wheel: put attnres._C in place: from .devbuild/ when a previous call built it for

@@ -146,7 +146,8 @@ def bench_e2e(
     modes: list[Literal["standard", "block", "full"]] | None = None,
     kinds: list[Literal["train", "prefill", "decode", "template"]] | None = None,
     variants: list[Literal["eager", "compile"]] | None = None,
-    impls: list[Literal["attnres", "attnres-recompute", "attnres-unfused", "fla", "fla-model"]] | None = None,
+    impls: list[Literal["attnres", "attnres-recompute", "attnres-unfused", "fla", "fast-attnres",
+                        "fla-model"]] | None = None,
     num_blocks: int = 8,
     graphs: bool = True,
     template_compile: bool | None = None,
@@ -179,8 +180,10 @@ def bench_e2e(
             Default: both (``quick``: eager only; compiling on a CPU takes minutes).
         impls: ``attnres`` (ours), ``attnres-recompute`` (ours with ``residual_recompute``: Block rows,
             eager), ``attnres-unfused`` (ours with ``residual_fuse_norm`` off: phase 2 and the sublayer
-            norm as separate ops; AttnRes rows), ``fla`` (fla-core's fused_attnres in our decoder) and/or
-            ``fla-model`` (fla's own KDAForCausalLM, flash-linear-attention 0.6 + transformers, at the
+            norm as separate ops; AttnRes rows), ``fla`` (fla-core's fused_attnres in our decoder),
+            ``fast-attnres`` (fast-attnres 2.1.0's ``attnres`` in our decoder; installed apart, named by
+            ``ATTNRES_FAST_ATTNRES_DIR``: its package is also called attnres) and/or ``fla-model``
+            (fla's own KDAForCausalLM, flash-linear-attention 0.6 + transformers, at the
             ``kda-dense`` shape: ``attnres_block_size`` None / ``2 L / num_blocks`` / 1 for standard /
             block / full; other shapes get one skipped row saying why).
         num_blocks: N of Block AttnRes.

@@ -366,3 +366,52 @@ def test_committed_ratios_are_what_compute_ratios_gives_from_their_rows():
             assert [{**q, "run": name} for q in report.compute_ratios(rows)] == stored, (path.name, name)
             checked += 1
     assert checked >= 10
+
+
+def _fake_fast_attnres(root):
+    """A stand-in for fast-attnres 2.1.0 installed apart: a package named ``attnres`` (as theirs is) whose
+    ``attnres(values, query, eps=)`` is their documented math: keys are the sources RMS-normalised without
+    a weight, one static query, softmax over the sources, the full-width mixture."""
+    pkg = root / "attnres"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from .api import attnres\n__version__ = 'fake'\n")
+    (pkg / "api.py").write_text(
+        "import torch\n"
+        "def attnres(values, query, *, eps=1e-6, scale=1.0):\n"
+        "    v = torch.stack(list(values))\n"
+        "    k = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)\n"
+        "    p = (scale * (k * query).sum(-1)).softmax(0)\n"
+        "    return (p.unsqueeze(-1) * v).sum(0)\n")
+
+
+@pytest.mark.parametrize("mode", ["block", "full"])
+def test_fast_attnres_loads_apart_from_ours_and_computes_our_loss_and_gradients(mode, tmp_path, monkeypatch):
+    import sys
+
+    import attnres
+
+    monkeypatch.delitem(sys.modules, "fast_attnres", raising=False)
+    with pytest.raises(ImportError, match="--target DIR fast-attnres"):
+        peer.load_fast_attnres(tmp_path)
+    _fake_fast_attnres(tmp_path)
+    fa = peer.load_fast_attnres(tmp_path)
+    assert fa.__version__ == "fake" and sys.modules["attnres"] is attnres  # ours is still `attnres`
+    cfg = default_shapes(quick=True)["dense"].config.replace(residual=mode)
+    torch.manual_seed(0)
+    ours = Decoder(cfg).double()
+    with torch.no_grad():
+        for q in ours.residual.queries.values():
+            q.weight.normal_()
+            q.norm_weight.uniform_(0.5, 1.5)  # folded into fast-attnres's query
+    theirs = Decoder(cfg).double()
+    theirs.load_state_dict(ours.state_dict())
+    peer.use_fla_residual(theirs, attnres_fn=peer.fast_attnres_fn(fa))
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    a, b = ours(ids, labels=ids).loss, theirs(ids, labels=ids).loss
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b)
+    for name in ("3", "out"):
+        for p in ("weight", "norm_weight"):
+            torch.testing.assert_close(getattr(theirs.residual.queries[name], p).grad,
+                                       getattr(ours.residual.queries[name], p).grad)

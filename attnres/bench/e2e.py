@@ -48,6 +48,8 @@ from torch import Tensor, nn
 from attnres import ops
 from attnres.bench.peers import (
     build_fla_model,
+    fast_attnres_fn,
+    fast_attnres_status,
     fla_model_mismatch,
     fla_model_status,
     fla_status,
@@ -89,7 +91,8 @@ __all__ = [
 MODES: tuple[str, ...] = ("standard", "block", "full")
 KINDS: tuple[str, ...] = ("train", "prefill", "decode", "template")
 VARIANTS: tuple[str, ...] = ("eager", "compile")
-IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "attnres-unfused", "fla", "fla-model")
+IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "attnres-unfused", "fla", "fast-attnres",
+                          "fla-model")
 
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -180,8 +183,8 @@ def _build(shape: Shape, mode: str, impl: str, run: Run, dtype: torch.dtype | No
     with torch.device(run.device):
         model = Decoder(cfg)
     model.to(dtype=dtype or run.dtype)
-    if impl == "fla":
-        use_fla_residual(model)
+    if impl in ("fla", "fast-attnres"):  # their single-read op over each sublayer's sources
+        use_fla_residual(model, fast_attnres_fn() if impl == "fast-attnres" else None)
     return model
 
 
@@ -257,7 +260,8 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
             peak_mem_bytes=peak_memory(run.device), resident_bytes_before=resident,
             source_bytes=traffic["source_bytes"], saved_partial_bytes=traffic["saved_partial_bytes"],
             residual_calls_per_step=traffic["calls_per_step"], residual_step_bytes=traffic["step_bytes"],
-            ops_backend=ops.backend(run.device) if not impl.startswith("fla") else "fla",
+            ops_backend={"fla": "fla", "fla-model": "fla", "fast-attnres": impl}.get(
+                impl, ops.backend(run.device)),
             params=sum(p.numel() for p in model.parameters()),
         )
         bandwidth = (run.result.get("ceilings") or {}).get("copy_gbps")
@@ -502,6 +506,8 @@ def _run_e2e(
     result["fla"] = {"available": fla_why is None, "reason": fla_why}
     fla_model_why = fla_model_status() if "fla-model" in impls else None
     result["fla_model"] = {"available": fla_model_why is None, "reason": fla_model_why}
+    fa_why = fast_attnres_status() if "fast-attnres" in impls else None
+    result["fast_attnres"] = {"available": fa_why is None, "reason": fa_why}
     try:
         result["ceilings"] = measure_ceilings(dev, quick)
     except Exception as exc:
@@ -518,7 +524,7 @@ def _run_e2e(
             run.add({"kind": "train", "shape": shape.name, "impl": impl, "variant": variant,
                      "status": "skipped", "reason": mismatch})
             return
-        why = {"fla": fla_why, "fla-model": fla_model_why}.get(impl)
+        why = {"fla": fla_why, "fla-model": fla_model_why, "fast-attnres": fa_why}.get(impl)
         for m in ms:
             if why is not None:
                 for opt in ("none", "adamw"):
@@ -541,6 +547,8 @@ def _run_e2e(
                 train(shape, "attnres-unfused", "eager", [m for m in ours if m != "standard"])
         for shape in picked:
             train(shape, "fla", "eager", theirs)
+            if "fast-attnres" in impls:
+                train(shape, "fast-attnres", "eager", [m for m in ours if m != "standard"])
             if "fla-model" in impls:  # fla's own model, every mode (standard: attnres_block_size None)
                 train(shape, "fla-model", "eager", ours)
     for shape in picked if serve else []:

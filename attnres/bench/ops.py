@@ -494,6 +494,19 @@ def bench_case(
                     o.backward(g_out[j])
 
             row["fla_block_fwd_bwd_ms"] = _safe(lambda: _time(fla_fb, reps=3))
+        if baselines.get("fa") is not None and dtype == torch.bfloat16:  # fast-attnres: bf16 only
+            fa = baselines["fa"]
+            qb = q.to(dtype)
+            row["fa_block_fwd_ms"] = _safe(lambda: _time(
+                lambda k: [fa(src[k % sets] + [partial[k % sets]], qb[j], eps=EPS) for j in range(S)],
+                reps=3))
+            fa_leaves = [s.detach().requires_grad_() for s in src[0] + [partial[0]]]
+
+            def fa_fb(k):
+                for j in range(S):
+                    fa(fa_leaves, qb[j], eps=EPS).backward(g_out[j])
+
+            row["fa_block_fwd_bwd_ms"] = _safe(lambda: _time(fa_fb, reps=3))
 
             p_l = partial[0].detach().requires_grad_()
 

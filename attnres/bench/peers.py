@@ -3,6 +3,10 @@
 * **fla's op in our decoder** (:class:`FlaResidual`, :func:`use_fla_residual`): fla-core 0.6.0's
   ``fla.ops.attnres.fused_attnres`` in place of our two-phase ops, one direct softmax over every source
   per sublayer (``attnres bench e2e``, impl ``fla``);
+* **fast-attnres** 2.1.0 (:func:`load_fast_attnres`): its ``attnres(values, query)`` as a peer in the op
+  benchmark and, through :class:`FlaResidual`, in the decoder (impl ``fast-attnres``). Its package is also
+  named ``attnres``, so it cannot be installed beside ours: install it into a directory of its own and
+  name it with ``ATTNRES_FAST_ATTNRES_DIR``; it is loaded from there as the module ``fast_attnres``;
 * **the op baselines** (:func:`op_baselines`): flash-attn-res 0.1.12's phase 1 and fla's
   ``fused_attnres`` per block (``attnres bench ops --device cuda``);
 * **fla's own model** (issue 24, item 2): ``KDAForCausalLM`` (flash-linear-attention 0.6,
@@ -31,8 +35,13 @@ weights per layer; an untied head; per AttnRes query a projection and a key-norm
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -281,14 +290,71 @@ def fla_status() -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------- fast-attnres
+
+FAST_ATTNRES_ENV = "ATTNRES_FAST_ATTNRES_DIR"
+
+
+def load_fast_attnres(path: str | Path | None = None) -> ModuleType:
+    """fast-attnres's package, loaded from ``path`` (default ``$ATTNRES_FAST_ATTNRES_DIR``: a directory
+    made by ``pip install --no-deps --target DIR fast-attnres==2.1.0``, holding ``attnres/__init__.py``)
+    under the module name ``fast_attnres``, so that ``import attnres`` stays ours. Raises ImportError
+    saying what to do when it is not there."""
+    if "fast_attnres" in sys.modules:
+        return sys.modules["fast_attnres"]
+    where = path if path is not None else os.environ.get(FAST_ATTNRES_ENV)
+    init = Path(where) / "attnres" / "__init__.py" if where else None
+    if init is None or not init.is_file():
+        raise ImportError(
+            f"fast-attnres not found{f' in {where}' if where else ''}: its package is also named attnres, "
+            "so install it apart (pip install --no-deps --target DIR fast-attnres==2.1.0) and set "
+            f"{FAST_ATTNRES_ENV}=DIR")
+    spec = importlib.util.spec_from_file_location("fast_attnres", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fast_attnres"] = module  # its relative imports resolve under this name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["fast_attnres"]
+        raise
+    return module
+
+
+def fast_attnres_fn(module: ModuleType | None = None) -> Callable[..., Tensor]:
+    """fast-attnres's ``attnres(values, query, eps=)`` with fla's ``fused_attnres`` signature
+    ``(query [d], residuals, rms_weight [d], rms_eps=)`` (what :class:`FlaResidual` calls): its keys are
+    RMS-normalised sources without a weight, so the norm's weight is folded into the query, as ours does."""
+    fa = (module or load_fast_attnres()).attnres
+
+    def fn(query: Tensor, residuals: list[Tensor], rms_weight: Tensor, rms_eps: float = 1e-6) -> Tensor:
+        return fa(list(residuals), (query * rms_weight).to(residuals[0].dtype), eps=rms_eps)
+
+    return fn
+
+
+def fast_attnres_status() -> str | None:
+    """None when fast-attnres can run here, else why not."""
+    if not torch.cuda.is_available():
+        return "fast-attnres's kernels are CUDA (Triton): needs CUDA"
+    try:
+        load_fast_attnres()
+    except Exception as exc:  # noqa: BLE001 - not installed, or a Triton/torch mismatch inside it
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return None
+
+
 # ----------------------------------------------------------------------------- the op baselines
 
 
 def op_baselines() -> dict[str, Callable | None]:
     """The installed op baselines: ``far`` (flash-attn-res's ``phase_1_batched_attention_triton_op``:
-    sources stacked ``[n, B, T, d]``, queries ``[S, d]``) and ``fla`` (``fused_attnres``, one query);
+    sources stacked ``[n, B, T, d]``, queries ``[S, d]``), ``fla`` (``fused_attnres``, one query) and ``fa``
+    (fast-attnres's ``attnres(values, query)``, one query, bf16; :func:`load_fast_attnres`);
     None for one that is not installed (or does not import)."""
-    found: dict[str, Callable | None] = {"far": None, "fla": None}
+    found: dict[str, Callable | None] = {"far": None, "fla": None, "fa": None}
+    if os.environ.get(FAST_ATTNRES_ENV) and fast_attnres_status() is None:
+        found["fa"] = load_fast_attnres().attnres
     try:
         from flash_attn_res import phase_1_batched_attention_triton_op
 

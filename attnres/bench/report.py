@@ -96,10 +96,11 @@ def print_cuda_ops_table(result: dict[str, Any]) -> None:
         print(ops_row_line(r))
     cmp_rows = [r for r in rows if "compile_phase1_fwd_ms" in r]
     if cmp_rows:
-        print("\nspeed-ups (baseline ms / ours ms); block = S sublayers: fla S calls vs phase1 + S phase2")
+        print("\nspeed-ups (baseline ms / ours ms); block = S sublayers: fla's and fast-attnres's (fa) "
+              "S calls vs phase1 + S phase2")
         print(
             "     N    d  n  S | p1 fwd: ours  compile   far    | p1 fwd+bwd: ours compile  far   | "
-            "block fwd: ours  fla  | block fwd+bwd: ours  fla"
+            "block fwd: ours  fla    fa   | block fwd+bwd: ours  fla    fa"
         )
         for r in cmp_rows:
             o1, o2 = r["phase1_fwd"]["ms"], r["phase1_fwd_bwd_ms"]
@@ -113,8 +114,8 @@ def print_cuda_ops_table(result: dict[str, Any]) -> None:
             print(
                 f"{head} | {o1:6.3f} {sp(g('compile_phase1_fwd_ms'), o1)} {sp(g('far_phase1_fwd_ms'), o1)}"
                 f" | {o2:6.3f} {sp(g('compile_phase1_fwd_bwd_ms'), o2)} {sp(g('far_phase1_fwd_bwd_ms'), o2)}"
-                f" | {b1:6.3f} {sp(g('fla_block_fwd_ms'), b1)}"
-                f" | {b2:6.3f} {sp(g('fla_block_fwd_bwd_ms'), b2)}"
+                f" | {b1:6.3f} {sp(g('fla_block_fwd_ms'), b1)} {sp(g('fa_block_fwd_ms'), b1)}"
+                f" | {b2:6.3f} {sp(g('fla_block_fwd_bwd_ms'), b2)} {sp(g('fa_block_fwd_bwd_ms'), b2)}"
             )
 
 
@@ -122,10 +123,10 @@ def print_cuda_ops_table(result: dict[str, Any]) -> None:
 
 
 def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Block/standard, Full/standard (ours and fla's, against our standard row of the same kind, shape,
-    variant, optimizer and batch; fla's model against its own standard row), ours/fla's model per mode
-    (``attnres/fla-model``, target ``<= 1``) and template/hand-written, from rows of this run, on step
-    time and (train) on peak memory, with the memory target ``standard + 1.1 x source bytes``."""
+    """Block/standard, Full/standard (ours, fla's and fast-attnres's, against our standard row of the same
+    kind, shape, variant, optimizer and batch; fla's model against its own standard row), ours/fla's model
+    per mode (``attnres/fla-model``, target ``<= 1``) and template/hand-written, from rows of this run, on
+    step time and (train) on peak memory, with the memory target ``standard + 1.1 x source bytes``."""
     def key(r: dict[str, Any]) -> tuple:
         return (r.get("kind"), r.get("shape"), r.get("variant"), r.get("optimizer"), r.get("batch"))
 
@@ -149,8 +150,8 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         s = std.get((key(r), "fla-model" if own else "attnres"))
         if s is None:
             continue
-        suffix = {"fla": "(fla)", "attnres-recompute": "(recompute)", "attnres-unfused": "(unfused)",
-                  "fla-model": "(fla-model)"}.get(r["impl"], "")
+        suffix = {"fla": "(fla)", "fast-attnres": "(fast-attnres)", "attnres-recompute": "(recompute)",
+                  "attnres-unfused": "(unfused)", "fla-model": "(fla-model)"}.get(r["impl"], "")
         what = f"{r['mode']}{suffix}/standard{suffix if own else ''}"
         entry = ratio(r, s, what)
         if "mem_ratio" in entry and r["kind"] == "train" and r.get("source_bytes"):
