@@ -41,6 +41,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.study import stats  # noqa: E402
+
 COLORS = {"standard": "tab:gray", "block8": "tab:blue", "full": "tab:red"}
 
 
@@ -102,11 +104,14 @@ def load_runs(results: str | Path) -> list[dict[str, Any]]:
     return runs
 
 
-def group(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """Complete, untagged runs by ``(model, residual)`` (probe runs carry a tag in their id)."""
+def group(runs: list[dict[str, Any]], tag: str | None = None) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Complete runs by ``(model, residual)``: the untagged ones, or those of sweeps tagged ``tag`` (e.g.
+    ``pk``, the package corpus; probe runs carry a tag too)."""
+    suffix = f"-{tag}" if tag else ""
     out: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
-        if r["status"] == "complete" and r["run_id"] == f"{r['model']}-{r['residual']}-seed{r['seed']}":
+        rid = f"{r['model']}-{r['residual']}-seed{r['seed']}{suffix}"
+        if r["status"] == "complete" and r["run_id"] == rid:
             out[(r["model"], r["residual"])].append(r)
     return out
 
@@ -180,10 +185,17 @@ def scaling(groups: dict, out: Path, lay: Layout) -> tuple[list[str], dict[str, 
                 f"({r0['active_params'] / 1e6:.1f}M) | {r0['compute_flops']:.3g} | {label(mode)} | {n} | "
                 f"{fmt(m, s)} | {tps:,.0f} | {wall:.0f} |"
             )
+    seeds = {mode: {rs[0]["compute_flops"]: [r["val_loss"] for r in rs]
+                    for rs in (groups.get((model, mode), []) for model in lay.scaling_models) if rs}
+             for mode in points}
     if fits:
-        lines += ["", "| mode | a | b | fitted on |", "|---|---:|---:|---|"]
+        lines += ["", f"| mode | a | b | b, {100 * stats.LEVEL:.0f} % interval (bootstrap over seeds) | "
+                  "seeds per size | fitted on |", "|---|---:|---:|---|---|---|"]
         for mode, (a, b) in fits.items():
-            lines.append(f"| {label(mode)} | {a:.4f} | {b:.5f} | {', '.join(p[4] for p in points[mode])} |")
+            ci = stats.power_law_interval(seeds[mode])
+            sizes = ", ".join(p[4] for p in points[mode])
+            lines.append(f"| {label(mode)} | {a:.4f} | {b:.5f} | [{ci['b_lo']:.5f}, {ci['b_hi']:.5f}] | "
+                         f"{', '.join(map(str, ci['seeds_per_size']))} | {sizes} |")
     base = fits.get("standard")
     if base is not None:
         lines += [
@@ -195,6 +207,7 @@ def scaling(groups: dict, out: Path, lay: Layout) -> tuple[list[str], dict[str, 
             "|---|" + "---:|" * (len(points["standard"]) + 1),
         ]
         c_bar = math.exp(np.mean(np.log([p[0] for p in points["standard"]])))
+        why = None
         for mode in lay.scaling_modes:
             if mode == "standard" or mode not in points:
                 continue
@@ -202,14 +215,23 @@ def scaling(groups: dict, out: Path, lay: Layout) -> tuple[list[str], dict[str, 
             cells = []
             for p in points["standard"]:
                 q = by_model.get(p[4])
-                cells.append(f"{compute_equivalence(q[1], q[0], base):.3f}" if q else "–")
+                if q is None:
+                    cells.append("–")
+                    continue
+                eq = stats.equivalence_interval(seeds[mode][q[0]], q[0], seeds["standard"])
+                span = f" [{eq['lo']:.3f}, {eq['hi']:.3f}]" if eq["reason"] is None else " [unbounded]"
+                cells.append(f"{compute_equivalence(q[1], q[0], base):.3f}{span}")
+                why = eq["reason"] if eq["reason"] is not None else why
             fit_r = (
                 f"{compute_equivalence(fits[mode][0] * c_bar ** fits[mode][1], c_bar, base):.3f}"
                 if mode in fits
                 else "–"
             )
             lines.append(f"| {label(mode)} | " + " | ".join(cells) + f" | {fit_r} |")
-        lines.append(f"\n(C̄ = {c_bar:.3g} FLOPs, the geometric mean of the sizes' compute.)")
+        lines.append(f"\n(C̄ = {c_bar:.3g} FLOPs, the geometric mean of the sizes' compute. In brackets: the "
+                     f"{100 * stats.LEVEL:.0f} % bootstrap interval over seeds.)")
+        if why is not None:
+            lines.append(f"\nUnbounded: {why}.")
     return lines, fits
 
 
@@ -440,6 +462,29 @@ def lr_check(runs: list[dict[str, Any]], out: Path) -> list[str]:
     return lines
 
 
+def lr_sweep(runs: list[dict[str, Any]], tag: str) -> list[str]:
+    """Per (size, mode), the final validation loss at each rate of the sweeps tagged ``tag`` and
+    ``tag-lr<scale>`` (complete runs, mean ± std over seeds), the best rate and whether it sits at the
+    sweep's edge (``stats.best_rate``)."""
+    by: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        base = f"{r['model']}-{r['residual']}-seed{r['seed']}-{tag}"
+        lr = ((r.get("config") or {}).get("model") or {}).get("lr")
+        if r["status"] == "complete" and lr is not None and (
+                r["run_id"] == base or r["run_id"].startswith(base + "-lr")):
+            by[(r["model"], r["residual"])][float(lr)].append(r["val_loss"])
+    if not by:
+        return []
+    lines = [f"### Learning-rate sweep (runs tagged {tag})", "",
+             "| size | mode | lr: final val loss | best lr | at the sweep's edge |", "|---|---|---|---:|---|"]
+    for (model, mode), losses in sorted(by.items()):
+        best = stats.best_rate(losses)
+        cells = ", ".join(f"{lr:g}: {fmt(*mean_std(v)[:2])}" for lr, v in sorted(losses.items()))
+        lines.append(f"| {model} | {label(mode)} | {cells} | {best['best']:g} | "
+                     f"{'yes: extend the sweep' if best['at_edge'] else 'no'} |")
+    return lines
+
+
 def heatmaps(groups: dict, out: Path) -> None:
     panels = []
     for (model, mode), rs in sorted(groups.items()):
@@ -502,14 +547,16 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def analyze(results: str | Path, out: str | Path, lay: Layout | None = None) -> dict[str, Any]:
-    """Write every figure and ``tables.md`` that the complete runs under ``results`` allow."""
+def analyze(results: str | Path, out: str | Path, lay: Layout | None = None,
+            tag: str | None = None) -> dict[str, Any]:
+    """Write every figure and ``tables.md`` that the complete runs under ``results`` allow: the untagged
+    runs, or (``tag``) those of the sweeps tagged ``tag`` and its learning-rate sweep."""
     out = Path(out)
     lay = lay or Layout()
     runs = load_runs(results)
     if not runs:
         raise FileNotFoundError(f"no run JSON under {results}")
-    groups = group(runs)
+    groups = group(runs, tag)
     lines: list[str] = []
     scaling_lines, fits = scaling(groups, out, lay)
     val_curves(groups, out, lay)
@@ -518,7 +565,7 @@ def analyze(results: str | Path, out: str | Path, lay: Layout | None = None) -> 
         ablation(groups, out, lay),
         dynamics(groups, out, lay),
         depth_width(groups, out, lay),
-        lr_check(runs, out),
+        lr_sweep(runs, tag) if tag else lr_check(runs, out),
     ):
         if part:
             lines += part + [""]
@@ -538,8 +585,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="benchmarks/results/study")
     p.add_argument("--out", default="docs/images/study")
+    p.add_argument("--tag", default=None,
+                   help="the runs of the sweeps with this tag (e.g. pk: the package corpus)")
     a = p.parse_args(argv)
-    analyze(a.results, a.out)
+    analyze(a.results, a.out, tag=a.tag)
 
 
 if __name__ == "__main__":

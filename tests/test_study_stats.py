@@ -1,0 +1,84 @@
+"""The study's noise estimates (benchmarks/study/stats.py) against independent computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.study import stats
+from benchmarks.study.analyze import compute_equivalence, fit_power_law
+
+
+def _points(a: float, b: float, cs, noise: float, seeds: int, rng) -> dict[float, list[float]]:
+    return {c: list(a * c**b * np.exp(noise * rng.standard_normal(seeds))) for c in cs}
+
+
+def test_the_fit_is_the_seed_means_least_squares_and_its_interval_covers_the_truth():
+    rng = np.random.default_rng(1)
+    cs = [1e15, 3e15, 1e16, 3e16]
+    pts = _points(30.0, -0.08, cs, 0.01, 3, rng)
+    out = stats.power_law_interval(pts)
+    a, b = fit_power_law(cs, [np.mean(v) for v in pts.values()])  # the study's own fit, numpy.polyfit
+    assert out["a"] == pytest.approx(a, rel=1e-9) and out["b"] == pytest.approx(b, rel=1e-9)
+    assert out["b_lo"] < b < out["b_hi"] and out["b_lo"] < -0.08 < out["b_hi"]
+    assert out["seeds_per_size"] == [3, 3, 3, 3]
+    # coverage over repeated experiments: a 90 % interval holds the true exponent most of the time
+    intervals = [stats.power_law_interval(_points(30.0, -0.08, cs, 0.01, 3, rng), n=400) for _ in range(40)]
+    hits = sum(o["b_lo"] < -0.08 < o["b_hi"] for o in intervals)
+    assert hits >= 28  # 40 experiments; the bootstrap of 3 seeds is a little narrow, never this far off
+
+
+def test_one_seed_per_size_gives_a_zero_width_interval():
+    out = stats.power_law_interval({1e15: [3.0], 1e16: [2.5]})
+    assert out["b_lo"] == pytest.approx(out["b"]) and out["b_hi"] == pytest.approx(out["b"])
+
+
+def test_equivalence_matches_the_point_formula_and_brackets_it():
+    rng = np.random.default_rng(2)
+    cs = [1e15, 3e15, 1e16, 3e16]
+    base = _points(30.0, -0.08, cs, 0.005, 3, rng)
+    variant = list(0.98 * 30.0 * 1e16**-0.08 * np.exp(0.005 * rng.standard_normal(3)))
+    out = stats.equivalence_interval(variant, 1e16, base)
+    fit = fit_power_law(cs, [np.mean(v) for v in base.values()])
+    assert out["ratio"] == pytest.approx(compute_equivalence(float(np.mean(variant)), 1e16, fit), rel=1e-9)
+    assert out["reason"] is None and out["lo"] < out["ratio"] < out["hi"]
+    # 2 % lower loss at b = -0.08 is 0.98 ** (1 / -0.08) = 1.29x the compute
+    assert out["lo"] < 0.98 ** (1 / -0.08) < out["hi"]
+
+
+def test_a_flat_baseline_gives_no_interval_and_says_why():
+    rng = np.random.default_rng(3)
+    base = _points(3.0, -0.002, [1e15, 3e15, 1e16, 3e16], 0.02, 3, rng)  # noise >> the trend
+    out = stats.equivalence_interval([2.6, 2.61, 2.59], 1e16, base)
+    assert out["lo"] is None and out["hi"] is None and "unbounded" in out["reason"]
+    assert out["share_of_draws_with_b_at_least_0"] > 0.05
+
+
+def test_best_rate_and_the_edge():
+    assert stats.best_rate({1e-3: [3.0, 3.2], 2e-3: [2.9, 3.0], 4e-3: [3.1]}) == {
+        "best": 2e-3, "means": {1e-3: 3.1, 2e-3: 2.95, 4e-3: 3.1}, "at_edge": False, "points": 3}
+    assert stats.best_rate({1e-3: [3.0], 2e-3: [2.9], 4e-3: [2.8]})["at_edge"]
+    assert not math.isnan(stats.best_rate({1e-3: [3.0]})["best"])
+
+
+def test_tagged_groups_and_the_lr_sweep_table():
+    from benchmarks.study.analyze import group, lr_sweep
+
+    def run(rid, lr, loss, status="complete"):
+        model, residual, seed = rid.split("-")[:3]
+        return {"run_id": rid, "model": model, "residual": residual, "seed": int(seed.removeprefix("seed")),
+                "status": status, "val_loss": loss, "config": {"model": {"lr": lr}}}
+
+    runs = [run("s-standard-seed0", 2e-3, 3.0),  # untagged: not in the pk family
+            run("s-standard-seed0-pk", 2e-3, 2.8), run("s-standard-seed1-pk", 2e-3, 2.9),
+            run("s-standard-seed0-pk-lr0.5", 1e-3, 2.95), run("s-standard-seed0-pk-lr2", 4e-3, 2.7),
+            run("s-standard-seed0-pk-lr4", 8e-3, 2.6, status="running")]  # incomplete: left out
+    tagged = [r["run_id"] for r in group(runs, "pk")[("s", "standard")]]
+    assert tagged == ["s-standard-seed0-pk", "s-standard-seed1-pk"]
+    assert [r["run_id"] for r in group(runs)[("s", "standard")]] == ["s-standard-seed0"]
+    table = lr_sweep(runs, "pk")
+    row = next(line for line in table if line.startswith("| s |"))
+    assert "0.001: 2.9500" in row and "0.002: 2.8500 ± 0.0707" in row and "0.004: 2.7000" in row
+    assert row.endswith("| 0.004 | yes: extend the sweep |") and "0.008" not in row
