@@ -233,6 +233,7 @@ def _pin(tuner: Any, entries: list[tuple[tuple, dict[str, Any]]]) -> None:
     import triton
 
     run = tuner.run
+    refused: set[tuple] = set()  # keys whose borrowed config did not launch: Triton tunes those
 
     def pinned_run(*args: Any, **kwargs: Any) -> Any:
         # Triton's own key (triton.runtime.autotuner.Autotuner.run): the key arguments, then every dtype
@@ -240,13 +241,20 @@ def _pin(tuner: Any, entries: list[tuple[tuple, dict[str, Any]]]) -> None:
         named = {k: v for k, v in named.items() if k in tuner.arg_names}
         key = tuple([named[k] for k in tuner.keys if k in named]
                     + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
-        if key not in tuner.cache:
-            fields = nearest_config(entries, key)
-            if fields is not None and set(fields.get("kwargs", {})) <= set(tuner.arg_names):
-                tuner.cache[key] = triton.Config(
-                    fields["kwargs"], num_warps=fields["num_warps"], num_stages=fields["num_stages"],
-                    num_ctas=fields.get("num_ctas", 1), maxnreg=fields.get("maxnreg"))
-        return run(*args, **kwargs)
+        if key in tuner.cache or key in refused:
+            return run(*args, **kwargs)
+        fields = nearest_config(entries, key)
+        if fields is None or not set(fields.get("kwargs", {})) <= set(tuner.arg_names):
+            return run(*args, **kwargs)
+        tuner.cache[key] = triton.Config(
+            fields["kwargs"], num_warps=fields["num_warps"], num_stages=fields["num_stages"],
+            num_ctas=fields.get("num_ctas", 1), maxnreg=fields.get("maxnreg"))
+        try:
+            return run(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - e.g. the borrowed config needs more shared memory at this shape
+            tuner.cache.pop(key, None)  # compile and resource errors come before the launch: tune instead
+            refused.add(key)
+            return run(*args, **kwargs)
 
     tuner.run = pinned_run
     tuner._attnres_pinned = True

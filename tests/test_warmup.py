@@ -156,3 +156,35 @@ def test_the_shipped_results_give_an_untuned_preset_shape_a_config_of_its_head_d
     wanted = (7, 7, *key[2:])  # 7 heads x 128: shipped for no preset
     chosen = warmup.nearest_config(entries, wanted)
     assert chosen is not None and any(c == chosen for k, c in entries if k[2] == 128)
+
+
+def test_a_borrowed_config_that_fails_to_launch_falls_back_to_tuning(tmp_path, monkeypatch):
+    import types
+
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=[triton.Config({"BK": 16}), triton.Config({"BK": 32})], key=["K"])
+    @triton.jit
+    def kern2(x, K, BK: tl.constexpr):
+        pass
+
+    (tmp_path / "A").mkdir()
+    result = _result([64, "torch.float32"], [[_cfg(32, 4), [0.2]]])
+    (tmp_path / "A" / "kern2.autotune.json").write_text(result)
+    seen = []
+
+    def run(*args, **kwargs):  # Triton's run: the borrowed config is out of resources here, tuning works
+        config = kern2.cache.get((128, "torch.float32"))
+        seen.append(None if config is None else config.kwargs)
+        if config is not None:
+            raise RuntimeError("out of resources: shared memory")
+        return "tuned"
+
+    kern2.run = run
+    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
+    assert warmup.pin_untuned_kda(tmp_path, modules=[types.SimpleNamespace(kern2=kern2)]) == ["kern2"]
+    assert kern2[(1,)](torch.zeros(2), 128) == "tuned"
+    assert seen == [{"BK": 32}, None]  # tried the borrowed config once, then Triton's own tuning
+    assert kern2[(1,)](torch.zeros(2), 128) == "tuned" and seen[-1] is None  # not borrowed again
+
