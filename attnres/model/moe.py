@@ -96,27 +96,27 @@ class _Dispatch(torch.autograd.Function):
 
 
 class _Combine(torch.autograd.Function):
-    """Expert outputs in the sorted order ``y [N k, d]`` and the routing weights ``w [N, k]`` (fp32) ->
-    ``out [N, d] = sum_s w[t, s] y[inv[t k + s]]``, summed in fp32 (fp64 for fp64), in ``y``'s dtype.
-    Backward: ``dy`` gathered through ``order``, ``dw`` from the rows gathered again."""
+    """Expert outputs in the sorted order ``y [N k, d]`` and the routing weights ``w [N, k]`` ->
+    ``out [N, d] = sum_s w[t, s] y[inv[t k + s]]``, in ``y``'s dtype: per token a ``[1, k] @ [k, d]``
+    batched matmul (no ``[N, k, d]`` temporary beyond the gathered rows; the GPU's matmul accumulates
+    in fp32). Backward: ``dy`` gathered through ``order``, ``dw`` from the rows gathered again."""
 
     @staticmethod
     def forward(ctx, y: Tensor, w: Tensor, order: Tensor, inv: Tensor) -> Tensor:
         ctx.save_for_backward(y, w, order, inv)
-        acc = torch.promote_types(y.dtype, torch.float32)
         rows = y[inv].unflatten(0, w.shape)  # [N, k, d]
-        return torch.einsum("nkd,nk->nd", rows.to(acc), w.to(acc)).to(y.dtype)
+        return torch.bmm(w.to(y.dtype).unsqueeze(1), rows).squeeze(1)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         y, w, order, inv = ctx.saved_tensors
-        acc = torch.promote_types(y.dtype, torch.float32)
+        grad = grad.to(y.dtype)
         dy = dw = None
         if ctx.needs_input_grad[0]:
-            dy = (grad.to(acc).unsqueeze(1) * w.to(acc).unsqueeze(-1)).flatten(0, 1)[order].to(y.dtype)
+            dy = (grad.unsqueeze(1) * w.to(y.dtype).unsqueeze(-1)).flatten(0, 1)[order]
         if ctx.needs_input_grad[1]:
             rows = y[inv].unflatten(0, w.shape)
-            dw = torch.einsum("nkd,nd->nk", rows.to(acc), grad.to(acc)).to(w.dtype)
+            dw = torch.bmm(rows, grad.unsqueeze(-1)).squeeze(-1).to(w.dtype)
         return dy, dw, None, None
 
 
