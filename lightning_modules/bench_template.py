@@ -129,10 +129,12 @@ def template_rows(run: Run, shape: Shape, compile: bool, precision: str, per_ste
         return row
 
     guarded(run, {**base, "impl": "hand-written"}, hand_written, compiles=compile, reset=compile)
-    # the template as `attnres fit` runs it, then (per_step_callbacks) what its per-step callbacks cost:
-    # without the NaN guard's gradient check (one host sync a step), and without any of them
+    # the template as `attnres fit -c configs/trainer/gpu.yaml` runs it (the NaN guard deciding on the
+    # device), then (per_step_callbacks) what its per-step callbacks cost: the guard deciding on the host
+    # (a sync a step), without its gradient check, and without any of them
     variants = (
-        [("template", {}), ("template-nogradcheck", {"check_gradients": False}), ("template-bare", None)]
+        [("template", {"defer": True}), ("template-sync", {}),
+         ("template-nogradcheck", {"check_gradients": False, "defer": True}), ("template-bare", None)]
         if per_step_callbacks
         else [("template", None)]
     )

@@ -46,24 +46,71 @@ class NaNGuard(L.Callback):
     all-reduced over all ranks. There the schedule has already run the backward passes when the loss
     is checked; the optimizer step is still prevented.
 
+    ``defer=True`` (``configs/trainer/gpu.yaml``): the same decisions without a host sync in the step,
+    in one process whose optimizer is a fused AdamW without a GradScaler (else the guard works as above). The
+    checks stay on the device: the fused kernel skips the update itself when the step's loss or
+    gradients are not finite (its ``found_inf``, as GradScaler uses it; the step count is kept) and the
+    MoE router bias keeps still (``LanguageModel`` reads ``step_finite``). The host reads the flags one
+    step later, when the device has long computed them, and then warns, counts or stops as above: a NaN
+    loss stops training at the next step (or at the end), its own update skipped, so no checkpoint
+    holds poisoned weights either.
+
     Args:
         max_consecutive_bad_steps: stop at this many optimizer steps in a row with non-finite
             gradients (1: at the first one; a finite step resets the count).
         check_gradients: the gradient check (one max-norm over all gradients and one host sync per
             step; turn it off to save that time when the loss check is enough, e.g. bf16 runs).
+        defer: decide on the device and read the decision a step later (see above).
     """
 
-    def __init__(self, max_consecutive_bad_steps: int = 10, check_gradients: bool = True) -> None:
+    def __init__(self, max_consecutive_bad_steps: int = 10, check_gradients: bool = True,
+                 defer: bool = False) -> None:
         if max_consecutive_bad_steps < 1:
             raise ValueError(f"max_consecutive_bad_steps must be >= 1, got {max_consecutive_bad_steps}")
         self.max_consecutive_bad_steps = max_consecutive_bad_steps
         self.check_gradients = check_gradients
+        self.defer = defer
         self.consecutive_bad_steps = 0
         self.skipped_steps: list[int] = []  # global steps whose update was skipped
+        self._loss_finite: torch.Tensor | None = None
+        self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None  # step, loss ok, step ok
+
+    def _deferred(self, trainer: L.Trainer) -> bool:
+        """Whether this step decides on the device: ``defer``, one process (several ranks decide together
+        on the host, as above: the device-side decision across ranks is not tested yet), one fused AdamW
+        and no GradScaler."""
+        if not self.defer or trainer.world_size > 1 or len(trainer.optimizers) != 1:
+            return False
+        opt = trainer.optimizers[0]
+        return bool(opt.defaults.get("fused")) and getattr(trainer.precision_plugin, "scaler", None) is None
+
+    def _settle(self, trainer: L.Trainer) -> None:
+        """Read the previous deferred step's decision (computed on the device a step ago) and act on it."""
+        if self._pending is None:
+            return
+        step, loss_ok, step_ok = self._pending
+        self._pending = None
+        if not bool(loss_ok):
+            raise NonFiniteLossError(
+                f"the training loss was not finite (NaN/inf) at step {step} (lr {_lr(trainer):.3g}); that "
+                f"step's update was skipped and training stopped. Last good checkpoint: "
+                f"{_last_checkpoint(trainer)}. Try a lower model.lr, a longer model.warmup_steps or gradient "
+                "clipping (trainer.gradient_clip_val), then resume with --ckpt_path.")
+        self._after_step(trainer, step, bool(step_ok), local=False)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._settle(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._settle(trainer)
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
+        if self._deferred(trainer):
+            self._loss_finite = torch.isfinite(loss.detach()).all()
+            return
         finite = local = bool(torch.isfinite(loss.detach()).all())
         # every rank must stop together: a rank that raised alone would leave the others waiting in
         # the gradient all-reduce forever (a collective per step, one boolean)
@@ -83,6 +130,13 @@ class NaNGuard(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
+        if self._deferred(trainer) and self._loss_finite is not None:
+            loss_ok = self._loss_finite
+            ok = loss_ok & finite_grads(pl_module.parameters()) if self.check_gradients else loss_ok
+            optimizer.found_inf = (~ok).float()  # the fused AdamW kernel skips the update when it is 1
+            pl_module.step_finite = ok
+            self._pending, self._loss_finite = (trainer.global_step, loss_ok, ok), None
+            return
         if not self.check_gradients:
             return
         finite = local = grads_are_finite(pl_module.parameters())
@@ -91,8 +145,15 @@ class NaNGuard(L.Callback):
         if finite:
             self.consecutive_bad_steps = 0
             return
-        step = trainer.global_step
         pl_module.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient
+        self._after_step(trainer, trainer.global_step, False, local)
+
+    def _after_step(self, trainer: L.Trainer, step: int, finite: bool, local: bool) -> None:
+        """Count a step with non-finite gradients (``finite`` False; ``local``: this rank's were finite),
+        warn, or stop at ``max_consecutive_bad_steps``; a finite step resets the count."""
+        if finite:
+            self.consecutive_bad_steps = 0
+            return
         self.consecutive_bad_steps += 1
         self.skipped_steps.append(step)
         where = " (on another rank)" if local else ""
@@ -114,18 +175,23 @@ class NaNGuard(L.Callback):
         )
 
 
-def grads_are_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
-    """Whether every gradient element is finite (this rank's: DTensor gradients are checked by their
-    local shard). One host sync: the max-norm is NaN/inf exactly when an element is, and cannot
-    overflow as a sum of squares can."""
+def finite_grads(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """Whether every gradient element is finite, as a 0-dim bool tensor on the gradients' device (this
+    rank's: DTensor gradients are checked by their local shard): the max-norm is NaN/inf exactly when an
+    element is, and cannot overflow as a sum of squares can."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in parameters if p.grad is not None]
     grads = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     grads = [g for g in grads if g.numel()]
     if not grads:
-        return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf"))))
+        return torch.tensor(True)
+    return torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf")))
+
+
+def grads_are_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
+    """:func:`finite_grads` read on the host (one host sync)."""
+    return bool(finite_grads(parameters))
 
 
 def _lr(trainer: L.Trainer) -> float:

@@ -109,6 +109,7 @@ class LanguageModel(L.LightningModule):
         # kept out of the module tree (no second copy of the parameter names in the state dict)
         self.__dict__["_compiled"] = torch.compile(self.model) if compile else None
         self._rng_to_restore: dict | None = None
+        self.step_finite: Tensor | None = None  # this step's update ran (set by a deferring NaNGuard)
 
     # ------------------------------------------------------------------ model
 
@@ -188,7 +189,10 @@ class LanguageModel(L.LightningModule):
         if self.trainer.world_size > 1:
             for m in moes.values():
                 m.tokens_per_expert.copy_(self.trainer.strategy.reduce(m.tokens_per_expert, reduce_op="sum"))
-        if self._step_was_skipped(scaler, scale):
+        step_finite, self.step_finite = self.step_finite, None  # set by a deferring NaNGuard
+        if step_finite is not None:  # decided on the device: the bias moves only if the update ran
+            self.model.update_router_bias(enabled=step_finite)
+        elif self._step_was_skipped(scaler, scale):
             for m in moes.values():
                 m.tokens_per_expert.zero_()
         else:

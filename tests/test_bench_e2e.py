@@ -160,16 +160,18 @@ def test_quick_template_rows_time_the_lightning_step_and_the_hand_written_one(tm
         out=tmp_path / "e2e_template.json", template_rows=template_rows,
     )
     rows = {r["impl"]: r for r in result["rows"]}
-    # the template as `attnres fit` runs it, without the NaN guard's gradient check, without callbacks
-    assert set(rows) == {"hand-written", "template", "template-nogradcheck", "template-bare"}
+    # the template as `attnres fit` runs it on a GPU, the guard deciding on the host, without the guard's
+    # gradient check, without callbacks
+    assert set(rows) == {"hand-written", "template", "template-sync", "template-nogradcheck", "template-bare"}
     for r in rows.values():
         assert r["status"] == "ok", r
         assert r["variant"] == "eager" and r["precision"] == "bf16-mixed"  # no compile on a CPU by default
         assert _positive_finite(r["ms"]) and _positive_finite(r["tokens_per_s"]) and r["steps"] >= 3
     assert rows["template"]["callbacks"] == ["StepMarks", "NaNGuard", "ThroughputMonitor"]
-    assert rows["template"]["nan_guard"] == {} and rows["template-bare"]["callbacks"] == ["StepMarks"]
-    assert rows["template-nogradcheck"]["nan_guard"] == {"check_gradients": False}
-    for impl in ("template", "template-nogradcheck", "template-bare"):
+    assert rows["template"]["nan_guard"] == {"defer": True} and rows["template-sync"]["nan_guard"] == {}
+    assert rows["template-bare"]["callbacks"] == ["StepMarks"]
+    assert rows["template-nogradcheck"]["nan_guard"] == {"check_gradients": False, "defer": True}
+    for impl in ("template", "template-sync", "template-nogradcheck", "template-bare"):
         (ratio,) = [q for q in result["ratios"] if q["what"] == f"{impl}/hand-written"]
         assert _positive_finite(ratio["time_ratio"])
 

@@ -762,3 +762,59 @@ def test_nan_guard_stops_every_rank_when_one_rank_has_a_nan_loss():
     with pytest.raises(NonFiniteLossError, match="at step 7"):
         NaNGuard().on_before_backward(trainer, None, torch.tensor(2.5))
     assert decisions == [True]
+
+
+class _FusedAdamW(torch.optim.AdamW):
+    """A fused AdamW on the CPU (torch has one), standing in for the CUDA one ``configure_optimizers``
+    picks on a GPU; its kernel honours ``found_inf`` as the CUDA one does."""
+
+    def __init__(self, *args, fused=None, **kw):
+        super().__init__(*args, fused=True, **kw)
+
+
+def test_deferred_guard_skips_bad_steps_on_the_device_and_reports_them_a_step_later(monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", _FusedAdamW)
+    guard, rec = NaNGuard(max_consecutive_bad_steps=3, defer=True), RecordAfterStep()
+    trainer = _micro_trainer(4, [PoisonGradsAt({1, 2}, float("nan")), guard, rec])
+    with pytest.warns(UserWarning, match="non-finite") as caught:
+        trainer.fit(_micro_module(), _micro_loader())
+    assert guard._deferred(trainer)  # the path under test ran
+    said = " ".join(str(w.message) for w in caught if "NaNGuard" in str(w.message))
+    assert "at step 1:" in said and "at step 2:" in said and "at step 3" not in said
+    assert guard.skipped_steps == [1, 2] and trainer.global_step == 4
+    opt = trainer.optimizers[0]
+    assert all(int(st["step"]) == 2 for st in opt.state.values())  # two real updates: steps 0 and 3
+    for before, after in ((0, 1), (1, 2)):  # weights and router bias as they were
+        assert all(torch.equal(rec.params[after][n], rec.params[before][n]) for n in rec.params[0])
+        assert torch.equal(rec.bias[after], rec.bias[before])
+    assert not torch.equal(rec.params[3]["lm_head.weight"], rec.params[2]["lm_head.weight"])
+    assert not torch.equal(rec.bias[3], rec.bias[2])
+    assert all(torch.isfinite(p).all() for p in rec.params[3].values())
+
+
+def test_deferred_guard_stops_on_a_nan_loss_at_the_next_step_with_the_update_skipped(monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", _FusedAdamW)
+
+    class NanLossAt2(LanguageModel):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.global_step == 2 else loss
+
+    base = _micro_module()
+    module = NanLossAt2(base.config, warmup_steps=1, schedule="constant")
+    module.load_state_dict(base.state_dict())
+    rec = RecordAfterStep()
+    trainer = _micro_trainer(6, [NaNGuard(defer=True), rec])
+    with pytest.raises(NonFiniteLossError, match=r"not finite \(NaN/inf\) at step 2.*update was skipped"):
+        trainer.fit(module, _micro_loader())
+    assert len(rec.params) == 3  # steps 0, 1, 2 ran; step 3 stopped before its forward
+    assert all(torch.equal(rec.params[2][n], rec.params[1][n]) for n in rec.params[0])
+    assert torch.equal(rec.bias[2], rec.bias[1])
+
+
+def test_deferred_guard_decides_on_the_host_without_a_fused_optimizer():
+    guard = NaNGuard(max_consecutive_bad_steps=3, defer=True)
+    trainer = _micro_trainer(3, [PoisonGradsAt({1}, float("nan")), guard])
+    with pytest.warns(UserWarning, match="at step 1"):
+        trainer.fit(_micro_module(), _micro_loader())  # the CPU's AdamW is not fused: the host path
+    assert not guard._deferred(trainer) and guard.skipped_steps == [1]

@@ -300,11 +300,12 @@ class Decoder(nn.Module):
         return {k: layer.mlp for k, layer in self.layers.items() if isinstance(layer.mlp, MoE)}
 
     @torch.no_grad()
-    def update_router_bias(self) -> None:
+    def update_router_bias(self, enabled: Tensor | None = None) -> None:
         """Apply the accumulated expert loads to every MoE router bias and reset them (call after each
-        optimizer step; a no-op without MoE)."""
+        optimizer step; a no-op without MoE). ``enabled``: a 0-dim bool tensor, whether the step updated
+        the weights (decided on the device; see ``MoE.update_bias``)."""
         for moe in self.moe_layers().values():
-            moe.update_bias()
+            moe.update_bias(enabled=enabled)
 
     # ------------------------------------------------------------------ description
 

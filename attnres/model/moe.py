@@ -215,12 +215,14 @@ class MoE(nn.Module):
         return self.aux_loss_coef * (f * p).sum(-1).mean()
 
     @torch.no_grad()
-    def update_bias(self, load: Tensor | None = None) -> None:
-        """One balancing step: ``bias += rate * sign(mean(load) - load)`` (underloaded experts gain),
-        from ``load [E]`` (default: the accumulated ``tokens_per_expert``), then reset the counts."""
+    def update_bias(self, load: Tensor | None = None, enabled: Tensor | None = None) -> None:
+        """One balancing step: ``bias += rate * sign(mean(load) - load)`` (underloaded experts gain; no
+        load, no change), from ``load [E]`` (default: the accumulated ``tokens_per_expert``), then reset
+        the counts. ``enabled`` (a 0-dim bool tensor): the step is applied only where it is True, decided
+        on the device (no host sync; a skipped optimizer step's loads are dropped all the same)."""
         load = self.tokens_per_expert if load is None else load.to(self.score_bias.device).float()
-        if load.sum() > 0:
-            self.score_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        step = self.bias_update_rate * torch.sign(load.mean() - load)
+        self.score_bias += step if enabled is None else step * enabled.to(step.dtype)
         self.tokens_per_expert.zero_()
 
     def extra_repr(self) -> str:
