@@ -108,8 +108,9 @@ class NaNGuard(L.Callback):
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
-        if self._deferred(trainer):
-            self._loss_finite = torch.isfinite(loss.detach()).all()
+        if self._deferred(trainer):  # every micro-batch of the optimizer step (gradient accumulation)
+            finite = torch.isfinite(loss.detach()).all()
+            self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
             return
         finite = local = bool(torch.isfinite(loss.detach()).all())
         # every rank must stop together: a rank that raised alone would leave the others waiting in

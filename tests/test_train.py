@@ -818,3 +818,19 @@ def test_deferred_guard_decides_on_the_host_without_a_fused_optimizer():
     with pytest.warns(UserWarning, match="at step 1"):
         trainer.fit(_micro_module(), _micro_loader())  # the CPU's AdamW is not fused: the host path
     assert not guard._deferred(trainer) and guard.skipped_steps == [1]
+
+
+def test_deferred_guard_checks_every_micro_batch_of_an_accumulated_step(monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", _FusedAdamW)
+
+    class NanFirstMicroBatchOfStep1(LanguageModel):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if batch_idx == 2 else loss  # step 1's first of two micro-batches
+
+    base = _micro_module()
+    module = NanFirstMicroBatchOfStep1(base.config, warmup_steps=1, schedule="constant")
+    module.load_state_dict(base.state_dict())
+    trainer = _micro_trainer(3, [NaNGuard(defer=True)], accumulate_grad_batches=2)
+    with pytest.raises(NonFiniteLossError, match="at step 1"):
+        trainer.fit(module, _micro_loader())
