@@ -474,48 +474,34 @@ def bench_case(
 
             row["far_phase1_fwd_ms"] = _safe(lambda: _time(lambda k: far(stacked, q, EPS), reps=5))
             row["far_phase1_fwd_bwd_ms"] = _safe(lambda: _time(far_fb, reps=5))
+        # the single-read peers, one call per sublayer of the block over the sources and the partial:
+        # fla's fused_attnres (query, sources, norm weight) and fast-attnres's attnres (sources, query; bf16)
+        ones = torch.ones(d, device=device, dtype=dtype)
+        qd = q.to(dtype)
+        peers = {}
         if baselines["fla"] is not None:
-            fla = baselines["fla"]
-            ones = torch.ones(d, device=device, dtype=dtype)
-            qd = q.to(dtype)
-            row["fla_block_fwd_ms"] = _safe(
-                lambda: _time(
-                    lambda k: [
-                        fla(qd[j], src[k % sets] + [partial[k % sets]], ones, rms_eps=EPS) for j in range(S)
-                    ],
-                    reps=3,
-                )
-            )
-            fl_leaves = [s.detach().requires_grad_() for s in src[0] + [partial[0]]]
+            peers["fla"] = lambda vs, j, fla=baselines["fla"]: fla(qd[j], vs, ones, rms_eps=EPS)
+        if baselines.get("fa") is not None and dtype == torch.bfloat16:
+            peers["fa"] = lambda vs, j, fa=baselines["fa"]: fa(vs, qd[j], eps=EPS)
+        for name, call in peers.items():
+            peer_leaves = [s.detach().requires_grad_() for s in src[0] + [partial[0]]]
 
-            def fla_fb(k):
+            def peer_fb(k, call=call, peer_leaves=peer_leaves):
                 for j in range(S):
-                    o = fla(qd[j], fl_leaves, ones, rms_eps=EPS)
-                    o.backward(g_out[j])
+                    call(peer_leaves, j).backward(g_out[j])
 
-            row["fla_block_fwd_bwd_ms"] = _safe(lambda: _time(fla_fb, reps=3))
-        if baselines.get("fa") is not None and dtype == torch.bfloat16:  # fast-attnres: bf16 only
-            fa = baselines["fa"]
-            qb = q.to(dtype)
-            row["fa_block_fwd_ms"] = _safe(lambda: _time(
-                lambda k: [fa(src[k % sets] + [partial[k % sets]], qb[j], eps=EPS) for j in range(S)],
-                reps=3))
-            fa_leaves = [s.detach().requires_grad_() for s in src[0] + [partial[0]]]
+            row[f"{name}_block_fwd_ms"] = _safe(lambda call=call: _time(
+                lambda k: [call(src[k % sets] + [partial[k % sets]], j) for j in range(S)], reps=3))
+            row[f"{name}_block_fwd_bwd_ms"] = _safe(lambda peer_fb=peer_fb: _time(peer_fb, reps=3))
+        # ours through autograd, as the peers' rows are (the speed-up table reads it with or without peers)
+        p_l = partial[0].detach().requires_grad_()
 
-            def fa_fb(k):
-                for j in range(S):
-                    fa(fa_leaves, qb[j], eps=EPS).backward(g_out[j])
+        def ours_block_fb(k):
+            o, m = ops.phase1(leaves, ql, EPS)
+            hs = [ops.phase2(o[j], m[j], p_l, ql[j], EPS)[0] for j in range(S)]
+            torch.autograd.backward(hs, g_out)
 
-            row["fa_block_fwd_bwd_ms"] = _safe(lambda: _time(fa_fb, reps=3))
-
-            p_l = partial[0].detach().requires_grad_()
-
-            def ours_block_fb(k):
-                o, m = ops.phase1(leaves, ql, EPS)
-                hs = [ops.phase2(o[j], m[j], p_l, ql[j], EPS)[0] for j in range(S)]
-                torch.autograd.backward(hs, g_out)
-
-            row["block_fwd_bwd_autograd_ms"] = _time(ours_block_fb, reps=3)
+        row["block_fwd_bwd_autograd_ms"] = _time(ours_block_fb, reps=3)
     return row
 
 
