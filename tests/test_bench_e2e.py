@@ -23,13 +23,8 @@ from attnres.model import Decoder
 ROW_STATUSES = {"ok", "oom", "error", "skipped"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and a loaded CI machine does not stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models run faster on one thread, and a loaded CI machine does not stall them (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _positive_finite(x: object) -> bool:

@@ -74,14 +74,9 @@ plots:
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # as `torch_threads: 1` in the runs: tiny models gain nothing from 2 threads, and on a busy machine
-    # OpenMP spin-waiting makes them many times slower; other test files get their setting back
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# as `torch_threads: 1` in the runs: tiny models gain nothing from 2 threads, and on a busy machine
+# OpenMP spin-waiting makes them many times slower (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -465,15 +460,19 @@ class GradNormBeforeAndAtStep(L.Callback):
         self.before.append(self.norm(pl_module))
 
 
+class _FusedAdamW(torch.optim.AdamW):
+    """A fused AdamW on the CPU (torch has one), standing in for the CUDA one ``configure_optimizers``
+    picks on a GPU; its kernel honours ``found_inf`` as the CUDA one does."""
+
+    def __init__(self, *args, fused=None, **kw):
+        super().__init__(*args, fused=True, **kw)
+
+
 def test_fused_adamw_is_clipped_under_bf16(monkeypatch):
     # The GPU default (bf16-mixed, gradient_clip_val, fused AdamW) used to fail at the first step:
     # Lightning's mixed-precision plugin refuses to clip any fused optimizer. Here a fused AdamW on the
     # CPU (torch has one) stands in for the CUDA one; the norm at the step must be the clipped norm.
-    class FusedAdamW(torch.optim.AdamW):
-        def __init__(self, *args, fused=None, **kw):
-            super().__init__(*args, fused=True, **kw)
-
-    monkeypatch.setattr(torch.optim, "AdamW", FusedAdamW)
+    monkeypatch.setattr(torch.optim, "AdamW", _FusedAdamW)
     rec, clip = GradNormBeforeAndAtStep(), 0.05
     trainer = _micro_trainer(2, [rec], precision="bf16-mixed", gradient_clip_val=clip)
     trainer.fit(_micro_module(), _micro_loader())
@@ -763,13 +762,6 @@ def test_nan_guard_stops_every_rank_when_one_rank_has_a_nan_loss():
         NaNGuard().on_before_backward(trainer, None, torch.tensor(2.5))
     assert decisions == [True]
 
-
-class _FusedAdamW(torch.optim.AdamW):
-    """A fused AdamW on the CPU (torch has one), standing in for the CUDA one ``configure_optimizers``
-    picks on a GPU; its kernel honours ``found_inf`` as the CUDA one does."""
-
-    def __init__(self, *args, fused=None, **kw):
-        super().__init__(*args, fused=True, **kw)
 
 
 def test_deferred_guard_skips_bad_steps_on_the_device_and_reports_them_a_step_later(monkeypatch):
