@@ -145,11 +145,10 @@ def template_rows(run: Run, shape: Shape, compile: bool, precision: str, per_ste
 def bench_e2e(
     quick: bool = False,
     shapes: list[Literal["dense", "medium", "kda-dense", "small", "s", "m"]] | None = None,
-    modes: list[Literal["standard", "block", "full"]] | None = None,
-    kinds: list[Literal["train", "prefill", "decode", "template"]] | None = None,
-    variants: list[Literal["eager", "compile"]] | None = None,
-    impls: list[Literal["attnres", "attnres-recompute", "attnres-unfused", "fla", "fast-attnres",
-                        "fla-model"]] | None = None,
+    modes: list[Literal[MODES]] | None = None,
+    kinds: list[Literal[KINDS]] | None = None,
+    variants: list[Literal[VARIANTS]] | None = None,
+    impls: list[Literal[IMPLS]] | None = None,  # the choices are attnres.bench.e2e's tuples
     num_blocks: int = 8,
     graphs: bool = True,
     template_compile: bool | None = None,

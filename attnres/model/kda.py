@@ -336,6 +336,10 @@ class KimiDeltaAttention(nn.Module):
         g = -self.A_log.float().exp().repeat_interleave(self.head_dim) * F.softplus(f)
         return g.unflatten(-1, (self.num_heads, self.head_dim))
 
+    def _conv_projs(self) -> tuple[tuple[ShortConv, nn.Linear], ...]:
+        """(short conv, projection) of q, k and v."""
+        return (self.q_conv, self.q_proj), (self.k_conv, self.k_proj), (self.v_conv, self.v_proj)
+
     def uses_fla(self, device: torch.device) -> bool:
         """Whether this layer runs fla's kernels on ``device``."""
         if self.backend == "torch":
@@ -357,13 +361,11 @@ class KimiDeltaAttention(nn.Module):
             if documents.cu_seqlens is None:
                 raise ValueError("KimiDeltaAttention on fla: the DocumentMask has no cu_seqlens; build it "
                                  "with DocumentMask.build(..., varlen=True)")
-            q, k, v = (conv.fla_varlen(proj(x), documents) for conv, proj in
-                       ((self.q_conv, self.q_proj), (self.k_conv, self.k_proj), (self.v_conv, self.v_proj)))
+            q, k, v = (conv.fla_varlen(proj(x), documents) for conv, proj in self._conv_projs())
             cq = ck = cv = None  # no decoding state with documents
         elif fla and cache is None and not torch.compiler.is_compiling():
             # eager on fla: its Triton short conv (under compile, ShortConv's shifted products fuse instead)
-            q, k, v = (conv.fla_dense(proj(x)) for conv, proj in
-                       ((self.q_conv, self.q_proj), (self.k_conv, self.k_proj), (self.v_conv, self.v_proj)))
+            q, k, v = (conv.fla_dense(proj(x)) for conv, proj in self._conv_projs())
             cq = ck = cv = None  # no decoding state without a cache
         else:
             seg = documents.segment_ids if documents is not None else None

@@ -9,9 +9,9 @@ One interface (:class:`Residual`), driven by the decoder::
     x = residual.readout(state)                 # to the final norm and the LM head
 
 :func:`make_residual` builds the one a config's ``residual`` names. Modules: ``state`` (the public
-:class:`ResidualState` and the lazy :class:`DepthInput`), ``standard``, ``block`` (Full and Block
-AttnRes and their two-phase bookkeeping), ``recompute`` (the merge + norm, and Block AttnRes'
-recompute in backward), ``diagnostics`` (recorded depth weights).
+:class:`ResidualState`, the lazy :class:`DepthInput`, the fused last merge + norm and Block AttnRes'
+recompute in backward), ``standard``, ``block`` (Full and Block AttnRes and their two-phase
+bookkeeping), ``diagnostics`` (recorded depth weights).
 """
 
 from __future__ import annotations

@@ -116,6 +116,11 @@ def group(runs: list[dict[str, Any]], tag: str | None = None) -> dict[tuple[str,
     return out
 
 
+def run_lr(r: dict[str, Any]) -> float | None:
+    """The learning rate a run trained at (its saved config's ``model.lr``), None if not recorded."""
+    return ((r.get("config") or {}).get("model") or {}).get("lr")
+
+
 def label(mode: str) -> str:
     return {"standard": "standard", "full": "Full AttnRes"}.get(mode, mode.replace("block", "Block N="))
 
@@ -415,7 +420,7 @@ def lr_check(runs: list[dict[str, Any]], out: Path) -> list[str]:
     by: dict[tuple[str, str], list[tuple[float, dict[str, Any]]]] = defaultdict(list)
     checked = set()
     for r in runs:
-        lr = ((r.get("config") or {}).get("model") or {}).get("lr")
+        lr = run_lr(r)
         base = f"{r['model']}-{r['residual']}-seed{r['seed']}"
         plain = r["run_id"] == base and r["status"] == "complete"
         if lr is None or not (plain or r["run_id"][len(base) :].startswith("-lr")):
@@ -469,7 +474,7 @@ def lr_sweep(runs: list[dict[str, Any]], tag: str) -> list[str]:
     by: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         base = f"{r['model']}-{r['residual']}-seed{r['seed']}-{tag}"
-        lr = ((r.get("config") or {}).get("model") or {}).get("lr")
+        lr = run_lr(r)
         if r["status"] == "complete" and lr is not None and (
                 r["run_id"] == base or r["run_id"].startswith(base + "-lr")):
             by[(r["model"], r["residual"])][float(lr)].append(r["val_loss"])
