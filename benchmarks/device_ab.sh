@@ -24,9 +24,7 @@ left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 install_wheels
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton"
-if [[ -z $(find .cache/triton -name '*.autotune.json' -print -quit 2>/dev/null) ]]; then
-  mkdir -p .cache && tar xzf lightning_modules/autotune/kda_sm90.tgz -C .cache
-fi
+seed_triton_cache
 fresh=0
 extension_carried_or_wheel || exit 1
 xz -dc .devbuild_old/_C.abi3.so.xz >.old/attnres/_C.abi3.so && cp .devbuild_old/_build_info.json .old/attnres/

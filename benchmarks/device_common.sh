@@ -21,6 +21,16 @@ install_wheels() {
   fi
 }
 
+# seed_triton_cache: without carried autotune results under .cache/triton, start from the shipped ones
+# (fla's KDA kernels; Triton ignores entries whose kernel or version changed)
+seed_triton_cache() {
+  if [[ -z $(find .cache/triton -name '*.autotune.json' -print -quit 2>/dev/null) && -f lightning_modules/autotune/kda_sm90.tgz ]]; then
+    mkdir -p .cache && tar xzf lightning_modules/autotune/kda_sm90.tgz -C .cache \
+      && echo "seeded .cache/triton from lightning_modules/autotune/kda_sm90.tgz"
+  fi
+  return 0
+}
+
 # extension_carried_or_wheel: put attnres._C in place: from .devbuild/ when a previous call built it for
 # this csrc/ (its md5 sums match), else built the way users build it, `pip wheel --no-build-isolation`
 # (the CUDA kernels for the visible GPU), installed into /tmp/inst, `attnres info` run there, and the .so

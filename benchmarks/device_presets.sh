@@ -24,10 +24,7 @@ TOTAL=${PRESETS_TOTAL_S:-540}
 T0=$(date +%s)
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton"
-if [[ -z $(find .cache/triton -name '*.autotune.json' -print -quit 2>/dev/null) && -f lightning_modules/autotune/kda_sm90.tgz ]]; then
-  mkdir -p .cache && tar xzf lightning_modules/autotune/kda_sm90.tgz -C .cache
-  echo "seeded .cache/triton from lightning_modules/autotune/kda_sm90.tgz"
-fi
+seed_triton_cache
 
 install_wheels
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader

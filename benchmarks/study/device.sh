@@ -31,9 +31,7 @@ export TRITON_CACHE_DIR=$PWD/.cache/triton
 mkdir -p "$OUT/logs" benchmarks/results/study
 # without a carried cache, start from the committed one (H200, fla 0.6.0, triton 3.6: the dw shapes
 # of session 6); Triton ignores entries whose kernel or version changed
-if [[ -z $(find .cache/triton -name '*.autotune.json' -print -quit 2>/dev/null) && -f lightning_modules/autotune/kda_sm90.tgz ]]; then
-  mkdir -p .cache && tar xzf lightning_modules/autotune/kda_sm90.tgz -C .cache
-fi
+seed_triton_cache
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 
 main() {
