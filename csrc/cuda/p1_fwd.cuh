@@ -9,8 +9,17 @@
 
 namespace attnres_cuda {
 
+// One query over two chunks a thread (e.g. d 7168 bf16 with too many sources to stage): two blocks per
+// SM (<= 64 registers) measured 1.17x faster than the one block that ptxas otherwise picks (96 registers)
+// on an H100 at N 16384, n 33 (benchmarks/results/ops_ab_h100_kernel_merge.json: the same kernel at
+// 64 registers before the kernel-body merge).
+template <int ST, int C, bool QREG>
+constexpr int p1_fwd_min_blocks() {
+  return ST == 1 && C == 2 && !QREG ? 2 : 1;
+}
+
 template <typename T, int ST, int W, int C, bool QREG>
-__global__ void __launch_bounds__(QREG ? 384 : 512) p1_fwd_kernel(const __grid_constant__ P1FwdArgs a) {
+__global__ void __launch_bounds__(QREG ? 384 : 512, (p1_fwd_min_blocks<ST, C, QREG>())) p1_fwd_kernel(const __grid_constant__ P1FwdArgs a) {
   constexpr int PP = pow2ceil(ST + 1);  // slots: 0..ST-1 dot products, ST sum of squares
   constexpr int U = C == 1 ? 4 : 2;     // sources in flight per thread
   constexpr int G2 = QREG ? ST : (ST < 4 ? ST : 4);  // queries accumulated together in pass 2
