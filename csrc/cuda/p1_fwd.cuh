@@ -10,9 +10,9 @@
 namespace attnres_cuda {
 
 // One query over two chunks a thread (e.g. d 7168 bf16 with too many sources to stage): two blocks per
-// SM (<= 64 registers) measured 1.17x faster than the one block that ptxas otherwise picks (96 registers)
-// on an H100 at N 16384, n 33 (benchmarks/results/ops_ab_h100_kernel_merge.json: the same kernel at
-// 64 registers before the kernel-body merge).
+// SM (<= 64 registers). ptxas otherwise picks one block of 96 registers, which measured 1.17x slower on
+// an H100 at N 16384, n 33 (5.55 -> 6.48 ms); with the bound it is back to 5.52 ms
+// (benchmarks/results/ops_ab_h100_s13_restructure_gate.json).
 template <int ST, int C, bool QREG>
 constexpr int p1_fwd_min_blocks() {
   return ST == 1 && C == 2 && !QREG ? 2 : 1;
