@@ -176,13 +176,23 @@ class LanguageModel(L.LightningModule):
             self.log("train/aux_loss", aux_loss, batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        self._step_and_balance(epoch, batch_idx, optimizer, optimizer_closure)
+        # free the gradients now: Lightning zeroes them between the next training_step and its backward,
+        # so they would otherwise live through the next forward, where the activations peak (one model's
+        # gradients more at the peak; a hand-written loop frees them here too)
+        optimizer.zero_grad(set_to_none=True)
+
+    def _step_and_balance(self, *args: Any) -> None:
+        """Lightning's optimizer step, then the MoE router's aux-loss-free balancing step."""
         moes = self.model.moe_layers()
         if not moes:
-            return super().optimizer_step(*args, **kwargs)
+            return super().optimizer_step(*args)
         scaler = self._grad_scaler()
         scale = scaler.get_scale() if scaler is not None else None
-        super().optimizer_step(*args, **kwargs)
+        super().optimizer_step(*args)
         # the aux-loss-free balancing step, from the loads of this step's forwards (all ranks; the
         # all-reduce runs whatever the step did, every rank must join it), only when the optimizer
         # updated the parameters: a skipped step's loads are dropped with it

@@ -179,6 +179,47 @@ def test_gather_dispatch_and_combine_equal_the_index_add_formulation_and_its_gra
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=name)
 
 
+def _capturing_backend():
+    """An aot_eager-like backend that keeps the forward and backward graphs it is given."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    return graphs, aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_compiled_combine_equals_the_eager_batched_matmul(dtype):
+    # the weights rounded to the rows' dtype and the k products summed in fp32, both ways
+    from attnres.model.moe import _Combine
+
+    torch.manual_seed(0)
+    n, k, d = 37, 3, 24
+    y = torch.randn(n * k, d).to(dtype).requires_grad_()
+    w = torch.rand(n, k, requires_grad=True)
+    order = torch.randperm(n * k)
+    inv = torch.argsort(order)
+    g = torch.randn(n, d).to(dtype)
+    f = lambda y, w: _Combine.apply(y, w, order, inv)  # noqa: E731
+    want = f(y, w)
+    want_grads = torch.autograd.grad(want, (y, w), g)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(y, w)
+    got_grads = torch.autograd.grad(got, (y, w), g)
+    tol = {"atol": 1e-12, "rtol": 0} if dtype == torch.float64 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, **tol)
+    # and against the definition, in fp64
+    rows = y.detach().double()[inv].unflatten(0, (n, k))
+    ref = (rows * w.detach().to(dtype).double().unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(got.double(), ref, atol=1e-12 if dtype == torch.float64 else 1e-2, rtol=1e-2)
+
+
 def test_dispatch_and_combine_compile_to_one_graph_and_keep_their_gradients():
     from attnres.model.moe import _Combine, _Dispatch
 
@@ -191,9 +232,13 @@ def test_dispatch_and_combine_compile_to_one_graph_and_keep_their_gradients():
         return _Combine.apply(_Dispatch.apply(x, order, inv, 2).sin(), w, order, inv)
 
     want = torch.autograd.grad(f(x, w).square().sum(), (x, w))
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    graphs, backend = _capturing_backend()
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
     got = torch.autograd.grad(compiled(x, w).square().sum(), (x, w))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+    # compiled, forward and backward are products and sums for Inductor to fuse, not batched matmuls
+    ops = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert len(graphs) == 2 and not any("bmm" in op for op in ops), ops
     # and they are what they say: out[t] = sum_s w[t, s] sin(x[t]) here, every slot of a token its own row
     torch.testing.assert_close(f(x, w), w.sum(1, keepdim=True) * x.sin())

@@ -439,6 +439,41 @@ def test_router_bias_is_not_updated_on_a_step_the_grad_scaler_skipped():
     assert all(m.tokens_per_expert.sum() == 0 for m in model.model.moe_layers().values())
 
 
+class GradsAlive(L.Callback):
+    """At each step's start and at each backward's start: how many parameters hold a gradient."""
+
+    def __init__(self) -> None:
+        self.at_start: list[int] = []
+        self.at_backward: list[int] = []
+
+    @staticmethod
+    def count(module) -> int:
+        return sum(p.grad is not None for p in module.parameters())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.at_start.append(self.count(pl_module))
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.at_backward.append(self.count(pl_module))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_are_freed_after_the_update_not_held_through_the_next_forward(accumulate):
+    # Lightning zeroes the gradients between training_step and backward: without the module freeing
+    # them after the update, the previous step's gradients are alive during every forward (the peak)
+    alive = GradsAlive()
+    model = _micro_module()
+    trainer = _micro_trainer(3, [alive], accumulate_grad_batches=accumulate)
+    trainer.fit(model, _micro_loader(n=12))
+    n = sum(1 for _ in model.parameters())
+    # an optimizer step's first micro-batch starts with no gradient; within an accumulated step the
+    # second starts with the first's (kept for the sum)
+    assert alive.at_start[::accumulate] == [0] * 3
+    assert alive.at_start[1::accumulate] == ([n] * 3 if accumulate == 2 else [0] * 2)
+    assert alive.at_backward[::accumulate] == [0] * 3
+    assert all(p.grad is None for p in model.parameters())
+
+
 class GradNormBeforeAndAtStep(L.Callback):
     """The total gradient norm before clipping (Lightning's hook) and the one the optimizer step used
     (read after the step: Lightning runs the backward inside `optimizer.step(closure)`)."""

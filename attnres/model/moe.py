@@ -97,14 +97,21 @@ class _Dispatch(torch.autograd.Function):
 
 class _Combine(torch.autograd.Function):
     """Expert outputs in the sorted order ``y [N k, d]`` and the routing weights ``w [N, k]`` ->
-    ``out [N, d] = sum_s w[t, s] y[inv[t k + s]]``, in ``y``'s dtype: per token a ``[1, k] @ [k, d]``
-    batched matmul (no ``[N, k, d]`` temporary beyond the gathered rows; the GPU's matmul accumulates
-    in fp32). Backward: ``dy`` gathered through ``order``, ``dw`` from the rows gathered again."""
+    ``out [N, d] = sum_s w[t, s] y[inv[t k + s]]``, in ``y``'s dtype, the weights rounded to it and the
+    k products summed in fp32 (or ``y``'s dtype, if wider). Eager: per token a ``[1, k] @ [k, d]``
+    batched matmul (no ``[N, k, d]`` temporary beyond the gathered rows). Under ``torch.compile``:
+    products and sums, which Inductor fuses with the gather into one kernel, where cuBLAS runs the
+    batched matmul as a gemv at ~10 % of the copy bandwidth (H100, the compiled ``small`` profile:
+    4.4 ms over 15 layers). Backward: ``dy`` gathered through ``order``, ``dw`` from the rows gathered
+    again, the same way."""
 
     @staticmethod
     def forward(ctx, y: Tensor, w: Tensor, order: Tensor, inv: Tensor) -> Tensor:
         ctx.save_for_backward(y, w, order, inv)
         rows = y[inv].unflatten(0, w.shape)  # [N, k, d]
+        if torch.compiler.is_compiling():
+            acc = torch.promote_types(y.dtype, torch.float32)
+            return (rows.to(acc) * w.to(y.dtype).to(acc).unsqueeze(-1)).sum(1).to(y.dtype)
         return torch.bmm(w.to(y.dtype).unsqueeze(1), rows).squeeze(1)
 
     @staticmethod
@@ -116,7 +123,12 @@ class _Combine(torch.autograd.Function):
             dy = (grad.unsqueeze(1) * w.to(y.dtype).unsqueeze(-1)).flatten(0, 1)[order]
         if ctx.needs_input_grad[1]:
             rows = y[inv].unflatten(0, w.shape)
-            dw = torch.bmm(rows, grad.unsqueeze(-1)).squeeze(-1).to(w.dtype)
+            if torch.compiler.is_compiling():
+                acc = torch.promote_types(y.dtype, torch.float32)
+                dw = (rows.to(acc) * grad.to(acc).unsqueeze(1)).sum(-1).to(y.dtype)
+            else:
+                dw = torch.bmm(rows, grad.unsqueeze(-1)).squeeze(-1)
+            dw = dw.to(w.dtype)
         return dy, dw, None, None
 
 
