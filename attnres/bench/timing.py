@@ -196,7 +196,7 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict[str, Any]:
             "matmul_tflops": 2 * n**3 / (mm * 1e-3) / 1e12, "copy_bytes": 2 * nbytes, "copy_gbps": copy_gbps}
 
 
-def profile_step(fn: Callable[[], object], device: torch.device, top: int = 12) -> dict[str, Any]:
+def profile_step(fn: Callable[[], object], device: torch.device, top: int = 40) -> dict[str, Any]:
     """One profiled call: kernel count, total device time, the ops with the most device self-time,
     and the time of the depth-attention ops (``attnres::*``, when the extension runs them)."""
     from torch.profiler import ProfilerActivity, profile
