@@ -6,12 +6,14 @@
 #
 # SHAPES: a bench e2e shape list such as '[s,m]' or '[medium,small]'; VARIANTS default '[eager,compile]';
 # MODES default '[standard,block]'. PRESETS_TESTS: the GPU test paths/ids to run (default: the KDA/fla, documents
-# and CUDA op tests). Steps:
+# and CUDA op tests, after a fresh build only; given, they run also with a carried build). PRESETS_PROFILE=false:
+# no profiled step (the kineto parse of a `medium` step takes minutes). Steps:
 #   1. the extension: taken from .devbuild/ when a previous call built it for this csrc/ (its md5 sums
 #      match), else built the way users build it, `pip wheel --no-build-isolation` (the CUDA kernels for
 #      the visible GPU, no TORCH_CUDA_ARCH_LIST), installed into /tmp/inst, `attnres info` run there,
 #      and the .so copied in place and, xz-compressed, into $OUT (carry it back as .devbuild/ next time);
-#   2. (fresh build only) the CUDA op tests, bounded by PRESETS_TEST_S (default 150 s);
+#   2. (fresh build, or PRESETS_TESTS given) the GPU tests, verbose (the log shows how far a cut run got),
+#      bounded by PRESETS_TEST_S (default 150 s);
 #   3. `attnres bench e2e` training rows for SHAPES, profiled (device time vs wall), within the time left;
 #   4. Triton's autotune results (fla's KDA kernels) packed into $OUT/triton_autotune.tgz.
 # Everything ends within PRESETS_TOTAL_S (default 540 s).
@@ -31,18 +33,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,n
 fresh=0
 extension_carried_or_wheel || exit 1
 python3 -c "from attnres import ops; print('depth ops on cuda:', ops.backend('cuda'))"
-if (( fresh )); then
+if (( fresh )) || [[ -n ${PRESETS_TESTS:-} ]]; then
   # the GPU tests of the KDA path (fla, document packing) first, then the CUDA op tests, in one log
-  timeout "${PRESETS_TEST_S:-150}" python3 -m pytest -q -rfE ${PRESETS_TESTS:-tests/gpu/test_documents_fla_gpu.py \
+  timeout "${PRESETS_TEST_S:-150}" python3 -m pytest -v -p no:logging -rfE ${PRESETS_TESTS:-tests/gpu/test_documents_fla_gpu.py \
     tests/gpu/test_fla_model_gpu.py tests/gpu/test_kda_fla_gpu.py tests/test_ops_cuda.py} >"$OUT/tests_gpu.log" 2>&1
-  echo "GPU tests: exit $? ($(tail -1 "$OUT/tests_gpu.log"))"
+  echo "GPU tests: exit $? ($(tail -1 "$OUT/tests_gpu.log"); $(grep -c PASSED "$OUT/tests_gpu.log") passed)"
   grep -E "^(FAILED|ERROR)" "$OUT/tests_gpu.log" | head -20
 fi
 budget=$(( $(left) - 60 ))
 echo "=== bench e2e $SHAPES $MODES $VARIANTS: budget $budget s"
 timeout --signal=INT --kill-after=10 $(( budget + 30 )) python3 -m lightning_modules bench e2e --tag "${PRESETS_TAG:-presets}" \
   --budget_s "$budget" --shapes "$SHAPES" --modes "$MODES" --kinds '[train]' --variants "$VARIANTS" \
-  --impls '[attnres]' --profile true
+  --impls '[attnres]' --profile "${PRESETS_PROFILE:-true}"
 echo "=== bench exit $?"
 cp benchmarks/results/e2e_*_"${PRESETS_TAG:-presets}".json "$OUT/" 2>/dev/null
 (cd .cache && find triton -name '*.autotune.json' -print0 | tar czf "$OUT/triton_autotune.tgz" --null -T -)
