@@ -1,5 +1,5 @@
-"""Callbacks: the NaN guard, throughput/MFU and the depth plots (the checkpoint plugin,
-:class:`AtomicCheckpointIO`, is in :mod:`lightning_modules.checkpoint`)."""
+"""Callbacks: the NaN guard, throughput/MFU, the progress bars and the depth plots (the checkpoint
+plugin, :class:`AtomicCheckpointIO`, is in :mod:`lightning_modules.checkpoint`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -25,6 +26,31 @@ class NonFiniteLossError(RuntimeError):
 class NonFiniteGradientError(RuntimeError):
     """Training stopped after ``NaNGuard.max_consecutive_bad_steps`` optimizer steps in a row had
     NaN/inf gradients (none of them updated the parameters)."""
+
+
+class OnHost:
+    """Device tensors copied into pinned host memory without blocking the host (CPU tensors: cloned).
+    :meth:`ready` asks without waiting; :meth:`values` waits, if need be, for the GPU to have made them
+    (a CUDA event: no device-wide sync, and nothing ``torch.cuda.set_sync_debug_mode`` reports)."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self._event = None
+        if tensors[0].is_cuda:
+            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for host, t in zip(self._host, tensors):
+                host.copy_(t.detach(), non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = [t.detach().clone() for t in tensors]
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def values(self) -> list[torch.Tensor]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
 
 
 class NaNGuard(L.Callback):
@@ -50,10 +76,11 @@ class NaNGuard(L.Callback):
     in one process whose optimizer is a fused AdamW without a GradScaler (else the guard works as above). The
     checks stay on the device: the fused kernel skips the update itself when the step's loss or
     gradients are not finite (its ``found_inf``, as GradScaler uses it; the step count is kept) and the
-    MoE router bias keeps still (``LanguageModel`` reads ``step_finite``). The host reads the flags one
-    step later, when the device has long computed them, and then warns, counts or stops as above: a NaN
-    loss stops training at the next step (or at the end), its own update skipped, so no checkpoint
-    holds poisoned weights either.
+    MoE router bias keeps still (``LanguageModel`` reads ``step_finite``). The flags travel to the host
+    without blocking it (:class:`OnHost`); the host acts on them once the GPU has made them, at the
+    latest at the end of the next step, when that step's work is already queued (so the GPU never
+    waits for the host), and then warns, counts or stops as above: a NaN loss stops training a step
+    later (or at the end), its own update skipped, so no checkpoint holds poisoned weights either.
 
     Args:
         max_consecutive_bad_steps: stop at this many optimizer steps in a row with non-finite
@@ -73,7 +100,7 @@ class NaNGuard(L.Callback):
         self.consecutive_bad_steps = 0
         self.skipped_steps: list[int] = []  # global steps whose update was skipped
         self._loss_finite: torch.Tensor | None = None
-        self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None  # step, loss ok, step ok
+        self._pending: list[tuple[int, OnHost]] = []  # deferred steps, oldest first: step, (loss ok, ok)
 
     def _deferred(self, trainer: L.Trainer) -> bool:
         """Whether this step decides on the device: ``defer``, one process (several ranks decide together
@@ -84,26 +111,35 @@ class NaNGuard(L.Callback):
         opt = trainer.optimizers[0]
         return bool(opt.defaults.get("fused")) and getattr(trainer.precision_plugin, "scaler", None) is None
 
-    def _settle(self, trainer: L.Trainer) -> None:
-        """Read the previous deferred step's decision (computed on the device a step ago) and act on it."""
-        if self._pending is None:
-            return
-        step, loss_ok, step_ok = self._pending
-        self._pending = None
-        if not bool(loss_ok):
-            raise NonFiniteLossError(
-                f"the training loss was not finite (NaN/inf) at step {step} (lr {_lr(trainer):.3g}); that "
-                f"step's update was skipped and training stopped. Last good checkpoint: "
-                f"{_last_checkpoint(trainer)}. Try a lower model.lr, a longer model.warmup_steps or gradient "
-                "clipping (trainer.gradient_clip_val), then resume with --ckpt_path.")
-        self._after_step(trainer, step, bool(step_ok), local=False)
+    def _settle(self, trainer: L.Trainer, wait_before: float) -> None:
+        """Act on the deferred decisions the GPU has made, oldest first, waiting for those of steps
+        before ``wait_before``."""
+        while self._pending:
+            step, flags = self._pending[0]
+            if step >= wait_before and not flags.ready():
+                return
+            self._pending.pop(0)
+            loss_ok, step_ok = flags.values()
+            if not bool(loss_ok):
+                self._pending.clear()
+                raise NonFiniteLossError(
+                    f"the training loss was not finite (NaN/inf) at step {step} (lr {_lr(trainer):.3g}); "
+                    f"that step's update was skipped and training stopped. Last good checkpoint: "
+                    f"{_last_checkpoint(trainer)}. Try a lower model.lr, a longer model.warmup_steps or "
+                    "gradient clipping (trainer.gradient_clip_val), then resume with --ckpt_path.")
+            self._after_step(trainer, step, bool(step_ok), local=False)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._settle(trainer)
+        self._settle(trainer, wait_before=-1)  # only what is already on the host
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        # this step's work is queued: waiting for an earlier step's flags leaves the GPU busy
+        self._settle(trainer, wait_before=trainer.global_step - 1)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._settle(trainer)
+        self._settle(trainer, wait_before=float("inf"))
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
@@ -136,7 +172,8 @@ class NaNGuard(L.Callback):
             ok = loss_ok & finite_grads(pl_module.parameters()) if self.check_gradients else loss_ok
             optimizer.found_inf = (~ok).float()  # the fused AdamW kernel skips the update when it is 1
             pl_module.step_finite = ok
-            self._pending, self._loss_finite = (trainer.global_step, loss_ok, ok), None
+            self._pending.append((trainer.global_step, OnHost(loss_ok, ok)))
+            self._loss_finite = None
             return
         if not self.check_gradients:
             return
@@ -282,6 +319,56 @@ class ThroughputMonitor(L.Callback):
         if pl_module.device.type == "cuda":
             reserved = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
             pl_module.log("train/peak_memory_gb", reserved, on_step=True, on_epoch=False)
+
+
+class _HostLoss:
+    """Shows the training loss without ever waiting for the GPU.
+
+    Lightning converts every ``prog_bar`` metric to a number whenever the bar refreshes, i.e. after
+    every step: an ``.item()``, which waits until the GPU has finished the step just queued, so the GPU
+    idles while the host prepares the next one (and the NaN guard's device-side decision gains nothing).
+    :class:`~lightning_modules.module.LanguageModel` therefore logs ``train/loss`` without ``prog_bar``
+    and keeps the tensor (``last_train_loss``); this bar copies it to pinned host memory without
+    blocking and shows the newest copy the GPU has finished (a step or two late while the GPU is ahead;
+    on a CPU, the step's own)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._copies: list[OnHost] = []  # oldest first
+        self._shown: float | None = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = getattr(pl_module, "last_train_loss", None)
+        if loss is not None:
+            self._copies.append(OnHost(loss))
+        self._take(wait=False)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take(wait=True)
+        super().on_train_end(trainer, pl_module)
+
+    def _take(self, wait: bool) -> None:
+        """Show the newest copy the GPU has made (``wait``: the newest; 8 behind: wait for the oldest)."""
+        while self._copies and (wait or len(self._copies) > 8 or self._copies[0].ready()):
+            (value,) = self._copies.pop(0).values()
+            self._shown = value.item()  # host memory: no device sync
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        if self._shown is not None:
+            items["train/loss"] = self._shown
+        return items
+
+
+class RichLossBar(_HostLoss, RichProgressBar):
+    """Lightning's ``RichProgressBar`` showing the training loss without a host sync (:class:`_HostLoss`)."""
+
+
+class TQDMLossBar(_HostLoss, TQDMProgressBar):
+    """Lightning's ``TQDMProgressBar`` showing the training loss without a host sync (:class:`_HostLoss`)."""
 
 
 def data_parallel_size(trainer: L.Trainer) -> int:

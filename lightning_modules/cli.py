@@ -21,7 +21,7 @@ from typing import Any
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -31,7 +31,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from attnres.errors import RaiseOnParseError, UsageError, debug_mode
-from lightning_modules.callbacks import DepthPlots, NaNGuard, NonFiniteLossError, ThroughputMonitor
+from lightning_modules.callbacks import (
+    DepthPlots,
+    NaNGuard,
+    NonFiniteLossError,
+    RichLossBar,
+    ThroughputMonitor,
+    TQDMLossBar,
+)
 from lightning_modules.checkpoint import AtomicCheckpointIO, load_checkpoint, stale_temp_files
 from lightning_modules.configs import CONFIG_FLAGS, available, resolve_args
 from lightning_modules.data import TextDataModule
@@ -140,7 +147,8 @@ class AttnResCLI(LightningCLI):
             "--progress_bar",
             type=str,
             default="rich",
-            help="'rich' (RichProgressBar) or 'tqdm' (Lightning's default)",
+            help="'rich' (Lightning's RichProgressBar) or 'tqdm' (its TQDMProgressBar); either shows "
+            "train/loss without waiting for the GPU (the newest value it has finished)",
         )
         parser.add_argument(
             "--torch_threads",
@@ -221,11 +229,11 @@ class AttnResCLI(LightningCLI):
         # trainer.callbacks); the throughput monitor first, so its batch-end clock stops before other
         # callbacks' work (plots)
         callbacks = [ThroughputMonitor()] + [c for c in cbs if not isinstance(c, NaNGuard)]
-        if (
-            cfg.get("enable_progress_bar", True) is not False
-            and self._get(self.config, "progress_bar") == "rich"
+        if cfg.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
         ):
-            callbacks.append(RichProgressBar())
+            rich = self._get(self.config, "progress_bar") == "rich"
+            callbacks.append(RichLossBar() if rich else TQDMLossBar())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

@@ -110,6 +110,7 @@ class LanguageModel(L.LightningModule):
         self.__dict__["_compiled"] = torch.compile(self.model) if compile else None
         self._rng_to_restore: dict | None = None
         self.step_finite: Tensor | None = None  # this step's update ran (set by a deferring NaNGuard)
+        self.last_train_loss: Tensor | None = None  # the last training step's loss (for the progress bar)
 
     # ------------------------------------------------------------------ model
 
@@ -171,7 +172,10 @@ class LanguageModel(L.LightningModule):
         """Log one training step: ``train/loss`` (the language-model loss, a 0-dim tensor),
         ``train/aux_loss`` (the MoE balance loss, when it is on) and ``train/lr``. Also called by a
         strategy that runs the step itself (``PipelineParallelStrategy``)."""
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        # not prog_bar: Lightning would read it back at every bar refresh, a host sync a step; the bars
+        # `attnres fit` adds show last_train_loss without one (callbacks.RichLossBar, TQDMLossBar)
+        self.log("train/loss", loss, batch_size=batch_size)
+        self.last_train_loss = loss.detach()
         if self.config.moe and self.config.aux_loss_coef > 0:
             self.log("train/aux_loss", aux_loss, batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)

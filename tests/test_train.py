@@ -474,6 +474,55 @@ def test_gradients_are_freed_after_the_update_not_held_through_the_next_forward(
     assert all(p.grad is None for p in model.parameters())
 
 
+class BarSeen(L.Callback):
+    """After the progress bar's batch end: the loss it shows, this step's loss, and whether Lightning's
+    own progress-bar metrics hold the training loss (which it would read back, a sync, every step)."""
+
+    def __init__(self, bar) -> None:
+        self.bar, self.shown, self.losses, self.in_lightning_pbar = bar, [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.shown.append(self.bar.get_metrics(trainer, pl_module).get("train/loss"))
+        self.losses.append(pl_module.last_train_loss.item())
+        self.in_lightning_pbar.append(any(k.startswith("train/") for k in trainer.progress_bar_metrics))
+
+
+@pytest.mark.parametrize("kind,gpu_behind", [("rich", False), ("tqdm", False), ("rich", True)])
+def test_progress_bar_shows_the_loss_without_lightning_reading_it_back(kind, gpu_behind, monkeypatch):
+    from lightning_modules import callbacks
+    from lightning_modules.callbacks import RichLossBar, TQDMLossBar
+
+    if gpu_behind:  # no copy arrives by itself: the bar waits only at the end (or 8 steps behind)
+        monkeypatch.setattr(callbacks.OnHost, "ready", lambda self: False)
+
+    bar = RichLossBar() if kind == "rich" else TQDMLossBar()
+    seen = BarSeen(bar)
+    model = _micro_module()
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[bar, seen])
+    trainer.fit(model, _micro_loader())
+    assert not any(seen.in_lightning_pbar)
+    # on a CPU the copy is the step's own at once
+    assert seen.shown == ([None] * 4 if gpu_behind else seen.losses)
+    assert bar.get_metrics(trainer, model)["train/loss"] == seen.losses[-1]
+    assert trainer.callback_metrics["train/loss"].item() == seen.losses[-1]  # still logged
+
+
+def test_the_cli_adds_its_progress_bar_unless_one_is_configured(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from lightning_modules.callbacks import RichLossBar, TQDMLossBar
+    from lightning_modules.cli import AttnResCLI
+
+    monkeypatch.chdir(tmp_path)
+    bars = {}
+    for name, extra in (("rich", []), ("tqdm", ["--progress_bar", "tqdm"]),
+                        ("own", ["--trainer.callbacks+=TQDMProgressBar", "--progress_bar", "rich"])):
+        cli = AttnResCLI(args=["--data.cache_dir", str(tmp_path), *extra], run=False)
+        bars[name] = [type(c) for c in cli.trainer.callbacks if isinstance(c, TQDMProgressBar | RichLossBar)]
+    assert bars == {"rich": [RichLossBar], "tqdm": [TQDMLossBar], "own": [TQDMProgressBar]}
+
+
 class GradNormBeforeAndAtStep(L.Callback):
     """The total gradient norm before clipping (Lightning's hook) and the one the optimizer step used
     (read after the step: Lightning runs the backward inside `optimizer.step(closure)`)."""
@@ -819,8 +868,13 @@ def test_deferred_guard_skips_bad_steps_on_the_device_and_reports_them_a_step_la
     assert all(torch.isfinite(p).all() for p in rec.params[3].values())
 
 
-def test_deferred_guard_stops_on_a_nan_loss_at_the_next_step_with_the_update_skipped(monkeypatch):
+@pytest.mark.parametrize("gpu_behind", [False, True])
+def test_deferred_guard_stops_on_a_nan_loss_at_the_next_step_with_the_update_skipped(monkeypatch, gpu_behind):
+    from lightning_modules import callbacks
+
     monkeypatch.setattr(torch.optim, "AdamW", _FusedAdamW)
+    if gpu_behind:  # the flags never arrive by themselves: the guard waits at the end of the next step
+        monkeypatch.setattr(callbacks.OnHost, "ready", lambda self: False)
 
     class NanLossAt2(LanguageModel):
         def training_step(self, batch, batch_idx):
@@ -831,12 +885,16 @@ def test_deferred_guard_stops_on_a_nan_loss_at_the_next_step_with_the_update_ski
     module = NanLossAt2(base.config, warmup_steps=1, schedule="constant")
     module.load_state_dict(base.state_dict())
     rec = RecordAfterStep()
-    trainer = _micro_trainer(6, [NaNGuard(defer=True), rec])
+    trainer = _micro_trainer(6, [rec, NaNGuard(defer=True)])
     with pytest.raises(NonFiniteLossError, match=r"not finite \(NaN/inf\) at step 2.*update was skipped"):
         trainer.fit(module, _micro_loader())
-    assert len(rec.params) == 3  # steps 0, 1, 2 ran; step 3 stopped before its forward
+    # steps 0, 1, 2 ran; on a CPU the flags are on the host at once, so the guard stops at the end of
+    # step 2; with the GPU behind, at the latest at the end of step 3, whose own update ran
+    assert len(rec.params) == (4 if gpu_behind else 3)
     assert all(torch.equal(rec.params[2][n], rec.params[1][n]) for n in rec.params[0])
     assert torch.equal(rec.bias[2], rec.bias[1])
+    if gpu_behind:
+        assert not torch.equal(rec.params[3]["lm_head.weight"], rec.params[2]["lm_head.weight"])
 
 
 def test_deferred_guard_decides_on_the_host_without_a_fused_optimizer():
