@@ -33,7 +33,7 @@ from attnres.bench.report import format_table
 from attnres.bench.shapes import Shape
 from attnres.bench.timing import peak_memory, reset_peak_memory
 from attnres.hardware import peak_flops
-from lightning_modules.callbacks import NaNGuard, ThroughputMonitor
+from lightning_modules.callbacks import NaNGuard, RichLossBar, ThroughputMonitor
 from lightning_modules.module import LanguageModel
 
 __all__ = ["bench_e2e", "template_rows"]
@@ -44,7 +44,8 @@ def template_rows(run: Run, shape: Shape, compile: bool, precision: str, per_ste
     (standard residual; ``precision`` autocast; fused AdamW with the same parameter groups and a
     ``LambdaLR``; the same batch, copied to the device each step). Step time = the interval between
     consecutive step starts (CUDA events), so the loops' own overhead counts. ``per_step_callbacks``:
-    the Trainer also runs the callbacks ``attnres fit`` always adds (NaN guard, throughput/MFU)."""
+    the Trainer also runs the callbacks ``attnres fit`` always adds (NaN guard, throughput/MFU, its
+    progress bar)."""
     base = template_base(shape, compile, precision)
     cfg = shape.config.replace(residual="standard")
     steps = max(run.warmup, 1) + run.repeat + 1
@@ -114,10 +115,10 @@ def template_rows(run: Run, shape: Shape, compile: bool, precision: str, per_ste
         module = lm()
         callbacks: list[Any] = [StepMarks()]
         if guard is not None:  # what `attnres fit` adds to every run
-            callbacks += [NaNGuard(**guard), ThroughputMonitor()]
+            callbacks += [NaNGuard(**guard), ThroughputMonitor(), RichLossBar()]
         trainer = L.Trainer(
             accelerator="gpu" if run.device.type == "cuda" else "cpu", devices=1, precision=precision,
-            max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=guard is not None,
             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
         )
         reset_peak_memory(run.device)

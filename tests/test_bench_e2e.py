@@ -162,7 +162,7 @@ def test_quick_template_rows_time_the_lightning_step_and_the_hand_written_one(tm
         assert r["status"] == "ok", r
         assert r["variant"] == "eager" and r["precision"] == "bf16-mixed"  # no compile on a CPU by default
         assert _positive_finite(r["ms"]) and _positive_finite(r["tokens_per_s"]) and r["steps"] >= 3
-    assert rows["template"]["callbacks"] == ["StepMarks", "NaNGuard", "ThroughputMonitor"]
+    assert rows["template"]["callbacks"] == ["StepMarks", "NaNGuard", "ThroughputMonitor", "RichLossBar"]
     assert rows["template"]["nan_guard"] == {"defer": True} and rows["template-sync"]["nan_guard"] == {}
     assert rows["template-bare"]["callbacks"] == ["StepMarks"]
     assert rows["template-nogradcheck"]["nan_guard"] == {"check_gradients": False, "defer": True}
