@@ -313,12 +313,13 @@ class ThroughputMonitor(L.Callback):
             self.mfu = self.tokens_per_s * self._mfu_per_token_s
         if not log:
             return
-        pl_module.log("train/tokens_per_s", self.tokens_per_s, on_step=True, on_epoch=False)
+        # numbers as CPU tensors: Lightning would copy each to the GPU, a host sync each (metrics.on_host)
+        pl_module.log("train/tokens_per_s", metrics.on_host(self.tokens_per_s), on_step=True, on_epoch=False)
         if self.mfu is not None:
-            pl_module.log("train/mfu", self.mfu, on_step=True, on_epoch=False)
+            pl_module.log("train/mfu", metrics.on_host(self.mfu), on_step=True, on_epoch=False)
         if pl_module.device.type == "cuda":
             reserved = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
-            pl_module.log("train/peak_memory_gb", reserved, on_step=True, on_epoch=False)
+            pl_module.log("train/peak_memory_gb", metrics.on_host(reserved), on_step=True, on_epoch=False)
 
 
 class _HostLoss:

@@ -16,6 +16,14 @@ from attnres.hardware import PEAK_BF16_FLOPS, peak_flops  # noqa: F401 (re-expor
 # MFU is not applicable and is not logged.
 PEAK_FLOPS = PEAK_BF16_FLOPS
 
+def on_host(value: float) -> Tensor:
+    """A number for ``LightningModule.log`` in a training step, as a CPU tensor. Lightning turns a Python
+    number into a tensor on the module's device (``torch.tensor(value, device=...)``): on a GPU a
+    host-to-device copy that waits for every kernel queued so far, a host sync per logged number and step.
+    A CPU tensor stays on the CPU."""
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
 def depth_entropy(matrix: Tensor) -> Tensor:
     """Entropy (nats) of each column of a depth-attention matrix ``[sources, sublayers + 1]``
     (NaN entries: sources a column does not attend to) -> ``[sublayers + 1]``. Uniform weights over

@@ -26,6 +26,7 @@ from torchmetrics.text import Perplexity
 
 from attnres.errors import UsageError
 from attnres.model import Config, Decoder, get_config
+from lightning_modules import metrics
 from lightning_modules.tokenizer import check_same_tokenizer
 
 
@@ -178,7 +179,8 @@ class LanguageModel(L.LightningModule):
         self.last_train_loss = loss.detach()
         if self.config.moe and self.config.aux_loss_coef > 0:
             self.log("train/aux_loss", aux_loss, batch_size=batch_size)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
+        lr = metrics.on_host(self.trainer.optimizers[0].param_groups[0]["lr"])  # a number would be a sync
+        self.log("train/lr", lr, batch_size=batch_size)
 
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
@@ -402,8 +404,6 @@ class LanguageModel(L.LightningModule):
         """:meth:`depth_stats` of ``batch`` and the gradient L2 norm of every sublayer from one backward
         of its mean loss (keys ``"<layer>.<attn|mlp>"``). ``forward_context`` (e.g. a bf16 autocast)
         wraps the two forwards; the model's gradients are replaced."""
-        from lightning_modules import metrics
-
         with forward_context if forward_context is not None else contextlib.nullcontext():
             stats = self.depth_stats(batch)
             self.train()

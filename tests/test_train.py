@@ -523,6 +523,29 @@ def test_the_cli_adds_its_progress_bar_unless_one_is_configured(tmp_path, monkey
     assert bars == {"rich": [RichLossBar], "tqdm": [TQDMLossBar], "own": [TQDMProgressBar]}
 
 
+def test_training_steps_log_tensors_not_numbers(monkeypatch):
+    # Lightning turns a logged Python number into a tensor on the module's device, a host-to-device copy
+    # that waits for the GPU: the per-step logs hand it tensors (the model's, or numbers on the CPU)
+    from lightning_modules.callbacks import ThroughputMonitor
+
+    logged = []
+    log = L.LightningModule.log
+
+    def recording_log(self, name, value, *args, **kwargs):
+        logged.append((name, value))
+        return log(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(L.LightningModule, "log", recording_log)
+    model = _micro_module()
+    trainer = _micro_trainer(3, [ThroughputMonitor()])
+    trainer.fit(model, _micro_loader())
+    names = {name for name, _ in logged}
+    assert {"train/loss", "train/lr", "train/tokens_per_s"} <= names, names
+    numbers = [(name, value) for name, value in logged if not isinstance(value, torch.Tensor)]
+    assert not numbers, numbers
+    assert trainer.callback_metrics["train/lr"].item() == pytest.approx(model.hparams.lr)
+
+
 class GradNormBeforeAndAtStep(L.Callback):
     """The total gradient norm before clipping (Lightning's hook) and the one the optimizer step used
     (read after the step: Lightning runs the backward inside `optimizer.step(closure)`)."""

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_modules.metrics import on_host
+
 __all__ = ["DTypeName", "log_peak_memory", "to_dtype"]
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
@@ -21,5 +23,5 @@ def log_peak_memory(strategy: Any) -> None:
     if strategy.root_device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(strategy.root_device) / 2**30
         strategy.lightning_module.log(
-            "train/peak_mem_gib", peak, on_step=True, on_epoch=False, reduce_fx="max"
+            "train/peak_mem_gib", on_host(peak), on_step=True, on_epoch=False, reduce_fx="max"
         )
