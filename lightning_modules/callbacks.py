@@ -20,7 +20,9 @@ from lightning_modules.checkpoint import AtomicCheckpointIO  # noqa: F401  (impo
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training stopped on a NaN/inf loss (raised before the backward pass of that step)."""
+    """Training stopped on a NaN/inf loss (raised before the backward pass of that step; with
+    ``NaNGuard(defer=True)`` once the device's flag has reached the host, at the latest at the end of the
+    next step, the bad step's own update skipped)."""
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -40,7 +42,7 @@ class OnHost:
             for host, t in zip(self._host, tensors):
                 host.copy_(t.detach(), non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(tensors[0].device))  # the stream of the copies
         else:
             self._host = [t.detach().clone() for t in tensors]
 
@@ -85,9 +87,9 @@ class NaNGuard(L.Callback):
     Args:
         max_consecutive_bad_steps: stop at this many optimizer steps in a row with non-finite
             gradients (1: at the first one; a finite step resets the count).
-        check_gradients: the gradient check (one max-norm over all gradients and one host sync per
-            step; turn it off to save that time when the loss check is enough, e.g. bf16 runs).
-        defer: decide on the device and read the decision a step later (see above).
+        check_gradients: the gradient check (one max-norm over all gradients, and without ``defer`` one
+            host sync per step; turn it off to save that time when the loss check is enough).
+        defer: decide on the device and read the decision without blocking (see above).
     """
 
     def __init__(self, max_consecutive_bad_steps: int = 10, check_gradients: bool = True,
@@ -128,6 +130,16 @@ class NaNGuard(L.Callback):
                     f"{_last_checkpoint(trainer)}. Try a lower model.lr, a longer model.warmup_steps or "
                     "gradient clipping (trainer.gradient_clip_val), then resume with --ckpt_path.")
             self._after_step(trainer, step, bool(step_ok), local=False)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending.clear()  # a guard reused for another fit starts afresh
+        self._loss_finite = None
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._pending.clear()
+        self._loss_finite = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -330,8 +342,9 @@ class _HostLoss:
     idles while the host prepares the next one (and the NaN guard's device-side decision gains nothing).
     :class:`~lightning_modules.module.LanguageModel` therefore logs ``train/loss`` without ``prog_bar``
     and keeps the tensor (``last_train_loss``); this bar copies it to pinned host memory without
-    blocking and shows the newest copy the GPU has finished (a step or two late while the GPU is ahead;
-    on a CPU, the step's own)."""
+    blocking and shows the newest copy the GPU has finished (up to 8 steps late while the GPU is behind
+    the host; on a CPU, the step's own). Lightning still reads the logged metrics back every
+    ``trainer.log_every_n_steps`` steps, for the loggers."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -342,10 +355,14 @@ class _HostLoss:
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = getattr(pl_module, "last_train_loss", None)
-        if loss is not None:
+        if loss is not None and not self.is_disabled:
             self._copies.append(OnHost(loss))
         self._take(wait=False)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._copies.clear()
+        super().on_train_start(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._take(wait=True)

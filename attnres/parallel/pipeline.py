@@ -417,10 +417,19 @@ class Pipeline:
 
     def bytes_per_microbatch(self) -> dict[str, float]:
         """Bytes sent per microbatch and direction, summed over the pipeline ranks (collective)."""
-        mine = self.cache.bytes_per_microbatch()
-        t = torch.tensor([mine["forward"], mine["backward"]], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.group)
+        t = self.bytes_per_microbatch_tensor()
         return {"forward": t[0].item(), "backward": t[1].item()}
+
+    def bytes_per_microbatch_tensor(self) -> Tensor:
+        """:meth:`bytes_per_microbatch` as ``[forward, backward]`` on the device, without a host sync
+        (the counts go up by a non-blocking copy from pinned memory; collective), for per-step logs."""
+        mine = self.cache.bytes_per_microbatch()
+        t = torch.tensor([mine["forward"], mine["backward"]], dtype=torch.float64)
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        t = t.to(self.device, non_blocking=True)
+        dist.all_reduce(t, group=self.group)
+        return t
 
     def max_crossings(self) -> int:
         """The most times one source crossed one link in one direction for one microbatch, over the

@@ -38,7 +38,6 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 
 from attnres.parallel import SCHEDULES, Pipeline, ScheduleName, build_pipeline, init_mesh
-from lightning_modules.metrics import on_host
 from lightning_modules.strategies.common import DTypeName, log_peak_memory, to_dtype
 
 
@@ -303,9 +302,9 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         bs = batch["input_ids"].shape[0]
         module.log_train_step(loss, aux, bs)
         if self.log_bytes:
-            sent = self.pipeline.bytes_per_microbatch()
-            module.log("pp/bytes_fwd_per_microbatch", on_host(sent["forward"]), batch_size=bs)
-            module.log("pp/bytes_bwd_per_microbatch", on_host(sent["backward"]), batch_size=bs)
+            sent = self.pipeline.bytes_per_microbatch_tensor()  # on the device: no host sync a step
+            module.log("pp/bytes_fwd_per_microbatch", sent[0], batch_size=bs)
+            module.log("pp/bytes_bwd_per_microbatch", sent[1], batch_size=bs)
             self.pipeline.cache.reset_counts()
         log_peak_memory(self)
         return loss
