@@ -126,20 +126,21 @@ class NaNGuard(L.Callback):
                 self._pending.clear()
                 raise NonFiniteLossError(
                     f"the training loss was not finite (NaN/inf) at step {step} (lr {_lr(trainer):.3g}); "
-                    f"that step's update was skipped and training stopped. Last good checkpoint: "
-                    f"{_last_checkpoint(trainer)}. Try a lower model.lr, a longer model.warmup_steps or "
-                    "gradient clipping (trainer.gradient_clip_val), then resume with --ckpt_path.")
+                    f"that step's update was skipped and training stopped. {_loss_advice(trainer)}")
             self._after_step(trainer, step, bool(step_ok), local=False)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._pending.clear()  # a guard reused for another fit starts afresh
+    def _forget(self) -> None:
+        """Drop the deferred decisions in flight (a guard reused for another fit starts afresh)."""
+        self._pending.clear()
         self._loss_finite = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._forget()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        self._pending.clear()
-        self._loss_finite = None
+        self._forget()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -170,10 +171,7 @@ class NaNGuard(L.Callback):
         raise NonFiniteLossError(
             f"the training loss is {loss.item()} at step {trainer.global_step} (lr {_lr(trainer):.3g})"
             f"{'' if not local else ' on this rank but not finite on another'}; "
-            "training stopped "
-            f"before this step's update. Last good checkpoint: {_last_checkpoint(trainer)}. Try a lower "
-            "model.lr, a longer model.warmup_steps or gradient clipping (trainer.gradient_clip_val), "
-            "then resume with --ckpt_path."
+            f"training stopped before this step's update. {_loss_advice(trainer)}"
         )
 
     def on_before_optimizer_step(
@@ -242,6 +240,13 @@ def finite_grads(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
 def grads_are_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
     """:func:`finite_grads` read on the host (one host sync)."""
     return bool(finite_grads(parameters))
+
+
+def _loss_advice(trainer: L.Trainer) -> str:
+    """What to do after a non-finite loss stopped training."""
+    return (f"Last good checkpoint: {_last_checkpoint(trainer)}. Try a lower model.lr, a longer "
+            "model.warmup_steps or gradient clipping (trainer.gradient_clip_val), then resume with "
+            "--ckpt_path.")
 
 
 def _lr(trainer: L.Trainer) -> float:

@@ -16,6 +16,7 @@ from attnres.hardware import PEAK_BF16_FLOPS, peak_flops  # noqa: F401 (re-expor
 # MFU is not applicable and is not logged.
 PEAK_FLOPS = PEAK_BF16_FLOPS
 
+
 def on_host(value: float) -> Tensor:
     """A number for ``LightningModule.log`` in a training step, as a CPU tensor. Lightning turns a Python
     number into a tensor on the module's device (``torch.tensor(value, device=...)``): on a GPU a

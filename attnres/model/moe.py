@@ -95,6 +95,18 @@ class _Dispatch(torch.autograd.Function):
         return grad[inv].unflatten(0, (-1, ctx.k)).sum(1), None, None, None
 
 
+def _contract(rows: Tensor, vec: Tensor, dim: int) -> Tensor:
+    """``rows [N, k, d]`` summed against ``vec`` over ``dim`` (1: ``vec [N, k]`` -> ``[N, d]``; 2: ``vec
+    [N, d]`` -> ``[N, k]``), in the rows' dtype, accumulated in fp32 (or the rows' dtype, if wider).
+    Eager: a batched matmul; under ``torch.compile``: products and a sum, which Inductor fuses."""
+    if torch.compiler.is_compiling():
+        acc = torch.promote_types(rows.dtype, torch.float32)
+        return (rows.to(acc) * vec.to(acc).unsqueeze(3 - dim)).sum(dim).to(rows.dtype)
+    if dim == 1:
+        return torch.bmm(vec.unsqueeze(1), rows).squeeze(1)
+    return torch.bmm(rows, vec.unsqueeze(-1)).squeeze(-1)
+
+
 class _Combine(torch.autograd.Function):
     """Expert outputs in the sorted order ``y [N k, d]`` and the routing weights ``w [N, k]`` ->
     ``out [N, d] = sum_s w[t, s] y[inv[t k + s]]``, in ``y``'s dtype, the weights rounded to it and the
@@ -108,11 +120,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: Tensor, w: Tensor, order: Tensor, inv: Tensor) -> Tensor:
         ctx.save_for_backward(y, w, order, inv)
-        rows = y[inv].unflatten(0, w.shape)  # [N, k, d]
-        if torch.compiler.is_compiling():
-            acc = torch.promote_types(y.dtype, torch.float32)
-            return (rows.to(acc) * w.to(y.dtype).to(acc).unsqueeze(-1)).sum(1).to(y.dtype)
-        return torch.bmm(w.to(y.dtype).unsqueeze(1), rows).squeeze(1)
+        return _contract(y[inv].unflatten(0, w.shape), w.to(y.dtype), 1)  # rows [N, k, d] with w
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
@@ -122,13 +130,7 @@ class _Combine(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dy = (grad.unsqueeze(1) * w.to(y.dtype).unsqueeze(-1)).flatten(0, 1)[order]
         if ctx.needs_input_grad[1]:
-            rows = y[inv].unflatten(0, w.shape)
-            if torch.compiler.is_compiling():
-                acc = torch.promote_types(y.dtype, torch.float32)
-                dw = (rows.to(acc) * grad.to(acc).unsqueeze(1)).sum(-1).to(y.dtype)
-            else:
-                dw = torch.bmm(rows, grad.unsqueeze(-1)).squeeze(-1)
-            dw = dw.to(w.dtype)
+            dw = _contract(y[inv].unflatten(0, w.shape), grad, 2).to(w.dtype)  # rows with grad
         return dy, dw, None, None
 
 
