@@ -14,6 +14,9 @@
 # while the machine stays warm), then packs benchmarks/results/study/ and the logs into
 # $OUT/study_<sweep>.tgz (one file: the device returns at most 8) and copies the console log, and
 # Triton's autotune results into $OUT/triton_autotune.tgz (unpack into .cache/ and carry .cache/triton).
+# STUDY_AUDIT="s:plain:0 s:block:0 ..." trains benchmarks/study/audit.py's reference runs (model:residual:seed),
+# one after another, beside the sweep on the same GPU (leave them room: STUDY_MEMORY_GB); on the package
+# corpus when .cache/corpus is carried (run ids end in -pk); their JSONs go into the same archive.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../device_common.sh"
 SWEEP=${1:?usage: device.sh SWEEP [RUN_IDS] [BUDGET_S]}
@@ -34,6 +37,24 @@ mkdir -p "$OUT/logs" benchmarks/results/study
 seed_triton_cache
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 
+# the audit's reference runs, one at a time, until the budget ends (a run cut by it leaves no JSON)
+audit_runs() {
+  local spec model residual seed data=() tag=""
+  if [[ -f .cache/corpus/shards/meta.json ]]; then
+    data=(--data.corpus shards --data.shards_dir .cache/corpus/shards --data.tokenizer .cache/corpus/bpe8192.json)
+    tag=-pk
+  fi
+  for spec in $STUDY_AUDIT; do
+    IFS=: read -r model residual seed <<<"$spec"
+    local id="$model-reference-$residual$([[ $residual == block ]] && echo 8)-seed$seed$tag"
+    (( $(left) > 90 )) || { echo "=== audit $id: not started, $(left) s left"; continue; }
+    echo "=== audit $id ($(left) s left)"
+    timeout --signal=INT $(( $(left) - 30 )) python3 -m benchmarks.study.audit --model "$model" \
+      --residual "$residual" --seed "$seed" --run_id "$id" "${data[@]}" > "$OUT/logs/audit_$id.log" 2>&1
+    echo "=== audit $id exit $? ($(grep -h 'final val' "$OUT/logs/audit_$id.log" | tail -1))"
+  done
+}
+
 main() {
   install_wheels
   nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,driver_version --format=csv
@@ -45,15 +66,19 @@ main() {
   python3 -m attnres info
   local budget=$(( $(left) - 25 ))
   echo "=== sweep $SWEEP ${RUNS:+(runs $RUNS) }budget $budget s"
+  local audit_pid=""
+  if [[ -n ${STUDY_AUDIT:-} ]]; then audit_runs & audit_pid=$!; fi
   timeout --signal=INT --kill-after=15 $(( budget + 20 )) python3 -m benchmarks.study.run --sweep "$SWEEP" --parallel "${STUDY_PARALLEL:-1}" ${STUDY_START_ALL:+--start_all} \
     ${STUDY_MEMORY_GB:+--memory_gb "$STUDY_MEMORY_GB"} \
     ${RUNS:+--runs "$RUNS"} --budget_s "$budget" --log_dir "$OUT/logs"
   echo "=== exit status $?"
+  [[ -n $audit_pid ]] && wait "$audit_pid"
   python3 -m benchmarks.study.run --sweep "$SWEEP" --list
   echo "done in $(( $(date +%s) - T0 )) s"
 }
 
 main 2>&1 | tee "$OUT/console_${SWEEP//,/_}.log"
-tar czf "$OUT/study_${SWEEP//,/_}.tgz" benchmarks/results/study -C "$OUT" logs && rm -rf "$OUT/logs"
+mkdir -p benchmarks/results/audit
+tar czf "$OUT/study_${SWEEP//,/_}.tgz" benchmarks/results/study benchmarks/results/audit -C "$OUT" logs && rm -rf "$OUT/logs"
 (cd .cache && find triton -name '*.autotune.json' -print0 | tar czf "$OUT/triton_autotune.tgz" --null -T -)
 ls -la "$OUT"
