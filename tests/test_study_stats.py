@@ -82,3 +82,43 @@ def test_tagged_groups_and_the_lr_sweep_table():
     row = next(line for line in table if line.startswith("| s |"))
     assert "0.001: 2.9500" in row and "0.002: 2.8500 ± 0.0707" in row and "0.004: 2.7000" in row
     assert row.endswith("| 0.004 | yes: extend the sweep |") and "0.008" not in row
+
+
+def test_difference_interval_is_the_mean_difference_and_brackets_it():
+    base, other = [3.0, 3.1, 3.2], [2.9, 2.95, 3.0]
+    d = stats.difference_interval(base, other)
+    assert d["diff"] == pytest.approx(2.95 - 3.1, abs=1e-12) and d["seeds"] == [3, 3]
+    # the extremes a draw can reach: every resample of other at its min/max minus base at its max/min
+    assert -0.3 - 1e-12 <= d["lo"] < d["diff"] < d["hi"] <= 0.1 + 1e-12
+    one = stats.difference_interval([3.0], [2.5])
+    assert one["lo"] == one["hi"] == pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="at least one loss"):
+        stats.difference_interval([], [1.0])
+
+
+def test_the_audit_table_and_figure(tmp_path):
+    from benchmarks.study.analyze import audit
+
+    def study(model, residual, seed, loss):
+        return {"run_id": f"{model}-{residual}-seed{seed}-pk", "model": model, "residual": residual,
+                "seed": seed, "status": "complete", "val_loss": loss, "tokens_per_s": 100.0,
+                "val_curve": [[64, 1, loss + 1], [128, 2, loss]]}
+
+    def ref(model, residual, seed, loss, blocks=8, tag="-pk"):
+        mode = residual + (str(blocks) if residual == "block" else "")
+        return {"kind": "baseline-audit", "status": "complete", "arch": "reference", "model": model,
+                "residual": residual, "num_blocks": blocks, "seed": seed, "final_val_loss": loss,
+                "run_id": f"{model}-reference-{mode}-seed{seed}{tag}", "tokens_per_s": 200.0,
+                "val_curve": [[64, 1, loss + 1], [128, 2, loss]]}
+
+    runs = [study("s", "standard", k, 3.0 + 0.1 * k) for k in range(3)] + [study("s", "block8", 0, 2.9)]
+    audits = ([ref("s", "plain", k, 2.8 + 0.1 * k) for k in range(3)] + [ref("s", "block", 0, 2.7)]
+              + [ref("s", "plain", 5, 1.0, tag="")])  # another tag: left out
+    lines = audit(runs, audits, "pk", tmp_path)
+    rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| s |")}
+    assert rows["project standard"].endswith("| 3 | 3.1000 ± 0.1000 | – | 100 |")
+    assert "| 3 | 2.9000 ± 0.1000 | -0.2000 [" in rows["reference (litgpt GPT)"]
+    assert "| 1 | 2.7000 | -0.4000 [" in rows["reference + Block N=8"]
+    assert "| 1 | 2.9000 | -0.2000 [" in rows["project Block N=8"]
+    assert (tmp_path / "audit.png").is_file()
+    assert audit(runs, [], "pk", tmp_path) == []

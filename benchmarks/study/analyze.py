@@ -4,7 +4,8 @@
 
 Writes (each only when its runs are there): ``scaling.png`` (validation loss vs compute, one fitted
 power law per residual mode), ``val_curves.png``, ``ablation.png`` (block count), ``dynamics.png``
-(output RMS, hidden-state RMS and gradient norm vs depth), ``depth_width.png``, ``heatmaps.png``, and
+(output RMS, hidden-state RMS and gradient norm vs depth), ``depth_width.png``, ``heatmaps.png``,
+``audit.png`` (the project's models vs the reference runs of ``audit.py``), and
 ``tables.md`` (every table for docs/results.md, and one row per run: command, seed, device, tokens,
 wall time). Only runs whose JSON says ``complete`` are used; mean ± sample std over seeds where a
 point has two or more.
@@ -490,6 +491,84 @@ def lr_sweep(runs: list[dict[str, Any]], tag: str) -> list[str]:
     return lines
 
 
+def load_audits(results: str | Path) -> list[dict[str, Any]]:
+    """Every complete reference run of ``benchmarks/study/audit.py`` under ``results``."""
+    out = []
+    for p in sorted(Path(results).glob("*.json")) if Path(results).is_dir() else []:
+        r = json.loads(p.read_text())
+        if r.get("kind") == "baseline-audit" and r.get("status") == "complete":
+            out.append(r)
+    return out
+
+
+AUDIT_ROWS = (  # (row name, where its runs come from, the residual or audit mode, colour, line)
+    ("project standard", "study", "standard", "tab:gray", "-"),
+    ("project Block N=8", "study", "block8", "tab:blue", "-"),
+    ("reference (litgpt GPT)", "audit", "plain", "black", "--"),
+    ("reference + Block N=8", "audit", "block8", "tab:cyan", "--"),
+)
+
+
+def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | None, out: Path) -> list[str]:
+    """The baseline audit (issue 25, item 1): per size, the project's standard and Block models (study
+    runs of ``tag``) beside the independent reference (litgpt's GPT) with and without Block AttnRes
+    (``audit.py``'s runs, ids ``<size>-reference-<mode>-seed<k>[-tag]``), on the same data, tokens and
+    validation windows: final validation loss (mean ± std over seeds), each row's difference from the
+    project standard with its bootstrap interval, and ``audit.png``, the seed-mean validation curves."""
+    suffix = f"-{tag}" if tag else ""
+    groups = group(runs, tag)
+    ref: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in audits:
+        mode = r["residual"] + (str(r["num_blocks"]) if r["residual"] == "block" else "")
+        rid = f"{r['model']}-reference-{mode}-seed{r['seed']}{suffix}"
+        if r["arch"] == "reference" and r["run_id"] == rid:
+            ref[(r["model"], mode)].append(r)
+    sizes = sorted({m for m, _ in ref}, key=lambda m: ("s", "m", "l").index(m) if m in "sml" else 9)
+    if not sizes:
+        return []
+
+    def rows_of(model: str) -> list[tuple[str, str, str, list[tuple[int, list, float, float]]]]:
+        rows = []
+        for name, src, mode, color, ls in AUDIT_ROWS:
+            rs = groups.get((model, mode), []) if src == "study" else ref.get((model, mode), [])
+            rows.append((name, color, ls, [
+                (r["seed"], r["val_curve"], r["val_loss"] if src == "study" else r["final_val_loss"],
+                 r.get("tokens_per_s") or 0.0) for r in sorted(rs, key=lambda r: r["seed"])]))
+        return rows
+
+    lines = ["### Baseline audit: the project's models vs an independent decoder (litgpt's GPT)", "",
+             f"Same shards, tokens, schedule and validation windows{f' (runs tagged {tag})' if tag else ''}; "
+             f"differences from the project's standard model with a {stats.LEVEL:.0%} bootstrap interval "
+             "over the seeds.", "",
+             "| size | model | seeds | final val loss | − project standard | tokens/s |",
+             "|---|---|---:|---:|---:|---:|"]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.6 * len(sizes), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], sizes, strict=True):
+        rows = rows_of(model)
+        base = [loss for _, _, loss, _ in rows[0][3]]
+        for name, color, ls, seeds in rows:
+            if not seeds:
+                continue
+            losses = [loss for _, _, loss, _ in seeds]
+            if name == rows[0][0] or not base:
+                diff = "–"
+            else:
+                d = stats.difference_interval(base, losses)
+                diff = f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
+            lines.append(f"| {model} | {name} | {len(seeds)} | {fmt(*mean_std(losses)[:2])} | {diff} | "
+                         f"{np.mean([t for *_, t in seeds]):,.0f} |")
+            common = sorted(set.intersection(*({p[0] for p in c} for _, c, _, _ in seeds)))
+            curve = [np.mean([{p[0]: p[2] for p in c}[k] for _, c, _, _ in seeds]) for k in common]
+            ax.plot(common, curve, ls, marker="o", ms=2, color=color, label=f"{name} ({len(seeds)} seeds)")
+        ax.set_xlabel("step")
+        ax.set_title(f"size {model}: validation loss, seed mean")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("validation loss")
+    _save(fig, out / "audit.png")
+    return lines
+
+
 def heatmaps(groups: dict, out: Path) -> None:
     panels = []
     for (model, mode), rs in sorted(groups.items()):
@@ -553,9 +632,10 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def analyze(results: str | Path, out: str | Path, lay: Layout | None = None,
-            tag: str | None = None) -> dict[str, Any]:
+            tag: str | None = None, audits: str | Path = "benchmarks/results/audit") -> dict[str, Any]:
     """Write every figure and ``tables.md`` that the complete runs under ``results`` allow: the untagged
-    runs, or (``tag``) those of the sweeps tagged ``tag`` and its learning-rate sweep."""
+    runs, or (``tag``) those of the sweeps tagged ``tag`` and its learning-rate sweep; the baseline
+    audit first when ``audits`` holds reference runs of the same tag."""
     out = Path(out)
     lay = lay or Layout()
     runs = load_runs(results)
@@ -566,6 +646,7 @@ def analyze(results: str | Path, out: str | Path, lay: Layout | None = None,
     scaling_lines, fits = scaling(groups, out, lay)
     val_curves(groups, out, lay)
     for part in (
+        audit(runs, load_audits(audits), tag, out),
         scaling_lines,
         ablation(groups, out, lay),
         dynamics(groups, out, lay),
@@ -592,8 +673,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="docs/images/study")
     p.add_argument("--tag", default=None,
                    help="the runs of the sweeps with this tag (e.g. pk: the package corpus)")
+    p.add_argument("--audits", default="benchmarks/results/audit",
+                   help="benchmarks/study/audit.py's reference runs (the baseline audit)")
     a = p.parse_args(argv)
-    analyze(a.results, a.out, tag=a.tag)
+    analyze(a.results, a.out, tag=a.tag, audits=a.audits)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,22 @@ def equivalence_interval(variant: Sequence[float], compute: float, baseline: Map
     return out
 
 
+def difference_interval(base: Sequence[float], other: Sequence[float], level: float = LEVEL, n: int = DRAWS,
+                        seed: int = 0) -> dict[str, Any]:
+    """``mean(other) - mean(base)`` of two sets of seed losses, with the percentile interval of that
+    difference over ``n`` bootstrap draws that resample each set's seeds. With three seeds a side the
+    percentile interval is narrower than a t interval would be; ``seeds`` says how many there were."""
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(base, dtype=float), np.asarray(other, dtype=float)
+    if not len(a) or not len(b):
+        raise ValueError("a difference needs at least one loss on each side")
+    d = (b[rng.integers(0, len(b), size=(n, len(b)))].mean(axis=1)
+         - a[rng.integers(0, len(a), size=(n, len(a)))].mean(axis=1))
+    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
+    return {"diff": float(b.mean() - a.mean()), "lo": float(lo), "hi": float(hi), "level": level,
+            "seeds": [len(a), len(b)]}
+
+
 def best_rate(losses: Mapping[float, Sequence[float]]) -> dict[str, Any]:
     """``losses``: learning rate -> the seeds' final losses. The rate with the lowest mean loss, the mean
     per rate, and whether the best sits at the sweep's edge (its lowest or highest rate: the optimum may
