@@ -122,6 +122,8 @@ def parse_error_message(message: str, keys: list[str], refused: dict[str, str] |
         choices = re.search(r"Literal\[(.*?)\]", rest)
         if choices:
             valid = [c.strip().strip("'\"") for c in choices.group(1).split(",")]
+            if re.search(r"Subtypes: \[<class 'bool'>", rest):  # bool | Literal[...]: true and false too
+                valid = ["true", "false", *valid]
             hint = did_you_mean(value.strip(), valid)
             return f"--{key}{value}: expected one of {', '.join(valid)}{hint}"
         types = re.findall(r"<class '(\w+)'>", rest.split("Given value type")[0])

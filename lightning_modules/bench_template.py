@@ -178,7 +178,9 @@ def bench_e2e(
             Default: dense and medium.
         modes: residual modes. Default: standard, block, full.
         kinds: ``train``, ``prefill``, ``decode``, ``template``. Default: all.
-        variants: training variants ``eager`` and/or ``compile`` (torch.compile of the whole model).
+        variants: training variants ``eager``, ``compile`` (torch.compile of the whole model) and/or
+            ``regional`` (each layer's mixers compiled in place: ``model.compile: regional``); default
+            eager and compile.
             Default: both (``quick``: eager only; compiling on a CPU takes minutes).
         impls: ``attnres`` (ours), ``attnres-recompute`` (ours with ``residual_recompute``: Block rows,
             eager), ``attnres-unfused`` (ours with ``residual_fuse_norm`` off: phase 2 and the sublayer
@@ -206,7 +208,7 @@ def bench_e2e(
     path = Path(out) if out else default_out_path(device, tag, quick)
     result = run_e2e_benchmark(
         quick=quick, shapes=shapes or ["dense", "medium"], modes=modes or list(MODES),
-        kinds=kinds or list(KINDS), variants=variants or (["eager"] if quick else list(VARIANTS)),
+        kinds=kinds or list(KINDS), variants=variants or (["eager"] if quick else ["eager", "compile"]),
         impls=impls or list(IMPLS), num_blocks=num_blocks, graphs=graphs, template_compile=template_compile,
         template_precision=template_precision, template_callbacks=template_callbacks, warmup=warmup,
         repeat=repeat, budget_s=budget_s,

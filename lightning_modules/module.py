@@ -78,7 +78,11 @@ class LanguageModel(L.LightningModule):
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         decay_fraction: ``wsd`` only: share of the steps spent decaying.
         schedule_steps: length of the schedule in optimizer steps (default: ``trainer.max_steps``).
-        compile: run the model's forward under ``torch.compile``.
+        compile: ``true``: the whole model under ``torch.compile`` (the fastest step; the first step
+            compiles for a minute or more); ``regional``: each layer's token mixer and channel mixer
+            compiled in place, one graph per kind of sublayer reused by every layer of that kind
+            (``Decoder.compile_regions``: fewer and smaller graphs to compile; the residual path stays eager);
+            ``false``: eager.
     """
 
     def __init__(
@@ -93,9 +97,12 @@ class LanguageModel(L.LightningModule):
         min_lr_ratio: float = 0.1,
         decay_fraction: float = 0.2,
         schedule_steps: int | None = None,
-        compile: bool = False,
+        compile: bool | Literal["regional"] = False,
     ) -> None:
         super().__init__()
+        if compile not in (True, False, "regional"):
+            raise ValueError(f"compile={compile!r}: use true (the whole model), regional (each layer's "
+                             "mixers) or false (eager)")
         check_optimizer_args(
             lr, weight_decay, betas, warmup_steps, min_lr_ratio, decay_fraction, schedule_steps
         )
@@ -108,7 +115,9 @@ class LanguageModel(L.LightningModule):
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)
         # kept out of the module tree (no second copy of the parameter names in the state dict)
-        self.__dict__["_compiled"] = torch.compile(self.model) if compile else None
+        self.__dict__["_compiled"] = torch.compile(self.model) if compile is True else None
+        if compile == "regional":
+            self.model.compile_regions()
         self._rng_to_restore: dict | None = None
         self.step_finite: Tensor | None = None  # this step's update ran (set by a deferring NaNGuard)
         self.last_train_loss: Tensor | None = None  # the last training step's loss (for the progress bar)
@@ -122,7 +131,9 @@ class LanguageModel(L.LightningModule):
         """The decoder on ``input_ids [B, T]`` (compiled when ``compile``, unless other keyword arguments
         ask for the eager model); ``segment_ids [B, T]``: packed documents (``data.packing: documents``)."""
         fn = self._compiled if self._compiled is not None and not kwargs else self.model
-        return fn(input_ids, labels=labels, segment_ids=segment_ids, **kwargs)
+        # decoding (a cache) or statistics: compiled regions too run eagerly
+        with self.model.eager_regions() if kwargs else contextlib.nullcontext():
+            return fn(input_ids, labels=labels, segment_ids=segment_ids, **kwargs)
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.config.flops_per_token(seq_len)
@@ -360,7 +371,7 @@ class LanguageModel(L.LightningModule):
 
         seeded = seed_autotune(self.device)  # 0 off CUDA
         pinned = bool(untuned_kda_shapes(self.model, self.device) and pin_untuned_kda())
-        for note in first_step_notices(self.model, self.device, self._compiled is not None, seeded, pinned):
+        for note in first_step_notices(self.model, self.device, self.hparams.compile, seeded, pinned):
             rank_zero_info(note)
 
     def on_train_start(self) -> None:

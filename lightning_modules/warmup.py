@@ -109,11 +109,11 @@ def untuned_kda_shapes(model: nn.Module, device: torch.device) -> list[tuple[int
     return sorted(shapes - tuned_kda_shapes(triton_cache_dir())) if shapes else []
 
 
-def first_step_notices(model: nn.Module, device: torch.device, compiled: bool, seeded: int = 0,
+def first_step_notices(model: nn.Module, device: torch.device, compiled: bool | str, seeded: int = 0,
                        pinned: bool = False) -> list[str]:
     """One line for each long first-step wait ahead: fla's autotuning of the KDA shapes Triton's cache holds
     no results for (or, ``pinned``, that they take the nearest tuned shape's configurations), and
-    ``torch.compile``."""
+    ``torch.compile`` (``compiled``: ``True``, ``"regional"`` or ``False``)."""
     notes = []
     shapes = kda_shapes(model) if device.type == "cuda" else set()
     if shapes:
@@ -135,7 +135,13 @@ def first_step_notices(model: nn.Module, device: torch.device, compiled: bool, s
             )
         elif seeded:
             notes.append(f"fla's KDA autotuning: {seeded} shipped result(s) put into {cache} (no tuning)")
-    if compiled:
+    if compiled == "regional":
+        kinds = sorted({f"{type(m).__name__}" for layer in getattr(model, "layers", {}).values()
+                        for m in (layer.attn, layer.mlp)})
+        notes.append(
+            f"torch.compile compiles each kind of sublayer ({', '.join(kinds)}) once during the first step "
+            f"(cached in {os.environ.get('TORCHINDUCTOR_CACHE_DIR') or 'the Inductor cache'} for later runs)")
+    elif compiled:
         notes.append(
             "torch.compile compiles the model during the first step (a minute or more for the GPU presets; "
             f"cached in {os.environ.get('TORCHINDUCTOR_CACHE_DIR') or 'the Inductor cache'} for later runs)"

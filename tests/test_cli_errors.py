@@ -71,6 +71,7 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["fit", "--trainer.max_epochs", "0"], ["--trainer.max_epochs 0", "must be >= 1"]),
     (["fit", "--trainer.devices", "0"], ["Trainer(devices='0')", "not a valid input"]),
     (["fit", "--model.lr", "-0.001"], ["--model.lr -0.001", "must be > 0"]),
+    (["fit", "--model.compile", "layers"], ["--model.compile layers: expected one of true, false, regional"]),
     (["fit", "--model.weight_decay", "-1"], ["--model.weight_decay -1.0", "must be >= 0"]),
     (["fit", "--model.betas", "[0.9, 1.5]"], ["--model.betas [0.9, 1.5]", "in [0, 1)"]),
     (

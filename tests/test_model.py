@@ -428,3 +428,35 @@ def test_residual_recompute_trains_with_the_same_loss_and_gradients(precision):
     assert grads.keys() == grads_r.keys() and len(grads) > 50
     for n in grads:
         assert torch.equal(grads[n], grads_r[n]), n
+
+
+@pytest.mark.parametrize("backend", ["counter", "aot_eager"])
+def test_regional_compilation_reuses_one_graph_per_kind_of_sublayer_and_equals_eager(backend):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    # a dense MLP: on a CPU the MoE experts loop over a host-side split (a graph break per layer)
+    cfg = get_config("tiny", residual="block", moe=False)
+    model, ref = _tiny(residual="block", moe=False), _tiny(residual="block", moe=False)
+    counter = CompileCounter()
+    model.compile_regions(backend=counter if backend == "counter" else backend)
+    assert model.regions_compiled and not ref.regions_compiled
+    assert list(model.state_dict()) == list(ref.state_dict())  # checkpoints keep the eager names
+    ids = _ids(cfg)
+    losses = []
+    for m in (model, ref):
+        out = m(ids, labels=ids)
+        out.loss.backward()
+        losses.append(out.loss)
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    if backend == "counter":
+        kinds = {(layer.mixer_kind, layer.mlp_kind) for layer in model.layers.values()}
+        assert kinds == {("kda", "dense"), ("mla", "dense")} and len(model.layers) == 4
+        assert counter.frame_count == 3  # KDA, MLA, dense MLP: the layers of one kind share a graph
+        # decoding runs eagerly: no new graph for the changing cache shapes
+        prompt = ids[:, :5]
+        assert torch.equal(model.generate(prompt, 3, greedy=True), ref.generate(prompt, 3, greedy=True))
+        assert counter.frame_count == 3
+    torch._dynamo.reset()

@@ -942,3 +942,14 @@ def test_deferred_guard_checks_every_micro_batch_of_an_accumulated_step(monkeypa
     trainer = _micro_trainer(3, [NaNGuard(defer=True)], accumulate_grad_batches=2)
     with pytest.raises(NonFiniteLossError, match="at step 1"):
         trainer.fit(module, _micro_loader())
+
+
+def test_compile_regional_compiles_each_layers_mixers_and_a_bad_value_names_the_choices():
+    module = _micro_module(compile="regional")
+    assert module.model.regions_compiled and module._compiled is None
+    assert all(layer.attn._compiled_call_impl is not None and layer.mlp._compiled_call_impl is not None
+               for layer in module.model.layers.values())
+    assert module.hparams.compile == "regional"
+    with pytest.raises(ValueError, match="use true .* regional .* or false"):
+        _micro_module(compile="layers")
+    torch._dynamo.reset()

@@ -85,6 +85,8 @@ def test_notices_name_the_autotuning_only_while_the_cache_lacks_kda_results(tmp_
     assert "3 shipped" in warmup.first_step_notices(model, cuda, compiled=False, seeded=3)[0]
     compiled = warmup.first_step_notices(model, torch.device("cpu"), compiled=True)
     assert len(compiled) == 1 and compiled[0].startswith("torch.compile compiles the model")
+    (regional,) = warmup.first_step_notices(model, torch.device("cpu"), compiled="regional")
+    assert "each kind of sublayer (KimiDeltaAttention, MoE, MultiHeadLatentAttention, SwiGLU) once" in regional
     monkeypatch.setattr(kda, "fla_available", lambda: False)
     assert warmup.first_step_notices(model, cuda, compiled=False) == []  # the torch KDA does not autotune
 

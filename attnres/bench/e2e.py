@@ -90,7 +90,7 @@ __all__ = [
 
 MODES: tuple[str, ...] = ("standard", "block", "full")
 KINDS: tuple[str, ...] = ("train", "prefill", "decode", "template")
-VARIANTS: tuple[str, ...] = ("eager", "compile")
+VARIANTS: tuple[str, ...] = ("eager", "compile", "regional")
 IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "attnres-unfused", "fla", "fast-attnres",
                           "fla-model")
 
@@ -224,6 +224,8 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
             model = _build(shape, mode, impl, run)
             model.train()
             holder["model"] = model
+            if variant == "regional":  # our decoder only: each layer's mixers compiled in place
+                model.compile_regions()
             holder["fwd"] = torch.compile(model) if variant == "compile" else model
             holder["ids"] = random_tokens(shape, shape.batch, shape.seq_len, run.device)
             holder["labels"] = random_tokens(shape, shape.batch, shape.seq_len, run.device, seed=2)
@@ -273,7 +275,7 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
 
     try:
         first = guarded(run, {**base, "optimizer": "none"}, lambda: setup_and_time(False),
-                         compiles=variant == "compile" and "model" not in holder)
+                         compiles=variant != "eager" and "model" not in holder)
         if first["status"] == "ok":
             guarded(run, {**base, "optimizer": "adamw"}, lambda: setup_and_time(True))
         else:
@@ -281,7 +283,7 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
                      "reason": f"the step without optimizer ended in {first['status']}"})
     finally:
         holder.clear()
-        if variant == "compile":
+        if variant != "eager":
             torch._dynamo.reset()
         cleanup(run.device)
 
@@ -556,6 +558,9 @@ def _run_e2e(
             _serve_rows(run, shape, m, "attnres", serve, graphs and dev.type == "cuda")
         for m in theirs if fla_why is None else []:
             _serve_rows(run, shape, m, "fla", serve, graphs and dev.type == "cuda")
+    if "train" in kinds and "regional" in variants and "attnres" in impls:
+        for shape in picked:
+            train(shape, "attnres", "regional", ours)
     if "train" in kinds and "compile" in variants and "attnres" in impls:
         for shape in picked:
             train(shape, "attnres", "compile", ours)

@@ -15,6 +15,7 @@ or parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -157,6 +158,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.regions_compiled = False  # compile_regions() ran
         self.init_weights()
 
     @torch.no_grad()
@@ -369,6 +371,26 @@ class Decoder(nn.Module):
         load_model(model, str(d / WEIGHTS_FILE), strict=True, device=str(device))
         return model.to(device).eval()
 
+    # ------------------------------------------------------------------ compilation
+
+    def compile_regions(self, **options: Any) -> Decoder:
+        """Regional compilation: compile each layer's token mixer and channel mixer in place
+        (``nn.Module.compile(**options)``), leaving the residual path, the norms, the embedding and the
+        head eager. Dynamo compiles one graph per kind of sublayer (KDA, MLA, MoE, dense MLP) and reuses
+        it for every layer of that kind, so the first step compiles a handful of small graphs instead
+        of the whole model. The parameter names (and checkpoints) stay those of the eager model.
+        :meth:`generate` runs eagerly. Returns ``self``."""
+        for layer in self.layers.values():
+            layer.attn.compile(**options)
+            layer.mlp.compile(**options)
+        self.regions_compiled = True
+        return self
+
+    def eager_regions(self) -> contextlib.AbstractContextManager:
+        """A context in which regions compiled by :meth:`compile_regions` run eagerly (decoding, whose
+        shapes change every call, and other calls the training step does not make)."""
+        return torch.compiler.set_stance("force_eager") if self.regions_compiled else contextlib.nullcontext()
+
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
@@ -385,19 +407,20 @@ class Decoder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            cache = DecoderCache()
-            logits = self(input_ids, cache=cache).logits[:, -1]
-            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            new: list[Tensor] = []
-            for step in range(max_new_tokens):
-                token = sample(logits, temperature, top_k, top_p, greedy)
-                if eos_id is not None:
-                    token = torch.where(done, torch.full_like(token, eos_id), token)
-                    done |= token == eos_id
-                new.append(token)
-                if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
-                    break
-                logits = self(token[:, None], cache=cache).logits[:, -1]
+            with self.eager_regions():
+                cache = DecoderCache()
+                logits = self(input_ids, cache=cache).logits[:, -1]
+                done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                new: list[Tensor] = []
+                for step in range(max_new_tokens):
+                    token = sample(logits, temperature, top_k, top_p, greedy)
+                    if eos_id is not None:
+                        token = torch.where(done, torch.full_like(token, eos_id), token)
+                        done |= token == eos_id
+                    new.append(token)
+                    if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                        break
+                    logits = self(token[:, None], cache=cache).logits[:, -1]
             return torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids
         finally:
             self.train(was_training)
