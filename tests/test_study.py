@@ -98,8 +98,8 @@ def test_package_corpus_sweeps_compose_the_data_config_and_scale_each_models_lr(
             assert lr == pytest.approx(file_lr * scale)
             assert argv.index("configs/data/packages.yaml") < argv.index(plan["models"][r.model])
             lrs.setdefault(r.id.split("-pk")[0], []).append(lr)
-    # three log-spaced points per (size, mode): x0.5, x1, x2 of the model file's rate
-    assert len(lrs) == 6 and all(v[1] / v[0] == pytest.approx(2) and v[2] / v[1] == pytest.approx(2)
+    # three log-spaced points per (size, mode) of xs, s and m: x0.5, x1, x2 of the model file's rate
+    assert len(lrs) == 9 and all(v[1] / v[0] == pytest.approx(2) and v[2] / v[1] == pytest.approx(2)
                                  for v in lrs.values())
 
 

@@ -51,7 +51,7 @@ COLORS = {"standard": "tab:gray", "block8": "tab:blue", "full": "tab:red"}
 class Layout:
     """Which models and residual names of configs/study/sweeps.yaml make up each part."""
 
-    scaling_models: tuple[str, ...] = ("s", "m", "l")
+    scaling_models: tuple[str, ...] = ("xs", "s", "m", "l")
     scaling_modes: tuple[str, ...] = ("standard", "block8", "full")
     ablation_model: str = "m"
     ablation_modes: tuple[str, ...] = ("block1", "block2", "block4", "block8", "block16", "full")
@@ -523,7 +523,8 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
         rid = f"{r['model']}-reference-{mode}-seed{r['seed']}{suffix}"
         if r["arch"] == "reference" and r["run_id"] == rid:
             ref[(r["model"], mode)].append(r)
-    sizes = sorted({m for m, _ in ref}, key=lambda m: ("s", "m", "l").index(m) if m in "sml" else 9)
+    order = Layout().scaling_models
+    sizes = sorted({m for m, _ in ref}, key=lambda m: (order.index(m) if m in order else len(order), m))
     if not sizes:
         return []
 

@@ -14,9 +14,10 @@
 # while the machine stays warm), then packs benchmarks/results/study/ and the logs into
 # $OUT/study_<sweep>.tgz (one file: the device returns at most 8) and copies the console log, and
 # Triton's autotune results into $OUT/triton_autotune.tgz (unpack into .cache/ and carry .cache/triton).
-# STUDY_AUDIT="s:plain:0 s:block:0 ..." trains benchmarks/study/audit.py's reference runs (model:residual:seed),
-# one after another, beside the sweep on the same GPU (leave them room: STUDY_MEMORY_GB); on the package
-# corpus when .cache/corpus is carried (run ids end in -pk); their JSONs go into the same archive.
+# STUDY_AUDIT="s:plain:0 s:block:0 ..." trains benchmarks/study/audit.py's reference runs
+# (model:residual:seed), one after another, beside the sweep on the same GPU (12 GiB kept for them
+# unless STUDY_MEMORY_GB is given); on the package corpus when .cache/corpus is carried (run ids end
+# in -pk); their JSONs go into the same archive.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../device_common.sh"
 SWEEP=${1:?usage: device.sh SWEEP [RUN_IDS] [BUDGET_S]}
@@ -67,7 +68,15 @@ main() {
   local budget=$(( $(left) - 25 ))
   echo "=== sweep $SWEEP ${RUNS:+(runs $RUNS) }budget $budget s"
   local audit_pid=""
-  if [[ -n ${STUDY_AUDIT:-} ]]; then audit_runs & audit_pid=$!; fi
+  if [[ -n ${STUDY_AUDIT:-} ]]; then
+    audit_runs & audit_pid=$!
+    # the reference runs take ~5 GiB at s, ~10 at m: leave them 12 GiB of the sweep's share
+    if [[ -z ${STUDY_MEMORY_GB:-} ]]; then
+      STUDY_MEMORY_GB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 \
+        | awk '{printf "%d", $1 / 1024 * 0.97 - 12}')
+      echo "=== audit runs beside the sweep: the sweep's runs share $STUDY_MEMORY_GB GiB"
+    fi
+  fi
   timeout --signal=INT --kill-after=15 $(( budget + 20 )) python3 -m benchmarks.study.run --sweep "$SWEEP" --parallel "${STUDY_PARALLEL:-1}" ${STUDY_START_ALL:+--start_all} \
     ${STUDY_MEMORY_GB:+--memory_gb "$STUDY_MEMORY_GB"} \
     ${RUNS:+--runs "$RUNS"} --budget_s "$budget" --log_dir "$OUT/logs"
