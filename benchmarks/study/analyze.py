@@ -259,11 +259,7 @@ def val_curves(groups: dict, out: Path, lay: Layout) -> None:
                     alpha=1.0 if i == 0 else 0.5,
                     label=label(mode) if i == 0 else None,
                 )
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("validation loss")
-        ax.set_title(f"size {model}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _decorate(ax, "tokens", f"size {model}", "validation loss")
     _save(fig, out / "val_curves.png")
 
 
@@ -305,11 +301,8 @@ def ablation(groups: dict, out: Path, lay: Layout) -> list[str]:
         size = 1 if mode == "full" else r0["num_sublayers"] // r0["num_blocks"]
         lines.append(f"| {tick} | {size} | {n} | {fmt(m, s)} |")
     ax.set_xticks(xs, ticks)
-    ax.set_xlabel("number of blocks N")
-    ax.set_ylabel("final validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"block-count ablation, size {lay.ablation_model}")
+    _decorate(ax, "number of blocks N", f"block-count ablation, size {lay.ablation_model}",
+              "final validation loss", fontsize=8)
     _save(fig, out / "ablation.png")
     return lines
 
@@ -356,10 +349,7 @@ def dynamics(groups: dict, out: Path, lay: Layout) -> list[str]:
             strict=True,
         ):
             ax.set_yscale("log")
-            ax.set_xlabel("depth (sublayer)")
-            ax.set_title(f"size {model}: {title}", fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            _decorate(ax, "depth (sublayer)", f"size {model}: {title}", title_size=9)
     _save(fig, out / "dynamics.png")
     return lines
 
@@ -401,11 +391,8 @@ def depth_width(groups: dict, out: Path, lay: Layout) -> list[str]:
                 color=COLORS.get(mode),
                 label=label(mode),
             )
-    ax.set_xlabel("layers (width shrinks to keep the parameter count)")
-    ax.set_ylabel("final validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("depth vs width at ≈ equal parameters")
+    _decorate(ax, "layers (width shrinks to keep the parameter count)",
+              "depth vs width at ≈ equal parameters", "final validation loss", fontsize=8)
     _save(fig, out / "depth_width.png")
     return lines
 
@@ -459,10 +446,7 @@ def lr_check(runs: list[dict[str, Any]], out: Path) -> list[str]:
             name = f"lr {lr:g}" + ("" if done else f" (stopped at step {r['steps']})")
             steps, losses = [p[0] for p in curve], [p[2] for p in curve]
             ax.plot(steps, losses, "-o" if done else "--o", ms=2, color=shades[rates.index(lr)], label=name)
-        ax.set_xlabel("step")
-        ax.set_title(f"size {key[0]}, {label(key[1])}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _decorate(ax, "step", f"size {key[0]}, {label(key[1])}")
     axes[0][0].set_ylabel("validation loss")
     _save(fig, out / "lr_check.png")
     return lines
@@ -561,10 +545,7 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
             common = sorted(set.intersection(*({p[0] for p in c} for _, c, _, _ in seeds)))
             curve = [np.mean([{p[0]: p[2] for p in c}[k] for _, c, _, _ in seeds]) for k in common]
             ax.plot(common, curve, ls, marker="o", ms=2, color=color, label=f"{name} ({len(seeds)} seeds)")
-        ax.set_xlabel("step")
-        ax.set_title(f"size {model}: validation loss, seed mean")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _decorate(ax, "step", f"size {model}: validation loss, seed mean")
     axes[0][0].set_ylabel("validation loss")
     _save(fig, out / "audit.png")
     return lines
@@ -622,6 +603,17 @@ def run_table(runs: list[dict[str, Any]]) -> list[str]:
             f"{r['wall_s']:.0f} | {tps} | {vl} | `{r.get('command') or ''}` |"
         )
     return lines
+
+
+def _decorate(ax: Any, xlabel: str, title: str, ylabel: str | None = None, fontsize: int = 7,
+              title_size: int | None = None) -> None:
+    """A panel's labels, title, grid and legend, the same on every figure."""
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=title_size)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=fontsize)
 
 
 def _save(fig: Any, path: Path) -> Path:
