@@ -101,14 +101,14 @@ def test_the_audit_table_and_figure(tmp_path):
 
     def study(model, residual, seed, loss):
         return {"run_id": f"{model}-{residual}-seed{seed}-pk", "model": model, "residual": residual,
-                "seed": seed, "status": "complete", "val_loss": loss, "tokens_per_s": 100.0,
+                "seed": seed, "status": "complete", "val_loss": loss, "tokens_per_s": 100.0, "tokens": 64,
                 "val_curve": [[64, 1, loss + 1], [128, 2, loss]]}
 
     def ref(model, residual, seed, loss, blocks=8, tag="-pk"):
         mode = residual + (str(blocks) if residual == "block" else "")
         return {"kind": "baseline-audit", "status": "complete", "arch": "reference", "model": model,
                 "residual": residual, "num_blocks": blocks, "seed": seed, "final_val_loss": loss,
-                "run_id": f"{model}-reference-{mode}-seed{seed}{tag}", "tokens_per_s": 200.0,
+                "run_id": f"{model}-reference-{mode}-seed{seed}{tag}", "tokens_per_s": 200.0, "tokens": 64,
                 "val_curve": [[64, 1, loss + 1], [128, 2, loss]]}
 
     runs = [study("s", "standard", k, 3.0 + 0.1 * k) for k in range(3)] + [study("s", "block8", 0, 2.9)]
@@ -116,9 +116,9 @@ def test_the_audit_table_and_figure(tmp_path):
               + [ref("s", "plain", 5, 1.0, tag="")])  # another tag: left out
     lines = audit(runs, audits, "pk", tmp_path)
     rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| s |")}
-    assert rows["project standard"].endswith("| 3 | 3.1000 ± 0.1000 | – | 100 |")
-    assert "| 3 | 2.9000 ± 0.1000 | -0.2000 [" in rows["reference (litgpt GPT)"]
-    assert "| 1 | 2.7000 | -0.4000 [" in rows["reference + Block N=8"]
-    assert "| 1 | 2.9000 | -0.2000 [" in rows["project Block N=8"]
+    assert rows["project standard"].endswith("| 3 | 64 | 3.1000 ± 0.1000 | – | 100 |")
+    assert "| 3 | 64 | 2.9000 ± 0.1000 | -0.2000 [" in rows["reference (litgpt GPT)"]
+    assert "| 1 | 64 | 2.7000 | -0.4000 [" in rows["reference + Block N=8"]
+    assert "| 1 | 64 | 2.9000 | -0.2000 [" in rows["project Block N=8"]
     assert (tmp_path / "audit.png").is_file()
     assert audit(runs, [], "pk", tmp_path) == []

@@ -86,7 +86,8 @@ def test_notices_name_the_autotuning_only_while_the_cache_lacks_kda_results(tmp_
     compiled = warmup.first_step_notices(model, torch.device("cpu"), compiled=True)
     assert len(compiled) == 1 and compiled[0].startswith("torch.compile compiles the model")
     (regional,) = warmup.first_step_notices(model, torch.device("cpu"), compiled="regional")
-    assert "each kind of sublayer (KimiDeltaAttention, MoE, MultiHeadLatentAttention, SwiGLU) once" in regional
+    kinds = "KimiDeltaAttention, MoE, MultiHeadLatentAttention, SwiGLU"
+    assert f"each kind of sublayer ({kinds}) once" in regional
     monkeypatch.setattr(kda, "fla_available", lambda: False)
     assert warmup.first_step_notices(model, cuda, compiled=False) == []  # the torch KDA does not autotune
 

@@ -512,38 +512,40 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
     if not sizes:
         return []
 
-    def rows_of(model: str) -> list[tuple[str, str, str, list[tuple[int, list, float, float]]]]:
+    def rows_of(model: str) -> list[tuple[str, str, str, list[tuple[int, list, float, float, int]]]]:
         rows = []
         for name, src, mode, color, ls in AUDIT_ROWS:
             rs = groups.get((model, mode), []) if src == "study" else ref.get((model, mode), [])
             rows.append((name, color, ls, [
                 (r["seed"], r["val_curve"], r["val_loss"] if src == "study" else r["final_val_loss"],
-                 r.get("tokens_per_s") or 0.0) for r in sorted(rs, key=lambda r: r["seed"])]))
+                 r.get("tokens_per_s") or 0.0, r["tokens"]) for r in sorted(rs, key=lambda r: r["seed"])]))
         return rows
 
     lines = ["### Baseline audit: the project's models vs an independent decoder (litgpt's GPT)", "",
              f"Same shards, tokens, schedule and validation windows{f' (runs tagged {tag})' if tag else ''}; "
              f"differences from the project's standard model with a {stats.LEVEL:.0%} bootstrap interval "
              "over the seeds.", "",
-             "| size | model | seeds | final val loss | − project standard | tokens/s |",
-             "|---|---|---:|---:|---:|---:|"]
+             "| size | model | seeds | training tokens | final val loss | − project standard | tokens/s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.6 * len(sizes), 3.6), squeeze=False)
     for ax, model in zip(axes[0], sizes, strict=True):
         rows = rows_of(model)
-        base = [loss for _, _, loss, _ in rows[0][3]]
+        base = [loss for _, _, loss, _, _ in rows[0][3]]
         for name, color, ls, seeds in rows:
             if not seeds:
                 continue
-            losses = [loss for _, _, loss, _ in seeds]
+            losses = [loss for _, _, loss, _, _ in seeds]
+            tokens = "/".join(f"{t:,}" for t in sorted({t for *_, t in seeds}))
             if name == rows[0][0] or not base:
                 diff = "–"
             else:
                 d = stats.difference_interval(base, losses)
                 diff = f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
-            lines.append(f"| {model} | {name} | {len(seeds)} | {fmt(*mean_std(losses)[:2])} | {diff} | "
-                         f"{np.mean([t for *_, t in seeds]):,.0f} |")
-            common = sorted(set.intersection(*({p[0] for p in c} for _, c, _, _ in seeds)))
-            curve = [np.mean([{p[0]: p[2] for p in c}[k] for _, c, _, _ in seeds]) for k in common]
+            loss = fmt(*mean_std(losses)[:2])
+            lines.append(f"| {model} | {name} | {len(seeds)} | {tokens} | {loss} | {diff} | "
+                         f"{np.mean([s[3] for s in seeds]):,.0f} |")
+            common = sorted(set.intersection(*({p[0] for p in s[1]} for s in seeds)))
+            curve = [np.mean([{p[0]: p[2] for p in s[1]}[k] for s in seeds]) for k in common]
             ax.plot(common, curve, ls, marker="o", ms=2, color=color, label=f"{name} ({len(seeds)} seeds)")
         _decorate(ax, "step", f"size {model}: validation loss, seed mean")
     axes[0][0].set_ylabel("validation loss")
