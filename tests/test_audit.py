@@ -145,3 +145,16 @@ def test_a_whole_run_on_a_tiny_corpus(litgpt, one_thread, tmp_path):
     assert saved["steps"] == 4 and saved["settings"]["lr"] == 3e-3
     assert saved["shape"]["n_layer"] == 2 and saved["shape"]["n_embd"] == 64
     assert saved["params"]["active"] == saved["shape"]["reference_active"] + 2 * 64 * 5  # + the depth queries
+
+
+def test_config_overrides_parse_yaml_values_and_name_a_bad_field():
+    assert audit.config_overrides(["init_std=0.04", "moe=false", "token_mixer=mla"]) == {
+        "init_std": 0.04, "moe": False, "token_mixer": "mla"}
+    assert audit.config_overrides([]) == {}
+    with pytest.raises(ValueError, match="'init_sd' is not one"):
+        audit.config_overrides(["init_sd=0.04"])
+    with pytest.raises(ValueError, match="expected FIELD=VALUE"):
+        audit.config_overrides(["init_std"])
+    # applied to the project's config after the shape is matched
+    cfg = audit.project_config("s").replace(**audit.config_overrides(["num_layers=2", "moe=false"]))
+    assert cfg.num_layers == 2 and cfg.moe is False and cfg.dim == 256

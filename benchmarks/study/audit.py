@@ -177,6 +177,25 @@ def build_reference(shape: dict[str, int], block_size: int, residual: str = "pla
     return gpt if residual == "plain" else AttnResGPT(gpt, residual, num_blocks, fuse_norm)
 
 
+def config_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs (values parsed as YAML) for ``Config.replace``; a pair without ``=`` or a field
+    Config lacks is a ValueError naming it."""
+    import dataclasses
+
+    from attnres.model import Config
+
+    fields = {f.name for f in dataclasses.fields(Config)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with a Config field "
+                             f"(e.g. init_std=0.04); {key!r} is not one" if sep else
+                             f"--set {pair!r}: expected FIELD=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 class ProjectLM(nn.Module):
     """The project's decoder behind the same ``forward(idx) -> logits`` (``--arch project``)."""
 
@@ -313,7 +332,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shape = matched_shape(pc)
     if args.arch == "project":
         mode = "standard" if args.residual == "plain" else args.residual
-        pc = pc.replace(max_seq_len=s["data"]["seq_len"], residual=mode, num_blocks=args.num_blocks)
+        pc = pc.replace(max_seq_len=s["data"]["seq_len"], residual=mode, num_blocks=args.num_blocks,
+                        **config_overrides(args.set))
         model = ProjectLM(pc)
     else:
         model = build_reference(shape, s["data"]["seq_len"], args.residual, args.num_blocks)
@@ -360,7 +380,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "kind": "baseline-audit", "run_id": run_id, "status": "complete", "arch": args.arch,
         "model": args.model, "residual": args.residual, "num_blocks": args.num_blocks, "seed": args.seed,
         "shape": shape, "params": {"active": active_params(model), "total": total},
-        "settings": {**s, "precision": args.precision, "compile": args.compile},
+        "settings": {**s, "precision": args.precision, "compile": args.compile,
+                     "config_overrides": config_overrides(args.set)},
         "steps": step, "tokens": step * s["tokens_per_step"],
         "epochs": step * s["data"]["batch_size"] / len(dm.train_set),
         "val_curve": val_curve, "train_curve": train_curve, "final_val_loss": val_curve[-1][2],
@@ -433,6 +454,9 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("a smaller shape than the study's (CPU checks; no longer matched to a size)")
     g.add_argument("--layers", type=int, default=None)
     g.add_argument("--dim", type=int, default=None)
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="--arch project: Config fields to change after the shape is matched, for ablations "
+                        "(YAML values: --set init_std=0.04 moe=false)")
     return p
 
 
