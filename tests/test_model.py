@@ -281,6 +281,7 @@ def test_aux_loss_is_reported_when_enabled():
         (dict(full_group=0), "full_group", "an integer >= 1"),
         (dict(dim=0), "dim", ">= 1"),
         (dict(rms_norm_eps=0.0), "rms_norm_eps", "> 0"),
+        (dict(embed_init_std=-1.0), "embed_init_std", "> 0 or null"),
     ],
 )
 def test_bad_config_raises_naming_the_field_and_valid_values(overrides, field, valid):
@@ -288,6 +289,14 @@ def test_bad_config_raises_naming_the_field_and_valid_values(overrides, field, v
         get_config("tiny", **overrides)
     msg = str(err.value)
     assert f"Config.{field}=" in msg and valid in msg, msg
+
+
+def test_embed_init_std_sets_only_the_input_embedding():
+    torch.manual_seed(0)
+    model = Decoder(get_config("tiny", vocab_size=4096, embed_init_std=1.0))
+    assert model.embed.weight.std().item() == pytest.approx(1.0, rel=0.02)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.05)  # init_std, untied
+    assert _tiny(vocab_size=4096).embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 
 def test_kda_backend_reaches_every_kda_layer():

@@ -130,6 +130,10 @@ class Config:
     """Epsilon of every RMSNorm of the decoder (PreNorms, final norm, KDA head norm, MLA latent norm)."""
     init_std: float = 0.02
     """Std of the normal init; output projections use ``init_std / sqrt(2 * num_layers)``."""
+    embed_init_std: float | None = None
+    """Std of the input embedding's normal init (None: ``init_std``). Under the standard residual the
+    embedding is one term of the sum every sublayer reads, so its scale sets how much the token identity
+    weighs against the sublayers' outputs."""
     tie_embeddings: bool = False
     """Share the embedding and the LM head (Kimi Linear: untied)."""
 
@@ -196,6 +200,8 @@ class Config:
         for f in ("rms_norm_eps", "residual_eps", "init_std"):
             if not getattr(self, f) > 0:
                 raise bad(f, getattr(self, f), "a float > 0")
+        if self.embed_init_std is not None and not self.embed_init_std > 0:
+            raise bad("embed_init_std", self.embed_init_std, "a float > 0 or null (init_std)")
 
     # ------------------------------------------------------------------ derived shape
 

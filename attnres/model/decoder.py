@@ -165,10 +165,10 @@ class Decoder(nn.Module):
     def init_weights(self) -> None:
         """(Re)initialise every parameter and buffer, so a model built on the meta device and
         materialised with ``to_empty`` is complete after this call: Normal(0, init_std) for projections
-        and embeddings, ``init_std / sqrt(2 * num_layers)`` for the projections that write into the
-        residual path (attention ``o_proj``, MLP / expert down), zero biases, norms at 1, KDA decay and
-        short convs at their own inits, pseudo-queries at 0 (uniform depth weights), router bias and
-        load counts at 0."""
+        and (unless ``embed_init_std``) the embedding, ``init_std / sqrt(2 * num_layers)`` for the
+        projections that write into the residual path (attention ``o_proj``, MLP / expert down), zero
+        biases, norms at 1, KDA decay and short convs at their own inits, pseudo-queries at 0 (uniform
+        depth weights), router bias and load counts at 0."""
         c = self.config
         std, out_std = c.init_std, output_init_std(c.init_std, c.num_layers)
         for module in self.modules():
@@ -177,7 +177,7 @@ class Decoder(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
+                nn.init.normal_(module.weight, std=std if c.embed_init_std is None else c.embed_init_std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             elif isinstance(module, DepthQuery):
