@@ -61,6 +61,21 @@ extension_carried_or_wheel() {
   echo "built in $(( $(date +%s) - t0 )) s"
 }
 
+# audit_run SPEC TIMEOUT_S: one run of benchmarks/study/audit.py, SPEC = model:arch:residual:seed, cut at
+# TIMEOUT_S (a cut run leaves no JSON); AUDIT_DATA=pk: on the package corpus (.cache/corpus), run id tagged pk.
+# The log goes to $OUT/logs/audit_<model>_<arch>_<residual>_<seed>.log.
+audit_run() {
+  local model arch residual seed data=()
+  IFS=: read -r model arch residual seed <<<"$1"
+  if [[ ${AUDIT_DATA:-} == pk ]]; then
+    data=(--data.corpus shards --data.shards_dir .cache/corpus/shards --data.tokenizer .cache/corpus/bpe8192.json
+          --tag pk)
+  fi
+  mkdir -p "$OUT/logs"
+  timeout --signal=INT "$2" python3 -m benchmarks.study.audit --model "$model" --arch "$arch" \
+    --residual "$residual" --seed "$seed" "${data[@]}" >"$OUT/logs/audit_${1//:/_}.log" 2>&1
+}
+
 # unpack_xz_shards: carried corpora travel with their token shards xz-compressed (a call carries at most
 # 64 MiB; the package corpus's training shard is 81 MB, 28 MB as xz): .cache/*/shards/*.bin.xz -> *.bin.
 unpack_xz_shards() {

@@ -158,3 +158,9 @@ def test_config_overrides_parse_yaml_values_and_name_a_bad_field():
     # applied to the project's config after the shape is matched
     cfg = audit.project_config("s").replace(**audit.config_overrides(["num_layers=2", "moe=false"]))
     assert cfg.num_layers == 2 and cfg.moe is False and cfg.dim == 256
+
+
+def test_default_run_ids_name_the_mode_blocks_and_tag():
+    assert audit.default_run_id("s", "reference", "block", 8, 0, "pk") == "s-reference-block8-seed0-pk"
+    assert audit.default_run_id("m", "reference", "plain", 8, 2) == "m-reference-plain-seed2"
+    assert audit.default_run_id("s", "project", "plain", 8, 1) == "s-project-standard-seed1"

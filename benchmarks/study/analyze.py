@@ -499,12 +499,13 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
     (``audit.py``'s runs, ids ``<size>-reference-<mode>-seed<k>[-tag]``), on the same data, tokens and
     validation windows: final validation loss (mean ± std over seeds), each row's difference from the
     project standard with its bootstrap interval, and ``audit.png``, the seed-mean validation curves."""
-    suffix = f"-{tag}" if tag else ""
+    from benchmarks.study.audit import default_run_id
+
     groups = group(runs, tag)
     ref: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in audits:
-        mode = r["residual"] + (str(r["num_blocks"]) if r["residual"] == "block" else "")
-        rid = f"{r['model']}-reference-{mode}-seed{r['seed']}{suffix}"
+        rid = default_run_id(r["model"], "reference", r["residual"], r["num_blocks"], r["seed"], tag)
+        mode = r["residual"] + (str(r["num_blocks"]) if r["residual"] == "block" else "")  # block8
         if r["arch"] == "reference" and r["run_id"] == rid:
             ref[(r["model"], mode)].append(r)
     order = Layout().scaling_models
@@ -512,14 +513,13 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
     if not sizes:
         return []
 
-    def rows_of(model: str) -> list[tuple[str, str, str, list[tuple[int, list, float, float, int]]]]:
-        rows = []
-        for name, src, mode, color, ls in AUDIT_ROWS:
-            rs = groups.get((model, mode), []) if src == "study" else ref.get((model, mode), [])
-            rows.append((name, color, ls, [
-                (r["seed"], r["val_curve"], r["val_loss"] if src == "study" else r["final_val_loss"],
-                 r.get("tokens_per_s") or 0.0, r["tokens"]) for r in sorted(rs, key=lambda r: r["seed"])]))
-        return rows
+    def seeds_of(src: str, model: str, mode: str) -> list[dict[str, Any]]:
+        """The runs of one row, by seed, as {curve, loss, tokens_per_s, tokens} (study and audit JSONs name
+        the final loss differently)."""
+        rs = groups.get((model, mode), []) if src == "study" else ref.get((model, mode), [])
+        return [{"curve": r["val_curve"], "loss": r["val_loss"] if src == "study" else r["final_val_loss"],
+                 "tokens_per_s": r.get("tokens_per_s") or 0.0, "tokens": r["tokens"]}
+                for r in sorted(rs, key=lambda r: r["seed"])]
 
     lines = ["### Baseline audit: the project's models vs an independent decoder (litgpt's GPT)", "",
              f"Same shards, tokens, schedule and validation windows{f' (runs tagged {tag})' if tag else ''}; "
@@ -529,23 +529,23 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
              "|---|---|---:|---:|---:|---:|---:|"]
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.6 * len(sizes), 3.6), squeeze=False)
     for ax, model in zip(axes[0], sizes, strict=True):
-        rows = rows_of(model)
-        base = [loss for _, _, loss, _, _ in rows[0][3]]
-        for name, color, ls, seeds in rows:
+        base = [r["loss"] for r in seeds_of("study", model, "standard")]
+        for name, src, mode, color, ls in AUDIT_ROWS:
+            seeds = seeds_of(src, model, mode)
             if not seeds:
                 continue
-            losses = [loss for _, _, loss, _, _ in seeds]
-            tokens = "/".join(f"{t:,}" for t in sorted({t for *_, t in seeds}))
-            if name == rows[0][0] or not base:
+            losses = [r["loss"] for r in seeds]
+            tokens = "/".join(f"{t:,}" for t in sorted({r["tokens"] for r in seeds}))
+            if (src, mode) == ("study", "standard") or not base:
                 diff = "–"
             else:
                 d = stats.difference_interval(base, losses)
                 diff = f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
             loss = fmt(*mean_std(losses)[:2])
             lines.append(f"| {model} | {name} | {len(seeds)} | {tokens} | {loss} | {diff} | "
-                         f"{np.mean([s[3] for s in seeds]):,.0f} |")
-            common = sorted(set.intersection(*({p[0] for p in s[1]} for s in seeds)))
-            curve = [np.mean([{p[0]: p[2] for p in s[1]}[k] for s in seeds]) for k in common]
+                         f"{np.mean([r['tokens_per_s'] for r in seeds]):,.0f} |")
+            common = sorted(set.intersection(*({p[0] for p in r["curve"]} for r in seeds)))
+            curve = [np.mean([{p[0]: p[2] for p in r["curve"]}[k] for r in seeds]) for k in common]
             ax.plot(common, curve, ls, marker="o", ms=2, color=color, label=f"{name} ({len(seeds)} seeds)")
         _decorate(ax, "step", f"size {model}: validation loss, seed mean")
     axes[0][0].set_ylabel("validation loss")

@@ -177,6 +177,15 @@ def build_reference(shape: dict[str, int], block_size: int, residual: str = "pla
     return gpt if residual == "plain" else AttnResGPT(gpt, residual, num_blocks, fuse_norm)
 
 
+def default_run_id(model: str, arch: str, residual: str, num_blocks: int, seed: int,
+                   tag: str | None = None) -> str:
+    """``<model>-<arch>-<mode>[<blocks>]-seed<seed>[-<tag>]`` (``s-reference-block8-seed0-pk``); the
+    project's ``plain`` is its standard residual."""
+    mode = "standard" if arch == "project" and residual == "plain" else residual
+    blocks = str(num_blocks) if mode == "block" else ""
+    return f"{model}-{arch}-{mode}{blocks}-seed{seed}" + (f"-{tag}" if tag else "")
+
+
 def config_overrides(pairs: list[str]) -> dict[str, Any]:
     """``FIELD=VALUE`` pairs (values parsed as YAML) for ``Config.replace``; a pair without ``=`` or a field
     Config lacks is a ValueError naming it."""
@@ -188,10 +197,11 @@ def config_overrides(pairs: list[str]) -> dict[str, Any]:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or key not in fields:
+        if not sep:
+            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE")
+        if key not in fields:
             raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with a Config field "
-                             f"(e.g. init_std=0.04); {key!r} is not one" if sep else
-                             f"--set {pair!r}: expected FIELD=VALUE")
+                             f"(e.g. init_std=0.04); {key!r} is not one")
         out[key] = yaml.safe_load(value)
     return out
 
@@ -330,19 +340,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.layers is not None or args.dim is not None:  # a smaller shape (CPU checks)
         pc = pc.replace(num_layers=args.layers or pc.num_layers, dim=args.dim or pc.dim)
     shape = matched_shape(pc)
+    overrides = config_overrides(args.set)
     if args.arch == "project":
         mode = "standard" if args.residual == "plain" else args.residual
         pc = pc.replace(max_seq_len=s["data"]["seq_len"], residual=mode, num_blocks=args.num_blocks,
-                        **config_overrides(args.set))
+                        **overrides)
         model = ProjectLM(pc)
     else:
         model = build_reference(shape, s["data"]["seq_len"], args.residual, args.num_blocks)
     model.to(device)
     if args.compile:
         model = torch.compile(model)
-    mode = "standard" if args.arch == "project" and args.residual == "plain" else args.residual
-    blocks = str(args.num_blocks) if mode == "block" else ""
-    run_id = args.run_id or f"{args.model}-{args.arch}-{mode}{blocks}-seed{args.seed}"
+    run_id = args.run_id or default_run_id(args.model, args.arch, args.residual, args.num_blocks, args.seed,
+                                           args.tag)
     total = sum(p.numel() for p in model.parameters())
     cuda = device.type == "cuda"
     print(f"[audit] {run_id}: {args.arch} model, residual {args.residual}, active {active_params(model):,} "
@@ -381,7 +391,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model, "residual": args.residual, "num_blocks": args.num_blocks, "seed": args.seed,
         "shape": shape, "params": {"active": active_params(model), "total": total},
         "settings": {**s, "precision": args.precision, "compile": args.compile,
-                     "config_overrides": config_overrides(args.set)},
+                     "config_overrides": overrides},
         "steps": step, "tokens": step * s["tokens_per_step"],
         "epochs": step * s["data"]["batch_size"] / len(dm.train_set),
         "val_curve": val_curve, "train_curve": train_curve, "final_val_loss": val_curve[-1][2],
@@ -441,7 +451,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None,
                    help="JSON path (default benchmarks/results/audit/<run id>.json)")
     p.add_argument("--run_id", default=None,
-                   help="default <model>-<arch>-<residual>[<blocks>]-seed<seed> (s-reference-block8-seed0)")
+                   help="default <model>-<arch>-<residual>[<blocks>]-seed<seed>[-<tag>] "
+                        "(s-reference-block8-seed0)")
+    p.add_argument("--tag", default=None, help="appended to the default run id (pk: the package corpus)")
     p.add_argument("--describe", action="store_true", help="print the matched shapes and exit")
     g = p.add_argument_group("data overrides (default: configs/study/base.yaml's data section)")
     g.add_argument("--data.corpus", dest="data_corpus", default=None)

@@ -40,19 +40,14 @@ left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 
 # the audit's reference runs, one at a time, until the budget ends (a run cut by it leaves no JSON)
 audit_runs() {
-  local spec model residual seed data=() tag=""
-  if [[ -f .cache/corpus/shards/meta.json ]]; then
-    data=(--data.corpus shards --data.shards_dir .cache/corpus/shards --data.tokenizer .cache/corpus/bpe8192.json)
-    tag=-pk
-  fi
+  local spec model residual seed
+  [[ -f .cache/corpus/shards/meta.json ]] && export AUDIT_DATA=pk
   for spec in $STUDY_AUDIT; do
     IFS=: read -r model residual seed <<<"$spec"
-    local id="$model-reference-$residual$([[ $residual == block ]] && echo 8)-seed$seed$tag"
-    (( $(left) > 90 )) || { echo "=== audit $id: not started, $(left) s left"; continue; }
-    echo "=== audit $id ($(left) s left)"
-    timeout --signal=INT $(( $(left) - 30 )) python3 -m benchmarks.study.audit --model "$model" \
-      --residual "$residual" --seed "$seed" --run_id "$id" "${data[@]}" > "$OUT/logs/audit_$id.log" 2>&1
-    echo "=== audit $id exit $? ($(grep -h 'final val' "$OUT/logs/audit_$id.log" | tail -1))"
+    (( $(left) > 90 )) || { echo "=== audit $spec: not started, $(left) s left"; continue; }
+    echo "=== audit $spec ($(left) s left)"
+    audit_run "$model:reference:$residual:$seed" $(( $(left) - 30 ))
+    echo "=== audit $spec exit $? ($(grep -h 'final val' "$OUT/logs/audit_${model}_reference_${residual}_$seed.log" | tail -1))"
   done
 }
 

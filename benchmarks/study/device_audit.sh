@@ -18,19 +18,12 @@ install_wheels
 unpack_xz_shards
 fresh=0
 extension_carried_or_wheel || echo "WARNING: the build failed; the depth-attention ops run the PyTorch reference path"
-data=() tag=""
-if [[ ${DATA:-} == pk ]]; then
-  data=(--data.corpus shards --data.shards_dir .cache/corpus/shards --data.tokenizer .cache/corpus/bpe8192.json)
-  tag=-pk
-fi
-mkdir -p "$OUT/logs" benchmarks/results/audit
+export AUDIT_DATA=${DATA:-}
+mkdir -p benchmarks/results/audit
 budget=$(( TOTAL - ($(date +%s) - T0) - 10 ))
 echo "=== audit runs: $SPECS; $budget s"
 for spec in $SPECS; do
-  IFS=: read -r model arch residual seed <<<"$spec"
-  id="$model-$arch-$residual$([[ $residual == block ]] && echo 8)-seed$seed$tag"
-  timeout --signal=INT "$budget" python3 -m benchmarks.study.audit --model "$model" --arch "$arch" \
-    --residual "$residual" --seed "$seed" --run_id "$id" "${data[@]}" >"$OUT/logs/audit_$id.log" 2>&1 &
+  audit_run "$spec" "$budget" &
 done
 wait
 grep -h "final val\|Error\|error:" "$OUT"/logs/audit_*.log | tail -20
