@@ -179,9 +179,8 @@ def bench_e2e(
         modes: residual modes. Default: standard, block, full.
         kinds: ``train``, ``prefill``, ``decode``, ``template``. Default: all.
         variants: training variants ``eager``, ``compile`` (torch.compile of the whole model) and/or
-            ``regional`` (each layer's mixers compiled in place: ``model.compile: regional``); default
-            eager and compile.
-            Default: both (``quick``: eager only; compiling on a CPU takes minutes).
+            ``regional`` (each layer's mixers compiled in place: ``model.compile: regional``).
+            Default: eager and compile (``quick``: eager only; compiling on a CPU takes minutes).
         impls: ``attnres`` (ours), ``attnres-recompute`` (ours with ``residual_recompute``: Block rows,
             eager), ``attnres-unfused`` (ours with ``residual_fuse_norm`` off: phase 2 and the sublayer
             norm as separate ops; AttnRes rows), ``fla`` (fla-core's fused_attnres in our decoder),

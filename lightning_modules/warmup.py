@@ -135,16 +135,17 @@ def first_step_notices(model: nn.Module, device: torch.device, compiled: bool | 
             )
         elif seeded:
             notes.append(f"fla's KDA autotuning: {seeded} shipped result(s) put into {cache} (no tuning)")
+    inductor_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "the Inductor cache"
     if compiled == "regional":
-        kinds = sorted({f"{type(m).__name__}" for layer in getattr(model, "layers", {}).values()
+        kinds = sorted({type(m).__name__ for layer in getattr(model, "layers", {}).values()
                         for m in (layer.attn, layer.mlp)})
         notes.append(
             f"torch.compile compiles each kind of sublayer ({', '.join(kinds)}) once during the first step "
-            f"(cached in {os.environ.get('TORCHINDUCTOR_CACHE_DIR') or 'the Inductor cache'} for later runs)")
+            f"(cached in {inductor_cache} for later runs)")
     elif compiled:
         notes.append(
             "torch.compile compiles the model during the first step (a minute or more for the GPU presets; "
-            f"cached in {os.environ.get('TORCHINDUCTOR_CACHE_DIR') or 'the Inductor cache'} for later runs)"
+            f"cached in {inductor_cache} for later runs)"
         )
     return notes
 
