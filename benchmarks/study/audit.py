@@ -60,6 +60,7 @@ MODELS = ROOT / "configs/study/model"
 RESULTS = ROOT / "benchmarks/results/audit"
 HEAD_SIZE = 64
 RESIDUALS = ("plain", "standard", "block", "full")
+INITS = ("litgpt", "project")
 
 
 # ----------------------------------------------------------------------------- shapes and counts
@@ -166,14 +167,33 @@ class AttnResGPT(nn.Module):
 
 
 def build_reference(shape: dict[str, int], block_size: int, residual: str = "plain", num_blocks: int = 8,
-                    fuse_norm: bool = True) -> nn.Module:
-    """The reference GPT of ``shape`` with litgpt's own pre-training init (GPT-NeoX / TinyLlama:
-    ``litgpt.pretrain.initialize_weights``), wrapped in :class:`AttnResGPT` unless ``plain``."""
+                    fuse_norm: bool = True, init: str = "litgpt", init_std: float = 0.02) -> nn.Module:
+    """The reference GPT of ``shape``, wrapped in :class:`AttnResGPT` unless ``plain``. ``init``:
+
+    * ``litgpt``: litgpt's own pre-training init (GPT-NeoX / TinyLlama,
+      ``litgpt.pretrain.initialize_weights``): Normal(0, sqrt(2 / (5 d))) for the embedding and every
+      projection, Normal(0, 1 / (sqrt(d) L)) for the two projections of each block that write into the
+      residual stream (attention ``proj``, MLP ``proj``);
+    * ``project``: the project decoder's init (``Decoder.init_weights``) on the same modules: Normal(0,
+      ``init_std``) everywhere, ``init_std / sqrt(2 L)`` for those residual writers (an ablation)."""
     from litgpt.model import GPT
     from litgpt.pretrain import initialize_weights
 
+    from attnres.model.moe import output_init_std
+
+    if init not in INITS:
+        raise ValueError(f"init={init!r}: expected one of {', '.join(INITS)}")
     gpt = GPT(litgpt_config(shape, block_size))
-    initialize_weights(SimpleNamespace(strategy=None), gpt, shape["n_layer"], shape["n_embd"])
+    if init == "litgpt":
+        initialize_weights(SimpleNamespace(strategy=None), gpt, shape["n_layer"], shape["n_embd"])
+    else:
+        with torch.no_grad():
+            for module in gpt.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=init_std)
+            for block in gpt.transformer.h:
+                for proj in (block.attn.proj, block.mlp.proj):
+                    nn.init.normal_(proj.weight, std=output_init_std(init_std, shape["n_layer"]))
     return gpt if residual == "plain" else AttnResGPT(gpt, residual, num_blocks, fuse_norm)
 
 
@@ -347,7 +367,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         **overrides)
         model = ProjectLM(pc)
     else:
-        model = build_reference(shape, s["data"]["seq_len"], args.residual, args.num_blocks)
+        model = build_reference(shape, s["data"]["seq_len"], args.residual, args.num_blocks, init=args.init)
     model.to(device)
     if args.compile:
         model = torch.compile(model)
@@ -391,7 +411,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model, "residual": args.residual, "num_blocks": args.num_blocks, "seed": args.seed,
         "shape": shape, "params": {"active": active_params(model), "total": total},
         "settings": {**s, "precision": args.precision, "compile": args.compile,
-                     "config_overrides": overrides},
+                     "config_overrides": overrides, "init": args.init if args.arch == "reference" else None},
         "steps": step, "tokens": step * s["tokens_per_step"],
         "epochs": step * s["data"]["batch_size"] / len(dm.train_set),
         "val_curve": val_curve, "train_curve": train_curve, "final_val_loss": val_curve[-1][2],
@@ -439,6 +459,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--residual", choices=RESIDUALS, default="plain",
                    help="plain: litgpt's own forward; standard/block/full: through attnres' residual path")
     p.add_argument("--num_blocks", type=int, default=8, help="Block AttnRes blocks (default 8)")
+    p.add_argument("--init", choices=INITS, default="litgpt",
+                   help="--arch reference: litgpt's own init (default) or the project decoder's "
+                        "(Normal(0, 0.02), residual writers 0.02 / sqrt(2 L)): an ablation")
     p.add_argument("--seed", type=int, default=0, help="init and data-order seed (default 0)")
     p.add_argument("--tokens", type=int, default=None, help="training tokens (default: sweeps.yaml's 16.8M)")
     p.add_argument("--lr", type=float, default=None, help="peak LR (default: the model file's)")
