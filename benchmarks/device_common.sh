@@ -61,19 +61,22 @@ extension_carried_or_wheel() {
   echo "built in $(( $(date +%s) - t0 )) s"
 }
 
-# audit_run SPEC TIMEOUT_S: one run of benchmarks/study/audit.py, SPEC = model:arch:residual:seed, cut at
-# TIMEOUT_S (a cut run leaves no JSON); AUDIT_DATA=pk: on the package corpus (.cache/corpus), run id tagged pk.
-# The log goes to $OUT/logs/audit_<model>_<arch>_<residual>_<seed>.log.
+# audit_run SPEC TIMEOUT_S: one run of benchmarks/study/audit.py, SPEC = model:arch:residual:seed[:ARGS], cut
+# at TIMEOUT_S (a cut run leaves no JSON); ARGS: more audit.py arguments, comma-separated
+# (s:reference:plain:0:--init,project,--tag,pinit); AUDIT_DATA=pk: on the package corpus (.cache/corpus),
+# run id tagged pk (unless ARGS gives a --tag). The log goes to $OUT/logs/audit_<SPEC, : and , as _>.log.
 audit_run() {
-  local model arch residual seed data=()
-  IFS=: read -r model arch residual seed <<<"$1"
+  local model arch residual seed extra data=() log
+  IFS=: read -r model arch residual seed extra <<<"$1"
   if [[ ${AUDIT_DATA:-} == pk ]]; then
     data=(--data.corpus shards --data.shards_dir .cache/corpus/shards --data.tokenizer .cache/corpus/bpe8192.json
           --tag pk)
   fi
+  [[ -n $extra ]] && IFS=, read -r -a extra <<<"$extra" || extra=()
+  log=${1//:/_}
   mkdir -p "$OUT/logs"
   timeout --signal=INT "$2" python3 -m benchmarks.study.audit --model "$model" --arch "$arch" \
-    --residual "$residual" --seed "$seed" "${data[@]}" >"$OUT/logs/audit_${1//:/_}.log" 2>&1
+    --residual "$residual" --seed "$seed" "${data[@]}" "${extra[@]}" >"$OUT/logs/audit_${log//,/_}.log" 2>&1
 }
 
 # unpack_xz_shards: carried corpora travel with their token shards xz-compressed (a call carries at most
