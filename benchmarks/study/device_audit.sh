@@ -6,8 +6,9 @@
 #     bash benchmarks/study/device_audit.sh "s:reference:plain:0 s:reference:block:0 s:project:plain:0 ..." [TOTAL_S]
 #
 # Each spec is model:arch:residual:seed[:ARGS] (ARGS: more audit.py arguments, comma-separated, e.g.
-# s:reference:block:0:--init,project,--tag,pinit; see audit_run in device_common.sh). Every run is cut at TOTAL_S (default 240) less the set-up (a cut
-# run leaves no JSON); the JSONs and the logs come back in $OUT/audit.tgz.
+# s:reference:block:0:--init,project,--tag,pinit; see audit_run in device_common.sh). Every run is cut
+# at TOTAL_S (default 240) less the set-up (a cut run leaves no JSON); the JSONs and the logs come back in
+# $OUT/audit.tgz.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../device_common.sh"
 SPECS=${1:?usage: device_audit.sh "model:arch:residual:seed ..." [TOTAL_S]}
