@@ -143,23 +143,30 @@ def test_block_attnres_at_init_reads_the_embedding_then_uniform_means(litgpt, on
     torch.testing.assert_close(captured[2], (emb + v0 + v1) / 2, rtol=1e-5, atol=1e-6)
 
 
-def test_a_whole_run_on_a_tiny_corpus(litgpt, one_thread, tmp_path):
-    """The CLI end to end: the project's DataModule on a small files corpus, 4 steps, validation at
-    steps 2 and 4, a JSON with the curve and the settings."""
+def tiny_run_args(tmp_path: Path, steps: int = 4) -> list[str]:
+    """audit.py's arguments for ``steps`` steps of a 2 x 64 reference with Block AttnRes (N = 2) on a small
+    files corpus (byte tokenizer, 2 x 32 tokens a step), validating every 2 steps, JSON to run.json."""
     txt = tmp_path / "txt"
-    txt.mkdir()
+    txt.mkdir(exist_ok=True)
     for i in range(6):
         (txt / f"doc{i}.txt").write_text(f"document {i}: the quick brown fox jumps over the lazy dog. " * 40)
-    out = tmp_path / "run.json"
-    result = audit.main([
+    return [
         "--model", "s", "--layers", "2", "--dim", "64", "--residual", "block", "--num_blocks", "2",
-        "--device", "cpu", "--precision", "32", "--tokens", str(4 * 2 * 32), "--val_every", "2",
+        "--device", "cpu", "--precision", "32", "--tokens", str(steps * 2 * 32), "--val_every", "2",
         "--limit_val_batches", "2", "--warmup_steps", "1", "--lr", "3e-3",
         "--data.corpus", "files", "--data.files", str(txt / "*.txt"), "--data.tokenizer", "byte",
         "--data.seq_len", "32", "--data.batch_size", "2", "--data.num_workers", "0",
-        "--output", str(out),
-    ])
+        "--output", str(tmp_path / "run.json"),
+    ]
+
+
+def test_a_whole_run_on_a_tiny_corpus(litgpt, one_thread, tmp_path):
+    """The CLI end to end: the project's DataModule on a small files corpus, 4 steps, validation at
+    steps 2 and 4, a JSON with the curve and the settings."""
+    out = tmp_path / "run.json"
+    result = audit.main(tiny_run_args(tmp_path))
     saved = json.loads(out.read_text())
+    assert saved["status"] == "complete"
     assert saved["run_id"] == result["run_id"] == "s-reference-block2-seed0"
     assert [row[0] for row in saved["val_curve"]] == [2, 4]
     assert [row[1] for row in saved["val_curve"]] == [128, 256]
@@ -167,6 +174,39 @@ def test_a_whole_run_on_a_tiny_corpus(litgpt, one_thread, tmp_path):
     assert saved["steps"] == 4 and saved["settings"]["lr"] == 3e-3
     assert saved["shape"]["n_layer"] == 2 and saved["shape"]["n_embd"] == 64
     assert saved["params"]["active"] == saved["shape"]["reference_active"] + 2 * 64 * 5  # + the depth queries
+
+
+def test_an_interrupted_run_keeps_its_validated_curve(litgpt, one_thread, tmp_path, monkeypatch):
+    """The device scripts stop a run at the call's limit with SIGINT: the JSON then holds the steps done
+    and every validation so far, marked ``cut`` (the analysis reads complete runs only); interrupted
+    before its first validation, a run writes nothing."""
+    from benchmarks.study.analyze import load_audits
+
+    real_step, calls = audit.train_step, []
+
+    def stop_at(n):
+        def step(*args, **kwargs):
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            calls.append(n)
+            return real_step(*args, **kwargs)
+        return step
+
+    out = tmp_path / "run.json"
+    monkeypatch.setattr(audit, "train_step", stop_at(5))  # steps 1-5 run, the 6th is interrupted
+    result = audit.main(tiny_run_args(tmp_path, steps=8))
+    saved = json.loads(out.read_text())
+    assert saved["status"] == result["status"] == "cut"
+    assert saved["steps"] == 5 and saved["tokens"] == 5 * 64
+    assert [row[0] for row in saved["val_curve"]] == [2, 4]
+    assert saved["final_val_loss"] == saved["val_curve"][-1][2]
+    assert load_audits(tmp_path) == []  # the analysis reads complete runs only
+
+    out.unlink()
+    calls.clear()
+    monkeypatch.setattr(audit, "train_step", stop_at(1))
+    assert audit.main(tiny_run_args(tmp_path, steps=8))["status"] == "cut"
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
 def test_config_overrides_parse_yaml_values_and_name_a_bad_field():

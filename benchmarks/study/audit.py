@@ -381,33 +381,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{s['warmup_steps']}, cosine to {s['min_lr_ratio']}, wd {s['weight_decay']}, clip {s['clip']}, "
           f"val every {s['val_every']} ({s['limit_val_batches']} batches), data {s['data']}", flush=True)
     opt = make_optimizer(model, s["lr"], s["weight_decay"], s["betas"], device)
-    val_loader = dm.val_dataloader()
-    train_loader = dm.train_dataloader()
-    val_curve, train_curve = [], []
-    step, epoch, t0 = 0, 0, time.perf_counter()
-    while step < s["steps"]:
-        dm.train_sampler.set_epoch(epoch)  # Lightning's per-epoch shuffle: seed + epoch
-        for batch in train_loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            lr = s["lr"] * lr_multiplier(step, s["warmup_steps"], s["steps"], s["min_lr_ratio"])
-            loss = train_step(model, batch, opt, lr, s["clip"], autocast)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss {loss}")
-            step += 1
-            if step % s["log_every"] == 0 or step == 1:
-                train_curve.append([step, loss])
-            if step % s["val_every"] == 0 or step == s["steps"]:
-                val = evaluate(model, val_loader, device, s["limit_val_batches"], autocast)
-                val_curve.append([step, step * s["tokens_per_step"], val])
-                rate = step * s["tokens_per_step"] / (time.perf_counter() - t0)
-                print(f"[audit] step {step}/{s['steps']}: train {loss:.4f} val {val:.4f} "
-                      f"({rate:,.0f} tokens/s)", flush=True)
-            if step >= s["steps"]:
-                break
-        epoch += 1
-    wall = time.perf_counter() - t0
+    val_curve: list[list[float]] = []
+    train_curve: list[list[float]] = []
+    progress, status = {"step": 0, "t0": time.perf_counter()}, "complete"
+    try:
+        train(model, dm, opt, s, device, autocast, progress, val_curve, train_curve)
+    except KeyboardInterrupt:  # SIGINT (the device scripts' timeout): keep what was validated
+        status = "cut"
+    step, wall = progress["step"], time.perf_counter() - progress["t0"]
+    if not val_curve:
+        print(f"[audit] {run_id}: cut at step {step}, before the first validation: no JSON", flush=True)
+        return {"run_id": run_id, "status": status, "val_curve": []}
     result = {
-        "kind": "baseline-audit", "run_id": run_id, "status": "complete", "arch": args.arch,
+        "kind": "baseline-audit", "run_id": run_id, "status": status, "arch": args.arch,
         "model": args.model, "residual": args.residual, "num_blocks": args.num_blocks, "seed": args.seed,
         "shape": shape, "params": {"active": active_params(model), "total": total},
         "settings": {**s, "precision": args.precision, "compile": args.compile,
@@ -423,9 +409,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     out = Path(args.output) if args.output else RESULTS / f"{run_id}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"[audit] {run_id}: final val {result['final_val_loss']:.4f} in {wall:.0f} s -> {out}", flush=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)  # a run cut while writing leaves no half JSON
+    what = "final val" if status == "complete" else f"CUT at step {step}/{s['steps']}; last val"
+    print(f"[audit] {run_id}: {what} {result['final_val_loss']:.4f} in {wall:.0f} s -> {out}", flush=True)
     return result
+
+
+def train(model: nn.Module, dm: Any, opt: torch.optim.Optimizer, s: dict[str, Any], device: torch.device,
+          autocast: torch.dtype | None, progress: dict[str, Any], val_curve: list, train_curve: list) -> None:
+    """The training loop of :func:`run`: ``s["steps"]`` steps over ``dm``'s training windows (reshuffled
+    per epoch like Lightning's sampler), the LR schedule, validation every ``s["val_every"]`` steps and
+    at the end. Appends to the curves and counts ``progress["step"]`` as it goes, so a run interrupted
+    (KeyboardInterrupt) keeps everything up to its last step."""
+    val_loader, train_loader = dm.val_dataloader(), dm.train_dataloader()
+    epoch = 0
+    while progress["step"] < s["steps"]:
+        dm.train_sampler.set_epoch(epoch)  # Lightning's per-epoch shuffle: seed + epoch
+        for batch in train_loader:
+            step = progress["step"]
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            lr = s["lr"] * lr_multiplier(step, s["warmup_steps"], s["steps"], s["min_lr_ratio"])
+            loss = train_step(model, batch, opt, lr, s["clip"], autocast)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {step}: loss {loss}")
+            progress["step"] = step = step + 1
+            if step % s["log_every"] == 0 or step == 1:
+                train_curve.append([step, loss])
+            if step % s["val_every"] == 0 or step == s["steps"]:
+                val = evaluate(model, val_loader, device, s["limit_val_batches"], autocast)
+                val_curve.append([step, step * s["tokens_per_step"], val])
+                rate = step * s["tokens_per_step"] / (time.perf_counter() - progress["t0"])
+                print(f"[audit] step {step}/{s['steps']}: train {loss:.4f} val {val:.4f} "
+                      f"({rate:,.0f} tokens/s)", flush=True)
+            if step >= s["steps"]:
+                return
+        epoch += 1
 
 
 def _version(name: str) -> str | None:

@@ -7,8 +7,8 @@
 #
 # Each spec is model:arch:residual:seed[:ARGS] (ARGS: more audit.py arguments, comma-separated, e.g.
 # s:reference:block:0:--init,project,--tag,pinit; see audit_run in device_common.sh). Every run is cut
-# at TOTAL_S (default 240) less the set-up (a cut run leaves no JSON); the JSONs and the logs come back in
-# $OUT/audit.tgz.
+# at TOTAL_S (default 240) less the set-up (a cut run keeps its validations so far, status "cut", in its
+# JSON); the JSONs and the logs come back in $OUT/audit.tgz.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../device_common.sh"
 SPECS=${1:?usage: device_audit.sh "model:arch:residual:seed ..." [TOTAL_S]}
@@ -28,7 +28,7 @@ for spec in $SPECS; do
   audit_run "$spec" "$budget" &
 done
 wait
-grep -h "final val\|Error\|error:" "$OUT"/logs/audit_*.log | tail -20
+grep -h "final val\|CUT\|Error\|error:" "$OUT"/logs/audit_*.log | tail -20
 nvidia-smi --query-gpu=name --format=csv,noheader
 tar czf "$OUT/audit.tgz" benchmarks/results/audit -C "$OUT" logs && rm -rf "$OUT/logs"
 echo "done in $(( $(date +%s) - T0 )) s"
