@@ -63,8 +63,9 @@ extension_carried_or_wheel() {
 
 # audit_run SPEC TIMEOUT_S: one run of benchmarks/study/audit.py, SPEC = model:arch:residual:seed[:ARGS], cut
 # at TIMEOUT_S (SIGINT: a cut run writes its validations so far, status "cut"); ARGS: more audit.py
-# arguments, comma-separated (s:reference:plain:0:--init,project,--tag,pinit); AUDIT_DATA=pk: on the package
-# corpus (.cache/corpus), run id tagged pk (unless ARGS gives a --tag). The log goes to $OUT/logs/audit_<SPEC, : and , as _>.log.
+# arguments, comma-separated (s:reference:plain:0:--init,gpt2,--tag,gpt2init); AUDIT_DATA=pk: on the
+# package corpus (.cache/corpus), run id tagged pk (unless ARGS gives a --tag). The log goes to
+# $OUT/logs/audit_<SPEC with : and , as _>.log.
 audit_run() {
   local model arch residual seed extra data=() log
   IFS=: read -r model arch residual seed extra <<<"$1"

@@ -98,8 +98,8 @@ def test_wrapper_with_the_standard_residual_is_litgpts_forward(litgpt, one_threa
 
 @pytest.mark.parametrize("init", audit.INITS)
 def test_reference_inits_have_their_stated_scales(litgpt, one_thread, init):
-    """litgpt's init: sqrt(2 / 5d) everywhere, 1 / (sqrt(d) L) for the residual writers; the project's
-    (the ablation): 0.02 and 0.02 / sqrt(2 L). Measured on a shape wide enough for a 3 % check."""
+    """litgpt's init: sqrt(2 / 5d) everywhere, 1 / (sqrt(d) L) for the residual writers; GPT-2's (the
+    ablation): 0.02 and 0.02 / sqrt(2 L). Measured on a shape wide enough for a 3 % check."""
     shape = {"n_layer": 4, "n_embd": 256, "n_head": 4, "intermediate_size": 512, "vocab_size": 512}
     torch.manual_seed(0)
     gpt = audit.build_reference(shape, 32, "plain", init=init)
@@ -114,8 +114,8 @@ def test_reference_inits_have_their_stated_scales(litgpt, one_thread, init):
             assert float(module.weight.std()) == pytest.approx(expected, rel=0.03), module
             seen += 1
     assert seen == 1 + 5 * L + 1  # embedding; qkv, proj, fc_1, fc_2, proj per block; head
-    with pytest.raises(ValueError, match="init='gpt2': expected one of litgpt, project"):
-        audit.build_reference(shape, 32, "plain", init="gpt2")
+    with pytest.raises(ValueError, match="init='xavier': expected one of litgpt, gpt2"):
+        audit.build_reference(shape, 32, "plain", init="xavier")
 
 
 def test_block_attnres_at_init_reads_the_embedding_then_uniform_means(litgpt, one_thread):

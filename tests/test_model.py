@@ -3,6 +3,8 @@ config validation."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -282,6 +284,7 @@ def test_aux_loss_is_reported_when_enabled():
         (dict(dim=0), "dim", ">= 1"),
         (dict(rms_norm_eps=0.0), "rms_norm_eps", "> 0"),
         (dict(embed_init_std=-1.0), "embed_init_std", "> 0 or null"),
+        (dict(init_std=0.0), "init_std", "> 0 or null"),
     ],
 )
 def test_bad_config_raises_naming_the_field_and_valid_values(overrides, field, valid):
@@ -294,9 +297,41 @@ def test_bad_config_raises_naming_the_field_and_valid_values(overrides, field, v
 def test_embed_init_std_sets_only_the_input_embedding():
     torch.manual_seed(0)
     model = Decoder(get_config("tiny", vocab_size=4096, embed_init_std=1.0))
+    std = math.sqrt(2 / (5 * 128))  # the default init std at tiny's width
     assert model.embed.weight.std().item() == pytest.approx(1.0, rel=0.02)
-    assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.05)  # init_std, untied
-    assert _tiny(vocab_size=4096).embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.lm_head.weight.std().item() == pytest.approx(std, rel=0.05)  # the init std, untied
+    assert _tiny(vocab_size=4096).embed.weight.std().item() == pytest.approx(std, rel=0.05)
+
+
+def _read_gains_and_writer_stds(model: Decoder) -> tuple[list[float], list[float]]:
+    """``std(W) * sqrt(dim)`` of every projection that reads the (normalised) residual stream (fan-in
+    ``dim``: attention / KDA input projections, MLP gate and up), and the std of each projection that
+    writes into it (attention ``o_proj``, MLP ``down_proj``)."""
+    writers = [m for layer in model.layers.values() for m in (layer.attn.o_proj, layer.mlp.down_proj)]
+    ids, d = {id(m) for m in writers}, model.config.dim
+    reads = [m.weight.std().item() * math.sqrt(d) for m in model.modules()
+             if isinstance(m, torch.nn.Linear) and m.in_features == d and id(m) not in ids
+             and m is not model.lm_head]
+    return reads, [m.weight.std().item() for m in writers]
+
+
+def test_default_init_keeps_every_projections_gain_at_every_width():
+    """The default init (``init_std: null``) is ``sqrt(2 / (5 dim))``: each projection that reads the
+    residual stream has the same gain ``std * sqrt(dim)`` ~ 0.63 at any width; the residual writers are
+    that std / sqrt(2 L). A fixed std (the old 0.02) makes the gain grow with the width (0.23 at 128,
+    0.64 at 1024): the standard residual of the study's s (dim 256) then trained 0.10 nats worse (GPU
+    audit, benchmarks/results/audit). This test fails for any width-independent default."""
+    for dim in (128, 256, 1024):
+        torch.manual_seed(0)
+        cfg = get_config("tiny", dim=dim, vocab_size=512, moe=False)
+        reads, writers = _read_gains_and_writer_stds(Decoder(cfg))
+        assert len(reads) >= 5 * cfg.num_layers and len(writers) == 2 * cfg.num_layers
+        for gain in reads:
+            assert gain == pytest.approx(math.sqrt(0.4), rel=0.1), (dim, gain)
+        for std in writers:
+            assert std == pytest.approx(math.sqrt(2 / (5 * dim)) / math.sqrt(2 * cfg.num_layers), rel=0.1)
+    # an explicit init_std is kept as given
+    assert get_config("tiny", init_std=0.02).weight_init_std == 0.02
 
 
 def test_kda_backend_reaches_every_kda_layer():

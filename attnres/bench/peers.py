@@ -79,8 +79,8 @@ FLA_MODEL_NOTE = (
     "fla shifts labels inside (T - 1 targets per row), ours takes aligned labels (T); fla's AttnRes is one "
     "fused_attnres softmax over the explicit sources per sublayer with the PreNorm folded in, ours two-phase "
     "(phase 1 per block, phase 2 merge + norm); fla's depth-key RMSNorm eps is its norm_eps (set to our "
-    "rms_norm_eps), ours residual_eps; init differs (fla: normal 0.02 everywhere, ours scales output "
-    "projections by 1/sqrt(2L)): no effect on step time."
+    "rms_norm_eps), ours residual_eps; init differs (fla: Normal(0, initializer_range = our init std) "
+    "everywhere, ours scales the output projections by 1/sqrt(2L)): no effect on step time."
 )
 
 
@@ -130,7 +130,7 @@ def fla_model_kwargs(cfg: Config) -> dict[str, Any]:
         head_dim=cfg.kda_head_dim, expand_v=1.0, num_v_heads=None, use_short_conv=True,
         conv_size=cfg.kda_conv_size, intermediate_size=cfg.mlp_dim, hidden_act="swish",
         vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, norm_eps=cfg.rms_norm_eps,
-        initializer_range=cfg.init_std, max_position_embeddings=cfg.max_seq_len, attn=None,
+        initializer_range=cfg.weight_init_std, max_position_embeddings=cfg.max_seq_len, attn=None,
         attn_mode="chunk", attnres_block_size=fla_block_size(cfg), use_cache=False,
     )
 

@@ -9,6 +9,7 @@ training loop can report MFU and ``attnres info`` can describe a 48B model witho
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -128,10 +129,15 @@ class Config:
     # ---- misc
     rms_norm_eps: float = 1e-5
     """Epsilon of every RMSNorm of the decoder (PreNorms, final norm, KDA head norm, MLA latent norm)."""
-    init_std: float = 0.02
-    """Std of the normal init; output projections use ``init_std / sqrt(2 * num_layers)``."""
+    init_std: float | None = None
+    """Std of the normal init of the embedding and every projection (None: ``sqrt(2 / (5 * dim))``, the
+    "small init" of GPT-NeoX and litgpt's pre-training, :attr:`weight_init_std`); the projections that
+    write into the residual path use ``init_std / sqrt(2 * num_layers)``. The width-aware default keeps
+    each projection's gain ``std * sqrt(dim)`` at ~0.63 at every width; a fixed 0.02 shrinks it to 0.32
+    at dim 256, which cost the standard residual 0.10 nats at the study's ``s`` (0.30 for litgpt's GPT
+    given that init) and which Block AttnRes largely hid (``benchmarks/results/audit``)."""
     embed_init_std: float | None = None
-    """Std of the input embedding's normal init (None: ``init_std``). Under the standard residual the
+    """Std of the input embedding's normal init (None: the init std). Under the standard residual the
     embedding is one term of the sum every sublayer reads, so its scale sets how much the token identity
     weighs against the sublayers' outputs."""
     tie_embeddings: bool = False
@@ -197,13 +203,19 @@ class Config:
                 raise bad("aux_loss_coef", self.aux_loss_coef, "a float >= 0")
         if not 0 <= self.first_dense_layers <= self.num_layers:
             raise bad("first_dense_layers", self.first_dense_layers, f"0 .. num_layers={self.num_layers}")
-        for f in ("rms_norm_eps", "residual_eps", "init_std"):
+        for f in ("rms_norm_eps", "residual_eps"):
             if not getattr(self, f) > 0:
                 raise bad(f, getattr(self, f), "a float > 0")
-        if self.embed_init_std is not None and not self.embed_init_std > 0:
-            raise bad("embed_init_std", self.embed_init_std, "a float > 0 or null (init_std)")
+        for f in ("init_std", "embed_init_std"):
+            if getattr(self, f) is not None and not getattr(self, f) > 0:
+                raise bad(f, getattr(self, f), "a float > 0 or null (sqrt(2 / (5 dim)))")
 
     # ------------------------------------------------------------------ derived shape
+
+    @property
+    def weight_init_std(self) -> float:
+        """The init std in use: ``init_std``, or ``sqrt(2 / (5 * dim))`` when it is None."""
+        return self.init_std if self.init_std is not None else math.sqrt(2 / (5 * self.dim))
 
     @property
     def num_sublayers(self) -> int:

@@ -164,13 +164,15 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter and buffer, so a model built on the meta device and
-        materialised with ``to_empty`` is complete after this call: Normal(0, init_std) for projections
-        and (unless ``embed_init_std``) the embedding, ``init_std / sqrt(2 * num_layers)`` for the
-        projections that write into the residual path (attention ``o_proj``, MLP / expert down), zero
-        biases, norms at 1, KDA decay and short convs at their own inits, pseudo-queries at 0 (uniform
-        depth weights), router bias and load counts at 0."""
+        materialised with ``to_empty`` is complete after this call: Normal(0, std) for projections and
+        (unless ``embed_init_std``) the embedding, with std ``Config.weight_init_std`` (``init_std``, by
+        default ``sqrt(2 / (5 dim))``), ``std / sqrt(2 * num_layers)`` for the projections that write
+        into the residual path (attention ``o_proj``, MLP / expert down), zero biases, norms at 1, KDA
+        decay and short convs at their own inits, pseudo-queries at 0 (uniform depth weights), router bias
+        and load counts at 0."""
         c = self.config
-        std, out_std = c.init_std, output_init_std(c.init_std, c.num_layers)
+        std = c.weight_init_std
+        out_std = output_init_std(std, c.num_layers)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)

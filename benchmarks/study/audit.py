@@ -60,7 +60,7 @@ MODELS = ROOT / "configs/study/model"
 RESULTS = ROOT / "benchmarks/results/audit"
 HEAD_SIZE = 64
 RESIDUALS = ("plain", "standard", "block", "full")
-INITS = ("litgpt", "project")
+INITS = ("litgpt", "gpt2")
 
 
 # ----------------------------------------------------------------------------- shapes and counts
@@ -174,8 +174,10 @@ def build_reference(shape: dict[str, int], block_size: int, residual: str = "pla
       ``litgpt.pretrain.initialize_weights``): Normal(0, sqrt(2 / (5 d))) for the embedding and every
       projection, Normal(0, 1 / (sqrt(d) L)) for the two projections of each block that write into the
       residual stream (attention ``proj``, MLP ``proj``);
-    * ``project``: the project decoder's init (``Decoder.init_weights``) on the same modules: Normal(0,
-      ``init_std``) everywhere, ``init_std / sqrt(2 L)`` for those residual writers (an ablation)."""
+    * ``gpt2``: GPT-2's init on the same modules, Normal(0, ``init_std`` = 0.02) everywhere and
+      ``init_std / sqrt(2 L)`` for those residual writers: the project decoder's default until the audit
+      found it cost the standard residual (an ablation; the committed runs tagged ``pinit`` ran it under
+      its old name ``--init project``)."""
     from litgpt.model import GPT
     from litgpt.pretrain import initialize_weights
 
@@ -397,7 +399,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model, "residual": args.residual, "num_blocks": args.num_blocks, "seed": args.seed,
         "shape": shape, "params": {"active": active_params(model), "total": total},
         "settings": {**s, "precision": args.precision, "compile": args.compile,
-                     "config_overrides": overrides, "init": args.init if args.arch == "reference" else None},
+                     "config_overrides": overrides,
+                     "init": args.init if args.arch == "reference" else "project"},
         "steps": step, "tokens": step * s["tokens_per_step"],
         "epochs": step * s["data"]["batch_size"] / len(dm.train_set),
         "val_curve": val_curve, "train_curve": train_curve, "final_val_loss": val_curve[-1][2],
@@ -480,8 +483,8 @@ def parser() -> argparse.ArgumentParser:
                    help="plain: litgpt's own forward; standard/block/full: through attnres' residual path")
     p.add_argument("--num_blocks", type=int, default=8, help="Block AttnRes blocks (default 8)")
     p.add_argument("--init", choices=INITS, default="litgpt",
-                   help="--arch reference: litgpt's own init (default) or the project decoder's "
-                        "(Normal(0, 0.02), residual writers 0.02 / sqrt(2 L)): an ablation")
+                   help="--arch reference: litgpt's own init (default) or GPT-2's (Normal(0, 0.02), "
+                        "residual writers 0.02 / sqrt(2 L); the project's old default): an ablation")
     p.add_argument("--seed", type=int, default=0, help="init and data-order seed (default 0)")
     p.add_argument("--tokens", type=int, default=None, help="training tokens (default: sweeps.yaml's 16.8M)")
     p.add_argument("--lr", type=float, default=None, help="peak LR (default: the model file's)")

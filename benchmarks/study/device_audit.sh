@@ -6,7 +6,7 @@
 #     bash benchmarks/study/device_audit.sh "s:reference:plain:0 s:reference:block:0 s:project:plain:0 ..." [TOTAL_S]
 #
 # Each spec is model:arch:residual:seed[:ARGS] (ARGS: more audit.py arguments, comma-separated, e.g.
-# s:reference:block:0:--init,project,--tag,pinit; see audit_run in device_common.sh). Every run is cut
+# s:reference:block:0:--init,gpt2,--tag,gpt2init; see audit_run in device_common.sh). Every run is cut
 # at TOTAL_S (default 240) less the set-up (a cut run keeps its validations so far, status "cut", in its
 # JSON); the JSONs and the logs come back in $OUT/audit.tgz.
 set -uo pipefail
