@@ -114,7 +114,10 @@ def test_fla_residual_computes_the_same_loss_and_gradients_as_ours(mode):
     torch.testing.assert_close(a, b)
     ga = ours.residual.queries["3"].weight.grad
     gb = theirs.residual.queries["3"].weight.grad
-    torch.testing.assert_close(ga, gb)
+    # fla's naive_attnres computes in fp32 (``.float()``) inside the fp64 model: fp32 agreement, 1.8e-5
+    # relative here; a key-norm eps 10x off gives 1e-2 (checked), a wrong source more
+    assert float((ga - gb).norm() / ga.norm()) < 1e-4
+    torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-5 * float(ga.abs().max()))
 
 
 @pytest.mark.parametrize("mode", ["standard", "block", "full"])
