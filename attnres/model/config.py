@@ -134,8 +134,8 @@ class Config:
     "small init" of GPT-NeoX and litgpt's pre-training, :attr:`weight_init_std`); the projections that
     write into the residual path use ``init_std / sqrt(2 * num_layers)``. The width-aware default keeps
     each projection's gain ``std * sqrt(dim)`` at ~0.63 at every width; a fixed 0.02 shrinks it to 0.32
-    at dim 256, which cost the standard residual 0.10 nats at the study's ``s`` (0.30 for litgpt's GPT
-    given that init) and which Block AttnRes largely hid (``benchmarks/results/audit``)."""
+    at dim 256, which cost the standard residual 0.10 nats at the study's ``s`` (litgpt's GPT given that
+    init: 0.30, most of which Block AttnRes hid; ``benchmarks/results/audit``)."""
     embed_init_std: float | None = None
     """Std of the input embedding's normal init (None: the init std). Under the standard residual the
     embedding is one term of the sum every sublayer reads, so its scale sets how much the token identity
