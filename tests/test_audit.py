@@ -167,6 +167,7 @@ def test_a_whole_run_on_a_tiny_corpus(litgpt, one_thread, tmp_path):
     result = audit.main(tiny_run_args(tmp_path))
     saved = json.loads(out.read_text())
     assert saved["status"] == "complete"
+    assert saved["settings"]["init"] == "litgpt" and saved["settings"]["init_std"] is None  # reference
     assert saved["run_id"] == result["run_id"] == "s-reference-block2-seed0"
     assert [row[0] for row in saved["val_curve"]] == [2, 4]
     assert [row[1] for row in saved["val_curve"]] == [128, 256]

@@ -38,7 +38,8 @@ mkdir -p "$OUT/logs" benchmarks/results/study
 seed_triton_cache
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 
-# the audit's reference runs, one at a time, until the budget ends (a run cut by it leaves no JSON)
+# the audit's reference runs, one at a time, until the budget ends (a run cut by it keeps its validations
+# so far in its JSON, status "cut")
 audit_runs() {
   local spec model residual seed
   [[ -f .cache/corpus/shards/meta.json ]] && export AUDIT_DATA=pk
@@ -47,7 +48,7 @@ audit_runs() {
     (( $(left) > 90 )) || { echo "=== audit $spec: not started, $(left) s left"; continue; }
     echo "=== audit $spec ($(left) s left)"
     audit_run "$model:reference:$residual:$seed" $(( $(left) - 30 ))
-    echo "=== audit $spec exit $? ($(grep -h 'final val' "$OUT/logs/audit_${model}_reference_${residual}_$seed.log" | tail -1))"
+    echo "=== audit $spec exit $? ($(grep -h 'final val\|CUT' "$OUT/logs/audit_${model}_reference_${residual}_$seed.log" | tail -1))"
   done
 }
 
