@@ -207,8 +207,10 @@ def _autotuners(modules: list) -> list:
 
 
 def _kernel_name(tuner: Any) -> str:
+    """The name of the ``@triton.jit`` function under ``tuner`` (under ``triton.heuristics`` too: fla 0.6
+    puts some autotuners above a heuristics wrapper, which has ``arg_names`` but no name)."""
     fn = tuner.fn
-    while hasattr(fn, "fn") and not hasattr(fn, "arg_names"):
+    while not hasattr(fn, "__name__") and hasattr(fn, "fn"):
         fn = fn.fn
     return fn.__name__
 

@@ -151,6 +151,28 @@ def test_pinned_kernel_takes_the_nearest_tuned_config_instead_of_benchmarking(tm
     assert warmup.pin_untuned_kda(tmp_path, modules=[module]) == []
 
 
+def test_an_autotuner_above_a_heuristics_wrapper_is_pinned_by_its_kernels_name(tmp_path, monkeypatch):
+    import types
+
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=[triton.Config({"BK": 16}), triton.Config({"BK": 32})], key=["K"])
+    @triton.heuristics({"EVEN": lambda args: args["K"] % 2 == 0})  # the order some fla 0.6 kernels use
+    @triton.jit
+    def kern3(x, K, BK: tl.constexpr, EVEN: tl.constexpr):
+        pass
+
+    (tmp_path / "A").mkdir()
+    result = _result([64, "torch.float32"], [[_cfg(32, 4), [0.2]]])
+    (tmp_path / "A" / "kern3.autotune.json").write_text(result)
+    kern3.run = lambda *args, **kwargs: "ran"
+    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
+    assert warmup.pin_untuned_kda(tmp_path, modules=[types.SimpleNamespace(kern3=kern3)]) == ["kern3"]
+    assert kern3[(1,)](torch.zeros(2), 128) == "ran"
+    assert kern3.cache[(128, "torch.float32")].kwargs == {"BK": 32}
+
+
 def test_the_shipped_results_give_an_untuned_preset_shape_a_config_of_its_head_dim(tmp_path):
     with tarfile.open(SHIPPED) as tar:
         tar.extractall(tmp_path, filter="data")
