@@ -104,21 +104,29 @@ def test_the_audit_table_and_figure(tmp_path):
                 "seed": seed, "status": "complete", "val_loss": loss, "tokens_per_s": 100.0, "tokens": 64,
                 "val_curve": [[64, 1, loss + 1], [128, 2, loss]]}
 
-    def ref(model, residual, seed, loss, blocks=8, tag="-pk"):
+    def ref(model, residual, seed, loss, blocks=8, tag="-pk", arch="reference", shards="pk"):
         mode = residual + (str(blocks) if residual == "block" else "")
-        return {"kind": "baseline-audit", "status": "complete", "arch": "reference", "model": model,
+        return {"kind": "baseline-audit", "status": "complete", "arch": arch, "model": model,
                 "residual": residual, "num_blocks": blocks, "seed": seed, "final_val_loss": loss,
-                "run_id": f"{model}-reference-{mode}-seed{seed}{tag}", "tokens_per_s": 200.0, "tokens": 64,
-                "val_curve": [[64, 1, loss + 1], [128, 2, loss]]}
+                "run_id": f"{model}-{arch}-{mode}-seed{seed}{tag}", "tokens_per_s": 200.0, "tokens": 64,
+                "val_curve": [[64, 1, loss + 1], [128, 2, loss]],
+                "settings": {"data": {"shards_dir": shards, "seq_len": 8, "seed": seed}}}
 
     runs = [study("s", "standard", k, 3.0 + 0.1 * k) for k in range(3)] + [study("s", "block8", 0, 2.9)]
     audits = ([ref("s", "plain", k, 2.8 + 0.1 * k) for k in range(3)] + [ref("s", "block", 0, 2.7)]
-              + [ref("s", "plain", 5, 1.0, tag="")])  # another tag: left out
+              + [ref("s", "plain", 5, 1.0, tag="")]  # another tag: left out
+              # audit.py's own project runs, tagged i04 (an ablation): compared with their own standard
+              + [ref("s", "standard", k, 2.6 + 0.1 * k, tag="-pk-i04", arch="project") for k in range(2)]
+              + [ref("s", "block", k, 2.5 + 0.1 * k, tag="-pk-i04", arch="project") for k in range(2)]
+              + [ref("s", "standard", 0, 1.0, tag="-pk-x", arch="project", shards="other")])  # other data
     lines = audit(runs, audits, "pk", tmp_path)
     rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| s |")}
     assert rows["project standard"].endswith("| 3 | 64 | 3.1000 ± 0.1000 | – | 100 |")
     assert "| 3 | 64 | 2.9000 ± 0.1000 | -0.2000 [" in rows["reference (litgpt GPT)"]
     assert "| 1 | 64 | 2.7000 | -0.4000 [" in rows["reference + Block N=8"]
     assert "| 1 | 64 | 2.9000 | -0.2000 [" in rows["project Block N=8"]
+    assert rows["project standard [audit.py i04]"].endswith("| 2 | 64 | 2.6500 ± 0.0707 | – | 200 |")
+    assert "| 2 | 64 | 2.5500 ± 0.0707 | -0.1000 [" in rows["project Block N=8 [audit.py i04]"]
+    assert not any("audit.py x" in name for name in rows)
     assert (tmp_path / "audit.png").is_file()
     assert audit(runs, [], "pk", tmp_path) == []

@@ -503,11 +503,22 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
 
     groups = group(runs, tag)
     ref: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    own: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)  # (model, suffix, mode)
     for r in audits:
-        rid = default_run_id(r["model"], "reference", r["residual"], r["num_blocks"], r["seed"], tag)
         mode = r["residual"] + (str(r["num_blocks"]) if r["residual"] == "block" else "")  # block8
+        rid = default_run_id(r["model"], r["arch"], r["residual"], r["num_blocks"], r["seed"], tag)
         if r["arch"] == "reference" and r["run_id"] == rid:
             ref[(r["model"], mode)].append(r)
+        elif r["arch"] == "project" and r["run_id"].startswith(rid):  # audit.py's own project runs, by tag
+            mode = "standard" if mode == "plain" else mode
+            own[(r["model"], r["run_id"][len(rid):].lstrip("-"), mode)].append(r)
+
+    def data(r: dict[str, Any]) -> str:  # the shards and windows an audit run trained on (not its seed)
+        return json.dumps({k: v for k, v in r["settings"]["data"].items() if k != "seed"}, sort_keys=True)
+
+    same_data = {(m, data(r)) for (m, _), rs in ref.items() for r in rs}
+    own = defaultdict(list, {k: kept for k, rs in own.items()  # a tag on other data is not this table's
+                             if (kept := [r for r in rs if (k[0], data(r)) in same_data])})
     order = Layout().scaling_models
     sizes = sorted({m for m, _ in ref}, key=lambda m: (order.index(m) if m in order else len(order), m))
     if not sizes:
@@ -515,8 +526,10 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
 
     def seeds_of(src: str, model: str, mode: str) -> list[dict[str, Any]]:
         """The runs of one row, by seed, as {curve, loss, tokens_per_s, tokens} (study and audit JSONs name
-        the final loss differently)."""
-        rs = groups.get((model, mode), []) if src == "study" else ref.get((model, mode), [])
+        the final loss differently); ``src``: study, audit (the reference) or the tag of audit.py's own
+        project runs."""
+        rs = (groups.get((model, mode), []) if src == "study" else ref.get((model, mode), [])
+              if src == "audit" else own.get((model, src, mode), []))
         return [{"curve": r["val_curve"], "loss": r["val_loss"] if src == "study" else r["final_val_loss"],
                  "tokens_per_s": r.get("tokens_per_s") or 0.0, "tokens": r["tokens"]}
                 for r in sorted(rs, key=lambda r: r["seed"])]
@@ -524,19 +537,25 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
     lines = ["### Baseline audit: the project's models vs an independent decoder (litgpt's GPT)", "",
              f"Same shards, tokens, schedule and validation windows{f' (runs tagged {tag})' if tag else ''}; "
              f"differences from the project's standard model with a {stats.LEVEL:.0%} bootstrap interval "
-             "over the seeds.", "",
+             "over the seeds. Rows `[audit.py T]` are the project's decoder trained by audit.py's loop "
+             "(runs tagged T: an init or an ablation, in the audit's README); their difference is from the "
+             "standard model of the same T.", "",
              "| size | model | seeds | training tokens | final val loss | − project standard | tokens/s |",
              "|---|---|---:|---:|---:|---:|---:|"]
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.6 * len(sizes), 3.6), squeeze=False)
     for ax, model in zip(axes[0], sizes, strict=True):
-        base = [r["loss"] for r in seeds_of("study", model, "standard")]
-        for name, src, mode, color, ls in AUDIT_ROWS:
+        rows = list(AUDIT_ROWS) + [
+            (f"{name} [audit.py {suffix}]" if suffix else f"{name} [audit.py]", suffix, mode, color, ":")
+            for suffix in sorted({s for m, s, _ in own if m == model})
+            for name, _, mode, color, _ in AUDIT_ROWS[:2]]
+        for name, src, mode, color, ls in rows:
             seeds = seeds_of(src, model, mode)
             if not seeds:
                 continue
             losses = [r["loss"] for r in seeds]
             tokens = "/".join(f"{t:,}" for t in sorted({r["tokens"] for r in seeds}))
-            if (src, mode) == ("study", "standard") or not base:
+            base = [r["loss"] for r in seeds_of("study" if src == "audit" else src, model, "standard")]
+            if mode == "standard" and src != "audit" or not base:
                 diff = "–"
             else:
                 d = stats.difference_interval(base, losses)
