@@ -452,17 +452,66 @@ def lr_check(runs: list[dict[str, Any]], out: Path) -> list[str]:
     return lines
 
 
-def lr_sweep(runs: list[dict[str, Any]], tag: str) -> list[str]:
-    """Per (size, mode), the final validation loss at each rate of the sweeps tagged ``tag`` and
-    ``tag-lr<scale>`` (complete runs, mean ± std over seeds), the best rate and whether it sits at the
-    sweep's edge (``stats.best_rate``)."""
-    by: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+def by_rate(runs: list[dict[str, Any]], tag: str) -> dict[tuple[str, str], dict[float, list[dict[str, Any]]]]:
+    """The complete runs of the sweeps tagged ``tag`` and ``tag-lr<scale>``, by (size, mode) and rate."""
+    by: dict[tuple[str, str], dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         base = f"{r['model']}-{r['residual']}-seed{r['seed']}-{tag}"
         lr = run_lr(r)
         if r["status"] == "complete" and lr is not None and (
                 r["run_id"] == base or r["run_id"].startswith(base + "-lr")):
-            by[(r["model"], r["residual"])][float(lr)].append(r["val_loss"])
+            by[(r["model"], r["residual"])][float(lr)].append(r)
+    return by
+
+
+def diff_cell(base: list[float], other: list[float]) -> str:
+    """``other`` − ``base`` (seed means) with its bootstrap interval; none with one seed on each side, "–"
+    without a base."""
+    if not base or not other:
+        return "–"
+    d = stats.difference_interval(base, other)
+    if len(base) == 1 and len(other) == 1:
+        return f"{d['diff']:+.4f} (one seed each)"
+    return f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
+
+
+def best_rate_groups(runs: list[dict[str, Any]], tag: str) -> tuple[dict, list[str]]:
+    """Each (size, mode) at its own best rate (issue 25: every mode tuned): the groups ``group`` would
+    give, but with the runs of the rate of lowest mean loss among the sweeps tagged ``tag`` and
+    ``tag-lr<scale>``; and the table of those rates, seeds, losses and each mode's difference from the
+    standard model of its size (each at its own best rate), with the bootstrap interval."""
+    by = by_rate(runs, tag)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    rows = []
+    order = Layout().scaling_modes
+    for key, rates in sorted(by.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1])
+                                                            if kv[0][1] in order else len(order), kv[0][1])):
+        best = stats.best_rate({lr: [r["val_loss"] for r in rs] for lr, rs in rates.items()})
+        groups[key] = sorted(rates[best["best"]], key=lambda r: r["seed"])
+        rows.append((key, best))
+    if not rows:
+        return groups, []
+    lines = [f"### Each mode at its own best learning rate (runs tagged {tag})", "",
+             "The rate of lowest seed-mean loss among the sweep's points; a best rate at the sweep's edge "
+             f"is marked (the optimum may lie beyond). Differences with a {stats.LEVEL:.0%} bootstrap "
+             "interval over the seeds.", "",
+             "| size | mode | best lr | rates tried | seeds | final val loss | − standard at its best rate |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for (model, mode), best in rows:
+        losses = [r["val_loss"] for r in groups[(model, mode)]]
+        base = [r["val_loss"] for r in groups.get((model, "standard"), [])]
+        diff = "–" if mode == "standard" else diff_cell(base, losses)
+        edge = " (edge)" if best["at_edge"] else ""
+        lines.append(f"| {model} | {label(mode)} | {best['best']:g}{edge} | {best['points']} | "
+                     f"{len(losses)} | {fmt(*mean_std(losses)[:2])} | {diff} |")
+    return groups, lines
+
+
+def lr_sweep(runs: list[dict[str, Any]], tag: str) -> list[str]:
+    """Per (size, mode), the final validation loss at each rate of the sweeps tagged ``tag`` and
+    ``tag-lr<scale>`` (complete runs, mean ± std over seeds), the best rate and whether it sits at the
+    sweep's edge (``stats.best_rate``)."""
+    by = {k: {lr: [r["val_loss"] for r in rs] for lr, rs in v.items()} for k, v in by_rate(runs, tag).items()}
     if not by:
         return []
     lines = [f"### Learning-rate sweep (runs tagged {tag})", "",
@@ -555,11 +604,7 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
             losses = [r["loss"] for r in seeds]
             tokens = "/".join(f"{t:,}" for t in sorted({r["tokens"] for r in seeds}))
             base = [r["loss"] for r in seeds_of("study" if src == "audit" else src, model, "standard")]
-            if mode == "standard" and src != "audit" or not base:
-                diff = "–"
-            else:
-                d = stats.difference_interval(base, losses)
-                diff = f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
+            diff = "–" if mode == "standard" and src != "audit" else diff_cell(base, losses)
             loss = fmt(*mean_std(losses)[:2])
             lines.append(f"| {model} | {name} | {len(seeds)} | {tokens} | {loss} | {diff} | "
                          f"{np.mean([r['tokens_per_s'] for r in seeds]):,.0f} |")
@@ -646,21 +691,24 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def analyze(results: str | Path, out: str | Path, lay: Layout | None = None,
-            tag: str | None = None, audits: str | Path = "benchmarks/results/audit") -> dict[str, Any]:
+            tag: str | None = None, audits: str | Path = "benchmarks/results/audit",
+            best_rates: bool = True) -> dict[str, Any]:
     """Write every figure and ``tables.md`` that the complete runs under ``results`` allow: the untagged
-    runs, or (``tag``) those of the sweeps tagged ``tag`` and its learning-rate sweep; the baseline
-    audit first when ``audits`` holds reference runs of the same tag."""
+    runs, or (``tag``) those of the sweeps tagged ``tag`` and its learning-rate sweep, each mode at its
+    own best rate (``best_rates``; else at the sweep ``tag``'s rate); the baseline audit first when
+    ``audits`` holds reference runs of the same tag."""
     out = Path(out)
     lay = lay or Layout()
     runs = load_runs(results)
     if not runs:
         raise FileNotFoundError(f"no run JSON under {results}")
-    groups = group(runs, tag)
+    groups, best_lines = best_rate_groups(runs, tag) if tag and best_rates else (group(runs, tag), [])
     lines: list[str] = []
     scaling_lines, fits = scaling(groups, out, lay)
     val_curves(groups, out, lay)
     for part in (
         audit(runs, load_audits(audits), tag, out),
+        best_lines,
         scaling_lines,
         ablation(groups, out, lay),
         dynamics(groups, out, lay),
@@ -689,8 +737,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="the runs of the sweeps with this tag (e.g. pk: the package corpus)")
     p.add_argument("--audits", default="benchmarks/results/audit",
                    help="benchmarks/study/audit.py's reference runs (the baseline audit)")
+    p.add_argument("--at_sweep_rate", action="store_true",
+                   help="with --tag: every mode at the rate of the sweep TAG itself (x1), not at its own "
+                        "best rate of the sweeps TAG and TAG-lr<scale>")
     a = p.parse_args(argv)
-    analyze(a.results, a.out, tag=a.tag, audits=a.audits)
+    analyze(a.results, a.out, tag=a.tag, audits=a.audits, best_rates=not a.at_sweep_rate)
 
 
 if __name__ == "__main__":
