@@ -591,12 +591,15 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
              "standard model of the same T.", "",
              "| size | model | seeds | training tokens | final val loss | − project standard | tokens/s |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4.6 * len(sizes), 3.6), squeeze=False)
+    width = 4.6 + (3.2 if own else 0.0)  # room for the legend beside the panel
+    fig, axes = plt.subplots(1, len(sizes), figsize=(width * len(sizes), 3.6), squeeze=False)
     for ax, model in zip(axes[0], sizes, strict=True):
+        tags = sorted({s for m, s, _ in own if m == model})
+        # audit.py's project runs: a colour per tag, dotted standard, dash-dot Block
         rows = list(AUDIT_ROWS) + [
-            (f"{name} [audit.py {suffix}]" if suffix else f"{name} [audit.py]", suffix, mode, color, ":")
-            for suffix in sorted({s for m, s, _ in own if m == model})
-            for name, _, mode, color, _ in AUDIT_ROWS[:2]]
+            (f"{name} [audit.py {suffix}]" if suffix else f"{name} [audit.py]", suffix, mode,
+             plt.cm.tab10(2 + k), ":" if mode == "standard" else "-.")
+            for k, suffix in enumerate(tags) for name, _, mode, _, _ in AUDIT_ROWS[:2]]
         for name, src, mode, color, ls in rows:
             seeds = seeds_of(src, model, mode)
             if not seeds:
@@ -679,7 +682,10 @@ def _decorate(ax: Any, xlabel: str, title: str, ylabel: str | None = None, fonts
         ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=title_size)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=fontsize)
+    if len(ax.get_legend_handles_labels()[1]) > 6:  # many curves: the legend beside the panel, not on them
+        ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=fontsize)
 
 
 def _save(fig: Any, path: Path) -> Path:
