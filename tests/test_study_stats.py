@@ -143,11 +143,14 @@ def test_each_mode_is_taken_at_its_own_best_rate():
             + [run("standard", 0, "pk-lr2", 4e-3, 3.05), run("standard", 0, "pk-lr0.5", 1e-3, 3.4)]
             + [run("block8", 0, "pk", 2e-3, 2.8), run("block8", 1, "pk", 2e-3, 2.9)]  # mean 2.85: its best
             + [run("block8", 0, "pk-lr2", 4e-3, 2.95), run("block8", 0, "pk-lr0.5", 1e-3, 3.3)]
-            + [run("block8", 0, "pk-x", 4e-3, 1.0)])  # another tag (not an LR point of pk): left out
+            + [run("block8", 0, "pk-x", 4e-3, 1.0)]  # another tag (not an LR point of pk): left out
+            + [run("standard", 0, "pk", 2e-3, 4.0, model="xs")])  # a smaller size: its rows come first
     groups, lines = best_rate_groups(runs, "pk")
     assert [r["val_loss"] for r in groups[("s", "standard")]] == [3.05]   # x2 beats x1's mean 3.1
     assert [r["val_loss"] for r in groups[("s", "block8")]] == [2.8, 2.9]
     rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| s |")}
     assert rows["standard"] == "| s | standard | 0.004 (edge) | 3 | 1 | 3.0500 | – |"
     assert rows["Block N=8"].startswith("| s | Block N=8 | 0.002 | 3 | 2 | 2.8500 ± 0.0707 | -0.2000 [")
+    sizes = [line.split(" | ")[0] for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert sizes == ["| xs", "| s", "| s"]  # sizes in the study's order (xs, s, m, l), not by name
     assert best_rate_groups(runs, "other") == ({}, [])

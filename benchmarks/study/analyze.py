@@ -464,6 +464,11 @@ def by_rate(runs: list[dict[str, Any]], tag: str) -> dict[tuple[str, str], dict[
     return by
 
 
+def in_order(name: str, order: tuple[str, ...]) -> tuple[int, str]:
+    """A sort key: the names of ``order`` in its order, any other after them by name."""
+    return (order.index(name) if name in order else len(order), name)
+
+
 def diff_cell(base: list[float], other: list[float]) -> str:
     """``other`` − ``base`` (seed means) with its bootstrap interval; none with one seed on each side, "–"
     without a base."""
@@ -483,9 +488,9 @@ def best_rate_groups(runs: list[dict[str, Any]], tag: str) -> tuple[dict, list[s
     by = by_rate(runs, tag)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     rows = []
-    order = Layout().scaling_modes
-    for key, rates in sorted(by.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1])
-                                                            if kv[0][1] in order else len(order), kv[0][1])):
+    lay = Layout()
+    for key, rates in sorted(by.items(), key=lambda kv: (in_order(kv[0][0], lay.scaling_models),
+                                                            in_order(kv[0][1], lay.scaling_modes))):
         best = stats.best_rate({lr: [r["val_loss"] for r in rs] for lr, rs in rates.items()})
         groups[key] = sorted(rates[best["best"]], key=lambda r: r["seed"])
         rows.append((key, best))
@@ -568,8 +573,7 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
     same_data = {(m, data(r)) for (m, _), rs in ref.items() for r in rs}
     own = defaultdict(list, {k: kept for k, rs in own.items()  # a tag on other data is not this table's
                              if (kept := [r for r in rs if (k[0], data(r)) in same_data])})
-    order = Layout().scaling_models
-    sizes = sorted({m for m, _ in ref}, key=lambda m: (order.index(m) if m in order else len(order), m))
+    sizes = sorted({m for m, _ in ref}, key=lambda m: in_order(m, Layout().scaling_models))
     if not sizes:
         return []
 
