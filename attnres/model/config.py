@@ -206,9 +206,9 @@ class Config:
         for f in ("rms_norm_eps", "residual_eps"):
             if not getattr(self, f) > 0:
                 raise bad(f, getattr(self, f), "a float > 0")
-        for f in ("init_std", "embed_init_std"):
+        for f, default in (("init_std", "sqrt(2 / (5 dim))"), ("embed_init_std", "the init std")):
             if getattr(self, f) is not None and not getattr(self, f) > 0:
-                raise bad(f, getattr(self, f), "a float > 0 or null (sqrt(2 / (5 dim)))")
+                raise bad(f, getattr(self, f), f"a float > 0 or null ({default})")
 
     # ------------------------------------------------------------------ derived shape
 
