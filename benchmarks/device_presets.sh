@@ -14,7 +14,7 @@
 #      the visible GPU, no TORCH_CUDA_ARCH_LIST), installed into /tmp/inst, `attnres info` run there,
 #      and the .so copied in place and, xz-compressed, into $OUT (carry it back as .devbuild/ next time);
 #   2. (fresh build, or PRESETS_TESTS given) the GPU tests, verbose (the log shows how far a cut run got),
-#      bounded by PRESETS_TEST_S (default 150 s);
+#      bounded by PRESETS_TEST_S (default 150 s) and each by PRESETS_TEST_EACH_S (default 90 s, pytest-timeout);
 #   3. `attnres bench e2e` training rows for SHAPES, profiled (device time vs wall), within the time left;
 #   4. Triton's autotune results (fla's KDA kernels) packed into $OUT/triton_autotune.tgz.
 # Everything ends within PRESETS_TOTAL_S (default 540 s).
@@ -36,7 +36,11 @@ extension_carried_or_wheel || exit 1
 python3 -c "from attnres import ops; print('depth ops on cuda:', ops.backend('cuda'))"
 if (( fresh )) || [[ -n ${PRESETS_TESTS:-} ]]; then
   # the GPU tests of the KDA path (fla, document packing) first, then the CUDA op tests, in one log
-  timeout "${PRESETS_TEST_S:-150}" python3 -m pytest -v -p no:logging -rfE ${PRESETS_TESTS:-tests/gpu/test_documents_fla_gpu.py \
+  # one slow test (a Triton autotune, a hang) fails alone after PRESETS_TEST_EACH_S and the rest still run;
+  # --durations names the slow ones
+  each_timeout=""
+  python3 -c "import pytest_timeout" 2>/dev/null && each_timeout="--timeout ${PRESETS_TEST_EACH_S:-90}"
+  timeout "${PRESETS_TEST_S:-150}" python3 -m pytest -v -p no:logging -rfE --durations 15 $each_timeout ${PRESETS_TESTS:-tests/gpu/test_documents_fla_gpu.py \
     tests/gpu/test_fla_model_gpu.py tests/gpu/test_kda_fla_gpu.py tests/test_ops_cuda.py} >"$OUT/tests_gpu.log" 2>&1
   echo "GPU tests: exit $? ($(tail -1 "$OUT/tests_gpu.log"); $(grep -c PASSED "$OUT/tests_gpu.log") passed)"
   grep -E "^(FAILED|ERROR)" "$OUT/tests_gpu.log" | head -20

@@ -9,6 +9,8 @@ order, in the same process as the other rows.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,6 +145,23 @@ def template_rows(run: Run, shape: Shape, compile: bool, precision: str, per_ste
         guarded(run, {**base, "impl": impl}, lambda g=guard: template(g), compiles=compile, reset=compile)
 
 
+def prepare_kda_autotune(device: torch.device) -> dict[str, Any] | None:
+    """What ``attnres fit`` does before its first step (:meth:`LanguageModel.on_fit_start`), for every
+    implementation alike (ours and fla's model call the same KDA kernels): the shipped autotune results
+    seeded into Triton's cache, untuned keys pinned to the nearest tuned configuration (none with
+    ``ATTNRES_KDA_AUTOTUNE=1``: Triton benchmarks every new shape, minutes each). None off CUDA or
+    without fla; else what was done, for the JSON."""
+    if device.type != "cuda" or importlib.util.find_spec("fla") is None:
+        return None
+    from lightning_modules.warmup import pin_untuned_kda, seed_autotune
+
+    seeded = seed_autotune(device)
+    pinned = pin_untuned_kda()
+    print(f"[bench] fla's KDA autotuning: {seeded} shipped results seeded, {len(pinned)} kernels take the "
+          "nearest tuned configuration for new shapes (ATTNRES_KDA_AUTOTUNE=1: benchmark each instead)")
+    return {"seeded": seeded, "pinned": pinned, "autotune_env": os.environ.get("ATTNRES_KDA_AUTOTUNE")}
+
+
 def bench_e2e(
     quick: bool = False,
     shapes: list[Literal["dense", "medium", "kda-dense", "small", "s", "m"]] | None = None,
@@ -205,7 +224,9 @@ def bench_e2e(
         out: JSON path (default ``benchmarks/results/e2e_<device>[_<tag>].json``).
     """
     path = Path(out) if out else default_out_path(device, tag, quick)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = run_e2e_benchmark(
+        kda_autotune=prepare_kda_autotune(dev),
         quick=quick, shapes=shapes or ["dense", "medium"], modes=modes or list(MODES),
         kinds=kinds or list(KINDS), variants=variants or (["eager"] if quick else ["eager", "compile"]),
         impls=impls or list(IMPLS), num_blocks=num_blocks, graphs=graphs, template_compile=template_compile,

@@ -215,34 +215,50 @@ def _kernel_name(tuner: Any) -> str:
     return fn.__name__
 
 
-def pin_untuned_kda(cache: Path | None = None, modules: list | None = None) -> list[str]:
+def pin_untuned_kda(
+    cache: Path | None = None, modules: list | None = None, untuned: str = "tune"
+) -> list[str]:
     """Make fla's autotuned kernels take, for a key Triton holds no result for, the fastest configuration
     of the nearest key in ``cache`` (default: Triton's cache, after :func:`seed_autotune`) instead of
     benchmarking every configuration. Only with the fla and Triton versions the shipped results were
     made with, and not when ``ATTNRES_KDA_AUTOTUNE=1``. ``modules``: where the kernels are (default: every
-    loaded ``fla.ops`` module, after importing ``fla.ops.kda``). Returns the names of the kernels pinned."""
-    if os.environ.get("ATTNRES_KDA_AUTOTUNE") == "1" or (modules is None and not _version_ok()):
+    loaded ``fla.ops`` module, after importing ``fla.ops.kda``). ``untuned``: what a key with no tuned
+    neighbour does: ``"tune"`` (Triton benchmarks, as without pinning) or ``"first"`` (no benchmarking at
+    all: the kernel's configurations in their order, the first that launches; every autotuned kernel of
+    ``modules`` is pinned, and by default those of every loaded ``fla`` module, after importing
+    ``fla.ops`` and ``fla.modules``: for tests, which check numbers, not speed). Returns the names of
+    the kernels pinned."""
+    if untuned not in ("tune", "first"):
+        raise ValueError(f"untuned={untuned!r}: use 'tune' or 'first'")
+    first = untuned == "first"
+    if os.environ.get("ATTNRES_KDA_AUTOTUNE") == "1" or (modules is None and not first and not _version_ok()):
         return []
     tuned = best_configs(triton_cache_dir() if cache is None else cache)
     if modules is None:
         import fla.ops.kda  # noqa: F401  (loads the KDA kernels and the common ones they use)
 
-        modules = [m for name, m in list(sys.modules.items()) if name.startswith("fla.ops") and m is not None]
+        prefix = "fla.ops"
+        if first:
+            import fla.modules  # noqa: F401
+            import fla.ops  # noqa: F401
+
+            prefix = "fla."
+        modules = [m for name, m in list(sys.modules.items()) if name.startswith(prefix) and m is not None]
     pinned = []
     for tuner in _autotuners(modules):
         name = _kernel_name(tuner)
-        if name not in tuned or getattr(tuner, "_attnres_pinned", False):
+        if (name not in tuned and not first) or getattr(tuner, "_attnres_pinned", False):
             continue
-        _pin(tuner, tuned[name])
+        _pin(tuner, tuned.get(name, []), first)
         pinned.append(name)
     return sorted(pinned)
 
 
-def _pin(tuner: Any, entries: list[tuple[tuple, dict[str, Any]]]) -> None:
+def _pin(tuner: Any, entries: list[tuple[tuple, dict[str, Any]]], first: bool = False) -> None:
     import triton
 
     run = tuner.run
-    refused: set[tuple] = set()  # keys whose borrowed config did not launch: Triton tunes those
+    refused: set[tuple] = set()  # keys whose borrowed configs did not launch: Triton tunes those
 
     def pinned_run(*args: Any, **kwargs: Any) -> Any:
         # Triton's own key (triton.runtime.autotuner.Autotuner.run): the key arguments, then every dtype
@@ -253,17 +269,24 @@ def _pin(tuner: Any, entries: list[tuple[tuple, dict[str, Any]]]) -> None:
         if key in tuner.cache or key in refused:
             return run(*args, **kwargs)
         fields = nearest_config(entries, key)
-        if fields is None or not set(fields.get("kwargs", {})) <= set(tuner.arg_names):
-            return run(*args, **kwargs)
-        tuner.cache[key] = triton.Config(
-            fields["kwargs"], num_warps=fields["num_warps"], num_stages=fields["num_stages"],
-            num_ctas=fields.get("num_ctas", 1), maxnreg=fields.get("maxnreg"))
-        try:
-            return run(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - e.g. the borrowed config needs more shared memory at this shape
-            tuner.cache.pop(key, None)  # compile and resource errors come before the launch: tune instead
-            refused.add(key)
-            return run(*args, **kwargs)
+        if fields is not None and set(fields.get("kwargs", {})) <= set(tuner.arg_names):
+            candidates = [triton.Config(
+                fields["kwargs"], num_warps=fields["num_warps"], num_stages=fields["num_stages"],
+                num_ctas=fields.get("num_ctas", 1), maxnreg=fields.get("maxnreg"))]
+        elif first:  # the configurations the kernel itself would benchmark (some prune by shape)
+            prune = getattr(tuner, "early_config_prune", None)
+            candidates = list(prune(tuner.configs, dict(zip(tuner.arg_names, args)), **kwargs)
+                              if prune else tuner.configs)
+        else:
+            candidates = []
+        for config in candidates:
+            tuner.cache[key] = config
+            try:
+                return run(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - e.g. the config needs more shared memory at this shape
+                tuner.cache.pop(key, None)  # compile and resource errors come before the launch
+        refused.add(key)
+        return run(*args, **kwargs)
 
     tuner.run = pinned_run
     tuner._attnres_pinned = True

@@ -415,3 +415,28 @@ def test_fast_attnres_loads_apart_from_ours_and_computes_our_loss_and_gradients(
         for p in ("weight", "norm_weight"):
             torch.testing.assert_close(getattr(theirs.residual.queries[name], p).grad,
                                        getattr(ours.residual.queries[name], p).grad)
+
+
+def test_bench_e2e_seeds_and_pins_kda_autotuning_on_a_gpu_and_records_it(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from lightning_modules import bench_template, warmup
+
+    calls = []
+    monkeypatch.setattr(warmup, "seed_autotune", lambda device: calls.append(("seed", device.type)) or 7)
+    monkeypatch.setattr(warmup, "pin_untuned_kda", lambda: calls.append(("pin",)) or ["k1", "k2"])
+    assert bench_template.prepare_kda_autotune(torch.device("cpu")) is None and calls == []
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "fla" else real(name, *a))
+    got = bench_template.prepare_kda_autotune(torch.device("cuda"))
+    assert calls == [("seed", "cuda"), ("pin",)]
+    assert got == {"seeded": 7, "pinned": ["k1", "k2"], "autotune_env": None}
+    assert "7 shipped results seeded, 2 kernels" in capsys.readouterr().out
+    # the command records what was done in its JSON
+    monkeypatch.setattr(bench_template, "prepare_kda_autotune",
+                        lambda device: {"seeded": 3, "device": device.type})
+    out = tmp_path / "e2e.json"
+    bench_template.bench_e2e(quick=True, shapes=["dense"], modes=["standard"], kinds=["prefill"],
+                             impls=["attnres"], warmup=1, repeat=1, profile=False, device="cpu", out=str(out))
+    assert json.loads(out.read_text())["kda_autotune"] == {"seeded": 3, "device": "cpu"}

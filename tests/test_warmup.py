@@ -7,6 +7,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from attnres.model import Decoder, get_config
@@ -213,3 +214,42 @@ def test_a_borrowed_config_that_fails_to_launch_falls_back_to_tuning(tmp_path, m
     assert seen == [{"BK": 32}, None]  # tried the borrowed config once, then Triton's own tuning
     assert kern2[(1,)](torch.zeros(2), 128) == "tuned" and seen[-1] is None  # not borrowed again
 
+
+
+def test_untuned_first_takes_the_first_config_that_launches_without_benchmarking(tmp_path, monkeypatch):
+    import types
+
+    import triton
+    import triton.language as tl
+
+    def keep_wide(configs, nargs, **kwargs):  # the kernel's own pruning: BK below 16 is not allowed here
+        return [c for c in configs if c.kwargs["BK"] >= 16]
+
+    configs = [triton.Config({"BK": bk}) for bk in (8, 16, 32, 64)]
+
+    @triton.autotune(configs=configs, key=["K"], prune_configs_by={"early_config_prune": keep_wide})
+    @triton.jit
+    def kern4(x, K, BK: tl.constexpr):
+        pass
+
+    seen = []
+
+    def run(*args, **kwargs):  # Triton's run: BK 16 is out of resources at this shape; no tuning allowed
+        config = kern4.cache.get((128, "torch.float32"))
+        assert config is not None, "Triton would benchmark every configuration here"
+        seen.append(config.kwargs["BK"])
+        if config.kwargs["BK"] == 16:
+            raise RuntimeError("out of resources: shared memory")
+        return "ran"
+
+    kern4.run = run
+    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
+    module = types.SimpleNamespace(kern4=kern4)
+    # no tuned result for kern4 at all: "tune" leaves it alone, "first" pins it
+    assert warmup.pin_untuned_kda(tmp_path, modules=[module]) == []
+    assert warmup.pin_untuned_kda(tmp_path, modules=[module], untuned="first") == ["kern4"]
+    assert kern4[(1,)](torch.zeros(2), 128) == "ran"
+    assert seen == [16, 32]  # pruned BK 8 skipped, BK 16 refused, BK 32 kept
+    assert kern4[(1,)](torch.zeros(2), 128) == "ran" and seen[-1] == 32  # cached: not tried again
+    with pytest.raises(ValueError, match="untuned='fastest'"):
+        warmup.pin_untuned_kda(tmp_path, modules=[module], untuned="fastest")

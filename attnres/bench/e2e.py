@@ -421,6 +421,7 @@ def run_e2e_benchmark(
     out: str | Path | None = None,
     tag: str | None = None,
     template_rows: TemplateRows | None = None,
+    kda_autotune: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the end-to-end benchmark; returns the result dict (also written as JSON to ``out``).
 
@@ -429,7 +430,8 @@ def run_e2e_benchmark(
     compiled (fla); they are skipped once ``budget_s`` seconds have passed (a compiled row also needs
     ``compile_reserve_s`` left). ``tag`` names the run in the JSON (and in
     :func:`~attnres.bench.report.merge_results`). ``template_rows`` runs the ``template`` kind (without
-    it those rows are recorded as skipped). A quick run on a CPU uses one thread (tiny shapes run
+    it those rows are recorded as skipped). ``kda_autotune``: how fla's KDA autotuning was prepared (the
+    caller seeds and pins it), recorded in the JSON. A quick run on a CPU uses one thread (tiny shapes run
     faster so, and a loaded machine does not stall them).
 
     The other arguments: ``shapes`` (names of :func:`~attnres.bench.shapes.default_shapes`), ``modes``,
@@ -457,6 +459,7 @@ def _run_e2e(
     template_compile: bool | None, template_precision: str, template_callbacks: bool, warmup: int,
     repeat: int, budget_s: float, compile_reserve_s: float | None, profile: bool,
     device: str | None, out: str | Path | None, tag: str | None, template_rows: TemplateRows | None,
+    kda_autotune: dict[str, Any] | None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -495,6 +498,7 @@ def _run_e2e(
                      "budget_s": budget_s,
                      "graphs": graphs, "template_compile": template_compile,
                      "template_precision": template_precision, "template_callbacks": template_callbacks},
+        "kda_autotune": kda_autotune,
         "shapes": {s: all_shapes[s].describe() for s in shapes},
         "residual_traffic": {
             s: {m: residual_traffic(all_shapes[s].config.replace(residual=m), all_shapes[s].batch,
