@@ -13,6 +13,14 @@ they run, and ``torch.compile`` compiles the model. Neither prints anything by i
   fastest configuration of the nearest tuned shape (same head dim first) instead of benchmarking, so the
   first step of any preset starts within seconds; ``ATTNRES_KDA_AUTOTUNE=1`` autotunes instead;
 * :func:`first_step_notices` says, in one line each, what is about to take long and about how long.
+
+fla 0.6 has a config cache of its own (``FLA_CACHE_MODE`` / ``FLA_CONFIG_DIR``, ``fla.ops.utils.cache``),
+not used here because: its mode is read once, when fla is first imported (a library cannot count on
+setting it first in a user's process); its fuzzy match takes the first entry of the same key layout
+whatever its numbers (a head dim 64 configuration for a head dim 128 key), where the nearest key of the
+same head dim is what carries over; and a cached configuration that fails to compile at the new shape
+raises instead of falling back to tuning. Triton's own ``*.autotune.json`` results, which these
+functions reuse, are what any GPU run writes (``TRITON_CACHE_DIR``), so collecting more needs no tool.
 """
 
 from __future__ import annotations
