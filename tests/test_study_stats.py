@@ -154,3 +154,35 @@ def test_each_mode_is_taken_at_its_own_best_rate():
     sizes = [line.split(" | ")[0] for line in lines if line.startswith("| ") and "---" not in line][1:]
     assert sizes == ["| xs", "| s", "| s"]  # sizes in the study's order (xs, s, m, l), not by name
     assert best_rate_groups(runs, "other") == ({}, [])
+
+
+def test_the_audit_at_each_models_best_rate():
+    from benchmarks.study.analyze import audit_best_rates
+
+    def study(residual, seed, tag, lr, loss):
+        return {"run_id": f"s-{residual}-seed{seed}-{tag}", "model": "s", "residual": residual, "seed": seed,
+                "status": "complete", "val_loss": loss, "config": {"model": {"lr": lr}}}
+
+    def ref(residual, seed, tag, lr, loss, blocks=8):
+        mode = residual + (str(blocks) if residual == "block" else "")
+        return {"kind": "baseline-audit", "status": "complete", "arch": "reference", "model": "s",
+                "residual": residual, "num_blocks": blocks, "seed": seed, "final_val_loss": loss,
+                "run_id": f"s-reference-{mode}-seed{seed}-{tag}", "settings": {"lr": lr}}
+
+    runs = ([study("standard", k, "pk", 2e-3, 3.0 + 0.1 * k) for k in range(3)]       # mean 3.1
+            + [study("standard", k, "pk-lr2", 4e-3, 2.9 + 0.1 * k) for k in range(2)]  # mean 2.95: best
+            + [study("standard", 0, "pk-lr4", 8e-3, 3.2), study("block8", 0, "pk", 2e-3, 2.7)])
+    audits = ([ref("plain", k, "pk", 2e-3, 3.0 + 0.1 * k) for k in range(3)]          # mean 3.1: best
+              + [ref("plain", 0, "pk-lr2", 4e-3, 3.3), ref("block", 0, "pk", 2e-3, 2.9)]
+              + [ref("plain", 0, "other", 4e-3, 1.0)])  # another tag: left out
+    # the reference at one rate only: nothing to add to the audit table
+    assert audit_best_rates(runs, [a for a in audits if "lr2" not in a["run_id"]], "pk") == []
+    lines = audit_best_rates(runs, audits, "pk")
+    rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| s |")}
+    assert rows["project standard"] == "| s | project standard | 0.004 | 3 | 2 | 2.9500 ± 0.0707 | – |"
+    assert rows["project Block N=8"].startswith(
+        "| s | project Block N=8 | 0.002 | 1 | 1 | 2.7000 | -0.2500 [")
+    assert rows["reference (litgpt GPT)"].startswith(
+        "| s | reference (litgpt GPT) | 0.002 (edge) | 2 | 3 | 3.1000 ± 0.1000 | +0.1500 [")
+    assert rows["reference + Block N=8"].startswith(
+        "| s | reference + Block N=8 | 0.002 | 1 | 1 | 2.9000 | -0.0500 [")

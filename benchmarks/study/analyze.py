@@ -700,6 +700,48 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def audit_best_rates(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str) -> list[str]:
+    """The audit with every model at its own best rate (issue 25: the baseline tuned as the reference
+    is): the project's standard and Block models (the study's runs tagged ``tag`` and ``tag-lr<scale>``,
+    :func:`by_rate`) and the reference with and without Block AttnRes (``audit.py``'s runs of those tags,
+    ids ``<size>-reference-<mode>-seed<k>-<tag>[-lr<scale>]``), each at the rate of its lowest seed-mean
+    loss; differences from the project's standard model at its best rate. Empty unless some reference
+    was trained at two rates or more."""
+    from benchmarks.study.audit import default_run_id
+
+    rated: dict[tuple[str, str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (model, mode), rates in by_rate(runs, tag).items():
+        for lr, rs in rates.items():
+            rated[(model, "study", mode)][lr] += [r["val_loss"] for r in rs]
+    for r in audits:
+        rid = default_run_id(r["model"], "reference", r["residual"], r["num_blocks"], r["seed"], tag)
+        if r["arch"] == "reference" and (r["run_id"] == rid or r["run_id"].startswith(rid + "-lr")):
+            mode = r["residual"] + (str(r["num_blocks"]) if r["residual"] == "block" else "")
+            rated[(r["model"], "audit", mode)][float(r["settings"]["lr"])].append(r["final_val_loss"])
+    if not any(len(rates) > 1 for (_, src, _), rates in rated.items() if src == "audit"):
+        return []
+    lines = [f"### Baseline audit, every model at its own best learning rate (runs tagged {tag})", "",
+             "Each row at the rate of its lowest seed-mean loss among the rates it was trained at (an edge "
+             "mark: the optimum may lie beyond); differences from the project's standard model at its own "
+             f"best rate, {stats.LEVEL:.0%} bootstrap interval over the seeds.", "",
+             "| size | model | best lr | rates tried | seeds | final val loss "
+             "| − project standard at its best |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    at_best = {k: (p := stats.best_rate(rates), rates[p["best"]]) for k, rates in rated.items()}
+    for model in sorted({m for m, src, _ in rated if src == "audit"},
+                        key=lambda m: in_order(m, Layout().scaling_models)):
+        base = at_best.get((model, "study", "standard"), (None, []))[1]
+        for name, src, mode, *_ in AUDIT_ROWS:
+            if (model, src, mode) not in at_best:
+                continue
+            point, losses = at_best[(model, src, mode)]
+            diff = "–" if mode == "standard" and src == "study" else diff_cell(base, losses)
+            edge = " (edge)" if point["at_edge"] else ""
+            lines.append(f"| {model} | {name} | {point['best']:g}{edge} | {point['points']} | "
+                         f"{len(losses)} | {fmt(*mean_std(losses)[:2])} | {diff} |")
+    return lines
+
+
 def analyze(results: str | Path, out: str | Path, lay: Layout | None = None,
             tag: str | None = None, audits: str | Path = "benchmarks/results/audit",
             best_rates: bool = True) -> dict[str, Any]:
@@ -716,8 +758,10 @@ def analyze(results: str | Path, out: str | Path, lay: Layout | None = None,
     lines: list[str] = []
     scaling_lines, fits = scaling(groups, out, lay)
     val_curves(groups, out, lay)
+    found = load_audits(audits)
     for part in (
-        audit(runs, load_audits(audits), tag, out),
+        audit(runs, found, tag, out),
+        audit_best_rates(runs, found, tag) if tag and best_rates else [],
         best_lines,
         scaling_lines,
         ablation(groups, out, lay),
