@@ -11,7 +11,9 @@ they run, and ``torch.compile`` compiles the model. Neither prints anything by i
   (other versions) are simply not used;
 * :func:`pin_untuned_kda`: for a KDA shape those results do not cover, fla's autotuned kernels take the
   fastest configuration of the nearest tuned shape (same head dim first) instead of benchmarking, so the
-  first step of any preset starts within seconds; ``ATTNRES_KDA_AUTOTUNE=1`` autotunes instead;
+  first step of any preset starts within seconds; ``ATTNRES_KDA_AUTOTUNE=1`` autotunes instead, and
+  ``ATTNRES_KDA_AUTOTUNE=0`` never autotunes (a shape with no tuned neighbour, e.g. on a GPU we ship no
+  results for, takes each kernel's first configuration that launches);
 * :func:`first_step_notices` says, in one line each, what is about to take long and about how long.
 
 fla 0.6 has a config cache of its own (``FLA_CACHE_MODE`` / ``FLA_CONFIG_DIR``, ``fla.ops.utils.cache``),
@@ -117,6 +119,12 @@ def untuned_kda_shapes(model: nn.Module, device: torch.device) -> list[tuple[int
     return sorted(shapes - tuned_kda_shapes(triton_cache_dir())) if shapes else []
 
 
+def never_tune() -> bool:
+    """``ATTNRES_KDA_AUTOTUNE=0``: fla's kernels never benchmark; a key with no tuned neighbour takes the
+    kernel's first configuration that launches (:func:`pin_untuned_kda` with ``untuned="first"``)."""
+    return os.environ.get("ATTNRES_KDA_AUTOTUNE") == "0"
+
+
 def first_step_notices(model: nn.Module, device: torch.device, compiled: bool | str, seeded: int = 0,
                        pinned: bool = False) -> list[str]:
     """One line for each long first-step wait ahead: fla's autotuning of the KDA shapes Triton's cache holds
@@ -129,7 +137,12 @@ def first_step_notices(model: nn.Module, device: torch.device, compiled: bool | 
         untuned = untuned_kda_shapes(model, device)
         names = ", ".join(f"{h} heads x {k}" for h, k in untuned)
         lo_s, hi_s = AUTOTUNE_S_PER_SHAPE
-        if untuned and pinned:
+        if untuned and pinned and never_tune():
+            notes.append(
+                f"fla's KDA kernels at {names}: no autotune results for this shape on this GPU; "
+                "ATTNRES_KDA_AUTOTUNE=0: no autotuning, each kernel takes the nearest tuned shape's "
+                "configuration, else its own first one (a quick first step; the steps may be slower)")
+        elif untuned and pinned:
             notes.append(
                 f"fla's KDA kernels at {names}: no autotune results for this shape on this GPU; they take "
                 "the configurations tuned for the nearest shipped shape (no autotuning; "
@@ -139,7 +152,8 @@ def first_step_notices(model: nn.Module, device: torch.device, compiled: bool | 
             notes.append(
                 f"first use of fla's KDA kernels at {names} on this GPU: Triton autotunes them before the "
                 f"first step (~{lo}-{hi} s, measured on an H100/H200); the results are cached in {cache} "
-                "for later runs"
+                "for later runs (ATTNRES_KDA_AUTOTUNE=0 skips the tuning: each kernel's first configuration, "
+                "a quick first step, possibly slower steps)"
             )
         elif seeded:
             notes.append(f"fla's KDA autotuning: {seeded} shipped result(s) put into {cache} (no tuning)")

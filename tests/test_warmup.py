@@ -79,6 +79,13 @@ def test_notices_name_the_autotuning_only_while_the_cache_lacks_kda_results(tmp_
     (tmp_path / "B" / warmup._SHAPE_KERNEL).write_text("{")
     assert warmup.tuned_kda_shapes(tmp_path) == {(4, 64)}
     assert "4 heads x 16" in warmup.first_step_notices(model, cuda, compiled=False)[0]
+    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
+    assert "ATTNRES_KDA_AUTOTUNE=0 skips the tuning" in note
+    assert "nearest shipped shape" in warmup.first_step_notices(model, cuda, compiled=False, pinned=True)[0]
+    monkeypatch.setenv("ATTNRES_KDA_AUTOTUNE", "0")  # never tune: said so, with its cost
+    (never,) = warmup.first_step_notices(model, cuda, compiled=False, pinned=True)
+    assert "no autotuning" in never and "else its own first one" in never and "slower" in never
+    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE")
     (tmp_path / "K").mkdir()
     key = [4, 4, 16, 16, 16, 4, "torch.float32"]
     (tmp_path / "K" / warmup._SHAPE_KERNEL).write_text(json.dumps({"key": key}))
@@ -253,3 +260,19 @@ def test_untuned_first_takes_the_first_config_that_launches_without_benchmarking
     assert kern4[(1,)](torch.zeros(2), 128) == "ran" and seen[-1] == 32  # cached: not tried again
     with pytest.raises(ValueError, match="untuned='fastest'"):
         warmup.pin_untuned_kda(tmp_path, modules=[module], untuned="fastest")
+
+
+def test_fit_start_pins_with_first_configs_only_when_told_never_to_tune(monkeypatch):
+    from lightning_modules.module import LanguageModel
+
+    lm = LanguageModel(get_config("tiny", dim=64, kda_head_dim=16, mla_v_head_dim=16, mla_qk_nope_dim=16,
+                                  mla_qk_shared_dim=8, mla_kv_rank=32, expert_dim=32, mlp_dim=128))
+    calls = []
+    monkeypatch.setattr(warmup, "seed_autotune", lambda device: 0)
+    monkeypatch.setattr(warmup, "untuned_kda_shapes", lambda model, device: [(4, 16)])
+    monkeypatch.setattr(warmup, "pin_untuned_kda", lambda untuned="tune": calls.append(untuned) or ["k"])
+    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
+    lm.on_fit_start()
+    monkeypatch.setenv("ATTNRES_KDA_AUTOTUNE", "0")
+    lm.on_fit_start()
+    assert calls == ["tune", "first"]
