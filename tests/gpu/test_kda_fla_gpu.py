@@ -275,6 +275,7 @@ def test_an_unshipped_kda_shape_runs_on_pinned_configs_without_benchmarking(tmp_
     pinned = [warmup._kernel_name(t) for t in tuners if getattr(t, "_attnres_pinned", False)]
     assert "chunk_kda_fwd_kernel_inter_solve_fused" in pinned, pinned
     before = {id(t): id(getattr(t, "configs_timings", None)) for t in tuners}
+    keys_before = {id(t): set(t.cache) for t in tuners}
     leaves = [t.detach().clone().requires_grad_() for t in _inputs(H=7, K=128, V=128, dtype=torch.bfloat16)]
     o, _ = chunk_kda(*leaves[:5], initial_state=leaves[5], output_final_state=True)
     grads = torch.autograd.grad(o.float().square().sum(), leaves[:3])
@@ -282,6 +283,11 @@ def test_an_unshipped_kda_shape_runs_on_pinned_configs_without_benchmarking(tmp_
     benchmarked = [warmup._kernel_name(t) for t in tuners
                    if id(getattr(t, "configs_timings", None)) != before[id(t)]]
     assert not benchmarked, benchmarked
+    # the session's pinning (conftest) gives a kernel with no shipped result its first configuration, which
+    # training would benchmark instead: every kernel this shape ran must have shipped results to borrow
+    ran = {warmup._kernel_name(t) for t in tuners if set(t.cache) - keys_before[id(t)]}
+    shipped = set(warmup.best_configs(tmp_path))
+    assert ran and ran <= shipped, sorted(ran - shipped)
     ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
     o_ref, _ = kda_chunked(*ref_leaves[:5], initial_state=ref_leaves[5], chunk_size=64)
     assert err_ratio(o, o_ref) < 3e-2, err_ratio(o, o_ref)
