@@ -291,16 +291,15 @@ def _pin(tuner: Any, entries: list[tuple[tuple, dict[str, Any]]], first: bool = 
         if key in tuner.cache or key in refused:
             return run(*args, **kwargs)
         fields = nearest_config(entries, key)
+        candidates = []
         if fields is not None and set(fields.get("kwargs", {})) <= set(tuner.arg_names):
-            candidates = [triton.Config(
+            candidates.append(triton.Config(
                 fields["kwargs"], num_warps=fields["num_warps"], num_stages=fields["num_stages"],
-                num_ctas=fields.get("num_ctas", 1), maxnreg=fields.get("maxnreg"))]
-        elif first:  # the configurations the kernel itself would benchmark (some prune by shape)
+                num_ctas=fields.get("num_ctas", 1), maxnreg=fields.get("maxnreg")))
+        if first:  # then the configurations the kernel itself would benchmark (some prune by shape)
             prune = getattr(tuner, "early_config_prune", None)
-            candidates = list(prune(tuner.configs, dict(zip(tuner.arg_names, args)), **kwargs)
-                              if prune else tuner.configs)
-        else:
-            candidates = []
+            candidates += (prune(tuner.configs, dict(zip(tuner.arg_names, args)), **kwargs)
+                           if prune else tuner.configs)
         for config in candidates:
             tuner.cache[key] = config
             try:
