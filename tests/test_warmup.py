@@ -276,3 +276,35 @@ def test_fit_start_pins_with_first_configs_only_when_told_never_to_tune(monkeypa
     monkeypatch.setenv("ATTNRES_KDA_AUTOTUNE", "0")
     lm.on_fit_start()
     assert calls == ["tune", "first"]
+
+
+def test_untuned_first_falls_back_from_a_borrowed_config_to_the_kernels_own(tmp_path, monkeypatch):
+    import types
+
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=[triton.Config({"BK": 16}), triton.Config({"BK": 32})], key=["K"])
+    @triton.jit
+    def kern5(x, K, BK: tl.constexpr):
+        pass
+
+    (tmp_path / "A").mkdir()
+    result = _result([64, "torch.float32"], [[_cfg(64, 4), [0.2]]])
+    (tmp_path / "A" / "kern5.autotune.json").write_text(result)
+    seen = []
+
+    def run(*args, **kwargs):  # the borrowed BK 64 is out of resources at K 128; the kernel's BK 16 runs
+        config = kern5.cache.get((128, "torch.float32"))
+        assert config is not None, "Triton would benchmark every configuration here"
+        seen.append(config.kwargs["BK"])
+        if config.kwargs["BK"] == 64:
+            raise RuntimeError("out of resources: shared memory")
+        return "ran"
+
+    kern5.run = run
+    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
+    module = types.SimpleNamespace(kern5=kern5)
+    assert warmup.pin_untuned_kda(tmp_path, modules=[module], untuned="first") == ["kern5"]
+    assert kern5[(1,)](torch.zeros(2), 128) == "ran"
+    assert seen == [64, 16]
