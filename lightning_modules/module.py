@@ -25,7 +25,7 @@ from torch import Tensor
 from torchmetrics.text import Perplexity
 
 from attnres.errors import UsageError
-from attnres.model import Config, Decoder, get_config
+from attnres.model import Config, Decoder, ModelOutput, get_config
 from lightning_modules import metrics
 from lightning_modules.tokenizer import check_same_tokenizer
 
@@ -82,6 +82,9 @@ class LanguageModel(L.LightningModule):
             compiles for a minute or more); ``regional``: each layer's token mixer and channel mixer
             compiled in place, one graph per kind of sublayer reused by every layer of that kind
             (``Decoder.compile_regions``: fewer and smaller graphs to compile; the residual path stays eager);
+            ``reduce-overhead``: the whole model compiled with torch's ``mode="reduce-overhead"``: its
+            forward and backward replayed as CUDA graphs, one launch each instead of one per kernel
+            (for launch-bound models: small shapes, the study's sizes; on a CPU the same as ``true``);
             ``false``: eager.
     """
 
@@ -97,12 +100,12 @@ class LanguageModel(L.LightningModule):
         min_lr_ratio: float = 0.1,
         decay_fraction: float = 0.2,
         schedule_steps: int | None = None,
-        compile: bool | Literal["regional"] = False,
+        compile: bool | Literal["regional", "reduce-overhead"] = False,
     ) -> None:
         super().__init__()
-        if compile not in (True, False, "regional"):
+        if compile not in (True, False, "regional", "reduce-overhead"):
             raise ValueError(f"compile={compile!r}: use true (the whole model), regional (each layer's "
-                             "mixers) or false (eager)")
+                             "mixers), reduce-overhead (the whole model as CUDA graphs) or false (eager)")
         check_optimizer_args(
             lr, weight_decay, betas, warmup_steps, min_lr_ratio, decay_fraction, schedule_steps
         )
@@ -115,7 +118,9 @@ class LanguageModel(L.LightningModule):
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)
         # kept out of the module tree (no second copy of the parameter names in the state dict)
-        self.__dict__["_compiled"] = torch.compile(self.model) if compile is True else None
+        self.__dict__["_compiled"] = (
+            torch.compile(self.model) if compile is True
+            else torch.compile(self.model, mode="reduce-overhead") if compile == "reduce-overhead" else None)
         if compile == "regional":
             self.model.compile_regions()
         self._rng_to_restore: dict | None = None
@@ -131,9 +136,22 @@ class LanguageModel(L.LightningModule):
         """The decoder on ``input_ids [B, T]`` (compiled when ``compile``, unless other keyword arguments
         ask for the eager model); ``segment_ids [B, T]``: packed documents (``data.packing: documents``)."""
         fn = self._compiled if self._compiled is not None and not kwargs else self.model
+        if fn is self._compiled and self.hparams.compile == "reduce-overhead":
+            return self._graphed(input_ids, labels, segment_ids)
         # decoding (a cache) or statistics: compiled regions too run eagerly
         with self.model.eager_regions() if kwargs else contextlib.nullcontext():
             return fn(input_ids, labels=labels, segment_ids=segment_ids, **kwargs)
+
+    def _graphed(self, input_ids: Tensor, labels: Tensor | None, segment_ids: Tensor | None) -> ModelOutput:
+        """One call of the CUDA-graphed model (``compile: reduce-overhead``). A replay writes its outputs
+        into the same memory as the previous one, so each call starts a new step for torch's CUDA-graph
+        trees, and the two scalars that outlive the step (the losses: logged, shown by the progress
+        bar) are copied out; the logits are used within the step."""
+        torch.compiler.cudagraph_mark_step_begin()
+        out = self._compiled(input_ids, labels=labels, segment_ids=segment_ids)
+        return dataclasses.replace(
+            out, loss=None if out.loss is None else out.loss.clone(),
+            aux_loss=None if out.aux_loss is None else out.aux_loss.clone())
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.config.flops_per_token(seq_len)

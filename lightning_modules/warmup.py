@@ -129,7 +129,7 @@ def first_step_notices(model: nn.Module, device: torch.device, compiled: bool | 
                        pinned: bool = False) -> list[str]:
     """One line for each long first-step wait ahead: fla's autotuning of the KDA shapes Triton's cache holds
     no results for (or, ``pinned``, that they take the nearest tuned shape's configurations), and
-    ``torch.compile`` (``compiled``: ``True``, ``"regional"`` or ``False``)."""
+    ``torch.compile`` (``compiled``: ``True``, ``"regional"``, ``"reduce-overhead"`` or ``False``)."""
     notes = []
     shapes = kda_shapes(model) if device.type == "cuda" else set()
     if shapes:
@@ -165,9 +165,11 @@ def first_step_notices(model: nn.Module, device: torch.device, compiled: bool | 
             f"torch.compile compiles each kind of sublayer ({', '.join(kinds)}) once during the first step "
             f"(cached in {inductor_cache} for later runs)")
     elif compiled:
+        graphs = (", then records its CUDA graphs over the next steps (mode reduce-overhead)"
+                  if compiled == "reduce-overhead" and device.type == "cuda" else "")
         notes.append(
             "torch.compile compiles the model during the first step (a minute or more for the GPU presets; "
-            f"cached in {inductor_cache} for later runs)"
+            f"cached in {inductor_cache} for later runs){graphs}"
         )
     return notes
 

@@ -440,3 +440,17 @@ def test_bench_e2e_seeds_and_pins_kda_autotuning_on_a_gpu_and_records_it(tmp_pat
     bench_template.bench_e2e(quick=True, shapes=["dense"], modes=["standard"], kinds=["prefill"],
                              impls=["attnres"], warmup=1, repeat=1, profile=False, device="cpu", out=str(out))
     assert json.loads(out.read_text())["kda_autotune"] == {"seeded": 3, "device": "cpu"}
+
+
+def test_the_reduce_overhead_variant_graphs_our_model_and_starts_a_graph_step_per_step(tmp_path, monkeypatch):
+    modes, steps = [], []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: modes.append(kw) or model)  # eager stand-in
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    result = e2e.run_e2e_benchmark(
+        quick=True, shapes=["dense"], modes=["standard"], kinds=["train"], variants=["reduce-overhead"],
+        warmup=1, repeat=2, profile=False, device="cpu", out=tmp_path / "e2e.json",
+    )
+    rows = [r for r in result["rows"] if r.get("variant") == "reduce-overhead"]
+    assert {r["optimizer"] for r in rows} == {"none", "adamw"} and all(r["status"] == "ok" for r in rows)
+    assert modes == [{"mode": "reduce-overhead"}]  # one model, compiled once for both rows
+    assert len(steps) == 2 * (1 + 2)  # every step: the first call and the two timed ones, per row

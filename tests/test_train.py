@@ -944,12 +944,35 @@ def test_deferred_guard_checks_every_micro_batch_of_an_accumulated_step(monkeypa
         trainer.fit(module, _micro_loader())
 
 
+def test_compile_reduce_overhead_graphs_the_model_and_copies_out_the_losses_each_step(monkeypatch):
+    from attnres.model import ModelOutput
+
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: modes.append(kw) or model)
+    steps = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(len(steps)))
+    module = _micro_module(compile="reduce-overhead")
+    assert modes == [{"mode": "reduce-overhead"}] and module._compiled is module.model
+    assert module.hparams.compile == "reduce-overhead"
+    # a stand-in for the graphed model: its outputs live in memory the next replay overwrites
+    replay = ModelOutput(logits=torch.zeros(2, 16, 64), loss=torch.tensor(2.5), aux_loss=torch.tensor(0.1))
+    module.__dict__["_compiled"] = lambda *args, **kwargs: replay
+    ids = torch.randint(0, 64, (2, 16))
+    out = module(ids, ids)
+    assert steps == [0]  # a new step of the CUDA-graph trees before the call
+    assert out.loss.item() == 2.5 and out.loss.data_ptr() != replay.loss.data_ptr()
+    assert out.aux_loss.item() == pytest.approx(0.1) and out.aux_loss.data_ptr() != replay.aux_loss.data_ptr()
+    assert out.logits is replay.logits  # used within the step: not copied
+    stats = module(ids, ids, return_stats=True)  # statistics: the eager model, no graph step
+    assert steps == [0] and stats.stats is not None
+
+
 def test_compile_regional_compiles_each_layers_mixers_and_a_bad_value_names_the_choices():
     module = _micro_module(compile="regional")
     assert module.model.regions_compiled and module._compiled is None
     assert all(layer.attn._compiled_call_impl is not None and layer.mlp._compiled_call_impl is not None
                for layer in module.model.layers.values())
     assert module.hparams.compile == "regional"
-    with pytest.raises(ValueError, match="use true .* regional .* or false"):
+    with pytest.raises(ValueError, match="use true .* regional .* reduce-overhead .* or false"):
         _micro_module(compile="layers")
     torch._dynamo.reset()

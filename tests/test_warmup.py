@@ -98,6 +98,10 @@ def test_notices_name_the_autotuning_only_while_the_cache_lacks_kda_results(tmp_
     assert f"each kind of sublayer ({kinds}) once" in regional
     monkeypatch.setattr(kda, "fla_available", lambda: False)
     assert warmup.first_step_notices(model, cuda, compiled=False) == []  # the torch KDA does not autotune
+    (graphed,) = warmup.first_step_notices(model, cuda, compiled="reduce-overhead")
+    assert graphed.startswith("torch.compile compiles the model") and "records its CUDA graphs" in graphed
+    (on_cpu,) = warmup.first_step_notices(model, torch.device("cpu"), compiled="reduce-overhead")
+    assert "CUDA graphs" not in on_cpu
 
 
 def _result(key: list, timings: list) -> str:
