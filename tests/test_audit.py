@@ -96,6 +96,28 @@ def test_wrapper_with_the_standard_residual_is_litgpts_forward(litgpt, one_threa
     torch.testing.assert_close(wrapped(ids), plain(ids), rtol=1e-5, atol=1e-5)
 
 
+def test_stream_rms_reads_the_residual_stream_the_same_way_for_every_model(litgpt, one_thread):
+    # litgpt's own forward (hooks on its norms) and the standard residual through attnres (the capture)
+    # see the same stream; the read-out is the RMS of what the final norm reads; the project's decoder
+    # gives its own hidden_rms (one per sublayer input, then the read-out)
+    torch.manual_seed(0)
+    plain = audit.build_reference(tiny_shape(), 32, "plain")
+    ids = torch.randint(0, 64, (2, 32))
+    hooked = audit.stream_rms(plain, ids, None)
+    captured = audit.stream_rms(audit.AttnResGPT(plain, "standard"), ids, None)
+    assert len(hooked) == 2 * 2 + 1 and hooked == pytest.approx(captured, rel=1e-5)
+    with torch.no_grad():
+        emb = plain.transformer.wte(ids)
+    assert hooked[0] == pytest.approx(float(emb.pow(2).mean().sqrt()), rel=1e-6)
+    assert plain.training  # back in training mode
+    pc = audit.project_config("s", 64).replace(num_layers=2, dim=64, max_seq_len=32)
+    project = audit.ProjectLM(pc)
+    rms = audit.stream_rms(project, ids, None)
+    assert len(rms) == 2 * 2 + 1 and all(math.isfinite(r) and r > 0 for r in rms)
+    with torch.no_grad():
+        assert rms[0] == pytest.approx(float(project.model.embed(ids).pow(2).mean().sqrt()), rel=1e-5)
+
+
 @pytest.mark.parametrize("init", audit.INITS)
 def test_reference_inits_have_their_stated_scales(litgpt, one_thread, init):
     """litgpt's init: sqrt(2 / 5d) everywhere, 1 / (sqrt(d) L) for the residual writers; GPT-2's (the
@@ -134,7 +156,7 @@ def test_block_attnres_at_init_reads_the_embedding_then_uniform_means(litgpt, on
         b0 = gpt.transformer.h[0]
         cos, sin = gpt.cos[:32].unsqueeze(0), gpt.sin[:32].unsqueeze(0)
         v0 = b0.attn(b0.norm_1(emb), cos, sin, None)
-    assert len(captured) == 4
+    assert len(captured) == 5  # the four sublayer inputs, then the read-out
     torch.testing.assert_close(captured[0], emb, rtol=0, atol=0)
     torch.testing.assert_close(captured[1], (emb + v0) / 2, rtol=1e-5, atol=1e-6)
     # sublayer 2 opens block 1: the embedding and block 0's summary v0 + v1, weighted equally
@@ -173,6 +195,7 @@ def test_a_whole_run_on_a_tiny_corpus(litgpt, one_thread, tmp_path):
     assert [row[1] for row in saved["val_curve"]] == [128, 256]
     assert all(math.isfinite(row[2]) for row in saved["val_curve"])
     assert saved["steps"] == 4 and saved["settings"]["lr"] == 3e-3
+    assert len(saved["hidden_rms"]) == 2 * 2 + 1 and all(r > 0 for r in saved["hidden_rms"])
     assert saved["shape"]["n_layer"] == 2 and saved["shape"]["n_embd"] == 64
     assert saved["params"]["active"] == saved["shape"]["reference_active"] + 2 * 64 * 5  # + the depth queries
 
@@ -200,7 +223,7 @@ def test_an_interrupted_run_keeps_its_validated_curve(litgpt, one_thread, tmp_pa
     assert saved["status"] == result["status"] == "cut"
     assert saved["steps"] == 5 and saved["tokens"] == 5 * 64
     assert [row[0] for row in saved["val_curve"]] == [2, 4]
-    assert saved["final_val_loss"] == saved["val_curve"][-1][2]
+    assert saved["final_val_loss"] == saved["val_curve"][-1][2] and saved["hidden_rms"] is None
     assert load_audits(tmp_path) == []  # the analysis reads complete runs only
 
     out.unlink()

@@ -102,7 +102,8 @@ def test_the_audit_table_and_figure(tmp_path):
     def study(model, residual, seed, loss):
         return {"run_id": f"{model}-{residual}-seed{seed}-pk", "model": model, "residual": residual,
                 "seed": seed, "status": "complete", "val_loss": loss, "tokens_per_s": 100.0, "tokens": 64,
-                "val_curve": [[64, 1, loss + 1], [128, 2, loss]]}
+                "val_curve": [[64, 1, loss + 1], [128, 2, loss]],
+                "final_stats": {"hidden_rms": [1.0, 5.0, 10.0 + seed]}}  # grows 10, 11, 12x
 
     def ref(model, residual, seed, loss, blocks=8, tag="-pk", arch="reference", shards="pk"):
         mode = residual + (str(blocks) if residual == "block" else "")
@@ -110,6 +111,7 @@ def test_the_audit_table_and_figure(tmp_path):
                 "residual": residual, "num_blocks": blocks, "seed": seed, "final_val_loss": loss,
                 "run_id": f"{model}-{arch}-{mode}-seed{seed}{tag}", "tokens_per_s": 200.0, "tokens": 64,
                 "val_curve": [[64, 1, loss + 1], [128, 2, loss]],
+                "hidden_rms": [2.0, 4.0] if arch == "reference" else None,
                 "settings": {"data": {"shards_dir": shards, "seq_len": 8, "seed": seed}}}
 
     runs = [study("s", "standard", k, 3.0 + 0.1 * k) for k in range(3)] + [study("s", "block8", 0, 2.9)]
@@ -121,11 +123,12 @@ def test_the_audit_table_and_figure(tmp_path):
               + [ref("s", "standard", 0, 1.0, tag="-pk-x", arch="project", shards="other")])  # other data
     lines = audit(runs, audits, "pk", tmp_path)
     rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| s |")}
-    assert rows["project standard"].endswith("| 3 | 64 | 3.1000 ± 0.1000 | – | 100 |")
+    assert rows["project standard"].endswith("| 3 | 64 | 3.1000 ± 0.1000 | – | 100 | 11.0 |")
+    assert rows["reference (litgpt GPT)"].endswith("| 200 | 2.0 |")
     assert "| 3 | 64 | 2.9000 ± 0.1000 | -0.2000 [" in rows["reference (litgpt GPT)"]
     assert "| 1 | 64 | 2.7000 | -0.4000 [" in rows["reference + Block N=8"]
     assert "| 1 | 64 | 2.9000 | -0.2000 [" in rows["project Block N=8"]
-    assert rows["project standard [audit.py i04]"].endswith("| 2 | 64 | 2.6500 ± 0.0707 | – | 200 |")
+    assert rows["project standard [audit.py i04]"].endswith("| 2 | 64 | 2.6500 ± 0.0707 | – | 200 | – |")
     assert "| 2 | 64 | 2.5500 ± 0.0707 | -0.1000 [" in rows["project Block N=8 [audit.py i04]"]
     assert not any("audit.py x" in name for name in rows)
     assert (tmp_path / "audit.png").is_file()

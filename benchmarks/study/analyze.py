@@ -584,7 +584,9 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
         rs = (groups.get((model, mode), []) if src == "study" else ref.get((model, mode), [])
               if src == "audit" else own.get((model, src, mode), []))
         return [{"curve": r["val_curve"], "loss": r["val_loss"] if src == "study" else r["final_val_loss"],
-                 "tokens_per_s": r.get("tokens_per_s") or 0.0, "tokens": r["tokens"]}
+                 "tokens_per_s": r.get("tokens_per_s") or 0.0, "tokens": r["tokens"],
+                 "hidden": (r.get("final_stats") or {}).get("hidden_rms") if src == "study"
+                 else r.get("hidden_rms")}
                 for r in sorted(rs, key=lambda r: r["seed"])]
 
     lines = ["### Baseline audit: the project's models vs an independent decoder (litgpt's GPT)", "",
@@ -592,9 +594,12 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
              f"differences from the project's standard model with a {stats.LEVEL:.0%} bootstrap interval "
              "over the seeds. Rows `[audit.py T]` are the project's decoder trained by audit.py's loop "
              "(runs tagged T: an init or an ablation, in the audit's README); their difference is from the "
-             "standard model of the same T.", "",
-             "| size | model | seeds | training tokens | final val loss | − project standard | tokens/s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "standard model of the same T. Hidden RMS last/first: the residual stream's RMS where the "
+             "final norm reads it over its RMS at the first sublayer's input (the embedding), final weights, "
+             "first 8 validation windows, mean over the seeds that recorded it.", "",
+             "| size | model | seeds | training tokens | final val loss | − project standard | tokens/s "
+             "| hidden RMS last/first |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     width = 4.6 + (3.2 if own else 0.0)  # room for the legend beside the panel
     fig, axes = plt.subplots(1, len(sizes), figsize=(width * len(sizes), 3.6), squeeze=False)
     for ax, model in zip(axes[0], sizes, strict=True):
@@ -613,8 +618,10 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
             base = [r["loss"] for r in seeds_of("study" if src == "audit" else src, model, "standard")]
             diff = "–" if mode == "standard" and src != "audit" else diff_cell(base, losses)
             loss = fmt(*mean_std(losses)[:2])
+            growth = [r["hidden"][-1] / r["hidden"][0] for r in seeds if r["hidden"]]
             lines.append(f"| {model} | {name} | {len(seeds)} | {tokens} | {loss} | {diff} | "
-                         f"{np.mean([r['tokens_per_s'] for r in seeds]):,.0f} |")
+                         f"{np.mean([r['tokens_per_s'] for r in seeds]):,.0f} | "
+                         f"{f'{np.mean(growth):.1f}' if growth else '–'} |")
             common = sorted(set.intersection(*({p[0] for p in r["curve"]} for r in seeds)))
             curve = [np.mean([{p[0]: p[2] for p in r["curve"]}[k] for r in seeds]) for k in common]
             ax.plot(common, curve, ls, marker="o", ms=2, color=color, label=f"{name} ({len(seeds)} seeds)")

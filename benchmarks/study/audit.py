@@ -148,7 +148,8 @@ class AttnResGPT(nn.Module):
         return h.normalized(norm.weight, norm.eps) if isinstance(h, DepthInput) else norm(h)
 
     def forward(self, idx: Tensor, capture: list[Tensor] | None = None) -> Tensor:
-        """Logits ``[B, T, V]`` of ``idx [B, T]``; ``capture``: append every sublayer's input ``h_i``."""
+        """Logits ``[B, T, V]`` of ``idx [B, T]``; ``capture``: append every sublayer's input ``h_i``, then
+        the read-out (what the final norm reads)."""
         from attnres.residual import DepthInput
 
         gpt, T = self.gpt, idx.shape[1]
@@ -163,7 +164,10 @@ class AttnResGPT(nn.Module):
                 if capture is not None:
                     capture.append((h.tensor() if isinstance(h, DepthInput) else h).detach())
                 self.residual.output(state, i, fn(self._norm(norm, h)))
-        return gpt.lm_head(gpt.transformer.ln_f(self.residual.readout(state)))
+        out = self.residual.readout(state)
+        if capture is not None:
+            capture.append(out.detach())
+        return gpt.lm_head(gpt.transformer.ln_f(out))
 
 
 def build_reference(shape: dict[str, int], block_size: int, residual: str = "plain", num_blocks: int = 8,
@@ -318,6 +322,38 @@ def evaluate(
     return sum(losses) / len(losses)
 
 
+@torch.no_grad()
+def stream_rms(model: nn.Module, batch: Tensor, autocast: torch.dtype | None) -> list[float]:
+    """The hidden-state growth the study's dynamics table shows for its runs (``final_stats.hidden_rms``):
+    the RMS of each sublayer's input ``h_i`` and, last, of what the final norm reads, on ``batch [B, T]``
+    (the study takes the first 8 validation windows), in eval mode. litgpt's plain GPT: the inputs of
+    each block's ``norm_1`` / ``norm_2`` and of ``ln_f`` (its residual stream, read by hooks); with an
+    ``attnres`` residual path: :meth:`AttnResGPT.forward`'s capture; the project's decoder: its own
+    ``return_stats``."""
+    model = getattr(model, "_orig_mod", model)  # a compiled model's own module, run eagerly here
+    was_training = model.training
+    model.eval()
+    captured: list[Tensor] = []
+    hooks = []
+    try:
+        with torch.autocast(batch.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            if isinstance(model, ProjectLM):
+                return model.model(batch, return_stats=True).stats["hidden_rms"].float().tolist()
+            if isinstance(model, AttnResGPT):
+                model(batch, capture=captured)
+            else:
+                t = model.transformer
+                norms = [n for b in t.h for n in (b.norm_1, b.norm_2)] + [t.ln_f]
+                hooks = [n.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+                         for n in norms]
+                model(batch)
+        return [float(h.float().pow(2).mean().sqrt()) for h in captured]
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -391,6 +427,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except KeyboardInterrupt:  # SIGINT (the device scripts' timeout): keep what was validated
         status = "cut"
     step, wall = progress["step"], time.perf_counter() - progress["t0"]
+    hidden_rms = None
+    if status == "complete":  # the study's dynamics: the first 8 validation windows, final weights
+        hidden_rms = stream_rms(model, next(iter(dm.val_dataloader()))["input_ids"][:8].to(device), autocast)
     if not val_curve:
         print(f"[audit] {run_id}: cut at step {step}, before the first validation: no JSON", flush=True)
         return {"run_id": run_id, "status": status, "val_curve": []}
@@ -405,6 +444,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": step, "tokens": step * s["tokens_per_step"],
         "epochs": step * s["data"]["batch_size"] / len(dm.train_set),
         "val_curve": val_curve, "train_curve": train_curve, "final_val_loss": val_curve[-1][2],
+        "hidden_rms": hidden_rms,
         "wall_s": wall, "tokens_per_s": step * s["tokens_per_step"] / wall,
         "device": {"name": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                    "litgpt": _version("litgpt"),
