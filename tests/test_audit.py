@@ -226,6 +226,23 @@ def test_an_interrupted_run_keeps_its_validated_curve(litgpt, one_thread, tmp_pa
     assert saved["final_val_loss"] == saved["val_curve"][-1][2] and saved["hidden_rms"] is None
     assert load_audits(tmp_path) == []  # the analysis reads complete runs only
 
+    # killed outright (SIGKILL, a crash) after two validations: the JSON written at the last one stays
+    out.unlink()
+    calls.clear()
+
+    def crash_at_6(*args, **kwargs):
+        if len(calls) == 5:
+            raise RuntimeError("the process dies here")
+        calls.append(5)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(audit, "train_step", crash_at_6)
+    with pytest.raises(RuntimeError, match="dies here"):
+        audit.main(tiny_run_args(tmp_path, steps=8))
+    saved = json.loads(out.read_text())
+    assert saved["status"] == "partial" and [row[0] for row in saved["val_curve"]] == [2, 4]
+    assert saved["steps"] == 4 and load_audits(tmp_path) == []
+
     out.unlink()
     calls.clear()
     monkeypatch.setattr(audit, "train_step", stop_at(1))

@@ -421,52 +421,65 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     opt = make_optimizer(model, s["lr"], s["weight_decay"], s["betas"], device)
     val_curve: list[list[float]] = []
     train_curve: list[list[float]] = []
-    progress, status = {"step": 0, "t0": time.perf_counter()}, "complete"
+    progress = {"step": 0, "t0": time.perf_counter()}
+    out = Path(args.output) if args.output else RESULTS / f"{run_id}.json"
+
+    def save(status: str, hidden_rms: list[float] | None = None) -> dict[str, Any]:
+        """The run's JSON as it stands, written atomically (a run killed while writing leaves the last
+        whole one): after every validation with status ``partial`` (a run killed outright, or stuck, keeps
+        its curve so far; the analysis reads complete runs only), at the end ``complete`` or ``cut``."""
+        step, wall = progress["step"], time.perf_counter() - progress["t0"]
+        result = {
+            "kind": "baseline-audit", "run_id": run_id, "status": status, "arch": args.arch,
+            "model": args.model, "residual": args.residual, "num_blocks": args.num_blocks, "seed": args.seed,
+            "shape": shape, "params": {"active": active_params(model), "total": total},
+            "settings": {**s, "precision": args.precision, "compile": args.compile,
+                         "config_overrides": overrides,
+                         "init": args.init if args.arch == "reference" else "project",
+                         "init_std": pc.weight_init_std if args.arch == "project" else None},
+            "steps": step, "tokens": step * s["tokens_per_step"],
+            "epochs": step * s["data"]["batch_size"] / len(dm.train_set),
+            "val_curve": val_curve, "train_curve": train_curve, "final_val_loss": val_curve[-1][2],
+            "hidden_rms": hidden_rms,
+            "wall_s": wall, "tokens_per_s": step * s["tokens_per_step"] / wall,
+            "device": {"name": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                       "litgpt": _version("litgpt"),
+                       "peak_memory_gb": torch.cuda.max_memory_reserved() / 2**30 if cuda else None},
+            "argv": sys.argv,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(out)
+        return result
+
+    status = "complete"
     try:
-        train(model, dm, opt, s, device, autocast, progress, val_curve, train_curve)
+        train(model, dm, opt, s, device, autocast, progress, val_curve, train_curve,
+              on_validation=lambda: save("partial"))
     except KeyboardInterrupt:  # SIGINT (the device scripts' timeout): keep what was validated
         status = "cut"
     step, wall = progress["step"], time.perf_counter() - progress["t0"]
-    hidden_rms = None
-    if status == "complete":  # the study's dynamics: the first 8 validation windows, final weights
-        hidden_rms = stream_rms(model, next(iter(dm.val_dataloader()))["input_ids"][:8].to(device), autocast)
     if not val_curve:
         print(f"[audit] {run_id}: cut at step {step}, before the first validation: no JSON", flush=True)
         return {"run_id": run_id, "status": status, "val_curve": []}
-    result = {
-        "kind": "baseline-audit", "run_id": run_id, "status": status, "arch": args.arch,
-        "model": args.model, "residual": args.residual, "num_blocks": args.num_blocks, "seed": args.seed,
-        "shape": shape, "params": {"active": active_params(model), "total": total},
-        "settings": {**s, "precision": args.precision, "compile": args.compile,
-                     "config_overrides": overrides,
-                     "init": args.init if args.arch == "reference" else "project",
-                     "init_std": pc.weight_init_std if args.arch == "project" else None},
-        "steps": step, "tokens": step * s["tokens_per_step"],
-        "epochs": step * s["data"]["batch_size"] / len(dm.train_set),
-        "val_curve": val_curve, "train_curve": train_curve, "final_val_loss": val_curve[-1][2],
-        "hidden_rms": hidden_rms,
-        "wall_s": wall, "tokens_per_s": step * s["tokens_per_step"] / wall,
-        "device": {"name": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-                   "litgpt": _version("litgpt"),
-                   "peak_memory_gb": torch.cuda.max_memory_reserved() / 2**30 if cuda else None},
-        "argv": sys.argv,
-    }
-    out = Path(args.output) if args.output else RESULTS / f"{run_id}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)  # a run cut while writing leaves no half JSON
+    hidden_rms = None
+    if status == "complete":  # the study's dynamics: the first 8 validation windows, final weights
+        hidden_rms = stream_rms(model, next(iter(dm.val_dataloader()))["input_ids"][:8].to(device), autocast)
+    result = save(status, hidden_rms)
     what = "final val" if status == "complete" else f"CUT at step {step}/{s['steps']}; last val"
     print(f"[audit] {run_id}: {what} {result['final_val_loss']:.4f} in {wall:.0f} s -> {out}", flush=True)
     return result
 
 
 def train(model: nn.Module, dm: Any, opt: torch.optim.Optimizer, s: dict[str, Any], device: torch.device,
-          autocast: torch.dtype | None, progress: dict[str, Any], val_curve: list, train_curve: list) -> None:
+          autocast: torch.dtype | None, progress: dict[str, Any], val_curve: list, train_curve: list,
+          on_validation: Any = None) -> None:
     """The training loop of :func:`run`: ``s["steps"]`` steps over ``dm``'s training windows (reshuffled
     per epoch like Lightning's sampler), the LR schedule, validation every ``s["val_every"]`` steps and
-    at the end. Appends to the curves and counts ``progress["step"]`` as it goes, so a run interrupted
-    (KeyboardInterrupt) keeps everything up to its last step."""
+    at the end (``on_validation()`` after each but the last). Appends to the curves and counts
+    ``progress["step"]`` as it goes, so a run interrupted (KeyboardInterrupt) keeps everything up to its
+    last step."""
     val_loader, train_loader = dm.val_dataloader(), dm.train_dataloader()
     epoch = 0
     while progress["step"] < s["steps"]:
@@ -487,6 +500,8 @@ def train(model: nn.Module, dm: Any, opt: torch.optim.Optimizer, s: dict[str, An
                 rate = step * s["tokens_per_step"] / (time.perf_counter() - progress["t0"])
                 print(f"[audit] step {step}/{s['steps']}: train {loss:.4f} val {val:.4f} "
                       f"({rate:,.0f} tokens/s)", flush=True)
+                if on_validation is not None and step < s["steps"]:  # the last one: the caller saves it
+                    on_validation()
             if step >= s["steps"]:
                 return
         epoch += 1
