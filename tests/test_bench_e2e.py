@@ -453,4 +453,5 @@ def test_the_reduce_overhead_variant_graphs_our_model_and_starts_a_graph_step_pe
     rows = [r for r in result["rows"] if r.get("variant") == "reduce-overhead"]
     assert {r["optimizer"] for r in rows} == {"none", "adamw"} and all(r["status"] == "ok" for r in rows)
     assert modes == [{"mode": "reduce-overhead"}]  # one model, compiled once for both rows
+    assert all(r["cudagraph_skips"] == 0 for r in rows)  # recorded: whether Inductor fell back
     assert len(steps) == 2 * (1 + 2)  # every step: the first call and the two timed ones, per row

@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch._dynamo.utils import counters
 
 from attnres import ops
 from attnres.bench.peers import (
@@ -248,6 +249,7 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
         cleanup(run.device)
         resident = torch.cuda.memory_allocated(run.device) if run.device.type == "cuda" else None
         reset_peak_memory(run.device)
+        skips = counters["inductor"]["cudagraph_skips"]
         t0 = time.perf_counter()
         try:
             step()  # first call: compilation (compiled variant) and lazy state
@@ -270,6 +272,8 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
                 impl, ops.backend(run.device)),
             params=sum(p.numel() for p in model.parameters()),
         )
+        if variant == "reduce-overhead":  # Inductor falls back to plain compiled code where it cannot graph
+            row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
         bandwidth = (run.result.get("ceilings") or {}).get("copy_gbps")
         if bandwidth:  # the residual path's bytes at the measured copy bandwidth: no kernel does better
             row["residual_floor_ms"] = traffic["step_bytes"] / (bandwidth * 1e9) * 1e3
