@@ -22,16 +22,12 @@ from attnres.bench.e2e import (
     KINDS,
     MODES,
     VARIANTS,
-    Run,
     default_out_path,
-    guarded,
-    mfu,
-    random_tokens,
     run_e2e_benchmark,
-    summary,
     template_base,
 )
 from attnres.bench.report import format_table
+from attnres.bench.rows import Run, guarded, mfu, random_tokens, summary
 from attnres.bench.shapes import Shape
 from attnres.bench.timing import peak_memory, reset_peak_memory
 from attnres.hardware import peak_flops

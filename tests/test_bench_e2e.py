@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from attnres import ops
 from attnres.bench import e2e, report
 from attnres.bench import peers as peer
+from attnres.bench import rows as rows_mod
 from attnres.bench.shapes import STUDY_MODELS, default_shapes, dense_config, residual_traffic, study_config
 from attnres.model import Decoder
 
@@ -309,7 +310,7 @@ def test_fla_model_rows_time_the_wrapped_model_and_give_the_peer_ratios(tmp_path
         built.append(cfg.residual)
         return peer.FlaModel(_FakeKDAForCausalLM(cfg)).to(device=device, dtype=dtype)
 
-    monkeypatch.setattr(e2e, "build_fla_model", fake_build)
+    monkeypatch.setattr(rows_mod, "build_fla_model", fake_build)
     monkeypatch.setattr(e2e, "fla_model_status", lambda: None)
     result = e2e.run_e2e_benchmark(
         quick=True, shapes=["kda-dense"], modes=["standard", "block"], kinds=["train"], variants=["eager"],

@@ -32,34 +32,26 @@ template/hand-written) are computed from rows of the same run.
 
 from __future__ import annotations
 
-import json
-import os
 import platform
-import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
 from attnres import ops
 from attnres.bench.peers import (
-    build_fla_model,
-    fast_attnres_fn,
     fast_attnres_status,
     fla_model_mismatch,
     fla_model_status,
     fla_status,
-    use_fla_residual,
 )
-from attnres.bench.report import compute_ratios, json_default
+from attnres.bench.rows import Run, build_model, guarded, mfu, random_tokens, summary
+from attnres.bench.serve import serve_rows
 from attnres.bench.shapes import Shape, default_shapes, residual_traffic
 from attnres.bench.timing import (
-    Timer,
     cleanup,
     command_line,
     device_slug,
@@ -71,21 +63,15 @@ from attnres.bench.timing import (
     versions,
 )
 from attnres.hardware import PEAK_BF16_FLOPS, peak_flops
-from attnres.model import Decoder, DecoderCache
 
 __all__ = [
     "IMPLS",
     "KINDS",
     "MODES",
     "VARIANTS",
-    "Run",
     "TemplateRows",
     "default_out_path",
-    "guarded",
-    "mfu",
-    "random_tokens",
     "run_e2e_benchmark",
-    "summary",
     "template_base",
 ]
 
@@ -96,114 +82,6 @@ IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "attnres-unfused", "fl
                           "fla-model")
 
 RESULTS_DIR = Path("benchmarks/results")
-
-
-# ----------------------------------------------------------------------------- the run
-
-
-@dataclass
-class Run:
-    """State of one benchmark run: settings, rows so far, the clock."""
-
-    device: torch.device
-    dtype: torch.dtype
-    warmup: int
-    repeat: int
-    quick: bool
-    deadline: float
-    compile_reserve_s: float
-    out_path: Path | None
-    result: dict[str, Any]
-    profile: bool = True
-    rows: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def timer(self) -> Timer:
-        return Timer(self.device)
-
-    def left_s(self) -> float:
-        return self.deadline - time.perf_counter()
-
-    def add(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Record a finished (or skipped) row, print it and rewrite the JSON."""
-        self.rows.append(row)
-        keys = ("kind", "shape", "mode", "impl", "variant", "optimizer", "batch")
-        line = " ".join(f"{k}={row[k]}" for k in keys if row.get(k) is not None)
-        ok = row.get("status") == "ok"
-        extra = f"{row['ms']:.3f} ms" if ok else f"{row['status']}: {row.get('reason', '')}"
-        print(f"[e2e] {line}: {extra}", flush=True)
-        self.flush()
-        return row
-
-    def flush(self) -> None:
-        self.result["rows"] = self.rows
-        self.result["ratios"] = compute_ratios(self.rows)
-        self.result["elapsed_s"] = round(time.perf_counter() - self.result["_t0"], 1)
-        if self.out_path is not None:
-            self.out_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.out_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({k: v for k, v in self.result.items() if not k.startswith("_")},
-                                      indent=1, default=json_default))
-            os.replace(tmp, self.out_path)
-
-
-def guarded(
-    run: Run, base: dict[str, Any], fn: Callable[[], dict[str, Any]], compiles: bool = False,
-    reset: bool = False,
-) -> dict:
-    """Run one row: skip it when the budget is spent (a row that ``compiles`` needs ``compile_reserve_s``
-    left), record OOM / errors instead of raising; ``reset``: drop dynamo's compiled code after it."""
-    row = dict(base)
-    need = run.compile_reserve_s if compiles else 0.0
-    if run.left_s() <= need:
-        row.update(status="skipped", reason=f"time budget ({run.left_s():.0f} s left, needs ~{need:.0f} s)")
-        return run.add(row)
-    try:
-        row.update(fn())
-        row.setdefault("status", "ok")
-    except torch.cuda.OutOfMemoryError as exc:
-        row.update(status="oom", reason=str(exc).split("\n")[0][:240])
-    except Exception as exc:  # a failed row must not end the run
-        row.update(status="error", reason=f"{type(exc).__name__}: {exc}".replace("\n", " ")[:400])
-    finally:
-        if reset:
-            torch._dynamo.reset()
-        cleanup(run.device)
-    return run.add(row)
-
-
-def _build(shape: Shape, mode: str, impl: str, run: Run, dtype: torch.dtype | None = None) -> nn.Module:
-    torch.manual_seed(0)
-    if impl == "fla-model":  # fla's KDAForCausalLM; called like our Decoder for training
-        return build_fla_model(shape.config.replace(residual=mode), run.device, dtype or run.dtype)
-    cfg = shape.config.replace(
-        residual=mode,
-        residual_recompute=impl == "attnres-recompute",
-        residual_fuse_norm=impl != "attnres-unfused",
-    )
-    with torch.device(run.device):
-        model = Decoder(cfg)
-    model.to(dtype=dtype or run.dtype)
-    if impl in ("fla", "fast-attnres"):  # their single-read op over each sublayer's sources
-        use_fla_residual(model, fast_attnres_fn() if impl == "fast-attnres" else None)
-    return model
-
-
-def random_tokens(shape: Shape, batch: int, length: int, device: torch.device, seed: int = 1) -> Tensor:
-    """Token ids ``[batch, length]`` drawn from the shape's vocabulary (a fixed ``seed``), on ``device``."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, shape.config.vocab_size, (batch, length), generator=g).to(device)
-
-
-def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
-    """Model FLOPs utilisation: achieved FLOP/s over ``peak`` (None when the device's peak is unknown)."""
-    return None if peak is None else flops_per_token * tokens_per_s / peak
-
-
-def summary(ms: list[float]) -> dict[str, Any]:
-    """A row's time fields from its samples (ms): the median, min, max and the samples themselves."""
-    med = statistics.median(ms)
-    return {"ms": med, "ms_min": min(ms), "ms_max": max(ms), "ms_samples": [round(t, 4) for t in ms]}
 
 
 # ----------------------------------------------------------------------------- training rows
@@ -222,7 +100,7 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
 
     def setup_and_time(optimizer: bool) -> dict[str, Any]:
         if "model" not in holder:
-            model = _build(shape, mode, impl, run)
+            model = build_model(shape, mode, impl, run)
             model.train()
             holder["model"] = model
             if variant == "regional":  # our decoder only: each layer's mixers compiled in place
@@ -293,93 +171,6 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
         holder.clear()
         if variant != "eager":
             torch._dynamo.reset()
-        cleanup(run.device)
-
-
-# ----------------------------------------------------------------------------- inference rows
-
-
-def _fork(cache: DecoderCache) -> DecoderCache:
-    """A cache that reads the same tensors but whose updates do not touch ``cache``: a decode step run
-    on a fork can be repeated (and replayed from a CUDA graph) on the same context."""
-    return DecoderCache(layers={k: dict(v) for k, v in cache.layers.items()}, seq_len=cache.seq_len,
-                        residual_queries=cache.residual_queries)
-
-
-def _capture(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
-    """``fn`` captured in a CUDA graph (after warm-up on a side stream); returns the replay."""
-    s = torch.cuda.Stream(device)
-    s.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def _serve_rows(run: Run, shape: Shape, mode: str, impl: str, kinds: Sequence[str], graphs: bool) -> None:
-    """Prefill and decode rows of one model (eval, no grad): eager, and replayed from a CUDA graph."""
-    holder: dict[str, Any] = {}
-    base = {"shape": shape.name, "mode": mode, "impl": impl}
-
-    def model() -> Decoder:
-        if "model" not in holder:
-            holder["model"] = _build(shape, mode, impl, run).eval()
-        return holder["model"]
-
-    try:
-        with torch.no_grad():
-            if "prefill" in kinds:
-                for b in shape.prefill_batches:
-                    def prefill(graph: bool, b: int = b) -> dict[str, Any]:
-                        m = model()
-                        prompt = random_tokens(shape, b, shape.prefill_len, run.device)
-                        call = lambda: m(prompt, cache=DecoderCache())  # noqa: B023 (used at once)
-                        fn = _capture(call, run.device) if graph else call
-                        reset_peak_memory(run.device)
-                        ms = run.timer.samples_ms(fn, run.warmup, run.repeat)
-                        row = summary(ms)
-                        row.update(tokens_per_s=b * shape.prefill_len / (row["ms"] * 1e-3),
-                                   peak_mem_bytes=peak_memory(run.device), prompt_len=shape.prefill_len)
-                        return row
-
-                    # in a CUDA graph the Python overhead per op is gone: the device-side cost
-                    for graph in (False, True) if graphs else (False,):
-                        guarded(run, {"kind": "prefill", **base, "variant": "graph" if graph else "eager",
-                                       "batch": b}, lambda b=b, graph=graph: prefill(graph, b))
-            if "decode" in kinds:
-                for b in shape.decode_batches:
-                    ctx: dict[str, Any] = {}
-
-                    def prepare(b: int = b, ctx: dict[str, Any] = ctx) -> None:
-                        m = model()
-                        cache = DecoderCache()
-                        m(random_tokens(shape, b, shape.decode_context, run.device), cache=cache)
-                        tok = random_tokens(shape, b, 1, run.device, seed=3)
-                        ctx["step"] = lambda: m(tok, cache=_fork(cache)).logits
-
-                    def decode(graph: bool, b: int = b, ctx: dict[str, Any] = ctx) -> dict[str, Any]:
-                        if "step" not in ctx:
-                            prepare(b, ctx)
-                        fn = _capture(ctx["step"], run.device) if graph else ctx["step"]
-                        reset_peak_memory(run.device)
-                        many = run.device.type == "cuda"  # a decode step is short: more repeats on a GPU
-                        ms = run.timer.samples_ms(fn, run.warmup + 2 * many, run.repeat * (4 if many else 1))
-                        row = summary(ms)
-                        row.update(tokens_per_s=b / (row["ms"] * 1e-3), context=shape.decode_context,
-                                   peak_mem_bytes=peak_memory(run.device))
-                        return row
-
-                    dbase = {"kind": "decode", **base, "batch": b}
-                    for graph in (False, True) if graphs else (False,):
-                        guarded(run, {**dbase, "variant": "graph" if graph else "eager"},
-                                 lambda b=b, ctx=ctx, graph=graph: decode(graph, b, ctx))
-                    ctx.clear()
-    finally:
-        holder.clear()
         cleanup(run.device)
 
 
@@ -567,9 +358,9 @@ def _run_e2e(
                 train(shape, "fla-model", "eager", ours)
     for shape in picked if serve else []:
         for m in ours if "attnres" in impls else []:
-            _serve_rows(run, shape, m, "attnres", serve, graphs and dev.type == "cuda")
+            serve_rows(run, shape, m, "attnres", serve, graphs and dev.type == "cuda")
         for m in theirs if fla_why is None else []:
-            _serve_rows(run, shape, m, "fla", serve, graphs and dev.type == "cuda")
+            serve_rows(run, shape, m, "fla", serve, graphs and dev.type == "cuda")
     if "train" in kinds and "regional" in variants and "attnres" in impls:
         for shape in picked:
             train(shape, "attnres", "regional", ours)
