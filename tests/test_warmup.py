@@ -195,7 +195,11 @@ def test_the_shipped_results_give_an_untuned_preset_shape_a_config_of_its_head_d
     assert chosen is not None and any(c == chosen for k, c in entries if k[2] == 128)
 
 
-def test_a_borrowed_config_that_fails_to_launch_falls_back_to_tuning(tmp_path, monkeypatch):
+@pytest.mark.parametrize("untuned,tried,outcome", [
+    ("tune", [32, None], "tuned"),  # the borrowed config once, then Triton's own tuning
+    ("first", [32, 16], "ran"),     # the borrowed config, then the kernel's own in order: no tuning
+])
+def test_a_borrowed_config_that_fails_to_launch_falls_back(tmp_path, monkeypatch, untuned, tried, outcome):
     import types
 
     import triton
@@ -211,19 +215,21 @@ def test_a_borrowed_config_that_fails_to_launch_falls_back_to_tuning(tmp_path, m
     (tmp_path / "A" / "kern2.autotune.json").write_text(result)
     seen = []
 
-    def run(*args, **kwargs):  # Triton's run: the borrowed config is out of resources here, tuning works
+    def run(*args, **kwargs):  # Triton's run: BK 32 is out of resources at K 128; None: Triton tunes
         config = kern2.cache.get((128, "torch.float32"))
-        seen.append(None if config is None else config.kwargs)
-        if config is not None:
+        seen.append(None if config is None else config.kwargs["BK"])
+        if config is not None and config.kwargs["BK"] == 32:
             raise RuntimeError("out of resources: shared memory")
-        return "tuned"
+        return "tuned" if config is None else "ran"
 
     kern2.run = run
     monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
-    assert warmup.pin_untuned_kda(tmp_path, modules=[types.SimpleNamespace(kern2=kern2)]) == ["kern2"]
-    assert kern2[(1,)](torch.zeros(2), 128) == "tuned"
-    assert seen == [{"BK": 32}, None]  # tried the borrowed config once, then Triton's own tuning
-    assert kern2[(1,)](torch.zeros(2), 128) == "tuned" and seen[-1] is None  # not borrowed again
+    module = types.SimpleNamespace(kern2=kern2)
+    assert warmup.pin_untuned_kda(tmp_path, modules=[module], untuned=untuned) == ["kern2"]
+    assert kern2[(1,)](torch.zeros(2), 128) == outcome
+    assert seen == tried
+    if untuned == "tune":  # not borrowed again
+        assert kern2[(1,)](torch.zeros(2), 128) == "tuned" and seen[-1] is None
 
 
 
@@ -280,35 +286,3 @@ def test_fit_start_pins_with_first_configs_only_when_told_never_to_tune(monkeypa
     monkeypatch.setenv("ATTNRES_KDA_AUTOTUNE", "0")
     lm.on_fit_start()
     assert calls == ["tune", "first"]
-
-
-def test_untuned_first_falls_back_from_a_borrowed_config_to_the_kernels_own(tmp_path, monkeypatch):
-    import types
-
-    import triton
-    import triton.language as tl
-
-    @triton.autotune(configs=[triton.Config({"BK": 16}), triton.Config({"BK": 32})], key=["K"])
-    @triton.jit
-    def kern5(x, K, BK: tl.constexpr):
-        pass
-
-    (tmp_path / "A").mkdir()
-    result = _result([64, "torch.float32"], [[_cfg(64, 4), [0.2]]])
-    (tmp_path / "A" / "kern5.autotune.json").write_text(result)
-    seen = []
-
-    def run(*args, **kwargs):  # the borrowed BK 64 is out of resources at K 128; the kernel's BK 16 runs
-        config = kern5.cache.get((128, "torch.float32"))
-        assert config is not None, "Triton would benchmark every configuration here"
-        seen.append(config.kwargs["BK"])
-        if config.kwargs["BK"] == 64:
-            raise RuntimeError("out of resources: shared memory")
-        return "ran"
-
-    kern5.run = run
-    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
-    module = types.SimpleNamespace(kern5=kern5)
-    assert warmup.pin_untuned_kda(tmp_path, modules=[module], untuned="first") == ["kern5"]
-    assert kern5[(1,)](torch.zeros(2), 128) == "ran"
-    assert seen == [64, 16]
