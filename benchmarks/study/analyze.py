@@ -452,14 +452,24 @@ def lr_check(runs: list[dict[str, Any]], out: Path) -> list[str]:
     return lines
 
 
+def of_sweep(run_id: str, base: str) -> bool:
+    """Whether ``run_id`` is the run ``base`` (an id ending in a sweep's tag) or one of its
+    learning-rate points, ``base-lr<scale>``."""
+    return run_id == base or run_id.startswith(base + "-lr")
+
+
+def audit_mode(r: dict[str, Any]) -> str:
+    """An ``audit.py`` run's residual as the study names its modes (``block`` with 8 blocks: ``block8``)."""
+    return r["residual"] + (str(r["num_blocks"]) if r["residual"] == "block" else "")
+
+
 def by_rate(runs: list[dict[str, Any]], tag: str) -> dict[tuple[str, str], dict[float, list[dict[str, Any]]]]:
     """The complete runs of the sweeps tagged ``tag`` and ``tag-lr<scale>``, by (size, mode) and rate."""
     by: dict[tuple[str, str], dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         base = f"{r['model']}-{r['residual']}-seed{r['seed']}-{tag}"
         lr = run_lr(r)
-        if r["status"] == "complete" and lr is not None and (
-                r["run_id"] == base or r["run_id"].startswith(base + "-lr")):
+        if r["status"] == "complete" and lr is not None and of_sweep(r["run_id"], base):
             by[(r["model"], r["residual"])][float(lr)].append(r)
     return by
 
@@ -559,7 +569,7 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
     ref: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     own: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)  # (model, suffix, mode)
     for r in audits:
-        mode = r["residual"] + (str(r["num_blocks"]) if r["residual"] == "block" else "")  # block8
+        mode = audit_mode(r)
         rid = default_run_id(r["model"], r["arch"], r["residual"], r["num_blocks"], r["seed"], tag)
         if r["arch"] == "reference" and r["run_id"] == rid:
             ref[(r["model"], mode)].append(r)
@@ -722,9 +732,9 @@ def audit_best_rates(runs: list[dict[str, Any]], audits: list[dict[str, Any]], t
             rated[(model, "study", mode)][lr] += [r["val_loss"] for r in rs]
     for r in audits:
         rid = default_run_id(r["model"], "reference", r["residual"], r["num_blocks"], r["seed"], tag)
-        if r["arch"] == "reference" and (r["run_id"] == rid or r["run_id"].startswith(rid + "-lr")):
-            mode = r["residual"] + (str(r["num_blocks"]) if r["residual"] == "block" else "")
-            rated[(r["model"], "audit", mode)][float(r["settings"]["lr"])].append(r["final_val_loss"])
+        if r["arch"] == "reference" and of_sweep(r["run_id"], rid):
+            lr = float(r["settings"]["lr"])
+            rated[(r["model"], "audit", audit_mode(r))][lr].append(r["final_val_loss"])
     if not any(len(rates) > 1 for (_, src, _), rates in rated.items() if src == "audit"):
         return []
     lines = [f"### Baseline audit, every model at its own best learning rate (runs tagged {tag})", "",
