@@ -145,8 +145,9 @@ def prepare_kda_autotune(device: torch.device) -> dict[str, Any] | None:
     """What ``attnres fit`` does before its first step (:meth:`LanguageModel.on_fit_start`), for every
     implementation alike (ours and fla's model call the same KDA kernels): the shipped autotune results
     seeded into Triton's cache, untuned keys pinned to the nearest tuned configuration (none with
-    ``ATTNRES_KDA_AUTOTUNE=1``: Triton benchmarks every new shape, minutes each). None off CUDA or
-    without fla; else what was done, for the JSON."""
+    ``ATTNRES_KDA_AUTOTUNE=1``: Triton benchmarks every new shape, minutes each; with ``=0`` a key with
+    no tuned neighbour takes the kernel's first configuration). None off CUDA or without fla; else what
+    was done, for the JSON."""
     if device.type != "cuda" or importlib.util.find_spec("fla") is None:
         return None
     from lightning_modules.warmup import pin_untuned_kda, seed_autotune

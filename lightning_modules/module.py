@@ -382,15 +382,13 @@ class LanguageModel(L.LightningModule):
 
         from lightning_modules.warmup import (
             first_step_notices,
-            never_tune,
             pin_untuned_kda,
             seed_autotune,
             untuned_kda_shapes,
         )
 
         seeded = seed_autotune(self.device)  # 0 off CUDA
-        untuned = "first" if never_tune() else "tune"
-        pinned = bool(untuned_kda_shapes(self.model, self.device) and pin_untuned_kda(untuned=untuned))
+        pinned = bool(untuned_kda_shapes(self.model, self.device) and pin_untuned_kda())
         for note in first_step_notices(self.model, self.device, self.hparams.compile, seeded, pinned):
             rank_zero_info(note)
 

@@ -240,7 +240,7 @@ def _kernel_name(tuner: Any) -> str:
 
 
 def pin_untuned_kda(
-    cache: Path | None = None, modules: list | None = None, untuned: str = "tune"
+    cache: Path | None = None, modules: list | None = None, untuned: str | None = None
 ) -> list[str]:
     """Make fla's autotuned kernels take, for a key Triton holds no result for, the fastest configuration
     of the nearest key in ``cache`` (default: Triton's cache, after :func:`seed_autotune`) instead of
@@ -250,8 +250,11 @@ def pin_untuned_kda(
     neighbour does: ``"tune"`` (Triton benchmarks, as without pinning) or ``"first"`` (no benchmarking at
     all: the kernel's configurations in their order, the first that launches; every autotuned kernel of
     ``modules`` is pinned, and by default those of every loaded ``fla`` module, after importing
-    ``fla.ops`` and ``fla.modules``: for tests, which check numbers, not speed). Returns the names of
-    the kernels pinned."""
+    ``fla.ops`` and ``fla.modules``: for tests, which check numbers, not speed); default: ``"first"``
+    under ``ATTNRES_KDA_AUTOTUNE=0`` (:func:`never_tune`), else ``"tune"``. Returns the names of the
+    kernels pinned."""
+    if untuned is None:
+        untuned = "first" if never_tune() else "tune"
     if untuned not in ("tune", "first"):
         raise ValueError(f"untuned={untuned!r}: use 'tune' or 'first'")
     first = untuned == "first"

@@ -272,17 +272,33 @@ def test_untuned_first_takes_the_first_config_that_launches_without_benchmarking
         warmup.pin_untuned_kda(tmp_path, modules=[module], untuned="fastest")
 
 
-def test_fit_start_pins_with_first_configs_only_when_told_never_to_tune(monkeypatch):
+def test_fit_start_pins_with_first_configs_only_when_told_never_to_tune(tmp_path, monkeypatch):
+    # the real pinning at fit start, over a stand-in fla.ops.kda holding one autotuned kernel that has no
+    # tuned result: left to Triton by default, pinned (first configuration) under ATTNRES_KDA_AUTOTUNE=0
+    import sys
+    import types
+
+    import triton
+    import triton.language as tl
+
     from lightning_modules.module import LanguageModel
 
+    @triton.autotune(configs=[triton.Config({"BK": 16}), triton.Config({"BK": 32})], key=["K"])
+    @triton.jit
+    def kern6(x, K, BK: tl.constexpr):
+        pass
+
+    for name in ("fla", "fla.ops", "fla.ops.kda", "fla.modules"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["fla.ops.kda"].kern6 = kern6
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # no tuned result for anything
+    monkeypatch.setattr(warmup, "_version_ok", lambda: True)
+    monkeypatch.setattr(warmup, "untuned_kda_shapes", lambda model, device: [(4, 16)])
     lm = LanguageModel(get_config("tiny", dim=64, kda_head_dim=16, mla_v_head_dim=16, mla_qk_nope_dim=16,
                                   mla_qk_shared_dim=8, mla_kv_rank=32, expert_dim=32, mlp_dim=128))
-    calls = []
-    monkeypatch.setattr(warmup, "seed_autotune", lambda device: 0)
-    monkeypatch.setattr(warmup, "untuned_kda_shapes", lambda model, device: [(4, 16)])
-    monkeypatch.setattr(warmup, "pin_untuned_kda", lambda untuned="tune": calls.append(untuned) or ["k"])
     monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
     lm.on_fit_start()
+    assert not getattr(kern6, "_attnres_pinned", False)  # "tune": Triton benchmarks it
     monkeypatch.setenv("ATTNRES_KDA_AUTOTUNE", "0")
     lm.on_fit_start()
-    assert calls == ["tune", "first"]
+    assert kern6._attnres_pinned  # "first": no benchmarking
