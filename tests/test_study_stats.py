@@ -162,30 +162,38 @@ def test_each_mode_is_taken_at_its_own_best_rate():
 def test_the_audit_at_each_models_best_rate():
     from benchmarks.study.analyze import audit_best_rates
 
-    def study(residual, seed, tag, lr, loss):
+    def study(residual, seed, tag, lr, loss, hidden=None):
         return {"run_id": f"s-{residual}-seed{seed}-{tag}", "model": "s", "residual": residual, "seed": seed,
-                "status": "complete", "val_loss": loss, "config": {"model": {"lr": lr}}}
+                "status": "complete", "val_loss": loss, "config": {"model": {"lr": lr}},
+                "final_stats": {"hidden_rms": hidden}}
 
-    def ref(residual, seed, tag, lr, loss, blocks=8):
+    def ref(residual, seed, tag, lr, loss, blocks=8, hidden=None):
         mode = residual + (str(blocks) if residual == "block" else "")
         return {"kind": "baseline-audit", "status": "complete", "arch": "reference", "model": "s",
                 "residual": residual, "num_blocks": blocks, "seed": seed, "final_val_loss": loss,
-                "run_id": f"s-reference-{mode}-seed{seed}-{tag}", "settings": {"lr": lr}}
+                "run_id": f"s-reference-{mode}-seed{seed}-{tag}", "settings": {"lr": lr},
+                "hidden_rms": hidden}
 
     runs = ([study("standard", k, "pk", 2e-3, 3.0 + 0.1 * k) for k in range(3)]       # mean 3.1
-            + [study("standard", k, "pk-lr2", 4e-3, 2.9 + 0.1 * k) for k in range(2)]  # mean 2.95: best
+            + [study("standard", k, "pk-lr2", 4e-3, 2.9 + 0.1 * k, [1.0, 2.0, 10.0 + 10 * k])
+               for k in range(2)]
             + [study("standard", 0, "pk-lr4", 8e-3, 3.2), study("block8", 0, "pk", 2e-3, 2.7)])
-    audits = ([ref("plain", k, "pk", 2e-3, 3.0 + 0.1 * k) for k in range(3)]          # mean 3.1: best
+    # best rates: the standard model's 4e-3 (mean 2.95; hidden RMS grows 10x and 20x), the reference's 2e-3
+    # (mean 3.1; one seed recorded a growth of 4x)
+    audits = ([ref("plain", k, "pk", 2e-3, 3.0 + 0.1 * k, hidden=[0.5, 2.0] if k == 1 else None)
+               for k in range(3)]
               + [ref("plain", 0, "pk-lr2", 4e-3, 3.3), ref("block", 0, "pk", 2e-3, 2.9)]
               + [ref("plain", 0, "other", 4e-3, 1.0)])  # another tag: left out
     # the reference at one rate only: nothing to add to the audit table
     assert audit_best_rates(runs, [a for a in audits if "lr2" not in a["run_id"]], "pk") == []
     lines = audit_best_rates(runs, audits, "pk")
     rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| s |")}
-    assert rows["project standard"] == "| s | project standard | 0.004 | 3 | 2 | 2.9500 ± 0.0707 | – |"
+    assert rows["project standard"] == "| s | project standard | 0.004 | 3 | 2 | 2.9500 ± 0.0707 | – | 15.0 |"
     assert rows["project Block N=8"].startswith(
         "| s | project Block N=8 | 0.002 | 1 | 1 | 2.7000 | -0.2500 [")
     assert rows["reference (litgpt GPT)"].startswith(
         "| s | reference (litgpt GPT) | 0.002 (edge) | 2 | 3 | 3.1000 ± 0.1000 | +0.1500 [")
+    assert rows["reference (litgpt GPT)"].endswith("] | 4.0 |")
+    assert rows["project Block N=8"].endswith("] | – |")
     assert rows["reference + Block N=8"].startswith(
         "| s | reference + Block N=8 | 0.002 | 1 | 1 | 2.9000 | -0.0500 [")

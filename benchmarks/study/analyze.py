@@ -628,7 +628,7 @@ def audit(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str | N
             base = [r["loss"] for r in seeds_of("study" if src == "audit" else src, model, "standard")]
             diff = "–" if mode == "standard" and src != "audit" else diff_cell(base, losses)
             loss = fmt(*mean_std(losses)[:2])
-            growth = [r["hidden"][-1] / r["hidden"][0] for r in seeds if r["hidden"]]
+            growth = [g for r in seeds if (g := rms_growth(r["hidden"])) is not None]
             lines.append(f"| {model} | {name} | {len(seeds)} | {tokens} | {loss} | {diff} | "
                          f"{np.mean([r['tokens_per_s'] for r in seeds]):,.0f} | "
                          f"{f'{np.mean(growth):.1f}' if growth else '–'} |")
@@ -717,6 +717,12 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def rms_growth(hidden: list[float] | None) -> float | None:
+    """The residual stream's RMS where the final norm reads it over its RMS at the first sublayer's input
+    (a run's ``hidden_rms``, by depth); None for a run that did not record it."""
+    return hidden[-1] / hidden[0] if hidden else None
+
+
 def audit_best_rates(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str) -> list[str]:
     """The audit with every model at its own best rate (issue 25: the baseline tuned as the reference
     is): the project's standard and Block models (the study's runs tagged ``tag`` and ``tag-lr<scale>``,
@@ -726,36 +732,44 @@ def audit_best_rates(runs: list[dict[str, Any]], audits: list[dict[str, Any]], t
     was trained at two rates or more."""
     from benchmarks.study.audit import default_run_id
 
-    rated: dict[tuple[str, str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    rated: dict[tuple[str, str, str], dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for (model, mode), rates in by_rate(runs, tag).items():
         for lr, rs in rates.items():
-            rated[(model, "study", mode)][lr] += [r["val_loss"] for r in rs]
+            rated[(model, "study", mode)][lr] += [
+                {"loss": r["val_loss"], "growth": rms_growth((r.get("final_stats") or {}).get("hidden_rms"))}
+                for r in rs]
     for r in audits:
         rid = default_run_id(r["model"], "reference", r["residual"], r["num_blocks"], r["seed"], tag)
         if r["arch"] == "reference" and of_sweep(r["run_id"], rid):
             lr = float(r["settings"]["lr"])
-            rated[(r["model"], "audit", audit_mode(r))][lr].append(r["final_val_loss"])
+            rated[(r["model"], "audit", audit_mode(r))][lr].append(
+                {"loss": r["final_val_loss"], "growth": rms_growth(r.get("hidden_rms"))})
     if not any(len(rates) > 1 for (_, src, _), rates in rated.items() if src == "audit"):
         return []
     lines = [f"### Baseline audit, every model at its own best learning rate (runs tagged {tag})", "",
              "Each row at the rate of its lowest seed-mean loss among the rates it was trained at (an edge "
              "mark: the optimum may lie beyond); differences from the project's standard model at its own "
-             f"best rate, {stats.LEVEL:.0%} bootstrap interval over the seeds.", "",
+             f"best rate, {stats.LEVEL:.0%} bootstrap interval over the seeds; hidden RMS last/first as in "
+             "the table above (mean over the seeds that recorded it).", "",
              "| size | model | best lr | rates tried | seeds | final val loss "
-             "| − project standard at its best |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    at_best = {k: (p := stats.best_rate(rates), rates[p["best"]]) for k, rates in rated.items()}
+             "| − project standard at its best | hidden RMS last/first |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    losses_of = {k: {lr: [r["loss"] for r in rs] for lr, rs in rates.items()} for k, rates in rated.items()}
+    at_best = {k: (p := stats.best_rate(losses_of[k]), rates[p["best"]]) for k, rates in rated.items()}
     for model in sorted({m for m, src, _ in rated if src == "audit"},
                         key=lambda m: in_order(m, Layout().scaling_models)):
-        base = at_best.get((model, "study", "standard"), (None, []))[1]
+        base = [r["loss"] for r in at_best.get((model, "study", "standard"), (None, []))[1]]
         for name, src, mode, *_ in AUDIT_ROWS:
             if (model, src, mode) not in at_best:
                 continue
-            point, losses = at_best[(model, src, mode)]
+            point, seeds = at_best[(model, src, mode)]
+            losses = [r["loss"] for r in seeds]
             diff = "–" if mode == "standard" and src == "study" else diff_cell(base, losses)
             edge = " (edge)" if point["at_edge"] else ""
+            growth = [r["growth"] for r in seeds if r["growth"] is not None]
             lines.append(f"| {model} | {name} | {point['best']:g}{edge} | {point['points']} | "
-                         f"{len(losses)} | {fmt(*mean_std(losses)[:2])} | {diff} |")
+                         f"{len(losses)} | {fmt(*mean_std(losses)[:2])} | {diff} | "
+                         f"{f'{np.mean(growth):.1f}' if growth else '–'} |")
     return lines
 
 
