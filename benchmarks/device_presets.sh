@@ -40,7 +40,9 @@ if (( fresh )) || [[ -n ${PRESETS_TESTS:-} ]]; then
   # --durations names the slow ones
   each_timeout=""
   python3 -c "import pytest_timeout" 2>/dev/null && each_timeout="--timeout ${PRESETS_TEST_EACH_S:-90}"
-  timeout "${PRESETS_TEST_S:-150}" python3 -m pytest -v -p no:logging -rfE --durations 15 $each_timeout ${PRESETS_TESTS:-tests/gpu/test_documents_fla_gpu.py \
+  # --kill-after: a test stuck in a driver call ignores pytest-timeout's SIGALRM and timeout's SIGTERM
+  # (session 18: the CUDA-graph test held the call to its limit, and nothing came back)
+  timeout --kill-after=10 "${PRESETS_TEST_S:-150}" python3 -m pytest -v -p no:logging -rfE --durations 15 $each_timeout ${PRESETS_TESTS:-tests/gpu/test_documents_fla_gpu.py \
     tests/gpu/test_fla_model_gpu.py tests/gpu/test_kda_fla_gpu.py tests/test_ops_cuda.py} >"$OUT/tests_gpu.log" 2>&1
   echo "GPU tests: exit $? ($(tail -1 "$OUT/tests_gpu.log"); $(grep -c PASSED "$OUT/tests_gpu.log") passed)"
   grep -E "^(FAILED|ERROR)" "$OUT/tests_gpu.log" | head -20

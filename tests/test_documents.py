@@ -15,7 +15,7 @@ from attnres.model.documents import DocumentMask, segment_ids_from_separators
 from attnres.model.kda import KimiDeltaAttention, ShortConv, kda_chunked, kda_recurrent
 from attnres.model.mla import MultiHeadLatentAttention
 from lightning_modules.data import TextDataModule, TokenWindows
-from tests.helpers import documents_of, packed_and_alone
+from tests.helpers import documents_of, fake_fla, packed_and_alone
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -273,52 +273,39 @@ def test_language_model_steps_hand_the_segment_ids_to_the_model(monkeypatch):
     torch.testing.assert_close(nll.mean(), packed, atol=1e-6, rtol=1e-6)  # equal-length rows: mean of means
 
 
-def _fake_fla(monkeypatch, calls: list) -> None:
-    """Stand in for fla (no Triton here): ``chunk_kda`` and ``causal_conv1d`` with fla's documented varlen
-    contract (``[1, N, ...]`` inputs, sequence ``i`` is ``cu_seqlens[i]:cu_seqlens[i + 1]``, each from a
-    zero state), computed per sequence by our recurrence and ``F.conv1d``; records each call's
-    ``cu_seqlens``."""
-    import sys
-    import types
-
-    def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                  cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
-        calls.append(None if cu_seqlens is None else cu_seqlens.tolist())
-        if cu_seqlens is None:
-            return kda_recurrent(q, k, v, g, beta, scale, initial_state)
-        assert q.shape[0] == 1 and initial_state is None and not output_final_state
-        assert torch.equal(cu_seqlens_cpu, cu_seqlens.cpu())
-        bounds = cu_seqlens.tolist()
-        o = torch.cat([kda_recurrent(*(t[:, a:b] for t in (q, k, v, g, beta)), scale)[0]
-                       for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
-        return o, None
-
-    def causal_conv1d(x, weight, bias=None, activation=None, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
-        calls.append(("conv", None if cu_seqlens is None else cu_seqlens.tolist()))
-        assert activation == "silu" and bias is None
-        W, xt = weight.shape[1], x.transpose(1, 2)
-        if cu_seqlens is None:  # every row of [B, T, C] from zeros
-            y = F.conv1d(F.pad(xt, (W - 1, 0)), weight.unsqueeze(1), groups=x.shape[2])
-            return F.silu(y.transpose(1, 2)), None
-        assert x.shape[0] == 1
-        bounds = cu_seqlens.tolist()
-        pieces = [F.conv1d(F.pad(xt[..., a:b], (W - 1, 0)), weight.unsqueeze(1), groups=x.shape[2])
-                  for a, b in zip(bounds[:-1], bounds[1:])]
-        return F.silu(torch.cat(pieces, dim=-1).transpose(1, 2)), None
-
-    kda_mod = types.ModuleType("fla.ops.kda")
-    kda_mod.chunk_kda, kda_mod.fused_recurrent_kda = chunk_kda, chunk_kda
-    conv_mod = types.ModuleType("fla.modules.causal_conv1d")
-    conv_mod.causal_conv1d = causal_conv1d
-    for name in ("fla", "fla.ops", "fla.modules"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "fla.ops.kda", kda_mod)
-    monkeypatch.setitem(sys.modules, "fla.modules.causal_conv1d", conv_mod)
+@pytest.mark.parametrize("packed", [False, True])
+def test_fla_eager_path_with_in_kernel_norms_and_gates_equals_the_torch_path(monkeypatch, packed):
+    # eager on fla the layer hands chunk_kda the raw q/k, the decay's pre-activation and beta's logits
+    # (fla's in-kernel L2 norm, gate and sigmoid, as fla's own KDA layer does) and rms_norm_gated the raw
+    # output gate: with fla's documented semantics the same outputs and gradients as our torch path
+    calls: list = []
+    fake_fla(monkeypatch, calls)
+    torch.manual_seed(0)
+    layers = {b: KimiDeltaAttention(32, 2, 16, backend=b).double() for b in ("fla", "torch")}
+    layers["torch"].load_state_dict(layers["fla"].state_dict())
+    with torch.no_grad():  # not the init's ones, so the head norm's weight is checked
+        for lay in layers.values():
+            lay.o_norm.weight.copy_(torch.linspace(0.5, 1.5, 16, dtype=torch.float64))
+    x = 8 * torch.randn(2, T, 32, dtype=torch.float64)  # |q|, |k| ~ 1 >> the L2 norms' epsilons
+    docs = DocumentMask.build(_segments(), varlen=True) if packed else None
+    out, grads = {}, {}
+    for b, lay in layers.items():
+        xb = x.clone().requires_grad_(True)
+        out[b] = lay(xb, documents=docs)
+        out[b].pow(2).sum().backward()
+        grads[b] = [xb.grad] + [p.grad for p in lay.parameters()]
+    assert len(calls) == 4  # three convs and one chunk_kda through the stand-in: the fla path ran
+    # the torch path takes the decay and the gates in fp32 (fp32 rounding: ~1e-7 of each tensor's scale), and
+    # fla's L2 norm divides by sqrt(|q|^2 + 1e-6) where F.normalize takes max(|q|, 1e-6) (~1e-6 here); a
+    # wrong argument (no dt_bias, the gate's sigmoid twice, the head norm's weight left out) is off by 1e-2
+    assert err_ratio(out["fla"], out["torch"]) < 1e-5
+    for a, b in zip(grads["fla"], grads["torch"], strict=True):
+        assert err_ratio(a, b) < 1e-5
 
 
 def test_fla_varlen_call_gets_the_flattened_batch_and_its_document_boundaries(monkeypatch):
     calls: list = []
-    _fake_fla(monkeypatch, calls)
+    fake_fla(monkeypatch, calls)
     model = _decoder("block", moe=False, kda_backend="fla")
     ids = _packed_ids(seed=4)
     seg = segment_ids_from_separators(ids, SEP)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnres.model.moe import MoE, grouped_swiglu
+from attnres.model.moe import MoE, SwiGLU, grouped_swiglu
+from tests.helpers import fake_fla
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -242,3 +243,24 @@ def test_dispatch_and_combine_compile_to_one_graph_and_keep_their_gradients():
     assert len(graphs) == 2 and not any("bmm" in op for op in ops), ops
     # and they are what they say: out[t] = sum_s w[t, s] sin(x[t]) here, every slot of a token its own row
     torch.testing.assert_close(f(x, w), w.sum(1, keepdim=True) * x.sin())
+
+
+def test_swiglu_on_fla_calls_its_fused_swiglu_linear_with_the_down_projection(monkeypatch):
+    # where fla runs, the eager MLP hands fla's swiglu_linear the two projections and the down projection's
+    # weight (no bias); the stand-in computes fla's documented silu(x) * y @ W^T: equal to the plain path;
+    # the torch backend, and auto on a CPU, never call it
+    fake_fla(monkeypatch, [])
+    import fla.modules.activations as act
+
+    seen = []
+    fused = act.swiglu_linear
+    monkeypatch.setattr(act, "swiglu_linear", lambda *a: seen.append(a[2]) or fused(*a))
+    torch.manual_seed(0)
+    mlps = {b: SwiGLU(16, 40, backend=b) for b in ("fla", "torch")}
+    mlps["torch"].load_state_dict(mlps["fla"].state_dict())
+    x = torch.randn(2, 5, 16)
+    out = {b: m(x) for b, m in mlps.items()}
+    assert len(seen) == 1 and seen[0] is mlps["fla"].down_proj.weight
+    torch.testing.assert_close(out["fla"], out["torch"], atol=1e-6, rtol=1e-6)
+    SwiGLU(16, 40, backend="auto")(x)  # auto: fla on CUDA only
+    assert len(seen) == 1

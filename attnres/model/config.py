@@ -92,7 +92,9 @@ class Config:
     kda_backend: str = "auto"
     """KDA kernels: ``auto`` (fla's Triton kernels on CUDA when fla is installed, else ours), ``torch``
     (our chunked PyTorch code everywhere: no Triton autotuning, which takes minutes per new shape on a
-    fresh machine) or ``fla`` (always fla; an error where it cannot run)."""
+    fresh machine) or ``fla`` (always fla; an error where it cannot run). Where fla runs, the eager
+    forward also takes fla's fused kernels around KDA (the in-kernel q/k norms, decay and beta, the
+    gated head norm) and in the dense and shared-expert SwiGLU MLPs, as fla's own model does."""
     mla_num_heads: int | None = None
     """MLA heads; ``None``: ``dim // mla_v_head_dim`` (then ``mla_v_head_dim`` must divide ``dim``)."""
     mla_qk_nope_dim: int = 32

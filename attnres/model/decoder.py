@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from attnres.model.config import Config
 from attnres.model.documents import DocumentMask
-from attnres.model.kda import KimiDeltaAttention, ShortConv
+from attnres.model.kda import KimiDeltaAttention, ShortConv, fla_available, fla_runs
 from attnres.model.mla import MultiHeadLatentAttention
 from attnres.model.moe import MoE, SwiGLU, output_init_std
 from attnres.model.norm import RMSNorm
@@ -117,9 +117,10 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(c.dim, c.rms_norm_eps)
         if self.mlp_kind == "moe":
             self.mlp = MoE(c.dim, c.num_experts, c.top_k, c.expert_dim, c.num_shared_experts,
-                           c.routed_scaling_factor, c.router_bias_update_rate, c.aux_loss_coef)
+                           c.routed_scaling_factor, c.router_bias_update_rate, c.aux_loss_coef,
+                           backend=c.kda_backend)
         else:
-            self.mlp = SwiGLU(c.dim, c.mlp_dim)
+            self.mlp = SwiGLU(c.dim, c.mlp_dim, backend=c.kda_backend)
 
     def token_mixer(
         self, x: Tensor, cache: dict | None = None, documents: DocumentMask | None = None
@@ -159,6 +160,7 @@ class Decoder(nn.Module):
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.regions_compiled = False  # compile_regions() ran
+        self.fla_installed = c.kda_backend != "torch" and fla_available()  # looked up once (host time)
         self.init_weights()
 
     @torch.no_grad()
@@ -240,7 +242,10 @@ class Decoder(nn.Module):
         logits = self.finish(h)
         if cache is not None:
             cache.seq_len += x.shape[1]
-        loss = lm_loss(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None:
+            fused = fla_runs(self.config.kda_backend, self.fla_installed, logits.device)
+            loss = lm_loss(logits, labels, fused=fused and not torch.compiler.is_compiling())
         report = None
         if stats is not None:
             report = {
@@ -428,9 +433,17 @@ class Decoder(nn.Module):
             self.train(was_training)
 
 
-def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+def lm_loss(logits: Tensor, labels: Tensor, fused: bool = False) -> Tensor:
     """Mean next-token cross-entropy (in fp32) of ``logits [B, T, V]`` against ``labels [B, T]`` over
-    ``labels != -100``: the decoder's loss, and the pipeline's loss function on its last stage."""
+    ``labels != -100``: the decoder's loss, and the pipeline's loss function on its last stage.
+    ``fused``: fla's Triton cross-entropy (the decoder's eager forward where fla runs, as fla's model
+    does): the same fp32 math inside one kernel, which keeps only the logits and each row's log-sum-exp
+    for the backward, not fp32 copies of the logits and the log-probabilities (2 x 4 bytes per logit)."""
+    if fused:
+        from fla.modules.fused_cross_entropy import cross_entropy_loss
+
+        losses, _ = cross_entropy_loss(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return losses.sum() / (labels != -100).sum()  # 0 for an ignored label; no host sync
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 

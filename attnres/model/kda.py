@@ -42,7 +42,7 @@ from attnres.model import fla_ops
 from attnres.model.documents import DocumentMask
 from attnres.model.norm import RMSNorm
 
-__all__ = ["KimiDeltaAttention", "ShortConv", "kda_chunked", "kda_recurrent"]
+__all__ = ["KimiDeltaAttention", "ShortConv", "fla_available", "fla_runs", "kda_chunked", "kda_recurrent"]
 
 
 def _compute_dtype(v: Tensor) -> torch.dtype:
@@ -184,6 +184,19 @@ def require_fla() -> None:
             "kda_backend='fla' needs fla's KDA kernels (fla-core==0.6.0 with triton, GPU only): "
             "pip install 'attnres[gpu]', or set model.config.kda_backend to auto or torch"
         )
+
+
+def fla_runs(backend: str, installed: bool, device: torch.device) -> bool:
+    """Whether a module with ``backend`` (``auto`` | ``torch`` | ``fla``, the config's ``kda_backend``) runs
+    fla's kernels on ``device``; ``installed``: :func:`fla_available`, looked up once by the module (a module
+    search per forward would be host time on the hot path). ``fla`` without fla installed raises."""
+    if backend == "torch":
+        return False
+    if backend == "fla":
+        if not installed:
+            require_fla()  # raises, saying what to install
+        return True
+    return device.type == "cuda" and installed
 
 
 class ShortConv(nn.Module):
@@ -342,13 +355,41 @@ class KimiDeltaAttention(nn.Module):
 
     def uses_fla(self, device: torch.device) -> bool:
         """Whether this layer runs fla's kernels on ``device``."""
-        if self.backend == "torch":
-            return False
-        if self.backend == "fla":
-            if not self.fla_installed:
-                require_fla()  # raises, saying what to install
-            return True
-        return device.type == "cuda" and self.fla_installed
+        return fla_runs(self.backend, self.fla_installed, device)
+
+    def _fla_eager(self, x: Tensor, documents: DocumentMask | None) -> Tensor:
+        """Training and prefill on fla without a cache, eager: fla's KDA layer's own fused path. The q/k L2
+        norms, the decay ``-exp(A_log) * softplus(f + dt_bias)`` and beta's sigmoid run inside ``chunk_kda``
+        (``use_qk_l2norm_in_kernel``, ``use_gate_in_kernel``, ``use_beta_sigmoid_in_kernel``), and the head
+        norm times the sigmoid gate is one ``rms_norm_gated`` kernel: no fp32 copies of q, k, the decay or
+        the gate are made or kept for the backward (under ``torch.compile`` Inductor fuses the unfused code
+        of :meth:`forward` instead). Same math as :meth:`forward`; fla's L2 norm divides by
+        ``sqrt(|x|^2 + 1e-6)`` where ``F.normalize`` takes ``max(|x|, 1e-6)`` (equal but for ~0 vectors)."""
+        from fla.modules.fused_norm_gate import rms_norm_gated
+        from fla.ops.kda import chunk_kda
+
+        B, T, _ = x.shape
+        H, K = self.num_heads, self.head_dim
+        if documents is not None:
+            if documents.cu_seqlens is None:
+                raise ValueError("KimiDeltaAttention on fla: the DocumentMask has no cu_seqlens; build it "
+                                 "with DocumentMask.build(..., varlen=True)")
+            q, k, v = (conv.fla_varlen(proj(x), documents) for conv, proj in self._conv_projs())
+        else:
+            q, k, v = (conv.fla_dense(proj(x)) for conv, proj in self._conv_projs())
+        f = self.f_b_proj(self.f_a_proj(x))  # the decay's pre-activation; the kernel adds dt_bias
+        heads = [t.unflatten(-1, (H, K)) for t in (q, k, v, f)] + [self.b_proj(x)]
+        varlen = {}
+        if documents is not None:  # the batch as one sequence of documents
+            heads = [t.reshape(1, B * T, *t.shape[2:]) for t in heads]
+            varlen = {"cu_seqlens": documents.cu_seqlens, "cu_seqlens_cpu": documents.cu_seqlens_cpu}
+        o, _ = chunk_kda(*heads, A_log=self.A_log, dt_bias=self.dt_bias, scale=K**-0.5,
+                         use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                         use_beta_sigmoid_in_kernel=True, **varlen)
+        gate = self.g_b_proj(self.g_a_proj(x)).unflatten(-1, (H, K))
+        o = rms_norm_gated(o.reshape(B, T, H, K), gate, self.o_norm.weight, None, activation="sigmoid",
+                           eps=self.o_norm.eps)
+        return self.o_proj(o.flatten(-2))
 
     def forward(self, x: Tensor, cache: dict | None = None, documents: DocumentMask | None = None) -> Tensor:
         B, T, _ = x.shape
@@ -357,16 +398,14 @@ class KimiDeltaAttention(nn.Module):
             raise ValueError("KimiDeltaAttention: documents (packed training windows) cannot be decoded "
                              "with a cache; decode one document per sequence")
         fla = self.uses_fla(x.device)
-        if documents is not None and fla:
+        if fla and cache is None and not torch.compiler.is_compiling():
+            return self._fla_eager(x, documents)  # fla's fused kernels; below: compiled, or decoding
+        if documents is not None and fla:  # under torch.compile: fla's varlen functions (a graph break)
             if documents.cu_seqlens is None:
                 raise ValueError("KimiDeltaAttention on fla: the DocumentMask has no cu_seqlens; build it "
                                  "with DocumentMask.build(..., varlen=True)")
             q, k, v = (conv.fla_varlen(proj(x), documents) for conv, proj in self._conv_projs())
             cq = ck = cv = None  # no decoding state with documents
-        elif fla and cache is None and not torch.compiler.is_compiling():
-            # eager on fla: its Triton short conv (under compile, ShortConv's shifted products fuse instead)
-            q, k, v = (conv.fla_dense(proj(x)) for conv, proj in self._conv_projs())
-            cq = ck = cv = None  # no decoding state without a cache
         else:
             seg = documents.segment_ids if documents is not None else None
             conv = cache.get("conv", (None, None, None)) if cache is not None else (None, None, None)

@@ -23,20 +23,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnres.model.kda import fla_available, fla_runs
+
 __all__ = ["MoE", "SwiGLU", "grouped_swiglu"]
 
 
 class SwiGLU(nn.Module):
-    """``down(silu(gate x) * up x)``: ``[..., dim] -> [..., dim]``."""
+    """``down(silu(gate x) * up x)``: ``[..., dim] -> [..., dim]``.
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    ``backend`` (the config's ``kda_backend``): where fla runs (:func:`attnres.model.kda.fla_runs`: ``auto``
+    on CUDA with fla installed), eager forwards take fla's ``swiglu_linear`` (fla's own MLP's fused path):
+    ``silu(gate) * up`` in one Triton kernel, fed to the down projection and recomputed in the backward,
+    which keeps only ``gate x`` and ``up x`` (the plain code also keeps ``silu(gate x)`` and the product).
+    Under ``torch.compile`` Inductor fuses the plain code instead."""
+
+    def __init__(self, dim: int, hidden: int, backend: str = "auto") -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.backend = backend
+        self.fla_installed = backend != "torch" and fla_available()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if fla_runs(self.backend, self.fla_installed, x.device) and not torch.compiler.is_compiling():
+            from fla.modules.activations import swiglu_linear
+
+            return swiglu_linear(gate, up, self.down_proj.weight, None)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def _grouped_mm_ok(x: Tensor, *weights: Tensor) -> bool:
@@ -141,11 +156,13 @@ class MoE(nn.Module):
     ``tokens_per_expert [E]`` (routed token counts accumulated over training forwards since the last
     :meth:`update_bias`; not checkpointed). Under data parallelism, all-reduce ``tokens_per_expert``
     across ranks before :meth:`update_bias` so that every rank moves its bias the same way.
+    ``backend``: the shared experts' :class:`SwiGLU` backend.
     """
 
     def __init__(
         self, dim: int, num_experts: int, top_k: int, expert_dim: int, num_shared_experts: int = 1,
         routed_scaling_factor: float = 1.0, bias_update_rate: float = 1e-3, aux_loss_coef: float = 0.0,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
@@ -156,7 +173,8 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(num_experts, expert_dim, dim))
         self.w_up = nn.Parameter(torch.empty(num_experts, expert_dim, dim))
         self.w_down = nn.Parameter(torch.empty(num_experts, dim, expert_dim))
-        self.shared = SwiGLU(dim, expert_dim * num_shared_experts) if num_shared_experts > 0 else None
+        shared_dim = expert_dim * num_shared_experts
+        self.shared = SwiGLU(dim, shared_dim, backend) if num_shared_experts > 0 else None
         self.register_buffer("score_bias", torch.zeros(num_experts, dtype=torch.float32))
         counts = torch.zeros(num_experts, dtype=torch.float32)
         self.register_buffer("tokens_per_expert", counts, persistent=False)

@@ -140,6 +140,31 @@ def test_layer_fla_backend_under_autocast_matches_fp32():
         assert p.grad.dtype == torch.float32 and err_ratio(p.grad, p_ref.grad) < 6e-2, name
 
 
+@pytest.mark.parametrize("moe", [False, True])
+def test_decoder_eager_fused_fla_paths_match_the_torch_backend(moe):
+    # eager on fla (session 18): KDA's in-kernel q/k norms, decay and beta with rms_norm_gated, the SwiGLU
+    # MLPs' swiglu_linear (dense and shared experts), fla's cross-entropy; against the torch backend
+    # (our chunked KDA, plain SwiGLU and loss), same weights, under bf16 autocast as training runs
+    torch.manual_seed(0)
+    cfg = get_config("tiny", kda_head_dim=64, kda_chunk_size=64, moe=moe, kda_backend="torch")
+    ours = Decoder(cfg).to(DEV)
+    theirs = Decoder(cfg.replace(kda_backend="fla")).to(DEV)
+    theirs.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 200), device=DEV)
+    labels = torch.randint(0, cfg.vocab_size, (2, 200), device=DEV)
+    labels[0, :30] = -100
+    losses = []
+    for model in (ours, theirs):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=labels).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[0]), losses
+    for (name, p), p_ref in zip(theirs.named_parameters(), ours.parameters(), strict=True):
+        if p_ref.grad is not None:
+            assert err_ratio(p.grad, p_ref.grad) < 6e-2, (name, err_ratio(p.grad, p_ref.grad))
+
+
 def test_decoder_cached_decoding_through_fla_equals_full_forward():
     torch.manual_seed(0)
     cfg = get_config("tiny", kda_head_dim=64, kda_chunk_size=64)

@@ -116,6 +116,7 @@ def test_fit_with_cuda_graphs_matches_eager(residual):
     rows = [{"input_ids": t[:-1], "labels": t[1:]} for t in tokens]
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # session 18: failed after the other GPU tests' compiled models, passed alone
     losses = {}
     for compile in (False, "reduce-overhead"):
         counters.clear()
