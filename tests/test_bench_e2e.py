@@ -84,6 +84,36 @@ def test_quick_run_writes_json_with_every_row_and_positive_finite_numbers(tmp_pa
     assert merged["runs"][0]["command"] == data["command"] and len(merged["ratios"]) == len(data["ratios"])
 
 
+def test_quick_packed_rows_train_on_documents_and_give_the_packed_ratio(tmp_path):
+    # attnres-packed: the same model and tokens with documents packed into each row (segment ids passed
+    # to the decoder, as data.packing: documents does); its rows say how many documents, and each mode
+    # has the ratio packed/unpacked
+    data = e2e.run_e2e_benchmark(
+        quick=True, shapes=["medium"], modes=["standard", "block"], kinds=["train"], variants=["eager"],
+        impls=["attnres", "attnres-packed"], warmup=1, repeat=1, profile=False, device="cpu",
+        out=tmp_path / "e2e.json",
+    )
+    packed = [r for r in data["rows"] if r["impl"] == "attnres-packed"]
+    assert len(packed) == 4 and all(r["status"] == "ok" for r in packed), packed
+    batch = packed[0]["batch"]
+    assert all(r["documents"]["mean_tokens"] == 8 and r["documents"]["count"] > 2 * batch for r in packed)
+    whats = {q["what"] for q in data["ratios"] if q["kind"] == "train"}
+    assert {"standard packed/unpacked", "block packed/unpacked", "block/standard"} <= whats
+    assert not any("packed" in q["what"] and "/standard" in q["what"] for q in data["ratios"])
+
+
+def test_random_documents_cover_each_row_with_exponential_lengths():
+    from attnres.bench.rows import random_documents
+
+    seg = random_documents(3, 4096, torch.device("cpu"), mean=512)
+    assert seg.shape == (3, 4096) and (seg[:, 0] == 0).all()
+    steps = seg.diff(dim=1)
+    assert ((steps == 0) | (steps == 1)).all()  # ids count up by one at each document start
+    counts = (steps == 1).sum(dim=1) + 1
+    assert counts.min() >= 4 and counts.max() <= 20  # ~8 per row at a mean of 512
+    assert torch.equal(seg, random_documents(3, 4096, torch.device("cpu"), mean=512))  # seeded
+
+
 def _naive_fla_attnres(
     query: torch.Tensor, residuals: Sequence[torch.Tensor], rms_weight: torch.Tensor, rms_eps: float = 1e-6,
 ) -> torch.Tensor:

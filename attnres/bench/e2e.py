@@ -48,7 +48,16 @@ from attnres.bench.peers import (
     fla_model_status,
     fla_status,
 )
-from attnres.bench.rows import Run, build_model, guarded, mfu, random_tokens, summary
+from attnres.bench.rows import (
+    PACKED_MEAN_DOC,
+    Run,
+    build_model,
+    guarded,
+    mfu,
+    random_documents,
+    random_tokens,
+    summary,
+)
 from attnres.bench.serve import serve_rows
 from attnres.bench.shapes import Shape, default_shapes, residual_traffic
 from attnres.bench.timing import (
@@ -78,8 +87,8 @@ __all__ = [
 MODES: tuple[str, ...] = ("standard", "block", "full")
 KINDS: tuple[str, ...] = ("train", "prefill", "decode", "template")
 VARIANTS: tuple[str, ...] = ("eager", "compile", "regional", "reduce-overhead")
-IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "attnres-unfused", "fla", "fast-attnres",
-                          "fla-model")
+IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "attnres-unfused", "attnres-packed", "fla",
+                          "fast-attnres", "fla-model")
 
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -110,7 +119,13 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
                              else model)
             holder["ids"] = random_tokens(shape, shape.batch, shape.seq_len, run.device)
             holder["labels"] = random_tokens(shape, shape.batch, shape.seq_len, run.device, seed=2)
+            holder["extra"] = {}
+            if impl == "attnres-packed":  # documents packed into each row, mixed apart (data.packing)
+                holder["mean_doc"] = min(PACKED_MEAN_DOC, max(shape.seq_len // 4, 2))  # quick: 8 tokens
+                holder["extra"] = {"segment_ids": random_documents(shape.batch, shape.seq_len, run.device,
+                                                                   holder["mean_doc"])}
         model, fwd, ids, labels = holder["model"], holder["fwd"], holder["ids"], holder["labels"]
+        extra = holder["extra"]
         opt = None
         if optimizer:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=run.device.type == "cuda")
@@ -118,7 +133,7 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
         def step() -> None:
             if variant == "reduce-overhead":  # each call a new step of torch's CUDA-graph trees
                 torch.compiler.cudagraph_mark_step_begin()
-            out = fwd(ids, labels=labels)
+            out = fwd(ids, labels=labels, **extra)
             (out.loss + out.aux_loss).backward()
             if opt is not None:
                 opt.step()
@@ -150,6 +165,10 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
                 impl, ops.backend(run.device)),
             params=sum(p.numel() for p in model.parameters()),
         )
+        if extra:
+            seg = extra["segment_ids"]
+            row["documents"] = {"count": int((seg.diff(dim=1) != 0).sum() + seg.shape[0]),
+                                "mean_tokens": holder["mean_doc"], "distribution": "exponential, seed 3"}
         if variant == "reduce-overhead":  # Inductor falls back to plain compiled code where it cannot graph
             row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
         bandwidth = (run.result.get("ceilings") or {}).get("copy_gbps")
@@ -350,6 +369,8 @@ def _run_e2e(
                 train(shape, "attnres-recompute", "eager", [m for m in ours if m == "block"])
             if "attnres-unfused" in impls:  # phase 2 and the sublayer norm as separate ops
                 train(shape, "attnres-unfused", "eager", [m for m in ours if m != "standard"])
+            if "attnres-packed" in impls:  # packed documents (varlen KDA, block-diagonal MLA)
+                train(shape, "attnres-packed", "eager", ours)
         for shape in picked:
             train(shape, "fla", "eager", theirs)
             if "fast-attnres" in impls:
@@ -372,6 +393,8 @@ def _run_e2e(
             train(shape, "attnres", "compile", ours)
             if "attnres-unfused" in impls:
                 train(shape, "attnres-unfused", "compile", [m for m in ours if m != "standard"])
+            if "attnres-packed" in impls:
+                train(shape, "attnres-packed", "compile", ours)
     if "template" in kinds:
         shape = all_shapes["dense" if "dense" in shapes else shapes[0]]
         if template_rows is not None:

@@ -125,7 +125,8 @@ def print_cuda_ops_table(result: dict[str, Any]) -> None:
 def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Block/standard, Full/standard (ours, fla's and fast-attnres's, against our standard row of the same
     kind, shape, variant, optimizer and batch; fla's model against its own standard row), ours/fla's model
-    per mode (``attnres/fla-model``, target ``<= 1``) and template/hand-written, from rows of this run, on
+    per mode (``attnres/fla-model``, target ``<= 1``), packed documents/plain windows per mode
+    (``attnres-packed``) and template/hand-written, from rows of this run, on
     step time and (train) on peak memory, with the memory target ``standard + 1.1 x source bytes``."""
     def key(r: dict[str, Any]) -> tuple:
         return (r.get("kind"), r.get("shape"), r.get("variant"), r.get("optimizer"), r.get("batch"))
@@ -144,7 +145,7 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
            and r.get("impl") in ("attnres", "fla-model") and r.get("kind") != "template"}
     out = []
     for r in ok:
-        if r.get("kind") == "template" or r.get("mode") == "standard":
+        if r.get("kind") == "template" or r.get("mode") == "standard" or r["impl"] == "attnres-packed":
             continue
         own = r["impl"] == "fla-model"  # fla's model: AttnRes against its own standard residual
         s = std.get((key(r), "fla-model" if own else "attnres"))
@@ -158,6 +159,11 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             target = s["peak_mem_bytes"] + 1.1 * r["source_bytes"]
             entry.update(mem_target_bytes=target, mem_target_met=r["peak_mem_bytes"] <= target)
         out.append(entry)
+    unpacked = {(key(r), r.get("mode")): r for r in ok if r.get("impl") == "attnres"}
+    for r in ok:  # packed documents against the same model on plain windows (same tokens per step)
+        u = unpacked.get((key(r), r.get("mode"))) if r.get("impl") == "attnres-packed" else None
+        if u is not None:
+            out.append(ratio(r, u, f"{r['mode']} packed/unpacked"))
     peer = {(key(r), r.get("mode")): r for r in ok if r.get("impl") == "fla-model"}
     for r in ok:  # our model against fla's KDAForCausalLM in the same mode: the target is <= 1
         p = peer.get((key(r), r.get("mode"))) if r.get("impl") == "attnres" else None

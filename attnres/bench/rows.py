@@ -22,7 +22,8 @@ from attnres.bench.shapes import Shape
 from attnres.bench.timing import Timer, cleanup
 from attnres.model import Decoder
 
-__all__ = ["Run", "build_model", "guarded", "mfu", "random_tokens", "summary"]
+__all__ = ["PACKED_MEAN_DOC", "Run", "build_model", "guarded", "mfu", "random_documents", "random_tokens",
+           "summary"]
 
 
 @dataclass
@@ -120,6 +121,24 @@ def random_tokens(shape: Shape, batch: int, length: int, device: torch.device, s
     """Token ids ``[batch, length]`` drawn from the shape's vocabulary (a fixed ``seed``), on ``device``."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, shape.config.vocab_size, (batch, length), generator=g).to(device)
+
+
+PACKED_MEAN_DOC = 512  # mean document length of the packed rows (tokens)
+
+
+def random_documents(batch: int, length: int, device: torch.device, mean: int = PACKED_MEAN_DOC,
+                     seed: int = 3) -> Tensor:
+    """Segment ids ``[batch, length]`` of packed documents (``data.packing: documents``): each row cut into
+    documents of exponentially distributed lengths (mean ``mean`` tokens, at least 1; a fixed ``seed``),
+    numbered from 0 in each row, on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        lengths: list[int] = []
+        while sum(lengths) < length:
+            lengths.append(max(1, int(torch.empty(1).exponential_(1.0 / mean, generator=g).item())))
+        rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:length])
+    return torch.stack(rows).to(device)
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
