@@ -192,19 +192,31 @@ def best_configs(cache: Path) -> dict[str, list[tuple[tuple, dict[str, Any]]]]:
 
 def nearest_config(entries: list[tuple[tuple, dict[str, Any]]], key: tuple) -> dict[str, Any] | None:
     """The configuration of the entry whose key is nearest ``key``: the same length and the same
-    non-numeric fields (the dtypes), then the least sum of ``|log2(a / b)|`` over the numeric fields (a
-    head dim that matches outweighs a head count that differs by less than 2x). None if none fits."""
+    non-numeric fields (flags, dtypes), then the least sum of ``|log2(a / b)|`` over the numeric fields (a
+    head dim that matches outweighs a head count that differs by less than 2x). Failing that, an entry
+    whose dtypes differ in one field while another matches (a bf16 kernel whose weight is fp32 under
+    autocast, e.g. fla's gated norm in bf16-mixed training, against a result made with bf16 weights):
+    a configuration that does not fit the other dtype fails before its launch, and the caller falls back.
+    None if none fits."""
     def numeric(v: Any) -> bool:
         return isinstance(v, int | float) and not isinstance(v, bool)
 
-    def distance(other: tuple) -> float:
-        if len(other) != len(key) or any(numeric(a) != numeric(b) or (not numeric(a) and a != b)
+    def dtype(v: Any) -> bool:
+        return isinstance(v, str) and v.startswith("torch.")
+
+    def distance(other: tuple) -> tuple[int, float]:
+        if len(other) != len(key) or any(numeric(a) != numeric(b) or (not numeric(a) and a != b
+                                                                      and not (dtype(a) and dtype(b)))
                                          for a, b in zip(other, key)):
-            return math.inf
-        return sum(abs(math.log2(max(a, 1) / max(b, 1))) for a, b in zip(other, key) if numeric(a))
+            return (2, math.inf)
+        dtypes = [(a, b) for a, b in zip(other, key) if dtype(a)]
+        differ = sum(a != b for a, b in dtypes)
+        if differ > 1 or (differ == 1 and len(dtypes) - differ < 1):
+            return (2, math.inf)
+        return (differ, sum(abs(math.log2(max(a, 1) / max(b, 1))) for a, b in zip(other, key) if numeric(a)))
 
     best = min(entries, key=lambda e: distance(e[0]), default=None)
-    return best[1] if best is not None and distance(best[0]) < math.inf else None
+    return best[1] if best is not None and distance(best[0])[1] < math.inf else None
 
 
 def _version_ok() -> bool:
@@ -246,11 +258,12 @@ def pin_untuned_kda(
     of the nearest key in ``cache`` (default: Triton's cache, after :func:`seed_autotune`) instead of
     benchmarking every configuration. Only with the fla and Triton versions the shipped results were
     made with, and not when ``ATTNRES_KDA_AUTOTUNE=1``. ``modules``: where the kernels are (default: every
-    loaded ``fla.ops`` module, after importing ``fla.ops.kda``). ``untuned``: what a key with no tuned
+    loaded ``fla`` module, after importing ``fla.ops.kda`` and ``fla.modules``: the KDA kernels and the
+    fused ones around them that the eager model calls). ``untuned``: what a key with no tuned
     neighbour does: ``"tune"`` (Triton benchmarks, as without pinning) or ``"first"`` (no benchmarking at
     all: the kernel's configurations in their order, the first that launches; every autotuned kernel of
-    ``modules`` is pinned, and by default those of every loaded ``fla`` module, after importing
-    ``fla.ops`` and ``fla.modules``: for tests, which check numbers, not speed); default: ``"first"``
+    ``modules`` is pinned, by default after importing all of ``fla.ops`` too: for tests, which check
+    numbers, not speed); default: ``"first"``
     under ``ATTNRES_KDA_AUTOTUNE=0`` (:func:`never_tune`), else ``"tune"``. Returns the names of the
     kernels pinned."""
     if untuned is None:
@@ -262,15 +275,12 @@ def pin_untuned_kda(
         return []
     tuned = best_configs(triton_cache_dir() if cache is None else cache)
     if modules is None:
+        import fla.modules  # noqa: F401  (the fused norms, SwiGLU, cross-entropy the eager model calls)
         import fla.ops.kda  # noqa: F401  (loads the KDA kernels and the common ones they use)
 
-        prefix = "fla.ops"
         if first:
-            import fla.modules  # noqa: F401
             import fla.ops  # noqa: F401
-
-            prefix = "fla."
-        modules = [m for name, m in list(sys.modules.items()) if name.startswith(prefix) and m is not None]
+        modules = [m for name, m in list(sys.modules.items()) if name.startswith("fla.") and m is not None]
     pinned = []
     for tuner in _autotuners(modules):
         name = _kernel_name(tuner)

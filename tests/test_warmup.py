@@ -132,6 +132,16 @@ def test_best_configs_and_the_nearest_key(tmp_path):
     assert nearest(entries, (8, 8, 64, bf)) == _cfg(16, 2)  # an exact key: its own result
     assert nearest(entries, (7, 7, 128, "torch.float16")) is None  # no result for that dtype
     assert nearest(entries, (7, 128, bf)) is None  # another key layout
+    # several dtypes in the key (fla's gated norm: x, gate, weight): one that differs (an fp32 weight under
+    # autocast) borrows the nearest such result, after every exact-dtype one; two that differ do not
+    f32 = "torch.float32"
+    norm = [((128, 2, True, bf, bf, bf), _cfg(16, 4)), ((128, 2, True, bf, bf, f32), _cfg(32, 8)),
+            ((64, 2, True, bf, bf, bf), _cfg(8, 2))]
+    assert nearest(norm[:1], (128, 2, True, bf, bf, f32)) == _cfg(16, 4)
+    assert nearest(norm, (128, 2, True, bf, bf, f32)) == _cfg(32, 8)  # its own dtypes first
+    assert nearest(norm[1:], (128, 2, True, bf, bf, bf)) == _cfg(8, 2)  # same dtypes beat a closer shape
+    assert nearest(norm[:1], (128, 2, True, bf, f32, f32)) is None
+    assert nearest(norm[:1], (128, 2, False, bf, bf, bf)) is None  # a flag (another code path) must match
 
 
 def test_pinned_kernel_takes_the_nearest_tuned_config_instead_of_benchmarking(tmp_path, monkeypatch):

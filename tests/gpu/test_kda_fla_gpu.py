@@ -319,3 +319,34 @@ def test_an_unshipped_kda_shape_runs_on_pinned_configs_without_benchmarking(tmp_
     ref = torch.autograd.grad(o_ref.square().sum(), ref_leaves[:3])
     for a, b in zip(grads, ref):
         assert err_ratio(a, b) < 3e-2
+
+
+
+def test_the_eager_training_path_at_an_unshipped_shape_runs_only_kernels_with_shipped_results(tmp_path,
+                                                                                             monkeypatch):
+    # the eager model on fla (session 18) calls fla's fused kernels around KDA (L2 norm, gate, gated norm),
+    # its SwiGLU and its cross-entropy: under bf16-mixed (fp32 weights), at a shape shipped for no preset,
+    # every autotuned kernel it runs must have shipped results to borrow (else training would benchmark it)
+    from lightning_modules import warmup
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
+    assert warmup.seed_autotune(torch.device(DEV)) > 0
+    warmup.pin_untuned_kda()
+    import sys
+
+    tuners = warmup._autotuners([m for n, m in list(sys.modules.items()) if n.startswith("fla.") and m])
+    keys_before = {id(t): set(t.cache) for t in tuners}
+    torch.manual_seed(0)
+    cfg = get_config("tiny", dim=7 * 128, kda_num_heads=7, kda_head_dim=128, kda_chunk_size=64, moe=False,
+                     token_mixer="kda", mlp_dim=2816, num_layers=2, num_blocks=2)
+    model = Decoder(cfg).to(DEV)
+    ids = torch.randint(0, cfg.vocab_size, (2, 256), device=DEV)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    torch.cuda.synchronize()
+    ran = {warmup._kernel_name(t) for t in tuners if set(t.cache) - keys_before[id(t)]}
+    shipped = set(warmup.best_configs(tmp_path))
+    assert {"layer_norm_gated_fwd_kernel", "swiglu_fwd_kernel"} <= ran, sorted(ran)
+    assert ran <= shipped, sorted(ran - shipped)
