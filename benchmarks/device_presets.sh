@@ -8,7 +8,8 @@
 # MODES default '[standard,block]'. PRESETS_TESTS: the GPU test paths/ids to run (default: the KDA/fla, documents
 # and CUDA op tests, after a fresh build only; given, they run also with a carried build). PRESETS_PROFILE=false:
 # no profiled step (the kineto parse of a `medium` step takes minutes). PRESETS_IMPLS: the bench's --impls
-# (default '[attnres]'; '[attnres,fla-model]' with the shape kda-dense adds fla's KDAForCausalLM peer). Steps:
+# (default '[attnres]'; '[attnres,fla-model]' with the shape kda-dense adds fla's KDAForCausalLM peer;
+# attnres-packed adds packed-document rows). PRESETS_BATCH: every shape's training batch (the bench's --batch). Steps:
 #   1. the extension: taken from .devbuild/ when a previous call built it for this csrc/ (its md5 sums
 #      match), else built the way users build it, `pip wheel --no-build-isolation` (the CUDA kernels for
 #      the visible GPU, no TORCH_CUDA_ARCH_LIST), installed into /tmp/inst, `attnres info` run there,
@@ -51,7 +52,7 @@ budget=$(( $(left) - 60 ))
 echo "=== bench e2e $SHAPES $MODES $VARIANTS: budget $budget s"
 timeout --signal=INT --kill-after=10 $(( budget + 30 )) python3 -m lightning_modules bench e2e --tag "${PRESETS_TAG:-presets}" \
   --budget_s "$budget" --shapes "$SHAPES" --modes "$MODES" --kinds '[train]' --variants "$VARIANTS" \
-  --impls "${PRESETS_IMPLS:-[attnres]}" --profile "${PRESETS_PROFILE:-true}"
+  --impls "${PRESETS_IMPLS:-[attnres]}" --profile "${PRESETS_PROFILE:-true}" ${PRESETS_BATCH:+--batch "$PRESETS_BATCH"}
 echo "=== bench exit $?"
 cp benchmarks/results/e2e_*_"${PRESETS_TAG:-presets}".json "$OUT/" 2>/dev/null
 (cd .cache && find triton -name '*.autotune.json' -print0 | tar czf "$OUT/triton_autotune.tgz" --null -T -)

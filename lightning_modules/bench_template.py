@@ -167,6 +167,7 @@ def bench_e2e(
     variants: list[Literal[VARIANTS]] | None = None,
     impls: list[Literal[IMPLS]] | None = None,  # the choices are attnres.bench.e2e's tuples
     num_blocks: int = 8,
+    batch: int | None = None,
     graphs: bool = True,
     template_compile: bool | None = None,
     template_precision: str = "bf16-mixed",
@@ -209,6 +210,8 @@ def bench_e2e(
             ``kda-dense`` shape: ``attnres_block_size`` None / ``2 L / num_blocks`` / 1 for standard /
             block / full; other shapes get one skipped row saying why).
         num_blocks: N of Block AttnRes.
+        batch: the training rows' batch for every shape (default: each shape's own, listed above); e.g.
+            ``--shapes '[medium]' --batch 8`` to fill an H100 with 8 x 4096 tokens.
         graphs: also time prefill and decode replayed from a CUDA graph (GPU only).
         template_compile: compile in the template comparison (default: on a GPU).
         template_precision: Lightning precision of the template comparison (the hand-written step uses
@@ -229,8 +232,9 @@ def bench_e2e(
         kda_autotune=prepare_kda_autotune(dev),
         quick=quick, shapes=shapes or ["dense", "medium"], modes=modes or list(MODES),
         kinds=kinds or list(KINDS), variants=variants or (["eager"] if quick else ["eager", "compile"]),
-        impls=impls or list(IMPLS), num_blocks=num_blocks, graphs=graphs, template_compile=template_compile,
-        template_precision=template_precision, template_callbacks=template_callbacks, warmup=warmup,
+        impls=impls or list(IMPLS), num_blocks=num_blocks, batch=batch, graphs=graphs,
+        template_compile=template_compile, template_precision=template_precision,
+        template_callbacks=template_callbacks, warmup=warmup,
         repeat=repeat, budget_s=budget_s,
         profile=profile, device=device, out=path, tag=tag, template_rows=template_rows,
     )

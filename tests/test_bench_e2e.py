@@ -93,6 +93,7 @@ def test_quick_packed_rows_train_on_documents_and_give_the_packed_ratio(tmp_path
         impls=["attnres", "attnres-packed"], warmup=1, repeat=1, profile=False, device="cpu",
         out=tmp_path / "e2e.json",
     )
+    assert data["settings"]["batch"] is None
     packed = [r for r in data["rows"] if r["impl"] == "attnres-packed"]
     assert len(packed) == 4 and all(r["status"] == "ok" for r in packed), packed
     batch = packed[0]["batch"]
@@ -100,6 +101,18 @@ def test_quick_packed_rows_train_on_documents_and_give_the_packed_ratio(tmp_path
     whats = {q["what"] for q in data["ratios"] if q["kind"] == "train"}
     assert {"standard packed/unpacked", "block packed/unpacked", "block/standard"} <= whats
     assert not any("packed" in q["what"] and "/standard" in q["what"] for q in data["ratios"])
+
+
+def test_batch_overrides_every_shapes_training_batch(tmp_path):
+    data = e2e.run_e2e_benchmark(
+        quick=True, shapes=["medium"], modes=["standard"], kinds=["train"], variants=["eager"],
+        impls=["attnres"], batch=3, warmup=1, repeat=1, profile=False, device="cpu", out=None,
+    )
+    rows = [r for r in data["rows"] if r["status"] == "ok"]
+    assert len(rows) == 2 and all(r["batch"] == 3 for r in rows) and data["settings"]["batch"] == 3
+    assert rows[0]["tokens_per_s"] == pytest.approx(3 * rows[0]["seq_len"] / (rows[0]["ms"] * 1e-3))
+    with pytest.raises(ValueError, match="batch=0"):
+        e2e.run_e2e_benchmark(quick=True, shapes=["medium"], kinds=["train"], batch=0, device="cpu")
 
 
 def test_random_documents_cover_each_row_with_exponential_lengths():

@@ -32,6 +32,7 @@ template/hand-written) are computed from rows of the same run.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from collections.abc import Sequence
@@ -226,6 +227,7 @@ def run_e2e_benchmark(
     variants: Sequence[str] = VARIANTS,
     impls: Sequence[str] = IMPLS,
     num_blocks: int = 8,
+    batch: int | None = None,
     graphs: bool = True,
     template_compile: bool | None = None,
     template_precision: str = "bf16-mixed",
@@ -254,7 +256,8 @@ def run_e2e_benchmark(
 
     The other arguments: ``shapes`` (names of :func:`~attnres.bench.shapes.default_shapes`), ``modes``,
     ``kinds``, ``variants`` and ``impls`` (subsets of :data:`MODES`, :data:`KINDS`, :data:`VARIANTS`,
-    :data:`IMPLS`), ``num_blocks`` (N of Block AttnRes), ``graphs`` (also prefill and decode replayed
+    :data:`IMPLS`), ``num_blocks`` (N of Block AttnRes), ``batch`` (every shape's training batch; None:
+    the shape's own), ``graphs`` (also prefill and decode replayed
     from a CUDA graph), the template comparison's ``template_compile`` (default: on a GPU),
     ``template_precision`` and ``template_callbacks`` (the per-step callbacks ``attnres fit`` adds),
     ``warmup`` / ``repeat`` per row, ``profile`` (a one-step profile per train row without optimizer),
@@ -273,7 +276,7 @@ def run_e2e_benchmark(
 
 def _run_e2e(
     quick: bool, shapes: Sequence[str], modes: Sequence[str], kinds: Sequence[str],
-    variants: Sequence[str], impls: Sequence[str], num_blocks: int, graphs: bool,
+    variants: Sequence[str], impls: Sequence[str], num_blocks: int, batch: int | None, graphs: bool,
     template_compile: bool | None, template_precision: str, template_callbacks: bool, warmup: int,
     repeat: int, budget_s: float, compile_reserve_s: float | None, profile: bool,
     device: str | None, out: str | Path | None, tag: str | None, template_rows: TemplateRows | None,
@@ -288,6 +291,10 @@ def _run_e2e(
         if bad:
             raise ValueError(f"{name}: unknown {bad}; valid: {', '.join(valid)}")
     all_shapes = default_shapes(quick, num_blocks)
+    if batch is not None:
+        if batch < 1:
+            raise ValueError(f"batch={batch}: must be >= 1 (sequences per training step)")
+        all_shapes = {k: dataclasses.replace(v, batch=batch) for k, v in all_shapes.items()}
     bad = [s for s in shapes if s not in all_shapes]
     if bad:
         raise ValueError(f"shapes: unknown {bad}; valid: {', '.join(all_shapes)}")
@@ -312,7 +319,8 @@ def _run_e2e(
         "peak_flops": peak_flops(dev),
         "peak_flops_table": dict(PEAK_BF16_FLOPS),
         "settings": {"modes": list(modes), "kinds": list(kinds), "variants": list(variants),
-                     "impls": list(impls), "num_blocks": num_blocks, "warmup": warmup, "repeat": repeat,
+                     "impls": list(impls), "num_blocks": num_blocks, "batch": batch, "warmup": warmup,
+                     "repeat": repeat,
                      "budget_s": budget_s,
                      "graphs": graphs, "template_compile": template_compile,
                      "template_precision": template_precision, "template_callbacks": template_callbacks},
