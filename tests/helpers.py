@@ -42,9 +42,10 @@ def fake_fla(monkeypatch, calls: list) -> None:
     """Stand in for fla (no Triton here): ``chunk_kda`` and ``causal_conv1d`` with fla's documented varlen
     contract (``[1, N, ...]`` inputs, sequence ``i`` is ``cu_seqlens[i]:cu_seqlens[i + 1]``, each from a
     zero state), computed per sequence by our recurrence and ``F.conv1d``; records each call's
-    ``cu_seqlens``. ``chunk_kda``'s in-kernel options, ``rms_norm_gated``, ``swiglu_linear`` and
-    ``cross_entropy_loss`` compute what fla's docstrings state, in plain torch (checked against fla's Triton
-    kernels under Triton's CPU interpreter, ``benchmarks/e2e_notes.md`` session 18)."""
+    ``cu_seqlens``. ``chunk_kda``'s in-kernel options, ``rms_norm_gated``, ``rms_norm``,
+    ``swiglu_linear`` and ``cross_entropy_loss`` compute what fla's docstrings state, in plain torch
+    (checked against fla's Triton kernels under Triton's CPU interpreter, ``benchmarks/e2e_notes.md``
+    session 18)."""
     import sys
     import types
 
@@ -99,6 +100,11 @@ def fake_fla(monkeypatch, calls: list) -> None:
         losses = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
         return losses, torch.zeros_like(losses)
 
+    def fla_rms_norm(x, weight, bias=None, residual=None, eps=1e-5, **kwargs):
+        assert bias is None and residual is None
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+        return y.to(x.dtype)
+
     kda_mod = types.ModuleType("fla.ops.kda")
     kda_mod.chunk_kda, kda_mod.fused_recurrent_kda = chunk_kda, chunk_kda
     conv_mod = types.ModuleType("fla.modules.causal_conv1d")
@@ -113,6 +119,10 @@ def fake_fla(monkeypatch, calls: list) -> None:
     act_mod = types.ModuleType("fla.modules.activations")
     act_mod.swiglu_linear = swiglu_linear
     monkeypatch.setitem(sys.modules, "fla.modules.activations", act_mod)
+    ln_mod = types.ModuleType("fla.modules.norm.layernorm")
+    ln_mod.rms_norm = fla_rms_norm
+    monkeypatch.setitem(sys.modules, "fla.modules.norm", types.ModuleType("fla.modules.norm"))
+    monkeypatch.setitem(sys.modules, "fla.modules.norm.layernorm", ln_mod)
     ce_mod = types.ModuleType("fla.modules.fused_cross_entropy")
     ce_mod.cross_entropy_loss = cross_entropy_loss
     monkeypatch.setitem(sys.modules, "fla.modules.fused_cross_entropy", ce_mod)

@@ -506,15 +506,21 @@ def test_regional_compilation_reuses_one_graph_per_kind_of_sublayer_and_equals_e
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("moe", [False, True])
-def test_decoder_on_fla_eager_fused_paths_equals_the_torch_backend(monkeypatch, moe):
+@pytest.mark.parametrize("moe,residual", [(False, "block"), (True, "block"), (True, "standard")])
+def test_decoder_on_fla_eager_fused_paths_equals_the_torch_backend(monkeypatch, moe, residual):
     # where fla runs, the eager forward takes fla's fused kernels: KDA's in-kernel norms and gates, the
-    # SwiGLU MLPs' swiglu_linear, the loss's cross_entropy_loss (stand-ins with fla's documented math,
+    # SwiGLU MLPs' swiglu_linear, the PreNorms and final norm (standard residual; Block's take our fused
+    # phase-2 norm), the loss's cross_entropy_loss (stand-ins with fla's documented math,
     # tests/helpers.fake_fla); the same loss and gradients as the torch backend, with ignored labels
     from tests.helpers import fake_fla
 
     fake_fla(monkeypatch, calls := [])
-    models = {b: _tiny(kda_backend=b, moe=moe).double() for b in ("fla", "torch")}
+    import fla.modules.norm.layernorm as ln
+
+    normed = []
+    norm = ln.rms_norm
+    monkeypatch.setattr(ln, "rms_norm", lambda x, *a, **k: normed.append(x.shape) or norm(x, *a, **k))
+    models = {b: _tiny(kda_backend=b, moe=moe, residual=residual).double() for b in ("fla", "torch")}
     models["torch"].load_state_dict(models["fla"].state_dict())
     cfg = models["fla"].config
     ids, labels = _ids(cfg), _ids(cfg, seed=1)
@@ -525,6 +531,9 @@ def test_decoder_on_fla_eager_fused_paths_equals_the_torch_backend(monkeypatch, 
         out[b].backward()
         grads[b] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert calls  # the KDA layers went through the stand-in
+    # standard: two PreNorms per layer and the final norm (Block: where no fused phase-2 norm finishes it)
+    layers = models["fla"].config.num_layers
+    assert len(normed) == 2 * layers + 1 if residual == "standard" else normed
     # fp32 rounding only: the torch path computes KDA's decay and gates in fp32, fla's L2 norm adds its
     # epsilon under the square root
     assert abs(out["fla"].item() - out["torch"].item()) < 1e-6

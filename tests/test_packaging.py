@@ -114,7 +114,7 @@ def test_without_a_build_the_ops_fall_back_to_the_reference_with_one_warning(tmp
 def test_kda_backend_fla_without_fla_names_the_package_to_install(monkeypatch):
     import importlib.util
 
-    from attnres.model import kda
+    from attnres.model import backends
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -123,7 +123,7 @@ def test_kda_backend_fla_without_fla_names_the_package_to_install(monkeypatch):
     with pytest.raises(
         ModuleNotFoundError, match=r"kda_backend='fla' needs fla's KDA kernels .*pip install 'attnres\[gpu\]'"
     ):
-        kda.require_fla()
+        backends.require_fla()
 
 
 # ----------------------------------------------------------------------------- configs by name

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnres.model.backends import fla_available, fla_runs
 from attnres.model.config import Config
 from attnres.model.documents import DocumentMask
-from attnres.model.kda import KimiDeltaAttention, ShortConv, fla_available, fla_runs
+from attnres.model.kda import KimiDeltaAttention, ShortConv
 from attnres.model.mla import MultiHeadLatentAttention
 from attnres.model.moe import MoE, SwiGLU, output_init_std
 from attnres.model.norm import RMSNorm
@@ -107,14 +108,14 @@ class DecoderLayer(nn.Module):
         self.index = index
         self.mixer_kind = "mla" if c.is_mla(index) else "kda"
         self.mlp_kind = "moe" if c.is_moe(index) else "dense"
-        self.attn_norm = RMSNorm(c.dim, c.rms_norm_eps)
+        self.attn_norm = RMSNorm(c.dim, c.rms_norm_eps, c.kda_backend)
         if self.mixer_kind == "mla":
             self.attn = MultiHeadLatentAttention(c.dim, c.mla_heads, c.mla_qk_nope_dim, c.mla_qk_shared_dim,
                                                  c.mla_v_head_dim, c.mla_kv_rank, c.rms_norm_eps)
         else:
             self.attn = KimiDeltaAttention(c.dim, c.kda_heads, c.kda_head_dim, c.kda_conv_size,
                                            c.kda_chunk_size, c.rms_norm_eps, backend=c.kda_backend)
-        self.mlp_norm = RMSNorm(c.dim, c.rms_norm_eps)
+        self.mlp_norm = RMSNorm(c.dim, c.rms_norm_eps, c.kda_backend)
         if self.mlp_kind == "moe":
             self.mlp = MoE(c.dim, c.num_experts, c.top_k, c.expert_dim, c.num_shared_experts,
                            c.routed_scaling_factor, c.router_bias_update_rate, c.aux_loss_coef,
@@ -155,7 +156,7 @@ class Decoder(nn.Module):
             c.residual, c.dim, c.num_sublayers, c.num_blocks, c.residual_eps, full_group=c.full_group,
             recompute=c.residual_recompute, fuse_norm=c.residual_fuse_norm,
         )
-        self.norm = RMSNorm(c.dim, c.rms_norm_eps)
+        self.norm = RMSNorm(c.dim, c.rms_norm_eps, c.kda_backend)
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight

@@ -31,7 +31,6 @@ CPU path uses short chunks (16 by default).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
@@ -39,10 +38,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnres.model import fla_ops
+from attnres.model.backends import fla_available, fla_runs
 from attnres.model.documents import DocumentMask
 from attnres.model.norm import RMSNorm
 
-__all__ = ["KimiDeltaAttention", "ShortConv", "fla_available", "fla_runs", "kda_chunked", "kda_recurrent"]
+__all__ = ["KimiDeltaAttention", "ShortConv", "kda_chunked", "kda_recurrent"]
 
 
 def _compute_dtype(v: Tensor) -> torch.dtype:
@@ -167,36 +167,6 @@ def _kda_chunked(
     o = torch.stack(outs, dim=2)  # [B, H, N, C, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
     return o.to(out_dtype), S
-
-
-def fla_available() -> bool:
-    """Whether fla's KDA kernels can be imported (fla-core and triton installed)."""
-    try:
-        return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
-    except ValueError:  # an already imported module object without a spec (a test's stand-in for fla)
-        return True
-
-
-def require_fla() -> None:
-    """Raise a ModuleNotFoundError that says what to install when fla's kernels cannot be imported."""
-    if not fla_available():
-        raise ModuleNotFoundError(
-            "kda_backend='fla' needs fla's KDA kernels (fla-core==0.6.0 with triton, GPU only): "
-            "pip install 'attnres[gpu]', or set model.config.kda_backend to auto or torch"
-        )
-
-
-def fla_runs(backend: str, installed: bool, device: torch.device) -> bool:
-    """Whether a module with ``backend`` (``auto`` | ``torch`` | ``fla``, the config's ``kda_backend``) runs
-    fla's kernels on ``device``; ``installed``: :func:`fla_available`, looked up once by the module (a module
-    search per forward would be host time on the hot path). ``fla`` without fla installed raises."""
-    if backend == "torch":
-        return False
-    if backend == "fla":
-        if not installed:
-            require_fla()  # raises, saying what to install
-        return True
-    return device.type == "cuda" and installed
 
 
 class ShortConv(nn.Module):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnres.model.kda import fla_available, fla_runs
+from attnres.model.backends import fla_available, fla_runs
 
 __all__ = ["MoE", "SwiGLU", "grouped_swiglu"]
 
@@ -31,10 +31,11 @@ __all__ = ["MoE", "SwiGLU", "grouped_swiglu"]
 class SwiGLU(nn.Module):
     """``down(silu(gate x) * up x)``: ``[..., dim] -> [..., dim]``.
 
-    ``backend`` (the config's ``kda_backend``): where fla runs (:func:`attnres.model.kda.fla_runs`: ``auto``
-    on CUDA with fla installed), eager forwards take fla's ``swiglu_linear`` (fla's own MLP's fused path):
-    ``silu(gate) * up`` in one Triton kernel, fed to the down projection and recomputed in the backward,
-    which keeps only ``gate x`` and ``up x`` (the plain code also keeps ``silu(gate x)`` and the product).
+    ``backend`` (the config's ``kda_backend``): where fla runs (:func:`attnres.model.backends.fla_runs`:
+    ``auto`` on CUDA with fla installed), eager forwards take fla's ``swiglu_linear`` (fla's own MLP's
+    fused path): ``silu(gate) * up`` in one Triton kernel, fed to the down projection and recomputed in the
+    backward, which keeps only ``gate x`` and ``up x`` (the plain code also keeps ``silu(gate x)`` and the
+    product).
     Under ``torch.compile`` Inductor fuses the plain code instead."""
 
     def __init__(self, dim: int, hidden: int, backend: str = "auto") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from attnres.model.backends import fla_available, fla_runs
 from attnres.ops import rms_norm
 from attnres.residual import DepthInput
 
@@ -12,12 +13,19 @@ __all__ = ["RMSNorm"]
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` over the last dim, in fp32, returned in the input dtype."""
+    """``x / rms(x) * weight`` over the last dim, in fp32, returned in the input dtype.
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    ``backend`` (the decoder passes its config's ``kda_backend``; default ``torch``): where fla runs
+    (:func:`attnres.model.backends.fla_runs`), eager forwards take fla's Triton RMSNorm (one kernel each way,
+    fp32 inside; it keeps ``x`` and the row's ``1 / rms`` for the backward, not an fp32 copy of ``x``), as
+    fla's own model does; under ``torch.compile`` Inductor fuses the plain code instead."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, backend: str = "torch") -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.backend = backend
+        self.fla_installed = backend != "torch" and fla_available()  # looked up once (host time)
 
     def forward(self, x: Tensor | DepthInput) -> Tensor:
         """The norm of ``x [..., d]``. A :class:`DepthInput` (a sublayer input from the residual path,
@@ -25,6 +33,11 @@ class RMSNorm(nn.Module):
         that FSDP has gathered ``weight``."""
         if isinstance(x, DepthInput):
             return x.normalized(self.weight, self.eps)
+        fla = self.backend != "torch" and fla_runs(self.backend, self.fla_installed, x.device)
+        if fla and not torch.compiler.is_compiling():
+            from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
+
+            return fla_rms_norm(x, self.weight, None, eps=self.eps)
         return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:

@@ -140,13 +140,15 @@ def test_layer_fla_backend_under_autocast_matches_fp32():
         assert p.grad.dtype == torch.float32 and err_ratio(p.grad, p_ref.grad) < 6e-2, name
 
 
-@pytest.mark.parametrize("moe", [False, True])
-def test_decoder_eager_fused_fla_paths_match_the_torch_backend(moe):
+@pytest.mark.parametrize("moe,residual", [(False, "block"), (True, "block"), (True, "standard")])
+def test_decoder_eager_fused_fla_paths_match_the_torch_backend(moe, residual):
     # eager on fla (session 18): KDA's in-kernel q/k norms, decay and beta with rms_norm_gated, the SwiGLU
-    # MLPs' swiglu_linear (dense and shared experts), fla's cross-entropy; against the torch backend
-    # (our chunked KDA, plain SwiGLU and loss), same weights, under bf16 autocast as training runs
+    # MLPs' swiglu_linear (dense and shared experts), fla's RMSNorm (standard's PreNorms, the final norm),
+    # fla's cross-entropy; against the torch backend (our chunked KDA, plain SwiGLU, norms and loss), same
+    # weights, under bf16 autocast as training runs
     torch.manual_seed(0)
-    cfg = get_config("tiny", kda_head_dim=64, kda_chunk_size=64, moe=moe, kda_backend="torch")
+    cfg = get_config("tiny", kda_head_dim=64, kda_chunk_size=64, moe=moe, kda_backend="torch",
+                     residual=residual)
     ours = Decoder(cfg).to(DEV)
     theirs = Decoder(cfg.replace(kda_backend="fla")).to(DEV)
     theirs.load_state_dict(ours.state_dict())
