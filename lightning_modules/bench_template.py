@@ -203,7 +203,9 @@ def bench_e2e(
             eager), ``attnres-unfused`` (ours with ``residual_fuse_norm`` off: phase 2 and the sublayer
             norm as separate ops; AttnRes rows), ``attnres-packed`` (ours on packed documents,
             ``data.packing: documents``: exponential lengths of mean 512 tokens, mixed apart; ratio
-            packed/unpacked), ``fla`` (fla-core's fused_attnres in our decoder),
+            packed/unpacked), ``attnres-fla-plain`` (ours with ``fla_fused`` off: fla's KDA kernel
+            without its fused kernels around it; eager; ratio fla-fused/fla-plain), ``fla`` (fla-core's
+            fused_attnres in our decoder),
             ``fast-attnres`` (fast-attnres 2.1.0's ``attnres`` in our decoder; installed apart, named by
             ``ATTNRES_FAST_ATTNRES_DIR``: its package is also called attnres) and/or ``fla-model``
             (fla's own KDAForCausalLM, flash-linear-attention 0.6 + transformers, at the

@@ -103,6 +103,24 @@ def test_quick_packed_rows_train_on_documents_and_give_the_packed_ratio(tmp_path
     assert not any("packed" in q["what"] and "/standard" in q["what"] for q in data["ratios"])
 
 
+def test_quick_fla_plain_rows_build_the_model_with_fla_fused_off(tmp_path, monkeypatch):
+    # attnres-fla-plain: our decoder with Config.fla_fused false (on a CPU both run the same plain code:
+    # this checks the rows, their config and the ratio, not a speed)
+    from attnres.bench import rows
+
+    seen = []
+    decoder_init = rows.Decoder.__init__
+    monkeypatch.setattr(rows.Decoder, "__init__", lambda self, cfg: seen.append(cfg.fla_fused)
+                        or decoder_init(self, cfg))
+    data = e2e.run_e2e_benchmark(
+        quick=True, shapes=["medium"], modes=["standard"], kinds=["train"], variants=["eager"],
+        impls=["attnres", "attnres-fla-plain"], warmup=1, repeat=1, profile=False, device="cpu", out=None,
+    )
+    assert sorted(seen) == [False, True]
+    assert all(r["status"] == "ok" for r in data["rows"] if r["impl"].startswith("attnres"))
+    assert "standard fla-fused/fla-plain" in {q["what"] for q in data["ratios"]}
+
+
 def test_batch_overrides_every_shapes_training_batch(tmp_path):
     data = e2e.run_e2e_benchmark(
         quick=True, shapes=["medium"], modes=["standard"], kinds=["train"], variants=["eager"],

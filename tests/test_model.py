@@ -540,3 +540,32 @@ def test_decoder_on_fla_eager_fused_paths_equals_the_torch_backend(monkeypatch, 
     assert grads["fla"].keys() == grads["torch"].keys()
     for n, g in grads["torch"].items():
         assert (grads["fla"][n] - g).norm() <= 1e-5 * g.norm() + 1e-12, n
+
+
+def test_fla_fused_false_keeps_the_plain_code_around_flas_kda_kernel(monkeypatch):
+    # Config.fla_fused = false: fla's chunk_kda with precomputed q/k norms, decay and beta (no in-kernel
+    # options), and none of fla's fused norm, SwiGLU or loss kernels
+    from tests.helpers import fake_fla
+
+    fake_fla(monkeypatch, [])
+    import fla.modules.activations as act
+    import fla.modules.fused_cross_entropy as ce
+    import fla.modules.fused_norm_gate as gated
+    import fla.modules.norm.layernorm as ln
+    import fla.ops.kda as kda_ops
+
+    def refuse(*a, **k):
+        raise AssertionError("a fused fla kernel ran with fla_fused false")
+
+    for mod, name in ((act, "swiglu_linear"), (ce, "cross_entropy_loss"), (gated, "rms_norm_gated"),
+                      (ln, "rms_norm")):
+        monkeypatch.setattr(mod, name, refuse)
+    flags = []
+    chunk = kda_ops.chunk_kda
+    in_kernel = ("use_qk_l2norm_in_kernel", "use_gate_in_kernel", "use_beta_sigmoid_in_kernel")
+    monkeypatch.setattr(kda_ops, "chunk_kda",
+                        lambda *a, **k: flags.append(any(k.get(f) for f in in_kernel)) or chunk(*a, **k))
+    model = _tiny(kda_backend="fla", fla_fused=False, residual="standard")
+    ids = _ids(model.config)
+    model(ids, labels=ids).loss.backward()
+    assert flags and not any(flags)

@@ -88,8 +88,8 @@ __all__ = [
 MODES: tuple[str, ...] = ("standard", "block", "full")
 KINDS: tuple[str, ...] = ("train", "prefill", "decode", "template")
 VARIANTS: tuple[str, ...] = ("eager", "compile", "regional", "reduce-overhead")
-IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "attnres-unfused", "attnres-packed", "fla",
-                          "fast-attnres", "fla-model")
+IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "attnres-unfused", "attnres-packed",
+                          "attnres-fla-plain", "fla", "fast-attnres", "fla-model")
 
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -379,6 +379,8 @@ def _run_e2e(
                 train(shape, "attnres-unfused", "eager", [m for m in ours if m != "standard"])
             if "attnres-packed" in impls:  # packed documents (varlen KDA, block-diagonal MLA)
                 train(shape, "attnres-packed", "eager", ours)
+            if "attnres-fla-plain" in impls:  # fla's KDA kernel without its fused kernels around it
+                train(shape, "attnres-fla-plain", "eager", ours)
         for shape in picked:
             train(shape, "fla", "eager", theirs)
             if "fast-attnres" in impls:

@@ -126,7 +126,8 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Block/standard, Full/standard (ours, fla's and fast-attnres's, against our standard row of the same
     kind, shape, variant, optimizer and batch; fla's model against its own standard row), ours/fla's model
     per mode (``attnres/fla-model``, target ``<= 1``), packed documents/plain windows per mode
-    (``attnres-packed``) and template/hand-written, from rows of this run, on
+    (``attnres-packed``), fla's fused kernels on/off per mode (``attnres-fla-plain``) and
+    template/hand-written, from rows of this run, on
     step time and (train) on peak memory, with the memory target ``standard + 1.1 x source bytes``."""
     def key(r: dict[str, Any]) -> tuple:
         return (r.get("kind"), r.get("shape"), r.get("variant"), r.get("optimizer"), r.get("batch"))
@@ -145,7 +146,8 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
            and r.get("impl") in ("attnres", "fla-model") and r.get("kind") != "template"}
     out = []
     for r in ok:
-        if r.get("kind") == "template" or r.get("mode") == "standard" or r["impl"] == "attnres-packed":
+        if r.get("kind") == "template" or r.get("mode") == "standard" or r["impl"] in ("attnres-packed",
+                                                                                          "attnres-fla-plain"):
             continue
         own = r["impl"] == "fla-model"  # fla's model: AttnRes against its own standard residual
         s = std.get((key(r), "fla-model" if own else "attnres"))
@@ -164,6 +166,11 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         u = unpacked.get((key(r), r.get("mode"))) if r.get("impl") == "attnres-packed" else None
         if u is not None:
             out.append(ratio(r, u, f"{r['mode']} packed/unpacked"))
+    plain = {(key(r), r.get("mode")): r for r in ok if r.get("impl") == "attnres-fla-plain"}
+    for r in ok:  # fla's fused kernels around KDA (the default) against fla's KDA kernel alone
+        p = plain.get((key(r), r.get("mode"))) if r.get("impl") == "attnres" else None
+        if p is not None:
+            out.append(ratio(r, p, f"{r['mode']} fla-fused/fla-plain"))
     peer = {(key(r), r.get("mode")): r for r in ok if r.get("impl") == "fla-model"}
     for r in ok:  # our model against fla's KDAForCausalLM in the same mode: the target is <= 1
         p = peer.get((key(r), r.get("mode"))) if r.get("impl") == "attnres" else None

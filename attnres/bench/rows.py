@@ -98,9 +98,10 @@ def guarded(
 
 
 def build_model(shape: Shape, mode: str, impl: str, run: Run, dtype: torch.dtype | None = None) -> nn.Module:
-    """The model of one row: our decoder at ``shape`` in ``mode`` (with the residual variant ``impl`` names:
-    recompute, unfused, or a peer's depth-attention op), or fla's ``KDAForCausalLM`` (``fla-model``), in
-    ``dtype`` (default the run's) on the run's device; seeded, so every row of a shape starts alike."""
+    """The model of one row: our decoder at ``shape`` in ``mode`` (with the variant ``impl`` names: recompute,
+    unfused, fla-plain (``fla_fused`` off), or a peer's depth-attention op), or fla's ``KDAForCausalLM``
+    (``fla-model``), in ``dtype`` (default the run's) on the run's device; seeded, so every row of a shape
+    starts alike."""
     torch.manual_seed(0)
     if impl == "fla-model":  # fla's KDAForCausalLM; called like our Decoder for training
         return build_fla_model(shape.config.replace(residual=mode), run.device, dtype or run.dtype)
@@ -108,6 +109,7 @@ def build_model(shape: Shape, mode: str, impl: str, run: Run, dtype: torch.dtype
         residual=mode,
         residual_recompute=impl == "attnres-recompute",
         residual_fuse_norm=impl != "attnres-unfused",
+        fla_fused=impl != "attnres-fla-plain",
     )
     with torch.device(run.device):
         model = Decoder(cfg)

@@ -92,9 +92,13 @@ class Config:
     kda_backend: str = "auto"
     """KDA kernels: ``auto`` (fla's Triton kernels on CUDA when fla is installed, else ours), ``torch``
     (our chunked PyTorch code everywhere: no Triton autotuning, which takes minutes per new shape on a
-    fresh machine) or ``fla`` (always fla; an error where it cannot run). Where fla runs, the eager
-    forward also takes fla's fused kernels around KDA (the in-kernel q/k norms, decay and beta, the
-    gated head norm) and in the dense and shared-expert SwiGLU MLPs, as fla's own model does."""
+    fresh machine) or ``fla`` (always fla; an error where it cannot run)."""
+    fla_fused: bool = True
+    """Where fla runs (``kda_backend``), eager forwards also take fla's fused kernels around KDA (the
+    in-kernel q/k norms, decay and beta sigmoid, the gated head norm), in the dense and shared-expert
+    SwiGLU MLPs, the decoder's RMSNorms and its loss, as fla's own model does: fewer kernels and no fp32
+    copies kept for the backward. ``false``: fla's KDA kernel alone, with the plain PyTorch code around it
+    (what ``torch.compile`` traces either way); the same math up to rounding."""
     mla_num_heads: int | None = None
     """MLA heads; ``None``: ``dim // mla_v_head_dim`` (then ``mla_v_head_dim`` must divide ``dim``)."""
     mla_qk_nope_dim: int = 32

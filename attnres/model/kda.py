@@ -269,12 +269,13 @@ class KimiDeltaAttention(nn.Module):
     flattened to ``[1, B * T]`` with the mask's ``cu_seqlens``; else our masked convs and chunked code
     with the segment ids.
     ``backend``: ``"auto"`` (fla on CUDA when installed, else our chunked / recurrent code),
-    ``"torch"`` (always ours) or ``"fla"``.
+    ``"torch"`` (always ours) or ``"fla"``. ``fused`` (``Config.fla_fused``): eager on fla without a
+    cache, fla's KDA layer's fused path (:meth:`_fla_eager`); else the plain code around ``chunk_kda``.
     """
 
     def __init__(
         self, dim: int, num_heads: int, head_dim: int, conv_size: int = 4, chunk_size: int = 16,
-        norm_eps: float = 1e-5, backend: str = "auto",
+        norm_eps: float = 1e-5, backend: str = "auto", fused: bool = True,
     ) -> None:
         super().__init__()
         if backend not in ("auto", "torch", "fla"):
@@ -282,6 +283,7 @@ class KimiDeltaAttention(nn.Module):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.chunk_size = chunk_size
         self.backend = backend
+        self.fused = fused  # eager on fla: _fla_eager; else the plain code around chunk_kda
         # looked up once: a module search (~40 us) per layer and forward would be host time on the hot path
         self.fla_installed = backend != "torch" and fla_available()
         hk = num_heads * head_dim
@@ -368,14 +370,18 @@ class KimiDeltaAttention(nn.Module):
             raise ValueError("KimiDeltaAttention: documents (packed training windows) cannot be decoded "
                              "with a cache; decode one document per sequence")
         fla = self.uses_fla(x.device)
-        if fla and cache is None and not torch.compiler.is_compiling():
+        if fla and self.fused and cache is None and not torch.compiler.is_compiling():
             return self._fla_eager(x, documents)  # fla's fused kernels; below: compiled, or decoding
-        if documents is not None and fla:  # under torch.compile: fla's varlen functions (a graph break)
+        if documents is not None and fla:  # fla's varlen functions (under torch.compile: a graph break)
             if documents.cu_seqlens is None:
                 raise ValueError("KimiDeltaAttention on fla: the DocumentMask has no cu_seqlens; build it "
                                  "with DocumentMask.build(..., varlen=True)")
             q, k, v = (conv.fla_varlen(proj(x), documents) for conv, proj in self._conv_projs())
             cq = ck = cv = None  # no decoding state with documents
+        elif fla and cache is None and not torch.compiler.is_compiling():  # eager, fused=False
+            # fla's Triton short conv (under compile, ShortConv's shifted products fuse instead)
+            q, k, v = (conv.fla_dense(proj(x)) for conv, proj in self._conv_projs())
+            cq = ck = cv = None  # no decoding state without a cache
         else:
             seg = documents.segment_ids if documents is not None else None
             conv = cache.get("conv", (None, None, None)) if cache is not None else (None, None, None)
