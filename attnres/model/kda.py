@@ -329,6 +329,14 @@ class KimiDeltaAttention(nn.Module):
         """Whether this layer runs fla's kernels on ``device``."""
         return fla_runs(self.backend, self.fla_installed, device)
 
+    def _fla_varlen_qkv(self, x: Tensor, documents: DocumentMask) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of packed documents through fla's varlen short conv (``documents`` with ``cu_seqlens``)."""
+        if documents.cu_seqlens is None:
+            raise ValueError("KimiDeltaAttention on fla: the DocumentMask has no cu_seqlens; build it "
+                             "with DocumentMask.build(..., varlen=True)")
+        q, k, v = (conv.fla_varlen(proj(x), documents) for conv, proj in self._conv_projs())
+        return q, k, v
+
     def _fla_eager(self, x: Tensor, documents: DocumentMask | None) -> Tensor:
         """Training and prefill on fla without a cache, eager: fla's KDA layer's own fused path. The q/k L2
         norms, the decay ``-exp(A_log) * softplus(f + dt_bias)`` and beta's sigmoid run inside ``chunk_kda``
@@ -343,10 +351,7 @@ class KimiDeltaAttention(nn.Module):
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         if documents is not None:
-            if documents.cu_seqlens is None:
-                raise ValueError("KimiDeltaAttention on fla: the DocumentMask has no cu_seqlens; build it "
-                                 "with DocumentMask.build(..., varlen=True)")
-            q, k, v = (conv.fla_varlen(proj(x), documents) for conv, proj in self._conv_projs())
+            q, k, v = self._fla_varlen_qkv(x, documents)
         else:
             q, k, v = (conv.fla_dense(proj(x)) for conv, proj in self._conv_projs())
         f = self.f_b_proj(self.f_a_proj(x))  # the decay's pre-activation; the kernel adds dt_bias
@@ -373,10 +378,7 @@ class KimiDeltaAttention(nn.Module):
         if fla and self.fused and cache is None and not torch.compiler.is_compiling():
             return self._fla_eager(x, documents)  # fla's fused kernels; below: compiled, or decoding
         if documents is not None and fla:  # fla's varlen functions (under torch.compile: a graph break)
-            if documents.cu_seqlens is None:
-                raise ValueError("KimiDeltaAttention on fla: the DocumentMask has no cu_seqlens; build it "
-                                 "with DocumentMask.build(..., varlen=True)")
-            q, k, v = (conv.fla_varlen(proj(x), documents) for conv, proj in self._conv_projs())
+            q, k, v = self._fla_varlen_qkv(x, documents)
             cq = ck = cv = None  # no decoding state with documents
         elif fla and cache is None and not torch.compiler.is_compiling():  # eager, fused=False
             # fla's Triton short conv (under compile, ShortConv's shifted products fuse instead)
