@@ -159,7 +159,7 @@ def test_each_mode_is_taken_at_its_own_best_rate():
     assert best_rate_groups(runs, "other") == ({}, [])
 
 
-def test_the_audit_at_each_models_best_rate():
+def test_the_audit_at_each_models_best_rate(tmp_path):
     from benchmarks.study.analyze import audit_best_rates
 
     def study(residual, seed, tag, lr, loss, hidden=None):
@@ -194,6 +194,15 @@ def test_the_audit_at_each_models_best_rate():
     assert rows["reference (litgpt GPT)"].startswith(
         "| s | reference (litgpt GPT) | 0.002 (edge) | 2 | 3 | 3.1000 ± 0.1000 | +0.1500 [")
     assert rows["reference (litgpt GPT)"].endswith("] | 4.0 |")
+    # the same runs as a figure: one panel (size s has a sweep), written; no sweep anywhere: no figure
+    from benchmarks.study.analyze import lr_sweep_figure, rated_runs
+
+    rated = rated_runs(runs, audits, "pk")
+    assert sorted(rated[("s", "study", "standard")]) == [2e-3, 4e-3, 8e-3]
+    assert [r["loss"] for r in rated[("s", "audit", "plain")][4e-3]] == [3.3]
+    path = lr_sweep_figure(rated, tmp_path)
+    assert path == tmp_path / "lr_sweep.png" and path.stat().st_size > 1000
+    assert lr_sweep_figure(rated_runs(runs[:3], [], "pk"), tmp_path / "none") is None
     assert rows["project Block N=8"].endswith("] | – |")
     assert rows["reference + Block N=8"].startswith(
         "| s | reference + Block N=8 | 0.002 | 1 | 1 | 2.9000 | -0.0500 [")

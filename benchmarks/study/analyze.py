@@ -723,13 +723,10 @@ def rms_growth(hidden: list[float] | None) -> float | None:
     return hidden[-1] / hidden[0] if hidden else None
 
 
-def audit_best_rates(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str) -> list[str]:
-    """The audit with every model at its own best rate (issue 25: the baseline tuned as the reference
-    is): the project's standard and Block models (the study's runs tagged ``tag`` and ``tag-lr<scale>``,
-    :func:`by_rate`) and the reference with and without Block AttnRes (``audit.py``'s runs of those tags,
-    ids ``<size>-reference-<mode>-seed<k>-<tag>[-lr<scale>]``), each at the rate of its lowest seed-mean
-    loss; differences from the project's standard model at its best rate. Empty unless some reference
-    was trained at two rates or more."""
+def rated_runs(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str) -> dict:
+    """``{(size, source, mode): {lr: [{"loss", "growth"}, ...]}}``: the project's runs of the sweep ``tag``
+    and its rate sweeps (source ``study``, :func:`by_rate`) and the reference runs of those tags (source
+    ``audit``, mode ``plain`` / ``block8``), by learning rate, one entry per seed."""
     from benchmarks.study.audit import default_run_id
 
     rated: dict[tuple[str, str, str], dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -744,6 +741,17 @@ def audit_best_rates(runs: list[dict[str, Any]], audits: list[dict[str, Any]], t
             lr = float(r["settings"]["lr"])
             rated[(r["model"], "audit", audit_mode(r))][lr].append(
                 {"loss": r["final_val_loss"], "growth": rms_growth(r.get("hidden_rms"))})
+    return rated
+
+
+def audit_best_rates(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str) -> list[str]:
+    """The audit with every model at its own best rate (issue 25: the baseline tuned as the reference
+    is): the project's standard and Block models (the study's runs tagged ``tag`` and ``tag-lr<scale>``,
+    :func:`by_rate`) and the reference with and without Block AttnRes (``audit.py``'s runs of those tags,
+    ids ``<size>-reference-<mode>-seed<k>-<tag>[-lr<scale>]``), each at the rate of its lowest seed-mean
+    loss; differences from the project's standard model at its best rate. Empty unless some reference
+    was trained at two rates or more."""
+    rated = rated_runs(runs, audits, tag)
     if not any(len(rates) > 1 for (_, src, _), rates in rated.items() if src == "audit"):
         return []
     lines = [f"### Baseline audit, every model at its own best learning rate (runs tagged {tag})", "",
@@ -773,6 +781,34 @@ def audit_best_rates(runs: list[dict[str, Any]], audits: list[dict[str, Any]], t
     return lines
 
 
+def lr_sweep_figure(rated: dict, out: Path) -> Path | None:
+    """``lr_sweep.png``: final validation loss against the learning rate (log scale), one panel per size
+    with a sweep (some model at two rates or more) and one line per model and mode (seed mean, the seeds'
+    spread as error bars), the reference dashed; None when no model was trained at two rates."""
+    if not any(len(rates) > 1 for rates in rated.values()):
+        return None
+    swept = {m for (m, _, _), rates in rated.items() if len(rates) > 1}  # sizes with a sweep to show
+    sizes = sorted(swept, key=lambda m: in_order(m, Layout().scaling_models))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 3.8), squeeze=False)
+    names = {(src, mode): (name, color, ls) for name, src, mode, color, ls in AUDIT_ROWS}
+    for ax, model in zip(axes[0], sizes, strict=True):
+        for (m, src, mode), rates in sorted(rated.items()):
+            if m != model:
+                continue
+            name, color, ls = names.get((src, mode), (f"project {label(mode)}", "tab:orange", "-"))
+            lrs = sorted(rates)
+            stats_ = [mean_std([r["loss"] for r in rates[lr]]) for lr in lrs]
+            ax.errorbar(lrs, [st[0] for st in stats_], yerr=[st[1] or 0.0 for st in stats_], fmt="o",
+                        ls=ls, ms=3, capsize=2, color=color, label=name)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({lr for (m, _, _), rates in rated.items() if m == model for lr in rates})
+        ax.set_xticks(ticks, [f"{lr:g}" for lr in ticks])
+        ax.minorticks_off()
+        _decorate(ax, "learning rate", f"size {model}: final validation loss vs learning rate")
+    axes[0][0].set_ylabel("final validation loss (seed mean ± std)")
+    return _save(fig, out / "lr_sweep.png")
+
+
 def analyze(results: str | Path, out: str | Path, lay: Layout | None = None,
             tag: str | None = None, audits: str | Path = "benchmarks/results/audit",
             best_rates: bool = True) -> dict[str, Any]:
@@ -790,6 +826,8 @@ def analyze(results: str | Path, out: str | Path, lay: Layout | None = None,
     scaling_lines, fits = scaling(groups, out, lay)
     val_curves(groups, out, lay)
     found = load_audits(audits)
+    if tag:
+        lr_sweep_figure(rated_runs(runs, found, tag), out)
     for part in (
         audit(runs, found, tag, out),
         audit_best_rates(runs, found, tag) if tag and best_rates else [],
