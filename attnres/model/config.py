@@ -236,6 +236,12 @@ class Config:
     def mla_heads(self) -> int:
         return self.mla_num_heads if self.mla_num_heads is not None else self.dim // self.mla_v_head_dim
 
+    @property
+    def fused_backend(self) -> str:
+        """The backend of the modules around KDA (norms, SwiGLU MLPs, loss): ``kda_backend`` while
+        ``fla_fused``, else ``torch`` (their plain code)."""
+        return self.kda_backend if self.fla_fused else "torch"
+
     def is_mla(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` (0-based) is a global MLA layer (else KDA)."""
         if self.token_mixer != "hybrid":

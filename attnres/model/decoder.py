@@ -108,8 +108,7 @@ class DecoderLayer(nn.Module):
         self.index = index
         self.mixer_kind = "mla" if c.is_mla(index) else "kda"
         self.mlp_kind = "moe" if c.is_moe(index) else "dense"
-        fused = c.kda_backend if c.fla_fused else "torch"  # where fla's fused kernels may run
-        self.attn_norm = RMSNorm(c.dim, c.rms_norm_eps, fused)
+        self.attn_norm = RMSNorm(c.dim, c.rms_norm_eps, c.fused_backend)
         if self.mixer_kind == "mla":
             self.attn = MultiHeadLatentAttention(c.dim, c.mla_heads, c.mla_qk_nope_dim, c.mla_qk_shared_dim,
                                                  c.mla_v_head_dim, c.mla_kv_rank, c.rms_norm_eps)
@@ -117,13 +116,13 @@ class DecoderLayer(nn.Module):
             self.attn = KimiDeltaAttention(c.dim, c.kda_heads, c.kda_head_dim, c.kda_conv_size,
                                            c.kda_chunk_size, c.rms_norm_eps, backend=c.kda_backend,
                                            fused=c.fla_fused)
-        self.mlp_norm = RMSNorm(c.dim, c.rms_norm_eps, fused)
+        self.mlp_norm = RMSNorm(c.dim, c.rms_norm_eps, c.fused_backend)
         if self.mlp_kind == "moe":
             self.mlp = MoE(c.dim, c.num_experts, c.top_k, c.expert_dim, c.num_shared_experts,
                            c.routed_scaling_factor, c.router_bias_update_rate, c.aux_loss_coef,
-                           backend=fused)
+                           backend=c.fused_backend)
         else:
-            self.mlp = SwiGLU(c.dim, c.mlp_dim, backend=fused)
+            self.mlp = SwiGLU(c.dim, c.mlp_dim, backend=c.fused_backend)
 
     def token_mixer(
         self, x: Tensor, cache: dict | None = None, documents: DocumentMask | None = None
@@ -158,12 +157,12 @@ class Decoder(nn.Module):
             c.residual, c.dim, c.num_sublayers, c.num_blocks, c.residual_eps, full_group=c.full_group,
             recompute=c.residual_recompute, fuse_norm=c.residual_fuse_norm,
         )
-        self.norm = RMSNorm(c.dim, c.rms_norm_eps, c.kda_backend if c.fla_fused else "torch")
+        self.norm = RMSNorm(c.dim, c.rms_norm_eps, c.fused_backend)
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.regions_compiled = False  # compile_regions() ran
-        self.fla_installed = c.kda_backend != "torch" and fla_available()  # looked up once (host time)
+        self.fla_installed = c.fused_backend != "torch" and fla_available()  # looked up once (host time)
         self.init_weights()
 
     @torch.no_grad()
@@ -247,8 +246,7 @@ class Decoder(nn.Module):
             cache.seq_len += x.shape[1]
         loss = None
         if labels is not None:
-            fused = self.config.fla_fused and fla_runs(self.config.kda_backend, self.fla_installed,
-                                                       logits.device)
+            fused = fla_runs(self.config.fused_backend, self.fla_installed, logits.device)
             loss = lm_loss(logits, labels, fused=fused and not torch.compiler.is_compiling())
         report = None
         if stats is not None:

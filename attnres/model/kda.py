@@ -375,13 +375,13 @@ class KimiDeltaAttention(nn.Module):
             raise ValueError("KimiDeltaAttention: documents (packed training windows) cannot be decoded "
                              "with a cache; decode one document per sequence")
         fla = self.uses_fla(x.device)
-        if fla and self.fused and cache is None and not torch.compiler.is_compiling():
+        eager_fla = fla and cache is None and not torch.compiler.is_compiling()
+        if eager_fla and self.fused:
             return self._fla_eager(x, documents)  # fla's fused kernels; below: compiled, or decoding
         if documents is not None and fla:  # fla's varlen functions (under torch.compile: a graph break)
             q, k, v = self._fla_varlen_qkv(x, documents)
             cq = ck = cv = None  # no decoding state with documents
-        elif fla and cache is None and not torch.compiler.is_compiling():  # eager, fused=False
-            # fla's Triton short conv (under compile, ShortConv's shifted products fuse instead)
+        elif eager_fla:  # fused=False: fla's Triton short conv (under compile, ShortConv's shifted products)
             q, k, v = (conv.fla_dense(proj(x)) for conv, proj in self._conv_projs())
             cq = ck = cv = None  # no decoding state without a cache
         else:

@@ -31,7 +31,7 @@ __all__ = ["MoE", "SwiGLU", "grouped_swiglu"]
 class SwiGLU(nn.Module):
     """``down(silu(gate x) * up x)``: ``[..., dim] -> [..., dim]``.
 
-    ``backend`` (the config's ``kda_backend``): where fla runs (:func:`attnres.model.backends.fla_runs`:
+    ``backend`` (the config's ``fused_backend``): where fla runs (:func:`attnres.model.backends.fla_runs`:
     ``auto`` on CUDA with fla installed), eager forwards take fla's ``swiglu_linear`` (fla's own MLP's
     fused path): ``silu(gate) * up`` in one Triton kernel, fed to the down projection and recomputed in the
     backward, which keeps only ``gate x`` and ``up x`` (the plain code also keeps ``silu(gate x)`` and the

@@ -15,7 +15,7 @@ __all__ = ["RMSNorm"]
 class RMSNorm(nn.Module):
     """``x / rms(x) * weight`` over the last dim, in fp32, returned in the input dtype.
 
-    ``backend`` (the decoder passes its config's ``kda_backend``; default ``torch``): where fla runs
+    ``backend`` (the decoder passes its config's ``fused_backend``; default ``torch``): where fla runs
     (:func:`attnres.model.backends.fla_runs`), eager forwards take fla's Triton RMSNorm (one kernel each way,
     fp32 inside; it keeps ``x`` and the row's ``1 / rms`` for the backward, not an fp32 copy of ``x``), as
     fla's own model does; under ``torch.compile`` Inductor fuses the plain code instead."""
@@ -33,8 +33,7 @@ class RMSNorm(nn.Module):
         that FSDP has gathered ``weight``."""
         if isinstance(x, DepthInput):
             return x.normalized(self.weight, self.eps)
-        fla = self.backend != "torch" and fla_runs(self.backend, self.fla_installed, x.device)
-        if fla and not torch.compiler.is_compiling():
+        if fla_runs(self.backend, self.fla_installed, x.device) and not torch.compiler.is_compiling():
             from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
 
             return fla_rms_norm(x, self.weight, None, eps=self.eps)
