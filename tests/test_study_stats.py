@@ -160,7 +160,7 @@ def test_each_mode_is_taken_at_its_own_best_rate():
 
 
 def test_the_audit_at_each_models_best_rate(tmp_path):
-    from benchmarks.study.analyze import audit_best_rates
+    from benchmarks.study.analyze import audit_best_rates, lr_sweep_figure, rated_runs
 
     def study(residual, seed, tag, lr, loss, hidden=None):
         return {"run_id": f"s-{residual}-seed{seed}-{tag}", "model": "s", "residual": residual, "seed": seed,
@@ -185,8 +185,9 @@ def test_the_audit_at_each_models_best_rate(tmp_path):
               + [ref("plain", 0, "pk-lr2", 4e-3, 3.3), ref("block", 0, "pk", 2e-3, 2.9)]
               + [ref("plain", 0, "other", 4e-3, 1.0)])  # another tag: left out
     # the reference at one rate only: nothing to add to the audit table
-    assert audit_best_rates(runs, [a for a in audits if "lr2" not in a["run_id"]], "pk") == []
-    lines = audit_best_rates(runs, audits, "pk")
+    one_rate = [a for a in audits if "lr2" not in a["run_id"]]
+    assert audit_best_rates(rated_runs(runs, one_rate, "pk"), "pk") == []
+    lines = audit_best_rates(rated_runs(runs, audits, "pk"), "pk")
     rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| s |")}
     assert rows["project standard"] == "| s | project standard | 0.004 | 3 | 2 | 2.9500 ± 0.0707 | – | 15.0 |"
     assert rows["project Block N=8"].startswith(
@@ -195,8 +196,6 @@ def test_the_audit_at_each_models_best_rate(tmp_path):
         "| s | reference (litgpt GPT) | 0.002 (edge) | 2 | 3 | 3.1000 ± 0.1000 | +0.1500 [")
     assert rows["reference (litgpt GPT)"].endswith("] | 4.0 |")
     # the same runs as a figure: one panel (size s has a sweep), written; no sweep anywhere: no figure
-    from benchmarks.study.analyze import lr_sweep_figure, rated_runs
-
     rated = rated_runs(runs, audits, "pk")
     assert sorted(rated[("s", "study", "standard")]) == [2e-3, 4e-3, 8e-3]
     assert [r["loss"] for r in rated[("s", "audit", "plain")][4e-3]] == [3.3]

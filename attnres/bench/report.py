@@ -161,16 +161,15 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             target = s["peak_mem_bytes"] + 1.1 * r["source_bytes"]
             entry.update(mem_target_bytes=target, mem_target_met=r["peak_mem_bytes"] <= target)
         out.append(entry)
-    unpacked = {(key(r), r.get("mode")): r for r in ok if r.get("impl") == "attnres"}
-    for r in ok:  # packed documents against the same model on plain windows (same tokens per step)
-        u = unpacked.get((key(r), r.get("mode"))) if r.get("impl") == "attnres-packed" else None
-        if u is not None:
-            out.append(ratio(r, u, f"{r['mode']} packed/unpacked"))
-    plain = {(key(r), r.get("mode")): r for r in ok if r.get("impl") == "attnres-fla-plain"}
-    for r in ok:  # fla's fused kernels around KDA (the default) against fla's KDA kernel alone
-        p = plain.get((key(r), r.get("mode"))) if r.get("impl") == "attnres" else None
-        if p is not None:
-            out.append(ratio(r, p, f"{r['mode']} fla-fused/fla-plain"))
+    # one impl against another in the same mode: packed documents against plain windows (same tokens per
+    # step); fla's fused kernels around KDA (the default) against fla's KDA kernel alone
+    for impl, base_impl, what in (("attnres-packed", "attnres", "packed/unpacked"),
+                                  ("attnres", "attnres-fla-plain", "fla-fused/fla-plain")):
+        bases = {(key(r), r.get("mode")): r for r in ok if r.get("impl") == base_impl}
+        for r in ok:
+            b = bases.get((key(r), r.get("mode"))) if r.get("impl") == impl else None
+            if b is not None:
+                out.append(ratio(r, b, f"{r['mode']} {what}"))
     peer = {(key(r), r.get("mode")): r for r in ok if r.get("impl") == "fla-model"}
     for r in ok:  # our model against fla's KDAForCausalLM in the same mode: the target is <= 1
         p = peer.get((key(r), r.get("mode"))) if r.get("impl") == "attnres" else None

@@ -744,14 +744,13 @@ def rated_runs(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: st
     return rated
 
 
-def audit_best_rates(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: str) -> list[str]:
+def audit_best_rates(rated: dict, tag: str) -> list[str]:
     """The audit with every model at its own best rate (issue 25: the baseline tuned as the reference
     is): the project's standard and Block models (the study's runs tagged ``tag`` and ``tag-lr<scale>``,
     :func:`by_rate`) and the reference with and without Block AttnRes (``audit.py``'s runs of those tags,
     ids ``<size>-reference-<mode>-seed<k>-<tag>[-lr<scale>]``), each at the rate of its lowest seed-mean
-    loss; differences from the project's standard model at its best rate. Empty unless some reference
-    was trained at two rates or more."""
-    rated = rated_runs(runs, audits, tag)
+    loss; differences from the project's standard model at its best rate. ``rated``: :func:`rated_runs`.
+    Empty unless some reference was trained at two rates or more."""
     if not any(len(rates) > 1 for (_, src, _), rates in rated.items() if src == "audit"):
         return []
     lines = [f"### Baseline audit, every model at its own best learning rate (runs tagged {tag})", "",
@@ -785,9 +784,9 @@ def lr_sweep_figure(rated: dict, out: Path) -> Path | None:
     """``lr_sweep.png``: final validation loss against the learning rate (log scale), one panel per size
     with a sweep (some model at two rates or more) and one line per model and mode (seed mean, the seeds'
     spread as error bars), the reference dashed; None when no model was trained at two rates."""
-    if not any(len(rates) > 1 for rates in rated.values()):
-        return None
     swept = {m for (m, _, _), rates in rated.items() if len(rates) > 1}  # sizes with a sweep to show
+    if not swept:
+        return None
     sizes = sorted(swept, key=lambda m: in_order(m, Layout().scaling_models))
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 3.8), squeeze=False)
     names = {(src, mode): (name, color, ls) for name, src, mode, color, ls in AUDIT_ROWS}
@@ -826,11 +825,11 @@ def analyze(results: str | Path, out: str | Path, lay: Layout | None = None,
     scaling_lines, fits = scaling(groups, out, lay)
     val_curves(groups, out, lay)
     found = load_audits(audits)
-    if tag:
-        lr_sweep_figure(rated_runs(runs, found, tag), out)
+    rated = rated_runs(runs, found, tag) if tag else {}
+    lr_sweep_figure(rated, out)
     for part in (
         audit(runs, found, tag, out),
-        audit_best_rates(runs, found, tag) if tag and best_rates else [],
+        audit_best_rates(rated, tag) if tag and best_rates else [],
         best_lines,
         scaling_lines,
         ablation(groups, out, lay),
