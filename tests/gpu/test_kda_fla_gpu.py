@@ -145,26 +145,33 @@ def test_decoder_eager_fused_fla_paths_match_the_torch_backend(moe, residual):
     # eager on fla (session 18): KDA's in-kernel q/k norms, decay and beta with rms_norm_gated, the SwiGLU
     # MLPs' swiglu_linear (dense and shared experts), fla's RMSNorm (standard's PreNorms, the final norm),
     # fla's cross-entropy; against the torch backend (our chunked KDA, plain SwiGLU, norms and loss), same
-    # weights, under bf16 autocast as training runs
+    # weights. Gradients in fp32 (measured on an H100, session 19: <= 3.2e-3 for every parameter, fused or
+    # not); under bf16 autocast, as training runs, the loss only: there bf16 rounding alone moves A_log's
+    # gradient by 5e-2 (fla's unfused path as much) and flips MoE routing (router gradients 0.3 apart on
+    # either fla path), so per-parameter gradients are no test of the formulas there
     torch.manual_seed(0)
     cfg = get_config("tiny", kda_head_dim=64, kda_chunk_size=64, moe=moe, kda_backend="torch",
                      residual=residual)
     ours = Decoder(cfg).to(DEV)
     theirs = Decoder(cfg.replace(kda_backend="fla")).to(DEV)
     theirs.load_state_dict(ours.state_dict())
+    assert theirs.config.fla_fused and theirs.config.fused_backend == "fla"
     ids = torch.randint(0, cfg.vocab_size, (2, 200), device=DEV)
     labels = torch.randint(0, cfg.vocab_size, (2, 200), device=DEV)
     labels[0, :30] = -100
-    losses = []
-    for model in (ours, theirs):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, labels=labels).loss
-        loss.backward()
-        losses.append(loss.item())
-    assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[0]), losses
+    for autocast in (True, False):
+        losses = []
+        for model in (ours, theirs):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(ids, labels=labels).loss
+            loss.backward()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < (2e-3 if autocast or moe else 1e-4) * abs(losses[0]), (autocast, losses)
     for (name, p), p_ref in zip(theirs.named_parameters(), ours.parameters(), strict=True):
-        if p_ref.grad is not None:
-            assert err_ratio(p.grad, p_ref.grad) < 6e-2, (name, err_ratio(p.grad, p_ref.grad))
+        assert (p.grad is None) == (p_ref.grad is None), name
+        if p_ref.grad is not None and not moe:  # MoE: a top-k tie flips even in fp32 (loss 1e-4 apart)
+            assert err_ratio(p.grad, p_ref.grad) < 2e-2, (name, err_ratio(p.grad, p_ref.grad))
 
 
 def test_decoder_cached_decoding_through_fla_equals_full_forward():
@@ -324,6 +331,7 @@ def test_an_unshipped_kda_shape_runs_on_pinned_configs_without_benchmarking(tmp_
 
 
 
+@pytest.mark.timeout(480)  # a fresh Triton cache: every fla kernel the step runs is compiled (minutes)
 def test_the_eager_training_path_at_an_unshipped_shape_runs_only_kernels_with_shipped_results(tmp_path,
                                                                                              monkeypatch):
     # the eager model on fla (session 18) calls fla's fused kernels around KDA (L2 norm, gate, gated norm),
