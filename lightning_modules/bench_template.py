@@ -204,7 +204,10 @@ def bench_e2e(
             norm as separate ops; AttnRes rows), ``attnres-packed`` (ours on packed documents,
             ``data.packing: documents``: exponential lengths of mean 512 tokens, mixed apart; ratio
             packed/unpacked), ``attnres-fla-plain`` (ours with ``fla_fused`` off: fla's KDA kernel
-            without its fused kernels around it; eager; ratio fla-fused/fla-plain), ``fla`` (fla-core's
+            without its fused kernels around it; eager; ratio fla-fused/fla-plain), ``torch-standard``
+            (the standard residual as plain torch code: torch's ``F.rms_norm``, SwiGLU and cross-entropy,
+            fla only for KDA itself; standard rows, eager and compiled; every mode of ours gets the ratio
+            ``<mode>/standard(torch-native)``: the baseline a user would write), ``fla`` (fla-core's
             fused_attnres in our decoder),
             ``fast-attnres`` (fast-attnres 2.1.0's ``attnres`` in our decoder; installed apart, named by
             ``ATTNRES_FAST_ATTNRES_DIR``: its package is also called attnres) and/or ``fla-model``

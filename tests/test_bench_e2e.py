@@ -121,6 +121,35 @@ def test_quick_fla_plain_rows_build_the_model_with_fla_fused_off(tmp_path, monke
     assert "standard fla-fused/fla-plain" in {q["what"] for q in data["ratios"]}
 
 
+def test_quick_torch_standard_rows_are_the_plain_torch_baseline_of_every_mode(monkeypatch):
+    # torch-standard: the standard residual as plain torch code (fla_fused off, every RMSNorm torch's own
+    # F.rms_norm); standard rows only; every mode of ours gets a ratio against it
+    from attnres.bench import rows
+
+    seen = []  # every model a row builds
+    decoder_init = rows.Decoder.__init__
+    monkeypatch.setattr(rows.Decoder, "__init__",
+                        lambda self, cfg: seen.append(self) or decoder_init(self, cfg))
+    data = e2e.run_e2e_benchmark(
+        quick=True, shapes=["medium"], modes=["standard", "block"], kinds=["train"], variants=["eager"],
+        impls=["attnres", "torch-standard"], warmup=1, repeat=1, profile=False, device="cpu", out=None,
+    )
+    native = [r for r in data["rows"] if r["impl"] == "torch-standard"]
+    assert [(r["mode"], r["optimizer"], r["status"]) for r in native] == [("standard", "none", "ok"),
+                                                                          ("standard", "adamw", "ok")]
+    kinds = sorted((m.config.fla_fused, sorted({n.backend for n in m.modules()
+                                                if isinstance(n, rows.RMSNorm)})) for m in seen)
+    # ours: the decoder's norms on fla where it runs (auto), the mixers' inner norms ours (torch)
+    assert kinds == [(False, ["native"]), (True, ["auto", "torch"]), (True, ["auto", "torch"])], kinds
+    whats = {q["what"]: q for q in data["ratios"] if q["kind"] == "train"}
+    assert {"standard/standard(torch-native)", "block/standard(torch-native)"} <= set(whats)
+    ours = {(r["mode"], r["optimizer"]): r for r in data["rows"] if r["impl"] == "attnres"}
+    base = {r["optimizer"]: r for r in native}
+    block = [q for q in data["ratios"] if q["what"] == "block/standard(torch-native)"]
+    for q in block:
+        assert q["time_ratio"] == ours[("block", q["optimizer"])]["ms"] / base[q["optimizer"]]["ms"]
+
+
 def test_batch_overrides_every_shapes_training_batch(tmp_path):
     data = e2e.run_e2e_benchmark(
         quick=True, shapes=["medium"], modes=["standard"], kinds=["train"], variants=["eager"],

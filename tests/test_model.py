@@ -569,3 +569,28 @@ def test_fla_fused_false_keeps_the_plain_code_around_flas_kda_kernel(monkeypatch
     ids = _ids(model.config)
     model(ids, labels=ids).loss.backward()
     assert flags and not any(flags)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_native_backend_is_torchs_rms_norm_and_equals_ours(dtype):
+    # backend "native" (the benchmark's torch-standard baseline): torch's F.rms_norm, the same function as
+    # ours and as the formula, forward and backward, also with an fp32 weight on bf16 input (autocast)
+    from attnres.model.norm import RMSNorm
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 64) * 3).to(dtype).requires_grad_()
+    ours, native = RMSNorm(64, 1e-5), RMSNorm(64, 1e-5, backend="native")
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(64) + 0.5)
+        native.weight.copy_(ours.weight)
+    xd = x.detach().double()
+    want = xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + 1e-5) * ours.weight.detach().double()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    outs = []
+    for norm in (ours, native):
+        y = norm(x)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
+        (g,) = torch.autograd.grad(y.float().square().sum(), x)
+        outs.append(g)
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=tol, atol=tol * 10)

@@ -89,7 +89,7 @@ MODES: tuple[str, ...] = ("standard", "block", "full")
 KINDS: tuple[str, ...] = ("train", "prefill", "decode", "template")
 VARIANTS: tuple[str, ...] = ("eager", "compile", "regional", "reduce-overhead")
 IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "attnres-unfused", "attnres-packed",
-                          "attnres-fla-plain", "fla", "fast-attnres", "fla-model")
+                          "attnres-fla-plain", "torch-standard", "fla", "fast-attnres", "fla-model")
 
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -381,6 +381,8 @@ def _run_e2e(
                 train(shape, "attnres-packed", "eager", ours)
             if "attnres-fla-plain" in impls:  # fla's KDA kernel without its fused kernels around it
                 train(shape, "attnres-fla-plain", "eager", ours)
+            if "torch-standard" in impls:  # the standard residual in plain torch: the baseline to beat
+                train(shape, "torch-standard", "eager", [m for m in ours if m == "standard"])
         for shape in picked:
             train(shape, "fla", "eager", theirs)
             if "fast-attnres" in impls:
@@ -405,6 +407,8 @@ def _run_e2e(
                 train(shape, "attnres-unfused", "compile", [m for m in ours if m != "standard"])
             if "attnres-packed" in impls:
                 train(shape, "attnres-packed", "compile", ours)
+            if "torch-standard" in impls:
+                train(shape, "torch-standard", "compile", [m for m in ours if m == "standard"])
     if "template" in kinds:
         shape = all_shapes["dense" if "dense" in shapes else shapes[0]]
         if template_rows is not None:

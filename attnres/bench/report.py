@@ -126,7 +126,8 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Block/standard, Full/standard (ours, fla's and fast-attnres's, against our standard row of the same
     kind, shape, variant, optimizer and batch; fla's model against its own standard row), ours/fla's model
     per mode (``attnres/fla-model``, target ``<= 1``), packed documents/plain windows per mode
-    (``attnres-packed``), fla's fused kernels on/off per mode (``attnres-fla-plain``) and
+    (``attnres-packed``), fla's fused kernels on/off per mode (``attnres-fla-plain``), every mode of ours
+    against the standard residual in plain torch (``torch-standard``: ``<mode>/standard(torch-native)``) and
     template/hand-written, from rows of this run, on
     step time and (train) on peak memory, with the memory target ``standard + 1.1 x source bytes``."""
     def key(r: dict[str, Any]) -> tuple:
@@ -148,7 +149,7 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in ok:
         if r.get("kind") == "template" or r.get("mode") == "standard" or r["impl"] in ("attnres-packed",
                                                                                           "attnres-fla-plain"):
-            continue
+            continue  # (torch-standard has standard rows only)
         own = r["impl"] == "fla-model"  # fla's model: AttnRes against its own standard residual
         s = std.get((key(r), "fla-model" if own else "attnres"))
         if s is None:
@@ -170,6 +171,12 @@ def compute_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             b = bases.get((key(r), r.get("mode"))) if r.get("impl") == impl else None
             if b is not None:
                 out.append(ratio(r, b, f"{r['mode']} {what}"))
+    # the baseline a user would write: the standard residual in plain torch (torch's RMSNorm, SwiGLU, loss)
+    native = {key(r): r for r in ok if r.get("impl") == "torch-standard" and r.get("mode") == "standard"}
+    for r in ok:
+        b = native.get(key(r)) if r.get("impl") == "attnres" and r.get("kind") == "train" else None
+        if b is not None:
+            out.append(ratio(r, b, f"{r['mode']}/standard(torch-native)"))
     peer = {(key(r), r.get("mode")): r for r in ok if r.get("impl") == "fla-model"}
     for r in ok:  # our model against fla's KDAForCausalLM in the same mode: the target is <= 1
         p = peer.get((key(r), r.get("mode"))) if r.get("impl") == "attnres" else None

@@ -21,6 +21,7 @@ from attnres.bench.report import compute_ratios, json_default
 from attnres.bench.shapes import Shape
 from attnres.bench.timing import Timer, cleanup
 from attnres.model import Decoder
+from attnres.model.norm import RMSNorm
 
 __all__ = ["PACKED_MEAN_DOC", "Run", "build_model", "guarded", "mfu", "random_documents", "random_tokens",
            "summary"]
@@ -99,7 +100,9 @@ def guarded(
 
 def build_model(shape: Shape, mode: str, impl: str, run: Run, dtype: torch.dtype | None = None) -> nn.Module:
     """The model of one row: our decoder at ``shape`` in ``mode`` (with the variant ``impl`` names: recompute,
-    unfused, fla-plain (``fla_fused`` off), or a peer's depth-attention op), or fla's ``KDAForCausalLM``
+    unfused, fla-plain (``fla_fused`` off), torch-standard (``fla_fused`` off and every RMSNorm torch's own
+    ``F.rms_norm``: the decoder as plain torch code, fla's kernels only for KDA itself), or a peer's
+    depth-attention op), or fla's ``KDAForCausalLM``
     (``fla-model``), in ``dtype`` (default the run's) on the run's device; seeded, so every row of a shape
     starts alike."""
     torch.manual_seed(0)
@@ -109,11 +112,15 @@ def build_model(shape: Shape, mode: str, impl: str, run: Run, dtype: torch.dtype
         residual=mode,
         residual_recompute=impl == "attnres-recompute",
         residual_fuse_norm=impl != "attnres-unfused",
-        fla_fused=impl != "attnres-fla-plain",
+        fla_fused=impl not in ("attnres-fla-plain", "torch-standard"),
     )
     with torch.device(run.device):
         model = Decoder(cfg)
     model.to(dtype=dtype or run.dtype)
+    if impl == "torch-standard":  # the baseline in plain torch: torch's RMSNorm, SwiGLU and cross-entropy
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                m.backend = "native"
     if impl in ("fla", "fast-attnres"):  # their single-read op over each sublayer's sources
         use_fla_residual(model, fast_attnres_fn() if impl == "fast-attnres" else None)
     return model

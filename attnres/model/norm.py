@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnres.model.backends import fla_available, fla_runs
@@ -18,14 +19,16 @@ class RMSNorm(nn.Module):
     ``backend`` (the decoder passes its config's ``fused_backend``; default ``torch``): where fla runs
     (:func:`attnres.model.backends.fla_runs`), eager forwards take fla's Triton RMSNorm (one kernel each way,
     fp32 inside; it keeps ``x`` and the row's ``1 / rms`` for the backward, not an fp32 copy of ``x``), as
-    fla's own model does; under ``torch.compile`` Inductor fuses the plain code instead."""
+    fla's own model does; under ``torch.compile`` Inductor fuses the plain code instead. ``native``: torch's
+    own ``F.rms_norm`` everywhere (torch's fused CUDA kernel in eager, Inductor's lowering compiled), the
+    norm a model written in plain torch has (the benchmark's ``torch-standard`` baseline rows)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, backend: str = "torch") -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.backend = backend
-        self.fla_installed = backend != "torch" and fla_available()  # looked up once (host time)
+        self.fla_installed = backend not in ("torch", "native") and fla_available()  # looked up once
 
     def forward(self, x: Tensor | DepthInput) -> Tensor:
         """The norm of ``x [..., d]``. A :class:`DepthInput` (a sublayer input from the residual path,
@@ -33,6 +36,8 @@ class RMSNorm(nn.Module):
         that FSDP has gathered ``weight``."""
         if isinstance(x, DepthInput):
             return x.normalized(self.weight, self.eps)
+        if self.backend == "native":
+            return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
         if fla_runs(self.backend, self.fla_installed, x.device) and not torch.compiler.is_compiling():
             from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
 
