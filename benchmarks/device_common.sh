@@ -80,6 +80,34 @@ audit_run() {
     --residual "$residual" --seed "$seed" "${data[@]}" "${extra[@]}" >"$OUT/logs/audit_${log//,/_}.log" 2>&1
 }
 
+# gpu_tests TOTAL_S EACH_S "GROUP;GROUP;...": the GPU tests, each GROUP (pytest arguments, no quoting) in a
+# pytest process of its own, within what is left of TOTAL_S: a test stuck in a driver call ignores
+# pytest-timeout's SIGALRM and timeout's SIGTERM (session 18), so --kill-after ends its process and only its
+# group is lost (session 19: one stuck test cost the rest of a 260 s run). Past EACH_S a test fails
+# (pytest-timeout, where installed) and faulthandler prints every thread's stack into the log. Verbose
+# output of all groups in $OUT/tests_gpu.log; one line per group, then the failures.
+gpu_tests() {
+  local total=$1 each=$2 t0 left group rc log extra=() groups=()
+  t0=$(date +%s)
+  python3 -c "import pytest_timeout" 2>/dev/null && extra=(--timeout "$each")
+  IFS=';' read -r -a groups <<<"$3"
+  : >"$OUT/tests_gpu.log"
+  for group in "${groups[@]}"; do
+    left=$(( total - ($(date +%s) - t0) ))
+    if (( left < 15 )); then echo "GPU tests [$group]: not run (no time left)"; continue; fi
+    log=$(mktemp)
+    # shellcheck disable=SC2086  # a group is word-split into its pytest arguments on purpose
+    timeout --kill-after=10 "$left" python3 -m pytest -v -p no:logging -p no:cacheprovider -rfE --durations 8 \
+      -o faulthandler_timeout="$each" "${extra[@]}" $group >"$log" 2>&1
+    rc=$?
+    echo "GPU tests [$group]: exit $rc$( ((rc == 124 || rc == 137)) && echo ' (cut)'), $(grep -c ' PASSED' "$log") passed," \
+      "$(grep -c ' FAILED' "$log") failed, $(( $(date +%s) - t0 )) s so far"
+    cat "$log" >>"$OUT/tests_gpu.log" && rm -f "$log"
+  done
+  grep -E "^(FAILED|ERROR)" "$OUT/tests_gpu.log" | sort -u | head -20
+  return 0
+}
+
 # unpack_xz_shards: carried corpora travel with their token shards xz-compressed (a call carries at most
 # 64 MiB; the package corpus's training shard is 81 MB, 28 MB as xz): .cache/*/shards/*.bin.xz -> *.bin.
 unpack_xz_shards() {

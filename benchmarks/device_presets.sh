@@ -5,8 +5,9 @@
 #     bash benchmarks/device_presets.sh SHAPES [VARIANTS] [MODES]
 #
 # SHAPES: a bench e2e shape list such as '[s,m]' or '[medium,small]'; VARIANTS default '[eager,compile]';
-# MODES default '[standard,block]'. PRESETS_TESTS: the GPU test paths/ids to run (default: the KDA/fla, documents
-# and CUDA op tests, after a fresh build only; given, they run also with a carried build). PRESETS_PROFILE=false:
+# MODES default '[standard,block]'. PRESETS_TESTS: the GPU tests to run, groups of pytest arguments separated by
+# ';', each group its own pytest process (no quoted arguments: `--deselect ID`, not `-k "not x"`; default: the
+# KDA/fla, documents and CUDA op tests, after a fresh build only; given, they run also with a carried build). PRESETS_PROFILE=false:
 # no profiled step (the kineto parse of a `medium` step takes minutes). PRESETS_IMPLS: the bench's --impls
 # (default '[attnres]'; '[attnres,fla-model]' with the shape kda-dense adds fla's KDAForCausalLM peer;
 # attnres-packed adds packed-document rows). PRESETS_BATCH: every shape's training batch (the bench's --batch). Steps:
@@ -15,7 +16,8 @@
 #      the visible GPU, no TORCH_CUDA_ARCH_LIST), installed into /tmp/inst, `attnres info` run there,
 #      and the .so copied in place and, xz-compressed, into $OUT (carry it back as .devbuild/ next time);
 #   2. (fresh build, or PRESETS_TESTS given) the GPU tests, verbose (the log shows how far a cut run got),
-#      bounded by PRESETS_TEST_S (default 150 s) and each by PRESETS_TEST_EACH_S (default 90 s, pytest-timeout);
+#      bounded by PRESETS_TEST_S (default 150 s) and each by PRESETS_TEST_EACH_S (default 90 s, pytest-timeout;
+#      past it faulthandler also prints every thread's stack: where a stuck test is);
 #   3. `attnres bench e2e` training rows for SHAPES, profiled (device time vs wall), within the time left;
 #   4. Triton's autotune results (fla's KDA kernels) packed into $OUT/triton_autotune.tgz.
 # Everything ends within PRESETS_TOTAL_S (default 540 s).
@@ -36,17 +38,10 @@ fresh=0
 extension_carried_or_wheel || exit 1
 python3 -c "from attnres import ops; print('depth ops on cuda:', ops.backend('cuda'))"
 if (( fresh )) || [[ -n ${PRESETS_TESTS:-} ]]; then
-  # the GPU tests of the KDA path (fla, document packing) first, then the CUDA op tests, in one log
-  # one slow test (a Triton autotune, a hang) fails alone after PRESETS_TEST_EACH_S and the rest still run;
-  # --durations names the slow ones
-  each_timeout=""
-  python3 -c "import pytest_timeout" 2>/dev/null && each_timeout="--timeout ${PRESETS_TEST_EACH_S:-90}"
-  # --kill-after: a test stuck in a driver call ignores pytest-timeout's SIGALRM and timeout's SIGTERM
-  # (session 18: the CUDA-graph test held the call to its limit, and nothing came back)
-  timeout --kill-after=10 "${PRESETS_TEST_S:-150}" python3 -m pytest -v -p no:logging -rfE --durations 15 $each_timeout ${PRESETS_TESTS:-tests/gpu/test_documents_fla_gpu.py \
-    tests/gpu/test_fla_model_gpu.py tests/gpu/test_kda_fla_gpu.py tests/test_ops_cuda.py} >"$OUT/tests_gpu.log" 2>&1
-  echo "GPU tests: exit $? ($(tail -1 "$OUT/tests_gpu.log"); $(grep -c PASSED "$OUT/tests_gpu.log") passed)"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests_gpu.log" | head -20
+  # the GPU tests of the KDA path (fla, document packing) first, then the CUDA op tests: one pytest
+  # process per group (gpu_tests in device_common.sh), so a stuck test costs only its own group
+  gpu_tests "${PRESETS_TEST_S:-150}" "${PRESETS_TEST_EACH_S:-90}" "${PRESETS_TESTS:-tests/gpu/test_documents_fla_gpu.py;\
+tests/gpu/test_fla_model_gpu.py;tests/gpu/test_kda_fla_gpu.py;tests/test_ops_cuda.py}"
 fi
 budget=$(( $(left) - 60 ))
 echo "=== bench e2e $SHAPES $MODES $VARIANTS: budget $budget s"
