@@ -23,8 +23,8 @@ left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 [[ -d .old/attnres && -f .devbuild_old/_C.abi3.so.xz ]] || { echo "no base: .old/ and .devbuild_old/ are needed"; exit 2; }
 install_wheels
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
-export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton"
-seed_triton_cache
+export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor"
+seed_triton_cache  # (also sets TRITON_CACHE_DIR)
 fresh=0
 extension_carried_or_wheel || exit 1
 xz -dc .devbuild_old/_C.abi3.so.xz >.old/attnres/_C.abi3.so && cp .devbuild_old/_build_info.json .old/attnres/

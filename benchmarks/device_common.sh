@@ -21,9 +21,11 @@ install_wheels() {
   fi
 }
 
-# seed_triton_cache: without carried autotune results under .cache/triton, start from the shipped ones
-# (fla's KDA kernels; Triton ignores entries whose kernel or version changed)
+# seed_triton_cache: point Triton's cache at .cache/triton (carried between calls: its *.autotune.json files)
+# and, without carried autotune results there, start from the shipped ones (fla's KDA kernels; Triton
+# ignores entries whose kernel or version changed)
 seed_triton_cache() {
+  export TRITON_CACHE_DIR="$PWD/.cache/triton"
   if [[ -z $(find .cache/triton -name '*.autotune.json' -print -quit 2>/dev/null) && -f lightning_modules/autotune/kda_sm90.tgz ]]; then
     mkdir -p .cache && tar xzf lightning_modules/autotune/kda_sm90.tgz -C .cache \
       && echo "seeded .cache/triton from lightning_modules/autotune/kda_sm90.tgz"

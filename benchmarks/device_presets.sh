@@ -29,8 +29,8 @@ MODES=${3:-'[standard,block]'}
 TOTAL=${PRESETS_TOTAL_S:-540}
 T0=$(date +%s)
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
-export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton"
-seed_triton_cache
+export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor"
+seed_triton_cache  # (also sets TRITON_CACHE_DIR)
 
 install_wheels
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader

@@ -18,7 +18,6 @@ echo "build: exit $rc after $(( $(date +%s) - T0 )) s"
 if (( rc != 0 )); then tail -40 "$OUT/build.log"; exit "$rc"; fi
 python3 -m attnres info | tee "$OUT/info.txt"
 # one pytest process per file (gpu_tests in device_common.sh): a test stuck in a driver call loses only its file
-export TRITON_CACHE_DIR=$PWD/.cache/triton
 seed_triton_cache
 gpu_tests "$TESTS_TIMEOUT" 120 "tests/test_ops_cuda.py;$(ls tests/gpu/test_*.py | paste -sd';')"
 echo "tests: $(( $(date +%s) - T0 )) s; the verbose log: tests_gpu.log"

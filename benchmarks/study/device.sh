@@ -28,13 +28,12 @@ export OUT=${OUT:-/tmp/study_out}
 export PYTHONUNBUFFERED=1
 # several runs share the GPU (STUDY_PARALLEL): less fragmentation, so the plan's memory_gb holds
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-# fla's KDA kernels autotune once per shape (minutes on a fresh machine); Triton stores each result
-# as *.autotune.json under its cache dir. Carry .cache/triton (only those files come back: the
-# compiled kernels are ~190 MB) and the next machine skips the benchmarking.
-export TRITON_CACHE_DIR=$PWD/.cache/triton
 mkdir -p "$OUT/logs" benchmarks/results/study
-# without a carried cache, start from the committed one (H200, fla 0.6.0, triton 3.6: the dw shapes
-# of session 6); Triton ignores entries whose kernel or version changed
+# fla's KDA kernels autotune once per shape (minutes on a fresh machine); Triton stores each result
+# as *.autotune.json under its cache dir, .cache/triton (seed_triton_cache sets TRITON_CACHE_DIR). Carry
+# it (only those files come back: the compiled kernels are ~190 MB) and the next machine skips the
+# benchmarking; without a carried cache, start from the committed one; Triton ignores entries whose
+# kernel or version changed
 seed_triton_cache
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 

@@ -14,7 +14,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/../device_common.sh"
 SPECS=${1:?usage: device_audit.sh "model:arch:residual:seed ..." [TOTAL_S]}
 TOTAL=${2:-240}
 T0=$(date +%s)
-export TRITON_CACHE_DIR=$PWD/.cache/triton
 seed_triton_cache
 install_wheels
 unpack_xz_shards
