@@ -88,10 +88,12 @@ def fake_fla(monkeypatch, calls: list) -> None:
                   for a, b in zip(bounds[:-1], bounds[1:])]
         return F.silu(torch.cat(pieces, dim=-1).transpose(1, 2)), None
 
+    def rms(x, weight, eps):  # fp32, as fla's norm kernels compute it
+        return x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
     def rms_norm_gated(x, g, weight, bias, activation="swish", eps=1e-6, **kwargs):
         assert activation == "sigmoid" and bias is None
-        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-        return (y * torch.sigmoid(g.float())).to(x.dtype)
+        return (rms(x, weight, eps) * torch.sigmoid(g.float())).to(x.dtype)
 
     def swiglu_linear(x, y, weight, bias):
         return F.linear(F.silu(x) * y, weight, bias)
@@ -102,8 +104,7 @@ def fake_fla(monkeypatch, calls: list) -> None:
 
     def fla_rms_norm(x, weight, bias=None, residual=None, eps=1e-5, **kwargs):
         assert bias is None and residual is None
-        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-        return y.to(x.dtype)
+        return rms(x, weight, eps).to(x.dtype)
 
     kda_mod = types.ModuleType("fla.ops.kda")
     kda_mod.chunk_kda, kda_mod.fused_recurrent_kda = chunk_kda, chunk_kda

@@ -20,8 +20,9 @@ class RMSNorm(nn.Module):
     (:func:`attnres.model.backends.fla_runs`), eager forwards take fla's Triton RMSNorm (one kernel each way,
     fp32 inside; it keeps ``x`` and the row's ``1 / rms`` for the backward, not an fp32 copy of ``x``), as
     fla's own model does; under ``torch.compile`` Inductor fuses the plain code instead. ``native``: torch's
-    own ``F.rms_norm`` everywhere (torch's fused CUDA kernel in eager, Inductor's lowering compiled), the
-    norm a model written in plain torch has (the benchmark's ``torch-standard`` baseline rows)."""
+    ``F.rms_norm`` on ``x`` as it comes (the plain code calls it on an fp32 copy of ``x``; torch's fused CUDA
+    kernel accumulates in fp32 itself), everywhere: the norm a model written in plain torch has (the
+    benchmark's ``torch-standard`` baseline rows)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, backend: str = "torch") -> None:
         super().__init__()
