@@ -404,11 +404,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pc = pc.replace(max_seq_len=s["data"]["seq_len"], residual=mode, num_blocks=args.num_blocks,
                         **overrides)
         model = ProjectLM(pc)
-        if device.type == "cuda":  # as training does (LitLM.on_fit_start): no minutes of fla autotuning
-            from lightning_modules.warmup import pin_untuned_kda, seed_autotune
+        from lightning_modules.bench_template import prepare_kda_autotune
 
-            seed_autotune(device)
-            pin_untuned_kda()
+        prepare_kda_autotune(device)  # as training does, on CUDA with fla: no minutes of fla autotuning
     else:
         model = build_reference(shape, s["data"]["seq_len"], args.residual, args.num_blocks, init=args.init)
     model.to(device)
