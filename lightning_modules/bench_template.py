@@ -9,8 +9,6 @@ order, in the same process as the other rows.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,21 +140,17 @@ def template_rows(run: Run, shape: Shape, compile: bool, precision: str, per_ste
 
 
 def prepare_kda_autotune(device: torch.device) -> dict[str, Any] | None:
-    """What ``attnres fit`` does before its first step (:meth:`LanguageModel.on_fit_start`), for every
-    implementation alike (ours and fla's model call the same KDA kernels): the shipped autotune results
-    seeded into Triton's cache, untuned keys pinned to the nearest tuned configuration (none with
-    ``ATTNRES_KDA_AUTOTUNE=1``: Triton benchmarks every new shape, minutes each; with ``=0`` a key with
-    no tuned neighbour takes the kernel's first configuration). None off CUDA or without fla; else what
-    was done, for the JSON."""
-    if device.type != "cuda" or importlib.util.find_spec("fla") is None:
-        return None
-    from lightning_modules.warmup import pin_untuned_kda, seed_autotune
+    """What ``attnres fit`` does before its first step (``warmup.prepare_kda_autotune``), for every
+    implementation alike (ours and fla's model call the same KDA kernels), with one line saying
+    what was done; the record goes into the JSON."""
+    from lightning_modules import warmup
 
-    seeded = seed_autotune(device)
-    pinned = pin_untuned_kda()
-    print(f"[bench] fla's KDA autotuning: {seeded} shipped results seeded, {len(pinned)} kernels take the "
-          "nearest tuned configuration for new shapes (ATTNRES_KDA_AUTOTUNE=1: benchmark each instead)")
-    return {"seeded": seeded, "pinned": pinned, "autotune_env": os.environ.get("ATTNRES_KDA_AUTOTUNE")}
+    done = warmup.prepare_kda_autotune(device)
+    if done is not None:
+        print(f"[bench] fla's KDA autotuning: {done['seeded']} shipped results seeded, {len(done['pinned'])} "
+              "kernels take the nearest tuned configuration for new shapes (ATTNRES_KDA_AUTOTUNE=1: "
+              "benchmark each instead)")
+    return done
 
 
 def bench_e2e(

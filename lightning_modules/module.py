@@ -375,20 +375,15 @@ class LanguageModel(L.LightningModule):
         self._rng_to_restore = extra.get("rng")
 
     def on_fit_start(self) -> None:
-        """Before the first step: seed Triton's cache with the shipped KDA autotune results, give shapes they
-        do not cover the nearest tuned configurations, and say, one line each, what will make the first step
-        long (fla's autotuning, torch.compile)."""
+        """Before the first step: seed Triton's cache with the shipped KDA autotune results, give every fla
+        kernel's key they do not cover the nearest tuned configuration (``warmup.prepare_kda_autotune``),
+        and say, one line each, what will make the first step long (fla's autotuning, torch.compile)."""
         from lightning.pytorch.utilities import rank_zero_info
 
-        from lightning_modules.warmup import (
-            first_step_notices,
-            pin_untuned_kda,
-            seed_autotune,
-            untuned_kda_shapes,
-        )
+        from lightning_modules.warmup import first_step_notices, prepare_kda_autotune
 
-        seeded = seed_autotune(self.device)  # 0 off CUDA
-        pinned = bool(untuned_kda_shapes(self.model, self.device) and pin_untuned_kda())
+        done = prepare_kda_autotune(self.device) or {}  # {} off CUDA or without fla
+        seeded, pinned = done.get("seeded", 0), bool(done.get("pinned"))
         for note in first_step_notices(self.model, self.device, self.hparams.compile, seeded, pinned):
             rank_zero_info(note)
 

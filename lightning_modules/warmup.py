@@ -251,6 +251,24 @@ def _kernel_name(tuner: Any) -> str:
     return fn.__name__
 
 
+def prepare_kda_autotune(device: torch.device) -> dict[str, Any] | None:
+    """Before a first step on ``device`` (``attnres fit``, ``bench e2e``, the study's audit runs alike): the
+    shipped autotune results seeded into Triton's cache (:func:`seed_autotune`), then every fla kernel's key
+    without a result pinned to the nearest tuned configuration (:func:`pin_untuned_kda`), whatever the
+    model's KDA shape: a tuned KDA shape does not make the fused norms, SwiGLU, gates or loss around it
+    tuned at this width, and Triton would benchmark each of those (minutes, on a GPU shared by several
+    runs even more). ``ATTNRES_KDA_AUTOTUNE=1``: nothing pinned (Triton tunes every new key); ``=0``: a key
+    with no tuned neighbour takes the kernel's first configuration. None off CUDA or without fla; else
+    what was done: ``{"seeded": results added, "pinned": kernel names, "autotune_env": the variable}``."""
+    from attnres.model.backends import fla_available
+
+    if device.type != "cuda" or not fla_available():
+        return None
+    seeded = seed_autotune(device)
+    return {"seeded": seeded, "pinned": pin_untuned_kda(),
+            "autotune_env": os.environ.get("ATTNRES_KDA_AUTOTUNE")}
+
+
 def pin_untuned_kda(
     cache: Path | None = None, modules: list | None = None, untuned: str | None = None
 ) -> list[str]:

@@ -306,9 +306,51 @@ def test_fit_start_pins_with_first_configs_only_when_told_never_to_tune(tmp_path
     monkeypatch.setattr(warmup, "untuned_kda_shapes", lambda model, device: [(4, 16)])
     lm = LanguageModel(get_config("tiny", dim=64, kda_head_dim=16, mla_v_head_dim=16, mla_qk_nope_dim=16,
                                   mla_qk_shared_dim=8, mla_kv_rank=32, expert_dim=32, mlp_dim=128))
+    monkeypatch.setattr(LanguageModel, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(warmup, "seed_autotune", lambda device: 0)
     monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
     lm.on_fit_start()
     assert not getattr(kern6, "_attnres_pinned", False)  # "tune": Triton benchmarks it
     monkeypatch.setenv("ATTNRES_KDA_AUTOTUNE", "0")
     lm.on_fit_start()
     assert kern6._attnres_pinned  # "first": no benchmarking
+
+
+def test_fit_start_pins_fla_kernels_also_when_the_models_kda_shape_is_tuned(tmp_path, monkeypatch):
+    # session 20: the study's m runs (a KDA shape the shipped results hold) benchmarked 27 fla kernels in
+    # `attnres fit` (the fused norms, gates, SwiGLU at m's width had no result), because fit start pinned
+    # only when the KDA shape itself was untuned
+    import sys
+    import types
+
+    import triton
+    import triton.language as tl
+
+    from lightning_modules.module import LanguageModel
+
+    @triton.autotune(configs=[triton.Config({"BK": 16}), triton.Config({"BK": 32})], key=["K"])
+    @triton.jit
+    def kern7(x, K, BK: tl.constexpr):
+        pass
+
+    for name in ("fla", "fla.ops", "fla.ops.kda", "fla.modules"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["fla.modules"].kern7 = kern7
+    launched = []
+    kern7.run = lambda *args, **kwargs: launched.append(kwargs)  # Triton's run, which would benchmark
+    (tmp_path / "A").mkdir()  # this kernel's result at another width: the nearest one to borrow
+    (tmp_path / "A" / "kern7.autotune.json").write_text(
+        _result([256, "torch.bfloat16"], [[_cfg(32, 4), [0.2]], [_cfg(16, 4), [0.3]]]))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(warmup, "_version_ok", lambda: True)
+    monkeypatch.setattr(warmup, "seed_autotune", lambda device: 0)
+    monkeypatch.setattr(warmup, "untuned_kda_shapes", lambda model, device: [])  # the KDA shape is tuned
+    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
+    lm = LanguageModel(get_config("tiny", dim=64, kda_head_dim=16, mla_v_head_dim=16, mla_qk_nope_dim=16,
+                                  mla_qk_shared_dim=8, mla_kv_rank=32, expert_dim=32, mlp_dim=128))
+    monkeypatch.setattr(LanguageModel, "device", property(lambda self: torch.device("cuda")))
+    lm.on_fit_start()
+    assert kern7._attnres_pinned
+    kern7[(1,)](torch.zeros(4, dtype=torch.bfloat16), 384)  # a new width: the borrowed config, no benchmark
+    assert kern7.cache[(384, "torch.bfloat16")].kwargs == {"BK": 32} and len(launched) == 1
+    assert warmup.prepare_kda_autotune(torch.device("cpu")) is None

@@ -404,7 +404,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pc = pc.replace(max_seq_len=s["data"]["seq_len"], residual=mode, num_blocks=args.num_blocks,
                         **overrides)
         model = ProjectLM(pc)
-        from lightning_modules.bench_template import prepare_kda_autotune
+        from lightning_modules.warmup import prepare_kda_autotune
 
         prepare_kda_autotune(device)  # as training does, on CUDA with fla: no minutes of fla autotuning
     else:
