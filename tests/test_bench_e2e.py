@@ -534,15 +534,22 @@ def test_bench_e2e_seeds_and_pins_kda_autotuning_on_a_gpu_and_records_it(tmp_pat
 
 
 def test_the_reduce_overhead_variant_graphs_our_model_and_starts_a_graph_step_per_step(tmp_path, monkeypatch):
-    modes, steps = [], []
+    modes, steps, peaks = [], [], []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: modes.append(kw) or model)  # eager stand-in
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    # graphs replay in their pool without allocating (session 20: an AdamW row "peaked" at 0.94 GB of a 15 GB
+    # step): their rows ask for reserved bytes; the other rows for allocated ones
+    monkeypatch.setattr(e2e, "peak_memory", lambda device, reserved=False: peaks.append(reserved) or 7)
     result = e2e.run_e2e_benchmark(
-        quick=True, shapes=["dense"], modes=["standard"], kinds=["train"], variants=["reduce-overhead"],
-        warmup=1, repeat=2, profile=False, device="cpu", out=tmp_path / "e2e.json",
+        quick=True, shapes=["dense"], modes=["standard"], kinds=["train"], impls=["attnres"],
+        variants=["reduce-overhead", "eager"], warmup=1, repeat=2, profile=False, device="cpu",
+        out=tmp_path / "e2e.json",
     )
     rows = [r for r in result["rows"] if r.get("variant") == "reduce-overhead"]
     assert {r["optimizer"] for r in rows} == {"none", "adamw"} and all(r["status"] == "ok" for r in rows)
     assert modes == [{"mode": "reduce-overhead"}]  # one model, compiled once for both rows
     assert all(r["cudagraph_skips"] == 0 for r in rows)  # recorded: whether Inductor fell back
     assert len(steps) == 2 * (1 + 2)  # every step: the first call and the two timed ones, per row
+    assert [r["peak_mem_kind"] for r in rows] == ["reserved"] * 2 and peaks.count(True) == 2
+    eager = [r for r in result["rows"] if r.get("variant") == "eager"]
+    assert [r["peak_mem_kind"] for r in eager] == ["allocated"] * 2 and peaks.count(False) == 2

@@ -120,9 +120,13 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory(device: torch.device) -> int | None:
-    """Bytes allocated at the peak since :func:`reset_peak_memory` (None off CUDA: not tracked)."""
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+def peak_memory(device: torch.device, reserved: bool = False) -> int | None:
+    """Bytes allocated at the peak since :func:`reset_peak_memory` (None off CUDA: not tracked);
+    ``reserved``: the caching allocator's reserved bytes instead, which count a CUDA graph's private memory
+    pool (replaying a graph allocates nothing, so its activations never show as allocated after capture)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_reserved(device) if reserved else torch.cuda.max_memory_allocated(device)
 
 
 def cleanup(device: torch.device) -> None:
