@@ -282,9 +282,9 @@ def test_untuned_first_takes_the_first_config_that_launches_without_benchmarking
         warmup.pin_untuned_kda(tmp_path, modules=[module], untuned="fastest")
 
 
-def test_fit_start_pins_with_first_configs_only_when_told_never_to_tune(tmp_path, monkeypatch):
-    # the real pinning at fit start, over a stand-in fla.ops.kda holding one autotuned kernel that has no
-    # tuned result: left to Triton by default, pinned (first configuration) under ATTNRES_KDA_AUTOTUNE=0
+def _fit_start_setup(tmp_path, monkeypatch, module: str, untuned: list):
+    """A stand-in fla whose ``module`` holds one autotuned kernel (``kern6``), Triton's cache at ``tmp_path``,
+    and the tiny LanguageModel on a pretend GPU whose untuned KDA shapes are ``untuned``: (model, kernel)."""
     import sys
     import types
 
@@ -300,15 +300,23 @@ def test_fit_start_pins_with_first_configs_only_when_told_never_to_tune(tmp_path
 
     for name in ("fla", "fla.ops", "fla.ops.kda", "fla.modules"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    sys.modules["fla.ops.kda"].kern6 = kern6
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # no tuned result for anything
+    sys.modules[module].kern6 = kern6
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(warmup, "_version_ok", lambda: True)
-    monkeypatch.setattr(warmup, "untuned_kda_shapes", lambda model, device: [(4, 16)])
+    monkeypatch.setattr(warmup, "seed_autotune", lambda device: 0)
+    monkeypatch.setattr(warmup, "untuned_kda_shapes", lambda model, device: untuned)
+    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
     lm = LanguageModel(get_config("tiny", dim=64, kda_head_dim=16, mla_v_head_dim=16, mla_qk_nope_dim=16,
                                   mla_qk_shared_dim=8, mla_kv_rank=32, expert_dim=32, mlp_dim=128))
     monkeypatch.setattr(LanguageModel, "device", property(lambda self: torch.device("cuda")))
-    monkeypatch.setattr(warmup, "seed_autotune", lambda device: 0)
-    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
+    return lm, kern6
+
+
+def test_fit_start_pins_with_first_configs_only_when_told_never_to_tune(tmp_path, monkeypatch):
+    # the real pinning at fit start, over a stand-in fla.ops.kda holding one autotuned kernel that has no
+    # tuned result (an empty cache): left to Triton by default, pinned (first configuration) under
+    # ATTNRES_KDA_AUTOTUNE=0
+    lm, kern6 = _fit_start_setup(tmp_path, monkeypatch, "fla.ops.kda", untuned=[(4, 16)])
     lm.on_fit_start()
     assert not getattr(kern6, "_attnres_pinned", False)  # "tune": Triton benchmarks it
     monkeypatch.setenv("ATTNRES_KDA_AUTOTUNE", "0")
@@ -320,37 +328,14 @@ def test_fit_start_pins_fla_kernels_also_when_the_models_kda_shape_is_tuned(tmp_
     # session 20: the study's m runs (a KDA shape the shipped results hold) benchmarked 27 fla kernels in
     # `attnres fit` (the fused norms, gates, SwiGLU at m's width had no result), because fit start pinned
     # only when the KDA shape itself was untuned
-    import sys
-    import types
-
-    import triton
-    import triton.language as tl
-
-    from lightning_modules.module import LanguageModel
-
-    @triton.autotune(configs=[triton.Config({"BK": 16}), triton.Config({"BK": 32})], key=["K"])
-    @triton.jit
-    def kern7(x, K, BK: tl.constexpr):
-        pass
-
-    for name in ("fla", "fla.ops", "fla.ops.kda", "fla.modules"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    sys.modules["fla.modules"].kern7 = kern7
+    lm, kern6 = _fit_start_setup(tmp_path, monkeypatch, "fla.modules", untuned=[])
     launched = []
-    kern7.run = lambda *args, **kwargs: launched.append(kwargs)  # Triton's run, which would benchmark
+    kern6.run = lambda *args, **kwargs: launched.append(kwargs)  # Triton's run, which would benchmark
     (tmp_path / "A").mkdir()  # this kernel's result at another width: the nearest one to borrow
-    (tmp_path / "A" / "kern7.autotune.json").write_text(
+    (tmp_path / "A" / "kern6.autotune.json").write_text(
         _result([256, "torch.bfloat16"], [[_cfg(32, 4), [0.2]], [_cfg(16, 4), [0.3]]]))
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(warmup, "_version_ok", lambda: True)
-    monkeypatch.setattr(warmup, "seed_autotune", lambda device: 0)
-    monkeypatch.setattr(warmup, "untuned_kda_shapes", lambda model, device: [])  # the KDA shape is tuned
-    monkeypatch.delenv("ATTNRES_KDA_AUTOTUNE", raising=False)
-    lm = LanguageModel(get_config("tiny", dim=64, kda_head_dim=16, mla_v_head_dim=16, mla_qk_nope_dim=16,
-                                  mla_qk_shared_dim=8, mla_kv_rank=32, expert_dim=32, mlp_dim=128))
-    monkeypatch.setattr(LanguageModel, "device", property(lambda self: torch.device("cuda")))
     lm.on_fit_start()
-    assert kern7._attnres_pinned
-    kern7[(1,)](torch.zeros(4, dtype=torch.bfloat16), 384)  # a new width: the borrowed config, no benchmark
-    assert kern7.cache[(384, "torch.bfloat16")].kwargs == {"BK": 32} and len(launched) == 1
+    assert kern6._attnres_pinned
+    kern6[(1,)](torch.zeros(4, dtype=torch.bfloat16), 384)  # a new width: the borrowed config, no benchmark
+    assert kern6.cache[(384, "torch.bfloat16")].kwargs == {"BK": 32} and len(launched) == 1
     assert warmup.prepare_kda_autotune(torch.device("cpu")) is None
