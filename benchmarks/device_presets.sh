@@ -8,7 +8,7 @@
 # MODES default '[standard,block]'. PRESETS_TESTS: the GPU tests to run, groups of pytest arguments separated by
 # ';', each group its own pytest process (no quoted arguments: `--deselect ID`, not `-k "not x"`; default: the
 # KDA/fla, documents and CUDA op tests, after a fresh build only; given, they run also with a carried build). PRESETS_PROFILE=false:
-# no profiled step (the kineto parse of a `medium` step takes minutes). PRESETS_IMPLS: the bench's --impls
+# no profiled step (the kineto parse of a `medium` step takes minutes); =kernels: the GPU kernels only (quick). PRESETS_IMPLS: the bench's --impls
 # (default '[attnres]'; '[attnres,fla-model]' with the shape kda-dense adds fla's KDAForCausalLM peer;
 # attnres-packed adds packed-document rows). PRESETS_BATCH: every shape's training batch (the bench's --batch). Steps:
 #   1. the extension: taken from .devbuild/ when a previous call built it for this csrc/ (its md5 sums

@@ -169,7 +169,7 @@ def bench_e2e(
     warmup: int = 3,
     repeat: int = 10,
     budget_s: float = 480.0,
-    profile: bool = True,
+    profile: bool | Literal["kernels"] = True,
     device: str | None = None,
     tag: str | None = None,
     out: str | None = None,
@@ -220,7 +220,9 @@ def bench_e2e(
         warmup: warm-up calls per row (the first includes compilation).
         repeat: timed repeats per row (median reported).
         budget_s: stop starting rows after this many seconds (the rest are recorded as skipped).
-        profile: add a one-step profile (kernel count, top ops) to each train row without optimizer.
+        profile: add a one-step profile (kernel count, top ops) to each train row without optimizer;
+            ``kernels``: record the GPU kernels only (ranked by kernel name; no operator events, which take
+            the profiler minutes to parse at the ``medium`` shape).
         device: ``cuda`` / ``cpu`` (default: cuda when available).
         tag: appended to the JSON file name (``e2e_<device>_<tag>.json``).
         out: JSON path (default ``benchmarks/results/e2e_<device>[_<tag>].json``).

@@ -553,3 +553,39 @@ def test_the_reduce_overhead_variant_graphs_our_model_and_starts_a_graph_step_pe
     assert [r["peak_mem_kind"] for r in rows] == ["reserved"] * 2 and peaks.count(True) == 2
     eager = [r for r in result["rows"] if r.get("variant") == "eager"]
     assert [r["peak_mem_kind"] for r in eager] == ["allocated"] * 2 and peaks.count(False) == 2
+
+
+@pytest.mark.parametrize("cpu_ops", [True, False])
+def test_the_kernel_only_profile_records_no_operator_events_on_a_gpu(monkeypatch, cpu_ops):
+    # `--profile kernels`: on a GPU only the kernels are recorded (a `medium` step's operator events took
+    # the profiler minutes to parse); the CPU keeps its operators (it has no kernels)
+    import torch.profiler
+
+    from attnres.bench import timing
+
+    seen = []
+
+    class FakeProfile:
+        def __init__(self, activities):
+            seen.append(activities)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return []
+
+        def key_averages(self):
+            return []
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(timing, "sync", lambda device: None)
+    acts = torch.profiler.ProfilerActivity
+    got = timing.profile_step(lambda: None, torch.device("cuda"), cpu_ops=cpu_ops)
+    assert seen[-1] == ([acts.CPU, acts.CUDA] if cpu_ops else [acts.CUDA])
+    assert got["recorded"] == ("operators and kernels" if cpu_ops else "kernels")
+    assert timing.profile_step(lambda: None, torch.device("cpu"), cpu_ops=cpu_ops)["recorded"] == "operators"
+    assert seen[-1] == [acts.CPU]

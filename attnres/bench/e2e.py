@@ -38,7 +38,7 @@ import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch._dynamo.utils import counters
@@ -180,7 +180,7 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
         if bandwidth:  # the residual path's bytes at the measured copy bandwidth: no kernel does better
             row["residual_floor_ms"] = traffic["step_bytes"] / (bandwidth * 1e9) * 1e3
         if run.profile and not optimizer:
-            row["profile"] = profile_step(step, run.device)
+            row["profile"] = profile_step(step, run.device, cpu_ops=run.profile != "kernels")
         return row
 
     try:
@@ -240,7 +240,7 @@ def run_e2e_benchmark(
     repeat: int = 10,
     budget_s: float = 480.0,
     compile_reserve_s: float | None = None,
-    profile: bool = True,
+    profile: bool | Literal["kernels"] = True,
     device: str | None = None,
     out: str | Path | None = None,
     tag: str | None = None,
@@ -264,7 +264,8 @@ def run_e2e_benchmark(
     the shape's own), ``graphs`` (also prefill and decode replayed
     from a CUDA graph), the template comparison's ``template_compile`` (default: on a GPU),
     ``template_precision`` and ``template_callbacks`` (the per-step callbacks ``attnres fit`` adds),
-    ``warmup`` / ``repeat`` per row, ``profile`` (a one-step profile per train row without optimizer),
+    ``warmup`` / ``repeat`` per row, ``profile`` (a one-step profile per train row without optimizer;
+``"kernels"``: the kernels only, a quick parse for large models),
     ``device`` (default cuda when available) and ``out`` (the JSON path; None: not written). The
     ``attnres bench e2e`` command documents each (``--help``).
     """
@@ -282,7 +283,7 @@ def _run_e2e(
     quick: bool, shapes: Sequence[str], modes: Sequence[str], kinds: Sequence[str],
     variants: Sequence[str], impls: Sequence[str], num_blocks: int, batch: int | None, graphs: bool,
     template_compile: bool | None, template_precision: str, template_callbacks: bool, warmup: int,
-    repeat: int, budget_s: float, compile_reserve_s: float | None, profile: bool,
+    repeat: int, budget_s: float, compile_reserve_s: float | None, profile: bool | str,
     device: str | None, out: str | Path | None, tag: str | None, template_rows: TemplateRows | None,
     kda_autotune: dict[str, Any] | None,
 ) -> dict[str, Any]:

@@ -40,7 +40,7 @@ class Run:
     compile_reserve_s: float
     out_path: Path | None
     result: dict[str, Any]
-    profile: bool = True
+    profile: bool | str = True  # "kernels": the kernels only (profile_step's cpu_ops off)
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property

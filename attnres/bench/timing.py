@@ -200,12 +200,18 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict[str, Any]:
             "matmul_tflops": 2 * n**3 / (mm * 1e-3) / 1e12, "copy_bytes": 2 * nbytes, "copy_gbps": copy_gbps}
 
 
-def profile_step(fn: Callable[[], object], device: torch.device, top: int = 40) -> dict[str, Any]:
+def profile_step(
+    fn: Callable[[], object], device: torch.device, top: int = 40, cpu_ops: bool = True
+) -> dict[str, Any]:
     """One profiled call: kernel count, total device time, the ops with the most device self-time,
-    and the time of the depth-attention ops (``attnres::*``, when the extension runs them)."""
+    and the time of the depth-attention ops (``attnres::*``, when the extension runs them). ``cpu_ops``
+    False (on a GPU): record the kernels only, ranked by kernel name, without the CPU-side operators (whose
+    events, tens of thousands in a large model's step, take the profiler minutes to parse); then
+    ``attnres_ops`` is empty (an operator name is a CPU event)."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    acts = ([ProfilerActivity.CPU] if cpu_ops or device.type != "cuda" else []) + (
+        [ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         fn()
         sync(device)
@@ -222,6 +228,8 @@ def profile_step(fn: Callable[[], object], device: torch.device, top: int = 40) 
     ranked = sorted(avgs, key=dev_self if device.type == "cuda" else (lambda e: e.self_cpu_time_total),
                     reverse=True)
     return {
+        "recorded": ("kernels" if ProfilerActivity.CPU not in acts
+                     else "operators and kernels" if ProfilerActivity.CUDA in acts else "operators"),
         "kernels": len(on_device),
         "device_ms": round(sum(float(e.time_range.elapsed_us()) for e in on_device) / 1e3, 4),
         "top_ops": [
