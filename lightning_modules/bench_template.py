@@ -29,8 +29,9 @@ from attnres.bench.rows import Run, guarded, mfu, random_tokens, summary
 from attnres.bench.shapes import Shape
 from attnres.bench.timing import peak_memory, reset_peak_memory
 from attnres.hardware import peak_flops
-from lightning_modules.callbacks import NaNGuard, RichLossBar, ThroughputMonitor
+from lightning_modules.callbacks import NaNGuard, ThroughputMonitor
 from lightning_modules.module import LanguageModel
+from lightning_modules.progress import RichLossBar
 
 __all__ = ["bench_e2e", "template_rows"]
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -337,61 +336,6 @@ class ThroughputMonitor(L.Callback):
         if pl_module.device.type == "cuda":
             reserved = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
             pl_module.log("train/peak_memory_gb", metrics.on_host(reserved), on_step=True, on_epoch=False)
-
-
-class _HostLoss:
-    """Shows the training loss without ever waiting for the GPU.
-
-    Lightning converts every ``prog_bar`` metric to a number whenever the bar refreshes, i.e. after
-    every step: an ``.item()``, which waits until the GPU has finished the step just queued, so the GPU
-    idles while the host prepares the next one (and the NaN guard's device-side decision gains nothing).
-    :class:`~lightning_modules.module.LanguageModel` therefore logs ``train/loss`` without ``prog_bar``
-    and keeps the tensor (``last_train_loss``); this bar copies it to pinned host memory without
-    blocking and shows the newest copy the GPU has finished (up to 8 steps late while the GPU is behind
-    the host; on a CPU, the step's own). Lightning still reads the logged metrics back every
-    ``trainer.log_every_n_steps`` steps, for the loggers."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._copies: list[OnHost] = []  # oldest first
-        self._shown: float | None = None
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loss = getattr(pl_module, "last_train_loss", None)
-        if loss is not None and not self.is_disabled:
-            self._copies.append(OnHost(loss))
-        self._take(wait=False)
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._copies.clear()
-        super().on_train_start(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._take(wait=True)
-        super().on_train_end(trainer, pl_module)
-
-    def _take(self, wait: bool) -> None:
-        """Show the newest copy the GPU has made (``wait``: the newest; 8 behind: wait for the oldest)."""
-        while self._copies and (wait or len(self._copies) > 8 or self._copies[0].ready()):
-            (value,) = self._copies.pop(0).values()
-            self._shown = value.item()  # host memory: no device sync
-
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)
-        if self._shown is not None:
-            items["train/loss"] = self._shown
-        return items
-
-
-class RichLossBar(_HostLoss, RichProgressBar):
-    """Lightning's ``RichProgressBar`` showing the training loss without a host sync (:class:`_HostLoss`)."""
-
-
-class TQDMLossBar(_HostLoss, TQDMProgressBar):
-    """Lightning's ``TQDMProgressBar`` showing the training loss without a host sync (:class:`_HostLoss`)."""
 
 
 def data_parallel_size(trainer: L.Trainer) -> int:

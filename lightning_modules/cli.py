@@ -17,7 +17,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
@@ -31,18 +31,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from attnres.errors import RaiseOnParseError, UsageError, debug_mode
-from lightning_modules.callbacks import (
-    DepthPlots,
-    NaNGuard,
-    NonFiniteLossError,
-    RichLossBar,
-    ThroughputMonitor,
-    TQDMLossBar,
-)
+from lightning_modules.callbacks import DepthPlots, NaNGuard, NonFiniteLossError, ThroughputMonitor
 from lightning_modules.checkpoint import AtomicCheckpointIO, load_checkpoint, stale_temp_files
 from lightning_modules.configs import CONFIG_FLAGS, available, resolve_args
 from lightning_modules.data import TextDataModule
 from lightning_modules.module import LanguageModel, as_config
+from lightning_modules.progress import LogLines, RichLossBar, TQDMLossBar
 from lightning_modules.tokenizer import check_same_tokenizer, load_tokenizer
 
 # `attnres fit ...` passes sys.argv[1:] as `args` (sys.argv itself must stay as it is: DDP re-launches
@@ -145,10 +139,12 @@ class AttnResCLI(LightningCLI):
         )
         parser.add_argument(
             "--progress_bar",
-            type=str,
+            type=Literal["rich", "tqdm", "log"],
             default="rich",
-            help="'rich' (Lightning's RichProgressBar) or 'tqdm' (its TQDMProgressBar); either shows "
-            "train/loss without waiting for the GPU (the newest value it has finished)",
+            help="'rich' (Lightning's RichProgressBar) or 'tqdm' (its TQDMProgressBar), each showing "
+            "train/loss without waiting for the GPU (the newest value it has finished), or 'log': plain "
+            "lines for output that goes to a file (the first step's time, then every "
+            "trainer.log_every_n_steps steps the loss, tokens/s, time so far and left; each validation)",
         )
         parser.add_argument(
             "--torch_threads",
@@ -232,8 +228,8 @@ class AttnResCLI(LightningCLI):
         if cfg.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
-            rich = self._get(self.config, "progress_bar") == "rich"
-            callbacks.append(RichLossBar() if rich else TQDMLossBar())
+            kind = self._get(self.config, "progress_bar")
+            callbacks.append({"rich": RichLossBar, "tqdm": TQDMLossBar, "log": LogLines}[kind]())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

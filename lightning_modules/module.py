@@ -203,7 +203,7 @@ class LanguageModel(L.LightningModule):
         ``train/aux_loss`` (the MoE balance loss, when it is on) and ``train/lr``. Also called by a
         strategy that runs the step itself (``PipelineParallelStrategy``)."""
         # not prog_bar: Lightning would read it back at every bar refresh, a host sync a step; the bars
-        # `attnres fit` adds show last_train_loss without one (callbacks.RichLossBar, TQDMLossBar)
+        # `attnres fit` adds show last_train_loss without one (progress.RichLossBar, TQDMLossBar)
         self.log("train/loss", loss, batch_size=batch_size)
         self.last_train_loss = loss.detach()
         if self.config.moe and self.config.aux_loss_coef > 0:

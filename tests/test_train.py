@@ -490,7 +490,7 @@ class BarSeen(L.Callback):
 @pytest.mark.parametrize("kind,gpu_behind", [("rich", False), ("tqdm", False), ("rich", True)])
 def test_progress_bar_shows_the_loss_without_lightning_reading_it_back(kind, gpu_behind, monkeypatch):
     from lightning_modules import callbacks
-    from lightning_modules.callbacks import RichLossBar, TQDMLossBar
+    from lightning_modules.progress import RichLossBar, TQDMLossBar
 
     if gpu_behind:  # no copy arrives by itself: the bar waits only at the end (or 8 steps behind)
         monkeypatch.setattr(callbacks.OnHost, "ready", lambda self: False)
@@ -511,16 +511,21 @@ def test_progress_bar_shows_the_loss_without_lightning_reading_it_back(kind, gpu
 def test_the_cli_adds_its_progress_bar_unless_one_is_configured(tmp_path, monkeypatch):
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from lightning_modules.callbacks import RichLossBar, TQDMLossBar
+    from attnres.errors import ParseError
     from lightning_modules.cli import AttnResCLI
+    from lightning_modules.progress import LogLines, RichLossBar, TQDMLossBar
 
     monkeypatch.chdir(tmp_path)
     bars = {}
     for name, extra in (("rich", []), ("tqdm", ["--progress_bar", "tqdm"]),
+                        ("log", ["--progress_bar", "log"]),
                         ("own", ["--trainer.callbacks+=TQDMProgressBar", "--progress_bar", "rich"])):
         cli = AttnResCLI(args=["--data.cache_dir", str(tmp_path), *extra], run=False)
-        bars[name] = [type(c) for c in cli.trainer.callbacks if isinstance(c, TQDMProgressBar | RichLossBar)]
-    assert bars == {"rich": [RichLossBar], "tqdm": [TQDMLossBar], "own": [TQDMProgressBar]}
+        bars[name] = [type(c) for c in cli.trainer.callbacks
+                      if isinstance(c, TQDMProgressBar | RichLossBar | LogLines)]
+    assert bars == {"rich": [RichLossBar], "tqdm": [TQDMLossBar], "log": [LogLines], "own": [TQDMProgressBar]}
+    with pytest.raises(ParseError, match="--progress_bar fancy: expected one of rich, tqdm, log"):
+        AttnResCLI(args=["--data.cache_dir", str(tmp_path), "--progress_bar", "fancy"], run=False)
 
 
 def test_training_steps_log_tensors_not_numbers(monkeypatch):
@@ -976,3 +981,31 @@ def test_compile_regional_compiles_each_layers_mixers_and_a_bad_value_names_the_
     with pytest.raises(ValueError, match="use true .* regional .* reduce-overhead .* or false"):
         _micro_module(compile="layers")
     torch._dynamo.reset()
+
+
+def test_log_lines_say_the_first_steps_time_then_loss_rate_and_validations(capsys):
+    # `--progress_bar log` (the study's runs write to a file): the first step's time, then every `every`
+    # steps the step's own loss (read without a sync), tokens/s, the time so far and left; each validation
+    from lightning_modules.callbacks import ThroughputMonitor
+    from lightning_modules.progress import LogLines
+
+    lines = LogLines(every=2)
+    seen = BarSeen(lines)
+    model = _micro_module()
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, val_check_interval=4, limit_val_batches=2,
+                        num_sanity_val_steps=1, callbacks=[ThroughputMonitor(), lines, seen])
+    trainer.fit(model, _micro_loader(n=16), _micro_loader(n=4))
+    out = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert out[0] == "training from step 0 to 6"
+    assert out[1].startswith("step 1: the first step took ")
+    steps = [line for line in out if line.startswith("step ") and "loss" in line]
+    assert [line.split()[1] for line in steps] == ["2/6", "4/6", "6/6"]
+    for line in steps:  # the loss shown is that step's own (on a CPU the copy is at once)
+        step = int(line.split()[1].split("/")[0])
+        assert line.split()[3] == f"{seen.losses[step - 1]:.4f}" and "tok/s" in line
+    assert "s left" in steps[0] and "s left" not in steps[-1]
+    vals = [line for line in out if line.startswith("validation")]  # not the sanity check's
+    assert len(vals) == 1 and vals[0].startswith("validation at step 4: val/loss ")
+    assert float(vals[0].split()[5]) == pytest.approx(trainer.callback_metrics["val/loss"].item(), abs=1e-4)
+    assert out[-1].startswith("done: step 6 after ") and f"last loss {seen.losses[-1]:.4f}" in out[-1]

@@ -75,7 +75,8 @@ class SyncDebug(L.Callback):
 def test_the_template_step_has_no_host_sync(residual):
     # what `attnres fit -c configs/trainer/gpu.yaml` runs each step: the deferred NaN guard, the
     # throughput monitor, the progress bar, clipping, the fused AdamW, the MoE bias update
-    from lightning_modules.callbacks import NaNGuard, RichLossBar, ThroughputMonitor
+    from lightning_modules.callbacks import NaNGuard, ThroughputMonitor
+    from lightning_modules.progress import RichLossBar
 
     torch.manual_seed(0)
     config = get_config(
@@ -105,7 +106,8 @@ def test_fit_with_cuda_graphs_matches_eager(residual):
     # `model.compile: reduce-overhead`: forward and backward replayed as CUDA graphs under the template's
     # per-step callbacks (the progress bar reads the last loss, the deferred NaN guard, validation in
     # between): the same losses as eager, and no read of a replay's overwritten output
-    from lightning_modules.callbacks import NaNGuard, RichLossBar, ThroughputMonitor
+    from lightning_modules.callbacks import NaNGuard, ThroughputMonitor
+    from lightning_modules.progress import RichLossBar
 
     config = get_config(
         "tiny", residual=residual, num_blocks=2, num_layers=4, dim=256, vocab_size=256, max_seq_len=128,
