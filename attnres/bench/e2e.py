@@ -265,9 +265,9 @@ def run_e2e_benchmark(
     from a CUDA graph), the template comparison's ``template_compile`` (default: on a GPU),
     ``template_precision`` and ``template_callbacks`` (the per-step callbacks ``attnres fit`` adds),
     ``warmup`` / ``repeat`` per row, ``profile`` (a one-step profile per train row without optimizer;
-``"kernels"``: the kernels only, a quick parse for large models),
-    ``device`` (default cuda when available) and ``out`` (the JSON path; None: not written). The
-    ``attnres bench e2e`` command documents each (``--help``).
+    ``"kernels"``: the kernels only, a quick parse for large models), ``device`` (default cuda when
+    available) and ``out`` (the JSON path; None: not written). The ``attnres bench e2e`` command documents
+    each (``--help``).
     """
     args = dict(locals())
     threads = torch.get_num_threads()
