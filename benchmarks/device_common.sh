@@ -89,7 +89,7 @@ audit_run() {
 # (pytest-timeout, where installed) and faulthandler prints every thread's stack into the log. Verbose
 # output of all groups in $OUT/tests_gpu.log; one line per group, then the failures.
 gpu_tests() {
-  local total=$1 each=$2 t0 left group rc log extra=() groups=()
+  local total=$1 each=$2 t0 left group rc log summary extra=() groups=()
   t0=$(date +%s)
   python3 -c "import pytest_timeout" 2>/dev/null && extra=(--timeout "$each")
   IFS=';' read -r -a groups <<<"$3"
@@ -102,8 +102,12 @@ gpu_tests() {
     timeout --kill-after=10 "$left" python3 -m pytest -v -p no:logging -p no:cacheprovider -rfE --durations 8 \
       -o faulthandler_timeout="$each" "${extra[@]}" $group >"$log" 2>&1
     rc=$?
-    echo "GPU tests [$group]: exit $rc$( ((rc == 124 || rc == 137)) && echo ' (cut)'), $(grep -c ' PASSED' "$log") passed," \
-      "$(grep -c ' FAILED' "$log") failed, $(( $(date +%s) - t0 )) s so far"
+    # pytest's own summary line ("145 passed, 4 warnings in 19.56s"; with -q there are no PASSED lines to
+    # count); a run cut before it: the verbose PASSED / FAILED lines so far
+    summary=$(grep -E '^=+ .* in [0-9.]+s' "$log" | tail -1 | tr -d '=' | xargs)
+    [[ -n $summary ]] || summary="$(grep -c ' PASSED' "$log") passed, $(grep -c ' FAILED' "$log") failed so far"
+    echo "GPU tests [$group]: exit $rc$( ((rc == 124 || rc == 137)) && echo ' (cut)'), $summary," \
+      "$(( $(date +%s) - t0 )) s so far"
     cat "$log" >>"$OUT/tests_gpu.log" && rm -f "$log"
   done
   grep -E "^(FAILED|ERROR)" "$OUT/tests_gpu.log" | sort -u | head -20
