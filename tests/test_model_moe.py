@@ -264,3 +264,24 @@ def test_swiglu_on_fla_calls_its_fused_swiglu_linear_with_the_down_projection(mo
     torch.testing.assert_close(out["fla"], out["torch"], atol=1e-6, rtol=1e-6)
     SwiGLU(16, 40, backend="auto")(x)  # auto: fla on CUDA only
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_router_logits_equal_the_fp32_linear_and_keep_no_fp32_copy_of_the_input(dtype):
+    # the router runs in fp32 on the (bf16 under autocast) MoE input: the same numbers as
+    # F.linear(x.float(), w.float()) both ways, but autograd keeps x as it came, not its fp32 copy
+    from attnres.model.moe import _RouterLogits
+
+    torch.manual_seed(0)
+    x = torch.randn(37, 16).to(dtype).requires_grad_()
+    w = torch.randn(6, 16, requires_grad=True)
+    g = torch.randn(37, 6)
+    ref = F.linear(x.float(), w.float())
+    dx_ref, dw_ref = torch.autograd.grad(ref, (x, w), g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = _RouterLogits.apply(x, w)
+    dx, dw = torch.autograd.grad(out, (x, w), g)
+    assert torch.equal(out, ref) and torch.equal(dx, dx_ref) and torch.equal(dw, dw_ref)
+    assert out.dtype == torch.float32 and dx.dtype == dx_ref.dtype == dtype
+    assert [t.dtype for t in saved] == [dtype, torch.float32] and saved[0] is x
