@@ -152,8 +152,9 @@ class _Combine(torch.autograd.Function):
 
 class _RouterLogits(torch.autograd.Function):
     """``x @ weight.T`` in fp32 (the router's logits) that keeps ``x`` as it comes for the backward, not its
-    fp32 copy: under bf16 autocast the MoE input is bf16, so the copy is exact to remake, and the MLPs keep
-    ``x`` anyway (a ``[tokens, d]`` fp32 tensor less per MoE layer; 134 MB at ``medium``'s 8 x 4096 tokens).
+    fp32 copy: under bf16 autocast the MoE input is bf16, so the copy is exact to remake, and the shared
+    experts keep ``x`` anyway (a ``[tokens, d]`` fp32 tensor less per MoE layer; 134 MB at ``medium``'s
+    8 x 4096 tokens).
     Forward and backward run the same fp32 matmuls as ``F.linear(x.float(), weight.float())``."""
 
     @staticmethod
