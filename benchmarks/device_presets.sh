@@ -5,12 +5,13 @@
 #     bash benchmarks/device_presets.sh SHAPES [VARIANTS] [MODES]
 #
 # SHAPES: a bench e2e shape list such as '[s,m]' or '[medium,small]'; VARIANTS default '[eager,compile]';
-# MODES default '[standard,block]'. PRESETS_TESTS: the GPU tests to run, groups of pytest arguments separated by
-# ';', each group its own pytest process (no quoted arguments: `--deselect ID`, not `-k "not x"`; default: the
-# KDA/fla, documents and CUDA op tests, after a fresh build only; given, they run also with a carried build). PRESETS_PROFILE=false:
-# no profiled step (the kineto parse of a `medium` step takes minutes); =kernels: the GPU kernels only (quick). PRESETS_IMPLS: the bench's --impls
-# (default '[attnres]'; '[attnres,fla-model]' with the shape kda-dense adds fla's KDAForCausalLM peer;
-# attnres-packed adds packed-document rows). PRESETS_BATCH: every shape's training batch (the bench's --batch). Steps:
+# MODES default '[standard,block]'. PRESETS_TESTS: the GPU tests to run, groups of pytest arguments separated
+# by ';', each group its own pytest process (no quoted arguments: `--deselect ID`, not `-k "not x"`; default:
+# the KDA/fla, documents and CUDA op tests, after a fresh build only; given, they run also with a carried
+# build). PRESETS_PROFILE=false: no profiled step (the kineto parse of a `medium` step takes minutes);
+# =kernels: the GPU kernels only (quick). PRESETS_IMPLS: the bench's --impls (default '[attnres]';
+# '[attnres,fla-model]' with the shape kda-dense adds fla's KDAForCausalLM peer; attnres-packed adds
+# packed-document rows). PRESETS_BATCH: every shape's training batch (the bench's --batch). Steps:
 #   1. the extension: taken from .devbuild/ when a previous call built it for this csrc/ (its md5 sums
 #      match), else built the way users build it, `pip wheel --no-build-isolation` (the CUDA kernels for
 #      the visible GPU, no TORCH_CUDA_ARCH_LIST), installed into /tmp/inst, `attnres info` run there,

@@ -537,8 +537,8 @@ def test_the_reduce_overhead_variant_graphs_our_model_and_starts_a_graph_step_pe
     modes, steps, peaks = [], [], []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: modes.append(kw) or model)  # eager stand-in
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
-    # graphs replay in their pool without allocating (session 20: an AdamW row "peaked" at 0.94 GB of a 15 GB
-    # step): their rows ask for reserved bytes; the other rows for allocated ones
+    # graphs replay in their pool without allocating (session 20: an AdamW row "peaked" at 0.94 GiB of a
+    # 14.8 GiB step): their rows ask for reserved bytes; the other rows for allocated ones
     monkeypatch.setattr(e2e, "peak_memory", lambda device, reserved=False: peaks.append(reserved) or 7)
     result = e2e.run_e2e_benchmark(
         quick=True, shapes=["dense"], modes=["standard"], kinds=["train"], impls=["attnres"],
