@@ -11,7 +11,9 @@
 #   2. the CUDA op grid (AB_QUICK=1: the quick N = 16384 sweep, ~1 min a round on an H100; else the full
 #      grid, over 2 min), ROUNDS (default 2) rounds alternating base and new, each in its own process;
 #      the table of new/base per shape and op (median of the rounds), JSON in $OUT/ab/;
-#   3. E2E_SHAPES given (e.g. '[small]'): `bench e2e` eager training rows, standard and Block, base then new.
+#   3. E2E_SHAPES given (e.g. '[small]'): `bench e2e` training rows, standard and Block, base then new
+#      (AB_VARIANTS, default '[eager]'; AB_BATCH: the bench's --batch). ROUNDS 0 skips step 2: an A/B of
+#      Python changes only (copy .devbuild to .devbuild_old when csrc/ is the same).
 # $OUT/ab.tgz holds the JSON of every round.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"
@@ -48,7 +50,7 @@ for r in $(seq 1 "$ROUNDS"); do
     >"$OUT/ab/new_$r.log" 2>&1 || echo "new round $r: exit $?"
   echo "round $r done after $(( $(date +%s) - T0 )) s"
 done
-python3 - "$OUT/ab" <<'PY' | tee "$OUT/ab/compare.txt" | tail -60
+(( ROUNDS > 0 )) && python3 - "$OUT/ab" <<'PY' | tee "$OUT/ab/compare.txt" | tail -60
 import glob, json, sys
 from attnres.bench.report import compare_ops_runs
 d = sys.argv[1]
@@ -63,8 +65,8 @@ if [[ -n "$E2E" ]]; then
     dir=.; [[ $side == base ]] && dir=.old
     mod=lightning_modules; [[ $side == base ]] && mod=attnres
     (cd $dir && timeout --signal=INT --kill-after=10 $(( budget + 20 )) python3 -m $mod bench e2e --tag "ab_$side" \
-      --budget_s "$budget" --shapes "$E2E" --modes '[standard,block]' --kinds '[train]' --variants '[eager]' \
-      --impls '[attnres]' --out "$OUT/ab/e2e_$side.json" >"$OUT/ab/e2e_$side.log" 2>&1) || echo "e2e $side: exit $?"
+      --budget_s "$budget" --shapes "$E2E" --modes '[standard,block]' --kinds '[train]' \
+      --variants "${AB_VARIANTS:-[eager]}" ${AB_BATCH:+--batch "$AB_BATCH"} --impls '[attnres]' --out "$OUT/ab/e2e_$side.json" >"$OUT/ab/e2e_$side.log" 2>&1) || echo "e2e $side: exit $?"
     grep -E "train|step" "$OUT/ab/e2e_$side.log" | grep -v DEBUG | tail -6
   done
 fi

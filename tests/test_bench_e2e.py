@@ -565,6 +565,10 @@ def test_the_kernel_only_profile_records_no_operator_events_on_a_gpu(monkeypatch
 
     seen = []
 
+    class Avg:  # a name's summed events, as key_averages() gives them
+        def __init__(self, i):
+            self.key, self.count, self.self_device_time_total, self.self_cpu_time_total = f"k{i}", 1, i, i
+
     class FakeProfile:
         def __init__(self, activities):
             seen.append(activities)
@@ -579,7 +583,7 @@ def test_the_kernel_only_profile_records_no_operator_events_on_a_gpu(monkeypatch
             return []
 
         def key_averages(self):
-            return []
+            return [Avg(i) for i in range(50)]
 
     monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
     monkeypatch.setattr(timing, "sync", lambda device: None)
@@ -587,5 +591,7 @@ def test_the_kernel_only_profile_records_no_operator_events_on_a_gpu(monkeypatch
     got = timing.profile_step(lambda: None, torch.device("cuda"), cpu_ops=cpu_ops)
     assert seen[-1] == ([acts.CPU, acts.CUDA] if cpu_ops else [acts.CUDA])
     assert got["recorded"] == ("operators and kernels" if cpu_ops else "kernels")
+    # operators: the 40 heaviest; kernels only: every name (40 left a sixth of a step unnamed), heaviest first
+    assert [o["op"] for o in got["top_ops"]] == [f"k{i}" for i in range(49, 49 - (40 if cpu_ops else 50), -1)]
     assert timing.profile_step(lambda: None, torch.device("cpu"), cpu_ops=cpu_ops)["recorded"] == "operators"
     assert seen[-1] == [acts.CPU]

@@ -201,13 +201,15 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict[str, Any]:
 
 
 def profile_step(
-    fn: Callable[[], object], device: torch.device, top: int = 40, cpu_ops: bool = True
+    fn: Callable[[], object], device: torch.device, top: int | None = None, cpu_ops: bool = True
 ) -> dict[str, Any]:
-    """One profiled call: kernel count, total device time, the ops with the most device self-time,
-    and the time of the depth-attention ops (``attnres::*``, when the extension runs them). ``cpu_ops``
-    False (on a GPU): record the kernels only, ranked by kernel name, without the CPU-side operators (whose
-    events, tens of thousands in a large model's step, take the profiler minutes to parse); then
-    ``attnres_ops`` is empty (an operator name is a CPU event)."""
+    """One profiled call: kernel count, total device time, the ``top`` ops with the most device self-time
+    (default: 40 operators, or every kernel name when only kernels are recorded), and the time of the
+    depth-attention ops (``attnres::*``, when the extension runs them). ``cpu_ops`` False (on a GPU): record
+    the kernels only, ranked by kernel name, without the CPU-side operators (whose events, tens of
+    thousands in a large model's step, take the profiler minutes to parse); then ``attnres_ops`` is empty
+    (an operator name is a CPU event). Every kernel is kept there (a few hundred names; session 21's
+    40 left a sixth of a `medium` step's device time unnamed, which hid what Block AttnRes changes)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = ([ProfilerActivity.CPU] if cpu_ops or device.type != "cuda" else []) + (
@@ -225,6 +227,8 @@ def profile_step(
     def dev_total(e: Any) -> float:
         return float(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)))
 
+    if top is None:
+        top = len(avgs) if ProfilerActivity.CPU not in acts else 40
     ranked = sorted(avgs, key=dev_self if device.type == "cuda" else (lambda e: e.self_cpu_time_total),
                     reverse=True)
     return {

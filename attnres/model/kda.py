@@ -41,6 +41,7 @@ from attnres.model import fla_ops
 from attnres.model.backends import fla_available, fla_runs
 from attnres.model.documents import DocumentMask
 from attnres.model.norm import RMSNorm
+from attnres.model.projections import joint_linear
 
 __all__ = ["KimiDeltaAttention", "ShortConv", "kda_chunked", "kda_recurrent"]
 
@@ -315,26 +316,32 @@ class KimiDeltaAttention(nn.Module):
             dt = dt.clamp(min=1e-4)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
-    def decay(self, x: Tensor) -> Tensor:
-        """Log decay ``g [B, T, H, K]`` (fp32, ``<= 0``)."""
-        f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()
+    def decay(self, x: Tensor, f_a: Tensor | None = None) -> Tensor:
+        """Log decay ``g [B, T, H, K]`` (fp32, ``<= 0``) of ``x``; ``f_a``: ``f_a_proj(x)``, when made."""
+        f = self.f_b_proj(self.f_a_proj(x) if f_a is None else f_a).float() + self.dt_bias.float()
         g = -self.A_log.float().exp().repeat_interleave(self.head_dim) * F.softplus(f)
         return g.unflatten(-1, (self.num_heads, self.head_dim))
 
-    def _conv_projs(self) -> tuple[tuple[ShortConv, nn.Linear], ...]:
-        """(short conv, projection) of q, k and v."""
-        return (self.q_conv, self.q_proj), (self.k_conv, self.k_proj), (self.v_conv, self.v_proj)
+    def _project(self, x: Tensor) -> tuple[Tensor, ...]:
+        """The six projections of ``x`` as one GEMM (:func:`joint_linear`): the inputs of the q, k, v short
+        convs, ``f_a_proj(x)`` (the decay's low rank), ``b_proj(x)`` (beta), ``g_a_proj(x)`` (the gate's)."""
+        return joint_linear(x, self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.b_proj,
+                            self.g_a_proj)
 
     def uses_fla(self, device: torch.device) -> bool:
         """Whether this layer runs fla's kernels on ``device``."""
         return fla_runs(self.backend, self.fla_installed, device)
 
-    def _fla_varlen_qkv(self, x: Tensor, documents: DocumentMask) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v of packed documents through fla's varlen short conv (``documents`` with ``cu_seqlens``)."""
+    def _convs(self) -> tuple[ShortConv, ShortConv, ShortConv]:
+        return self.q_conv, self.k_conv, self.v_conv
+
+    def _fla_varlen_qkv(self, qkv: list[Tensor], documents: DocumentMask) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of packed documents through fla's varlen short conv (``documents`` with ``cu_seqlens``)
+        from the three projections ``qkv``."""
         if documents.cu_seqlens is None:
             raise ValueError("KimiDeltaAttention on fla: the DocumentMask has no cu_seqlens; build it "
                              "with DocumentMask.build(..., varlen=True)")
-        q, k, v = (conv.fla_varlen(proj(x), documents) for conv, proj in self._conv_projs())
+        q, k, v = (conv.fla_varlen(p, documents) for conv, p in zip(self._convs(), qkv))
         return q, k, v
 
     def _fla_eager(self, x: Tensor, documents: DocumentMask | None) -> Tensor:
@@ -350,12 +357,13 @@ class KimiDeltaAttention(nn.Module):
 
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
+        *qkv, f_a, b, g_a = self._project(x)
         if documents is not None:
-            q, k, v = self._fla_varlen_qkv(x, documents)
+            q, k, v = self._fla_varlen_qkv(qkv, documents)
         else:
-            q, k, v = (conv.fla_dense(proj(x)) for conv, proj in self._conv_projs())
-        f = self.f_b_proj(self.f_a_proj(x))  # the decay's pre-activation; the kernel adds dt_bias
-        heads = [t.unflatten(-1, (H, K)) for t in (q, k, v, f)] + [self.b_proj(x)]
+            q, k, v = (conv.fla_dense(p) for conv, p in zip(self._convs(), qkv))
+        f = self.f_b_proj(f_a)  # the decay's pre-activation; the kernel adds dt_bias
+        heads = [t.unflatten(-1, (H, K)) for t in (q, k, v, f)] + [b]
         varlen = {}
         if documents is not None:  # the batch as one sequence of documents
             heads = [t.reshape(1, B * T, *t.shape[2:]) for t in heads]
@@ -363,7 +371,7 @@ class KimiDeltaAttention(nn.Module):
         o, _ = chunk_kda(*heads, A_log=self.A_log, dt_bias=self.dt_bias, scale=K**-0.5,
                          use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
                          use_beta_sigmoid_in_kernel=True, **varlen)
-        gate = self.g_b_proj(self.g_a_proj(x)).unflatten(-1, (H, K))
+        gate = self.g_b_proj(g_a).unflatten(-1, (H, K))
         o = rms_norm_gated(o.reshape(B, T, H, K), gate, self.o_norm.weight, None, activation="sigmoid",
                            eps=self.o_norm.eps)
         return self.o_proj(o.flatten(-2))
@@ -378,25 +386,24 @@ class KimiDeltaAttention(nn.Module):
         eager_fla = fla and cache is None and not torch.compiler.is_compiling()
         if eager_fla and self.fused:
             return self._fla_eager(x, documents)  # fla's fused kernels; below: compiled, or decoding
+        *qkv, f_a, b, g_a = self._project(x)
         if documents is not None and fla:  # fla's varlen functions (under torch.compile: a graph break)
-            q, k, v = self._fla_varlen_qkv(x, documents)
+            q, k, v = self._fla_varlen_qkv(qkv, documents)
             cq = ck = cv = None  # no decoding state with documents
         elif eager_fla:  # fused=False: fla's Triton short conv (under compile, ShortConv's shifted products)
-            q, k, v = (conv.fla_dense(proj(x)) for conv, proj in self._conv_projs())
+            q, k, v = (conv.fla_dense(p) for conv, p in zip(self._convs(), qkv))
             cq = ck = cv = None  # no decoding state without a cache
         else:
             seg = documents.segment_ids if documents is not None else None
             conv = cache.get("conv", (None, None, None)) if cache is not None else (None, None, None)
-            q, cq = self.q_conv(self.q_proj(x), conv[0], seg)
-            k, ck = self.k_conv(self.k_proj(x), conv[1], seg)
-            v, cv = self.v_conv(self.v_proj(x), conv[2], seg)
+            (q, cq), (k, ck), (v, cv) = (c(p, state, seg) for c, p, state in zip(self._convs(), qkv, conv))
         # q, k, v in the projections' dtype (bf16 under autocast, while x, the residual stream,
         # stays fp32): fla's kernels need one dtype for all three
         q = F.normalize(q.unflatten(-1, (H, K)).float(), dim=-1, eps=1e-6).to(v.dtype)
         k = F.normalize(k.unflatten(-1, (H, K)).float(), dim=-1, eps=1e-6).to(v.dtype)
         v = v.unflatten(-1, (H, K))
-        g = self.decay(x)
-        beta = torch.sigmoid(self.b_proj(x).float())
+        g = self.decay(x, f_a)
+        beta = torch.sigmoid(b.float())
         state = cache.get("state") if cache is not None else None
         want_state = cache is not None
         if fla and documents is None and state is None and not want_state and torch.compiler.is_compiling():
@@ -427,6 +434,6 @@ class KimiDeltaAttention(nn.Module):
             o, state = kda_chunked(q, k, v, g, beta, initial_state=state, chunk_size=self.chunk_size)
         if cache is not None:
             cache["state"], cache["conv"] = state.detach(), (cq, ck, cv)
-        gate = torch.sigmoid(self.g_b_proj(self.g_a_proj(x)).float()).unflatten(-1, (H, K))
+        gate = torch.sigmoid(self.g_b_proj(g_a).float()).unflatten(-1, (H, K))
         o = (self.o_norm(o.float()) * gate).to(x.dtype).flatten(-2)
         return self.o_proj(o)

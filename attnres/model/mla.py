@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from attnres.model.documents import DocumentMask
 from attnres.model.norm import RMSNorm
+from attnres.model.projections import joint_linear
 
 __all__ = ["MultiHeadLatentAttention"]
 
@@ -57,8 +58,9 @@ class MultiHeadLatentAttention(nn.Module):
         if documents is not None and (cache is not None or documents.attn_mask is None):
             raise ValueError("MultiHeadLatentAttention: documents need no cache (training windows) and a "
                              "DocumentMask built with attention=True")
-        q = self.q_proj(x).view(B, T, H, self.nope + self.shared).transpose(1, 2)  # [B, H, T, dq]
-        latent, k_shared = self.kv_a_proj(x).split([self.kv_rank, self.shared], dim=-1)
+        q, kv_a = joint_linear(x, self.q_proj, self.kv_a_proj)  # one GEMM for both
+        q = q.unflatten(-1, (H, self.nope + self.shared)).transpose(1, 2)  # [B, H, T, dq]
+        latent, k_shared = kv_a.split([self.kv_rank, self.shared], dim=-1)
         latent = self.kv_a_norm(latent)
         past = 0
         if cache is not None:

@@ -8,11 +8,12 @@ multiplied by ``routed_scaling_factor``. Shared experts always run, unscaled. Op
 sequence-level balance loss (DeepSeek-V3's ``L_Bal``).
 
 Expert compute: the ``T * k`` (token, expert) pairs are sorted by expert so that each expert's
-tokens are one contiguous slice; the experts' weights are stacked ``[E, ...]``. On CUDA in bf16 one
-``torch._grouped_mm`` per projection runs all experts; elsewhere a loop over experts (never over
-tokens) runs one GEMM per non-empty slice. Into and out of that order only gathers run (``_Dispatch``,
-``_Combine``, both ways), through the sort's permutation and its inverse: no ``index_add_``, whose
-atomics serialise the k slots of a token and make the sum's order (in bf16) vary from run to run.
+tokens are one contiguous slice; the experts' weights are stacked ``[E, ...]``. On CUDA in bf16 two
+``torch._grouped_mm`` run all experts (gate and up as one, then down); elsewhere a loop over experts
+(never over tokens) runs one GEMM per non-empty slice. Into and out of that order only gathers run
+(``_Dispatch``, ``_Combine``, both ways), through the sort's permutation and its inverse: no
+``index_add_``, whose atomics serialise the k slots of a token and make the sum's order (in bf16) vary
+from run to run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnres.model.backends import fla_available, fla_runs
+from attnres.model.projections import joint_linear
 
 __all__ = ["MoE", "SwiGLU", "grouped_swiglu"]
 
@@ -36,7 +38,8 @@ class SwiGLU(nn.Module):
     fused path): ``silu(gate) * up`` in one Triton kernel, fed to the down projection and recomputed in the
     backward, which keeps only ``gate x`` and ``up x`` (the plain code also keeps ``silu(gate x)`` and the
     product).
-    Under ``torch.compile`` Inductor fuses the plain code instead."""
+    Under ``torch.compile`` Inductor fuses the plain code instead. ``gate x`` and ``up x`` come from one GEMM
+    (:func:`attnres.model.projections.joint_linear`)."""
 
     def __init__(self, dim: int, hidden: int, backend: str = "auto") -> None:
         super().__init__()
@@ -47,7 +50,7 @@ class SwiGLU(nn.Module):
         self.fla_installed = backend != "torch" and fla_available()
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = joint_linear(x, self.gate_proj, self.up_proj)
         if fla_runs(self.backend, self.fla_installed, x.device) and not torch.compiler.is_compiling():
             from fla.modules.activations import swiglu_linear
 
@@ -71,7 +74,9 @@ def grouped_swiglu(
 
     x: ``[N, d]`` with expert ``e``'s tokens in rows ``offsets[e-1] .. offsets[e]``; counts: ``[E]``
     tokens per expert; w_gate, w_up: ``[E, h, d]``; w_down: ``[E, d, h]``. Returns ``[N, d]``.
-    ``use_grouped_mm``: None picks ``torch._grouped_mm`` where it runs (CUDA, bf16, sm90+).
+    ``use_grouped_mm``: None picks ``torch._grouped_mm`` where it runs (CUDA, bf16, sm90+). The gate and up
+    projections run as one grouped GEMM over their weights side by side (``[E, 2h, d]``): ``x`` read once,
+    one input-gradient GEMM in backward instead of two and the sum of their ``[N, d]`` outputs.
     """
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         # bf16-mixed training: fp32 weights and residual stream; compute in autocast's dtype, as
@@ -82,8 +87,8 @@ def grouped_swiglu(
         use_grouped_mm = _grouped_mm_ok(x, w_gate, w_up, w_down)
     if use_grouped_mm:
         offs = counts.cumsum(0).to(torch.int32)
-        gate = torch._grouped_mm(x, w_gate.transpose(-2, -1), offs=offs)
-        up = torch._grouped_mm(x, w_up.transpose(-2, -1), offs=offs)
+        w_gate_up = torch.cat([w_gate, w_up], dim=1)
+        gate, up = torch._grouped_mm(x, w_gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
         return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)
     # unbind once: indexing w[e] per expert would give every expert a full-size [E, ...] gradient buffer
     gates, ups, downs = w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0)

@@ -1,0 +1,66 @@
+"""joint_linear: several projections of one input as one GEMM, and the layers that use it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from attnres.model import kda, mla, moe
+from attnres.model.projections import joint_linear
+
+
+def _separate(x, *linears):
+    return tuple(lin(x) for lin in linears)
+
+
+def test_joint_linear_equals_the_separate_projections_forward_and_backward():
+    torch.manual_seed(0)
+    linears = [nn.Linear(12, 8, bias=False), nn.Linear(12, 3, bias=True), nn.Linear(12, 5, bias=False)]
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    got = joint_linear(x, *linears)
+    # one GEMM: the parts are column slices of one output
+    assert [p.shape for p in got] == [(2, 7, 8), (2, 7, 3), (2, 7, 5)]
+    assert len({p.untyped_storage().data_ptr() for p in got}) == 1
+    want = _separate(x, *linears)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    params = [x] + [p for lin in linears for p in lin.parameters()]
+    g = torch.autograd.grad(sum((p * (i + 1)).square().sum() for i, p in enumerate(got)), params)
+    w = torch.autograd.grad(sum((p * (i + 1)).square().sum() for i, p in enumerate(want)), params)
+    for a, b in zip(g, w):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert joint_linear(x, linears[1])[0].shape == (2, 7, 3)
+    with pytest.raises(ValueError, match="at least one"):
+        joint_linear(x)
+
+
+@pytest.mark.parametrize("layer", ["kda", "kda-decode", "mla", "swiglu"])
+def test_layers_on_joint_projections_equal_separate_projections(monkeypatch, layer):
+    # the KDA, MLA and SwiGLU layers project their input once (joint_linear); with one GEMM per
+    # projection instead (the code before), outputs and every gradient agree
+    torch.manual_seed(0)
+    if layer.startswith("kda"):
+        module, where = kda.KimiDeltaAttention(dim=32, num_heads=2, head_dim=16, chunk_size=8), kda
+    elif layer == "mla":
+        module, where = mla.MultiHeadLatentAttention(32, 4, 8, 4, 8, kv_rank=16), mla
+    else:
+        module, where = moe.SwiGLU(32, 48, backend="torch"), moe
+    x = torch.randn(2, 11, 32)
+
+    def run():
+        leaf = x.clone().requires_grad_()
+        if layer == "kda-decode":  # a prefill and two single-token steps through the cache
+            cache: dict = {}
+            y = torch.cat([module(leaf[:, a:b], cache) for a, b in ((0, 9), (9, 10), (10, 11))], 1)
+        else:
+            y = module(leaf)
+        grads = torch.autograd.grad(y.square().sum(), [leaf, *module.parameters()])
+        return y, grads
+
+    got = run()
+    monkeypatch.setattr(where, "joint_linear", _separate)
+    want = run()
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
