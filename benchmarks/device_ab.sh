@@ -12,7 +12,9 @@
 #      grid, over 2 min), ROUNDS (default 2) rounds alternating base and new, each in its own process;
 #      the table of new/base per shape and op (median of the rounds), JSON in $OUT/ab/;
 #   3. E2E_SHAPES given (e.g. '[small]'): `bench e2e` training rows, standard and Block, base then new
-#      (AB_VARIANTS, default '[eager]'; AB_BATCH: the bench's --batch). ROUNDS 0 skips step 2: an A/B of
+#      (AB_MODES default '[standard,block]', AB_VARIANTS default '[eager]'; AB_BATCH: the bench's --batch;
+#      AB_TESTS (step 1): 0 none, 1 (default) the CUDA op tests, else the GPU tests to run, groups of pytest
+#      arguments separated by ';' as device_presets.sh's PRESETS_TESTS). ROUNDS 0 skips step 2: an A/B of
 #      Python changes only (copy .devbuild to .devbuild_old when csrc/ is the same).
 # $OUT/ab.tgz holds the JSON of every round.
 set -uo pipefail
@@ -32,7 +34,9 @@ extension_carried_or_wheel || exit 1
 xz -dc .devbuild_old/_C.abi3.so.xz >.old/attnres/_C.abi3.so && cp .devbuild_old/_build_info.json .old/attnres/
 (cd .old && python3 -c "from attnres import ops; print('base: depth ops on cuda:', ops.backend('cuda'))")
 python3 -c "from attnres import ops; print('new:  depth ops on cuda:', ops.backend('cuda'))"
-if [[ "${AB_TESTS:-1}" != 0 ]]; then
+if [[ "${AB_TESTS:-1}" != 0 && "${AB_TESTS:-1}" != 1 ]]; then
+  gpu_tests "${AB_TEST_S:-200}" 90 "$AB_TESTS"  # groups of pytest arguments separated by ';'
+elif [[ "${AB_TESTS:-1}" != 0 ]]; then
   timeout "${AB_TEST_S:-200}" python3 -m pytest -q -p no:logging -rfE tests/test_ops_cuda.py >"$OUT/tests_ops_cuda.log" 2>&1
   echo "CUDA op tests: exit $? ($(tail -1 "$OUT/tests_ops_cuda.log"))"
   grep -E "^(FAILED|ERROR)" "$OUT/tests_ops_cuda.log" | head -20
@@ -65,7 +69,7 @@ if [[ -n "$E2E" ]]; then
     dir=.; [[ $side == base ]] && dir=.old
     mod=lightning_modules; [[ $side == base ]] && mod=attnres
     (cd $dir && timeout --signal=INT --kill-after=10 $(( budget + 20 )) python3 -m $mod bench e2e --tag "ab_$side" \
-      --budget_s "$budget" --shapes "$E2E" --modes '[standard,block]' --kinds '[train]' \
+      --budget_s "$budget" --shapes "$E2E" --modes "${AB_MODES:-[standard,block]}" --kinds '[train]' \
       --variants "${AB_VARIANTS:-[eager]}" ${AB_BATCH:+--batch "$AB_BATCH"} --impls '[attnres]' --out "$OUT/ab/e2e_$side.json" >"$OUT/ab/e2e_$side.log" 2>&1) || echo "e2e $side: exit $?"
     grep -E "train|step" "$OUT/ab/e2e_$side.log" | grep -v DEBUG | tail -6
   done

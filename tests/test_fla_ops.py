@@ -99,7 +99,7 @@ def test_op_gradients_are_the_reference_gradients(reference_impl):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="the fla path needs fla installed")
-def test_kda_layer_on_the_fla_path_compiles_to_one_graph_with_the_op(reference_impl):
+def test_kda_layer_on_the_fla_path_compiles_to_one_graph_with_the_op(reference_impl, reference_conv):
     torch.manual_seed(0)
     layer = KimiDeltaAttention(dim=32, num_heads=2, head_dim=16, backend="fla")
     ref = KimiDeltaAttention(dim=32, num_heads=2, head_dim=16, backend="torch")
@@ -110,7 +110,66 @@ def test_kda_layer_on_the_fla_path_compiles_to_one_graph_with_the_op(reference_i
     y = compiled(x)
     y_ref = ref(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert reference_conv == ["forward"] * 3  # q, k, v through the short-conv op (fla's kernel on a GPU)
     y.square().sum().backward()
     y_ref.square().sum().backward()
+    assert reference_conv == ["forward"] * 3 + ["backward"] * 3
     for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _ref_conv_forward(x, weight):
+    # fla's kernel reads x through its row stride: the stand-in gets x as the layer hands it over
+    return _short_conv_reference(x, weight)
+
+
+def _short_conv_reference(x, weight):
+    B, T, C = x.shape
+    dt = torch.promote_types(x.dtype, torch.float32)  # fp32 math for bf16, as fla's kernel
+    xp = F.pad(x.transpose(1, 2).to(dt), (weight.shape[1] - 1, 0))
+    return F.silu(F.conv1d(xp, weight.to(dt).unsqueeze(1), groups=C)).transpose(1, 2).to(x.dtype)
+
+
+def _ref_conv_backward(dy, x, weight):
+    _, vjp = torch.func.vjp(_short_conv_reference, x, weight)
+    return vjp(dy)
+
+
+@pytest.fixture
+def reference_conv(monkeypatch):
+    calls = []  # which of the stand-ins ran, in order
+
+    def forward(*args):
+        calls.append("forward")
+        return _ref_conv_forward(*args)
+
+    def backward(*args):
+        calls.append("backward")
+        return _ref_conv_backward(*args)
+
+    monkeypatch.setitem(fla_ops.IMPL, "conv_forward", forward)
+    monkeypatch.setitem(fla_ops.IMPL, "conv_backward", backward)
+    return calls
+
+
+def test_short_conv_op_equals_the_layers_conv_forward_and_backward(reference_conv):
+    # the op against ShortConv's own plain code (conv1d over the left-padded input, then SiLU), with x a
+    # column view of a wider projection output as the KDA layer hands it over
+    from attnres.model.kda import ShortConv
+
+    torch.manual_seed(0)
+    conv = ShortConv(6, 4).double()
+    wide = torch.randn(2, 13, 15, dtype=torch.float64)
+    x = wide[..., 3:9].requires_grad_()
+    assert not x.is_contiguous()
+    torch.library.opcheck(torch.ops.attnres.fla_short_conv_fwd.default, (x.detach(), conv.weight.detach()),
+                          test_utils=("test_schema", "test_faketensor"))
+    y = fla_ops.short_conv(x, conv.weight)
+    assert y.is_contiguous()
+    want, _ = conv(x)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, conv.weight], dy)
+    ref = torch.autograd.grad(want, [x, conv.weight], dy)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

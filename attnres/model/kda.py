@@ -178,7 +178,8 @@ class ShortConv(nn.Module):
     full pass. ``segment_ids`` (packed documents): each document is convolved as if zero-padded on its
     left, i.e. ``y_t = sum_j w_j x_{t-j} [seg_{t-j} = seg_t]`` (W masked shifts instead of one
     ``conv1d``; W = 4). Under ``torch.compile`` without a state the same W shifted products (unmasked)
-    replace ``conv1d``, so that Inductor fuses them; eager on fla, the KDA layer calls ``fla_dense``."""
+    replace ``conv1d``, so that Inductor fuses them; on fla the KDA layer calls fla's kernel instead:
+    ``fla_dense`` eager, :func:`attnres.model.fla_ops.short_conv` under ``torch.compile``."""
 
     def __init__(self, channels: int, kernel: int = 4) -> None:
         super().__init__()
@@ -390,9 +391,13 @@ class KimiDeltaAttention(nn.Module):
         if documents is not None and fla:  # fla's varlen functions (under torch.compile: a graph break)
             q, k, v = self._fla_varlen_qkv(qkv, documents)
             cq = ck = cv = None  # no decoding state with documents
-        elif eager_fla:  # fused=False: fla's Triton short conv (under compile, ShortConv's shifted products)
+        elif eager_fla:  # fused=False: fla's Triton short conv
             q, k, v = (conv.fla_dense(p) for conv, p in zip(self._convs(), qkv))
             cq = ck = cv = None  # no decoding state without a cache
+        elif fla and cache is None and documents is None and torch.compiler.is_compiling():
+            # training under torch.compile: fla's Triton short conv as an opaque op (fla_ops.short_conv)
+            q, k, v = (fla_ops.short_conv(p, conv.weight) for conv, p in zip(self._convs(), qkv))
+            cq = ck = cv = None
         else:
             seg = documents.segment_ids if documents is not None else None
             conv = cache.get("conv", (None, None, None)) if cache is not None else (None, None, None)

@@ -249,9 +249,10 @@ def test_preset_trains_one_bf16_step_on_gpu(name):
 
 
 def test_compiled_layer_runs_fla_as_an_opaque_op_and_matches_eager_fla():
-    """Under torch.compile the fla path goes through attnres.model.fla_ops (fla's forward and backward
-    kernels as custom ops): one graph (fullgraph would raise at a break), and the numbers of fla's own
-    autograd function in eager mode (same kernels; Inductor fuses the glue around them differently)."""
+    """Under torch.compile the fla path goes through attnres.model.fla_ops (fla's KDA forward and backward
+    kernels and its short conv as custom ops): one graph (fullgraph would raise at a break), and the
+    numbers of fla's own autograd functions in eager mode (same kernels; Inductor fuses the glue around
+    them differently)."""
     torch.manual_seed(0)
     eager = KimiDeltaAttention(dim=256, num_heads=4, head_dim=64, chunk_size=64, backend="fla").to(DEV)
     layer = copy.deepcopy(eager)
