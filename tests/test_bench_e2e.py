@@ -549,6 +549,7 @@ def test_the_reduce_overhead_variant_graphs_our_model_and_starts_a_graph_step_pe
     assert {r["optimizer"] for r in rows} == {"none", "adamw"} and all(r["status"] == "ok" for r in rows)
     assert modes == [{"mode": "reduce-overhead"}]  # one model, compiled once for both rows
     assert all(r["cudagraph_skips"] == 0 for r in rows)  # recorded: whether Inductor fell back
+    assert all("compile_breakdown_s" in r for r in rows)  # where the first call's compile time went
     assert len(steps) == 2 * (1 + 2)  # every step: the first call and the two timed ones, per row
     assert [r["peak_mem_kind"] for r in rows] == ["reserved"] * 2 and peaks.count(True) == 2
     eager = [r for r in result["rows"] if r.get("variant") == "eager"]
@@ -595,3 +596,22 @@ def test_the_kernel_only_profile_records_no_operator_events_on_a_gpu(monkeypatch
     assert [o["op"] for o in got["top_ops"]] == [f"k{i}" for i in range(49, 49 - (40 if cpu_ops else 50), -1)]
     assert timing.profile_step(lambda: None, torch.device("cpu"), cpu_ops=cpu_ops)["recorded"] == "operators"
     assert seen[-1] == [acts.CPU]
+
+
+def test_compile_time_breakdown_reports_the_phases_spent_since_the_snapshot(monkeypatch):
+    # a compiled first call's time by phase (Dynamo, AOT, Inductor, Triton's workers): issue 24's first
+    # step <= 60 s needs to know which phase to cut; phases under min_s are left out, longest first
+    import torch._dynamo.utils as dynamo_utils
+
+    from attnres.bench import timing
+
+    metrics = {"bytecode_tracing": [1.0], "async_compile.wait": [2.0]}
+    monkeypatch.setattr(dynamo_utils, "compilation_time_metrics", metrics)
+    before = timing.compile_time_snapshot()
+    assert before == {"bytecode_tracing": 1.0, "async_compile.wait": 2.0}
+    metrics["bytecode_tracing"].append(0.3)  # under min_s: left out
+    metrics["async_compile.wait"].append(40.0)
+    metrics["compile_fx_inner"] = [5.0, 20.0]  # a phase first seen after the snapshot, two graphs
+    assert timing.compile_time_breakdown(before) == {"async_compile.wait": 40.0, "compile_fx_inner": 25.0}
+    assert list(timing.compile_time_breakdown(before, min_s=0.1)) == [
+        "async_compile.wait", "compile_fx_inner", "bytecode_tracing"]

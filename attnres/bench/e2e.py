@@ -65,6 +65,8 @@ from attnres.bench.shapes import Shape, default_shapes, residual_traffic
 from attnres.bench.timing import (
     cleanup,
     command_line,
+    compile_time_breakdown,
+    compile_time_snapshot,
     device_slug,
     measure_ceilings,
     peak_memory,
@@ -147,6 +149,7 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
         resident = torch.cuda.memory_allocated(run.device) if run.device.type == "cuda" else None
         reset_peak_memory(run.device)
         skips = counters["inductor"]["cudagraph_skips"]
+        compile_before = compile_time_snapshot()
         t0 = time.perf_counter()
         try:
             step()  # first call: compilation (compiled variant) and lazy state
@@ -174,6 +177,8 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
             seg = extra["segment_ids"]
             row["documents"] = {"count": int((seg.diff(dim=1) != 0).sum() + seg.shape[0]),
                                 "mean_tokens": holder["mean_doc"], "distribution": "exponential, seed 3"}
+        if variant != "eager":  # where a compiled first call's time goes (Dynamo, AOT, Inductor, Triton)
+            row["compile_breakdown_s"] = compile_time_breakdown(compile_before)
         if variant == "reduce-overhead":  # Inductor falls back to plain compiled code where it cannot graph
             row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
         bandwidth = (run.result.get("ceilings") or {}).get("copy_gbps")

@@ -57,6 +57,9 @@ class Run:
         line = " ".join(f"{k}={row[k]}" for k in keys if row.get(k) is not None)
         ok = row.get("status") == "ok"
         extra = f"{row['ms']:.3f} ms" if ok else f"{row['status']}: {row.get('reason', '')}"
+        if ok and row.get("compile_breakdown_s"):  # where a compiled first call went, its longest phases
+            phases = ", ".join(f"{k} {v:.1f} s" for k, v in list(row["compile_breakdown_s"].items())[:4])
+            extra += f" (first call {row.get('first_call_s', 0):.1f} s: {phases})"
         print(f"[e2e] {line}: {extra}", flush=True)
         self.flush()
         return row

@@ -248,6 +248,25 @@ def profile_step(
     }
 
 
+def compile_time_snapshot() -> dict[str, float]:
+    """Seconds spent so far per phase of ``torch.compile`` (``torch._dynamo.utils.compilation_time_metrics``:
+    Dynamo's tracing, AOTAutograd, Inductor's lowering and code generation, the wait on Triton's compile
+    workers, the lazily compiled backward; nested phases overlap), summed over the calls of each phase."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:  # pragma: no cover - a torch without Dynamo's metrics
+        return {}
+    return {name: float(sum(times)) for name, times in list(compilation_time_metrics.items())}
+
+
+def compile_time_breakdown(before: dict[str, float], min_s: float = 0.5) -> dict[str, float]:
+    """The phases of ``torch.compile`` that took at least ``min_s`` seconds since the snapshot ``before``
+    (:func:`compile_time_snapshot`), longest first: where a first step's compile time goes."""
+    now = compile_time_snapshot()
+    spent = {name: now[name] - before.get(name, 0.0) for name in now}
+    return {name: round(t, 2) for name, t in sorted(spent.items(), key=lambda kv: -kv[1]) if t >= min_s}
+
+
 def command_line() -> str | None:
     """The command that is running, for the JSON: the script's name and its arguments (``python -m
     <package> ...`` when run as a package's ``__main__``)."""
