@@ -162,6 +162,7 @@ def bench_e2e(
     variants: list[Literal[VARIANTS]] | None = None,
     impls: list[Literal[IMPLS]] | None = None,  # the choices are attnres.bench.e2e's tuples
     num_blocks: int = 8,
+    full_group: int | None = None,
     batch: int | None = None,
     graphs: bool = True,
     template_compile: bool | None = None,
@@ -210,6 +211,8 @@ def bench_e2e(
             ``kda-dense`` shape: ``attnres_block_size`` None / ``2 L / num_blocks`` / 1 for standard /
             block / full; other shapes get one skipped row saying why).
         num_blocks: N of Block AttnRes.
+        full_group: Full AttnRes' sublayers per phase-1 call (default: the model's, 2); larger groups make
+            fewer, wider calls and keep more phase-1 outputs for the backward.
         batch: the training rows' batch for every shape (default: each shape's own, listed above); e.g.
             ``--shapes '[medium]' --batch 8`` to fill an H100 with 8 x 4096 tokens.
         graphs: also time prefill and decode replayed from a CUDA graph (GPU only).
@@ -234,7 +237,7 @@ def bench_e2e(
         kda_autotune=prepare_kda_autotune(dev),
         quick=quick, shapes=shapes or ["dense", "medium"], modes=modes or list(MODES),
         kinds=kinds or list(KINDS), variants=variants or (["eager"] if quick else ["eager", "compile"]),
-        impls=impls or list(IMPLS), num_blocks=num_blocks, batch=batch, graphs=graphs,
+        impls=impls or list(IMPLS), num_blocks=num_blocks, full_group=full_group, batch=batch, graphs=graphs,
         template_compile=template_compile, template_precision=template_precision,
         template_callbacks=template_callbacks, warmup=warmup,
         repeat=repeat, budget_s=budget_s,

@@ -615,3 +615,18 @@ def test_compile_time_breakdown_reports_the_phases_spent_since_the_snapshot(monk
     assert timing.compile_time_breakdown(before) == {"async_compile.wait": 40.0, "compile_fx_inner": 25.0}
     assert list(timing.compile_time_breakdown(before, min_s=0.1)) == [
         "async_compile.wait", "compile_fx_inner", "bytecode_tracing"]
+
+
+def test_full_group_sets_full_attnres_group_in_every_shape():
+    # Full AttnRes' phase-1 calls group `full_group` sublayers (issue 28: groups of 4 halve the calls)
+    data = e2e.run_e2e_benchmark(
+        quick=True, shapes=["dense"], modes=["full"], kinds=["train"], variants=["eager"],
+        impls=["attnres"], full_group=4, warmup=1, repeat=1, profile=False, device="cpu", out=None,
+    )
+    assert data["settings"]["full_group"] == 4 and data["shapes"]["dense"]["config"]["full_group"] == 4
+    calls = data["residual_traffic"]["dense"]["full"]["calls_per_forward"]
+    sublayers = 2 * data["shapes"]["dense"]["config"]["num_layers"]
+    assert calls["phase1"] == -(-sublayers // 4)  # one phase-1 call per group of 4
+    assert all(r["status"] == "ok" for r in data["rows"])
+    with pytest.raises(ValueError, match="full_group"):
+        e2e.run_e2e_benchmark(quick=True, shapes=["dense"], kinds=["train"], full_group=0, device="cpu")

@@ -236,6 +236,7 @@ def run_e2e_benchmark(
     variants: Sequence[str] = VARIANTS,
     impls: Sequence[str] = IMPLS,
     num_blocks: int = 8,
+    full_group: int | None = None,
     batch: int | None = None,
     graphs: bool = True,
     template_compile: bool | None = None,
@@ -265,7 +266,8 @@ def run_e2e_benchmark(
 
     The other arguments: ``shapes`` (names of :func:`~attnres.bench.shapes.default_shapes`), ``modes``,
     ``kinds``, ``variants`` and ``impls`` (subsets of :data:`MODES`, :data:`KINDS`, :data:`VARIANTS`,
-    :data:`IMPLS`), ``num_blocks`` (N of Block AttnRes), ``batch`` (every shape's training batch; None:
+    :data:`IMPLS`), ``num_blocks`` (N of Block AttnRes), ``full_group`` (Full AttnRes' sublayers per
+    phase-1 call; None: the shape's own, 2), ``batch`` (every shape's training batch; None:
     the shape's own), ``graphs`` (also prefill and decode replayed
     from a CUDA graph), the template comparison's ``template_compile`` (default: on a GPU),
     ``template_precision`` and ``template_callbacks`` (the per-step callbacks ``attnres fit`` adds),
@@ -286,7 +288,8 @@ def run_e2e_benchmark(
 
 def _run_e2e(
     quick: bool, shapes: Sequence[str], modes: Sequence[str], kinds: Sequence[str],
-    variants: Sequence[str], impls: Sequence[str], num_blocks: int, batch: int | None, graphs: bool,
+    variants: Sequence[str], impls: Sequence[str], num_blocks: int, full_group: int | None,
+    batch: int | None, graphs: bool,
     template_compile: bool | None, template_precision: str, template_callbacks: bool, warmup: int,
     repeat: int, budget_s: float, compile_reserve_s: float | None, profile: bool | str,
     device: str | None, out: str | Path | None, tag: str | None, template_rows: TemplateRows | None,
@@ -301,6 +304,9 @@ def _run_e2e(
         if bad:
             raise ValueError(f"{name}: unknown {bad}; valid: {', '.join(valid)}")
     all_shapes = default_shapes(quick, num_blocks)
+    if full_group is not None:  # Config checks it (an integer >= 1)
+        all_shapes = {k: dataclasses.replace(v, config=v.config.replace(full_group=full_group))
+                      for k, v in all_shapes.items()}
     if batch is not None:
         if batch < 1:
             raise ValueError(f"batch={batch}: must be >= 1 (sequences per training step)")
@@ -329,7 +335,8 @@ def _run_e2e(
         "peak_flops": peak_flops(dev),
         "peak_flops_table": dict(PEAK_BF16_FLOPS),
         "settings": {"modes": list(modes), "kinds": list(kinds), "variants": list(variants),
-                     "impls": list(impls), "num_blocks": num_blocks, "batch": batch, "warmup": warmup,
+                     "impls": list(impls), "num_blocks": num_blocks, "full_group": full_group,
+                     "batch": batch, "warmup": warmup,
                      "repeat": repeat,
                      "budget_s": budget_s,
                      "graphs": graphs, "template_compile": template_compile,
