@@ -13,6 +13,7 @@
 #      the table of new/base per shape and op (median of the rounds), JSON in $OUT/ab/;
 #   3. E2E_SHAPES given (e.g. '[small]'): `bench e2e` training rows, standard and Block, base then new
 #      (AB_MODES default '[standard,block]', AB_VARIANTS default '[eager]'; AB_BATCH: the bench's --batch;
+#      AB_PROFILE: its --profile, default true; `kernels` for large shapes such as medium);
 #      AB_TESTS (step 1): 0 none, 1 (default) the CUDA op tests, else the GPU tests to run, groups of pytest
 #      arguments separated by ';' as device_presets.sh's PRESETS_TESTS). ROUNDS 0 skips step 2: an A/B of
 #      Python changes only (copy .devbuild to .devbuild_old when csrc/ is the same).
@@ -45,10 +46,13 @@ mkdir -p "$OUT/ab"
 # $OUT returns at most 8 files: everything of the A/B goes back as one archive, also when time runs out
 trap '(cd "$OUT" && tar czf ab.tgz ab && rm -rf ab)' EXIT
 quick=false; [[ "${AB_QUICK:-0}" != 0 ]] && quick=true
+# the base's application: `python -m lightning_modules` since the restructure (issue 26), before it
+# `python -m attnres`
+base_app=attnres; [[ -f .old/lightning_modules/__main__.py ]] && base_app=lightning_modules
 cap() { local t=$(( $(left) - 20 )); echo $(( t < $1 ? t : $1 )); }
 for r in $(seq 1 "$ROUNDS"); do
   (( $(left) > 120 )) || { echo "round $r: out of time"; break; }
-  (cd .old && timeout "$(cap 200)" python3 -m attnres bench ops --device cuda --quick $quick --compare none --out "$OUT/ab/base_$r.json" \
+  (cd .old && timeout "$(cap 200)" python3 -m $base_app bench ops --device cuda --quick $quick --compare none --out "$OUT/ab/base_$r.json" \
     >"$OUT/ab/base_$r.log" 2>&1) || echo "base round $r: exit $?"
   timeout "$(cap 200)" python3 -m lightning_modules bench ops --device cuda --quick $quick --compare none --out "$OUT/ab/new_$r.json" \
     >"$OUT/ab/new_$r.log" 2>&1 || echo "new round $r: exit $?"
@@ -67,10 +71,11 @@ if [[ -n "$E2E" ]]; then
     budget=$(( ($(left) - 30) / div ))
     (( budget > 60 )) || { echo "e2e $side: out of time"; continue; }
     dir=.; [[ $side == base ]] && dir=.old
-    mod=lightning_modules; [[ $side == base ]] && mod=attnres
+    mod=lightning_modules; [[ $side == base ]] && mod=$base_app
     (cd $dir && timeout --signal=INT --kill-after=10 $(( budget + 20 )) python3 -m $mod bench e2e --tag "ab_$side" \
       --budget_s "$budget" --shapes "$E2E" --modes "${AB_MODES:-[standard,block]}" --kinds '[train]' \
-      --variants "${AB_VARIANTS:-[eager]}" ${AB_BATCH:+--batch "$AB_BATCH"} --impls '[attnres]' --out "$OUT/ab/e2e_$side.json" >"$OUT/ab/e2e_$side.log" 2>&1) || echo "e2e $side: exit $?"
+      --variants "${AB_VARIANTS:-[eager]}" ${AB_BATCH:+--batch "$AB_BATCH"} --profile "${AB_PROFILE:-true}" \
+      --impls '[attnres]' --out "$OUT/ab/e2e_$side.json" >"$OUT/ab/e2e_$side.log" 2>&1) || echo "e2e $side: exit $?"
     grep -E "train|step" "$OUT/ab/e2e_$side.log" | grep -v DEBUG | tail -6
   done
 fi
