@@ -285,3 +285,32 @@ def test_router_logits_equal_the_fp32_linear_and_keep_no_fp32_copy_of_the_input(
     assert torch.equal(out, ref) and torch.equal(dx, dx_ref) and torch.equal(dw, dw_ref)
     assert out.dtype == torch.float32 and dx.dtype == dx_ref.dtype == dtype
     assert [t.dtype for t in saved] == [dtype, torch.float32] and saved[0] is x
+
+
+def test_eager_dispatch_and_combine_gather_and_sum_in_one_embedding_bag_each(monkeypatch):
+    # eager, each gather-and-sum is one embedding_bag (gather, weigh, sum in one kernel): the combine's
+    # forward, its dy, and the dispatch's backward; no [N, k, d] temporary and no gemv (session 21's medium
+    # profile: the batched-matmul combine ran as cuBLAS gemv at ~25 % of the copy bandwidth)
+    from attnres.model.moe import _Combine, _Dispatch
+
+    calls = []
+
+    def counted(owner, name):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, **kw: calls.append(name) or real(*a, **kw))
+
+    counted(F, "embedding_bag")
+    counted(torch, "bmm")
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 4, requires_grad=True), torch.rand(5, 2, requires_grad=True)
+    order = torch.randperm(10)
+    inv = torch.argsort(order)
+    out = _Combine.apply(_Dispatch.apply(x, order, inv, 2), w, order, inv)
+    assert calls == ["embedding_bag"]
+    gx, gw = torch.autograd.grad(out.square().sum(), (x, w))
+    # backward: the combine's dy and the dispatch's sum, and dw's batched matmul
+    assert sorted(calls) == ["bmm", "embedding_bag", "embedding_bag", "embedding_bag"], calls
+    # out[t] = sum_s w[t, s] x[t] here (every slot of a token a copy of its row), and its gradients
+    torch.testing.assert_close(out, w.sum(1, keepdim=True) * x)
+    torch.testing.assert_close(gx, 2 * out * w.sum(1, keepdim=True))
+    torch.testing.assert_close(gw, (2 * out * x).sum(1, keepdim=True).expand(5, 2))

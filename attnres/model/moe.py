@@ -113,7 +113,24 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (inv,) = ctx.saved_tensors
-        return grad[inv].unflatten(0, (-1, ctx.k)).sum(1), None, None, None
+        return _gather_sum(grad, inv.view(-1, ctx.k)), None, None, None
+
+
+def _gather_sum(src: Tensor, index: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``out[t] = sum_s weights[t, s] src[index[t, s]]`` for ``index [N, k]`` (weights None: 1), in ``src``'s
+    dtype, the weights rounded to it, accumulated in fp32 (or ``src``'s dtype, if wider). Eager: one
+    ``F.embedding_bag`` kernel (gather, weigh and sum in one pass, no ``[N, k, d]`` temporary; on an H100
+    the gather + batched-matmul pair it replaces ran its matmul as a gemv at ~25 % of the copy bandwidth,
+    session 21's `medium` profile); under ``torch.compile``: the gather, products and sum, which Inductor
+    fuses into one kernel."""
+    if torch.compiler.is_compiling():
+        acc = torch.promote_types(src.dtype, torch.float32)
+        rows = src[index].to(acc)
+        if weights is not None:
+            rows = rows * weights.to(src.dtype).to(acc).unsqueeze(-1)
+        return rows.sum(1).to(src.dtype)
+    return F.embedding_bag(index, src, mode="sum",
+                           per_sample_weights=None if weights is None else weights.to(src.dtype))
 
 
 def _contract(rows: Tensor, vec: Tensor, dim: int) -> Tensor:
@@ -131,25 +148,23 @@ def _contract(rows: Tensor, vec: Tensor, dim: int) -> Tensor:
 class _Combine(torch.autograd.Function):
     """Expert outputs in the sorted order ``y [N k, d]`` and the routing weights ``w [N, k]`` ->
     ``out [N, d] = sum_s w[t, s] y[inv[t k + s]]``, in ``y``'s dtype, the weights rounded to it and the
-    k products summed in fp32 (or ``y``'s dtype, if wider). Eager: per token a ``[1, k] @ [k, d]``
-    batched matmul (no ``[N, k, d]`` temporary beyond the gathered rows). Under ``torch.compile``:
-    products and sums, which Inductor fuses with the gather into one kernel, where cuBLAS runs the
-    batched matmul as a gemv at ~10 % of the copy bandwidth (H100, the compiled ``small`` profile:
-    4.4 ms over 15 layers). Backward: ``dy`` gathered through ``order``, ``dw`` from the rows gathered
-    again, the same way."""
+    k products summed in fp32 (or ``y``'s dtype, if wider): :func:`_gather_sum` (eager one
+    ``embedding_bag`` kernel; compiled, one Inductor kernel). Backward: ``dy[r] = w[t, s] grad[t]`` for
+    the row ``r = inv[t k + s]`` (the same gather-and-weigh, one row per bag), ``dw`` from the rows
+    gathered again and contracted with ``grad`` (a batched matmul eager; products and sums compiled)."""
 
     @staticmethod
     def forward(ctx, y: Tensor, w: Tensor, order: Tensor, inv: Tensor) -> Tensor:
         ctx.save_for_backward(y, w, order, inv)
-        return _contract(y[inv].unflatten(0, w.shape), w.to(y.dtype), 1)  # rows [N, k, d] with w
+        return _gather_sum(y, inv.view(w.shape), w)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         y, w, order, inv = ctx.saved_tensors
         grad = grad.to(y.dtype)
         dy = dw = None
-        if ctx.needs_input_grad[0]:
-            dy = (grad.unsqueeze(1) * w.to(y.dtype).unsqueeze(-1)).flatten(0, 1)[order]
+        if ctx.needs_input_grad[0]:  # sorted row r is token order[r] // k's slot order[r] % k
+            dy = _gather_sum(grad, (order // w.shape[1]).unsqueeze(1), w.flatten()[order].unsqueeze(1))
         if ctx.needs_input_grad[1]:
             dw = _contract(y[inv].unflatten(0, w.shape), grad, 2).to(w.dtype)  # rows with grad
         return dy, dw, None, None

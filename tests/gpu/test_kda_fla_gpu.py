@@ -229,6 +229,30 @@ def test_grouped_mm_experts_under_autocast_take_fp32_weights():
         assert a.grad.dtype == torch.float32 and err_ratio(a.grad, b.grad) < 3e-2
 
 
+def test_moe_dispatch_and_combine_on_cuda_in_bf16_equal_the_definition():
+    # eager on CUDA the combine and the dispatch's backward are embedding_bag kernels (bf16 rows and
+    # weights, fp32 sums): against out[t] = sum_s w[t, s] y[inv[t k + s]] in fp64, values and gradients
+    from attnres.model.moe import _Combine, _Dispatch
+
+    torch.manual_seed(0)
+    n, k, d = 4096, 4, 1024
+    x = torch.randn(n, d, device=DEV).bfloat16().requires_grad_()
+    w = torch.rand(n, k, device=DEV).requires_grad_()
+    order = torch.randperm(n * k, device=DEV)
+    inv = torch.argsort(order)
+    y = _Dispatch.apply(x, order, inv, k) * 1.5  # each slot a copy of its token's row, scaled
+    out = _Combine.apply(y, w, order, inv)
+    assert out.dtype == torch.bfloat16
+    ref = 1.5 * x.detach().double() * w.detach().bfloat16().double().sum(1, keepdim=True)
+    assert err_ratio(out, ref) < 1e-2, err_ratio(out, ref)
+    g = torch.randn(n, d, device=DEV).bfloat16()
+    gx, gw = torch.autograd.grad(out, (x, w), g)
+    gx_ref = 1.5 * g.double() * w.detach().bfloat16().double().sum(1, keepdim=True)
+    gw_ref = (1.5 * g.double() * x.detach().double()).sum(1, keepdim=True).expand(n, k)
+    assert err_ratio(gx, gx_ref) < 1e-2, err_ratio(gx, gx_ref)
+    assert err_ratio(gw, gw_ref) < 1e-2, err_ratio(gw, gw_ref)
+
+
 @pytest.mark.parametrize("name", ["small", "medium"])
 def test_preset_trains_one_bf16_step_on_gpu(name):
     """The full-size preset (fla KDA, SDPA MLA, grouped-GEMM MoE on sm90+) in bf16: finite loss and
