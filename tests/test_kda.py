@@ -165,3 +165,13 @@ def test_short_conv_state_after_a_short_input_keeps_the_earlier_inputs():
     torch.testing.assert_close(s2, torch.cat([torch.zeros(1, 3, 1), x[:, :2].transpose(1, 2)], -1))
     s3 = conv.next_state(x[:, 2:4], s2)  # x0 .. x3: the last three
     torch.testing.assert_close(s3, x[:, 1:4].transpose(1, 2))
+
+
+def test_short_conv_state_is_a_copy_that_does_not_keep_the_input_alive():
+    # the decoding cache holds W - 1 inputs per channel: as a view it would keep the whole prompt's
+    # projection output (all T rows, and with joint projections all six projections) alive
+    conv = ShortConv(3, 4)
+    wide = torch.randn(2, 50, 8)
+    state = conv.next_state(wide[..., 2:5])
+    torch.testing.assert_close(state, wide[:, -3:, 2:5].transpose(1, 2))
+    assert state.is_contiguous() and state.untyped_storage().nbytes() == state.numel() * state.element_size()

@@ -64,3 +64,19 @@ def test_layers_on_joint_projections_equal_separate_projections(monkeypatch, lay
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_decoding_caches_copy_their_slices_of_the_joint_projection():
+    # a cache entry that is a column view of the joint projection's output would keep all of that output
+    # (every projection, every prompt token) alive until the next step
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 32)
+    attn = mla.MultiHeadLatentAttention(32, 4, 8, 4, 8, kv_rank=16)
+    layer = kda.KimiDeltaAttention(dim=32, num_heads=2, head_dim=16, chunk_size=8)
+    caches: tuple[dict, dict] = ({}, {})
+    with torch.no_grad():
+        attn(x, caches[0])
+        layer(x, caches[1])
+    held = [caches[0]["latent"], caches[0]["k_shared"], caches[1]["state"], *caches[1]["conv"]]
+    for t in held:
+        assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size(), t.shape

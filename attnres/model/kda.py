@@ -213,14 +213,15 @@ class ShortConv(nn.Module):
 
     def next_state(self, x: Tensor, state: Tensor | None = None) -> Tensor:
         """The decoding state after ``x [B, T, C]`` (from ``state [B, C, W-1]``, zeros if None): the last
-        ``W - 1`` inputs, ``[B, C, W-1]``, detached. Reads only those inputs, not the whole of ``x``."""
+        ``W - 1`` inputs, ``[B, C, W-1]``, detached. Reads only those inputs, not the whole of ``x``, and
+        copies them: a view would keep all of ``x`` (a whole prompt's projections) alive in the cache."""
         B, T, C = x.shape
         keep = self.kernel - 1
         tail = x[:, max(T - keep, 0):].transpose(1, 2)
         if tail.shape[-1] < keep:  # a short input: the rest comes from the state before it
             past = state.to(x.dtype) if state is not None else x.new_zeros(B, C, keep)
             tail = torch.cat([past, tail], dim=-1)[..., -keep:]
-        return tail.detach()
+        return tail.detach().clone(memory_format=torch.contiguous_format)
 
     @torch.compiler.disable  # fla's Triton autograd function is not traced (as fla does for chunk_kda)
     def fla_dense(self, x: Tensor) -> Tensor:

@@ -68,7 +68,8 @@ class MultiHeadLatentAttention(nn.Module):
                 past = cache["latent"].shape[1]
                 latent = torch.cat([cache["latent"], latent], dim=1)
                 k_shared = torch.cat([cache["k_shared"], k_shared], dim=1)
-            cache["latent"], cache["k_shared"] = latent.detach(), k_shared.detach()
+            # k_shared is a column view of the joint projection: a copy, or the cache would keep all of it
+            cache["latent"], cache["k_shared"] = latent.detach(), k_shared.detach().contiguous()
         S = latent.shape[1]  # past + T keys
         kv = self.kv_b_proj(latent).view(B, S, H, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
