@@ -80,3 +80,25 @@ def test_decoding_caches_copy_their_slices_of_the_joint_projection():
     held = [caches[0]["latent"], caches[0]["k_shared"], caches[1]["state"], *caches[1]["conv"]]
     for t in held:
         assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size(), t.shape
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_kda_layer_under_bf16_autocast_keeps_one_bf16_copy_of_its_fp32_input(monkeypatch, joint):
+    # bf16-mixed training hands the layer an fp32 input (a norm's output): each nn.Linear casts it to bf16
+    # and keeps its own copy for the weight gradient; one joint GEMM keeps one (six before, per KDA layer)
+    if not joint:
+        monkeypatch.setattr(kda, "joint_linear", _separate)
+    torch.manual_seed(0)
+    layer = kda.KimiDeltaAttention(dim=48, num_heads=2, head_dim=16, chunk_size=8)
+    x0 = torch.randn(2, 24, 48, requires_grad=True)
+    kept: dict[int, tuple] = {}
+
+    def pack(t):
+        kept.setdefault(t.untyped_storage().data_ptr(), (tuple(t.shape), t.dtype))
+        return t
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with hooks, torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x0 * 1.0)  # not a leaf: autocast caches only leaf casts
+    copies = [v for v in kept.values() if v == ((48, 48), torch.bfloat16)]
+    assert len(copies) == (1 if joint else 6)
