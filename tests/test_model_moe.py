@@ -289,8 +289,9 @@ def test_router_logits_equal_the_fp32_linear_and_keep_no_fp32_copy_of_the_input(
 
 def test_eager_dispatch_and_combine_gather_and_sum_in_one_embedding_bag_each(monkeypatch):
     # eager, each gather-and-sum is one embedding_bag (gather, weigh, sum in one kernel): the combine's
-    # forward, its dy, and the dispatch's backward; no [N, k, d] temporary and no gemv (session 21's medium
-    # profile: the batched-matmul combine ran as cuBLAS gemv at ~25 % of the copy bandwidth)
+    # forward, its dy, and the dispatch's backward; dw one per-row-dot kernel; no [N, k, d] temporary and no
+    # gemv (session 21's medium profile: the batched-matmul combine ran as cuBLAS gemv at ~25 % of the copy
+    # bandwidth)
     from attnres.model.moe import _Combine, _Dispatch
 
     calls = []
@@ -301,6 +302,7 @@ def test_eager_dispatch_and_combine_gather_and_sum_in_one_embedding_bag_each(mon
 
     counted(F, "embedding_bag")
     counted(torch, "bmm")
+    counted(torch.ops.aten, "_embedding_bag_per_sample_weights_backward")
     torch.manual_seed(0)
     x, w = torch.randn(5, 4, requires_grad=True), torch.rand(5, 2, requires_grad=True)
     order = torch.randperm(10)
@@ -308,8 +310,9 @@ def test_eager_dispatch_and_combine_gather_and_sum_in_one_embedding_bag_each(mon
     out = _Combine.apply(_Dispatch.apply(x, order, inv, 2), w, order, inv)
     assert calls == ["embedding_bag"]
     gx, gw = torch.autograd.grad(out.square().sum(), (x, w))
-    # backward: the combine's dy and the dispatch's sum, and dw's batched matmul
-    assert sorted(calls) == ["bmm", "embedding_bag", "embedding_bag", "embedding_bag"], calls
+    # backward: the combine's dy and the dispatch's sum, and dw's per-row dots (embedding_bag's own kernel
+    # for the gradient of its per-sample weights), no batched matmul
+    assert sorted(calls) == ["_embedding_bag_per_sample_weights_backward"] + ["embedding_bag"] * 3, calls
     # out[t] = sum_s w[t, s] x[t] here (every slot of a token a copy of its row), and its gradients
     torch.testing.assert_close(out, w.sum(1, keepdim=True) * x)
     torch.testing.assert_close(gx, 2 * out * w.sum(1, keepdim=True))

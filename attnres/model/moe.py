@@ -133,16 +133,21 @@ def _gather_sum(src: Tensor, index: Tensor, weights: Tensor | None = None) -> Te
                            per_sample_weights=None if weights is None else weights.to(src.dtype))
 
 
-def _contract(rows: Tensor, vec: Tensor, dim: int) -> Tensor:
-    """``rows [N, k, d]`` summed against ``vec`` over ``dim`` (1: ``vec [N, k]`` -> ``[N, d]``; 2: ``vec
-    [N, d]`` -> ``[N, k]``), in the rows' dtype, accumulated in fp32 (or the rows' dtype, if wider).
-    Eager: a batched matmul; under ``torch.compile``: products and a sum, which Inductor fuses."""
+def _row_dots(src: Tensor, index: Tensor, vec: Tensor) -> Tensor:
+    """``out[t, s] = <vec[t], src[index[t, s]]>`` for ``index [N, k]``, ``vec [N, d]``: ``[N, k]`` in the
+    dtypes' common type, accumulated in fp32 (or wider). Eager: the kernel behind ``embedding_bag``'s
+    gradient of its per-sample weights (one pass over the gathered rows; the batched ``[k, d] @ [d, 1]``
+    matmul it replaces ran as cuBLAS gemv after a gather of ``[N, k, d]``); under ``torch.compile``: the
+    gather, products and sum, which Inductor fuses."""
+    N, k = index.shape
     if torch.compiler.is_compiling():
-        acc = torch.promote_types(rows.dtype, torch.float32)
-        return (rows.to(acc) * vec.to(acc).unsqueeze(3 - dim)).sum(dim).to(rows.dtype)
-    if dim == 1:
-        return torch.bmm(vec.unsqueeze(1), rows).squeeze(1)
-    return torch.bmm(rows, vec.unsqueeze(-1)).squeeze(-1)
+        acc = torch.promote_types(src.dtype, torch.float32)
+        rows = src[index].to(acc)
+        return (rows * vec.to(acc).unsqueeze(1)).sum(2).to(src.dtype)
+    flat = torch.arange(N * k, device=index.device)
+    offsets, bag = flat[::k].contiguous(), flat // k  # bag t holds slots t k .. t k + k - 1
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        vec.contiguous(), src, index.reshape(-1), offsets, bag, 0, -1).view(N, k)  # mode 0: sum
 
 
 class _Combine(torch.autograd.Function):
@@ -150,8 +155,8 @@ class _Combine(torch.autograd.Function):
     ``out [N, d] = sum_s w[t, s] y[inv[t k + s]]``, in ``y``'s dtype, the weights rounded to it and the
     k products summed in fp32 (or ``y``'s dtype, if wider): :func:`_gather_sum` (eager one
     ``embedding_bag`` kernel; compiled, one Inductor kernel). Backward: ``dy[r] = w[t, s] grad[t]`` for
-    the row ``r = inv[t k + s]`` (the same gather-and-weigh, one row per bag), ``dw`` from the rows
-    gathered again and contracted with ``grad`` (a batched matmul eager; products and sums compiled)."""
+    the row ``r = inv[t k + s]`` (the same gather-and-weigh, one row per bag), ``dw[t, s] = <grad[t],
+    y[inv[t k + s]]>`` (:func:`_row_dots`)."""
 
     @staticmethod
     def forward(ctx, y: Tensor, w: Tensor, order: Tensor, inv: Tensor) -> Tensor:
@@ -166,7 +171,7 @@ class _Combine(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # sorted row r is token order[r] // k's slot order[r] % k
             dy = _gather_sum(grad, (order // w.shape[1]).unsqueeze(1), w.flatten()[order].unsqueeze(1))
         if ctx.needs_input_grad[1]:
-            dw = _contract(y[inv].unflatten(0, w.shape), grad, 2).to(w.dtype)  # rows with grad
+            dw = _row_dots(y, inv.view(w.shape), grad).to(w.dtype)
         return dy, dw, None, None
 
 
