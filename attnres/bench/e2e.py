@@ -110,6 +110,8 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
     tokens = shape.batch * shape.seq_len
     fpt = cfg.flops_per_token(shape.seq_len)
     holder: dict[str, Any] = {}
+    # CUDA graphs replay in their pool without allocating: count reserved bytes (the pool) in both rows
+    graphed = variant == "reduce-overhead"
 
     def setup_and_time(optimizer: bool) -> dict[str, Any]:
         if "model" not in holder:
@@ -129,15 +131,13 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
                 holder["extra"] = {"segment_ids": random_documents(shape.batch, shape.seq_len, run.device,
                                                                    holder["mean_doc"])}
         model, fwd, ids, labels = holder["model"], holder["fwd"], holder["ids"], holder["labels"]
-        # CUDA graphs replay in their pool without allocating: count reserved bytes (the pool) in both rows
-        graphed = variant == "reduce-overhead"
         extra = holder["extra"]
         opt = None
         if optimizer:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=run.device.type == "cuda")
 
         def step() -> None:
-            if variant == "reduce-overhead":  # each call a new step of torch's CUDA-graph trees
+            if graphed:  # each call a new step of torch's CUDA-graph trees
                 torch.compiler.cudagraph_mark_step_begin()
             out = fwd(ids, labels=labels, **extra)
             (out.loss + out.aux_loss).backward()
@@ -179,7 +179,7 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
                                 "mean_tokens": holder["mean_doc"], "distribution": "exponential, seed 3"}
         if variant != "eager":  # where a compiled first call's time goes (Dynamo, AOT, Inductor, Triton)
             row["compile_breakdown_s"] = compile_time_breakdown(compile_before)
-        if variant == "reduce-overhead":  # Inductor falls back to plain compiled code where it cannot graph
+        if graphed:  # Inductor falls back to plain compiled code where it cannot graph
             row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
         bandwidth = (run.result.get("ceilings") or {}).get("copy_gbps")
         if bandwidth:  # the residual path's bytes at the measured copy bandwidth: no kernel does better

@@ -252,11 +252,9 @@ def compile_time_snapshot() -> dict[str, float]:
     """Seconds spent so far per phase of ``torch.compile`` (``torch._dynamo.utils.compilation_time_metrics``:
     Dynamo's tracing, AOTAutograd, Inductor's lowering and code generation, the wait on Triton's compile
     workers, the lazily compiled backward; nested phases overlap), summed over the calls of each phase."""
-    try:
-        from torch._dynamo.utils import compilation_time_metrics
-    except ImportError:  # pragma: no cover - a torch without Dynamo's metrics
-        return {}
-    return {name: float(sum(times)) for name, times in list(compilation_time_metrics.items())}
+    from torch._dynamo import utils  # read at each call: the dict of this process's compilations
+
+    return {name: float(sum(times)) for name, times in list(utils.compilation_time_metrics.items())}
 
 
 def compile_time_breakdown(before: dict[str, float], min_s: float = 0.5) -> dict[str, float]:

@@ -134,8 +134,8 @@ def _gather_sum(src: Tensor, index: Tensor, weights: Tensor | None = None) -> Te
 
 
 def _row_dots(src: Tensor, index: Tensor, vec: Tensor) -> Tensor:
-    """``out[t, s] = <vec[t], src[index[t, s]]>`` for ``index [N, k]``, ``vec [N, d]``: ``[N, k]`` in the
-    dtypes' common type, accumulated in fp32 (or wider). Eager: the kernel behind ``embedding_bag``'s
+    """``out[t, s] = <vec[t], src[index[t, s]]>`` for ``index [N, k]``, ``vec [N, d]`` in ``src``'s dtype:
+    ``[N, k]`` in that dtype, accumulated in fp32 (or wider). Eager: the kernel behind ``embedding_bag``'s
     gradient of its per-sample weights (one pass over the gathered rows; the batched ``[k, d] @ [d, 1]``
     matmul it replaces ran as cuBLAS gemv after a gather of ``[N, k, d]``); under ``torch.compile``: the
     gather, products and sum, which Inductor fuses."""
@@ -144,8 +144,8 @@ def _row_dots(src: Tensor, index: Tensor, vec: Tensor) -> Tensor:
         acc = torch.promote_types(src.dtype, torch.float32)
         rows = src[index].to(acc)
         return (rows * vec.to(acc).unsqueeze(1)).sum(2).to(src.dtype)
-    flat = torch.arange(N * k, device=index.device)
-    offsets, bag = flat[::k].contiguous(), flat // k  # bag t holds slots t k .. t k + k - 1
+    offsets = torch.arange(0, N * k, k, device=index.device)
+    bag = torch.arange(N * k, device=index.device) // k  # bag t holds slots t k .. t k + k - 1
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(
         vec.contiguous(), src, index.reshape(-1), offsets, bag, 0, -1).view(N, k)  # mode 0: sum
 
