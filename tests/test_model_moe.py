@@ -317,3 +317,22 @@ def test_eager_dispatch_and_combine_gather_and_sum_in_one_embedding_bag_each(mon
     torch.testing.assert_close(out, w.sum(1, keepdim=True) * x)
     torch.testing.assert_close(gx, 2 * out * w.sum(1, keepdim=True))
     torch.testing.assert_close(gw, (2 * out * x).sum(1, keepdim=True).expand(5, 2))
+
+
+def test_row_dots_without_the_per_sample_kernel_equal_it_and_bf16_cuda_goes_without(monkeypatch):
+    # embedding_bag's per-sample-weight gradient kernel has no bf16 on CUDA (session 22: every bf16 MoE
+    # step failed there): such tensors take the batched matmul, which gives the same dots
+    from attnres.model import moe
+
+    torch.manual_seed(0)
+    src, vec = torch.randn(12, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    index = torch.randint(0, 12, (5, 3))
+    ref = torch.einsum("tsd,td->ts", src[index], vec)
+    torch.testing.assert_close(moe._row_dots(src, index, vec), ref)
+    monkeypatch.setattr(moe, "_per_sample_kernel_takes", lambda t: False)
+    torch.testing.assert_close(moe._row_dots(src, index, vec), ref)
+    monkeypatch.undo()
+    assert moe._per_sample_kernel_takes(src.bfloat16())  # on a CPU it takes bf16
+    cuda_bf16 = type("T", (), {"is_cuda": True, "dtype": torch.bfloat16})()
+    cuda_f16 = type("T", (), {"is_cuda": True, "dtype": torch.float16})()
+    assert not moe._per_sample_kernel_takes(cuda_bf16) and moe._per_sample_kernel_takes(cuda_f16)

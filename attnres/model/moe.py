@@ -137,17 +137,26 @@ def _row_dots(src: Tensor, index: Tensor, vec: Tensor) -> Tensor:
     """``out[t, s] = <vec[t], src[index[t, s]]>`` for ``index [N, k]``, ``vec [N, d]`` in ``src``'s dtype:
     ``[N, k]`` in that dtype, accumulated in fp32 (or wider). Eager: the kernel behind ``embedding_bag``'s
     gradient of its per-sample weights (one pass over the gathered rows; the batched ``[k, d] @ [d, 1]``
-    matmul it replaces ran as cuBLAS gemv after a gather of ``[N, k, d]``); under ``torch.compile``: the
-    gather, products and sum, which Inductor fuses."""
+    matmul it replaces ran as cuBLAS gemv after a gather of ``[N, k, d]``, and still does where that
+    kernel lacks the dtype: bf16 on CUDA); under ``torch.compile``: the gather, products and sum, which
+    Inductor fuses."""
     N, k = index.shape
     if torch.compiler.is_compiling():
         acc = torch.promote_types(src.dtype, torch.float32)
         rows = src[index].to(acc)
         return (rows * vec.to(acc).unsqueeze(1)).sum(2).to(src.dtype)
+    if not _per_sample_kernel_takes(src):  # a batched [k, d] @ [d, 1] (cuBLAS accumulates in fp32)
+        return torch.bmm(src[index], vec.to(src.dtype).unsqueeze(2)).view(N, k)
     offsets = torch.arange(0, N * k, k, device=index.device)
     bag = torch.arange(N * k, device=index.device) // k  # bag t holds slots t k .. t k + k - 1
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(
         vec.contiguous(), src, index.reshape(-1), offsets, bag, 0, -1).view(N, k)  # mode 0: sum
+
+
+def _per_sample_kernel_takes(src: Tensor) -> bool:
+    """Whether ``embedding_bag``'s per-sample-weight gradient kernel runs in ``src``'s dtype on its device:
+    the CUDA kernel takes fp32, fp64 and fp16 but not bf16 (torch 2.11-2.13)."""
+    return not (src.is_cuda and src.dtype == torch.bfloat16)
 
 
 class _Combine(torch.autograd.Function):
