@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnres.model import moe_kernels
 from attnres.model.backends import fla_available, fla_runs
 from attnres.model.projections import joint_linear
 
@@ -118,39 +119,49 @@ class _Dispatch(torch.autograd.Function):
 
 def _gather_sum(src: Tensor, index: Tensor, weights: Tensor | None = None) -> Tensor:
     """``out[t] = sum_s weights[t, s] src[index[t, s]]`` for ``index [N, k]`` (weights None: 1), in ``src``'s
-    dtype, the weights rounded to it, accumulated in fp32 (or ``src``'s dtype, if wider). Eager: one
-    ``F.embedding_bag`` kernel (gather, weigh and sum in one pass, no ``[N, k, d]`` temporary; on an H100
-    the gather + batched-matmul pair it replaces ran its matmul as a gemv at ~25 % of the copy bandwidth,
-    session 21's `medium` profile); under ``torch.compile``: the gather, products and sum, which Inductor
-    fuses into one kernel."""
+    dtype, the weights rounded to it, accumulated in fp32 (or ``src``'s dtype, if wider). Eager on CUDA:
+    one Triton kernel (:mod:`attnres.model.moe_kernels`: gather, weigh and sum in one pass, no ``[N, k, d]``
+    temporary); elsewhere ``F.embedding_bag`` (the same in one call; its CUDA kernel is slow); under
+    ``torch.compile``: the gather, products and sum, which Inductor fuses into one kernel."""
     if torch.compiler.is_compiling():
         acc = torch.promote_types(src.dtype, torch.float32)
         rows = src[index].to(acc)
         if weights is not None:
             rows = rows * weights.to(src.dtype).to(acc).unsqueeze(-1)
         return rows.sum(1).to(src.dtype)
+    if _triton_takes(src):
+        return moe_kernels.gather_sum(src, index, weights)
     return F.embedding_bag(index, src, mode="sum",
                            per_sample_weights=None if weights is None else weights.to(src.dtype))
 
 
 def _row_dots(src: Tensor, index: Tensor, vec: Tensor) -> Tensor:
     """``out[t, s] = <vec[t], src[index[t, s]]>`` for ``index [N, k]``, ``vec [N, d]`` in ``src``'s dtype:
-    ``[N, k]`` in that dtype, accumulated in fp32 (or wider). Eager: the kernel behind ``embedding_bag``'s
-    gradient of its per-sample weights (one pass over the gathered rows; the batched ``[k, d] @ [d, 1]``
-    matmul it replaces ran as cuBLAS gemv after a gather of ``[N, k, d]``, and still does where that
-    kernel lacks the dtype: bf16 on CUDA); under ``torch.compile``: the gather, products and sum, which
-    Inductor fuses."""
+    ``[N, k]`` in that dtype, accumulated in fp32 (or wider). Eager on CUDA: one Triton kernel
+    (:mod:`attnres.model.moe_kernels`); elsewhere the kernel behind ``embedding_bag``'s gradient of its
+    per-sample weights (one pass over the gathered rows), or where that kernel lacks the dtype (bf16 on
+    CUDA without triton) a gather and a batched ``[k, d] @ [d, 1]`` matmul; under ``torch.compile``: the
+    gather, products and sum, which Inductor fuses."""
     N, k = index.shape
     if torch.compiler.is_compiling():
         acc = torch.promote_types(src.dtype, torch.float32)
         rows = src[index].to(acc)
         return (rows * vec.to(acc).unsqueeze(1)).sum(2).to(src.dtype)
+    if _triton_takes(src):
+        return moe_kernels.row_dots(src, index, vec.to(src.dtype))
     if not _per_sample_kernel_takes(src):  # a batched [k, d] @ [d, 1] (cuBLAS accumulates in fp32)
         return torch.bmm(src[index], vec.to(src.dtype).unsqueeze(2)).view(N, k)
     offsets = torch.arange(0, N * k, k, device=index.device)
     bag = torch.arange(N * k, device=index.device) // k  # bag t holds slots t k .. t k + k - 1
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(
         vec.contiguous(), src, index.reshape(-1), offsets, bag, 0, -1).view(N, k)  # mode 0: sum
+
+
+def _triton_takes(src: Tensor) -> bool:
+    """Whether the eager gathers run :mod:`attnres.model.moe_kernels` (CUDA, triton, a dtype that fp32
+    accumulation covers)."""
+    narrow = src.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return src.is_cuda and narrow and moe_kernels.available()
 
 
 def _per_sample_kernel_takes(src: Tensor) -> bool:
@@ -162,10 +173,10 @@ def _per_sample_kernel_takes(src: Tensor) -> bool:
 class _Combine(torch.autograd.Function):
     """Expert outputs in the sorted order ``y [N k, d]`` and the routing weights ``w [N, k]`` ->
     ``out [N, d] = sum_s w[t, s] y[inv[t k + s]]``, in ``y``'s dtype, the weights rounded to it and the
-    k products summed in fp32 (or ``y``'s dtype, if wider): :func:`_gather_sum` (eager one
-    ``embedding_bag`` kernel; compiled, one Inductor kernel). Backward: ``dy[r] = w[t, s] grad[t]`` for
-    the row ``r = inv[t k + s]`` (the same gather-and-weigh, one row per bag), ``dw[t, s] = <grad[t],
-    y[inv[t k + s]]>`` (:func:`_row_dots`)."""
+    k products summed in fp32 (or ``y``'s dtype, if wider): :func:`_gather_sum` (eager, one Triton kernel
+    on CUDA, ``embedding_bag`` elsewhere; compiled, one Inductor kernel). Backward: ``dy[r] = w[t, s]
+    grad[t]`` for the row ``r = inv[t k + s]`` (the same gather-and-weigh, one row per bag), ``dw[t, s] =
+    <grad[t], y[inv[t k + s]]>`` (:func:`_row_dots`)."""
 
     @staticmethod
     def forward(ctx, y: Tensor, w: Tensor, order: Tensor, inv: Tensor) -> Tensor:

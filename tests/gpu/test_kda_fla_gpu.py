@@ -229,13 +229,16 @@ def test_grouped_mm_experts_under_autocast_take_fp32_weights():
         assert a.grad.dtype == torch.float32 and err_ratio(a.grad, b.grad) < 3e-2
 
 
-def test_moe_dispatch_and_combine_on_cuda_in_bf16_equal_the_definition():
-    # eager on CUDA the combine and the dispatch's backward are embedding_bag kernels (bf16 rows and
-    # weights, fp32 sums): against out[t] = sum_s w[t, s] y[inv[t k + s]] in fp64, values and gradients
-    from attnres.model.moe import _Combine, _Dispatch
+@pytest.mark.parametrize("k", [4, 8])
+def test_moe_dispatch_and_combine_on_cuda_in_bf16_equal_the_definition(k):
+    # eager on CUDA the combine, its backward and the dispatch's backward are attnres.model.moe_kernels'
+    # Triton kernels (bf16 rows and weights, fp32 sums): against out[t] = sum_s w[t, s] y[inv[t k + s]] in
+    # fp64, values and gradients
+    from attnres.model.moe import _Combine, _Dispatch, _triton_takes
 
     torch.manual_seed(0)
-    n, k, d = 4096, 4, 1024
+    n, d = 4096, 1024
+    assert _triton_takes(torch.empty(1, device=DEV, dtype=torch.bfloat16))
     x = torch.randn(n, d, device=DEV).bfloat16().requires_grad_()
     w = torch.rand(n, k, device=DEV).requires_grad_()
     order = torch.randperm(n * k, device=DEV)

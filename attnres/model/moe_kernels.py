@@ -1,0 +1,131 @@
+"""The MoE's gathers into and out of the expert order as Triton kernels, for the eager path on CUDA.
+
+Two reductions over the ``k`` rows a token's slots point at, each one pass over the rows at the copy
+bandwidth (no ``[N, k, d]`` temporary), accumulated in fp32:
+
+- :func:`gather_sum`: ``out[t] = sum_s weights[t, s] src[index[t, s]]`` (the combine's forward, ``k`` the
+  router's top-k; its ``dy``, one row per bag, ``k = 1``; the dispatch's backward, no weights);
+- :func:`row_dots`: ``out[t, s] = <vec[t], src[index[t, s]]>`` (the routing weights' gradient).
+
+Why not torch's own: ``F.embedding_bag`` computes the first, but on an H100 its CUDA kernel ran at ~19 %
+of the copy bandwidth (66 ms over `medium`'s 69 calls a step, session 22), and the kernel behind its
+per-sample-weight gradient has no bf16; a gather plus a batched matmul runs the matmul as cuBLAS gemv
+(~25 %). Under ``torch.compile`` Inductor generates the equivalent fused kernel from the plain code
+(``attnres.model.moe``), so these are for eager mode only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "gather_sum", "row_dots"]
+
+
+@functools.cache
+def available() -> bool:
+    """Whether triton imports (it comes with every CUDA build of torch on Linux)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gather_sum_kernel(src, index, weights, out, src_stride, out_stride, d: tl.constexpr,
+                          K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr, HAS_W: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        slots = tl.arange(0, K_PAD)
+        live = slots < K
+        rows = tl.load(index + t * K + slots, mask=live, other=0).to(tl.int64)
+        x = tl.load(src + rows[:, None] * src_stride + cols[None, :],
+                    mask=live[:, None] & (cols[None, :] < d), other=0.0).to(tl.float32)
+        if HAS_W:  # the weights rounded to the rows' dtype, as a product in that dtype would take them
+            w = tl.load(weights + t * K + slots, mask=live, other=0.0).to(src.dtype.element_ty)
+            x = x * w.to(tl.float32)[:, None]
+        tl.store(out + t * out_stride + cols, tl.sum(x, axis=0).to(out.dtype.element_ty), mask=cols < d)
+
+    @triton.jit
+    def row_dots_kernel(src, index, vec, out, src_stride, vec_stride, d: tl.constexpr, K: tl.constexpr,
+                         K_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        slots = tl.arange(0, K_PAD)
+        live = slots < K
+        rows = tl.load(index + t * K + slots, mask=live, other=0).to(tl.int64)
+        acc = tl.zeros([K_PAD], dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            v = tl.load(vec + t * vec_stride + cols, mask=cols < d, other=0.0).to(tl.float32)
+            x = tl.load(src + rows[:, None] * src_stride + cols[None, :],
+                        mask=live[:, None] & (cols[None, :] < d), other=0.0).to(tl.float32)
+            acc += tl.sum(x * v[None, :], axis=1)
+        tl.store(out + t * K + slots, acc.to(out.dtype.element_ty), mask=live)
+
+    return gather_sum_kernel, row_dots_kernel
+
+
+def _tiles(k: int, d: int) -> tuple[int, int]:
+    """(K_PAD, BLOCK_D): the slots padded to a power of two (at least 2), and a column tile that keeps
+    K_PAD x BLOCK_D at most 4096 values (16 KB of fp32 a program, 32 a thread with four warps)."""
+    k_pad = max(2, 1 << (k - 1).bit_length())
+    return k_pad, min(max(16, 1 << (d - 1).bit_length()), max(64, 4096 // k_pad))
+
+
+def _check(src: Tensor, index: Tensor) -> None:
+    if src.dim() != 2 or index.dim() != 2 or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"src must be [R, d] and index [N, k] integers, got {tuple(src.shape)} and "
+                         f"{tuple(index.shape)} {index.dtype}")
+
+
+def gather_sum(src: Tensor, index: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``out[t] = sum_s weights[t, s] src[index[t, s]]`` for ``src [R, d]``, ``index [N, k]`` (weights
+    ``[N, k]``, rounded to ``src``'s dtype; None: 1) -> ``[N, d]`` in ``src``'s dtype, summed in fp32."""
+    _check(src, index)
+    src, index = _unit_stride(src), index.contiguous()
+    (n, k), d = index.shape, src.shape[1]
+    out = torch.empty(n, d, dtype=src.dtype, device=src.device)
+    if n == 0 or d == 0:
+        return out
+    k_pad, block = _tiles(k, d)
+    w = weights.contiguous() if weights is not None else index  # a pointer HAS_W=False never reads
+    with _on(src):
+        _kernels()[0][(n, -(-d // block))](src, index, w, out, src.stride(0), out.stride(0), d=d, K=k,
+                                          K_PAD=k_pad, BLOCK_D=block, HAS_W=weights is not None,
+                                          num_warps=4)
+    return out
+
+
+def row_dots(src: Tensor, index: Tensor, vec: Tensor) -> Tensor:
+    """``out[t, s] = <vec[t], src[index[t, s]]>`` for ``src [R, d]``, ``index [N, k]``, ``vec [N, d]`` (in
+    ``src``'s dtype) -> ``[N, k]`` in ``src``'s dtype, summed in fp32."""
+    _check(src, index)
+    src, index, vec = _unit_stride(src), index.contiguous(), _unit_stride(vec)
+    (n, k), d = index.shape, src.shape[1]
+    out = torch.empty(n, k, dtype=src.dtype, device=src.device)
+    if n == 0:
+        return out
+    k_pad, block = _tiles(k, d)
+    with _on(src):
+        _kernels()[1][(n,)](src, index, vec, out, src.stride(0), vec.stride(0), d=d, K=k, K_PAD=k_pad,
+                            BLOCK_D=block, num_warps=4)
+    return out
+
+
+def _on(x: Tensor) -> contextlib.AbstractContextManager:
+    """The launch on ``x``'s GPU (Triton launches on the current one); a CPU tensor under Triton's
+    interpreter (``TRITON_INTERPRET=1``, the CPU tests) needs none."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _unit_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
