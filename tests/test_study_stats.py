@@ -63,6 +63,20 @@ def test_best_rate_and_the_edge():
     assert not math.isnan(stats.best_rate({1e-3: [3.0]})["best"])
 
 
+def test_rates_with_different_seeds_are_compared_on_the_seeds_they_share():
+    # the study's m (session 22): x1 at seeds 0-2 (3.8164, 3.8603, 3.9004: mean 3.859), x2 at seed 0
+    # only (3.8493): all-seed means would pick x2 although x1 is better at the one seed both have
+    m = {1.5e-3: {0: 3.8164, 1: 3.8603, 2: 3.9004}, 3e-3: {0: 3.8493}, 7.5e-4: {0: 4.0075}}
+    out = stats.best_rate(m)
+    assert out["best"] == 1.5e-3 and out["compared_on"] == [0] and not out["at_edge"]
+    assert out["means"][1.5e-3] == pytest.approx(3.859033, abs=1e-6)
+    assert stats.best_rate({lr: list(v.values()) for lr, v in m.items()})["best"] == 3e-3  # lists: all seeds
+    same = stats.best_rate({1e-3: {0: 3.0, 1: 3.2}, 2e-3: {0: 2.9, 1: 3.0}})
+    assert same["best"] == 2e-3 and "compared_on" not in same  # nothing to match
+    with pytest.raises(ValueError):
+        stats.best_rate({})
+
+
 def test_tagged_groups_and_the_lr_sweep_table():
     from benchmarks.study.analyze import group, lr_sweep
 
@@ -149,11 +163,12 @@ def test_each_mode_is_taken_at_its_own_best_rate():
             + [run("block8", 0, "pk-x", 4e-3, 1.0)]  # another tag (not an LR point of pk): left out
             + [run("standard", 0, "pk", 2e-3, 4.0, model="xs")])  # a smaller size: its rows come first
     groups, lines = best_rate_groups(runs, "pk")
-    assert [r["val_loss"] for r in groups[("s", "standard")]] == [3.05]   # x2 beats x1's mean 3.1
+    # x2's one seed (3.05) beats x1's three-seed mean (3.1), but not x1 at the seed both have (3.0)
+    assert [r["val_loss"] for r in groups[("s", "standard")]] == [3.0, 3.1, 3.2]
     assert [r["val_loss"] for r in groups[("s", "block8")]] == [2.8, 2.9]
     rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| s |")}
-    assert rows["standard"] == "| s | standard | 0.004 (edge) | 3 | 1 | 3.0500 | – |"
-    assert rows["Block N=8"].startswith("| s | Block N=8 | 0.002 | 3 | 2 | 2.8500 ± 0.0707 | -0.2000 [")
+    assert rows["standard"] == "| s | standard | 0.002 | 3 | 3 | 3.1000 ± 0.1000 | – |"
+    assert rows["Block N=8"].startswith("| s | Block N=8 | 0.002 | 3 | 2 | 2.8500 ± 0.0707 | -0.2500 [")
     sizes = [line.split(" | ")[0] for line in lines if line.startswith("| ") and "---" not in line][1:]
     assert sizes == ["| xs", "| s", "| s"]  # sizes in the study's order (xs, s, m, l), not by name
     assert best_rate_groups(runs, "other") == ({}, [])

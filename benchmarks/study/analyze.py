@@ -501,13 +501,14 @@ def best_rate_groups(runs: list[dict[str, Any]], tag: str) -> tuple[dict, list[s
     lay = Layout()
     for key, rates in sorted(by.items(), key=lambda kv: (in_order(kv[0][0], lay.scaling_models),
                                                             in_order(kv[0][1], lay.scaling_modes))):
-        best = stats.best_rate({lr: [r["val_loss"] for r in rs] for lr, rs in rates.items()})
+        best = stats.best_rate({lr: {r["seed"]: r["val_loss"] for r in rs} for lr, rs in rates.items()})
         groups[key] = sorted(rates[best["best"]], key=lambda r: r["seed"])
         rows.append((key, best))
     if not rows:
         return groups, []
     lines = [f"### Each mode at its own best learning rate (runs tagged {tag})", "",
-             "The rate of lowest seed-mean loss among the sweep's points; a best rate at the sweep's edge "
+             "The rate of lowest seed-mean loss among the sweep's points (compared on the seeds every rate "
+             "has, where they differ); a best rate at the sweep's edge "
              f"is marked (the optimum may lie beyond). Differences with a {stats.LEVEL:.0%} bootstrap "
              "interval over the seeds.", "",
              "| size | mode | best lr | rates tried | seeds | final val loss | − standard at its best rate |",
@@ -526,14 +527,19 @@ def lr_sweep(runs: list[dict[str, Any]], tag: str) -> list[str]:
     """Per (size, mode), the final validation loss at each rate of the sweeps tagged ``tag`` and
     ``tag-lr<scale>`` (complete runs, mean ± std over seeds), the best rate and whether it sits at the
     sweep's edge (``stats.best_rate``)."""
-    by = {k: {lr: [r["val_loss"] for r in rs] for lr, rs in v.items()} for k, v in by_rate(runs, tag).items()}
+    by = {k: {lr: {r["seed"]: r["val_loss"] for r in rs} for lr, rs in v.items()}
+          for k, v in by_rate(runs, tag).items()}
     if not by:
         return []
     lines = [f"### Learning-rate sweep (runs tagged {tag})", "",
              "| size | mode | lr: final val loss | best lr | at the sweep's edge |", "|---|---|---|---:|---|"]
     for (model, mode), losses in sorted(by.items()):
         best = stats.best_rate(losses)
-        cells = ", ".join(f"{lr:g}: {fmt(*mean_std(v)[:2])}" for lr, v in sorted(losses.items()))
+        cells = ", ".join(f"{lr:g}: {fmt(*mean_std(list(v.values()))[:2])} ({len(v)})"
+                          for lr, v in sorted(losses.items()))
+        if "compared_on" in best:
+            cells += f"; compared on seed{'s' * (len(best['compared_on']) > 1)} " + \
+                ", ".join(map(str, best["compared_on"]))
         lines.append(f"| {model} | {label(mode)} | {cells} | {best['best']:g} | "
                      f"{'yes: extend the sweep' if best['at_edge'] else 'no'} |")
     return lines
@@ -733,14 +739,15 @@ def rated_runs(runs: list[dict[str, Any]], audits: list[dict[str, Any]], tag: st
     for (model, mode), rates in by_rate(runs, tag).items():
         for lr, rs in rates.items():
             rated[(model, "study", mode)][lr] += [
-                {"loss": r["val_loss"], "growth": rms_growth((r.get("final_stats") or {}).get("hidden_rms"))}
+                {"loss": r["val_loss"], "seed": r["seed"],
+                 "growth": rms_growth((r.get("final_stats") or {}).get("hidden_rms"))}
                 for r in rs]
     for r in audits:
         rid = default_run_id(r["model"], "reference", r["residual"], r["num_blocks"], r["seed"], tag)
         if r["arch"] == "reference" and of_sweep(r["run_id"], rid):
             lr = float(r["settings"]["lr"])
             rated[(r["model"], "audit", audit_mode(r))][lr].append(
-                {"loss": r["final_val_loss"], "growth": rms_growth(r.get("hidden_rms"))})
+                {"loss": r["final_val_loss"], "seed": r["seed"], "growth": rms_growth(r.get("hidden_rms"))})
     return rated
 
 
@@ -761,7 +768,8 @@ def audit_best_rates(rated: dict, tag: str) -> list[str]:
              "| size | model | best lr | rates tried | seeds | final val loss "
              "| − project standard at its best | hidden RMS last/first |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    losses_of = {k: {lr: [r["loss"] for r in rs] for lr, rs in rates.items()} for k, rates in rated.items()}
+    losses_of = {k: {lr: {r["seed"]: r["loss"] for r in rs} for lr, rs in rates.items()}
+                 for k, rates in rated.items()}
     at_best = {k: (p := stats.best_rate(losses_of[k]), rates[p["best"]]) for k, rates in rated.items()}
     for model in sorted({m for m, src, _ in rated if src == "audit"},
                         key=lambda m: in_order(m, Layout().scaling_models)):

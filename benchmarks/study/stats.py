@@ -99,13 +99,29 @@ def difference_interval(base: Sequence[float], other: Sequence[float], level: fl
             "seeds": [len(a), len(b)]}
 
 
-def best_rate(losses: Mapping[float, Sequence[float]]) -> dict[str, Any]:
-    """``losses``: learning rate -> the seeds' final losses. The rate with the lowest mean loss, the mean
-    per rate, and whether the best sits at the sweep's edge (its lowest or highest rate: the optimum may
-    lie beyond, so extend the sweep)."""
+def best_rate(losses: Mapping[float, Sequence[float] | Mapping[int, float]]) -> dict[str, Any]:
+    """``losses``: learning rate -> the seeds' final losses, a list or ``{seed: loss}``. The rate with the
+    lowest mean loss, the mean per rate (over all its seeds), and whether the best sits at the sweep's
+    edge (its lowest or highest rate: the optimum may lie beyond, so extend the sweep).
+
+    With ``{seed: loss}`` for every rate and seeds that differ between rates, the rates are compared on
+    the seeds they all have (``compared_on``): a rate run at three seeds would otherwise be judged by its
+    mean against another rate's single, perhaps lucky, seed (the study's m, session 22: 1.5e-3 at seeds
+    0-2 against 3e-3 at seed 0 only)."""
     if not losses:
         raise ValueError("no learning rates")
-    means = {float(lr): float(np.mean(v)) for lr, v in sorted(losses.items())}
-    best = min(means, key=means.get)
+    by = {float(lr): v for lr, v in sorted(losses.items())}
+    means = {lr: float(np.mean(list(v.values()) if isinstance(v, Mapping) else v)) for lr, v in by.items()}
+    judged, common = means, None
+    if all(isinstance(v, Mapping) for v in by.values()):
+        common = sorted(set.intersection(*(set(v) for v in by.values())))
+        if common and any(len(v) > len(common) for v in by.values()):
+            judged = {lr: float(np.mean([v[k] for k in common])) for lr, v in by.items()}
+        else:
+            common = None
+    best = min(judged, key=judged.get)
     edge = len(means) > 1 and best in (min(means), max(means))
-    return {"best": best, "means": means, "at_edge": edge, "points": len(means)}
+    out = {"best": best, "means": means, "at_edge": edge, "points": len(means)}
+    if common is not None:
+        out["compared_on"] = common
+    return out
