@@ -35,6 +35,39 @@ def test_joint_linear_equals_the_separate_projections_forward_and_backward():
         joint_linear(x)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_joint_output_rows_are_padded_to_an_aligned_stride(bias):
+    # 8 + 3 + 6 = 17 columns: the rows are padded to 32 (ALIGN 16), so Triton kernels reading a part see a
+    # row stride divisible by 16 (session 22: KDA's 3336 made fla's short conv 2x slower each way); the
+    # padding is dropped, values and gradients are the separate projections'
+    from attnres.model.projections import ALIGN
+
+    torch.manual_seed(0)
+    linears = [nn.Linear(12, 8, bias=bias), nn.Linear(12, 3, bias=False), nn.Linear(12, 6, bias=bias)]
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    got = joint_linear(x, *linears)
+    assert ALIGN == 16 and len(got) == 3 and [p.shape[-1] for p in got] == [8, 3, 6]
+    assert all(p.stride() == (7 * 32, 32, 1) for p in got)
+    want = _separate(x, *linears)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    params = [x] + [p for lin in linears for p in lin.parameters()]
+    g = torch.autograd.grad(sum((p * (i + 1)).square().sum() for i, p in enumerate(got)), params)
+    w = torch.autograd.grad(sum((p * (i + 1)).square().sum() for i, p in enumerate(want)), params)
+    for a, b in zip(g, w):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_kda_at_medium_width_reads_its_qkv_at_an_aligned_stride():
+    # medium's KDA (8 heads x 128): q, k, v, the decay's and the gate's low ranks and beta, 3336 columns,
+    # padded to 3344; q, k, v start at multiples of 1024 columns
+    layer = kda.KimiDeltaAttention(dim=64, num_heads=8, head_dim=128, chunk_size=64)
+    q, k, v, f_a, b, g_a = layer._project(torch.randn(1, 3, 64))
+    assert (q.shape[-1], f_a.shape[-1], b.shape[-1], g_a.shape[-1]) == (1024, 128, 8, 128)
+    assert q.stride(-2) == 3344 and q.stride(-2) % 16 == 0
+    assert [p.storage_offset() for p in (q, k, v, f_a, g_a, b)] == [0, 1024, 2048, 3072, 3200, 3328]
+
+
 @pytest.mark.parametrize("layer", ["kda", "kda-decode", "mla", "swiglu"])
 def test_layers_on_joint_projections_equal_separate_projections(monkeypatch, layer):
     # the KDA, MLA and SwiGLU layers project their input once (joint_linear); with one GEMM per

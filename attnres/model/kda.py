@@ -327,8 +327,9 @@ class KimiDeltaAttention(nn.Module):
     def _project(self, x: Tensor) -> tuple[Tensor, ...]:
         """The six projections of ``x`` as one GEMM (:func:`joint_linear`): the inputs of the q, k, v short
         convs, ``f_a_proj(x)`` (the decay's low rank), ``b_proj(x)`` (beta), ``g_a_proj(x)`` (the gate's)."""
-        return joint_linear(x, self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.b_proj,
-                            self.g_a_proj)
+        q, k, v, f_a, g_a, b = joint_linear(x, self.q_proj, self.k_proj, self.v_proj, self.f_a_proj,
+                                            self.g_a_proj, self.b_proj)  # beta's H columns last: aligned
+        return q, k, v, f_a, b, g_a
 
     def uses_fla(self, device: torch.device) -> bool:
         """Whether this layer runs fla's kernels on ``device``."""
