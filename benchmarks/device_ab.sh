@@ -16,7 +16,8 @@
 #      AB_PROFILE: its --profile, default true; `kernels` for large shapes such as medium);
 #      AB_TESTS (step 1): 0 none, 1 (default) the CUDA op tests, else the GPU tests to run, groups of pytest
 #      arguments separated by ';' as device_presets.sh's PRESETS_TESTS). ROUNDS 0 skips step 2: an A/B of
-#      Python changes only (copy .devbuild to .devbuild_old when csrc/ is the same).
+#      Python changes only (copy .devbuild to .devbuild_old when csrc/ is the same). With profiles, each
+#      mode and variant's kernels side by side (benchmarks/profile_diff.py; $OUT/ab/profile_diff_*).
 # $OUT/ab.tgz holds the JSON of every round.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"
@@ -78,5 +79,15 @@ if [[ -n "$E2E" ]]; then
       --impls '[attnres]' --out "$OUT/ab/e2e_$side.json" >"$OUT/ab/e2e_$side.log" 2>&1) || echo "e2e $side: exit $?"
     grep -E "train|step" "$OUT/ab/e2e_$side.log" | grep -v DEBUG | tail -6
   done
+  # the profiles side by side, kernel by kernel (benchmarks/profile_diff.py), per mode and variant
+  if [[ "${AB_PROFILE:-true}" != false && -f "$OUT/ab/e2e_base.json" && -f "$OUT/ab/e2e_new.json" ]]; then
+    for mode in $(tr -d '[] ' <<<"${AB_MODES:-[standard,block]}" | tr ',' ' '); do
+      for variant in $(tr -d '[] ' <<<"${AB_VARIANTS:-[eager]}" | tr ',' ' '); do
+        python3 -m benchmarks.profile_diff "$OUT/ab/e2e_base.json" "$OUT/ab/e2e_new.json" --mode "$mode" \
+          --variant "$variant" --top 12 --out "$OUT/ab/profile_diff_${mode}_$variant.json" 2>&1 \
+          | tee "$OUT/ab/profile_diff_${mode}_$variant.txt" | head -32
+      done
+    done
+  fi
 fi
 echo "done in $(( $(date +%s) - T0 )) s"

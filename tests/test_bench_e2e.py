@@ -630,3 +630,34 @@ def test_full_group_sets_full_attnres_group_in_every_shape():
     assert all(r["status"] == "ok" for r in data["rows"])
     with pytest.raises(ValueError, match="full_group"):
         e2e.run_e2e_benchmark(quick=True, shapes=["dense"], kinds=["train"], full_group=0, device="cpu")
+
+
+def test_profile_diff_lines_up_two_profiles_kernel_by_kernel(tmp_path, capsys):
+    # benchmarks/profile_diff.py: the first profiled row matching the filters on each side, every kernel's
+    # change (absent on one side = 0 there), sorted; the summary numbers of each side
+    import json
+
+    from benchmarks import profile_diff
+
+    def row(mode, ms, ops, profiled=True):
+        prof = {"device_ms": ms - 1, "kernels": 10, "top_ops": [{"op": k, "count": c, "self_ms": t}
+                                                                 for k, c, t in ops]}
+        return {"mode": mode, "variant": "eager", "optimizer": "none", "ms": ms,
+                "profile": prof if profiled else None}
+
+    base = {"rows": [row("standard", 9.0, [], profiled=False),
+                     row("standard", 10.0, [("gemm", 2, 4.0), ("gather", 3, 2.5)]),
+                     row("block", 11.0, [("p1", 1, 1.0)])]}
+    new = {"rows": [row("standard", 8.0, [("gemm", 2, 4.5), ("triton_gather", 3, 0.5)])]}
+    (tmp_path / "b.json").write_text(json.dumps(base))
+    (tmp_path / "n.json").write_text(json.dumps(new))
+    d = profile_diff.main([str(tmp_path / "b.json"), str(tmp_path / "n.json"), "--mode", "standard",
+                           "--out", str(tmp_path / "d.json")])
+    assert [(c["kernel"], c["delta_ms"], c["base_calls"], c["new_calls"]) for c in d["changes"]] == [
+        ("gather", -2.5, 3, 0), ("gemm", 0.5, 2, 2), ("triton_gather", 0.5, 0, 3)]
+    assert d["base"] == {"step_ms": 10.0, "device_ms": 9.0, "kernels": 10, "named": 2}
+    assert json.loads((tmp_path / "d.json").read_text()) == d
+    out = capsys.readouterr().out
+    assert "   -2.50     2.50     0.00        3->0  gather" in out
+    with pytest.raises(SystemExit, match="no profiled row"):
+        profile_diff.main([str(tmp_path / "b.json"), str(tmp_path / "n.json"), "--mode", "block"])
