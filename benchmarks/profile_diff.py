@@ -38,7 +38,7 @@ def diff(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         bm, nm = bk.get("self_ms", 0.0), nk.get("self_ms", 0.0)
         changes.append({"kernel": name, "delta_ms": nm - bm, "base_ms": bm, "new_ms": nm,
                         "base_calls": bk.get("count", 0), "new_calls": nk.get("count", 0)})
-    changes.sort(key=lambda c: c["delta_ms"])
+    changes.sort(key=lambda c: (c["delta_ms"], c["kernel"]))
     side = {k: {"step_ms": r["ms"], "device_ms": r["profile"].get("device_ms"),
                 "kernels": r["profile"].get("kernels"), "named": len(r["profile"]["top_ops"])}
             for k, r in (("base", base), ("new", new))}
