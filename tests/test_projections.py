@@ -14,14 +14,9 @@ def _separate(x, *linears):
     return tuple(lin(x) for lin in linears)
 
 
-def test_joint_linear_equals_the_separate_projections_forward_and_backward():
-    torch.manual_seed(0)
-    linears = [nn.Linear(12, 8, bias=False), nn.Linear(12, 3, bias=True), nn.Linear(12, 5, bias=False)]
-    x = torch.randn(2, 7, 12, requires_grad=True)
-    got = joint_linear(x, *linears)
-    # one GEMM: the parts are column slices of one output
-    assert [p.shape for p in got] == [(2, 7, 8), (2, 7, 3), (2, 7, 5)]
-    assert len({p.untyped_storage().data_ptr() for p in got}) == 1
+def _assert_equal_to_separate(x, linears, got):
+    """``got`` (joint_linear's parts) equal the separate projections, and so do the gradients of x and of
+    every parameter."""
     want = _separate(x, *linears)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
@@ -30,6 +25,17 @@ def test_joint_linear_equals_the_separate_projections_forward_and_backward():
     w = torch.autograd.grad(sum((p * (i + 1)).square().sum() for i, p in enumerate(want)), params)
     for a, b in zip(g, w):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_joint_linear_equals_the_separate_projections_forward_and_backward():
+    torch.manual_seed(0)
+    linears = [nn.Linear(12, 8, bias=False), nn.Linear(12, 3, bias=True), nn.Linear(12, 5, bias=False)]
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    got = joint_linear(x, *linears)
+    # one GEMM: the parts are column slices of one output
+    assert [p.shape for p in got] == [(2, 7, 8), (2, 7, 3), (2, 7, 5)]
+    assert len({p.untyped_storage().data_ptr() for p in got}) == 1
+    _assert_equal_to_separate(x, linears, got)
     assert joint_linear(x, linears[1])[0].shape == (2, 7, 3)
     with pytest.raises(ValueError, match="at least one"):
         joint_linear(x)
@@ -48,14 +54,7 @@ def test_the_joint_output_rows_are_padded_to_an_aligned_stride(bias):
     got = joint_linear(x, *linears)
     assert ALIGN == 16 and len(got) == 3 and [p.shape[-1] for p in got] == [8, 3, 6]
     assert all(p.stride() == (7 * 32, 32, 1) for p in got)
-    want = _separate(x, *linears)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    params = [x] + [p for lin in linears for p in lin.parameters()]
-    g = torch.autograd.grad(sum((p * (i + 1)).square().sum() for i, p in enumerate(got)), params)
-    w = torch.autograd.grad(sum((p * (i + 1)).square().sum() for i, p in enumerate(want)), params)
-    for a, b in zip(g, w):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    _assert_equal_to_separate(x, linears, got)
 
 
 def test_kda_at_medium_width_reads_its_qkv_at_an_aligned_stride():
