@@ -77,7 +77,9 @@ def grouped_swiglu(
     tokens per expert; w_gate, w_up: ``[E, h, d]``; w_down: ``[E, d, h]``. Returns ``[N, d]``.
     ``use_grouped_mm``: None picks ``torch._grouped_mm`` where it runs (CUDA, bf16, sm90+). The gate and up
     projections run as one grouped GEMM over their weights side by side (``[E, 2h, d]``): ``x`` read once,
-    one input-gradient GEMM in backward instead of two and the sum of their ``[N, d]`` outputs.
+    one input-gradient GEMM in backward instead of two and the sum of their ``[N, d]`` outputs; in eager
+    mode on CUDA the activation runs on that joint output as one Triton kernel each way
+    (:func:`attnres.model.moe_kernels.packed_swiglu`).
     """
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         # bf16-mixed training: fp32 weights and residual stream; compute in autocast's dtype, as
@@ -89,8 +91,13 @@ def grouped_swiglu(
     if use_grouped_mm:
         offs = counts.cumsum(0).to(torch.int32)
         w_gate_up = torch.cat([w_gate, w_up], dim=1)
-        gate, up = torch._grouped_mm(x, w_gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)
+        gate_up = torch._grouped_mm(x, w_gate_up.transpose(-2, -1), offs=offs)
+        if not torch.compiler.is_compiling() and _triton_takes(gate_up):  # eager: one Triton kernel each way
+            act = moe_kernels.packed_swiglu(gate_up)
+        else:  # Inductor fuses the same
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return torch._grouped_mm(act, w_down.transpose(-2, -1), offs=offs)
     # unbind once: indexing w[e] per expert would give every expert a full-size [E, ...] gradient buffer
     gates, ups, downs = w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0)
     pieces = []

@@ -256,6 +256,31 @@ def test_moe_dispatch_and_combine_on_cuda_in_bf16_equal_the_definition(k):
     assert err_ratio(gw, gw_ref) < 1e-2, err_ratio(gw, gw_ref)
 
 
+def test_eager_grouped_experts_with_the_packed_swiglu_equal_the_expert_loop():
+    # eager on CUDA (sm90+) the routed experts run two grouped GEMMs with attnres.model.moe_kernels'
+    # packed SwiGLU between them; against the per-expert loop of plain GEMMs (same bf16 inputs), values
+    # and the gradients of x and of the three weights
+    if not SM90:
+        pytest.skip("torch._grouped_mm needs sm90+")
+    from attnres.model.moe import grouped_swiglu
+
+    torch.manual_seed(0)
+    E, d, h, n = 8, 256, 384, 3000
+    counts = torch.bincount(torch.randint(0, E, (n,), device=DEV), minlength=E)
+    counts[3] = 0  # an expert without tokens
+    n = int(counts.sum())
+    args = [torch.randn(n, d, device=DEV), torch.randn(E, h, d, device=DEV) / d**0.5,
+            torch.randn(E, h, d, device=DEV) / d**0.5, torch.randn(E, d, h, device=DEV) / h**0.5]
+    args = [a.bfloat16().requires_grad_() for a in args]
+    ref_args = [a.detach().clone().requires_grad_() for a in args]
+    y = grouped_swiglu(args[0], counts, *args[1:], use_grouped_mm=True)
+    y_ref = grouped_swiglu(ref_args[0], counts, *ref_args[1:], use_grouped_mm=False)
+    assert y.dtype == torch.bfloat16 and err_ratio(y, y_ref) < 1e-2, err_ratio(y, y_ref)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, args, g), torch.autograd.grad(y_ref, ref_args, g)):
+        assert err_ratio(a, b) < 2e-2, err_ratio(a, b)
+
+
 @pytest.mark.parametrize("name", ["small", "medium"])
 def test_preset_trains_one_bf16_step_on_gpu(name):
     """The full-size preset (fla KDA, SDPA MLA, grouped-GEMM MoE on sm90+) in bf16: finite loss and
