@@ -1,4 +1,5 @@
-"""The MoE's gathers into and out of the expert order as Triton kernels, for the eager path on CUDA.
+"""The eager MoE's memory-bound steps as Triton kernels, on CUDA: the gathers into and out of the expert
+order, and the routed experts' SwiGLU.
 
 Two reductions over the ``k`` rows a token's slots point at, each one pass over the rows at the copy
 bandwidth (no ``[N, k, d]`` temporary), accumulated in fp32:
@@ -13,10 +14,10 @@ computed in fp32 (torch's eager ops on the two column views ran non-vectorised s
 concatenated the two gradients: ~17 ms of `medium`'s eager step on an H100, session 22's profile, against
 a traffic floor of ~6.5 ms).
 
-Why not torch's own: ``F.embedding_bag`` computes the first, but on an H100 its CUDA kernel ran at ~19 %
-of the copy bandwidth (66 ms over `medium`'s 69 calls a step, session 22), and the kernel behind its
-per-sample-weight gradient has no bf16; a gather plus a batched matmul runs the matmul as cuBLAS gemv
-(~25 %). Under ``torch.compile`` Inductor generates the equivalent fused kernel from the plain code
+Why not torch's own gathers: ``F.embedding_bag`` computes the first, but on an H100 its CUDA kernel ran
+at ~19 % of the copy bandwidth (66 ms over `medium`'s 69 calls a step, session 22), and the kernel behind
+its per-sample-weight gradient has no bf16; a gather plus a batched matmul runs the matmul as cuBLAS
+gemv (~25 %). Under ``torch.compile`` Inductor generates the equivalent fused kernel from the plain code
 (``attnres.model.moe``), so these are for eager mode only.
 """
 
@@ -63,7 +64,7 @@ def _kernels():
 
     @triton.jit
     def row_dots_kernel(src, index, vec, out, src_stride, vec_stride, d: tl.constexpr, K: tl.constexpr,
-                         K_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+                        K_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         slots = tl.arange(0, K_PAD)
         live = slots < K
