@@ -288,10 +288,10 @@ def test_router_logits_equal_the_fp32_linear_and_keep_no_fp32_copy_of_the_input(
 
 
 def test_eager_dispatch_and_combine_gather_and_sum_in_one_embedding_bag_each(monkeypatch):
-    # eager, each gather-and-sum is one embedding_bag (gather, weigh, sum in one kernel): the combine's
-    # forward, its dy, and the dispatch's backward; dw one per-row-dot kernel; no [N, k, d] temporary and no
-    # gemv (session 21's medium profile: the batched-matmul combine ran as cuBLAS gemv at ~25 % of the copy
-    # bandwidth)
+    # eager off CUDA, each gather-and-sum is one embedding_bag (gather, weigh, sum in one kernel): the
+    # combine's forward, its dy, and the dispatch's backward; dw one per-row-dot kernel; no [N, k, d]
+    # temporary and no batched matmul (on CUDA the same four run as attnres.model.moe_kernels' Triton
+    # kernels: tests/test_moe_kernels.py)
     from attnres.model.moe import _Combine, _Dispatch
 
     calls = []
