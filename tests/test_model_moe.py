@@ -336,3 +336,22 @@ def test_row_dots_without_the_per_sample_kernel_equal_it_and_bf16_cuda_goes_with
     cuda_bf16 = type("T", (), {"is_cuda": True, "dtype": torch.bfloat16})()
     cuda_f16 = type("T", (), {"is_cuda": True, "dtype": torch.float16})()
     assert not moe._per_sample_kernel_takes(cuda_bf16) and moe._per_sample_kernel_takes(cuda_f16)
+
+
+@pytest.mark.parametrize("capability, takes", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_the_eager_moe_runs_its_triton_kernels_on_sm80_and_newer_only(monkeypatch, capability, takes):
+    # Triton compiles bf16 only on sm80+: older GPUs (T4, V100) keep torch's ops; the dtype must be one
+    # that fp32 sums cover
+    from attnres.model import moe, moe_kernels
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(moe_kernels, "available", lambda: True)
+    moe_kernels.capable.cache_clear()
+    try:
+        fake = type("T", (), {"is_cuda": True, "dtype": torch.bfloat16, "device": torch.device("cuda", 0)})()
+        assert moe._triton_takes(fake) is takes
+        fake.dtype = torch.float64
+        assert not moe._triton_takes(fake)
+        assert not moe._triton_takes(torch.empty(2, dtype=torch.bfloat16))  # a CPU tensor
+    finally:
+        moe_kernels.capable.cache_clear()

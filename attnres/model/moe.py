@@ -165,10 +165,10 @@ def _row_dots(src: Tensor, index: Tensor, vec: Tensor) -> Tensor:
 
 
 def _triton_takes(src: Tensor) -> bool:
-    """Whether the eager gathers run :mod:`attnres.model.moe_kernels` (CUDA, triton, a dtype that fp32
-    accumulation covers)."""
+    """Whether the eager MoE runs :mod:`attnres.model.moe_kernels` on ``src``: CUDA with triton, a dtype that
+    fp32 accumulation covers, and an sm80+ GPU (Triton's bf16)."""
     narrow = src.dtype in (torch.bfloat16, torch.float16, torch.float32)
-    return src.is_cuda and narrow and moe_kernels.available()
+    return src.is_cuda and narrow and moe_kernels.available() and moe_kernels.capable(src.device)
 
 
 def _per_sample_kernel_takes(src: Tensor) -> bool:

@@ -29,7 +29,7 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["available", "gather_sum", "packed_swiglu", "row_dots"]
+__all__ = ["available", "capable", "gather_sum", "packed_swiglu", "row_dots"]
 
 
 @functools.cache
@@ -40,6 +40,13 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def capable(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU these kernels are for: compute capability 8.0 or newer (Triton compiles
+    bf16 only there; older GPUs keep torch's ops)."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 @functools.cache
