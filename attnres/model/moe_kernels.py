@@ -53,7 +53,7 @@ def capable(device: torch.device) -> bool:
 def _kernels():
     from attnres.model import moe_triton as k
 
-    return k.gather_sum_kernel, k.row_dots_kernel, k.swiglu_fwd_kernel, k.swiglu_bwd_kernel
+    return k.moe_gather_sum_kernel, k.moe_row_dots_kernel, k.moe_swiglu_fwd_kernel, k.moe_swiglu_bwd_kernel
 
 
 def _tiles(k: int, d: int) -> tuple[int, int]:

@@ -6,8 +6,8 @@ import triton.language as tl
 
 
 @triton.jit
-def gather_sum_kernel(src, index, weights, out, src_stride, out_stride, d: tl.constexpr,
-                      K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr, HAS_W: tl.constexpr):
+def moe_gather_sum_kernel(src, index, weights, out, src_stride, out_stride, d: tl.constexpr,
+                          K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr, HAS_W: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     slots = tl.arange(0, K_PAD)
@@ -22,8 +22,8 @@ def gather_sum_kernel(src, index, weights, out, src_stride, out_stride, d: tl.co
 
 
 @triton.jit
-def row_dots_kernel(src, index, vec, out, src_stride, vec_stride, d: tl.constexpr, K: tl.constexpr,
-                    K_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+def moe_row_dots_kernel(src, index, vec, out, src_stride, vec_stride, d: tl.constexpr, K: tl.constexpr,
+                        K_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slots = tl.arange(0, K_PAD)
     live = slots < K
@@ -51,16 +51,16 @@ def swiglu_tile(gu, M, gu_stride, h: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def swiglu_fwd_kernel(gu, out, M, gu_stride, out_stride, h: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_H: tl.constexpr):
+def moe_swiglu_fwd_kernel(gu, out, M, gu_stride, out_stride, h: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_H: tl.constexpr):
     rows, cols, m, g, u = swiglu_tile(gu, M, gu_stride, h, BLOCK_M, BLOCK_H)
     y = g * tl.sigmoid(g) * u
     tl.store(out + rows[:, None] * out_stride + cols[None, :], y.to(out.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def swiglu_bwd_kernel(gu, dout, dgu, M, gu_stride, dout_stride, dgu_stride, h: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def moe_swiglu_bwd_kernel(gu, dout, dgu, M, gu_stride, dout_stride, dgu_stride, h: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     rows, cols, m, g, u = swiglu_tile(gu, M, gu_stride, h, BLOCK_M, BLOCK_H)
     dy = tl.load(dout + rows[:, None] * dout_stride + cols[None, :], mask=m, other=0.0).to(tl.float32)
     sg = tl.sigmoid(g)

@@ -281,6 +281,35 @@ def test_eager_grouped_experts_with_the_packed_swiglu_equal_the_expert_loop():
         assert err_ratio(a, b) < 2e-2, err_ratio(a, b)
 
 
+def test_an_eager_moe_step_runs_the_triton_kernels_and_no_embedding_bag_or_gemv():
+    # the kernels an eager bf16 MoE forward + backward launches (sm90+: grouped GEMMs; the shared expert on
+    # fla's swiglu_linear): the four Triton kernels of attnres.model.moe_kernels, and none of what they
+    # replaced (session 22's profile: embedding_bag 66 ms, cuBLAS gemv for the batched [k, d] products,
+    # torch's strided silu kernels)
+    if not SM90:
+        pytest.skip("the grouped-GEMM experts need sm90+")
+    from torch.profiler import ProfilerActivity, profile
+
+    from attnres.model.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(256, num_experts=8, top_k=4, expert_dim=384, backend="fla").to(DEV)
+    x = torch.randn(2, 512, 256, device=DEV, requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        moe(x)[0].float().square().mean().backward()  # compile the Triton kernels outside the profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            moe(x)[0].float().square().mean().backward()
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages()}
+    for kernel in ("moe_gather_sum_kernel", "moe_row_dots_kernel", "moe_swiglu_fwd_kernel",
+                   "moe_swiglu_bwd_kernel"):
+        assert any(kernel in n for n in names), (kernel, sorted(names))
+    banned = [n for n in names if "EmbeddingBag" in n or "gemv" in n.lower() or "silu" in n.lower()]
+    assert not banned, banned
+
+
 @pytest.mark.parametrize("name", ["small", "medium"])
 def test_preset_trains_one_bf16_step_on_gpu(name):
     """The full-size preset (fla KDA, SDPA MLA, grouped-GEMM MoE on sm90+) in bf16: finite loss and
