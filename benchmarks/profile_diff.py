@@ -3,8 +3,9 @@
     python -m benchmarks.profile_diff BASE.json NEW.json [--mode standard] [--variant eager] [--top 15]
 
 Takes from each file the first row with a profile (``--profile true`` or ``kernels``) that matches the
-filters, and prints its step time, device time and kernel count, then the kernels whose total time changed
-most (down, then up), with their call counts on each side. A kernel only in a file's 40 heaviest (files
+filters, and prints its step time, device time and kernel count, the device time per kernel family
+(``attnres.bench.timing.KERNEL_FAMILIES``), then the kernels whose total time changed most (down, then
+up), with their call counts on each side. A kernel only in a file's 40 heaviest (files
 written before session 21 keep only those) counts as absent from the other when missing there, so read
 small entries with care. ``--out FILE`` writes the same as JSON.
 """
@@ -15,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from attnres.bench.timing import kernel_families
 
 
 def profiled_row(path: str | Path, **match: str) -> dict[str, Any]:
@@ -39,10 +42,14 @@ def diff(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         changes.append({"kernel": name, "delta_ms": nm - bm, "base_ms": bm, "new_ms": nm,
                         "base_calls": bk.get("count", 0), "new_calls": nk.get("count", 0)})
     changes.sort(key=lambda c: (c["delta_ms"], c["kernel"]))
+    fb, fn = kernel_families(base["profile"]["top_ops"]), kernel_families(new["profile"]["top_ops"])
+    families = {f: {"base_ms": fb.get(f, 0.0), "new_ms": fn.get(f, 0.0),
+                    "delta_ms": round(fn.get(f, 0.0) - fb.get(f, 0.0), 3)}
+                for f in sorted(fb.keys() | fn.keys(), key=lambda f: -max(fb.get(f, 0.0), fn.get(f, 0.0)))}
     side = {k: {"step_ms": r["ms"], "device_ms": r["profile"].get("device_ms"),
                 "kernels": r["profile"].get("kernels"), "named": len(r["profile"]["top_ops"])}
             for k, r in (("base", base), ("new", new))}
-    return {**side, "changes": changes}
+    return {**side, "families": families, "changes": changes}
 
 
 def table(d: dict[str, Any], top: int) -> str:
@@ -51,6 +58,9 @@ def table(d: dict[str, Any], top: int) -> str:
         s = d[k]
         lines.append(f"{k:6}{s['step_ms']:10.2f}{s['device_ms'] or 0:11.2f}{s['kernels'] or 0:9d}"
                      f"{s['named']:7d}")
+    lines.append(f"{'family':<38}{'base':>9}{'new':>9}{'change':>9}")
+    for f, v in d["families"].items():
+        lines.append(f"{f:<38}{v['base_ms']:9.2f}{v['new_ms']:9.2f}{v['delta_ms']:+9.2f}")
     ch = d["changes"]
     picked = ch[:top] + [None] + [c for c in ch[-top:] if c not in ch[:top]]
     lines.append(f"{'change':>9}{'base':>9}{'new':>9}{'calls':>12}  kernel")

@@ -656,8 +656,39 @@ def test_profile_diff_lines_up_two_profiles_kernel_by_kernel(tmp_path, capsys):
     assert [(c["kernel"], c["delta_ms"], c["base_calls"], c["new_calls"]) for c in d["changes"]] == [
         ("gather", -2.5, 3, 0), ("gemm", 0.5, 2, 2), ("triton_gather", 0.5, 0, 3)]
     assert d["base"] == {"step_ms": 10.0, "device_ms": 9.0, "kernels": 10, "named": 2}
+    assert d["families"] == {"GEMM": {"base_ms": 4.0, "new_ms": 4.5, "delta_ms": 0.5},  # largest first
+                             "other": {"base_ms": 2.5, "new_ms": 0.0, "delta_ms": -2.5},
+                             "Inductor": {"base_ms": 0.0, "new_ms": 0.5, "delta_ms": 0.5}}  # triton_*
+    assert list(d["families"]) == ["GEMM", "other", "Inductor"]
     assert json.loads((tmp_path / "d.json").read_text()) == d
     out = capsys.readouterr().out
     assert "   -2.50     2.50     0.00        3->0  gather" in out
     with pytest.raises(SystemExit, match="no profiled row"):
         profile_diff.main([str(tmp_path / "b.json"), str(tmp_path / "n.json"), "--mode", "block"])
+
+
+def test_kernel_families_sort_a_profiles_kernels_by_where_they_come_from():
+    # every kernel to its first matching family (real names from session 22's H100 profiles), the rest
+    # "other"; device ms summed per family, largest first
+    from attnres.bench.timing import kernel_families
+
+    names = {
+        "chunk_kda_bwd_kernel_intra": "fla KDA", "recompute_w_u_fwd_kda_kernel": "fla KDA",
+        "causal_conv1d_fwd_kernel": "fla norms, conv, SwiGLU, loss", "layer_norm_bwd_kernel_row":
+        "fla norms, conv, SwiGLU, loss", "moe_gather_sum_kernel": "MoE Triton (ours)",
+        "void attnres_cuda::p1_bwd_coef_kernel<__nv_bfloat16, 8, 4, 1, true>(attnres_cuda::P1BwdArgs)":
+        "depth attention (ours)",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention (SDPA)",
+        "_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6kernel13GemmUniversal"
+        "INS5_17GroupProblemShapeIN4cu": "grouped GEMM",
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "GEMM",
+        "triton_poi_fused_cat_mul_silu_silu_backward_split_7": "Inductor",
+        "void at::native::vectorized_gather_kernel<16, long>(char*, char*, long*, int, long, long, long,"
+        " long, bool)": "torch elementwise, copies, gathers",
+        "something_else": "other",
+    }
+    for i, (name, family) in enumerate(names.items()):
+        assert kernel_families([{"op": name, "count": 1, "self_ms": 1.0 + i}]) == {family: 1.0 + i}, name
+    ops = [{"op": n, "count": 1, "self_ms": 1.0} for n in names]
+    fam = kernel_families(ops)
+    assert list(fam)[:2] == ["fla KDA", "fla norms, conv, SwiGLU, loss"] and sum(fam.values()) == len(names)

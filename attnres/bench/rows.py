@@ -61,6 +61,10 @@ class Run:
             phases = ", ".join(f"{k} {v:.1f} s" for k, v in list(row["compile_breakdown_s"].items())[:4])
             extra += f" (first call {row.get('first_call_s', 0):.1f} s: {phases})"
         print(f"[e2e] {line}: {extra}", flush=True)
+        families = (row.get("profile") or {}).get("families")
+        if ok and families:  # where the profiled step's device time went, by kernel family
+            print("[e2e]   device ms by kernel family: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in families.items()), flush=True)
         self.flush()
         return row
 

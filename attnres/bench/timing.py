@@ -200,6 +200,32 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict[str, Any]:
             "matmul_tflops": 2 * n**3 / (mm * 1e-3) / 1e12, "copy_bytes": 2 * nbytes, "copy_gbps": copy_gbps}
 
 
+# Kernel families of a profile, first match wins (profile_step's "categories"; benchmarks/profile_diff.py).
+KERNEL_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("depth attention (ours)", ("attnres_cuda::", "attnres::")),
+    ("MoE Triton (ours)", ("moe_gather_sum", "moe_row_dots", "moe_swiglu")),
+    ("fla KDA", ("chunk_kda", "chunk_gated_delta", "recompute_w_u", "chunk_gla", "kda_", "chunk_local_cumsum",
+                 "fused_recurrent")),
+    ("fla norms, conv, SwiGLU, loss", ("layer_norm", "l2norm", "causal_conv1d", "swiglu", "cross_entropy")),
+    ("attention (SDPA)", ("sdpa", "flash", "fmha", "cudnn")),
+    ("grouped GEMM", ("GroupProblemShape",)),
+    ("GEMM", ("nvjet", "gemm", "gemv", "xmma", "cutlass", "splitKreduce")),
+    ("Inductor", ("triton_",)),
+    ("torch elementwise, copies, gathers", ("at::native", "at_cuda_detail", "cub::")),
+)
+
+
+def kernel_families(top_ops: list[dict[str, Any]]) -> dict[str, float]:
+    """Device ms per kernel family (:data:`KERNEL_FAMILIES`, the rest "other") of a profile's ``top_ops``,
+    largest first."""
+    out: dict[str, float] = {}
+    for op in top_ops:
+        name = op["op"]
+        family = next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other")
+        out[family] = out.get(family, 0.0) + float(op["self_ms"])
+    return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
 def profile_step(
     fn: Callable[[], object], device: torch.device, top: int | None = None, cpu_ops: bool = True
 ) -> dict[str, Any]:
@@ -209,7 +235,8 @@ def profile_step(
     the kernels only, ranked by kernel name, without the CPU-side operators (whose events, tens of
     thousands in a large model's step, take the profiler minutes to parse); then ``attnres_ops`` is empty
     (an operator name is a CPU event). Every kernel is kept there (a few hundred names; session 21's
-    40 left a sixth of a `medium` step's device time unnamed, which hid what Block AttnRes changes)."""
+    40 left a sixth of a `medium` step's device time unnamed, which hid what Block AttnRes changes).
+    ``families``: the top ops' device ms per kernel family (:func:`kernel_families`)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = ([ProfilerActivity.CPU] if cpu_ops or device.type != "cuda" else []) + (
@@ -231,16 +258,19 @@ def profile_step(
         top = len(avgs) if ProfilerActivity.CPU not in acts else 40
     ranked = sorted(avgs, key=dev_self if device.type == "cuda" else (lambda e: e.self_cpu_time_total),
                     reverse=True)
+    top_ops = [
+        {"op": e.key, "count": e.count, "self_ms": round((dev_self(e) if device.type == "cuda"
+                                                          else e.self_cpu_time_total) / 1e3, 4)}
+        for e in ranked[:top]
+    ]
     return {
         "recorded": ("kernels" if ProfilerActivity.CPU not in acts
                      else "operators and kernels" if ProfilerActivity.CUDA in acts else "operators"),
         "kernels": len(on_device),
         "device_ms": round(sum(float(e.time_range.elapsed_us()) for e in on_device) / 1e3, 4),
-        "top_ops": [
-            {"op": e.key, "count": e.count, "self_ms": round((dev_self(e) if device.type == "cuda"
-                                                              else e.self_cpu_time_total) / 1e3, 4)}
-            for e in ranked[:top]
-        ],
+        "top_ops": top_ops,
+        # kernel families (kernel-only profiles name every kernel; else the 40 heaviest operators)
+        "families": kernel_families(top_ops),
         "attnres_ops": [
             {"op": e.key, "count": e.count, "total_ms": round(dev_total(e) / 1e3, 4)}
             for e in avgs if e.key.startswith("attnres::")
