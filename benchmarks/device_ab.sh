@@ -14,6 +14,7 @@
 #   3. E2E_SHAPES given (e.g. '[small]'): `bench e2e` training rows, standard and Block, base then new
 #      (AB_MODES default '[standard,block]', AB_VARIANTS default '[eager]'; AB_BATCH: the bench's --batch;
 #      AB_PROFILE: its --profile, default true; `kernels` for large shapes such as medium);
+#      AB_E2E_SIDES: "new" (or "base") runs one side's rows only, e.g. compiled rows whose base is known;
 #      AB_TESTS (step 1): 0 none, 1 (default) the CUDA op tests, else the GPU tests to run, groups of pytest
 #      arguments separated by ';' as device_presets.sh's PRESETS_TESTS). ROUNDS 0 skips step 2: an A/B of
 #      Python changes only (copy .devbuild to .devbuild_old when csrc/ is the same). With profiles, each
@@ -26,15 +27,19 @@ E2E=${2:-}
 TOTAL=${AB_TOTAL_S:-560}
 T0=$(date +%s)
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
-[[ -d .old/attnres && -f .devbuild_old/_C.abi3.so.xz ]] || { echo "no base: .old/ and .devbuild_old/ are needed"; exit 2; }
+need_base=1; [[ ${ROUNDS} == 0 && ( -z $E2E || ${AB_E2E_SIDES:-base new} != *base* ) ]] && need_base=0
+[[ $need_base == 0 || ( -d .old/attnres && -f .devbuild_old/_C.abi3.so.xz ) ]] \
+  || { echo "no base: .old/ and .devbuild_old/ are needed"; exit 2; }
 install_wheels
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor"
 seed_triton_cache  # (also sets TRITON_CACHE_DIR)
 fresh=0
 extension_carried_or_wheel || exit 1
-xz -dc .devbuild_old/_C.abi3.so.xz >.old/attnres/_C.abi3.so && cp .devbuild_old/_build_info.json .old/attnres/
-(cd .old && python3 -c "from attnres import ops; print('base: depth ops on cuda:', ops.backend('cuda'))")
+if [[ $need_base == 1 ]]; then
+  xz -dc .devbuild_old/_C.abi3.so.xz >.old/attnres/_C.abi3.so && cp .devbuild_old/_build_info.json .old/attnres/
+  (cd .old && python3 -c "from attnres import ops; print('base: depth ops on cuda:', ops.backend('cuda'))")
+fi
 python3 -c "from attnres import ops; print('new:  depth ops on cuda:', ops.backend('cuda'))"
 if [[ "${AB_TESTS:-1}" != 0 && "${AB_TESTS:-1}" != 1 ]]; then
   gpu_tests "${AB_TEST_S:-200}" 90 "$AB_TESTS"  # groups of pytest arguments separated by ';'
@@ -67,8 +72,9 @@ res = compare_ops_runs(sorted(glob.glob(f"{d}/base_*.json")), sorted(glob.glob(f
 json.dump(res, open(f"{d}/compare.json", "w"), indent=1)
 PY
 if [[ -n "$E2E" ]]; then
-  for side in base new; do
-    div=1; [[ $side == base ]] && div=2
+  sides=${AB_E2E_SIDES:-base new}
+  for side in $sides; do
+    div=1; [[ $side == base && $sides == *new* ]] && div=2
     budget=$(( ($(left) - 30) / div ))
     (( budget > 60 )) || { echo "e2e $side: out of time"; continue; }
     dir=.; [[ $side == base ]] && dir=.old
