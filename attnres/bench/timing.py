@@ -200,7 +200,7 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict[str, Any]:
             "matmul_tflops": 2 * n**3 / (mm * 1e-3) / 1e12, "copy_bytes": 2 * nbytes, "copy_gbps": copy_gbps}
 
 
-# Kernel families of a profile, first match wins (profile_step's "categories"; benchmarks/profile_diff.py).
+# Kernel families of a profile, first match wins (profile_step's "families"; benchmarks/profile_diff.py).
 KERNEL_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("depth attention (ours)", ("attnres_cuda::", "attnres::")),
     ("MoE Triton (ours)", ("moe_gather_sum", "moe_row_dots", "moe_swiglu")),

@@ -490,6 +490,12 @@ def diff_cell(base: list[float], other: list[float]) -> str:
     return f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
 
 
+def by_seed(rates: dict[float, list[dict[str, Any]]], key: str) -> dict[float, dict[int, float]]:
+    """``{lr: {seed: run[key]}}`` from ``{lr: [run, ...]}``: what :func:`stats.best_rate` compares on the
+    seeds every rate has."""
+    return {lr: {r["seed"]: r[key] for r in rs} for lr, rs in rates.items()}
+
+
 def best_rate_groups(runs: list[dict[str, Any]], tag: str) -> tuple[dict, list[str]]:
     """Each (size, mode) at its own best rate (issue 25: every mode tuned): the groups ``group`` would
     give, but with the runs of the rate of lowest mean loss among the sweeps tagged ``tag`` and
@@ -501,7 +507,7 @@ def best_rate_groups(runs: list[dict[str, Any]], tag: str) -> tuple[dict, list[s
     lay = Layout()
     for key, rates in sorted(by.items(), key=lambda kv: (in_order(kv[0][0], lay.scaling_models),
                                                             in_order(kv[0][1], lay.scaling_modes))):
-        best = stats.best_rate({lr: {r["seed"]: r["val_loss"] for r in rs} for lr, rs in rates.items()})
+        best = stats.best_rate(by_seed(rates, "val_loss"))
         groups[key] = sorted(rates[best["best"]], key=lambda r: r["seed"])
         rows.append((key, best))
     if not rows:
@@ -527,8 +533,7 @@ def lr_sweep(runs: list[dict[str, Any]], tag: str) -> list[str]:
     """Per (size, mode), the final validation loss at each rate of the sweeps tagged ``tag`` and
     ``tag-lr<scale>`` (complete runs, mean ± std over seeds), the best rate and whether it sits at the
     sweep's edge (``stats.best_rate``)."""
-    by = {k: {lr: {r["seed"]: r["val_loss"] for r in rs} for lr, rs in v.items()}
-          for k, v in by_rate(runs, tag).items()}
+    by = {k: by_seed(v, "val_loss") for k, v in by_rate(runs, tag).items()}
     if not by:
         return []
     lines = [f"### Learning-rate sweep (runs tagged {tag})", "",
@@ -768,8 +773,7 @@ def audit_best_rates(rated: dict, tag: str) -> list[str]:
              "| size | model | best lr | rates tried | seeds | final val loss "
              "| − project standard at its best | hidden RMS last/first |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    losses_of = {k: {lr: {r["seed"]: r["loss"] for r in rs} for lr, rs in rates.items()}
-                 for k, rates in rated.items()}
+    losses_of = {k: by_seed(rates, "loss") for k, rates in rated.items()}
     at_best = {k: (p := stats.best_rate(losses_of[k]), rates[p["best"]]) for k, rates in rated.items()}
     for model in sorted({m for m, src, _ in rated if src == "audit"},
                         key=lambda m: in_order(m, Layout().scaling_models)):

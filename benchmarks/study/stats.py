@@ -112,13 +112,12 @@ def best_rate(losses: Mapping[float, Sequence[float] | Mapping[int, float]]) -> 
         raise ValueError("no learning rates")
     by = {float(lr): v for lr, v in sorted(losses.items())}
     means = {lr: float(np.mean(list(v.values()) if isinstance(v, Mapping) else v)) for lr, v in by.items()}
-    judged, common = means, None
+    common = None
     if all(isinstance(v, Mapping) for v in by.values()):
-        common = sorted(set.intersection(*(set(v) for v in by.values())))
-        if common and any(len(v) > len(common) for v in by.values()):
-            judged = {lr: float(np.mean([v[k] for k in common])) for lr, v in by.items()}
-        else:
-            common = None
+        shared = sorted(set.intersection(*(set(v) for v in by.values())))
+        if shared and any(len(v) > len(shared) for v in by.values()):
+            common = shared
+    judged = means if common is None else {lr: float(np.mean([v[k] for k in common])) for lr, v in by.items()}
     best = min(judged, key=judged.get)
     edge = len(means) > 1 and best in (min(means), max(means))
     out = {"best": best, "means": means, "at_edge": edge, "points": len(means)}
