@@ -253,6 +253,23 @@ def test_mixed_precision_autocast_keeps_the_stream_in_the_embedding_dtype(mode, 
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
 
 
+def test_block_partial_sums_of_bf16_outputs_are_exact_fp32_sums_with_bf16_gradients():
+    """The partial summary of an fp32 stream adds bf16 outputs by promotion (no cast kernel first): the
+    same fp32 values as casting each output, the stream's dtype, and each output's gradient in bf16."""
+    torch.manual_seed(0)
+    res = make_residual("block", D, 4, num_blocks=1)
+    state = res.begin(torch.randn(2, 3, D))
+    vs = [torch.randn(2, 3, D).bfloat16().requires_grad_() for _ in range(3)]
+    for i, v in enumerate(vs):
+        res.output(state, i, v)
+    assert state.partial.dtype == torch.float32
+    assert torch.equal(state.partial, vs[0].float() + vs[1].float() + vs[2].float())
+    (state.partial * torch.arange(D, dtype=torch.float32)).sum().backward()
+    for v in vs:
+        assert v.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(v.grad, torch.arange(D, dtype=torch.bfloat16).expand(2, 3, D))
+
+
 @pytest.mark.parametrize("mode,num_blocks", [("full", 6), ("block", 2)])
 def test_query_cache_computes_each_query_once_and_changes_nothing(mode, num_blocks):
     torch.manual_seed(0)
