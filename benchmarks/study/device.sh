@@ -15,9 +15,9 @@
 # $OUT/study_<sweep>.tgz (one file: the device returns at most 8) and copies the console log, and
 # Triton's autotune results into $OUT/triton_autotune.tgz (unpack into .cache/ and carry .cache/triton).
 # STUDY_AUDIT="s:plain:0 s:block:0 ..." trains benchmarks/study/audit.py's reference runs
-# (model:residual:seed), one after another, beside the sweep on the same GPU (12 GiB kept for them
-# unless STUDY_MEMORY_GB is given); on the package corpus when .cache/corpus is carried (run ids end
-# in -pk); their JSONs go into the same archive.
+# (model:residual:seed[:extra,audit.py,arguments]), one after another, beside the sweep on the same GPU
+# (12 GiB kept for them unless STUDY_MEMORY_GB is given); on the package corpus when .cache/corpus is
+# carried (run ids end in -pk); their JSONs go into the same archive.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../device_common.sh"
 SWEEP=${1:?usage: device.sh SWEEP [RUN_IDS] [BUDGET_S]}
@@ -40,14 +40,16 @@ left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 # the audit's reference runs, one at a time, until the budget ends (a run cut by it keeps its validations
 # so far in its JSON, status "cut")
 audit_runs() {
-  local spec model residual seed
+  local spec model residual seed log
   [[ -f .cache/corpus/shards/meta.json ]] && export AUDIT_DATA=pk
   for spec in $STUDY_AUDIT; do
     IFS=: read -r model residual seed <<<"$spec"
     (( $(left) > 90 )) || { echo "=== audit $spec: not started, $(left) s left"; continue; }
     echo "=== audit $spec ($(left) s left)"
+    # seed may carry audit.py's extra arguments (m:plain:0:--lr,0.003,--tag,pk-lr2): audit_run's log name
+    log="$model:reference:$residual:$seed"; log=${log//:/_}
     audit_run "$model:reference:$residual:$seed" $(( $(left) - 30 ))
-    echo "=== audit $spec exit $? ($(grep -h 'final val\|CUT' "$OUT/logs/audit_${model}_reference_${residual}_$seed.log" | tail -1))"
+    echo "=== audit $spec exit $? ($(grep -h 'final val\|CUT' "$OUT/logs/audit_${log//,/_}.log" | tail -1))"
   done
 }
 
