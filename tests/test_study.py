@@ -212,6 +212,28 @@ def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
     assert f"| tiny | standard | {2 * lr:g} | 3 | complete | 4 | 9.5000 | {at2:.4f} | 2 |" in tables
 
 
+def test_scaling_fits_every_mode_on_the_sizes_every_mode_has(tmp_path):
+    """A size only one mode has (xs at one rate, say) stays in the table and out of the laws: laws over
+    different sizes do not compare, and the compute-equivalence uses the shared sizes only."""
+
+    def rec(model, mode, c, loss):
+        return dict(model=model, residual=mode, compute_flops=c, val_loss=loss, num_layers=2, dim=8,
+                    params=1e6, active_params=5e5, tokens_per_s=1.0, wall_s=1.0)
+
+    laws = {"standard": 1.0, "block4": 0.98}
+    groups = {(m, mode): [rec(m, mode, c, 2.0 * c**-0.05 * k)]
+              for m, c in (("syn0", 1e15), ("syn1", 4e15)) for mode, k in laws.items()}
+    groups[("syn2", "block4")] = [rec("syn2", "block4", 1.6e16, 9.0)]  # far off the law
+    lay = analyze.Layout(scaling_models=("syn0", "syn1", "syn2"), scaling_modes=("standard", "block4"))
+    lines, fits = analyze.scaling(groups, tmp_path, lay)
+    assert fits["standard"] == pytest.approx((2.0, -0.05), rel=1e-9)
+    assert fits["block4"] == pytest.approx((2.0 * 0.98, -0.05), rel=1e-9)
+    text = "\n".join(lines)
+    assert "Not in the fits (sizes not every mode has): syn2 (Block N=4)." in text
+    assert "| syn2 | 2 × 8 |" in text  # still in the loss table
+    assert f"{0.98 ** (1 / -0.05):.3f}" in text and "syn2, measured" not in text
+
+
 def test_power_law_fit_recovers_known_coefficients():
     c = np.geomspace(1e17, 1e21, 7)
     for a, b in [(1.891, -0.057), (1.870, -0.058), (12.0, -0.3)]:

@@ -130,7 +130,8 @@ def label(mode: str) -> str:
 
 
 def scaling(groups: dict, out: Path, lay: Layout) -> tuple[list[str], dict[str, tuple[float, float]]]:
-    """Figure and tables of part 1; returns (markdown lines, fits by mode)."""
+    """Figure and tables of part 1; returns (markdown lines, fits by mode). Every mode's law is fitted on
+    the sizes every mode has (the others stay in the loss table and the figure, named under the fits)."""
     points: dict[str, list[tuple[float, float, float | None, int, str]]] = defaultdict(list)
     for mode in lay.scaling_modes:
         for model in lay.scaling_models:
@@ -140,9 +141,13 @@ def scaling(groups: dict, out: Path, lay: Layout) -> tuple[list[str], dict[str, 
                 points[mode].append((rs[0]["compute_flops"], m, s, n, model))
     if not points:
         return [], {}
+    # every mode's law is fitted on the sizes every mode has: laws over different sizes do not compare
+    common = set.intersection(*({p[4] for p in pts} for pts in points.values()))
+    fitted = {mode: [p for p in pts if p[4] in common] for mode, pts in points.items()}
+    left_out = [f"{p[4]} ({label(mode)})" for mode, pts in points.items() for p in pts if p[4] not in common]
     fits = {
         mode: fit_power_law([p[0] for p in pts], [p[1] for p in pts])
-        for mode, pts in points.items()
+        for mode, pts in fitted.items()
         if len({p[0] for p in pts}) >= 2
     }
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -160,7 +165,8 @@ def scaling(groups: dict, out: Path, lay: Layout) -> tuple[list[str], dict[str, 
         )
         if mode in fits:
             a, b = fits[mode]
-            grid = np.geomspace(c.min() / 1.3, c.max() * 1.3, 50)
+            cf = np.array([p[0] for p in fitted[mode]])
+            grid = np.geomspace(cf.min() / 1.3, cf.max() * 1.3, 50)
             ax.plot(grid, a * grid**b, "-", color=COLORS.get(mode), label=f"{label(mode)}: {a:.3f}·C^{b:.4f}")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -191,17 +197,20 @@ def scaling(groups: dict, out: Path, lay: Layout) -> tuple[list[str], dict[str, 
                 f"({r0['active_params'] / 1e6:.1f}M) | {r0['compute_flops']:.3g} | {label(mode)} | {n} | "
                 f"{fmt(m, s)} | {tps:,.0f} | {wall:.0f} |"
             )
+    shared = [model for model in lay.scaling_models if model in common]
     seeds = {mode: {rs[0]["compute_flops"]: [r["val_loss"] for r in rs]
-                    for rs in (groups.get((model, mode), []) for model in lay.scaling_models) if rs}
+                    for rs in (groups.get((model, mode), []) for model in shared) if rs}
              for mode in points}
     if fits:
         lines += ["", f"| mode | a | b | b, {100 * stats.LEVEL:.0f} % interval (bootstrap over seeds) | "
                   "seeds per size | fitted on |", "|---|---:|---:|---|---|---|"]
         for mode, (a, b) in fits.items():
             ci = stats.power_law_interval(seeds[mode])
-            sizes = ", ".join(p[4] for p in points[mode])
+            sizes = ", ".join(p[4] for p in fitted[mode])
             lines.append(f"| {label(mode)} | {a:.4f} | {b:.5f} | [{ci['b_lo']:.5f}, {ci['b_hi']:.5f}] | "
                          f"{', '.join(map(str, ci['seeds_per_size']))} | {sizes} |")
+        if left_out:
+            lines.append(f"\nNot in the fits (sizes not every mode has): {', '.join(left_out)}.")
     base = fits.get("standard")
     if base is not None:
         lines += [
@@ -209,17 +218,17 @@ def scaling(groups: dict, out: Path, lay: Layout) -> tuple[list[str], dict[str, 
             "Compute-equivalence ratio vs the standard residual (the baseline's fitted law needs "
             "r × the compute to reach the variant's loss):",
             "",
-            "| mode | " + " | ".join(f"{p[4]}, measured" for p in points["standard"]) + " | fit, at C̄ |",
-            "|---|" + "---:|" * (len(points["standard"]) + 1),
+            "| mode | " + " | ".join(f"{p[4]}, measured" for p in fitted["standard"]) + " | fit, at C̄ |",
+            "|---|" + "---:|" * (len(fitted["standard"]) + 1),
         ]
-        c_bar = math.exp(np.mean(np.log([p[0] for p in points["standard"]])))
+        c_bar = math.exp(np.mean(np.log([p[0] for p in fitted["standard"]])))
         why = None
         for mode in lay.scaling_modes:
             if mode == "standard" or mode not in points:
                 continue
-            by_model = {p[4]: p for p in points[mode]}
+            by_model = {p[4]: p for p in fitted[mode]}
             cells = []
-            for p in points["standard"]:
+            for p in fitted["standard"]:
                 q = by_model.get(p[4])
                 if q is None:
                     cells.append("–")
