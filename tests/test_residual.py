@@ -255,7 +255,8 @@ def test_mixed_precision_autocast_keeps_the_stream_in_the_embedding_dtype(mode, 
 
 def test_block_partial_sums_of_bf16_outputs_are_exact_fp32_sums_with_bf16_gradients():
     """The partial summary of an fp32 stream adds bf16 outputs by promotion (no cast kernel first): the
-    same fp32 values as casting each output, the stream's dtype, and each output's gradient in bf16."""
+    same fp32 values as casting each output, the stream's dtype, and each output's gradient in bf16; a
+    wider output is rounded to the stream's dtype and added to the partial sum, not put in its place."""
     torch.manual_seed(0)
     res = make_residual("block", D, 4, num_blocks=1)
     state = res.begin(torch.randn(2, 3, D))
@@ -268,6 +269,13 @@ def test_block_partial_sums_of_bf16_outputs_are_exact_fp32_sums_with_bf16_gradie
     for v in vs:
         assert v.grad.dtype == torch.bfloat16
         torch.testing.assert_close(v.grad, torch.arange(D, dtype=torch.bfloat16).expand(2, 3, D))
+    # an output wider than the stream (fp32 into a bf16 stream) is rounded to it and still summed
+    state = res.begin(torch.randn(2, 3, D).bfloat16())
+    ws = [torch.randn(2, 3, D) for _ in range(3)]
+    for i, w in enumerate(ws):
+        res.output(state, i, w)
+    assert state.partial.dtype == torch.bfloat16
+    assert torch.equal(state.partial, ws[0].bfloat16() + ws[1].bfloat16() + ws[2].bfloat16())
 
 
 @pytest.mark.parametrize("mode,num_blocks", [("full", 6), ("block", 2)])

@@ -261,12 +261,11 @@ class BlockAttnRes(_AttnRes):
 
     def output(self, state: ResidualState, i: int, v: Tensor) -> None:
         dtype = state.sources[0].dtype  # the stream's (see _AttnRes)
-        if state.partial is not None and torch.promote_types(dtype, v.dtype) == dtype:
-            # one kernel: the add reads a bf16 v and writes the stream's dtype (a cast first would
-            # write and read v in fp32 once more: 2 fp32 [B, T, d] passes per sublayer under autocast)
-            state.partial = state.partial + v
-        else:
-            state.partial = v if v.dtype == dtype else v.to(dtype)
+        if torch.promote_types(dtype, v.dtype) != dtype:  # wider than the stream: rounded to it first
+            v = v.to(dtype)
+        # a narrower v (bf16 under autocast) is added by promotion, one kernel (a cast first would write
+        # and read v in fp32 once more: 2 fp32 [B, T, d] passes per sublayer)
+        state.partial = v.to(dtype) if state.partial is None else state.partial + v
         if (i + 1) % self.block_size == 0:  # the block is complete: its summary becomes a source
             state.sources.append(state.partial)
             state.partial = None
