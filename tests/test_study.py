@@ -232,6 +232,23 @@ def test_scaling_fits_every_mode_on_the_sizes_every_mode_has(tmp_path):
     assert "Not in the fits (sizes not every mode has): syn2 (Block N=4)." in text
     assert "| syn2 | 2 × 8 |" in text  # still in the loss table
     assert f"{0.98 ** (1 / -0.05):.3f}" in text and "syn2, measured" not in text
+    assert "fixed-data law" not in text  # records without token counts: no claim about the budget
+
+
+def test_a_ratio_from_sizes_of_one_token_budget_carries_the_fixed_data_caveat(tmp_path):
+    def rec(model, mode, c, loss, tokens, active):
+        return dict(model=model, residual=mode, compute_flops=c, val_loss=loss, num_layers=2, dim=8,
+                    params=2 * active, active_params=active, tokens=tokens, tokens_per_s=1.0, wall_s=1.0)
+
+    lay = analyze.Layout(scaling_models=("syn0", "syn1"), scaling_modes=("standard", "block4"))
+    for tokens1, caveat in ((1_000_000, True), (4_000_000, False)):
+        groups = {(m, mode): [rec(m, mode, c, 2.0 * c**-0.02 * k, tok, act)]
+                  for m, c, tok, act in (("syn0", 1e15, 1_000_000, 2e5), ("syn1", 4e15, tokens1, 8e5))
+                  for mode, k in (("standard", 1.0), ("block4", 0.95))}
+        text = "\n".join(analyze.scaling(groups, tmp_path, lay)[0])
+        head = "Every size trained on the same 1,000,000 tokens (5 down to 1.2 per active parameter"
+        assert (head in text) is caveat
+        assert ("the standard law (b = -0.0200) is a fixed-data law" in text) is caveat
 
 
 def test_power_law_fit_recovers_known_coefficients():
