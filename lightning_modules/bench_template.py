@@ -193,7 +193,9 @@ def bench_e2e(
         kinds: ``train``, ``prefill``, ``decode``, ``template``. Default: all.
         variants: training variants ``eager``, ``compile`` (torch.compile of the whole model) and/or
             ``regional`` (each layer's mixers compiled in place: ``model.compile: regional``) and/or
-            ``reduce-overhead`` (the whole model compiled as CUDA graphs: ``model.compile: reduce-overhead``).
+            ``reduce-overhead`` (the whole model compiled as CUDA graphs: ``model.compile: reduce-overhead``)
+            and/or ``nested`` (the whole model, each kind of sublayer a nested compile region compiled
+            once: ``model.compile: nested``).
             Default: eager and compile (``quick``: eager only; compiling on a CPU takes minutes).
         impls: ``attnres`` (ours), ``attnres-recompute`` (ours with ``residual_recompute``: Block rows,
             eager), ``attnres-unfused`` (ours with ``residual_fuse_norm`` off: phase 2 and the sublayer

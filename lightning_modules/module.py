@@ -85,7 +85,10 @@ class LanguageModel(L.LightningModule):
             ``reduce-overhead``: the whole model compiled with torch's ``mode="reduce-overhead"``: its
             forward and backward replayed as CUDA graphs, one launch each instead of one per kernel
             (for launch-bound models: small shapes, the study's sizes; on a CPU the same as ``true``);
-            ``false``: eager.
+            ``nested``: the whole model in one graph with each kind of sublayer (KDA, MLA, dense MLP, the
+            MoE's experts on a GPU) a nested compile region, compiled once and called by every layer of
+            that kind (``Decoder.compile_nested``: the first step compiles in a fraction of ``true``'s
+            time; the residual path, norms and head stay in the graph); ``false``: eager.
     """
 
     def __init__(
@@ -100,12 +103,13 @@ class LanguageModel(L.LightningModule):
         min_lr_ratio: float = 0.1,
         decay_fraction: float = 0.2,
         schedule_steps: int | None = None,
-        compile: bool | Literal["regional", "reduce-overhead"] = False,
+        compile: bool | Literal["regional", "reduce-overhead", "nested"] = False,
     ) -> None:
         super().__init__()
-        if compile not in (True, False, "regional", "reduce-overhead"):
+        if compile not in (True, False, "regional", "reduce-overhead", "nested"):
             raise ValueError(f"compile={compile!r}: use true (the whole model), regional (each layer's "
-                             "mixers), reduce-overhead (the whole model as CUDA graphs) or false (eager)")
+                             "mixers), reduce-overhead (the whole model as CUDA graphs), nested (the whole "
+                             "model, each kind of sublayer compiled once) or false (eager)")
         check_optimizer_args(
             lr, weight_decay, betas, warmup_steps, min_lr_ratio, decay_fraction, schedule_steps
         )
@@ -120,7 +124,8 @@ class LanguageModel(L.LightningModule):
         # kept out of the module tree (no second copy of the parameter names in the state dict)
         self.__dict__["_compiled"] = (
             torch.compile(self.model) if compile is True
-            else torch.compile(self.model, mode="reduce-overhead") if compile == "reduce-overhead" else None)
+            else torch.compile(self.model, mode="reduce-overhead") if compile == "reduce-overhead"
+            else self.model.compile_nested() if compile == "nested" else None)
         if compile == "regional":
             self.model.compile_regions()
         self._rng_to_restore: dict | None = None

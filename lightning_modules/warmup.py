@@ -129,7 +129,8 @@ def first_step_notices(model: nn.Module, device: torch.device, compiled: bool | 
                        pinned: bool = False) -> list[str]:
     """One line for each long first-step wait ahead: fla's autotuning of the KDA shapes Triton's cache holds
     no results for (or, ``pinned``, that they take the nearest tuned shape's configurations), and
-    ``torch.compile`` (``compiled``: ``True``, ``"regional"``, ``"reduce-overhead"`` or ``False``)."""
+    ``torch.compile`` (``compiled``: ``True``, ``"regional"``, ``"reduce-overhead"``, ``"nested"`` or
+    ``False``)."""
     notes = []
     shapes = kda_shapes(model) if device.type == "cuda" else set()
     if shapes:
@@ -158,12 +159,13 @@ def first_step_notices(model: nn.Module, device: torch.device, compiled: bool | 
         elif seeded:
             notes.append(f"fla's KDA autotuning: {seeded} shipped result(s) put into {cache} (no tuning)")
     inductor_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "the Inductor cache"
-    if compiled == "regional":
+    if compiled in ("regional", "nested"):
         kinds = sorted({type(m).__name__ for layer in getattr(model, "layers", {}).values()
                         for m in (layer.attn, layer.mlp)})
+        whole = " and the model around them" if compiled == "nested" else ""
         notes.append(
-            f"torch.compile compiles each kind of sublayer ({', '.join(kinds)}) once during the first step "
-            f"(cached in {inductor_cache} for later runs)")
+            f"torch.compile compiles each kind of sublayer ({', '.join(kinds)}) once{whole} during the first "
+            f"step (cached in {inductor_cache} for later runs)")
     elif compiled:
         graphs = (", then records its CUDA graphs over the next steps (mode reduce-overhead)"
                   if compiled == "reduce-overhead" and device.type == "cuda" else "")

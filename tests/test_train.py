@@ -978,8 +978,11 @@ def test_compile_regional_compiles_each_layers_mixers_and_a_bad_value_names_the_
     assert all(layer.attn._compiled_call_impl is not None and layer.mlp._compiled_call_impl is not None
                for layer in module.model.layers.values())
     assert module.hparams.compile == "regional"
-    with pytest.raises(ValueError, match="use true .* regional .* reduce-overhead .* or false"):
+    with pytest.raises(ValueError, match="use true .* regional .* reduce-overhead .* nested .* or false"):
         _micro_module(compile="layers")
+    nested = _micro_module(compile="nested")  # the whole model compiled around one region per kind
+    assert nested._compiled is not None and not nested.model.regions_compiled
+    assert all(layer.nested for layer in nested.model.layers.values())
     torch._dynamo.reset()
 
 

@@ -90,7 +90,7 @@ __all__ = [
 
 MODES: tuple[str, ...] = ("standard", "block", "full")
 KINDS: tuple[str, ...] = ("train", "prefill", "decode", "template")
-VARIANTS: tuple[str, ...] = ("eager", "compile", "regional", "reduce-overhead")
+VARIANTS: tuple[str, ...] = ("eager", "compile", "regional", "reduce-overhead", "nested")
 IMPLS: tuple[str, ...] = ("attnres", "attnres-recompute", "attnres-unfused", "attnres-packed",
                           "attnres-fla-plain", "torch-standard", "fla", "fast-attnres", "fla-model")
 
@@ -122,6 +122,7 @@ def _train_rows(run: Run, shape: Shape, mode: str, impl: str, variant: str) -> N
                 model.compile_regions()
             holder["fwd"] = (torch.compile(model) if variant == "compile"
                              else torch.compile(model, mode="reduce-overhead") if variant == "reduce-overhead"
+                             else model.compile_nested() if variant == "nested"  # our decoder only
                              else model)
             holder["ids"] = random_tokens(shape, shape.batch, shape.seq_len, run.device)
             holder["labels"] = random_tokens(shape, shape.batch, shape.seq_len, run.device, seed=2)
@@ -417,6 +418,9 @@ def _run_e2e(
     if "train" in kinds and "reduce-overhead" in variants and "attnres" in impls:
         for shape in picked:
             train(shape, "attnres", "reduce-overhead", ours)
+    if "train" in kinds and "nested" in variants and "attnres" in impls:
+        for shape in picked:
+            train(shape, "attnres", "nested", ours)
     if "train" in kinds and "compile" in variants and "attnres" in impls:
         for shape in picked:
             train(shape, "attnres", "compile", ours)

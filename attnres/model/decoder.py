@@ -99,6 +99,35 @@ class StatsRecorder:
         self.out_rms.append(_rms(v))
 
 
+# Inductor options of a model with nested regions (Decoder.compile_nested): with buffer reuse on, Inductor
+# (torch 2.13 on a CPU) reuses a buffer that a reused region's backward still reads, and the gradients of the
+# layers before the last come out wrong (the loss right); tests/test_model.py checks them against eager
+NESTED_INDUCTOR_OPTIONS: dict[str, Any] = {"allow_buffer_reuse": False}
+
+
+def _region_call(kind: str) -> Callable:
+    def call(module: nn.Module, x: Tensor) -> Any:
+        return module.mix(x) if kind == "moe" else module(x)
+
+    return call
+
+
+# The ``torch.compiler.nested_compile_region`` of each kind of sublayer (``kda``, ``mla``, ``dense``:
+# ``region(module, x) = module(x)``; ``moe``: ``region(moe, flat) = moe.mix(flat)``), one function per kind
+# shared by every layer: under ``torch.compile`` each kind is traced and compiled once and called per layer
+# (its parameters are the call's inputs); run eagerly, the function is called as is. Made here, not while
+# Dynamo traces (it cannot trace their creation).
+_REGIONS: dict[str, Callable] = {
+    kind: torch.compiler.nested_compile_region(_region_call(kind))
+    for kind in ("kda", "mla", "dense", "moe")
+} if hasattr(torch.compiler, "nested_compile_region") else {}
+
+
+def nested_region(kind: str) -> Callable:
+    """The nested compile region of one kind of sublayer (:data:`_REGIONS`)."""
+    return _REGIONS[kind]
+
+
 class DecoderLayer(nn.Module):
     """PreNorm token mixer + PreNorm channel mixer (two sublayers of the residual path)."""
 
@@ -123,20 +152,25 @@ class DecoderLayer(nn.Module):
                            backend=c.fused_backend)
         else:
             self.mlp = SwiGLU(c.dim, c.mlp_dim, backend=c.fused_backend)
+        self.nested = False  # the mixers run as nested compile regions (Decoder.compile_nested)
 
     def token_mixer(
         self, x: Tensor, cache: dict | None = None, documents: DocumentMask | None = None
     ) -> Tensor:
         """Sublayer ``2 * index`` after its norm: ``attn_norm(h) [B, T, d] -> [B, T, d]``
         (:func:`run_sublayer` applies the norm); ``documents``: packed documents, mixed apart."""
+        if self.nested and cache is None and documents is None:
+            return nested_region(self.mixer_kind)(self.attn, x)
         return self.attn(x, cache, documents)
 
     def channel_mixer(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Sublayer ``2 * index + 1`` after its norm: ``mlp_norm(h) [B, T, d] -> ([B, T, d], MoE aux loss
         or None)``."""
         if self.mlp_kind == "moe":
-            return self.mlp(x)
-        return self.mlp(x), None
+            # the experts as a region on a GPU only: on a CPU they loop over a host-side split of the
+            # tokens, a graph break, which a region cannot hold
+            return self.mlp(x, region=nested_region("moe") if self.nested and x.is_cuda else None)
+        return (nested_region("dense")(self.mlp, x) if self.nested else self.mlp(x)), None
 
     def sublayers(self) -> tuple[tuple[int, Callable, RMSNorm], ...]:
         """``(sublayer index, function, its input norm)`` of the token mixer and the channel mixer."""
@@ -394,6 +428,23 @@ class Decoder(nn.Module):
             layer.mlp.compile(**options)
         self.regions_compiled = True
         return self
+
+    def compile_nested(self, **options: Any) -> Callable:
+        """Hierarchical compilation: ``torch.compile`` of the whole model (one graph: residual path, norms,
+        head) in which each layer's token mixer and channel mixer (on a GPU, the MoE's experts) is a
+        nested compile region, one per kind of sublayer (:func:`nested_region`): each kind is traced and
+        compiled once instead of once per layer, so the first step compiles in a fraction of the whole
+        model's time. Calls with a decoding cache or packed documents run the mixers inline. Compiles
+        with :data:`NESTED_INDUCTOR_OPTIONS`; ``options``: more ``torch.compile`` arguments. Returns the
+        compiled callable (the module itself stays eager)."""
+        if not _REGIONS:
+            raise RuntimeError(f"compile: nested needs torch.compiler.nested_compile_region (torch >= 2.9; "
+                               f"this is torch {torch.__version__}): upgrade torch, or use compile: true")
+        for layer in self.layers.values():
+            layer.nested = True
+        if options.get("backend", "inductor") == "inductor":
+            options["options"] = {**NESTED_INDUCTOR_OPTIONS, **options.get("options", {})}
+        return torch.compile(self, **options)
 
     def eager_regions(self) -> contextlib.AbstractContextManager:
         """A context in which regions compiled by :meth:`compile_regions` run eagerly (decoding, whose

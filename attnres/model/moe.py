@@ -19,6 +19,7 @@ from run to run.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -283,19 +284,30 @@ class MoE(nn.Module):
         weights = weights / weights.sum(-1, keepdim=True) * self.routed_scaling_factor
         return idx, weights, scores
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, region: Callable | None = None) -> tuple[Tensor, Tensor]:
+        """``x [B, T, d] -> (out [B, T, d], the sequence balance loss)``; ``region``: a function that
+        calls :meth:`mix` (``region(self, flat)``: a ``torch.compiler.nested_compile_region``, see
+        ``Decoder.compile_nested``), else :meth:`mix` is called directly."""
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
+        out, idx, scores, counts = self.mix(flat) if region is None else region(self, flat)
+        with torch.no_grad():  # outside mix: a compile region has no side effects
+            self.last_load = counts.float() / counts.sum().clamp(min=1)
+            if self.training:
+                self.tokens_per_expert += counts.float()
+        aux = self.sequence_aux_loss(idx.view(B, T, -1), scores.view(B, T, -1)) if self.aux_loss_coef > 0 \
+            else flat.new_zeros((), dtype=torch.float32)
+        return out.view(B, T, d), aux
+
+    def mix(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The routed and shared experts of ``flat [N, d]``: ``(out [N, d], idx [N, k], scores [N, E],
+        counts [E])``, no side effects."""
         idx, weights, scores = self.route(flat)
         # scatter_add, not bincount: bincount sizes its output from the data (a host sync on CUDA,
         # which also rules out CUDA-graph capture of a decode step)
         flat_idx = idx.flatten()
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=idx.device).scatter_add_(
             0, flat_idx, torch.ones_like(flat_idx))
-        with torch.no_grad():
-            self.last_load = counts.float() / counts.sum().clamp(min=1)
-            if self.training:
-                self.tokens_per_expert += counts.float()
         # sort the (token, slot) pairs by expert: each expert's tokens become one contiguous slice
         order = torch.argsort(flat_idx, stable=True)
         inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
@@ -304,9 +316,7 @@ class MoE(nn.Module):
         out = _Combine.apply(y, weights, order, inv)  # y (and out) are bf16 under autocast
         if self.shared is not None:
             out = out + self.shared(flat)
-        aux = self.sequence_aux_loss(idx.view(B, T, -1), scores.view(B, T, -1)) if self.aux_loss_coef > 0 \
-            else flat.new_zeros((), dtype=torch.float32)
-        return out.view(B, T, d), aux
+        return out, idx, scores, counts
 
     def sequence_aux_loss(self, idx: Tensor, scores: Tensor) -> Tensor:
         """DeepSeek-V3's sequence-wise balance loss ``coef * sum_e f_e P_e`` averaged over sequences:
