@@ -161,7 +161,9 @@ def first_step_notices(model: nn.Module, device: torch.device, compiled: bool | 
     inductor_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "the Inductor cache"
     if compiled in ("regional", "nested"):
         kinds = sorted({type(m).__name__ for layer in getattr(model, "layers", {}).values()
-                        for m in (layer.attn, layer.mlp)})
+                        for m in (layer.attn, layer.mlp)
+                        # nested: the MoE's experts are a region on a GPU only (Decoder.compile_nested)
+                        if compiled == "regional" or device.type == "cuda" or type(m).__name__ != "MoE"})
         whole = " and the model around them" if compiled == "nested" else ""
         notes.append(
             f"torch.compile compiles each kind of sublayer ({', '.join(kinds)}) once{whole} during the first "

@@ -545,6 +545,17 @@ def test_nested_compilation_is_one_graph_calling_one_region_per_kind_of_sublayer
     assert not any(layer.nested for layer in ref.layers.values())
 
 
+def test_nested_compilation_takes_a_mode_as_its_inductor_options_and_refuses_fsdp():
+    from lightning_modules.strategies import shard_data_parallel
+
+    model = _tiny(moe=False)
+    compiled = model.compile_nested(mode="reduce-overhead")  # torch.compile refuses mode and options both
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    with pytest.raises(ValueError, match="compile: nested does not combine with FSDP2"):
+        shard_data_parallel(model, mesh=None)
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_nested_compilation_with_inductor_trains_like_eager():
     """The same through Inductor (~70 s on two cores). With Inductor's buffer reuse on, the regions'

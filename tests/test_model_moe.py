@@ -355,3 +355,23 @@ def test_the_eager_moe_runs_its_triton_kernels_on_sm80_and_newer_only(monkeypatc
         assert not moe._triton_takes(torch.empty(2, dtype=torch.bfloat16))  # a CPU tensor
     finally:
         moe_kernels.capable.cache_clear()
+
+
+def test_the_moe_through_its_nested_region_equals_the_plain_call():
+    """Decoder.compile_nested routes the experts through NESTED_REGIONS["moe"] (``region(moe, flat) =
+    moe.mix(flat)``); run eagerly it is the same call: output, balance loss and both load statistics."""
+    from attnres.model.decoder import NESTED_REGIONS
+
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    outs = []
+    for region in (None, NESTED_REGIONS["moe"]):
+        moe = _moe(aux_loss_coef=0.01)
+        moe.train()
+        y, aux = moe(x, region=region)
+        (y.square().mean() + aux).backward()
+        outs.append((y, aux, moe.last_load, moe.tokens_per_expert.clone(), x.grad.clone(),
+                     moe.w_gate.grad.clone()))
+        x.grad = None
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+    assert outs[0][3].sum() == 2 * 5 * 2  # every (token, slot) counted once

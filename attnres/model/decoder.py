@@ -33,7 +33,7 @@ from attnres.model.config import Config
 from attnres.model.documents import DocumentMask
 from attnres.model.kda import KimiDeltaAttention, ShortConv
 from attnres.model.mla import MultiHeadLatentAttention
-from attnres.model.moe import MoE, SwiGLU, output_init_std
+from attnres.model.moe import MoE, SwiGLU, grouped_mm_runs, output_init_std
 from attnres.model.norm import RMSNorm
 from attnres.residual import (
     DepthInput,
@@ -161,9 +161,12 @@ class DecoderLayer(nn.Module):
         """Sublayer ``2 * index + 1`` after its norm: ``mlp_norm(h) [B, T, d] -> ([B, T, d], MoE aux loss
         or None)``."""
         if self.mlp_kind == "moe":
-            # the experts as a region on a GPU only: on a CPU they loop over a host-side split of the
-            # tokens, a graph break, which a region cannot hold
-            return self.mlp(x, region=NESTED_REGIONS["moe"] if self.nested and x.is_cuda else None)
+            # the experts as a region only where they run as grouped GEMMs: elsewhere (a CPU, fp16/fp32 or
+            # an sm80 GPU) they loop over a host-side split of the tokens, a graph break, which a region
+            # cannot hold
+            m = self.mlp
+            nest = self.nested and grouped_mm_runs(x, m.w_gate, m.w_up, m.w_down)
+            return m(x, region=NESTED_REGIONS["moe"] if nest else None)
         return (NESTED_REGIONS["dense"](self.mlp, x) if self.nested else self.mlp(x)), None
 
     def sublayers(self) -> tuple[tuple[int, Callable, RMSNorm], ...]:
@@ -428,13 +431,20 @@ class Decoder(nn.Module):
         head) in which each layer's token mixer and channel mixer (on a GPU, the MoE's experts) is a
         nested compile region, one per kind of sublayer (:data:`NESTED_REGIONS`): each kind is traced and
         compiled once instead of once per layer (on a CPU, 8 layers, the first step took 0.54x the whole
-        model's compile time). Calls with a decoding cache or packed documents run the mixers inline.
-        Compiles with :data:`NESTED_INDUCTOR_OPTIONS`; ``options``: more ``torch.compile`` arguments.
-        Returns the compiled callable (the module itself stays eager)."""
+        model's compile time). Token mixers called with a decoding cache or packed documents run inline
+        (with packed documents most of the saving is lost); the channel mixers, per token, stay regions;
+        the MoE's experts are a region only where they run as grouped GEMMs (:func:`grouped_mm_runs`).
+        Compiles with :data:`NESTED_INDUCTOR_OPTIONS`; ``options``: more ``torch.compile`` arguments (a
+        ``mode`` becomes its Inductor options, e.g. ``reduce-overhead``'s CUDA graphs). Returns the
+        compiled callable (the module itself stays eager)."""
         for layer in self.layers.values():
             layer.nested = True
         if options.get("backend", "inductor") == "inductor":
-            options["options"] = {**NESTED_INDUCTOR_OPTIONS, **options.get("options", {})}
+            from torch._inductor import list_mode_options
+
+            mode = options.pop("mode", None)
+            options["options"] = {**(list_mode_options(mode) if mode else {}), **NESTED_INDUCTOR_OPTIONS,
+                                  **options.get("options", {})}
         return torch.compile(self, **options)
 
     def eager_regions(self) -> contextlib.AbstractContextManager:

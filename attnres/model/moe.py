@@ -60,12 +60,20 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def _grouped_mm_ok(x: Tensor, *weights: Tensor) -> bool:
-    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+def grouped_mm_runs(x: Tensor, *weights: Tensor) -> bool:
+    """Whether :func:`grouped_swiglu` takes ``torch._grouped_mm`` for input ``x`` and these expert weights
+    (CUDA, sm90+, bf16 after autocast's cast, dims divisible by 8): no host-side split of the tokens, so
+    no graph break under ``torch.compile``."""
+    autocast = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else None
+
+    def bf16(t: Tensor) -> bool:
+        return (autocast or t.dtype) == torch.bfloat16
+
+    if not (x.is_cuda and bf16(x) and hasattr(torch, "_grouped_mm")):
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
-    return all(w.dtype == torch.bfloat16 and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
+    return all(bf16(w) and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
 
 
 def grouped_swiglu(
@@ -76,10 +84,10 @@ def grouped_swiglu(
 
     x: ``[N, d]`` with expert ``e``'s tokens in rows ``offsets[e-1] .. offsets[e]``; counts: ``[E]``
     tokens per expert; w_gate, w_up: ``[E, h, d]``; w_down: ``[E, d, h]``. Returns ``[N, d]``.
-    ``use_grouped_mm``: None picks ``torch._grouped_mm`` where it runs (CUDA, bf16, sm90+). The gate and up
-    projections run as one grouped GEMM over their weights side by side (``[E, 2h, d]``): ``x`` read once,
-    one input-gradient GEMM in backward instead of two and the sum of their ``[N, d]`` outputs; in eager
-    mode on CUDA the activation runs on that joint output as one Triton kernel each way
+    ``use_grouped_mm``: None picks ``torch._grouped_mm`` where it runs (:func:`grouped_mm_runs`). The gate
+    and up projections run as one grouped GEMM over their weights side by side (``[E, 2h, d]``): ``x`` read
+    once, one input-gradient GEMM in backward instead of two and the sum of their ``[N, d]`` outputs; in
+    eager mode on CUDA the activation runs on that joint output as one Triton kernel each way
     (:func:`attnres.model.moe_kernels.packed_swiglu`).
     """
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
@@ -88,7 +96,7 @@ def grouped_swiglu(
         dt = torch.get_autocast_dtype("cuda")
         x, w_gate, w_up, w_down = (t.to(dt) for t in (x, w_gate, w_up, w_down))
     if use_grouped_mm is None:
-        use_grouped_mm = _grouped_mm_ok(x, w_gate, w_up, w_down)
+        use_grouped_mm = grouped_mm_runs(x, w_gate, w_up, w_down)
     if use_grouped_mm:
         offs = counts.cumsum(0).to(torch.int32)
         w_gate_up = torch.cat([w_gate, w_up], dim=1)

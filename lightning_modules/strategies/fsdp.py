@@ -93,6 +93,11 @@ def shard_data_parallel(
 
     if isinstance(model, FSDPModule):
         return
+    if any(getattr(layer, "nested", False) for layer in getattr(model, "layers", {}).values()):
+        raise ValueError(
+            "model.compile: nested does not combine with FSDP2: each sublayer's fully_shard hooks would run "
+            "inside a nested compile region, which cannot hold them; use model.compile: true with FSDP"
+        )
     if mesh["tensor_parallel"].size() != 1:
         raise ValueError(
             f"tensor_parallel_size={mesh['tensor_parallel'].size()}: attnres has no tensor parallelism; "

@@ -400,6 +400,23 @@ def test_nested_compilation_with_fla_and_moe_equals_the_whole_model_compile(resi
         results.append((out.loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()
                                             if p.grad is not None}))
         assert all(layer.nested is nested for layer in model.layers.values())
+    # the regions in the graph: KDA (layers 0-2) and the MoE's experts (layers 1-3) called three times each
+    from collections import Counter
+
+    from torch._dynamo.backends.debugging import aot_eager
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        Decoder(cfg).to(DEV).compile_nested(backend=capture, fullgraph=True)(ids[:, :-1], labels=ids[:, 1:])
+    calls = Counter(n.args[0].target for n in graphs[0].graph.nodes
+                    if n.op == "call_function" and n.target is torch.ops.higher_order.invoke_subgraph)
+    assert sorted(calls.values()) == [3, 3], calls
     torch._dynamo.reset()
     (loss, grads), (loss_n, grads_n) = results
     assert abs(loss_n.item() - loss.item()) < 1e-2 and grads.keys() == grads_n.keys()
