@@ -103,7 +103,11 @@ def test_package_corpus_sweeps_compose_the_data_config_and_scale_each_models_lr(
                                  for v in lrs.values())
 
 
-def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
+def test_runner_and_analysis_on_a_micro_sweep(tmp_path, monkeypatch):
+    from lightning_modules import warmup
+
+    prepared = []  # the statistics pass pins fla's untuned kernels first, as `attnres fit` does
+    monkeypatch.setattr(warmup, "prepare_kda_autotune", lambda device: prepared.append(device.type))
     plan_path = micro_plan(tmp_path)
     results, work, figs = tmp_path / "results", tmp_path / "work", tmp_path / "figs"
     runs = run.expand(run.load_plan(plan_path), "micro")
@@ -127,6 +131,7 @@ def test_runner_and_analysis_on_a_micro_sweep(tmp_path):
         parallel=2,
     )
     assert [r["run_id"] for r in records] == [r.id for r in runs]
+    assert prepared == ["cpu", "cpu"]  # once per run's statistics
     for rec, r in zip(records, runs, strict=True):
         saved = json.loads((results / f"{r.id}.json").read_text())
         assert saved["status"] == "complete" and saved["steps"] == 4 and saved["seed"] == 3

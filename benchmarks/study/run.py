@@ -222,10 +222,14 @@ def depth_statistics(ckpt: Path, device: str, num_windows: int = 8) -> dict[str,
     max/mean load per MoE layer. Under bf16 autocast on CUDA (as trained), fp32 on CPU."""
     import torch
 
-    from lightning_modules import metrics
+    from lightning_modules import metrics, warmup
     from lightning_modules.data import checkpoint_val_batch
     from lightning_modules.module import LanguageModel
 
+    # the eager pass runs fla's kernels at the statistics' batch, keys the training run did not tune: pinned
+    # to the nearest tuned configuration as `attnres fit` does, not benchmarked (session 24: an l run's
+    # statistics took over 160 s on a GPU that two training runs shared, and the call ran out)
+    warmup.prepare_kda_autotune(torch.device(device))
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     module = LanguageModel.load_from_checkpoint(ckpt, map_location=device)
     batch = {k: v.to(device) for k, v in checkpoint_val_batch(raw, num_windows).items()}
