@@ -1,8 +1,13 @@
 """Helpers shared by the CPU and GPU tests of packed documents (``tests/test_documents.py`` and
 ``tests/gpu/test_documents_fla_gpu.py``): where the documents of a packed window are, and the packed
-window against each document run alone; and a stand-in for fla's kernels on a CPU (:func:`fake_fla`)."""
+window against each document run alone; a stand-in for fla's kernels on a CPU (:func:`fake_fla`); and
+the nested compile regions of a compiled decoder (:func:`nested_region_calls`, ``tests/test_model.py``
+and ``tests/gpu/test_kda_fla_gpu.py``)."""
 
 from __future__ import annotations
+
+from collections import Counter
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -127,3 +132,21 @@ def fake_fla(monkeypatch, calls: list) -> None:
     ce_mod = types.ModuleType("fla.modules.fused_cross_entropy")
     ce_mod.cross_entropy_loss = cross_entropy_loss
     monkeypatch.setitem(sys.modules, "fla.modules.fused_cross_entropy", ce_mod)
+
+
+def nested_region_calls(model: nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Counter]:
+    """``model.compile_nested(fullgraph=True)(*args, **kwargs)`` through a backend that keeps Dynamo's graph
+    (aot_eager runs it): the output, and how many times that one graph calls each nested compile region."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    out = model.compile_nested(backend=capture, fullgraph=True)(*args, **kwargs)
+    assert len(graphs) == 1
+    return out, Counter(n.args[0].target for n in graphs[0].graph.nodes
+                        if n.op == "call_function" and n.target is torch.ops.higher_order.invoke_subgraph)

@@ -4,12 +4,12 @@ config validation."""
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import pytest
 import torch
 
 from attnres.model import PRESETS, Config, Decoder, DecoderCache, ModelOutput, describe, get_config
+from tests.helpers import nested_region_calls
 
 MODES = ("standard", "full", "block")
 
@@ -507,40 +507,22 @@ def test_regional_compilation_reuses_one_graph_per_kind_of_sublayer_and_equals_e
     torch._dynamo.reset()
 
 
-def _nested_step(model: Decoder, ids: torch.Tensor, **options) -> tuple[torch.Tensor, dict]:
-    torch._dynamo.reset()
-    out = model.compile_nested(fullgraph=True, **options)(ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    torch._dynamo.reset()
-    return out.loss, grads
-
-
 def test_nested_compilation_is_one_graph_calling_one_region_per_kind_of_sublayer():
     """compile: nested: Dynamo makes one graph of the whole model in which the 3 KDA layers call one
     subgraph and the 4 dense MLPs another (the one MLA layer's region, used once, is inlined); the
     gradients equal eager's."""
-    from torch._dynamo.backends.debugging import aot_eager
-
     cfg = get_config("tiny", residual="block", moe=False)
     model, ref = _tiny(residual="block", moe=False), _tiny(residual="block", moe=False)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return aot_eager(gm, example_inputs)
-
     ids = _ids(cfg)
-    loss, grads = _nested_step(model, ids, backend=backend)
-    assert len(graphs) == 1
-    calls = Counter(n.args[0].target for n in graphs[0].graph.nodes
-                    if n.op == "call_function" and n.target is torch.ops.higher_order.invoke_subgraph)
+    out_n, calls = nested_region_calls(model, ids, labels=ids)
+    out_n.loss.backward()
+    torch._dynamo.reset()
     assert sorted(calls.values()) == [3, 4]
     out = ref(ids, labels=ids)
     out.loss.backward()
-    torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=1e-5)
-    for name, q in ref.named_parameters():
-        torch.testing.assert_close(grads[name], q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(out_n.loss, out.loss, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
     assert all(layer.nested for layer in model.layers.values())
     assert not any(layer.nested for layer in ref.layers.values())
 
@@ -564,12 +546,15 @@ def test_nested_compilation_with_inductor_trains_like_eager():
     cfg = get_config("tiny", residual="block", moe=False)
     model, ref = _tiny(residual="block", moe=False), _tiny(residual="block", moe=False)
     ids = _ids(cfg, T=cfg.kda_chunk_size)  # one KDA chunk: the smallest graph to compile
-    loss, grads = _nested_step(model, ids)
+    torch._dynamo.reset()
+    out_n = model.compile_nested(fullgraph=True)(ids, labels=ids)
+    out_n.loss.backward()
+    torch._dynamo.reset()
     out = ref(ids, labels=ids)
     out.loss.backward()
-    torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=1e-5)
-    for name, q in ref.named_parameters():
-        err = ((grads[name] - q.grad).norm() / q.grad.norm().clamp(min=1e-12)).item()
+    torch.testing.assert_close(out_n.loss, out.loss, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        err = ((p.grad - q.grad).norm() / q.grad.norm().clamp(min=1e-12)).item()
         assert err < 1e-4, (name, err)
 
 

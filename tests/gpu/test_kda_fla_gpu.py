@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from attnres.model import Decoder, DecoderCache, get_config
 from attnres.model.kda import KimiDeltaAttention, ShortConv, kda_chunked, kda_recurrent
 from attnres.model.moe import grouped_swiglu
+from tests.helpers import nested_region_calls
 
 pytestmark = [
     pytest.mark.cuda,
@@ -350,6 +351,15 @@ def test_compiled_layer_runs_fla_as_an_opaque_op_and_matches_eager_fla():
         assert err_ratio(p.grad, p_ref.grad) < 2e-2, (name, err_ratio(p.grad, p_ref.grad))
 
 
+def _fla_moe_config(residual: str, **overrides):
+    """The study's s shapes (KDA 4 x 64, whose fla autotuning the shipped archive holds), 4 layers, fla's
+    KDA and the grouped-GEMM MoE."""
+    return get_config("small", residual=residual, num_layers=4, num_blocks=2, dim=256, vocab_size=8192,
+                      kda_head_dim=64, kda_backend="fla", mla_num_heads=4, mla_qk_nope_dim=64,
+                      mla_qk_shared_dim=32, mla_v_head_dim=64, mla_kv_rank=128, mlp_dim=768, expert_dim=256,
+                      num_experts=8, top_k=2, **overrides)
+
+
 @pytest.mark.parametrize("residual", ["standard", "block"])
 def test_decoder_with_fla_and_moe_compiles_to_one_graph(residual):
     """The whole Kimi-Linear-style decoder (fla KDA, MLA, grouped-GEMM MoE) under bf16 autocast compiles
@@ -357,11 +367,7 @@ def test_decoder_with_fla_and_moe_compiles_to_one_graph(residual):
     if not SM90:
         pytest.skip("the MoE's grouped GEMM path (no host sync) needs sm90+")
     torch.manual_seed(0)
-    # the study's s shapes (KDA 4 x 64, whose fla autotuning the shipped archive holds), 4 layers
-    cfg = get_config("small", residual=residual, num_layers=4, num_blocks=2, dim=256, vocab_size=8192,
-                     kda_head_dim=64, kda_backend="fla", mla_num_heads=4, mla_qk_nope_dim=64,
-                     mla_qk_shared_dim=32, mla_v_head_dim=64, mla_kv_rank=128, mlp_dim=768, expert_dim=256,
-                     num_experts=8, top_k=2)
+    cfg = _fla_moe_config(residual)
     model = Decoder(cfg).to(DEV)
     ids = torch.randint(0, cfg.vocab_size, (2, 128), device=DEV)
     torch._dynamo.reset()
@@ -382,10 +388,7 @@ def test_nested_compilation_with_fla_and_moe_equals_the_whole_model_compile(resi
     backward read a reused buffer (the Inductor bug compile_nested works around) gives errors of order 1."""
     if not SM90:
         pytest.skip("the MoE's grouped GEMM path (no host sync) needs sm90+")
-    cfg = get_config("small", residual=residual, num_layers=4, num_blocks=2, dim=256, vocab_size=8192,
-                     kda_head_dim=64, kda_backend="fla", mla_num_heads=4, mla_qk_nope_dim=64,
-                     mla_qk_shared_dim=32, mla_v_head_dim=64, mla_kv_rank=128, mlp_dim=768, expert_dim=256,
-                     num_experts=8, top_k=2, first_dense_layers=1)
+    cfg = _fla_moe_config(residual, first_dense_layers=1)
     torch.manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (2, 128), device=DEV)
     results = []
@@ -401,21 +404,8 @@ def test_nested_compilation_with_fla_and_moe_equals_the_whole_model_compile(resi
                                             if p.grad is not None}))
         assert all(layer.nested is nested for layer in model.layers.values())
     # the regions in the graph: KDA (layers 0-2) and the MoE's experts (layers 1-3) called three times each
-    from collections import Counter
-
-    from torch._dynamo.backends.debugging import aot_eager
-
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return aot_eager(gm, example_inputs)
-
-    torch._dynamo.reset()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        Decoder(cfg).to(DEV).compile_nested(backend=capture, fullgraph=True)(ids[:, :-1], labels=ids[:, 1:])
-    calls = Counter(n.args[0].target for n in graphs[0].graph.nodes
-                    if n.op == "call_function" and n.target is torch.ops.higher_order.invoke_subgraph)
+        _, calls = nested_region_calls(Decoder(cfg).to(DEV), ids[:, :-1], labels=ids[:, 1:])
     assert sorted(calls.values()) == [3, 3], calls
     torch._dynamo.reset()
     (loss, grads), (loss_n, grads_n) = results
