@@ -126,11 +126,11 @@ def never_tune() -> bool:
 
 
 def first_step_notices(model: nn.Module, device: torch.device, compiled: bool | str, seeded: int = 0,
-                       pinned: bool = False) -> list[str]:
+                       pinned: bool = False, dtype: torch.dtype = torch.float32) -> list[str]:
     """One line for each long first-step wait ahead: fla's autotuning of the KDA shapes Triton's cache holds
     no results for (or, ``pinned``, that they take the nearest tuned shape's configurations), and
     ``torch.compile`` (``compiled``: ``True``, ``"regional"``, ``"reduce-overhead"``, ``"nested"`` or
-    ``False``)."""
+    ``False``). ``dtype``: the dtype the sublayers compute in (bf16 under ``bf16-mixed``)."""
     notes = []
     shapes = kda_shapes(model) if device.type == "cuda" else set()
     if shapes:
@@ -160,10 +160,14 @@ def first_step_notices(model: nn.Module, device: torch.device, compiled: bool | 
             notes.append(f"fla's KDA autotuning: {seeded} shipped result(s) put into {cache} (no tuning)")
     inductor_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "the Inductor cache"
     if compiled in ("regional", "nested"):
+        from attnres.model.moe import MoE, grouped_mm_supported
+
         kinds = sorted({type(m).__name__ for layer in getattr(model, "layers", {}).values()
                         for m in (layer.attn, layer.mlp)
-                        # nested: the MoE's experts are a region on a GPU only (Decoder.compile_nested)
-                        if compiled == "regional" or device.type == "cuda" or type(m).__name__ != "MoE"})
+                        # nested: the MoE's experts are a region where they run as grouped GEMMs only
+                        # (Decoder.compile_nested)
+                        if compiled == "regional" or not isinstance(m, MoE)
+                        or grouped_mm_supported(device, (m.w_gate, m.w_up, m.w_down), dtype, dtype)})
         whole = " and the model around them" if compiled == "nested" else ""
         notes.append(
             f"torch.compile compiles each kind of sublayer ({', '.join(kinds)}) once{whole} during the first "

@@ -99,6 +99,14 @@ def test_notices_name_the_autotuning_only_while_the_cache_lacks_kda_results(tmp_
     (nested,) = warmup.first_step_notices(model, torch.device("cpu"), compiled="nested")
     cpu_kinds = "KimiDeltaAttention, MultiHeadLatentAttention, SwiGLU"  # the MoE's experts: regions on a GPU
     assert f"each kind of sublayer ({cpu_kinds}) once and the model around them" in nested
+    # on a GPU the MoE's experts are a region only where they run as grouped GEMMs: sm90+, bf16
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    with_moe = f"({kinds}) once and the model around them"
+    assert with_moe in warmup.first_step_notices(model, cuda, compiled="nested", dtype=torch.bfloat16)[-1]
+    assert cpu_kinds in warmup.first_step_notices(model, cuda, compiled="nested", dtype=torch.float32)[-1]
+    capability[0] = (8, 0)
+    assert cpu_kinds in warmup.first_step_notices(model, cuda, compiled="nested", dtype=torch.bfloat16)[-1]
     monkeypatch.setattr(kda, "fla_available", lambda: False)
     assert warmup.first_step_notices(model, cuda, compiled=False) == []  # the torch KDA does not autotune
     (graphed,) = warmup.first_step_notices(model, cuda, compiled="reduce-overhead")

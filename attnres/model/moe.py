@@ -19,7 +19,7 @@ from run to run.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,15 +65,20 @@ def grouped_mm_runs(x: Tensor, *weights: Tensor) -> bool:
     (CUDA, sm90+, bf16 after autocast's cast, dims divisible by 8): no host-side split of the tokens, so
     no graph break under ``torch.compile``."""
     autocast = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else None
+    return grouped_mm_supported(x.device, weights, autocast or x.dtype, autocast)
 
-    def bf16(t: Tensor) -> bool:
-        return (autocast or t.dtype) == torch.bfloat16
 
-    if not (x.is_cuda and bf16(x) and hasattr(torch, "_grouped_mm")):
+def grouped_mm_supported(device: torch.device, weights: Sequence[Tensor], input_dtype: torch.dtype,
+                         autocast: torch.dtype | None = None) -> bool:
+    """:func:`grouped_mm_runs`'s test before any input exists (``warmup.first_step_notices``): whether
+    ``torch._grouped_mm`` runs on ``device`` for an input of ``input_dtype`` (as the GEMM sees it) and these
+    expert weights, cast to ``autocast`` (None: their own dtype): CUDA, sm90+, bf16, dims divisible by 8."""
+    if device.type != "cuda" or not hasattr(torch, "_grouped_mm") or input_dtype != torch.bfloat16:
         return False
-    if torch.cuda.get_device_capability(x.device)[0] < 9:
+    if torch.cuda.get_device_capability(device)[0] < 9:
         return False
-    return all(bf16(w) and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
+    return all((autocast or w.dtype) == torch.bfloat16 and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0
+               for w in weights)
 
 
 def grouped_swiglu(
