@@ -391,7 +391,8 @@ class LanguageModel(L.LightningModule):
         done = prepare_kda_autotune(self.device) or {}  # {} off CUDA or without fla
         seeded, pinned = done.get("seeded", 0), bool(done.get("pinned"))
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
-        dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
+        dtype = (torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision
+                 else torch.float32)
         for note in first_step_notices(self.model, self.device, self.hparams.compile, seeded, pinned, dtype):
             rank_zero_info(note)
 
