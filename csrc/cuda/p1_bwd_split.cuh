@@ -36,7 +36,9 @@ __global__ void __launch_bounds__(512) p1_bwd_coef_kernel(const __grid_constant_
   constexpr int PP = pow2ceil(2 * ST);  // reduce-scattered: q.v [0, ST), dO.v [ST, 2ST)
   constexpr int RSB = PP + 1;            // + the sum of squares
   constexpr int CS = p1_coef_stride(ST);
-  constexpr int U = ST <= 4 ? 4 : 2;  // source rows in flight per thread
+  // source rows in flight per thread: 64 bytes (16-byte chunks up to 4 queries, 8-byte ones beyond; with
+  // more chunks per thread, fewer rows: registers)
+  constexpr int U = ST <= 4 ? 4 : C == 1 ? 8 : 2;
   const int tid = threadIdx.x, NT = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = NT >> 5;
   const int n = a.n, d = a.d, S = a.S, TT = a.tile, qld = a.qld;
   const int64_t N = a.N;
