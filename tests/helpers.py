@@ -134,17 +134,18 @@ def fake_fla(monkeypatch, calls: list) -> None:
     monkeypatch.setitem(sys.modules, "fla.modules.fused_cross_entropy", ce_mod)
 
 
-def nested_region_calls(model: nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Counter]:
+def nested_region_calls(model: nn.Module, *args: Any, graphs: list | None = None, **kwargs: Any
+                        ) -> tuple[Any, Counter]:
     """``model.compile_nested(fullgraph=True)(*args, **kwargs)`` through a backend that keeps Dynamo's graph
-    (aot_eager runs it): the output, and how many times that one graph calls each nested compile region."""
+    (aot_eager runs it): the output, and how many times that one graph calls each nested compile region.
+    ``graphs``: a list that receives Dynamo's graph module."""
     from torch._dynamo.backends.debugging import aot_eager
-
-    graphs = []
 
     def capture(gm, example_inputs):
         graphs.append(gm)
         return aot_eager(gm, example_inputs)
 
+    graphs = [] if graphs is None else graphs
     torch._dynamo.reset()
     out = model.compile_nested(backend=capture, fullgraph=True)(*args, **kwargs)
     assert len(graphs) == 1

@@ -72,8 +72,10 @@ def _inputs(B=2, T=40, H=2, K=8, dtype=torch.float64, seed=0):
 
 def test_forward_op_schema_and_fake_kernel_pass_opcheck(reference_impl):
     q, k, v, g, beta = _inputs()
-    # the ops carry no autograd of their own (an autograd.Function calls them): schema and fake kernels
-    checks = ("test_schema", "test_faketensor")
+    # schema, fake kernel, and the backward registered on the op itself (torch.library.register_autograd:
+    # no autograd.Function around it, whose higher-order op breaks torch 2.11's nested compile regions)
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    q, k, v, g, beta = (t.requires_grad_() for t in (q, k, v, g, beta))
     torch.library.opcheck(torch.ops.attnres.fla_chunk_kda_fwd.default, (q, k, v, g, beta, 0.3, None, None),
                           test_utils=checks)
     # the backward op's stand-in body (torch.func) cannot run under opcheck's modes; its fake kernel is
@@ -173,3 +175,33 @@ def test_short_conv_op_equals_the_layers_conv_forward_and_backward(reference_con
     ref = torch.autograd.grad(want, [x, conv.weight], dy)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="the fla path needs fla installed")
+def test_kda_region_of_compile_nested_holds_no_higher_order_op(reference_impl, reference_conv):
+    # compile: nested makes the KDA layers one region, called once per layer. A higher-order op inside it (an
+    # autograd.Function becomes one, its forward and backward as subgraphs) breaks torch 2.11 when the
+    # region is called again (KeyError 'example_value', H100, session 25): fla's KDA and short conv must be
+    # single op nodes there, and the model must still train as the eager one
+    from attnres.model.config import get_config
+    from attnres.model.decoder import Decoder
+    from tests.helpers import nested_region_calls
+
+    cfg = get_config("tiny", kda_backend="fla", moe=False)
+    torch.manual_seed(0)
+    model, ref = Decoder(cfg), Decoder(get_config("tiny", kda_backend="torch", moe=False))  # eager fla: GPU
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.kda_chunk_size))
+    out, calls = nested_region_calls(model, ids, labels=ids, graphs=(graphs := []))
+    kda_layers = sum(not cfg.is_mla(i) for i in range(cfg.num_layers))
+    (body_name,) = [name for name, n in calls.items() if n == kda_layers]
+    body = graphs[0].get_submodule(body_name)
+    assert [n.target for n in body.graph.nodes if isinstance(n.target, torch._ops.HigherOrderOperator)] == []
+    ops = {str(n.target).removesuffix(".default") for n in body.graph.nodes if n.op == "call_function"}
+    assert {"attnres.fla_chunk_kda_fwd", "attnres.fla_short_conv_fwd"} <= ops, ops
+    out.loss.backward()
+    want = ref(ids, labels=ids)
+    want.loss.backward()
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -107,6 +107,12 @@ def test_notices_name_the_autotuning_only_while_the_cache_lacks_kda_results(tmp_
     assert cpu_kinds in warmup.first_step_notices(model, cuda, compiled="nested", dtype=torch.float32)[-1]
     capability[0] = (8, 0)
     assert cpu_kinds in warmup.first_step_notices(model, cuda, compiled="nested", dtype=torch.bfloat16)[-1]
+    capability[0] = (9, 0)
+    version = torch.__version__
+    # torch 2.11's regions cannot hold the MoE's autograd functions
+    monkeypatch.setattr(torch, "__version__", "2.11.0")
+    assert cpu_kinds in warmup.first_step_notices(model, cuda, compiled="nested", dtype=torch.bfloat16)[-1]
+    monkeypatch.setattr(torch, "__version__", version)
     monkeypatch.setattr(kda, "fla_available", lambda: False)
     assert warmup.first_step_notices(model, cuda, compiled=False) == []  # the torch KDA does not autotune
     (graphed,) = warmup.first_step_notices(model, cuda, compiled="reduce-overhead")

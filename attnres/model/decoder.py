@@ -33,7 +33,7 @@ from attnres.model.config import Config
 from attnres.model.documents import DocumentMask
 from attnres.model.kda import KimiDeltaAttention, ShortConv
 from attnres.model.mla import MultiHeadLatentAttention
-from attnres.model.moe import MoE, SwiGLU, grouped_mm_runs, output_init_std
+from attnres.model.moe import MoE, SwiGLU, grouped_mm_runs, mix_region_supported, output_init_std
 from attnres.model.norm import RMSNorm
 from attnres.residual import (
     DepthInput,
@@ -163,9 +163,9 @@ class DecoderLayer(nn.Module):
         if self.mlp_kind == "moe":
             # the experts as a region only where they run as grouped GEMMs: elsewhere (a CPU, fp16/fp32 or
             # an sm80 GPU) they loop over a host-side split of the tokens, a graph break, which a region
-            # cannot hold
+            # cannot hold; and only with a torch whose regions hold its autograd functions
             m = self.mlp
-            nest = self.nested and grouped_mm_runs(x, m.w_gate, m.w_up, m.w_down)
+            nest = self.nested and mix_region_supported() and grouped_mm_runs(x, m.w_gate, m.w_up, m.w_down)
             return m(x, region=NESTED_REGIONS["moe"] if nest else None)
         return (NESTED_REGIONS["dense"](self.mlp, x) if self.nested else self.mlp(x)), None
 
@@ -433,7 +433,8 @@ class Decoder(nn.Module):
         compiled once instead of once per layer (on a CPU, 8 layers, the first step took 0.54x the whole
         model's compile time). Token mixers called with a decoding cache or packed documents run inline
         (with packed documents most of the saving is lost); the channel mixers, per token, stay regions;
-        the MoE's experts are a region only where they run as grouped GEMMs (:func:`grouped_mm_runs`).
+        the MoE's experts are a region only where they run as grouped GEMMs (:func:`grouped_mm_runs`) and
+        torch can hold its autograd functions in a region (:func:`~attnres.model.moe.mix_region_supported`).
         Compiles with :data:`NESTED_INDUCTOR_OPTIONS`; ``options``: more ``torch.compile`` arguments (a
         ``mode`` becomes its Inductor options, e.g. ``reduce-overhead``'s CUDA graphs). Returns the
         compiled callable (the module itself stays eager)."""

@@ -130,27 +130,27 @@ def _(do, q, k, v, beta, g_cumsum, Aqk, Akk, scale, cu_seqlens, cu_seqlens_cpu):
     return tuple(t.new_empty(t.shape) for t in (q, k, v, g_cumsum, beta))
 
 
-class _ChunkKDA(torch.autograd.Function):
-    """The two ops under one autograd function (flash-attn's pattern): Dynamo traces its forward and
-    backward, each a single opaque op."""
+def _kda_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, g, beta, scale, cu_seqlens, cu_seqlens_cpu = inputs
+    _, g_cumsum, Aqk, Akk = output
+    ctx.save_for_backward(q, k, v, beta, g_cumsum, Aqk, Akk, cu_seqlens, cu_seqlens_cpu)
+    ctx.scale = scale
 
-    @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, cu_seqlens, cu_seqlens_cpu):
-        # fla's kernels index contiguous memory; v comes from the short conv as a transposed view, and the
-        # saved copies must be the contiguous ones too (backward reads them)
-        q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
-        o, g_cumsum, Aqk, Akk = torch.ops.attnres.fla_chunk_kda_fwd(q, k, v, g, beta, scale, cu_seqlens,
-                                                                    cu_seqlens_cpu)
-        ctx.save_for_backward(q, k, v, beta, g_cumsum, Aqk, Akk)
-        ctx.scale, ctx.cu_seqlens, ctx.cu_seqlens_cpu = scale, cu_seqlens, cu_seqlens_cpu
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, beta, g_cumsum, Aqk, Akk = ctx.saved_tensors
-        dq, dk, dv, dg, db = torch.ops.attnres.fla_chunk_kda_bwd(
-            do, q, k, v, beta, g_cumsum, Aqk, Akk, ctx.scale, ctx.cu_seqlens, ctx.cu_seqlens_cpu)
-        return dq, dk, dv, dg, db, None, None, None
+def _kda_backward(ctx: Any, do: Tensor, *_unused: Tensor) -> tuple:
+    # the gradients of g_cumsum, Aqk and Akk (saved for this backward, never used otherwise) are ignored
+    q, k, v, beta, g_cumsum, Aqk, Akk, cu_seqlens, cu_seqlens_cpu = ctx.saved_tensors
+    dq, dk, dv, dg, db = torch.ops.attnres.fla_chunk_kda_bwd(
+        do, q, k, v, beta, g_cumsum, Aqk, Akk, ctx.scale, cu_seqlens, cu_seqlens_cpu)
+    return dq, dk, dv, dg, db, None, None, None
+
+
+# The backward registered on the forward op (torch.library.register_autograd), not an autograd.Function
+# around the two ops: Dynamo traces the op as one node, where a Function becomes a higher-order op with its
+# forward and backward as subgraphs, which torch 2.11's nested compile regions (Decoder.compile_nested)
+# fail on when a region is called again (KeyError: 'example_value' in are_same_graph_modules; H100,
+# session 25).
+_forward.register_autograd(_kda_backward, setup_context=_kda_setup_context)
 
 
 def chunk_kda(
@@ -161,7 +161,10 @@ def chunk_kda(
     v ``[B, T, H, V]`` (one dtype), g ``[B, T, H, K]`` fp32 log decay, beta ``[B, T, H]`` in q's dtype;
     ``cu_seqlens`` (and its CPU copy, to avoid a host sync) for packed documents with ``B = 1``.
     Returns o ``[B, T, H, V]``."""
-    return _ChunkKDA.apply(q, k, v, g, beta, scale, cu_seqlens, cu_seqlens_cpu)
+    # fla's kernels index contiguous memory; v comes from the short conv as a transposed view, and the
+    # saved copies must be the contiguous ones too (backward reads them)
+    q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
+    return torch.ops.attnres.fla_chunk_kda_fwd(q, k, v, g, beta, scale, cu_seqlens, cu_seqlens_cpu)[0]
 
 
 @torch.library.custom_op("attnres::fla_short_conv_fwd", mutates_args=())
@@ -185,16 +188,16 @@ def _(dy, x, weight):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
-class _ShortConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)  # x as it came (a strided view is kept, not copied)
-        return torch.ops.attnres.fla_short_conv_fwd(x, weight)
+def _conv_setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)  # x as it came (a strided view is kept, not copied)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        return torch.ops.attnres.fla_short_conv_bwd(dy, x, weight)
+
+def _conv_backward_formula(ctx: Any, dy: Tensor) -> tuple[Tensor, Tensor]:
+    x, weight = ctx.saved_tensors
+    return torch.ops.attnres.fla_short_conv_bwd(dy, x, weight)
+
+
+_conv_forward.register_autograd(_conv_backward_formula, setup_context=_conv_setup_context)
 
 
 def short_conv(x: Tensor, weight: Tensor) -> Tensor:
@@ -202,4 +205,4 @@ def short_conv(x: Tensor, weight: Tensor) -> Tensor:
     as one opaque op each way: ``x [B, T, C]`` (any row stride, last dim contiguous), ``weight [C, W]``
     (:class:`attnres.model.kda.ShortConv`'s convention: tap ``W - 1`` multiplies ``x_t``; zeros before the
     start, no state). Returns ``[B, T, C]`` contiguous, in ``x``'s dtype."""
-    return _ShortConv.apply(x, weight)
+    return torch.ops.attnres.fla_short_conv_fwd(x, weight)

@@ -68,6 +68,19 @@ def grouped_mm_runs(x: Tensor, *weights: Tensor) -> bool:
     return grouped_mm_supported(x.device, weights, autocast or x.dtype, autocast)
 
 
+# MoE.mix holds autograd.Functions (_RouterLogits, _Dispatch, _Combine), which Dynamo traces as higher-order
+# ops with their forward and backward as subgraphs; torch 2.11's nested compile regions fail on those when
+# a region is called again (KeyError 'example_value' in are_same_graph_modules; H100, session 25), torch
+# 2.13 traces them (a CPU check). Below this version the MoE stays out of the regions of compile: nested.
+MIX_REGION_MIN_TORCH = (2, 13)
+
+
+def mix_region_supported() -> bool:
+    """Whether this torch can hold :meth:`MoE.mix` in a nested compile region
+    (:data:`MIX_REGION_MIN_TORCH`)."""
+    return torch.torch_version.TorchVersion(torch.__version__) >= MIX_REGION_MIN_TORCH
+
+
 def grouped_mm_supported(device: torch.device, weights: Sequence[Tensor], input_dtype: torch.dtype,
                          autocast: torch.dtype | None = None) -> bool:
     """:func:`grouped_mm_runs`'s test before any input exists (``warmup.first_step_notices``): whether
