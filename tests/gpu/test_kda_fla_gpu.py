@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from attnres.model import Decoder, DecoderCache, get_config
 from attnres.model.kda import KimiDeltaAttention, ShortConv, kda_chunked, kda_recurrent
-from attnres.model.moe import grouped_swiglu
+from attnres.model.moe import grouped_swiglu, mix_region_supported
 from tests.helpers import nested_region_calls
 
 pytestmark = [
@@ -403,10 +403,11 @@ def test_nested_compilation_with_fla_and_moe_equals_the_whole_model_compile(resi
         results.append((out.loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()
                                             if p.grad is not None}))
         assert all(layer.nested is nested for layer in model.layers.values())
-    # the regions in the graph: KDA (layers 0-2) and the MoE's experts (layers 1-3) called three times each
+    # the regions in the graph: KDA (layers 0-2) and, on a torch whose regions hold the MoE's autograd
+    # functions (mix_region_supported: 2.13+), the MoE's experts (layers 1-3), called three times each
     with torch.autocast("cuda", dtype=torch.bfloat16):
         _, calls = nested_region_calls(Decoder(cfg).to(DEV), ids[:, :-1], labels=ids[:, 1:])
-    assert sorted(calls.values()) == [3, 3], calls
+    assert sorted(calls.values()) == ([3, 3] if mix_region_supported() else [3]), calls
     torch._dynamo.reset()
     (loss, grads), (loss_n, grads_n) = results
     assert abs(loss_n.item() - loss.item()) < 1e-2 and grads.keys() == grads_n.keys()
