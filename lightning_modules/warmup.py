@@ -160,15 +160,13 @@ def first_step_notices(model: nn.Module, device: torch.device, compiled: bool | 
             notes.append(f"fla's KDA autotuning: {seeded} shipped result(s) put into {cache} (no tuning)")
     inductor_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "the Inductor cache"
     if compiled in ("regional", "nested"):
-        from attnres.model.moe import MoE, grouped_mm_supported, mix_region_supported
+        from attnres.model.moe import MoE
 
         kinds = sorted({type(m).__name__ for layer in getattr(model, "layers", {}).values()
                         for m in (layer.attn, layer.mlp)
-                        # nested: the MoE's experts are a region where they run as grouped GEMMs only
-                        # (Decoder.compile_nested)
+                        # nested: the MoE's experts a region only where the decoder makes them one
                         if compiled == "regional" or not isinstance(m, MoE)
-                        or (mix_region_supported()
-                            and grouped_mm_supported(device, (m.w_gate, m.w_up, m.w_down), dtype, dtype))})
+                        or m.mix_region_runs(device, dtype, dtype)})
         whole = " and the model around them" if compiled == "nested" else ""
         notes.append(
             f"torch.compile compiles each kind of sublayer ({', '.join(kinds)}) once{whole} during the first "

@@ -33,7 +33,7 @@ from attnres.model.config import Config
 from attnres.model.documents import DocumentMask
 from attnres.model.kda import KimiDeltaAttention, ShortConv
 from attnres.model.mla import MultiHeadLatentAttention
-from attnres.model.moe import MoE, SwiGLU, grouped_mm_runs, mix_region_supported, output_init_std
+from attnres.model.moe import MoE, SwiGLU, cuda_autocast_dtype, output_init_std
 from attnres.model.norm import RMSNorm
 from attnres.residual import (
     DepthInput,
@@ -161,12 +161,9 @@ class DecoderLayer(nn.Module):
         """Sublayer ``2 * index + 1`` after its norm: ``mlp_norm(h) [B, T, d] -> ([B, T, d], MoE aux loss
         or None)``."""
         if self.mlp_kind == "moe":
-            # the experts as a region only where they run as grouped GEMMs: elsewhere (a CPU, fp16/fp32 or
-            # an sm80 GPU) they loop over a host-side split of the tokens, a graph break, which a region
-            # cannot hold; and only with a torch whose regions hold its autograd functions
-            m = self.mlp
-            nest = self.nested and mix_region_supported() and grouped_mm_runs(x, m.w_gate, m.w_up, m.w_down)
-            return m(x, region=NESTED_REGIONS["moe"] if nest else None)
+            autocast = cuda_autocast_dtype(x)
+            nest = self.nested and self.mlp.mix_region_runs(x.device, autocast or x.dtype, autocast)
+            return self.mlp(x, region=NESTED_REGIONS["moe"] if nest else None)
         return (NESTED_REGIONS["dense"](self.mlp, x) if self.nested else self.mlp(x)), None
 
     def sublayers(self) -> tuple[tuple[int, Callable, RMSNorm], ...]:
@@ -433,8 +430,8 @@ class Decoder(nn.Module):
         compiled once instead of once per layer (on a CPU, 8 layers, the first step took 0.54x the whole
         model's compile time). Token mixers called with a decoding cache or packed documents run inline
         (with packed documents most of the saving is lost); the channel mixers, per token, stay regions;
-        the MoE's experts are a region only where they run as grouped GEMMs (:func:`grouped_mm_runs`) and
-        torch can hold its autograd functions in a region (:func:`~attnres.model.moe.mix_region_supported`).
+        the MoE's experts are a region only where :meth:`MoE.mix_region_runs` says (grouped GEMMs, and a
+        torch whose regions hold its autograd functions).
         Compiles with :data:`NESTED_INDUCTOR_OPTIONS`; ``options``: more ``torch.compile`` arguments (a
         ``mode`` becomes its Inductor options, e.g. ``reduce-overhead``'s CUDA graphs). Returns the
         compiled callable (the module itself stays eager)."""

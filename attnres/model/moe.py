@@ -64,8 +64,13 @@ def grouped_mm_runs(x: Tensor, *weights: Tensor) -> bool:
     """Whether :func:`grouped_swiglu` takes ``torch._grouped_mm`` for input ``x`` and these expert weights
     (CUDA, sm90+, bf16 after autocast's cast, dims divisible by 8): no host-side split of the tokens, so
     no graph break under ``torch.compile``."""
-    autocast = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else None
+    autocast = cuda_autocast_dtype(x)
     return grouped_mm_supported(x.device, weights, autocast or x.dtype, autocast)
+
+
+def cuda_autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype CUDA autocast casts ``x``'s matmuls to, or None (``x`` off CUDA, or autocast off)."""
+    return torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else None
 
 
 # MoE.mix holds autograd.Functions (_RouterLogits, _Dispatch, _Combine), which Dynamo traces as higher-order
@@ -83,9 +88,10 @@ def mix_region_supported() -> bool:
 
 def grouped_mm_supported(device: torch.device, weights: Sequence[Tensor], input_dtype: torch.dtype,
                          autocast: torch.dtype | None = None) -> bool:
-    """:func:`grouped_mm_runs`'s test before any input exists (``warmup.first_step_notices``): whether
-    ``torch._grouped_mm`` runs on ``device`` for an input of ``input_dtype`` (as the GEMM sees it) and these
-    expert weights, cast to ``autocast`` (None: their own dtype): CUDA, sm90+, bf16, dims divisible by 8."""
+    """:func:`grouped_mm_runs`'s test from dtypes, before any input exists (:meth:`MoE.mix_region_runs`):
+    whether ``torch._grouped_mm`` runs on ``device`` for an input of ``input_dtype`` (as the GEMM sees it)
+    and these expert weights, cast to ``autocast`` (None: their own dtype): CUDA, sm90+, bf16, dims
+    divisible by 8."""
     if device.type != "cuda" or not hasattr(torch, "_grouped_mm") or input_dtype != torch.bfloat16:
         return False
     if torch.cuda.get_device_capability(device)[0] < 9:
@@ -108,10 +114,9 @@ def grouped_swiglu(
     eager mode on CUDA the activation runs on that joint output as one Triton kernel each way
     (:func:`attnres.model.moe_kernels.packed_swiglu`).
     """
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+    if (dt := cuda_autocast_dtype(x)) is not None:
         # bf16-mixed training: fp32 weights and residual stream; compute in autocast's dtype, as
         # nn.Linear would (torch._grouped_mm has no autocast rule, and needs bf16)
-        dt = torch.get_autocast_dtype("cuda")
         x, w_gate, w_up, w_down = (t.to(dt) for t in (x, w_gate, w_up, w_down))
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_runs(x, w_gate, w_up, w_down)
@@ -309,6 +314,16 @@ class MoE(nn.Module):
         weights = scores.gather(-1, idx)
         weights = weights / weights.sum(-1, keepdim=True) * self.routed_scaling_factor
         return idx, weights, scores
+
+    def mix_region_runs(self, device: torch.device, input_dtype: torch.dtype,
+                        autocast: torch.dtype | None = None) -> bool:
+        """Whether ``Decoder.compile_nested`` runs :meth:`mix` as a nested compile region for an input of
+        ``input_dtype`` on ``device`` (``autocast``: as :func:`grouped_mm_supported`): only where the experts
+        run as grouped GEMMs (elsewhere, a CPU, fp16/fp32 or an sm80 GPU, they loop over a host-side split of
+        the tokens, a graph break, which a region cannot hold) and on a torch whose regions hold its
+        autograd functions (:func:`mix_region_supported`)."""
+        return mix_region_supported() and grouped_mm_supported(
+            device, (self.w_gate, self.w_up, self.w_down), input_dtype, autocast)
 
     def forward(self, x: Tensor, region: Callable | None = None) -> tuple[Tensor, Tensor]:
         """``x [B, T, d] -> (out [B, T, d], the sequence balance loss)``; ``region``: a function that
