@@ -29,11 +29,13 @@ __all__ = [
     "backend",
     "depth_attention",
     "extension_error",
+    "fused_add",
     "fused_norm",
     "pack",
     "phase1",
     "phase2",
     "phase2_norm",
+    "phase2_norm_add",
     "rms_norm",
     "unpack",
 ]
@@ -56,12 +58,18 @@ _HAS_KERNELS = {
 }
 
 
-# phase2_norm has CUDA kernels only (elsewhere phase2_norm() composes phase 2 and the norm)
-_HAS_NORM_KERNELS = {
-    dev: extension_error is None
-    and torch._C._dispatch_has_kernel_for_dispatch_key("attnres::phase2_norm", key)
-    for dev, key in _DISPATCH_KEY.items()
-}
+def _has_kernels(op: str) -> dict[str, bool]:
+    """Per device type, whether ``attnres._C`` has kernels of the op ``op`` there."""
+    return {
+        dev: extension_error is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"attnres::{op}", key)
+        for dev, key in _DISPATCH_KEY.items()
+    }
+
+
+# phase2_norm and phase2_norm_add have CUDA kernels only (elsewhere they compose phase 2, the norm and
+# the add)
+_HAS_NORM_KERNELS = _has_kernels("phase2_norm")
+_HAS_ADD_KERNELS = _has_kernels("phase2_norm_add")
 
 
 def _device_type(device: torch.device | str) -> str:
@@ -275,6 +283,43 @@ def phase2_norm(
     return y.view(partial.shape), lse.view(lse_shape)
 
 
+def fused_add(device: torch.device | str) -> bool:
+    """Whether :func:`phase2_norm_add` runs one fused kernel on this device type (CUDA builds)."""
+    return _HAS_ADD_KERNELS.get(_device_type(device), False)
+
+
+def phase2_norm_add(
+    partial_out: Tensor,
+    partial_lse: Tensor,
+    prev: Tensor,
+    addend: Tensor,
+    query: Tensor,
+    weight: Tensor,
+    eps: float = DEFAULT_EPS,
+    norm_eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`phase2_norm` over the partial summary ``prev + addend`` (``[..., d]`` each, one dtype), which it
+    also returns: ``(y, lse, partial)``. On CUDA one kernel each way: the sum is written once and never read
+    back, and in backward the partial summary's gradient from its later uses is added in the same kernel
+    (Block AttnRes: the sublayer output's add and its gradient's accumulation cost no pass of their own).
+    The values are those of ``partial = prev + addend`` followed by :func:`phase2_norm`, bit for bit."""
+    prev = _check_source(prev, "prev")
+    addend = _check_source(addend, "addend")
+    _check_like(addend, "addend", prev, tuple(prev.shape), "[..., d] like prev")
+    if not fused_add(prev.device) or prev.dtype == torch.float64:
+        partial = prev + addend
+        y, lse = phase2_norm(partial_out, partial_lse, partial, query, weight, eps, norm_eps)
+        return y, lse, partial
+    weight = _check_queries(weight, prev, "weight", single=True)
+    query, lse_shape = _check_phase2(partial_out, partial_lse, prev, query)
+    m = _flat_lse(partial_lse, prev.dtype)
+    y, lse, partial = _call(
+        torch.ops.attnres.phase2_norm_add, _flat(partial_out), m, _flat(prev), _flat(addend), query, weight,
+        eps, norm_eps,
+    )
+    return y.view(prev.shape), lse.view(lse_shape), partial.view(prev.shape)
+
+
 def depth_attention(
     sources: Sequence[Tensor], query: Tensor, eps: float = DEFAULT_EPS
 ) -> tuple[Tensor, Tensor]:
@@ -332,6 +377,16 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "phase2_norm_backward")
     def _(grad_y, grad_lse, partial_out, partial_lse, lse, partial, query, weight, eps, norm_eps):
+        grad_weight = weight.new_empty(weight.shape, dtype=_acc_dtype(partial.dtype))
+        return (*phase2_grads(partial, query), grad_weight)
+
+    @torch.library.register_fake(lib + "phase2_norm_add")
+    def _(partial_out, partial_lse, prev, addend, query, weight, eps, norm_eps):
+        return (*phase2_out(prev), torch.empty_like(prev))
+
+    @torch.library.register_fake(lib + "phase2_norm_add_backward")
+    def _(grad_y, grad_lse, grad_partial, partial_out, partial_lse, lse, partial, query, weight, eps,
+          norm_eps):
         grad_weight = weight.new_empty(weight.shape, dtype=_acc_dtype(partial.dtype))
         return (*phase2_grads(partial, query), grad_weight)
 

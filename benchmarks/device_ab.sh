@@ -15,6 +15,8 @@
 #      (AB_MODES default '[standard,block]', AB_VARIANTS default '[eager]'; AB_BATCH: the bench's --batch;
 #      AB_PROFILE: its --profile, default true; `kernels` for large shapes such as medium);
 #      AB_E2E_SIDES: "new" (or "base") runs one side's rows only, e.g. compiled rows whose base is known;
+#      AB_OPS_NEW=1: before step 2, the new build's quick op grid alone (its rows side by side: fused
+#      ops against the separate ones), JSON $OUT/ab/ops_new.json;
 #      AB_TESTS (step 1): 0 none, 1 (default) the CUDA op tests, else the GPU tests to run, groups of pytest
 #      arguments separated by ';' as device_presets.sh's PRESETS_TESTS). ROUNDS 0 skips step 2: an A/B of
 #      Python changes only (copy .devbuild to .devbuild_old when csrc/ is the same). With profiles, each
@@ -51,6 +53,11 @@ fi
 mkdir -p "$OUT/ab"
 # $OUT returns at most 8 files: everything of the A/B goes back as one archive, also when time runs out
 trap '(cd "$OUT" && tar czf ab.tgz ab && rm -rf ab)' EXIT
+if [[ "${AB_OPS_NEW:-0}" != 0 ]]; then  # the new build's quick op grid alone (its own side-by-side rows)
+  timeout 150 python3 -m lightning_modules bench ops --device cuda --quick true --compare none \
+    --out "$OUT/ab/ops_new.json" >"$OUT/ab/ops_new.log" 2>&1 || echo "ops (new build): exit $?"
+  grep -E "^N=" "$OUT/ab/ops_new.log" | head -30
+fi
 quick=false; [[ "${AB_QUICK:-0}" != 0 ]] && quick=true
 # the base's application: `python -m lightning_modules` since the restructure (issue 26), before it
 # `python -m attnres`

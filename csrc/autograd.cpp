@@ -12,6 +12,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -36,6 +37,11 @@ using Phase2NormOp = TensorPair(const Tensor&, const Tensor&, const Tensor&, con
 using Phase2NormBackwardOp = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, double, double);
+using Phase2NormAddOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                          const Tensor&, const Tensor&, double, double);
+using Phase2NormAddBackwardOp = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, const Tensor&, double, double);
 using DepthAttnOp = TensorPair(at::TensorList, const Tensor&, double);
 using DepthAttnBackwardOp =
     ListAndTensor(const Tensor&, const Tensor&, at::TensorList, const Tensor&, const Tensor&, double);
@@ -186,6 +192,48 @@ TensorPair phase2_norm_autograd(const Tensor& partial_out, const Tensor& partial
   return {out[0], out[1]};
 }
 
+// ---------------------------------------------------------------------------- phase 2 + norm + the add
+
+class Phase2NormAdd : public torch::autograd::Function<Phase2NormAdd> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& partial_out, const Tensor& partial_lse,
+                               const Tensor& prev, const Tensor& addend, const Tensor& query, const Tensor& weight,
+                               double eps, double norm_eps) {
+    static auto op = typed_op<Phase2NormAddOp>("attnres::phase2_norm_add");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, lse, partial] = op.call(partial_out, partial_lse, prev, addend, query, weight, eps, norm_eps);
+    // the new partial summary (an output) and the phase-1 output, as Phase2Norm saves them
+    ctx->save_for_backward({partial_out, partial_lse, lse, partial, query, weight});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["norm_eps"] = norm_eps;
+    return {y, lse, partial};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = typed_op<Phase2NormAddBackwardOp>("attnres::phase2_norm_add_backward");
+    auto saved = ctx->get_saved_variables();
+    const Tensor &out = saved[0], &partial_lse = saved[1], &lse = saved[2], &partial = saved[3],
+                 &query = saved[4], &weight = saved[5];
+    std::optional<Tensor> grad_partial;
+    if (grads[2].defined()) grad_partial = grads[2];
+    auto [g_o, g_m, g_p, g_q, g_w] =
+        op.call(defined_or_zeros(grads[0], partial), defined_or_zeros(grads[1], lse), grad_partial, out,
+                partial_lse, lse, partial, query, weight, ctx->saved_data["eps"].toDouble(),
+                ctx->saved_data["norm_eps"].toDouble());
+    // partial = prev + addend: both get the partial's gradient (the one tensor, as torch's add gives it)
+    return {g_o, g_m.to(partial_lse.scalar_type()), g_p, g_p, g_q.to(query.scalar_type()),
+            g_w.to(weight.scalar_type()), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> phase2_norm_add_autograd(const Tensor& partial_out, const Tensor& partial_lse,
+                                                            const Tensor& prev, const Tensor& addend,
+                                                            const Tensor& query, const Tensor& weight, double eps,
+                                                            double norm_eps) {
+  auto out = Phase2NormAdd::apply(partial_out, partial_lse, prev, addend, query, weight, eps, norm_eps);
+  return {out[0], out[1], out[2]};
+}
+
 // ---------------------------------------------------------------------------- direct
 
 class DepthAttn : public torch::autograd::Function<DepthAttn> {
@@ -220,5 +268,6 @@ TORCH_LIBRARY_IMPL(attnres, Autograd, m) {
   m.impl("phase1", &phase1_autograd);
   m.impl("phase2", &phase2_autograd);
   m.impl("phase2_norm", &phase2_norm_autograd);
+  m.impl("phase2_norm_add", &phase2_norm_add_autograd);
   m.impl("depth_attn", &depth_attn_autograd);
 }

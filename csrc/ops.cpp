@@ -48,6 +48,20 @@ TORCH_LIBRARY(attnres, m) {
       "phase2_norm_backward(Tensor grad_y, Tensor grad_lse, Tensor partial_out, Tensor partial_lse, Tensor lse, "
       "Tensor partial, Tensor query, Tensor weight, float eps, float norm_eps) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // phase2_norm with the partial summary's last addition fused in: partial = prev + addend (same shape and
+  // dtype; rounded as torch's add rounds it), then phase2_norm over it -> (y [N, d], lse [N], partial [N, d]).
+  // CUDA only (attnres/ops.py composes the add and phase2_norm elsewhere).
+  m.def(
+      "phase2_norm_add(Tensor partial_out, Tensor partial_lse, Tensor prev, Tensor addend, Tensor query, "
+      "Tensor weight, float eps, float norm_eps) -> (Tensor, Tensor, Tensor)");
+  // phase2_norm_backward with grad_partial (the gradient of the returned partial from its later uses,
+  // None: zero) added to the partial's gradient (after rounding it to the dtype, as autograd adds them),
+  // which is then that of prev and of addend -> (grad_partial_out, grad_partial_lse, grad_prev,
+  // grad_query [d] fp32, grad_weight [d] fp32).
+  m.def(
+      "phase2_norm_add_backward(Tensor grad_y, Tensor grad_lse, Tensor? grad_partial, Tensor partial_out, "
+      "Tensor partial_lse, Tensor lse, Tensor partial, Tensor query, Tensor weight, float eps, float norm_eps) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Direct softmax over depth for one query [d]: sources n x [N, d] -> (out [N, d], lse [N]).
   m.def("depth_attn(Tensor[] sources, Tensor query, float eps) -> (Tensor, Tensor)");
   m.def(

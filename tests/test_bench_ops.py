@@ -44,9 +44,10 @@ def test_quick_cpu_run_writes_rows_with_speedups(tmp_path, monkeypatch):
 
 
 def test_cuda_rows_have_every_op_when_run_on_the_cpu(monkeypatch):
-    """The CUDA benchmark's row (``bench_case``: every op forward and backward, the fused phase-2 norm,
-    merge + norm fused vs apart, the block sums) built on a CPU at a tiny shape, without baselines. The
-    fused phase-2 norm has CUDA kernels only: here it is phase 2 then the norm, with the same signature."""
+    """The CUDA benchmark's row (``bench_case``: every op forward and backward, the fused phase-2 norm with
+    and without the add, merge + norm fused vs apart, the block sums) built on a CPU at a tiny shape,
+    without baselines. The fused ops have CUDA kernels only: here they are phase 2, the norm and the add,
+    with the same signatures."""
     from attnres import ops
     from attnres.bench import report
     from attnres.bench.ops import bench_case, cuda_grid
@@ -62,15 +63,25 @@ def test_cuda_rows_have_every_op_when_run_on_the_cpu(monkeypatch):
     def phase2_norm_backward(d_out, d_lse, o, m, lse, p, q, w, eps, norm_eps):
         return torch.ops.attnres.phase2_backward(d_out, d_lse, o, m, lse, p, q, eps)
 
+    def phase2_norm_add(o, m, prev, v, q, w, eps, norm_eps):
+        return (*phase2_norm(o, m, prev + v, q, w, eps, norm_eps), prev + v)
+
+    def phase2_norm_add_backward(d_out, d_lse, d_p, o, m, lse, p, q, w, eps, norm_eps):
+        g_o, g_m, g_p, g_q = phase2_norm_backward(d_out, d_lse, o, m, lse, p, q, w, eps, norm_eps)
+        return g_o, g_m, g_p + d_p, g_q, w
+
     monkeypatch.setattr(ops, "phase2_norm", phase2_norm)
-    monkeypatch.setattr(torch.ops.attnres, "phase2_norm", phase2_norm, raising=False)
-    monkeypatch.setattr(torch.ops.attnres, "phase2_norm_backward", phase2_norm_backward, raising=False)
+    monkeypatch.setattr(ops, "fused_add", lambda device: True)
+    for fn in (phase2_norm, phase2_norm_backward, phase2_norm_add, phase2_norm_add_backward):
+        monkeypatch.setattr(torch.ops.attnres, fn.__name__, fn, raising=False)
     row = bench_case(64, 32, 3, 2, torch.float32, 10.0, {"far": None, "fla": None}, False, device="cpu")
     for key in ("phase1_fwd", "phase1_bwd", "phase1_bwd_fused", "phase2_fwd", "phase2_bwd", "phase2_norm_fwd",
-                "phase2_norm_bwd", "direct_fwd", "direct_bwd"):
+                "phase2_norm_bwd", "phase2_norm_add_fwd", "phase2_norm_add_bwd", "direct_fwd", "direct_bwd"):
         assert row[key]["ms"] > 0 and row[key]["GBps"] > 0 and row[key]["pct_copy"] > 0, key
     assert row["block_fwd_ms"] == row["phase1_fwd"]["ms"] + 2 * row["phase2_fwd"]["ms"]
     assert row["merge_norm_fwd_bwd_ms"] > 0 and row["merge_then_norm_fwd_bwd_ms"] > 0
+    assert row["add_merge_norm_fwd_bwd_ms"] > 0 and row["add_then_merge_norm_fwd_bwd_ms"] > 0
+    assert report.ops_row_line(row).count("x") >= 2  # both fused-vs-apart ratios
     assert "N=   64 d=  32 n= 3 S= 2" in report.ops_row_line(row)
     assert (16384, 2048, 9, 8) in cuda_grid(quick=True) and len(cuda_grid(quick=False)) == 3 * 5 * 6 * 4
 

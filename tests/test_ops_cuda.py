@@ -224,6 +224,102 @@ def test_phase2_norm_equals_phase2_then_the_norm():
     assert torch.equal(y, again[0])
 
 
+@pytest.mark.parametrize("N, d", [(1, 64), (37, 7), (300, 1030), (4096, 2048)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_phase2_norm_add_is_the_add_then_phase2_norm_bit_for_bit(N, d, dtype):
+    """The add fused into phase 2 + norm against the two ops it replaces, on the same inputs: y, lse and
+    the sum equal exactly; in backward, the gradients equal those of ``prev + addend`` then phase2_norm
+    with the sum's later gradient added by autograd (exactly: the kernel rounds its own part first), with
+    that later gradient given and absent (None: nothing added)."""
+    gen = torch.Generator().manual_seed(N + 3 * d)
+    (o, prev, addend), q = make(3, N, d, 1, dtype, gen)
+    w = (1 + 0.5 * torch.randn(d, generator=gen)).to("cuda")
+    m = (torch.randn(N, generator=gen) * 2).to("cuda")
+    leaves = [t.clone().requires_grad_() for t in (o, m, prev, addend, q[0], w)]
+    y, lse, partial = ops.phase2_norm_add(*leaves, EPS, 1e-5)
+    ref = [t.clone().requires_grad_() for t in (o, m, prev, addend, q[0], w)]
+    ref_partial = ref[2] + ref[3]
+    ref_y, ref_lse = ops.phase2_norm(ref[0], ref[1], ref_partial, ref[4], ref[5], EPS, 1e-5)
+    assert torch.equal(partial, ref_partial) and torch.equal(y, ref_y) and torch.equal(lse, ref_lse)
+    g_y = torch.randn(N, d, generator=gen).to("cuda", dtype)
+    g_lse = torch.randn(N, generator=gen).to("cuda")
+    g_p = torch.randn(N, d, generator=gen).to("cuda", dtype)
+    for outs, ref_outs, gs in [
+        ([y, lse, partial], [ref_y, ref_lse, ref_partial], [g_y, g_lse, g_p]),
+        ([y, lse], [ref_y, ref_lse], [g_y, g_lse]),
+    ]:
+        got = torch.autograd.grad(outs, leaves, gs, retain_graph=True)
+        want = torch.autograd.grad(ref_outs, ref, gs, retain_graph=True)
+        for name, a, b in zip(["o", "m", "prev", "addend", "q", "w"], got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"grad of {name}"
+
+
+def test_phase2_norm_add_rejects_mismatched_addends():
+    gen = torch.Generator().manual_seed(1)
+    (o, prev), q = make(2, 8, 16, 1, torch.bfloat16, gen)
+    w, m = torch.ones(16, device="cuda"), torch.zeros(8, device="cuda")
+    with pytest.raises(TypeError, match="addend has dtype torch.float32"):
+        ops.phase2_norm_add(o, m, prev, prev.float(), q[0], w)
+    with pytest.raises(ValueError, match="addend must have shape"):
+        ops.phase2_norm_add(o, m, prev, prev[:4], q[0], w)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_block_attnres_adds_each_output_in_the_next_inputs_kernel_bit_for_bit(compiled, monkeypatch):
+    """Block AttnRes in bf16 on CUDA: each output inside a block reaches the partial summary through the
+    next sublayer's ``phase2_norm_add`` (4 per step here), and the read-out and every gradient equal those
+    of the add made at once (exactly in eager; under torch.compile with fullgraph, which traces the pending
+    add through the state, within bf16 rounding: Inductor fuses the neighbours of the op otherwise)."""
+    from attnres.model.norm import RMSNorm
+    from attnres.residual import BlockAttnRes, block, make_residual
+
+    calls = []
+    op = ops.phase2_norm_add
+    if not compiled:  # counted in eager (a compiled graph calls the op without the wrapper)
+        monkeypatch.setattr(ops, "phase2_norm_add", lambda *a: calls.append(1) or op(*a))
+    # traced also below DEFERRED_ADD_COMPILE_MIN_TORCH: this test is what may lower it
+    monkeypatch.setattr(block, "_DEFERRED_ADD_COMPILES", True)
+    torch.manual_seed(0)
+    d = 256
+    stack = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.Tanh()) for _ in range(8)).cuda().bfloat16()
+    norms = nn.ModuleList(RMSNorm(d, 1e-5) for _ in range(8)).cuda().bfloat16()
+    res = make_residual("block", d, 8, num_blocks=2).cuda().bfloat16()
+    with torch.no_grad():
+        for q in res.queries.values():
+            q.weight.normal_()
+    emb = torch.randn(2, 64, d, device="cuda", dtype=torch.bfloat16)
+
+    def step(x):
+        state = res.begin(x)
+        for i, f in enumerate(stack):
+            res.output(state, i, f(norms[i](res.input(state, i))))
+        return res.readout(state).float().square().mean()
+
+    def run():
+        torch._dynamo.reset()
+        fn = torch.compile(step, fullgraph=True) if compiled else step
+        x = emb.clone().requires_grad_()
+        loss = fn(x)
+        loss.backward()
+        params = [*res.parameters(), *stack.parameters(), *norms.parameters()]
+        got = [loss.detach(), x.grad, *[p.grad.clone() for p in params]]
+        for p in params:
+            p.grad = None
+        return got
+
+    deferred = run()
+    assert len(calls) == (0 if compiled else 4)
+    calls.clear()
+    monkeypatch.setattr(BlockAttnRes, "_defers_add", lambda *a: False)
+    plain = run()
+    assert calls == []
+    for a, b in zip(deferred, plain, strict=True):
+        if compiled:
+            assert rel_err(a, b) < 1e-2
+        else:
+            assert torch.equal(a, b)
+
+
 def test_two_phases_equal_direct_softmax():
     gen = torch.Generator().manual_seed(11)
     src, q = make(6, 128, 2304, 4, torch.float32, gen)
@@ -283,6 +379,23 @@ def _opcheck_cases():
             torch.ops.attnres.phase2_norm_backward.default,
             (g[0], gl[0], o, m, lse2, p, q[0], w, EPS, 1e-5),
         ),
+        "phase2_norm_add": (
+            torch.ops.attnres.phase2_norm_add.default,
+            (
+                o.clone().requires_grad_(),
+                m.clone().requires_grad_(),
+                p.clone().requires_grad_(),
+                g[1].clone().requires_grad_(),
+                q[0].clone().requires_grad_(),
+                w.clone().requires_grad_(),
+                EPS,
+                1e-5,
+            ),
+        ),
+        "phase2_norm_add_backward": (
+            torch.ops.attnres.phase2_norm_add_backward.default,
+            (g[0], gl[0], g[1], o, m, lse2, p, q[0], w, EPS, 1e-5),
+        ),
         "depth_attn": (torch.ops.attnres.depth_attn.default, (rg, q[0].clone().requires_grad_(), EPS)),
         "depth_attn_backward": (
             torch.ops.attnres.depth_attn_backward.default,
@@ -295,7 +408,7 @@ def _opcheck_cases():
     "name",
     [
         "phase1", "phase1_backward", "phase2", "phase2_backward", "phase2_norm", "phase2_norm_backward",
-        "depth_attn", "depth_attn_backward",
+        "phase2_norm_add", "phase2_norm_add_backward", "depth_attn", "depth_attn_backward",
     ],
 )
 def test_opcheck_on_cuda(name):

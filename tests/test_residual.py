@@ -227,7 +227,8 @@ def test_stage_starting_mid_block_runs_phase1_for_its_own_sublayers(mode):
         stage.output(state, i, sublayers[i](stage.input(state, i)))
     # hand over as a stage boundary would: the sources and the partial only
     handed = stage.begin(emb)
-    handed.sources, handed.partial = list(state.sources), state.partial
+    handed.sources = list(state.sources)
+    handed.set_partial(state.partial)
     for key in ("0", "1"):
         del stage.queries[key]
     for i in range(2, 8):
@@ -359,7 +360,8 @@ def test_recompute_mode_gives_the_plain_gradients_bit_for_bit_across_a_mid_block
         state = _normed_run(res, x, sublayers[:split] if split else sublayers, norms)
         if split:  # hand over the sources and the partial, as a stage boundary does
             handed = res.begin(x)
-            handed.sources, handed.partial = list(state.sources), state.partial
+            handed.sources = list(state.sources)
+            handed.set_partial(state.partial)
             state = _normed_run(res, x, sublayers, norms, first=split, state=handed)
         out = res.readout(state)
         (out.float() * torch.linspace(-1, 1, D)).sum().backward()
@@ -434,7 +436,8 @@ def test_fused_norm_routing_takes_the_last_merge_of_each_sublayer(mode, recomput
         state = _normed_run(res, x, sublayers[:split] if split else sublayers, norms)
         if split:
             handed = res.begin(x)
-            handed.sources, handed.partial = list(state.sources), state.partial
+            handed.sources = list(state.sources)
+            handed.set_partial(state.partial)
             state = _normed_run(res, x, sublayers, norms, first=split, state=handed)
         out = res.readout(state)
         (out * torch.linspace(-1, 1, D, dtype=out.dtype)).sum().backward()
@@ -458,6 +461,133 @@ def test_fused_norm_routing_takes_the_last_merge_of_each_sublayer(mode, recomput
         assert len(calls) == forward_calls * (2 if recompute else 1)
         for e, a in zip(expected, actual, strict=True):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_block_leaves_each_output_add_to_the_next_inputs_fused_kernel(recompute, monkeypatch):
+    """Block AttnRes on a device with ``phase2_norm_add`` (its reference standing in for the CUDA kernel):
+    each output inside a block is added to the partial summary by the next sublayer's input, in the op
+    that also merges and normalises; read-out, every gradient and each input's ``h`` (read after the
+    output, as the decoder's stats do) are those of the add made at once, across stage splits (the
+    handed-over partial makes a pending add), and the op runs for every sublayer but a block's first
+    two. ``recompute`` keeps the add at once (its merge runs again in backward)."""
+    from attnres import ops, reference
+    from attnres.model.norm import RMSNorm
+    from attnres.ops import rms_norm
+
+    calls = []
+
+    def fused(o, lse, p, q, w, eps, norm_eps):
+        h, lse = reference.phase2(o, lse, p, q, eps)
+        return rms_norm(h, w, norm_eps), lse
+
+    def fused_add(o, lse, prev, addend, q, w, eps, norm_eps):
+        calls.append(eps)
+        partial = prev + addend
+        return (*fused(o, lse, partial, q, w, eps, norm_eps), partial)
+
+    sublayers = make_stack(8)
+    norms = nn.ModuleList(RMSNorm(D, 1e-5) for _ in range(8)).double()
+    emb = torch.randn(2, 3, D, dtype=torch.float64)
+
+    def run_split(add_kernel: bool, split: int | None):
+        monkeypatch.setattr(ops, "fused_add", lambda device: add_kernel)
+        res = make_residual("block", D, 8, num_blocks=2, eps=EPS, recompute=recompute).double()
+        randomise_queries(res)
+        x = emb.clone().requires_grad_()
+        inputs, state = [], res.begin(x)
+        for i, f in enumerate(sublayers):
+            if i == split:  # the next stage starts from the handed-over fields
+                state = ResidualState(sources=list(state.sources), partial=state.partial)
+            h = res.input(state, i)
+            res.output(state, i, f(norms[i](h)))
+            inputs.append(h if isinstance(h, torch.Tensor) else h.tensor())
+        out = res.readout(state)
+        (out * torch.linspace(-1, 1, D, dtype=out.dtype)).sum().backward()
+        params = [*res.parameters(), *sublayers.parameters()]
+        got = [out.detach(), x.grad, *[h.detach() for h in inputs], *[p.grad.clone() for p in params]]
+        for p in params:
+            p.grad = None
+        return got
+
+    monkeypatch.setattr(ops, "fused_norm", lambda device: True)
+    monkeypatch.setattr(ops, "phase2_norm", fused)
+    monkeypatch.setattr(ops, "phase2_norm_add", fused_add)
+    for split, count in [(None, 4), (2, 3), (5, 4)]:
+        calls.clear()
+        expected = run_split(False, split)
+        assert calls == []
+        actual = run_split(True, split)
+        assert len(calls) == (0 if recompute else count)
+        for e, a in zip(expected, actual, strict=True):
+            assert torch.equal(a, e)
+
+
+def test_block_deferred_add_under_torch_compile_equals_eager(monkeypatch):
+    """The pending add lives on the state across sublayers: torch.compile (fullgraph) traces it (writes
+    through ``set_partial``: Dynamo stores an assignment to a property as a plain attribute, which left
+    the partial summary unset under compile on the H100, session 26) and gives eager's read-out and
+    gradients, with the fused op (its composition standing in) in the graph."""
+    from attnres import ops
+    from attnres.model.norm import RMSNorm
+
+    def fused(o, m, p, q, w, eps, norm_eps):
+        h, lse = ops.phase2(o, m, p, q, eps)
+        return ops.rms_norm(h, w, norm_eps), lse
+
+    calls = []
+
+    def fused_add(o, m, prev, v, q, w, eps, norm_eps):
+        calls.append(1)
+        return (*fused(o, m, prev + v, q, w, eps, norm_eps), prev + v)
+
+    for name, fn in [("fused_norm", lambda device: True), ("fused_add", lambda device: True),
+                     ("phase2_norm", fused), ("phase2_norm_add", fused_add)]:
+        monkeypatch.setattr(ops, name, fn)
+    sublayers = make_stack(8, torch.float32)
+    norms = nn.ModuleList(RMSNorm(D, 1e-5) for _ in range(8))
+    res = make_residual("block", D, 8, num_blocks=2, eps=EPS)
+    randomise_queries(res)
+    emb = torch.randn(2, 5, D)
+
+    def step(x):
+        state = res.begin(x)
+        for i, f in enumerate(sublayers):
+            res.output(state, i, f(norms[i](res.input(state, i))))
+        return res.readout(state).square().mean()
+
+    def run(fn):
+        x = emb.clone().requires_grad_()
+        fn(x).backward()
+        params = [*res.parameters(), *sublayers.parameters(), *norms.parameters()]
+        got = [x.grad, *[p.grad.clone() for p in params]]
+        for p in params:
+            p.grad = None
+        return got
+
+    eager = run(step)
+    assert len(calls) == 4
+    torch._dynamo.reset()
+    compiled = run(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    assert len(calls) == 8  # traced once through the stand-in
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_pending_add_is_made_by_any_reader_of_the_partial_summary():
+    a, b = torch.randn(2, D), torch.randn(2, D)
+    state = ResidualState(sources=[a], partial=a)
+    state.defer_add(b)
+    assert state.add_pending and state.partial is not None and torch.equal(state.partial, a + b)
+    assert not state.add_pending and state.take_add() is None
+    state.defer_add(a)
+    prev, addend = state.take_add()
+    assert prev is not a and torch.equal(prev, a + b) and addend is a and not state.add_pending
+    with pytest.raises(RuntimeError, match="no addition pending"):
+        state.defer_add(a)
+        state.defer_add(a)
+    with pytest.raises(RuntimeError, match="needs a partial summary"):
+        ResidualState(sources=[a]).defer_add(b)
 
 
 # ----------------------------------------------------------------------------- the structure

@@ -11,6 +11,7 @@ op          forward         backward
 ==========  ==============  =================
 phase1      (n + S) N d     (2n + S) N d
 phase2      3 N d           5 N d (also with the fused norm, ``phase2_norm``)
++ add       5 N d           6 N d (``phase2_norm_add``: the partial summary's add fused in too)
 direct      (n + 1) N d     (2n + 1) N d
 ==========  ==============  =================
 
@@ -23,12 +24,13 @@ direct      (n + 1) N d     (2n + 1) N d
 * **CUDA**: bf16 over the issue's grid (:func:`cuda_grid`; ``quick``: the N = 16384 sweep), every op
   forward and backward called directly (``torch.ops.attnres``) on input sets rotated so that L2 cannot
   hold them (median of 3 samples of several calls), the phase-1 backward twice (the default kernels
-  and, as ``phase1_bwd_fused``, the fused ones), phase 2 with the norm fused in and one sublayer's merge
-  + norm through autograd fused vs apart. Then, on the ``compare`` shapes, the baselines where
-  installed (:func:`attnres.bench.peers.op_baselines`): ``torch.compile`` of ``attnres.reference``,
-  flash-attn-res 0.1.12 phase 1 (bf16 only; its sources pre-stacked outside the timing), and fla's
-  ``fused_attnres`` per block (S calls over the n sources + the partial summary, against one phase 1 +
-  S phase 2 here).
+  and, as ``phase1_bwd_fused``, the fused ones), phase 2 with the norm fused in (and with the partial
+  summary's add too), and one sublayer's merge + norm through autograd fused vs apart (and the add,
+  merge and norm fused vs torch's add before the fused merge + norm). Then, on the ``compare`` shapes,
+  the baselines where installed (:func:`attnres.bench.peers.op_baselines`): ``torch.compile`` of
+  ``attnres.reference``, flash-attn-res 0.1.12 phase 1 (bf16 only; its sources pre-stacked outside the
+  timing), and fla's ``fused_attnres`` per block (S calls over the n sources + the partial summary,
+  against one phase 1 + S phase 2 here).
 
 The JSON (``benchmarks/results/ops_<device type>.json`` by default) holds the device, versions and the
 command. To add a device type: a grid for it and its rows here.
@@ -396,28 +398,49 @@ def bench_case(
             d_out, g_lse[0], outs[k % sets][0], d_lse, lse_n, partial[k % sets], q[0], w, EPS, NORM_EPS
         )
     )
-    # one sublayer's merge + norm, forward and backward through autograd: fused vs the separate ops
-    p2_leaves = [
-        [outs[k][0].detach().requires_grad_(), partial[k].detach().requires_grad_()] for k in range(sets)
-    ]
+    # ... and with the partial summary's add fused in too (Block AttnRes inside a block), in builds with it
+    addend = [torch.randn(N, d, device=device, dtype=dtype) for _ in range(sets)]
+    if ops.fused_add(device):
+        g_partial = torch.randn(N, d, device=device, dtype=dtype)
+        t["phase2_norm_add_fwd"] = _time(
+            lambda k: P.phase2_norm_add(
+                outs[k % sets][0], lse[k % sets][0], partial[k % sets], addend[k % sets], q[0], w, EPS,
+                NORM_EPS,
+            )
+        )
+        t["phase2_norm_add_bwd"] = _time(
+            lambda k: P.phase2_norm_add_backward(
+                d_out, g_lse[0], g_partial, outs[k % sets][0], d_lse, lse_n, partial[k % sets], q[0], w, EPS,
+                NORM_EPS,
+            )
+        )
+    # one sublayer's merge + norm, forward and backward through autograd: fused vs the separate ops; with
+    # `add`, a sublayer inside a block: the add, merge and norm fused vs torch's add before the fused rest
+    leaves = [[x.detach().requires_grad_() for x in (outs[k][0], partial[k], addend[k])] for k in range(sets)]
     wl, ql0 = w.detach().requires_grad_(), q[0].detach().requires_grad_()
 
-    def merge_fb(fused: bool):
+    def merge_fb(fused: bool, add: bool = False):
         def go(k):
-            o, p = p2_leaves[k % sets]
-            m = lse[k % sets][0]
+            (o, prev, v), m = leaves[k % sets], lse[k % sets][0]
+            if not add:
+                y = (ops.phase2_norm(o, m, prev, ql0, wl, EPS, NORM_EPS)[0] if fused
+                     else rms_norm(ops.phase2(o, m, prev, ql0, EPS)[0], wl, NORM_EPS))
+                torch.autograd.grad(y, [o, prev, ql0, wl], d_out)
+                return
             if fused:
-                y = ops.phase2_norm(o, m, p, ql0, wl, EPS, NORM_EPS)[0]
+                y, _, p = ops.phase2_norm_add(o, m, prev, v, ql0, wl, EPS, NORM_EPS)
             else:
-                y = rms_norm(ops.phase2(o, m, p, ql0, EPS)[0], wl, NORM_EPS)
-            torch.autograd.grad(y, [o, p, ql0, wl], d_out)
+                p = prev + v
+                y = ops.phase2_norm(o, m, p, ql0, wl, EPS, NORM_EPS)[0]
+            torch.autograd.grad([y, p], [o, prev, v, ql0, wl], [d_out, g_partial])
 
         return go
 
-    row_extra = {
-        "merge_norm_fwd_bwd_ms": _time(merge_fb(True)),
-        "merge_then_norm_fwd_bwd_ms": _time(merge_fb(False)),
-    }
+    row_extra = {"merge_norm_fwd_bwd_ms": _time(merge_fb(True)),
+                 "merge_then_norm_fwd_bwd_ms": _time(merge_fb(False))}
+    if ops.fused_add(device):
+        row_extra["add_merge_norm_fwd_bwd_ms"] = _time(merge_fb(True, add=True))
+        row_extra["add_then_merge_norm_fwd_bwd_ms"] = _time(merge_fb(False, add=True))
     # the fused phase-1 backward kernels, forced by the variable the extension reads per call
     with mock.patch.dict(os.environ, {"ATTNRES_P1_BWD": "fused"}):
         t["phase1_bwd_fused"] = _time(
@@ -431,6 +454,8 @@ def bench_case(
         "phase2_bwd": 5 * N * d,
         "phase2_norm_fwd": 3 * N * d,
         "phase2_norm_bwd": 5 * N * d,
+        "phase2_norm_add_fwd": 5 * N * d,
+        "phase2_norm_add_bwd": 6 * N * d,
         "direct_fwd": (n + 1) * N * d,
         "direct_bwd": (2 * n + 1) * N * d,
     }

@@ -72,13 +72,15 @@ def ops_row_line(r: dict[str, Any]) -> str:
     merge + norm against the separate ops."""
     ops_ = (
         "phase1_fwd", "phase1_bwd", "phase1_bwd_fused", "phase2_fwd", "phase2_bwd", "phase2_norm_fwd",
-        "phase2_norm_bwd", "direct_fwd", "direct_bwd",
+        "phase2_norm_bwd", "phase2_norm_add_fwd", "phase2_norm_add_bwd", "direct_fwd", "direct_bwd",
     )  # fmt: skip
     cells = " ".join(f"{r[k]['ms']:7.3f}/{r[k]['pct_copy']:3.0f}%" if k in r else " " * 12 for k in ops_)
     merge = ""
-    if "merge_norm_fwd_bwd_ms" in r:
-        fused, apart = r["merge_norm_fwd_bwd_ms"], r["merge_then_norm_fwd_bwd_ms"]
-        merge = f" | {fused:7.3f} {apart:7.3f} {apart / fused:5.2f}x"
+    for fused_key, apart_key in [("merge_norm_fwd_bwd_ms", "merge_then_norm_fwd_bwd_ms"),
+                                 ("add_merge_norm_fwd_bwd_ms", "add_then_merge_norm_fwd_bwd_ms")]:
+        if fused_key in r:
+            fused, apart = r[fused_key], r[apart_key]
+            merge += f" | {fused:7.3f} {apart:7.3f} {apart / fused:5.2f}x"
     return f"N={r['N']:5d} d={r['d']:4d} n={r['n']:2d} S={r['S']:2d} | {cells}{merge}"
 
 
@@ -89,8 +91,8 @@ def print_cuda_ops_table(result: dict[str, Any]) -> None:
     print("ms / % of copy bandwidth at minimum traffic")
     print(
         "     N    d  n  S |   p1 fwd      |   p1 bwd      | p1 bwd fused  |   p2 fwd      |   p2 bwd      "
-        "| p2+norm fwd   | p2+norm bwd   |  direct fwd   |  direct bwd   "
-        "| merge+norm fwd+bwd (autograd): fused, apart, ratio"
+        "| p2+norm fwd   | p2+norm bwd   | +add fwd      | +add bwd      |  direct fwd   |  direct bwd   "
+        "| merge+norm fwd+bwd (autograd): fused, apart, ratio | the same with the add"
     )
     for r in rows:
         print(ops_row_line(r))

@@ -24,6 +24,21 @@ from attnres.residual import diagnostics
 from attnres.residual.base import Residual
 from attnres.residual.state import DepthInput, ResidualState, _BlockRecompute
 
+# Under torch.compile the pending add (BlockAttnRes._defers_add) is state that Dynamo traces across the
+# sublayers. torch 2.13 traces it (tests/test_residual.py, on the CPU); on torch 2.11 (H100, session 26) the
+# first version, which set ResidualState.partial through a property setter, left the partial summary unset
+# in the graph (Dynamo stored the assignment as a plain attribute). The version now (set_partial) is not yet
+# run compiled on a 2.11 GPU: below this version a compiled forward adds at once, as before.
+DEFERRED_ADD_COMPILE_MIN_TORCH = (2, 13)
+
+
+def deferred_add_compiles() -> bool:
+    """Whether torch.compile may trace the pending add here (:data:`DEFERRED_ADD_COMPILE_MIN_TORCH`)."""
+    return torch.torch_version.TorchVersion(torch.__version__) >= DEFERRED_ADD_COMPILE_MIN_TORCH
+
+
+_DEFERRED_ADD_COMPILES = deferred_add_compiles()  # looked up once (a plain bool for Dynamo)
+
 
 class DepthQuery(nn.Module):
     """One sublayer's depth mixer: a pseudo-query ``w [d]`` (zero init: uniform weights at step 0) and
@@ -84,9 +99,12 @@ class _AttnRes(Residual):
         if state.records is not None:
             return self._recorded_input(state, i)
         recompute = self._recomputes()
+        deferred = state.add_pending  # Block: the last output's add is left to this input's kernel
         out, lse, last, k = self._merge_all_but_last(state, i, recompute)
         fused = self.fuse_norm and ops.fused_norm(out.device)
         query = state._pending.queries[k]
+        if deferred:
+            return DepthInput(out, lse, None, query, self.eps, fused, None, k, deferred=state)
         if recompute or (fused and last is not None):
             holder = state._pending.recompute if recompute else None
             return DepthInput(out, lse, last, query, self.eps, fused, holder, k)
@@ -250,14 +268,27 @@ class BlockAttnRes(_AttnRes):
     def _recomputes(self) -> bool:
         return self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
+    def _defers_add(self, state: ResidualState, i: int, v: Tensor) -> bool:
+        """Whether sublayer ``i``'s output is added to the partial summary by the next sublayer's input,
+        in its phase-2 + norm kernel (:func:`attnres.ops.phase2_norm_add`): inside a block, where that
+        input takes the fused path (``fuse_norm`` on a device with the kernels, no ``recompute``, not
+        recording) and ``v`` has the stream's dtype (bf16 weights; under autocast it is narrower); under
+        torch.compile only where :func:`deferred_add_compiles`."""
+        return (
+            (i + 1) % self.block_size != 0 and self.fuse_norm and v.dtype == state.sources[0].dtype
+            and state.records is None and not self._recomputes() and ops.fused_add(v.device)
+            and (_DEFERRED_ADD_COMPILES or not torch.compiler.is_compiling())
+        )
+
     def _merge_all_but_last(
         self, state: ResidualState, i: int, recompute: bool
     ) -> tuple[Tensor, Tensor, Tensor | None, int]:
-        # phase 1 over the block summaries, then the partial summary
-        if state.partial is None and i % self.block_size != 0:
+        # phase 1 over the block summaries, then the partial summary (with an add pending: the summary
+        # before it, which input() does not use then)
+        if state._partial is None and i % self.block_size != 0:
             raise RuntimeError(f"sublayer {i} is inside a block but no partial summary was handed back")
         out, lse, k = self._phase1_result(state, i, self.block_size, recompute)
-        return out, lse, state.partial, k
+        return out, lse, state._partial, k
 
     def output(self, state: ResidualState, i: int, v: Tensor) -> None:
         dtype = state.sources[0].dtype  # the stream's (see _AttnRes)
@@ -265,9 +296,14 @@ class BlockAttnRes(_AttnRes):
             v = v.to(dtype)
         # a narrower v (bf16 under autocast) is added by promotion, one kernel (a cast first would write
         # and read v in fp32 once more: 2 fp32 [B, T, d] passes per sublayer)
-        state.partial = v.to(dtype) if state.partial is None else state.partial + v
+        if state.partial is None:
+            state.set_partial(v.to(dtype))
+        elif self._defers_add(state, i, v):
+            state.defer_add(v)
+        else:
+            state.set_partial(state.partial + v)
         if (i + 1) % self.block_size == 0:  # the block is complete: its summary becomes a source
             state.sources.append(state.partial)
-            state.partial = None
+            state.set_partial(None)
             state._pending = None
 

@@ -9,7 +9,7 @@ of the path without recompute, bit for bit: backward replays the same ops on the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from attnres.residual.block import _Pending
 
 
-@dataclass(eq=False)
 class ResidualState:
     """What flows along depth for one forward pass (and, under pipeline parallelism, across stages).
 
@@ -33,23 +32,66 @@ class ResidualState:
     Optional, set by :meth:`Residual.begin`: ``query_cache`` (decoding: the depth queries by sublayer
     range, kept across calls) and ``records`` (one dict per sublayer input and the read-out: depth
     weights and source norms, :mod:`attnres.residual.diagnostics`).
+
+    Block AttnRes may leave the last output's addition to ``partial`` pending (:meth:`defer_add`), for the
+    next sublayer's input to make it in the same kernel as its phase 2 and norm
+    (:func:`attnres.ops.phase2_norm_add`); reading ``partial`` makes a pending addition first, so every
+    other reader sees the sum. Writers call :meth:`set_partial`.
     """
 
-    sources: list[Tensor] = field(default_factory=list)
-    partial: Tensor | None = None
-    hidden: Tensor | None = None
-    query_cache: dict[tuple[int, int], Tensor] | None = None
-    records: list[dict] | None = None
-    # the phase-1 results of the current block or group (Block / Full AttnRes only; not handed over:
-    # a stage that receives the state runs phase 1 for its own sublayers)
-    _pending: _Pending | None = field(default=None, init=False, repr=False)
+    def __init__(
+        self, sources: list[Tensor] | None = None, partial: Tensor | None = None,
+        hidden: Tensor | None = None, query_cache: dict[tuple[int, int], Tensor] | None = None,
+        records: list[dict] | None = None,
+    ) -> None:
+        self.sources: list[Tensor] = [] if sources is None else sources
+        self._partial, self._addend = partial, None
+        self.hidden, self.query_cache, self.records = hidden, query_cache, records
+        # the phase-1 results of the current block or group (Block / Full AttnRes only; not handed over:
+        # a stage that receives the state runs phase 1 for its own sublayers)
+        self._pending: _Pending | None = None
+
+    @property
+    def partial(self) -> Tensor | None:
+        if self._addend is not None:
+            self._partial, self._addend = self._partial + self._addend, None
+        return self._partial
+
+    def set_partial(self, value: Tensor | None) -> None:
+        """``partial = value`` (any pending addition dropped). A method, not a property setter: Dynamo
+        stores ``state.partial = ...`` as a plain attribute without calling a setter (torch 2.11)."""
+        self._partial, self._addend = value, None
+
+    def defer_add(self, addend: Tensor) -> None:
+        """``partial += addend``, made by the next reader: the fused kernel of the next sublayer's input
+        (:meth:`take_add`) or, for any other reader, when it reads ``partial``."""
+        if self._partial is None or self._addend is not None:
+            raise RuntimeError("defer_add needs a partial summary and no addition pending")
+        self._addend = addend
+
+    def take_add(self) -> tuple[Tensor, Tensor] | None:
+        """The pending addition ``(partial, addend)``, handed to the caller, who sets ``partial`` to the
+        sum; None when none is pending."""
+        if self._addend is None:
+            return None
+        pending, self._addend = (self._partial, self._addend), None
+        return pending
+
+    @property
+    def add_pending(self) -> bool:
+        return self._addend is not None
 
     @property
     def device(self) -> torch.device:
         """The device of the residual stream."""
         if self.hidden is not None:
             return self.hidden.device
-        return (self.sources[0] if self.sources else self.partial).device
+        return (self.sources[0] if self.sources else self._partial).device
+
+    def __repr__(self) -> str:
+        shapes = [tuple(s.shape) for s in self.sources]
+        part = None if self._partial is None else tuple(self._partial.shape)
+        return f"ResidualState(sources={shapes}, partial={part}, add_pending={self.add_pending})"
 
 
 @dataclass(eq=False)
@@ -73,9 +115,23 @@ class DepthInput:
     fused: bool
     recompute: _BlockRecompute | None = None
     k: int = 0
+    # Block AttnRes with the last output's addition pending: ``last`` is the state's partial summary,
+    # taken (with the addition made in the fused kernel) at the first use
+    deferred: ResidualState | None = None
 
     def normalized(self, weight: Tensor, norm_eps: float) -> Tensor:
         """``rms_norm(h, weight [d], norm_eps) [..., d]``, in the dtype of the sources."""
+        if self.deferred is not None:
+            state, self.deferred = self.deferred, None
+            pending = state.take_add()
+            if pending is not None:
+                y, _, partial = ops.phase2_norm_add(
+                    self.out, self.lse, *pending, self.query, weight, self.eps, norm_eps
+                )
+                state.set_partial(partial)
+                self.last = partial
+                return y
+            self.last = state.partial
         if self.recompute is not None:
             return _MergedNorm.apply(
                 self.out, self.lse, self.last, self.query, weight, self.recompute, self.k, self.eps,
@@ -87,6 +143,8 @@ class DepthInput:
 
     def tensor(self) -> Tensor:
         """``h [..., d]`` itself, for a consumer that is not an RMS norm (the unfused merge, no recompute)."""
+        if self.deferred is not None:
+            self.last, self.deferred = self.deferred.partial, None
         if self.last is None:
             return self.out
         return ops.phase2(self.out, self.lse, self.last, self.query, self.eps)[0]

@@ -74,6 +74,10 @@ struct P2FwdArgs {
   void* h;          // [N, d]: h, or y = rmsnorm(h) * g with the norm fused (g not null)
   float* lse;       // [N]
   const float* g;   // [d] fp32 norm weight (phase2_norm), else null
+  // phase2_norm_add (the norm fused): p is the previous partial summary and v the sublayer output that
+  // completes it; p + v, rounded to the dtype, is written to p_out and merged. Both null otherwise.
+  const void* v;
+  void* p_out;
   int N, d;
   float eps, norm_eps;
   bool vec;
@@ -93,6 +97,9 @@ struct P2BwdArgs {
   void* dp_;         // [N, d] grad of the partial summary
   float* dq_part;    // [grid, dp] (the norm fused: [grid, 2, dp], dq then dg)
   const float* g;    // [d] fp32 norm weight (phase2_norm_backward), else null
+  // phase2_norm_add_backward: the gradient of the partial summary from its later uses, added to dp_
+  // (after dp_ is rounded to the dtype, as autograd adds the two), else null
+  const void* dp_in;
   int N, d;
   float eps, norm_eps;
   bool vec;

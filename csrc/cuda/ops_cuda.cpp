@@ -281,10 +281,11 @@ std::tuple<std::vector<Tensor>, Tensor> phase1_backward_cuda(at::TensorList grad
 // ------------------------------------------------------------------------------------------- phase 2
 
 // Phase 2, and phase 2 with the sublayer's RMSNorm fused in (`weight` defined: the output is
-// y = rmsnorm(h) * weight, h itself is not written). `op` names the op in error messages.
-std::tuple<Tensor, Tensor> phase2_impl(const char* op, const Tensor& partial_out, const Tensor& partial_lse,
-                                       const Tensor& partial, const Tensor& query, const Tensor& weight, double eps,
-                                       double norm_eps) {
+// y = rmsnorm(h) * weight, h itself is not written); `addend` defined (with the norm): the partial summary
+// is partial + addend, returned third (else the third result is undefined). `op` names the op in errors.
+std::tuple<Tensor, Tensor, Tensor> phase2_impl(const char* op, const Tensor& partial_out, const Tensor& partial_lse,
+                                               const Tensor& partial, const Tensor& addend, const Tensor& query,
+                                               const Tensor& weight, double eps, double norm_eps) {
   TORCH_CHECK(partial.is_cuda() && partial.dim() == 2, "attnres ", op, ": partial must be a CUDA tensor [N, d]");
   c10::cuda::CUDAGuard guard(partial.device());
   const int64_t N = partial.size(0), d = partial.size(1);
@@ -294,15 +295,21 @@ std::tuple<Tensor, Tensor> phase2_impl(const char* op, const Tensor& partial_out
   TORCH_CHECK(partial_lse.numel() == N, "attnres ", op, ": partial_lse must have ", N, " elements");
   TORCH_CHECK(query.numel() == d, "attnres ", op, ": query must be [", d, "]");
   TORCH_CHECK(!norm || weight.numel() == d, "attnres ", op, ": weight must be [", d, "]");
+  const bool add = addend.defined();
+  TORCH_CHECK(!add || (norm && addend.sizes() == partial.sizes() && addend.scalar_type() == partial.scalar_type() &&
+                       addend.device() == partial.device()),
+              "attnres ", op, ": addend must be [", N, ", ", d, "] like partial (same dtype and device)");
   Tensor o = partial_out.to(partial.scalar_type()).contiguous();
   Tensor p = partial.contiguous();
+  Tensor v = add ? addend.contiguous() : Tensor();
+  Tensor p_new = add ? at::empty({N, d}, partial.options()) : Tensor();
   Tensor m = partial_lse.to(at::kFloat).reshape({N}).contiguous();
   Tensor h = at::empty({N, d}, partial.options());
   Tensor lse = at::empty({N}, partial.options().dtype(at::kFloat));
-  if (N == 0) return {h, lse};
+  if (N == 0) return {h, lse, p_new};
   if (d == 0) {
     lse.copy_(at::logaddexp(m, at::zeros_like(m)));
-    return {h, lse};
+    return {h, lse, p_new};
   }
   const Plan plan = cached_plan(norm ? Op::P2NormFwd : Op::P2Fwd, dt, static_cast<int>(d), 1, 1, false,
                                 static_cast<int>(N));
@@ -311,11 +318,13 @@ std::tuple<Tensor, Tensor> phase2_impl(const char* op, const Tensor& partial_out
   Tensor gp = norm ? weight.to(partial.device(), at::kFloat).reshape({d}).contiguous() : Tensor();
   const int vbytes = 16;
   const bool vec = d % (vbytes / static_cast<int>(p.element_size())) == 0 && aligned(o, vbytes) &&
-                   aligned(p, vbytes) && aligned(h, vbytes);
+                   aligned(p, vbytes) && aligned(h, vbytes) && (!add || (aligned(v, vbytes) && aligned(p_new, vbytes)));
   P2FwdArgs a{};
   a.o = o.data_ptr();
   a.m = m.data_ptr<float>();
   a.p = p.data_ptr();
+  a.v = add ? v.data_ptr() : nullptr;
+  a.p_out = add ? p_new.data_ptr() : nullptr;
   a.q = qp.data_ptr<float>();
   a.g = norm ? gp.data_ptr<float>() : nullptr;
   a.h = h.data_ptr();
@@ -327,27 +336,38 @@ std::tuple<Tensor, Tensor> phase2_impl(const char* op, const Tensor& partial_out
   a.vec = vec;
   a.qvec = d % 4 == 0 && aligned(qp, 16) && (!norm || aligned(gp, 16));
   check_cuda(launch_p2_fwd(dt, plan, a, c10::cuda::getCurrentCUDAStream()), op);
-  return {h, lse};
+  return {h, lse, p_new};
 }
 
 std::tuple<Tensor, Tensor> phase2_cuda(const Tensor& partial_out, const Tensor& partial_lse, const Tensor& partial,
                                        const Tensor& query, double eps) {
-  return phase2_impl("phase2", partial_out, partial_lse, partial, query, Tensor(), eps, 0.0);
+  auto [h, lse, unused] = phase2_impl("phase2", partial_out, partial_lse, partial, Tensor(), query, Tensor(), eps, 0.0);
+  return {h, lse};
 }
 
 std::tuple<Tensor, Tensor> phase2_norm_cuda(const Tensor& partial_out, const Tensor& partial_lse,
                                             const Tensor& partial, const Tensor& query, const Tensor& weight,
                                             double eps, double norm_eps) {
   TORCH_CHECK(weight.defined(), "attnres phase2_norm: weight is undefined");
-  return phase2_impl("phase2_norm", partial_out, partial_lse, partial, query, weight, eps, norm_eps);
+  auto [y, lse, unused] =
+      phase2_impl("phase2_norm", partial_out, partial_lse, partial, Tensor(), query, weight, eps, norm_eps);
+  return {y, lse};
 }
 
-// Backward of both. Without the norm, `fwd` is the forward output h; with it (`weight` defined), `fwd`
-// is the phase-1 output o, `grad_out` the gradient of y, and a fifth result is the weight's gradient.
+std::tuple<Tensor, Tensor, Tensor> phase2_norm_add_cuda(const Tensor& partial_out, const Tensor& partial_lse,
+                                                        const Tensor& prev, const Tensor& addend, const Tensor& query,
+                                                        const Tensor& weight, double eps, double norm_eps) {
+  TORCH_CHECK(weight.defined() && addend.defined(), "attnres phase2_norm_add: weight or addend is undefined");
+  return phase2_impl("phase2_norm_add", partial_out, partial_lse, prev, addend, query, weight, eps, norm_eps);
+}
+
+// Backward of the three. Without the norm, `fwd` is the forward output h; with it (`weight` defined),
+// `fwd` is the phase-1 output o, `grad_out` the gradient of y, and a fifth result is the weight's
+// gradient; `grad_partial` defined (phase2_norm_add): added to the partial summary's gradient.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> phase2_backward_impl(
-    const char* op, const Tensor& grad_out, const Tensor& grad_lse, const Tensor& fwd, const Tensor& partial_lse,
-    const Tensor& lse, const Tensor& partial, const Tensor& query, const Tensor& weight, double eps,
-    double norm_eps) {
+    const char* op, const Tensor& grad_out, const Tensor& grad_lse, const Tensor& grad_partial, const Tensor& fwd,
+    const Tensor& partial_lse, const Tensor& lse, const Tensor& partial, const Tensor& query, const Tensor& weight,
+    double eps, double norm_eps) {
   TORCH_CHECK(partial.is_cuda() && partial.dim() == 2, "attnres ", op, ": partial must be a CUDA tensor [N, d]");
   c10::cuda::CUDAGuard guard(partial.device());
   const int64_t N = partial.size(0), d = partial.size(1);
@@ -359,6 +379,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> phase2_backward_impl(
               ": grad_lse, partial_lse and lse must have ", N, " elements");
   TORCH_CHECK(query.numel() == d, "attnres ", op, ": query must be [", d, "]");
   TORCH_CHECK(!norm || weight.numel() == d, "attnres ", op, ": weight must be [", d, "]");
+  const bool add = grad_partial.defined();
+  TORCH_CHECK(!add || (norm && grad_partial.sizes() == partial.sizes()), "attnres ", op,
+              ": grad_partial must be [", N, ", ", d, "]");
+  Tensor dp_in = add ? grad_partial.to(partial.scalar_type()).contiguous() : Tensor();
   Tensor dh = grad_out.to(partial.scalar_type()).contiguous();
   Tensor h = fwd.to(partial.scalar_type()).contiguous();
   Tensor p = partial.contiguous();
@@ -384,7 +408,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> phase2_backward_impl(
   Tensor part = at::empty({plan.grid, rows, plan.dp}, partial.options().dtype(at::kFloat));
   const int vbytes = 16;
   const bool vec = d % (vbytes / static_cast<int>(p.element_size())) == 0 && aligned(dh, vbytes) &&
-                   aligned(h, vbytes) && aligned(p, vbytes) && aligned(g_o, vbytes) && aligned(g_p, vbytes);
+                   aligned(h, vbytes) && aligned(p, vbytes) && aligned(g_o, vbytes) && aligned(g_p, vbytes) &&
+                   (!add || aligned(dp_in, vbytes));
   P2BwdArgs a{};
   a.dh = dh.data_ptr();
   a.dlse = dlse.data_ptr<float>();
@@ -397,6 +422,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> phase2_backward_impl(
   a.do_ = g_o.data_ptr();
   a.dm = g_m.data_ptr<float>();
   a.dp_ = g_p.data_ptr();
+  a.dp_in = add ? dp_in.data_ptr() : nullptr;
   a.dq_part = part.data_ptr<float>();
   a.N = static_cast<int>(N);
   a.d = static_cast<int>(d);
@@ -421,8 +447,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> phase2_backward_cuda(const Tensor& gr
                                                                 const Tensor& out, const Tensor& partial_lse,
                                                                 const Tensor& lse, const Tensor& partial,
                                                                 const Tensor& query, double eps) {
-  auto [g_o, g_m, g_p, g_q, unused] = phase2_backward_impl("phase2_backward", grad_out, grad_lse, out, partial_lse,
-                                                           lse, partial, query, Tensor(), eps, 0.0);
+  auto [g_o, g_m, g_p, g_q, unused] = phase2_backward_impl("phase2_backward", grad_out, grad_lse, Tensor(), out,
+                                                           partial_lse, lse, partial, query, Tensor(), eps, 0.0);
   return {g_o, g_m, g_p, g_q};
 }
 
@@ -431,8 +457,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> phase2_norm_backward_cuda(
     const Tensor& lse, const Tensor& partial, const Tensor& query, const Tensor& weight, double eps,
     double norm_eps) {
   TORCH_CHECK(weight.defined(), "attnres phase2_norm_backward: weight is undefined");
-  return phase2_backward_impl("phase2_norm_backward", grad_y, grad_lse, partial_out, partial_lse, lse, partial,
-                              query, weight, eps, norm_eps);
+  return phase2_backward_impl("phase2_norm_backward", grad_y, grad_lse, Tensor(), partial_out, partial_lse, lse,
+                              partial, query, weight, eps, norm_eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> phase2_norm_add_backward_cuda(
+    const Tensor& grad_y, const Tensor& grad_lse, const std::optional<Tensor>& grad_partial, const Tensor& partial_out,
+    const Tensor& partial_lse, const Tensor& lse, const Tensor& partial, const Tensor& query, const Tensor& weight,
+    double eps, double norm_eps) {
+  TORCH_CHECK(weight.defined(), "attnres phase2_norm_add_backward: weight is undefined");
+  return phase2_backward_impl("phase2_norm_add_backward", grad_y, grad_lse, grad_partial.value_or(Tensor()),
+                              partial_out, partial_lse, lse, partial, query, weight, eps, norm_eps);
 }
 
 // ------------------------------------------------------------------------------------------- direct
@@ -467,6 +502,8 @@ TORCH_LIBRARY_IMPL(attnres, CUDA, m) {
   m.impl("phase2_backward", &attnres_cuda::phase2_backward_cuda);
   m.impl("phase2_norm", &attnres_cuda::phase2_norm_cuda);
   m.impl("phase2_norm_backward", &attnres_cuda::phase2_norm_backward_cuda);
+  m.impl("phase2_norm_add", &attnres_cuda::phase2_norm_add_cuda);
+  m.impl("phase2_norm_add_backward", &attnres_cuda::phase2_norm_add_backward_cuda);
   m.impl("depth_attn", &attnres_cuda::depth_attn_cuda);
   m.impl("depth_attn_backward", &attnres_cuda::depth_attn_backward_cuda);
 }

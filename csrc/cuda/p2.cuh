@@ -27,7 +27,9 @@ __global__ void __launch_bounds__(512) p2_fwd_kernel(const __grid_constant__ P2F
   }
   int buf = 0;
   // software pipelining: the next token's rows are loaded before this token's reduction
-  Pack<T, W> po_n[C], pp_n[C];
+  // ADD (phase2_norm_add): the partial summary is p + v, written to p_out
+  const bool add = NORM && a.v != nullptr;
+  Pack<T, W> po_n[C], pp_n[C], pv_n[NORM ? C : 1];
   float m_n = 0.f;
   auto load = [&](int64_t t) {
     if (t < N) {
@@ -35,6 +37,8 @@ __global__ void __launch_bounds__(512) p2_fwd_kernel(const __grid_constant__ P2F
       for (int k = 0; k < C; ++k) {
         pp_n[k] = ld_chunk<T, W>(static_cast<const T*>(a.p) + t * d, (k * NT + tid) * W, d, vec);
         po_n[k] = ld_chunk<T, W>(static_cast<const T*>(a.o) + t * d, (k * NT + tid) * W, d, vec);
+        if constexpr (NORM)
+          if (add) pv_n[k] = ld_chunk<T, W>(static_cast<const T*>(a.v) + t * d, (k * NT + tid) * W, d, vec);
       }
       m_n = a.m[t];
     }
@@ -47,6 +51,20 @@ __global__ void __launch_bounds__(512) p2_fwd_kernel(const __grid_constant__ P2F
     for (int k = 0; k < C; ++k) {
       pp[k] = pp_n[k];
       po[k] = po_n[k];
+    }
+    if constexpr (NORM) {
+      if (add) {  // p + v, rounded as torch's add rounds it, then used as the partial summary
+#pragma unroll
+        for (int k = 0; k < C; ++k) {
+          float x[W], y[W];
+          unpack<T, W>(pp[k], x);
+          unpack<T, W>(pv_n[k], y);
+#pragma unroll
+          for (int e = 0; e < W; ++e) x[e] += y[e];
+          pp[k] = pack<T, W>(x);
+          st_chunk<T, W>(static_cast<T*>(a.p_out) + off, (k * NT + tid) * W, d, vec, x);
+        }
+      }
     }
     const float m = m_n;
     load(t + gridDim.x);
@@ -243,6 +261,15 @@ __global__ void __launch_bounds__(512)
         dq[k][e] = fmaf(c, vp[e], dq[k][e]);
       }
       st_chunk<T, W>(static_cast<T*>(a.do_) + off, col, d, vec, go);
+      if constexpr (NORM) {
+        if (a.dp_in != nullptr) {  // round(gpv) + dp_in, as autograd would add the rounded gradient
+          float din[W];
+          unpack<T, W>(ld_chunk<T, W>(static_cast<const T*>(a.dp_in) + off, col, d, vec), din);
+          unpack<T, W>(pack<T, W>(gpv), gpv);
+#pragma unroll
+          for (int e = 0; e < W; ++e) gpv[e] += din[e];
+        }
+      }
       st_chunk<T, W>(static_cast<T*>(a.dp_) + off, col, d, vec, gpv);
     }
   }
