@@ -50,14 +50,6 @@ extension_error: str | None = load_extension()
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-# Looked up once: the kernels register when attnres._C is imported (above). A plain dict also keeps
-# backend() traceable by torch.compile (fullgraph), which cannot trace the dispatcher query itself.
-_HAS_KERNELS = {
-    dev: extension_error is None and torch._C._dispatch_has_kernel_for_dispatch_key("attnres::phase1", key)
-    for dev, key in _DISPATCH_KEY.items()
-}
-
-
 def _has_kernels(op: str) -> dict[str, bool]:
     """Per device type, whether ``attnres._C`` has kernels of the op ``op`` there."""
     return {
@@ -66,6 +58,9 @@ def _has_kernels(op: str) -> dict[str, bool]:
     }
 
 
+# Looked up once: the kernels register when attnres._C is imported (above). A plain dict also keeps
+# backend() traceable by torch.compile (fullgraph), which cannot trace the dispatcher query itself.
+_HAS_KERNELS = _has_kernels("phase1")
 # phase2_norm and phase2_norm_add have CUDA kernels only (elsewhere they compose phase 2, the norm and
 # the add)
 _HAS_NORM_KERNELS = _has_kernels("phase2_norm")

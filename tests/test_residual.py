@@ -324,6 +324,28 @@ def test_ops_skip_autograd_only_when_no_gradient_can_flow():
     assert ops._no_grad_needed(src, q.detach())
 
 
+def _phase2_norm_standin(o, lse, p, q, w, eps, norm_eps):
+    """``ops.phase2_norm`` where it has no kernel (the CPU): the reference merge, then the model's norm
+    (in fp32 even for fp64 input), standing in for the CUDA kernel."""
+    from attnres import reference
+    from attnres.ops import rms_norm
+
+    h, lse = reference.phase2(o, lse, p, q, eps)
+    return rms_norm(h, w, norm_eps), lse
+
+
+def _phase2_norm_add_standin(calls: list):
+    """``ops.phase2_norm_add`` composed as :func:`_phase2_norm_standin` after the add; each call appends its
+    ``eps`` to ``calls``."""
+
+    def fused_add(o, lse, prev, addend, q, w, eps, norm_eps):
+        calls.append(eps)
+        partial = prev + addend
+        return (*_phase2_norm_standin(o, lse, partial, q, w, eps, norm_eps), partial)
+
+    return fused_add
+
+
 # ----------------------------------------------------------------------------- recompute mode
 
 
@@ -471,21 +493,10 @@ def test_block_leaves_each_output_add_to_the_next_inputs_fused_kernel(recompute,
     output, as the decoder's stats do) are those of the add made at once, across stage splits (the
     handed-over partial makes a pending add), and the op runs for every sublayer but a block's first
     two. ``recompute`` keeps the add at once (its merge runs again in backward)."""
-    from attnres import ops, reference
+    from attnres import ops
     from attnres.model.norm import RMSNorm
-    from attnres.ops import rms_norm
 
     calls = []
-
-    def fused(o, lse, p, q, w, eps, norm_eps):
-        h, lse = reference.phase2(o, lse, p, q, eps)
-        return rms_norm(h, w, norm_eps), lse
-
-    def fused_add(o, lse, prev, addend, q, w, eps, norm_eps):
-        calls.append(eps)
-        partial = prev + addend
-        return (*fused(o, lse, partial, q, w, eps, norm_eps), partial)
-
     sublayers = make_stack(8)
     norms = nn.ModuleList(RMSNorm(D, 1e-5) for _ in range(8)).double()
     emb = torch.randn(2, 3, D, dtype=torch.float64)
@@ -511,8 +522,8 @@ def test_block_leaves_each_output_add_to_the_next_inputs_fused_kernel(recompute,
         return got
 
     monkeypatch.setattr(ops, "fused_norm", lambda device: True)
-    monkeypatch.setattr(ops, "phase2_norm", fused)
-    monkeypatch.setattr(ops, "phase2_norm_add", fused_add)
+    monkeypatch.setattr(ops, "phase2_norm", _phase2_norm_standin)
+    monkeypatch.setattr(ops, "phase2_norm_add", _phase2_norm_add_standin(calls))
     for split, count in [(None, 4), (2, 3), (5, 4)]:
         calls.clear()
         expected = run_split(False, split)
@@ -531,18 +542,10 @@ def test_block_deferred_add_under_torch_compile_equals_eager(monkeypatch):
     from attnres import ops
     from attnres.model.norm import RMSNorm
 
-    def fused(o, m, p, q, w, eps, norm_eps):
-        h, lse = ops.phase2(o, m, p, q, eps)
-        return ops.rms_norm(h, w, norm_eps), lse
-
     calls = []
-
-    def fused_add(o, m, prev, v, q, w, eps, norm_eps):
-        calls.append(1)
-        return (*fused(o, m, prev + v, q, w, eps, norm_eps), prev + v)
-
     for name, fn in [("fused_norm", lambda device: True), ("fused_add", lambda device: True),
-                     ("phase2_norm", fused), ("phase2_norm_add", fused_add)]:
+                     ("phase2_norm", _phase2_norm_standin),
+                     ("phase2_norm_add", _phase2_norm_add_standin(calls))]:
         monkeypatch.setattr(ops, name, fn)
     sublayers = make_stack(8, torch.float32)
     norms = nn.ModuleList(RMSNorm(D, 1e-5) for _ in range(8))
@@ -622,15 +625,11 @@ def test_a_state_built_by_keyword_starts_a_stage_and_knows_its_device():
 def test_rmsnorm_of_a_depth_input_equals_the_norm_of_its_tensor(mode, recompute, monkeypatch):
     """A :class:`DepthInput` (the input left for the norm to finish: fused here through the reference
     standing in for the CUDA kernel, or recomputed) normalises to the same bits as its plain ``h``."""
-    from attnres import ops, reference
+    from attnres import ops
     from attnres.model.norm import RMSNorm
 
-    def fused(o, lse, p, q, w, eps, norm_eps):
-        h, lse = reference.phase2(o, lse, p, q, eps)
-        return ops.rms_norm(h, w, norm_eps), lse
-
     monkeypatch.setattr(ops, "fused_norm", lambda device: True)
-    monkeypatch.setattr(ops, "phase2_norm", fused)
+    monkeypatch.setattr(ops, "phase2_norm", _phase2_norm_standin)
     res = make_residual(mode, D, 4, num_blocks=1, eps=EPS, recompute=recompute).double()
     randomise_queries(res)
     norm = RMSNorm(D).double()

@@ -30,14 +30,8 @@ from attnres.residual.state import DepthInput, ResidualState, _BlockRecompute
 # in the graph (Dynamo stored the assignment as a plain attribute). The version now (set_partial) is not yet
 # run compiled on a 2.11 GPU: below this version a compiled forward adds at once, as before.
 DEFERRED_ADD_COMPILE_MIN_TORCH = (2, 13)
-
-
-def deferred_add_compiles() -> bool:
-    """Whether torch.compile may trace the pending add here (:data:`DEFERRED_ADD_COMPILE_MIN_TORCH`)."""
-    return torch.torch_version.TorchVersion(torch.__version__) >= DEFERRED_ADD_COMPILE_MIN_TORCH
-
-
-_DEFERRED_ADD_COMPILES = deferred_add_compiles()  # looked up once (a plain bool for Dynamo)
+# looked up once (a plain bool for Dynamo)
+_DEFERRED_ADD_COMPILES = torch.torch_version.TorchVersion(torch.__version__) >= DEFERRED_ADD_COMPILE_MIN_TORCH
 
 
 class DepthQuery(nn.Module):
@@ -273,7 +267,7 @@ class BlockAttnRes(_AttnRes):
         in its phase-2 + norm kernel (:func:`attnres.ops.phase2_norm_add`): inside a block, where that
         input takes the fused path (``fuse_norm`` on a device with the kernels, no ``recompute``, not
         recording) and ``v`` has the stream's dtype (bf16 weights; under autocast it is narrower); under
-        torch.compile only where :func:`deferred_add_compiles`."""
+        torch.compile only from :data:`DEFERRED_ADD_COMPILE_MIN_TORCH` on."""
         return (
             (i + 1) % self.block_size != 0 and self.fuse_norm and v.dtype == state.sources[0].dtype
             and state.records is None and not self._recomputes() and ops.fused_add(v.device)
