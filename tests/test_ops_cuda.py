@@ -267,9 +267,13 @@ def test_phase2_norm_add_rejects_mismatched_addends():
 @pytest.mark.parametrize("compiled", [False, True])
 def test_block_attnres_adds_each_output_in_the_next_inputs_kernel_bit_for_bit(compiled, monkeypatch):
     """Block AttnRes in bf16 on CUDA: each output inside a block reaches the partial summary through the
-    next sublayer's ``phase2_norm_add`` (4 per step here), and the read-out and every gradient equal those
-    of the add made at once (exactly in eager; under torch.compile with fullgraph, which traces the pending
-    add through the state, within bf16 rounding: Inductor fuses the neighbours of the op otherwise)."""
+    next sublayer's ``phase2_norm_add`` (4 per step here). Eager: the read-out and every gradient equal
+    those of the add made at once, bit for bit. Under torch.compile (fullgraph, the pending add traced
+    through the state) Inductor rounds the neighbours of the op differently in the two graphs, so each is
+    measured against the same model in fp32 (eager, the add made at once): the deferred graph's error is
+    within 1.5x of the plain graph's (a lost or doubled gradient term would be of order 1)."""
+    import copy
+
     from attnres.model.norm import RMSNorm
     from attnres.residual import BlockAttnRes, block, make_residual
 
@@ -281,24 +285,24 @@ def test_block_attnres_adds_each_output_in_the_next_inputs_kernel_bit_for_bit(co
     monkeypatch.setattr(block, "_DEFERRED_ADD_COMPILES", True)
     torch.manual_seed(0)
     d = 256
-    stack = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.Tanh()) for _ in range(8)).cuda().bfloat16()
-    norms = nn.ModuleList(RMSNorm(d, 1e-5) for _ in range(8)).cuda().bfloat16()
-    res = make_residual("block", d, 8, num_blocks=2).cuda().bfloat16()
+    stack32 = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.Tanh()) for _ in range(8)).cuda()
+    norms32 = nn.ModuleList(RMSNorm(d, 1e-5) for _ in range(8)).cuda()
+    res32 = make_residual("block", d, 8, num_blocks=2).cuda()
     with torch.no_grad():
-        for q in res.queries.values():
+        for q in res32.queries.values():
             q.weight.normal_()
-    emb = torch.randn(2, 64, d, device="cuda", dtype=torch.bfloat16)
+    emb = torch.randn(2, 64, d, device="cuda")
 
-    def step(x):
-        state = res.begin(x)
-        for i, f in enumerate(stack):
-            res.output(state, i, f(norms[i](res.input(state, i))))
-        return res.readout(state).float().square().mean()
+    def run(res, stack, norms, x0, compile_it):
+        def step(x):
+            state = res.begin(x)
+            for i, f in enumerate(stack):
+                res.output(state, i, f(norms[i](res.input(state, i))))
+            return res.readout(state).float().square().mean()
 
-    def run():
         torch._dynamo.reset()
-        fn = torch.compile(step, fullgraph=True) if compiled else step
-        x = emb.clone().requires_grad_()
+        fn = torch.compile(step, fullgraph=True) if compile_it else step
+        x = x0.clone().requires_grad_()
         loss = fn(x)
         loss.backward()
         params = [*res.parameters(), *stack.parameters(), *norms.parameters()]
@@ -307,17 +311,21 @@ def test_block_attnres_adds_each_output_in_the_next_inputs_kernel_bit_for_bit(co
             p.grad = None
         return got
 
-    deferred = run()
+    bf16 = [copy.deepcopy(m).bfloat16() for m in (res32, stack32, norms32)]
+    deferred = run(*bf16, emb.bfloat16(), compiled)
     assert len(calls) == (0 if compiled else 4)
     calls.clear()
     monkeypatch.setattr(BlockAttnRes, "_defers_add", lambda *a: False)
-    plain = run()
+    plain = run(*bf16, emb.bfloat16(), compiled)
     assert calls == []
-    for a, b in zip(deferred, plain, strict=True):
-        if compiled:
-            assert rel_err(a, b) < 1e-2
-        else:
+    if not compiled:
+        for a, b in zip(deferred, plain, strict=True):
             assert torch.equal(a, b)
+        return
+    ref = run(res32, stack32, norms32, emb, False)
+    for i, (a, b, r) in enumerate(zip(deferred, plain, ref, strict=True)):
+        err_deferred, err_plain = rel_err(a, r), rel_err(b, r)
+        assert err_deferred <= 1.5 * err_plain + 2e-3, (i, err_deferred, err_plain)
 
 
 def test_two_phases_equal_direct_softmax():

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnres.hardware import torch_at_least
 from attnres.model import moe_kernels
 from attnres.model.backends import fla_available, fla_runs
 from attnres.model.projections import joint_linear
@@ -83,7 +84,7 @@ MIX_REGION_MIN_TORCH = (2, 13)
 def mix_region_supported() -> bool:
     """Whether this torch can hold :meth:`MoE.mix` in a nested compile region
     (:data:`MIX_REGION_MIN_TORCH`)."""
-    return torch.torch_version.TorchVersion(torch.__version__) >= MIX_REGION_MIN_TORCH
+    return torch_at_least(MIX_REGION_MIN_TORCH)
 
 
 def grouped_mm_supported(device: torch.device, weights: Sequence[Tensor], input_dtype: torch.dtype,

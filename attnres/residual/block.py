@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from attnres import ops
+from attnres.hardware import torch_at_least
 from attnres.residual import diagnostics
 from attnres.residual.base import Residual
 from attnres.residual.state import DepthInput, ResidualState, _BlockRecompute
@@ -31,7 +32,7 @@ from attnres.residual.state import DepthInput, ResidualState, _BlockRecompute
 # run compiled on a 2.11 GPU: below this version a compiled forward adds at once, as before.
 DEFERRED_ADD_COMPILE_MIN_TORCH = (2, 13)
 # looked up once (a plain bool for Dynamo)
-_DEFERRED_ADD_COMPILES = torch.torch_version.TorchVersion(torch.__version__) >= DEFERRED_ADD_COMPILE_MIN_TORCH
+_DEFERRED_ADD_COMPILES = torch_at_least(DEFERRED_ADD_COMPILE_MIN_TORCH)
 
 
 class DepthQuery(nn.Module):
