@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from attnres import ops
 from attnres.hardware import torch_at_least
 from attnres.residual import diagnostics
+from attnres.residual import state as state_module
 from attnres.residual.base import Residual
 from attnres.residual.state import DepthInput, ResidualState, _BlockRecompute
 
@@ -272,7 +273,8 @@ class BlockAttnRes(_AttnRes):
         return (
             (i + 1) % self.block_size != 0 and self.fuse_norm and v.dtype == state.sources[0].dtype
             and state.records is None and not self._recomputes() and ops.fused_add(v.device)
-            and (_DEFERRED_ADD_COMPILES or not torch.compiler.is_compiling())
+            and (not torch.compiler.is_compiling()
+                 or (_DEFERRED_ADD_COMPILES and not state_module.PHASE2_INDUCTOR))
         )
 
     def _merge_all_but_last(

@@ -9,13 +9,14 @@ of the path without recompute, bit for bit: backward replays the same ops on the
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from attnres import ops
+from attnres import ops, reference
 
 if TYPE_CHECKING:
     from attnres.residual.block import _Pending
@@ -151,6 +152,12 @@ class DepthInput:
 
 
 # --------------------------------------------------------------- the fused last merge + norm, and recompute
+# An experiment (session 27): under torch.compile, phase 2 + norm as torch code (attnres.reference) that
+# Inductor fuses with its neighbours (the MoE's combine, the partial summary's add), instead of the kernel,
+# an opaque op Inductor cannot fuse into. ATTNRES_COMPILED_PHASE2=inductor; read once (a bool for Dynamo).
+PHASE2_INDUCTOR = os.environ.get("ATTNRES_COMPILED_PHASE2", "kernel") == "inductor"
+
+
 def merge_and_norm(
     out: Tensor, lse: Tensor, last: Tensor | None, query: Tensor, weight: Tensor, eps: float,
     norm_eps: float, fused: bool,
@@ -160,6 +167,8 @@ def merge_and_norm(
     as the one op :func:`attnres.ops.phase2_norm`, else :func:`attnres.ops.phase2` and then the norm."""
     if last is None:
         return ops.rms_norm(out, weight, norm_eps)
+    if fused and PHASE2_INDUCTOR and torch.compiler.is_compiling():
+        return reference.phase2_norm(out, lse, last, query, weight, eps, norm_eps)[0]
     if fused:
         return ops.phase2_norm(out, lse, last, query, weight, eps, norm_eps)[0]
     return ops.rms_norm(ops.phase2(out, lse, last, query, eps)[0], weight, norm_eps)
