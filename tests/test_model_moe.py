@@ -287,6 +287,39 @@ def test_router_logits_equal_the_fp32_linear_and_keep_no_fp32_copy_of_the_input(
     assert [t.dtype for t in saved] == [dtype, torch.float32] and saved[0] is x
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_router_logits_from_split_bf16_operands_match_the_fp32_products(device, monkeypatch):
+    # bf16 input on CUDA: the fp32 products as tensor-core GEMMs of split bf16 operands (on the CPU the
+    # same algebra on fp32 copies, forced on): logits and dw within ~2^-16 of the fp32 linear's, dx its
+    # bf16 rounding (one bf16 step at most)
+    from attnres.model import moe
+
+    if device == "cpu":
+        monkeypatch.setattr(moe, "router_split_runs", lambda x: True)
+    assert moe.router_split_runs(torch.empty(1, dtype=torch.bfloat16, device=device))
+    torch.manual_seed(0)
+    x = torch.randn(300, 64, device=device).bfloat16().requires_grad_()
+    w = (torch.randn(8, 64, device=device) * 0.05).requires_grad_()
+    g = torch.randn(300, 8, device=device)
+    ref = F.linear(x.float(), w)
+    dx_ref, dw_ref = torch.autograd.grad(ref, (x, w), g)
+    out = moe._RouterLogits.apply(x, w)
+    dx, dw = torch.autograd.grad(out, (x, w), g)
+    assert out.dtype == dw.dtype == torch.float32 and dx.dtype == torch.bfloat16
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    assert rel(out, ref) < 3e-5 and rel(dw, dw_ref) < 3e-5, (rel(out, ref), rel(dw, dw_ref))
+    # one bf16 step of the result (8 significant bits), or where the sum cancels to near 0, the split's
+    # ~2^-16 of the terms' magnitude
+    bound = dx_ref.float().abs() * 2.0**-7 + (g.abs() @ w.detach().abs()) * 2.0**-14
+    assert ((dx.float() - dx_ref.float()).abs() <= bound).all()
+    # the split is what makes it precise: the weight rounded to bf16 alone is ~100x further off
+    assert rel(F.linear(x.float(), w.bfloat16().float()), ref) > 10 * rel(out, ref)
+
+
 def test_eager_dispatch_and_combine_gather_and_sum_in_one_embedding_bag_each(monkeypatch):
     # eager off CUDA, each gather-and-sum is one embedding_bag (gather, weigh, sum in one kernel): the
     # combine's forward, its dy, and the dispatch's backward; dw one per-row-dot kernel; no [N, k, d]

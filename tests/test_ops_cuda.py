@@ -266,12 +266,14 @@ def test_phase2_norm_add_rejects_mismatched_addends():
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_block_attnres_adds_each_output_in_the_next_inputs_kernel_bit_for_bit(compiled, monkeypatch):
-    """Block AttnRes in bf16 on CUDA: each output inside a block reaches the partial summary through the
-    next sublayer's ``phase2_norm_add`` (4 per step here). Eager: the read-out and every gradient equal
+    """Block AttnRes on CUDA: each output inside a block reaches the partial summary through the next
+    sublayer's ``phase2_norm_add`` (4 per step here). Eager, in bf16: the read-out and every gradient equal
     those of the add made at once, bit for bit. Under torch.compile (fullgraph, the pending add traced
-    through the state) Inductor rounds the neighbours of the op differently in the two graphs, so each is
-    measured against the same model in fp32 (eager, the add made at once): the deferred graph's error is
-    within 1.5x of the plain graph's (a lost or doubled gradient term would be of order 1)."""
+    through the state) in fp32, where the two graphs differ only by fp32 rounding: within 1e-4 (a lost or
+    doubled gradient term would be of order 1). (In bf16 the compiled graphs are no test of the add: the
+    plain graph's Inductor kernels keep the sum and its gradients in fp32 where eager rounds them to bf16,
+    so on the H100 (session 27) one query gradient sat 0.24 from the fp32 model's in the plain graph and
+    0.67 in the deferred one, whose op rounds as eager does.)"""
     import copy
 
     from attnres.model.norm import RMSNorm
@@ -311,21 +313,21 @@ def test_block_attnres_adds_each_output_in_the_next_inputs_kernel_bit_for_bit(co
             p.grad = None
         return got
 
-    bf16 = [copy.deepcopy(m).bfloat16() for m in (res32, stack32, norms32)]
-    deferred = run(*bf16, emb.bfloat16(), compiled)
+    models = (res32, stack32, norms32)
+    if not compiled:
+        models = [copy.deepcopy(m).bfloat16() for m in models]
+    x0 = emb if compiled else emb.bfloat16()
+    deferred = run(*models, x0, compiled)
     assert len(calls) == (0 if compiled else 4)
     calls.clear()
     monkeypatch.setattr(BlockAttnRes, "_defers_add", lambda *a: False)
-    plain = run(*bf16, emb.bfloat16(), compiled)
+    plain = run(*models, x0, compiled)
     assert calls == []
-    if not compiled:
-        for a, b in zip(deferred, plain, strict=True):
-            assert torch.equal(a, b)
-        return
-    ref = run(res32, stack32, norms32, emb, False)
-    for i, (a, b, r) in enumerate(zip(deferred, plain, ref, strict=True)):
-        err_deferred, err_plain = rel_err(a, r), rel_err(b, r)
-        assert err_deferred <= 1.5 * err_plain + 2e-3, (i, err_deferred, err_plain)
+    for i, (a, b) in enumerate(zip(deferred, plain, strict=True)):
+        if compiled:
+            assert rel_err(a, b) < 1e-4, (i, rel_err(a, b))
+        else:
+            assert torch.equal(a, b), i
 
 
 def test_two_phases_equal_direct_softmax():

@@ -235,23 +235,66 @@ class _Combine(torch.autograd.Function):
         return dy, dw, None, None
 
 
+def _bf16_pair(t: Tensor) -> tuple[Tensor, Tensor]:
+    """``(hi, lo)``, two bf16 tensors whose fp32 sum is ``t`` to ~16 significant bits (fp32 has 24)."""
+    t = t.float()
+    hi = t.bfloat16()
+    return hi, (t - hi.float()).bfloat16()
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` of two bf16 matrices with fp32 products and sums, returned in fp32: one tensor-core GEMM
+    on CUDA (``mm`` with ``out_dtype``, no fp32 copy of either operand); elsewhere on fp32 copies."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def router_split_runs(x: Tensor) -> bool:
+    """Whether :class:`_RouterLogits` runs its fp32 products as bf16 GEMMs of split operands: bf16 input
+    on CUDA (``torch.mm`` with ``out_dtype`` is CUDA-only)."""
+    return x.is_cuda and x.dtype == torch.bfloat16
+
+
 class _RouterLogits(torch.autograd.Function):
     """``x @ weight.T`` in fp32 (the router's logits) that keeps ``x`` as it comes for the backward, not its
     fp32 copy: under bf16 autocast the MoE input is bf16, so the copy is exact to remake, and the shared
     experts keep ``x`` anyway (a ``[tokens, d]`` fp32 tensor less per MoE layer; 134 MB at ``medium``'s
-    8 x 4096 tokens).
-    Forward and backward run the same fp32 matmuls as ``F.linear(x.float(), weight.float())``."""
+    8 x 4096 tokens). Off :func:`router_split_runs`, forward and backward run the same fp32 matmuls as
+    ``F.linear(x.float(), weight.float())``.
+
+    With a bf16 ``x`` on CUDA those fp32 matmuls were SIMT GEMMs on fp32 copies of ``x`` (H100, ``medium``
+    compiled: 5.6 ms a step in three fp32 GEMMs, beside the copies; session 27). There the fp32 operand
+    is split into two bf16 parts (``w = w_hi + w_lo``, ~16 significant bits) and every product runs on
+    the tensor cores with fp32 sums, reading ``x`` in bf16: the logits ``x [w_hi; w_lo]^T`` (one GEMM,
+    the halves added), ``dx = [g_hi, g_hi, g_lo] [w_hi; w_lo; w_hi]`` (rounded to bf16 once, as the fp32
+    path rounds it; the ``g_lo w_lo`` term is below that rounding), ``dw = [g_hi; g_lo]^T x``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
         ctx.save_for_backward(x, weight)
-        return x.float() @ weight.float().t()
+        if not router_split_runs(x):
+            return x.float() @ weight.float().t()
+        e = weight.shape[0]
+        y = _mm_f32(x, torch.cat(_bf16_pair(weight)).t())
+        return y[:, :e] + y[:, e:]
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
-        dx = (grad @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
-        dw = (grad.t() @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        if not router_split_runs(x):
+            dx = (grad @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+            dw = (grad.t() @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            return dx, dw
+        e = weight.shape[0]
+        g_hi, g_lo = _bf16_pair(grad)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            w_hi, w_lo = _bf16_pair(weight)
+            dx = torch.cat([g_hi, g_hi, g_lo], 1) @ torch.cat([w_hi, w_lo, w_hi])
+        if ctx.needs_input_grad[1]:
+            dw2 = _mm_f32(torch.cat([g_hi, g_lo], 1).t(), x)
+            dw = (dw2[:e] + dw2[e:]).to(weight.dtype)
         return dx, dw
 
 

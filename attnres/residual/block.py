@@ -29,8 +29,9 @@ from attnres.residual.state import DepthInput, ResidualState, _BlockRecompute
 # Under torch.compile the pending add (BlockAttnRes._defers_add) is state that Dynamo traces across the
 # sublayers. torch 2.13 traces it (tests/test_residual.py, on the CPU); on torch 2.11 (H100, session 26) the
 # first version, which set ResidualState.partial through a property setter, left the partial summary unset
-# in the graph (Dynamo stored the assignment as a plain attribute). The version now (set_partial) is not yet
-# run compiled on a 2.11 GPU: below this version a compiled forward adds at once, as before.
+# in the graph (Dynamo stored the assignment as a plain attribute). The version now (set_partial) traces there
+# (session 27), but its compiled results are not yet checked on a 2.11 GPU (tests/test_ops_cuda.py's fp32
+# comparison): below this version a compiled forward adds at once, as before.
 DEFERRED_ADD_COMPILE_MIN_TORCH = (2, 13)
 # looked up once (a plain bool for Dynamo)
 _DEFERRED_ADD_COMPILES = torch_at_least(DEFERRED_ADD_COMPILE_MIN_TORCH)
