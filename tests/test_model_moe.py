@@ -408,3 +408,26 @@ def test_the_moe_through_its_nested_region_equals_the_plain_call():
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
     assert outs[0][3].sum() == 2 * 5 * 2  # every (token, slot) counted once
+
+
+def test_torch_version_gates_build_no_version_object_when_traced(monkeypatch):
+    # torch 2.11's Dynamo cannot trace TorchVersion's construction (str.__new__), which broke compile:
+    # nested on the H100 (session 27): the gates compare the (major, minor) parsed at import instead
+    import re
+
+    from attnres import hardware
+    from attnres.model import moe
+    from attnres.residual import block
+
+    def no_version(*args, **kwargs):
+        raise AssertionError("a gate built a TorchVersion")
+
+    monkeypatch.setattr(torch.torch_version, "TorchVersion", no_version)
+    expected = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    assert expected == hardware.TORCH_RELEASE
+    assert hardware.torch_at_least(expected) and not hardware.torch_at_least((expected[0], expected[1] + 1))
+    assert moe.mix_region_supported() == (expected >= moe.MIX_REGION_MIN_TORCH)
+    assert (expected >= block.DEFERRED_ADD_COMPILE_MIN_TORCH) == block._DEFERRED_ADD_COMPILES
+    fn = torch.compile(lambda x: x + 1 if moe.mix_region_supported() else x - 1, fullgraph=True,
+                       backend="eager")
+    assert torch.equal(fn(torch.zeros(2)), torch.full((2,), 1.0 if moe.mix_region_supported() else -1.0))
