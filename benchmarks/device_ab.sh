@@ -15,6 +15,7 @@
 #      (AB_MODES default '[standard,block]', AB_VARIANTS default '[eager]'; AB_BATCH: the bench's --batch;
 #      AB_PROFILE: its --profile, default true; `kernels` for large shapes such as medium);
 #      AB_E2E_SIDES: "new" (or "base") runs one side's rows only, e.g. compiled rows whose base is known;
+#      a side whose budget is under AB_COMPILE_MIN_S (default 140 s) with a compiled variant is skipped;
 #      AB_OPS_NEW=1: before step 2, the new build's quick op grid alone (its rows side by side: fused
 #      ops against the separate ones), JSON $OUT/ab/ops_new.json;
 #      AB_TESTS (step 1): 0 none, 1 (default) the CUDA op tests, else the GPU tests to run, groups of pytest
@@ -83,7 +84,10 @@ if [[ -n "$E2E" ]]; then
   for side in $sides; do
     div=1; [[ $side == base && $sides == *new* ]] && div=2
     budget=$(( ($(left) - 30) / div ))
-    (( budget > 60 )) || { echo "e2e $side: out of time"; continue; }
+    # a compiled row's first step alone takes 80-95 s at `medium` on an H100 (session 27: a 95 s budget
+    # was cut inside it, no row written)
+    need=60; [[ ${AB_VARIANTS:-eager} =~ compile|nested|regional|reduce ]] && need=${AB_COMPILE_MIN_S:-140}
+    (( budget > need )) || { echo "e2e $side: out of time ($budget s left, a row needs $need)"; continue; }
     dir=.; [[ $side == base ]] && dir=.old
     mod=lightning_modules; [[ $side == base ]] && mod=$base_app
     (cd $dir && timeout --signal=INT --kill-after=10 $(( budget + 20 )) python3 -m $mod bench e2e --tag "ab_$side" \
