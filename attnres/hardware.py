@@ -12,12 +12,15 @@ __all__ = ["PEAK_BF16_FLOPS", "TORCH_RELEASE", "peak_flops", "torch_at_least"]
 # (major, minor) of the running torch as plain ints, parsed once: a gate read inside code that Dynamo
 # traces must not build a TorchVersion there (torch 2.11's Dynamo cannot trace its str.__new__; H100,
 # session 27), while a comparison of int tuples folds to a constant
-TORCH_RELEASE: tuple[int, int] = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+# (a pre-release or nightly of 2.13 counts as 2.13; an unparsable version as (0, 0): every gate closed)
+_RELEASE = re.match(r"(\d+)\.(\d+)", torch.__version__)
+TORCH_RELEASE: tuple[int, int] = (int(_RELEASE[1]), int(_RELEASE[2])) if _RELEASE else (0, 0)
 
 
 def torch_at_least(release: tuple[int, int]) -> bool:
     """Whether the running torch is ``release`` (major, minor) or newer; safe to call under torch.compile."""
     return tuple(release) <= TORCH_RELEASE
+
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched by substring of
 # ``torch.cuda.get_device_name``; the first match wins, so longer names come first. MFU uses the

@@ -275,6 +275,8 @@ class _RouterLogits(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         if not router_split_runs(x):
             return x.float() @ weight.float().t()
+        if x.dim() != 2:
+            raise ValueError(f"the router takes tokens as rows [N, d], got x of shape {tuple(x.shape)}")
         e = weight.shape[0]
         y = _mm_f32(x, torch.cat(_bf16_pair(weight)).t())
         return y[:, :e] + y[:, e:]

@@ -124,7 +124,8 @@ class DepthInput:
         """``rms_norm(h, weight [d], norm_eps) [..., d]``, in the dtype of the sources."""
         if self.deferred is not None:
             state, self.deferred = self.deferred, None
-            pending = state.take_add()
+            # (with PHASE2_INDUCTOR under compile the pending add is made in torch code: reading partial)
+            pending = None if PHASE2_INDUCTOR and torch.compiler.is_compiling() else state.take_add()
             if pending is not None:
                 y, _, partial = ops.phase2_norm_add(
                     self.out, self.lse, *pending, self.query, weight, self.eps, norm_eps
