@@ -108,11 +108,14 @@ def test_notices_name_the_autotuning_only_while_the_cache_lacks_kda_results(tmp_
     capability[0] = (8, 0)
     assert cpu_kinds in warmup.first_step_notices(model, cuda, compiled="nested", dtype=torch.bfloat16)[-1]
     capability[0] = (9, 0)
-    version = torch.__version__
-    # torch 2.11's regions cannot hold the MoE's autograd functions
-    monkeypatch.setattr(torch, "__version__", "2.11.0")
+    # torch 2.11's regions cannot hold the MoE's autograd functions (the gates read the release parsed
+    # at import: attnres.hardware.TORCH_RELEASE)
+    from attnres import hardware
+
+    release = hardware.TORCH_RELEASE
+    monkeypatch.setattr(hardware, "TORCH_RELEASE", (2, 11))
     assert cpu_kinds in warmup.first_step_notices(model, cuda, compiled="nested", dtype=torch.bfloat16)[-1]
-    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(hardware, "TORCH_RELEASE", release)
     monkeypatch.setattr(kda, "fla_available", lambda: False)
     assert warmup.first_step_notices(model, cuda, compiled=False) == []  # the torch KDA does not autotune
     (graphed,) = warmup.first_step_notices(model, cuda, compiled="reduce-overhead")
