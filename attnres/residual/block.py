@@ -22,9 +22,8 @@ from torch import Tensor, nn
 from attnres import ops
 from attnres.hardware import torch_at_least
 from attnres.residual import diagnostics
-from attnres.residual import state as state_module
 from attnres.residual.base import Residual
-from attnres.residual.state import DepthInput, ResidualState, _BlockRecompute
+from attnres.residual.state import DepthInput, ResidualState, _BlockRecompute, phase2_in_torch
 
 # Under torch.compile the pending add (BlockAttnRes._defers_add) is state that Dynamo traces across the
 # sublayers. torch 2.13 traces it (tests/test_residual.py, on the CPU); on torch 2.11 (H100, session 26) the
@@ -270,12 +269,12 @@ class BlockAttnRes(_AttnRes):
         in its phase-2 + norm kernel (:func:`attnres.ops.phase2_norm_add`): inside a block, where that
         input takes the fused path (``fuse_norm`` on a device with the kernels, no ``recompute``, not
         recording) and ``v`` has the stream's dtype (bf16 weights; under autocast it is narrower); under
-        torch.compile only from :data:`DEFERRED_ADD_COMPILE_MIN_TORCH` on."""
+        torch.compile only from :data:`DEFERRED_ADD_COMPILE_MIN_TORCH` on, and not where phase 2 runs as torch
+        code (:func:`~attnres.residual.state.phase2_in_torch`)."""
         return (
             (i + 1) % self.block_size != 0 and self.fuse_norm and v.dtype == state.sources[0].dtype
             and state.records is None and not self._recomputes() and ops.fused_add(v.device)
-            and (not torch.compiler.is_compiling()
-                 or (_DEFERRED_ADD_COMPILES and not state_module.PHASE2_INDUCTOR))
+            and not phase2_in_torch() and (_DEFERRED_ADD_COMPILES or not torch.compiler.is_compiling())
         )
 
     def _merge_all_but_last(

@@ -124,8 +124,8 @@ class DepthInput:
         """``rms_norm(h, weight [d], norm_eps) [..., d]``, in the dtype of the sources."""
         if self.deferred is not None:
             state, self.deferred = self.deferred, None
-            # (with PHASE2_INDUCTOR under compile the pending add is made in torch code: reading partial)
-            pending = None if PHASE2_INDUCTOR and torch.compiler.is_compiling() else state.take_add()
+            # (phase2_in_torch: the pending add is made in torch code, by reading partial)
+            pending = None if phase2_in_torch() else state.take_add()
             if pending is not None:
                 y, _, partial = ops.phase2_norm_add(
                     self.out, self.lse, *pending, self.query, weight, self.eps, norm_eps
@@ -159,6 +159,12 @@ class DepthInput:
 PHASE2_INDUCTOR = os.environ.get("ATTNRES_COMPILED_PHASE2", "kernel") == "inductor"
 
 
+def phase2_in_torch() -> bool:
+    """Whether phase 2 + norm (and Block AttnRes' pending add) run as torch code here rather than as the
+    fused op: :data:`PHASE2_INDUCTOR`, under torch.compile."""
+    return PHASE2_INDUCTOR and torch.compiler.is_compiling()
+
+
 def merge_and_norm(
     out: Tensor, lse: Tensor, last: Tensor | None, query: Tensor, weight: Tensor, eps: float,
     norm_eps: float, fused: bool,
@@ -168,7 +174,7 @@ def merge_and_norm(
     as the one op :func:`attnres.ops.phase2_norm`, else :func:`attnres.ops.phase2` and then the norm."""
     if last is None:
         return ops.rms_norm(out, weight, norm_eps)
-    if fused and PHASE2_INDUCTOR and torch.compiler.is_compiling():
+    if fused and phase2_in_torch():
         return reference.phase2_norm(out, lse, last, query, weight, eps, norm_eps)[0]
     if fused:
         return ops.phase2_norm(out, lse, last, query, weight, eps, norm_eps)[0]
